@@ -1,0 +1,27 @@
+"""The `geca` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from geca.cli.demo import demo
+from geca.cli.folds import folds
+from geca.cli.models import models
+from geca.cli.sample import grow, sample
+from geca.cli.train import train
+
+app = typer.Typer(
+    help="Generative Cellular Automata: train, sample and grow GeCA diffusion models on medical images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("train")(train)
+app.command("sample")(sample)
+app.command("grow")(grow)
+app.command("models")(models)
+app.command("folds")(folds)
+app.command("demo")(demo)
+
+if __name__ == "__main__":
+    app()

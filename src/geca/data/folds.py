@@ -1,0 +1,144 @@
+"""Patient-level, label-stratified cross-validation folds and the folds CSV (``filename,patient_id,fold``)."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from geca.data.imageset import DataError
+
+FOLDS_COLUMNS = ("filename", "patient_id", "fold")
+
+
+def patient_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index (N,) in [0, k): no group (patient) spans two folds, and label prevalence is balanced.
+
+    Iterative stratification (Sechidis et al., 2011) over groups: each group carries the sum of its images'
+    label vectors. Repeatedly take the label with the fewest positives among unassigned groups and place
+    every unassigned group holding it, largest first, in the fold still missing most of that label; ties go
+    to the fold missing most images, then to a seeded random choice. Groups without positives fill the folds
+    missing most images.
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    groups = np.asarray(groups)
+    if labels.ndim != 2 or groups.shape != (len(labels),):
+        raise DataError(f"patient_folds needs labels (N,K) and groups (N,), got {labels.shape} and "
+                        f"{groups.shape}")
+    if k < 2:
+        raise DataError(f"need at least 2 folds, got k={k}")
+    _, group_of = np.unique(groups.astype(str), return_inverse=True)
+    n_groups = int(group_of.max(initial=-1)) + 1
+    if n_groups < k:
+        raise DataError(f"cannot make {k} folds from {n_groups} patients/groups")
+    rng = np.random.default_rng(seed)
+    group_labels = np.zeros((n_groups, labels.shape[1]))
+    np.add.at(group_labels, group_of, labels)
+    group_sizes = np.bincount(group_of, minlength=n_groups).astype(np.float64)
+
+    # What each fold still needs to reach an equal share of images and of every label's positives.
+    need_size = np.full(k, len(labels) / k)
+    need_label = np.tile(group_labels.sum(0) / k, (k, 1))
+    fold_of_group = np.full(n_groups, -1)
+
+    def place(g: int, need: np.ndarray) -> None:
+        # lexsort sorts by its last key first: most need, then most missing images, then random.
+        best = np.lexsort((rng.random(k), -need_size, -need))[0]
+        fold_of_group[g] = best
+        need_size[best] -= group_sizes[g]
+        need_label[best] -= group_labels[g]
+
+    while True:
+        open_groups = np.flatnonzero(fold_of_group < 0)
+        remaining = (group_labels[open_groups] > 0).sum(0)
+        if not remaining.any():
+            break
+        label = np.flatnonzero(remaining)[np.argmin(remaining[remaining > 0])]
+        holders = open_groups[group_labels[open_groups, label] > 0]
+        holders = rng.permutation(holders)
+        for g in holders[np.argsort(-group_labels[holders, label], kind="stable")]:
+            place(g, need_label[:, label])
+    rest = rng.permutation(np.flatnonzero(fold_of_group < 0))
+    for g in rest[np.argsort(-group_sizes[rest], kind="stable")]:
+        place(g, need_size)
+    return fold_of_group[group_of]
+
+
+def write_folds(
+    path: str | Path, filenames: Sequence[str], patient_ids: Sequence[str], folds: np.ndarray
+) -> None:
+    """Write the folds CSV atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    if not len(filenames) == len(patient_ids) == len(folds):
+        raise DataError(f"{path}: got {len(filenames)} filenames, {len(patient_ids)} patient ids and "
+                        f"{len(folds)} folds")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(FOLDS_COLUMNS)
+            writer.writerows(zip(filenames, patient_ids, (int(x) for x in folds), strict=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _preview(names: list[str]) -> str:
+    shown = ", ".join(names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def read_folds(
+    path: str | Path, filenames: Sequence[str], patient_ids: Sequence[str] | None = None
+) -> np.ndarray:
+    """Fold index per entry of ``filenames``, validated: every filename listed exactly once, no unknown ones,
+    folds numbered 0..K-1 with none empty, and (when given) the patient ids matching the dataset's."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if "filename" not in header or "fold" not in header:
+                raise DataError(f"{path}: folds file needs columns {','.join(FOLDS_COLUMNS)}, got {header}")
+            rows = list(reader)
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: folds file not found; create it with `geca folds`") from exc
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: unreadable folds file: {exc}") from exc
+
+    fold_of: dict[str, int] = {}
+    patient_of: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        name = (row["filename"] or "").strip()
+        if name in fold_of:
+            raise DataError(f"{path}: line {line}: filename {name} is listed twice")
+        try:
+            fold_of[name] = int(row["fold"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: line {line}: fold must be an integer, got {row['fold']!r}") from exc
+        if fold_of[name] < 0:
+            raise DataError(f"{path}: line {line}: fold must be >= 0, got {fold_of[name]}")
+        patient_of[name] = (row.get("patient_id") or "").strip()
+
+    missing = [n for n in filenames if n not in fold_of]
+    if missing:
+        raise DataError(f"{path}: no fold for dataset file(s) {_preview(missing)}; "
+                        "regenerate it with `geca folds`")
+    known = set(filenames)
+    unknown = [n for n in fold_of if n not in known]
+    if unknown:
+        raise DataError(f"{path}: file(s) {_preview(unknown)} are not in the dataset; "
+                        "regenerate it with `geca folds`")
+    if patient_ids is not None and "patient_id" in header:
+        moved = [n for n, p in zip(filenames, patient_ids, strict=True) if patient_of[n] != str(p)]
+        if moved:
+            raise DataError(f"{path}: patient ids differ from the dataset's for {_preview(moved)}")
+    folds = np.array([fold_of[n] for n in filenames], dtype=np.int64)
+    empty = sorted(set(range(int(folds.max(initial=-1)) + 1)) - set(folds.tolist()))
+    if empty:
+        raise DataError(f"{path}: folds must be numbered 0..K-1 without gaps; fold(s) {empty} have no files")
+    return folds

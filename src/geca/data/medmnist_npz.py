@@ -1,0 +1,241 @@
+"""MedMNIST-format npz files: ``{train,val,test}_{images,labels}`` arrays, by path or by dataset name."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from geca.data.imageset import DataError, ImageSet
+
+SPLITS = ("train", "val", "test")
+_ZENODO = "https://zenodo.org/records/10519652/files/{}.npz?download=1"
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """A published MedMNIST (28 px) file: class names fix K; MD5 and URL allow a checked download."""
+
+    class_names: tuple[str, ...]
+    md5: str
+    url: str
+    multilabel: bool = False
+
+
+KNOWN_DATASETS: dict[str, KnownDataset] = {
+    "retinamnist": KnownDataset(
+        tuple(f"grade {i}" for i in range(5)), "bd4c0672f1bba3e3a89f0e4e876791e4",
+        _ZENODO.format("retinamnist"),
+    ),
+    "pathmnist": KnownDataset(
+        ("adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal colon mucosa",
+         "cancer-associated stroma", "colorectal adenocarcinoma epithelium"),
+        "a8b06965200029087d5bd730944a56c1", _ZENODO.format("pathmnist"),
+    ),
+    "chestmnist": KnownDataset(
+        ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
+         "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"),
+        "02c8a6516a18b556561a56cbdd36c4a8", _ZENODO.format("chestmnist"), multilabel=True,
+    ),
+    "dermamnist": KnownDataset(
+        ("actinic keratoses and intraepithelial carcinoma", "basal cell carcinoma",
+         "benign keratosis-like lesions", "dermatofibroma", "melanoma", "melanocytic nevi",
+         "vascular lesions"),
+        "0744692d530f8e62ec473284d019b0c7", _ZENODO.format("dermamnist"),
+    ),
+    "octmnist": KnownDataset(
+        ("choroidal neovascularization", "diabetic macular edema", "drusen", "normal"),
+        "c68d92d5b585d8d81f7112f81e2d0842", _ZENODO.format("octmnist"),
+    ),
+    "pneumoniamnist": KnownDataset(
+        ("normal", "pneumonia"), "28209eda62fecd6e6a2d98b1501bb15f", _ZENODO.format("pneumoniamnist")
+    ),
+    "breastmnist": KnownDataset(
+        ("malignant", "normal, benign"), "750601b1f35ba3300ea97c75c52ff8f6", _ZENODO.format("breastmnist")
+    ),
+    "bloodmnist": KnownDataset(
+        ("basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+         "neutrophil", "platelet"),
+        "7053d0359d879ad8a5505303e11de1dc", _ZENODO.format("bloodmnist"),
+    ),
+}
+
+
+def data_dirs() -> list[Path]:
+    """Where dataset names are looked up, in order: ``$GECA_DATA_DIR`` (if set), then ``~/.medmnist``."""
+    dirs = []
+    if os.environ.get("GECA_DATA_DIR"):
+        dirs.append(Path(os.environ["GECA_DATA_DIR"]).expanduser())
+    dirs.append(Path.home() / ".medmnist")
+    return dirs
+
+
+def find_npz(name: str) -> Path | None:
+    """The first ``NAME.npz`` in :func:`data_dirs`, or None."""
+    for d in data_dirs():
+        if (d / f"{name}.npz").is_file():
+            return d / f"{name}.npz"
+    return None
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)  # an integrity check, not security; allowed under FIPS
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_dataset(name: str) -> Path:
+    """Fetch a known dataset into the first data dir; it gets its final name only once its MD5 matches."""
+    info = KNOWN_DATASETS.get(name)
+    if info is None:
+        raise DataError(f"cannot download '{name}': not a known dataset (known: {', '.join(KNOWN_DATASETS)})")
+    dest = data_dirs()[0] / f"{name}.npz"
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(info.url, timeout=60) as response, open(tmp, "wb") as f:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+        got = _md5(tmp)
+        if got != info.md5:
+            raise DataError(f"{info.url}: MD5 {got} does not match the expected {info.md5}; "
+                            f"download to {dest} discarded")
+        os.replace(tmp, dest)
+    except OSError as exc:  # urllib's URLError is an OSError
+        raise DataError(f"download of {name} from {info.url} to {dest} failed: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def resolve_npz(name_or_path: str | Path, *, download: bool = False) -> Path:
+    """The npz file for a path, or for a dataset name looked up in :func:`data_dirs` (fetched on request)."""
+    text = str(name_or_path)
+    if text.endswith(".npz") or os.sep in text or "/" in text:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise DataError(f"{path}: npz file not found")
+        return path
+    found = find_npz(text)
+    if found is not None:
+        return found
+    if download:
+        return download_dataset(text)
+    where = ", ".join(str(d) for d in data_dirs())
+    known = ", ".join(KNOWN_DATASETS)
+    hint = "; pass --download to fetch it" if text in KNOWN_DATASETS else f" (downloadable: {known})"
+    raise DataError(f"{text}.npz not found in {where}{hint}")
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    keys = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a valid npz (zip) file: {exc}") from exc
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: holds a single array, not an npz archive with keys {', '.join(keys)}")
+    with npz:
+        missing = [k for k in keys if k not in npz.files]
+        if missing:
+            raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected {', '.join(keys)}")
+        try:
+            return {k: npz[k] for k in keys}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{path}: corrupt npz member: {exc}") from exc
+
+
+def _check_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: {key} must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: {key} must be (N,H,W) grey or (N,H,W,3) RGB, got shape {images.shape}")
+    return images
+
+
+def _check_labels(path: Path, key: str, labels: np.ndarray, n: int) -> None:
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_):
+        raise DataError(f"{path}: {key} must hold integers, got {labels.dtype}")
+    if labels.ndim != 2:
+        raise DataError(f"{path}: {key} must be (N,1) class indices or (N,K) multi-hot, "
+                        f"got shape {labels.shape}")
+    if len(labels) != n:
+        raise DataError(f"{path}: {key} has {len(labels)} rows but the images have {n}")
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bicubic resize of uint8 (N,H,W,C) to (N,size,size,C)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def load_npz(
+    name_or_path: str | Path, split: str, *, image_size: int | None = None, download: bool = False
+) -> ImageSet:
+    """Load one split of a MedMNIST-format npz.
+
+    Labels ``(N,1)`` are class indices (K from the known-dataset table, else the largest label over all
+    splits + 1), stored one-hot; labels ``(N,K)`` with K > 1 are 0/1 multi-hot (``multilabel=True``).
+    """
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}' for an npz dataset; valid: {', '.join(SPLITS)}")
+    path = resolve_npz(name_or_path, download=download)
+    arrays = _read_arrays(path)
+    for s in SPLITS:
+        images = arrays[f"{s}_images"] = _check_images(path, f"{s}_images", arrays[f"{s}_images"])
+        _check_labels(path, f"{s}_labels", arrays[f"{s}_labels"], len(images))
+    widths = {arrays[f"{s}_labels"].shape[1] for s in SPLITS}
+    if len(widths) != 1:
+        raise DataError(f"{path}: label arrays disagree on their width: {sorted(widths)}")
+    width = widths.pop()
+    known = KNOWN_DATASETS.get(path.stem)
+    multilabel = width > 1
+    if known is not None and known.multilabel != multilabel:
+        expect = f"(N,{len(known.class_names)}) multi-hot" if known.multilabel else "(N,1) class indices"
+        raise DataError(f"{path}: {path.stem} labels must be {expect}, got width {width}")
+
+    labels = arrays[f"{split}_labels"].astype(np.int64)
+    if multilabel:
+        k = width
+        if known is not None and k != len(known.class_names):
+            raise DataError(f"{path}: {path.stem} has {len(known.class_names)} labels, got {k} columns")
+        bad = np.argwhere((labels != 0) & (labels != 1))
+        if len(bad):
+            row, col = bad[0]
+            raise DataError(f"{path}: {split}_labels[{row}, {col}] = {labels[row, col]}; "
+                            "multi-hot values must be 0 or 1")
+        onehot = labels
+    else:
+        all_idx = np.concatenate([arrays[f"{s}_labels"][:, 0].astype(np.int64) for s in SPLITS])
+        k = len(known.class_names) if known is not None else int(all_idx.max(initial=0)) + 1
+        bad = np.flatnonzero((labels[:, 0] < 0) | (labels[:, 0] >= k))
+        if len(bad):
+            row = bad[0]
+            raise DataError(f"{path}: {split}_labels[{row}] = {labels[row, 0]} is out of range "
+                            f"for {k} classes (expected 0..{k - 1})")
+        onehot = np.eye(k, dtype=np.float32)[labels[:, 0]]
+    class_names = list(known.class_names) if known is not None else [f"class {i}" for i in range(k)]
+
+    images = arrays[f"{split}_images"]
+    if image_size is not None and images.shape[1:3] != (image_size, image_size):
+        images = _resize(images, image_size)
+    return ImageSet(
+        images=images,
+        labels=onehot.astype(np.float32),
+        class_names=class_names,
+        multilabel=multilabel,
+        source=str(path),
+        ids=[f"{split}/{i}" for i in range(len(images))],
+    )

@@ -1,0 +1,105 @@
+"""One entry point for every dataset: ``load_split(spec, split)``.
+
+A spec is a path to a MedMNIST ``.npz``, a path to a folder + CSV ``.csv``, a MedMNIST dataset name
+(``retinamnist``, ...), or a procedural set (``synthetic-fundus``, ``synthetic-oct``) optionally followed by
+``@key=value,key=value`` options, e.g. ``synthetic-oct@patients=80,seed=1``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+from geca.data.folder_csv import load_folder_csv
+from geca.data.imageset import DataError, ImageSet
+from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz
+
+SPLITS = ("train", "val", "test", "all")
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``name@k=v,k=v`` into the name (or path) and its options.
+
+    Only a tail of ``key=value`` pairs after the last ``@`` counts as options, so a path that merely
+    contains ``@`` stays whole.
+    """
+    spec = spec.strip()
+    base, at, tail = spec.rpartition("@")
+    if not at or "=" not in tail:
+        return spec, {}
+    options: dict[str, str] = {}
+    for item in tail.split(","):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key or not value:
+            raise DataError(f"dataset spec {spec!r}: option {item!r} is not key=value")
+        if key in options:
+            raise DataError(f"dataset spec {spec!r}: option {key!r} given twice")
+        options[key] = value
+    return base.strip(), options
+
+
+def _check_split(split: str, valid: tuple[str, ...], what: str) -> None:
+    if split not in valid:
+        raise DataError(f"unknown split {split!r} for {what}; valid: {', '.join(valid)}")
+
+
+def _load_procedural(name: str, split: str, options: dict[str, str], image_size: int | None) -> ImageSet:
+    from geca.data.procedural import PROCEDURAL  # lazily: it imports geca.data, whose __init__ imports us
+
+    if name not in PROCEDURAL:
+        raise DataError(f"unknown procedural dataset {name!r}; valid: {', '.join(PROCEDURAL)}")
+    fn = PROCEDURAL[name]
+    params = inspect.signature(fn).parameters.values()
+    valid = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    kwargs: dict[str, int] = {}
+    for key, value in options.items():
+        if key not in valid:
+            raise DataError(f"{name}: unknown option {key!r}; valid: {', '.join(valid)}")
+        try:
+            kwargs[key] = int(value)
+        except ValueError as exc:
+            raise DataError(f"{name}: option {key!r} must be an integer, got {value!r}") from exc
+    if image_size is not None:
+        if "size" in kwargs and kwargs["size"] != image_size:
+            raise DataError(f"{name}: option size={kwargs['size']} contradicts image_size={image_size}")
+        kwargs["size"] = image_size
+    # Each generator validates the split itself: whether it offers "all" is its own business.
+    return fn(split, **kwargs)
+
+
+def load_split(
+    spec: str,
+    split: str,
+    *,
+    image_size: int | None = None,
+    folds_file: str | Path | None = None,
+    fold: int = 0,
+    download: bool = False,
+) -> ImageSet:
+    """Load ``split`` (train, val, test, or all where the source has it) of the dataset named by ``spec``.
+
+    ``image_size`` resizes (or sets the procedural ``size``); ``folds_file`` and ``fold`` pick the splits of
+    a folder + CSV set; ``download`` fetches a known MedMNIST set that is not on disk.
+    """
+    name, options = parse_spec(spec)
+    if not name:
+        raise DataError(f"empty dataset spec {spec!r}")
+    _check_split(split, SPLITS, repr(spec))
+    is_path = name.lower().endswith((".npz", ".csv")) or "/" in name or os.sep in name
+    if not is_path and name.startswith("synthetic-"):
+        return _load_procedural(name, split, options, image_size)
+    if options:
+        raise DataError(f"{spec!r}: options after '@' apply only to procedural datasets "
+                        "(synthetic-fundus, synthetic-oct); valid here: none")
+    if name.lower().endswith(".csv"):
+        return load_folder_csv(
+            Path(name).expanduser(), split, image_size=image_size, folds_file=folds_file, fold=fold
+        )
+    if not is_path and name not in KNOWN_DATASETS and find_npz(name) is None:
+        raise DataError(
+            f"unknown dataset {name!r}: expected a .npz or .csv path, a procedural set (synthetic-fundus, "
+            f"synthetic-oct), a MedMNIST name ({', '.join(KNOWN_DATASETS)}), or NAME.npz in "
+            f"{', '.join(str(d) for d in data_dirs())}"
+        )
+    return load_npz(name, split, image_size=image_size, download=download)

@@ -1,0 +1,172 @@
+"""Gaussian diffusion with ε-prediction and learned variance (IDDPM / DiT).
+
+Written here rather than taken from diffusers because diffusers has no loss for learned variances (the IDDPM
+variational-bound term) and training and sampling must share one posterior; a test checks the forward process and
+posterior against diffusers' DDPMScheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    learn_sigma: bool = True
+
+
+def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
+    return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+
+
+def spaced_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps evenly spread over [0, T-1], always including both ends (IDDPM's respacing)."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"sampling steps must be in [1, {timesteps}], got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    stride = (timesteps - 1) / (steps - 1)
+    return sorted({round(i * stride) for i in range(steps)})
+
+
+def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    out = torch.from_numpy(arr).to(device=t.device)[t].float()
+    return out.view(-1, *([1] * (ndim - 1)))
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_std_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of data in [-1, 1] discretised to 256 bins (Ho et al.)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_std_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_std_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+class GaussianDiffusion:
+    """A (possibly respaced) diffusion; `timestep_map[i]` is the original t the model sees at index i."""
+
+    def __init__(self, betas: np.ndarray, learn_sigma: bool = True, timestep_map: list[int] | None = None) -> None:
+        self.betas = np.asarray(betas, dtype=np.float64)
+        self.learn_sigma = learn_sigma
+        self.num_timesteps = len(self.betas)
+        self.timestep_map = list(range(self.num_timesteps)) if timestep_map is None else list(timestep_map)
+        alphas = 1.0 - self.betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # The posterior variance is 0 at t=0; clip the log to the next value (as IDDPM).
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:]) if self.num_timesteps > 1
+            else self.betas)
+        self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig) -> GaussianDiffusion:
+        return cls(linear_betas(cfg.timesteps, cfg.beta_start, cfg.beta_end), cfg.learn_sigma)
+
+    def respaced(self, steps: int) -> GaussianDiffusion:
+        """The same process on `steps` evenly spaced timesteps (betas recomputed from ᾱ)."""
+        use = spaced_timesteps(self.num_timesteps, steps)
+        last = 1.0
+        betas, tmap = [], []
+        for i, ac in enumerate(self.alphas_cumprod):
+            if i in use:
+                betas.append(1.0 - ac / last)
+                last = ac
+                tmap.append(self.timestep_map[i])
+        return GaussianDiffusion(np.array(betas), self.learn_sigma, tmap)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.timestep_map, device=t.device, dtype=torch.long)[t]
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return (_extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (_extract(self.posterior_mean_coef1, t, xt.ndim) * x0
+                + _extract(self.posterior_mean_coef2, t, xt.ndim) * xt)
+        return mean, _extract(self.posterior_log_variance_clipped, t, xt.ndim)
+
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
+                - _extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+
+    def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return ((_extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
+                / _extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
+
+    def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.learn_sigma:
+            return output, None
+        return output.chunk(2, dim=1)
+
+    def p_mean_variance(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                        clip_x0: bool = False) -> dict[str, torch.Tensor]:
+        """p(x_{t-1} | x_t) from a model output; the learned variance interpolates log β_t and log β̃_t."""
+        eps, var_values = self.split_output(output.float())
+        if var_values is None:
+            log_var = _extract(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, xt.ndim)
+        else:
+            min_log = _extract(self.posterior_log_variance_clipped, t, xt.ndim)
+            max_log = _extract(np.log(self.betas), t, xt.ndim)
+            frac = (var_values + 1) / 2
+            log_var = frac * max_log + (1 - frac) * min_log
+        x0 = self.predict_x0(xt, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        mean, _ = self.q_posterior(x0, xt, t)
+        return {"mean": mean, "log_variance": log_var, "pred_x0": x0, "eps": eps}
+
+    def training_losses(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                        t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ε-MSE plus (with learned σ) the variational-bound term on the variance channels, mean detached."""
+        xt = self.q_sample(x0, t, noise)
+        output = model_fn(xt, self.model_timesteps(t)).float()
+        eps, var_values = self.split_output(output)
+        mse = ((noise - eps) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        terms = {"mse": mse}
+        if var_values is not None:
+            frozen = torch.cat([eps.detach(), var_values], dim=1)
+            terms["vb"] = self.vb_terms(frozen, x0, xt, t)
+            terms["loss"] = mse + terms["vb"]
+        else:
+            terms["loss"] = mse
+        return terms
+
+    def vb_terms(self, output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits per dimension; the decoder NLL at t=0."""
+        true_mean, true_log_var = self.q_posterior(x0, xt, t)
+        p = self.p_mean_variance(output, xt, t)
+        dims = tuple(range(1, x0.ndim))
+        kl = normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"]).mean(dim=dims) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=dims)
+        return torch.where(t == 0, nll / math.log(2.0), kl)

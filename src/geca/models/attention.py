@@ -1,0 +1,167 @@
+"""3×3 neighbourhood attention on a grid of cells (GeCA's localized attention).
+
+Every cell's query attends to the 9 keys of the 3×3 window centred on it, itself included. Cells outside the
+grid are dead: zero keys and zero values that still take part in the softmax with logit 0 ("Z semantics", the
+behaviour of the published GeCA/ViTCA code, which zero-pads through a conv2d with ``padding='same'``).
+
+All implementations take q, k, v of shape (B, heads, H, W, head_dim) — v may have its own last dimension — and
+scale the logits by 1/sqrt(head_dim) of q. They agree to float rounding:
+
+- ``"reference"``: the published code's algorithm, materialising 9 copies of K and V with impulse filters.
+- ``"fast"``: nine shifted slices of zero-padded K/V with a hand-written backward; best in eager mode.
+- ``"sliced"``: the same nine-slice maths in plain autograd ops; put this one under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+__all__ = ["IMPLEMENTATIONS", "NeighbourhoodAttentionFunction", "neighbourhood_attention"]
+
+_WINDOW = 3
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype for logits, softmax and accumulations: at least float32 (bf16/fp16 inputs are upcast)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _pad(x: Tensor) -> Tensor:
+    """Surround the H×W grid of (B, heads, H, W, C) with one ring of dead (zero) cells."""
+    return F.pad(x, (0, 0, 1, 1, 1, 1))
+
+
+def _padded_zeros(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Zeros shaped like ``_pad(x)``, allocated directly rather than by padding a zero tensor."""
+    b, heads, h, w, c = x.shape
+    return torch.zeros(b, heads, h + 2, w + 2, c, dtype=dtype, device=x.device)
+
+
+def _interior(xp: Tensor) -> Tensor:
+    """Inverse of :func:`_pad` (a view)."""
+    return xp[:, :, 1:-1, 1:-1]
+
+
+def _shifted(xp: Tensor) -> Iterator[Tensor]:
+    """The 9 neighbour views of a padded grid, row-major over the window (the reference's filter order).
+
+    View n at cell (i, j) holds the padded cell (i + n // 3, j + n % 3), i.e. the original cell
+    (i + n // 3 - 1, j + n % 3 - 1), or a dead cell where that lies outside the grid.
+    """
+    h, w = xp.shape[2] - _WINDOW + 1, xp.shape[3] - _WINDOW + 1
+    for di in range(_WINDOW):
+        for dj in range(_WINDOW):
+            yield xp[:, :, di : di + h, dj : dj + w]
+
+
+def _dots(x: Tensor, yp: Tensor, dtype: torch.dtype) -> Tensor:
+    """(..., 9) dot products of x with each neighbour view of the padded yp, summed in ``dtype``."""
+    # One reused scratch buffer: a fresh product tensor per neighbour costs more in page faults than in maths.
+    buf = torch.empty_like(x)
+    return torch.stack([torch.mul(x, yn, out=buf).sum(-1, dtype=dtype) for yn in _shifted(yp)], dim=-1)
+
+
+def _softmax(logits: Tensor, scale: float) -> Tensor:
+    """Softmax over the 9 neighbours, in at least float32."""
+    return (logits.to(_acc_dtype(logits.dtype)) * scale).softmax(dim=-1)
+
+
+class NeighbourhoodAttentionFunction(torch.autograd.Function):
+    """Nine-slice neighbourhood attention whose backward recomputes from q, k, v and the attention weights.
+
+    Only q, k, v and the (B, heads, H, W, 9) weights are saved; K and V are re-padded in backward, so no
+    9× copy of K or V ever exists. Accumulation is in float32 (float64 for double inputs).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        acc = _acc_dtype(q.dtype)
+        attn = _softmax(_dots(q, _pad(k), acc), q.shape[-1] ** -0.5)
+        out = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for n, vn in enumerate(_shifted(_pad(v))):
+            out.addcmul_(vn, attn[..., n, None])
+        ctx.save_for_backward(q, k, v, attn)
+        return out.to(v.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, attn = ctx.saved_tensors
+        acc = attn.dtype
+        grad_attn = _dots(grad_out, _pad(v), acc)
+        # Softmax backward, folded with the logit scale.
+        grad_logits = attn * (grad_attn - (attn * grad_attn).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5
+
+        # dV last, once the padded K is freed, to keep the peak at three gradient-sized buffers.
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+        grad_kp = _padded_zeros(k, acc)
+        for n, (kn, grad_kn) in enumerate(zip(_shifted(_pad(k)), _shifted(grad_kp), strict=True)):
+            grad_q.addcmul_(kn, grad_logits[..., n, None])
+            grad_kn.addcmul_(q, grad_logits[..., n, None])
+        grad_vp = _padded_zeros(v, acc)
+        for n, grad_vn in enumerate(_shifted(grad_vp)):
+            grad_vn.addcmul_(grad_out, attn[..., n, None])
+        return grad_q.to(q.dtype), _interior(grad_kp).to(k.dtype), _interior(grad_vp).to(v.dtype)
+
+
+def _fast(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return NeighbourhoodAttentionFunction.apply(q, k, v)
+
+
+def _sliced(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    acc = _acc_dtype(q.dtype)
+    logits = torch.stack([(q * kn).sum(-1, dtype=acc) for kn in _shifted(_pad(k))], dim=-1)
+    attn = _softmax(logits, q.shape[-1] ** -0.5)
+    out = sum(attn[..., n, None] * vn for n, vn in enumerate(_shifted(_pad(v))))
+    return out.to(v.dtype)
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    b, heads, h, w, _ = q.shape
+    # Filter n is an impulse at window position (n // 3, n % 3), the same order as _shifted.
+    filters = torch.eye(_WINDOW * _WINDOW, dtype=q.dtype, device=q.device).view(-1, 1, _WINDOW, _WINDOW)
+
+    def gather(x: Tensor) -> Tensor:
+        """(B, heads, H, W, C) -> (B, heads, H, W, 9, C): ViTCA's LocalizeAttention, 9 zero-padded copies."""
+        c = x.shape[-1]
+        y = F.conv2d(x.permute(0, 1, 4, 2, 3).reshape(-1, 1, h, w), filters, padding="same")
+        return y.view(b, heads, c, -1, h, w).permute(0, 1, 4, 5, 3, 2)
+
+    logits = torch.einsum("bhijd,bhijnd->bhijn", q, gather(k))
+    attn = _softmax(logits, q.shape[-1] ** -0.5).to(v.dtype)
+    return torch.einsum("bhijn,bhijnd->bhijd", attn, gather(v))
+
+
+_IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "reference": _reference,
+    "fast": _fast,
+    "sliced": _sliced,
+}
+IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLS)
+
+
+def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "fast") -> Tensor:
+    """3×3 neighbourhood attention with zero-padded (dead) cells outside the grid.
+
+    Args:
+        q, k: (B, heads, H, W, head_dim); v: (B, heads, H, W, value_dim). Same dtype and device.
+        impl: one of :data:`IMPLEMENTATIONS`.
+
+    Returns:
+        (B, heads, H, W, value_dim) in the dtype of the inputs.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown neighbourhood attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if q.dim() != 5 or k.shape != q.shape or v.dim() != 5 or v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            "expected q, k of shape (B, heads, H, W, head_dim) and v of shape (B, heads, H, W, value_dim); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    return _IMPLS[impl](q, k, v)

@@ -1,0 +1,111 @@
+"""Ancestral DDPM and DDIM sampling with classifier-free guidance and Gene Heredity Guidance."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from geca.diffusion.gaussian import GaussianDiffusion
+from geca.models.base import CellState, Denoiser, DenoiserOutput
+
+SAMPLERS = ("ddpm", "ddim")
+GHG_MODES = ("hidden", "none", "out", "both")
+
+
+@dataclass
+class SamplerConfig:
+    sampler: str = "ddpm"
+    steps: int = 250
+    cfg: float = 1.5
+    ghg: str = "hidden"
+    nca_steps: int | None = None
+    eta: float = 0.0
+    clip_x0: bool = True
+
+    def validate(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if self.ghg not in GHG_MODES:
+            raise ValueError(f"unknown GHG mode {self.ghg!r}; choose from {', '.join(GHG_MODES)}")
+        if self.nca_steps is not None and self.nca_steps < 1:
+            raise ValueError(f"M (NCA steps) must be ≥ 1, got {self.nca_steps}")
+
+
+def inherit(state: CellState | None, mode: str) -> CellState | None:
+    """What step t takes from step t+1 (method.md §4); None means a fresh training seed."""
+    if state is None or mode == "none":
+        return None
+    return CellState(out=state.out if mode in ("out", "both") else None,
+                     hidden=state.hidden if mode in ("hidden", "both") else None)
+
+
+def guided_output(model: Denoiser, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float,
+                  carry: CellState | None = None, steps: int | None = None, double: bool | None = None
+                  ) -> DenoiserOutput:
+    """Classifier-free guidance on ε only: uncond + s·(cond − uncond); variance channels from the conditional half.
+
+    With `double` (default: scale ≠ 1) the conditional and null-label passes run as one doubled batch, and the
+    returned state covers both halves so that heredity keeps each half's own lineage.
+    """
+    kwargs = {"steps": steps} if model.has_cell_state else {}
+    if double is None:
+        double = scale != 1.0
+    if not double:
+        return model(x, t, y, carry=carry, **kwargs)
+    b = x.shape[0]
+    null = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+    res = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), null=null, carry=carry, **kwargs)
+    cond, uncond = res.output.chunk(2)
+    c = model.in_channels
+    eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
+    return DenoiserOutput(output=torch.cat([eps, cond[:, c:]], dim=1), state=res.state)
+
+
+StepCallback = Callable[[int, torch.Tensor, dict[str, torch.Tensor], CellState | None], None]
+
+
+@torch.no_grad()
+def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],
+           cfg: SamplerConfig, noise: torch.Tensor | None = None, callback: StepCallback | None = None,
+           progress: bool = False) -> torch.Tensor:
+    """Generate one image per label vector; returns x_0 of shape (B, *shape).
+
+    `callback(t, x_t, p, state)` sees every reverse step (p holds pred_x0, eps, mean, log_variance).
+    """
+    cfg.validate()
+    device = labels.device
+    spaced = diffusion.respaced(cfg.steps)
+    b = labels.shape[0]
+    x = torch.randn(b, *shape, device=device) if noise is None else noise.to(device)
+    state: CellState | None = None
+    for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
+        t = torch.full((b,), i, device=device, dtype=torch.long)
+        carry = inherit(state, cfg.ghg) if model.has_cell_state else None
+        res = guided_output(model, x, spaced.model_timesteps(t), labels, cfg.cfg, carry, cfg.nca_steps)
+        state = res.state
+        p = spaced.p_mean_variance(res.output, x, t, clip_x0=cfg.clip_x0)
+        if callback is not None:
+            callback(i, x, p, state)
+        x = _ddpm_step(x, t, p) if cfg.sampler == "ddpm" else _ddim_step(spaced, x, t, p, cfg.eta)
+    return x
+
+
+def _ddpm_step(x: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    nonzero = (t > 0).float().view(-1, *([1] * (x.ndim - 1)))
+    return p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * torch.randn_like(x)
+
+
+def _ddim_step(d: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor],
+               eta: float) -> torch.Tensor:
+    # ε re-derived from the (possibly clipped) x0, as IDDPM's DDIM does.
+    eps = d.predict_eps(x, t, p["pred_x0"])
+    view = (-1, *([1] * (x.ndim - 1)))
+    ac = torch.as_tensor(d.alphas_cumprod, device=x.device)[t].float().view(view)
+    ac_prev = torch.as_tensor(d.alphas_cumprod_prev, device=x.device)[t].float().view(view)
+    sigma = eta * torch.sqrt((1 - ac_prev) / (1 - ac)) * torch.sqrt(1 - ac / ac_prev)
+    mean = p["pred_x0"] * torch.sqrt(ac_prev) + torch.sqrt(1 - ac_prev - sigma**2) * eps
+    nonzero = (t > 0).float().view(view)
+    return mean + nonzero * sigma * torch.randn_like(x)

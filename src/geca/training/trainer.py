@@ -1,0 +1,254 @@
+"""The training loop: accelerate for devices, processes and mixed precision; exact resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
+
+from geca.config import ConfigError, RunConfig, save_config
+from geca.data import load_split
+from geca.data.imageset import ImageSet
+from geca.diffusion.gaussian import GaussianDiffusion
+from geca.sampling.labels import per_class_labels
+from geca.sampling.samplers import sample
+from geca.training.checkpoint import (
+    CheckpointError,
+    ModelSpec,
+    find_checkpoint,
+    load_state_dict_into,
+    load_weights,
+    read_spec,
+    save_checkpoint,
+)
+from geca.training.ema import EMA
+from geca.utils.images import grid, save_png, to_uint8
+from geca.utils.io import atomic_write_json, atomic_write_text
+from geca.utils.plots import plot_loss_curve
+
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "elapsed_min"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN); the message says what to try."""
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Every random draw of a step depends only on (seed, step, rank): resuming is exact by construction."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class BatchStream:
+    """Batch indices as a pure function of the step: epochs are seeded permutations of the dataset."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            seed = np.random.SeedSequence([self.seed, epoch, 0xDA7A]).generate_state(1)[0]
+            g = torch.Generator().manual_seed(int(seed))
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, start: int, count: int) -> torch.Tensor:
+        pos = torch.arange(start, start + count)
+        return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in pos])
+
+
+def _precision(cfg: RunConfig) -> str:
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU; on a CPU use bf16 (or fp32)")
+    return PRECISIONS[cfg.train.precision]
+
+
+def _preview(ema_model: torch.nn.Module, diffusion: GaussianDiffusion, spec: ModelSpec, cfg: RunConfig,
+             path: Path, device: torch.device) -> None:
+    classes = list(range(min(spec.num_classes, cfg.preview.max_classes)))
+    labels = per_class_labels(spec.num_classes, cfg.preview.per_class, classes).to(device)
+    rng = torch.get_rng_state()
+    torch.manual_seed(cfg.train.seed)
+    x = sample(ema_model, diffusion, labels, (spec.in_channels, spec.resolution, spec.resolution),
+               cfg.preview.sampler)
+    torch.set_rng_state(rng)
+    save_png(grid(to_uint8(x), nrow=cfg.preview.per_class, upscale=max(1, 64 // spec.resolution)), path)
+
+
+def _rewrite_log(log_path: Path, upto_step: int) -> None:
+    """On resume, drop log rows from steps after the checkpoint so the log never repeats a step."""
+    if not log_path.exists():
+        return
+    rows = [r for r in csv.DictReader(open(log_path)) if int(r["step"]) <= upto_step]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(log_path, buf.getvalue())
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+          train_set: ImageSet | None = None) -> dict[str, Any]:
+    """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes."""
+    run_dir = Path(run_dir)
+    # Accelerate keeps mixed precision in a process-wide singleton; reset it (not the process group) so that
+    # several runs with different precisions can share one Python process.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"batch size {cfg.train.batch_size} is not divisible by {world} processes")
+    local_batch = cfg.train.batch_size // world
+    has_ckpt = (run_dir / "checkpoints" / "latest.json").exists()
+    if has_ckpt and not resume:
+        raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose "
+                              "another --out")
+    if resume and not has_ckpt:
+        raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
+
+    data = train_set if train_set is not None else load_split(
+        cfg.data.spec, "train", image_size=cfg.data.image_size, folds_file=cfg.data.folds_file,
+        fold=cfg.data.fold, download=cfg.data.download and main)
+    images, labels = data.tensors()
+    spec = ModelSpec(model=cfg.model, diffusion=cfg.diffusion, data=cfg.data, in_channels=data.channels,
+                     num_classes=data.num_classes, resolution=data.resolution, class_names=data.class_names,
+                     multilabel=data.multilabel)
+    if resume and read_spec(run_dir).to_dict() != spec.to_dict():
+        raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data changed); "
+                              "resume needs the same setup")
+    torch.manual_seed(cfg.train.seed)
+    model = spec.build()
+    diffusion = spec.diffusion_process()
+    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    state: dict[str, Any] = {"elapsed_s": 0.0, "images_seen": 0}
+    step = 0
+    if resume:
+        ckpt = find_checkpoint(run_dir)
+        load_state_dict_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+        load_state_dict_into(ema.model, load_weights(ckpt / "ema.safetensors"), ckpt / "ema.safetensors")
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text())
+        step = int(state.pop("step"))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    ema.model.to(device)
+    images, labels = images.to(device), labels.to(device)
+    stream = BatchStream(len(data), cfg.train.seed)
+
+    log_path = run_dir / "log.csv"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "model.json", spec.to_dict())
+        if resume:
+            _rewrite_log(log_path, step)
+        (run_dir / "samples").mkdir(exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    def checkpoint() -> None:
+        if main:
+            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), ema.model, optimizer,
+                            {**state, "elapsed_s": state["elapsed_s"] + time.time() - t_start})
+
+    t_start = time.time()
+    budget_s = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60 - state["elapsed_s"]
+    window: dict[str, float] = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
+    t_window = time.time()
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not (progress and main),
+               dynamic_ncols=True)
+    model.train()
+    while step < cfg.train.max_steps:
+        if budget_s is not None:
+            over = torch.tensor([float(time.time() - t_start > budget_s)], device=device)
+            if accelerator.reduce(over, "max").item() > 0:
+                break
+        torch.manual_seed(step_seed(cfg.train.seed, step, rank))
+        idx = stream.indices(step * cfg.train.batch_size + rank * local_batch, local_batch).to(device)
+        x0, y = images[idx], labels[idx]
+        if cfg.data.flip:
+            flip = torch.rand(local_batch, device=device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, diffusion.num_timesteps, (local_batch,), device=device)
+        noise = torch.randn_like(x0)
+        with accelerator.autocast():
+            terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y).output, x0, t, noise)
+        loss = terms["loss"].mean()
+        if not torch.isfinite(loss):
+            last = run_dir / "checkpoints"
+            raise TrainingError(f"loss became {loss.item()} at step {step} (lr {cfg.train.lr}, precision "
+                                f"{cfg.train.precision}); checkpoints so far are in {last}. Try a lower --lr, "
+                                "--precision fp32 or a gradient clip.")
+        accelerator.backward(loss)
+        if cfg.train.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(accelerator.unwrap_model(model), step)
+        step += 1
+        state["images_seen"] += cfg.train.batch_size
+        window["n"] += 1
+        for k in ("loss", "mse", "vb"):
+            if k in terms:
+                window[k] += terms[k].mean().item()
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            ips = window["n"] * cfg.train.batch_size / max(time.time() - t_window, 1e-9)
+            row = {"step": step, "epoch": f"{state['images_seen'] / len(data):.3f}",
+                   "loss": f"{window['loss'] / window['n']:.6g}", "mse": f"{window['mse'] / window['n']:.6g}",
+                   "vb": f"{window['vb'] / window['n']:.6g}" if "vb" in terms else "",
+                   "lr": cfg.train.lr, "images_per_s": f"{ips:.2f}",
+                   "elapsed_min": f"{(state['elapsed_s'] + time.time() - t_start) / 60:.3f}"}
+            bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
+            if main:
+                new = not log_path.exists()
+                with open(log_path, "a", newline="") as f:
+                    writer = csv.DictWriter(f, LOG_FIELDS)
+                    if new:
+                        writer.writeheader()
+                    writer.writerow(row)
+            window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
+            t_window = time.time()
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            checkpoint()
+        if main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
+            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
+    bar.close()
+    if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every:
+        checkpoint()
+    checksum = _parameters_identical(accelerator, model) if world > 1 else None
+    if main:
+        if cfg.train.sample_every and step % cfg.train.sample_every:
+            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
+        plot_loss_curve(log_path, run_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"run_dir": str(run_dir), "step": step, "processes": world, "parameter_checksum": checksum,
+            "config": asdict(cfg)}
+
+
+def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:
+    """Check that data-parallel ranks ended with the same weights; a mismatch means broken gradient sync."""
+    flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(model).parameters()])
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) % 9973 + 1
+    checksum = (flat.double() * weights).sum().reshape(1)
+    sums = accelerator.gather(checksum)
+    if not torch.all(sums == sums[0]):
+        raise TrainingError(f"parameters differ between processes after training: checksums {sums.tolist()}")
+    return checksum.item()

@@ -1,0 +1,35 @@
+"""Image conversions and grids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from geca.utils.io import atomic_write
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] → (B, H, W, C) uint8."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def pil_image(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+def save_png(arr: np.ndarray, path: Path) -> None:
+    atomic_write(Path(path), lambda p: pil_image(arr).save(p, format="PNG"))
+
+
+def grid(images: np.ndarray, nrow: int, pad: int = 2, upscale: int = 1) -> np.ndarray:
+    """Tile (B, H, W, C) uint8 images into one (H', W', C) array, `nrow` images per row."""
+    t = torch.from_numpy(images).permute(0, 3, 1, 2)
+    if upscale > 1:
+        t = t.repeat_interleave(upscale, dim=2).repeat_interleave(upscale, dim=3)
+    g = make_grid(t, nrow=nrow, padding=pad, pad_value=255)
+    out = g.permute(1, 2, 0).numpy()
+    return out[..., :1] if images.shape[-1] == 1 else out

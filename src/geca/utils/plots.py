@@ -1,0 +1,58 @@
+"""Plots written next to a run's outputs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from geca.utils.io import atomic_write  # noqa: E402
+
+
+def plot_loss_curve(log_csv: Path, out: Path) -> Path | None:
+    """Loss (and its ε-MSE and VLB parts) against step, from a run's log.csv."""
+    rows = list(csv.DictReader(open(log_csv))) if Path(log_csv).exists() else []
+    if not rows:
+        return None
+    steps = [int(r["step"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    for key in ("loss", "mse", "vb"):
+        if rows[0].get(key):
+            ax.plot(steps, [float(r[key]) for r in rows], label=key)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("training loss")
+    fig.tight_layout()
+    atomic_write(Path(out), lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_class_grid(images: np.ndarray, class_names: list[str], per_class: int, out: Path,
+                    title: str = "") -> Path:
+    """One row per class of (N, H, W, C) uint8 images, rows labelled with the class name."""
+    rows = len(class_names)
+    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.9 + 1.2, rows * 0.9 + 0.4), dpi=120,
+                             squeeze=False)
+    for r in range(rows):
+        for c in range(per_class):
+            ax = axes[r][c]
+            img = images[r * per_class + c]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(class_names[r], rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(Path(out), lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return Path(out)

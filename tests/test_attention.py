@@ -1,0 +1,132 @@
+"""3×3 neighbourhood attention: the three implementations against each other and a dense float64 oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from geca.models.attention import IMPLEMENTATIONS, NeighbourhoodAttentionFunction, neighbourhood_attention
+
+# (B, heads, H, W, head_dim, value_dim): odd and non-square grids, a 1×1 grid, single rows/columns, dv != d.
+SHAPES = [
+    (2, 3, 5, 7, 4, 4),
+    (1, 2, 1, 1, 8, 8),
+    (2, 1, 1, 6, 3, 3),
+    (1, 2, 4, 1, 5, 5),
+    (1, 2, 3, 4, 6, 2),
+]
+
+
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> tuple[Tensor, ...]:
+    """q, k, v (requiring grad) and an upstream gradient; q, k scaled so the softmax is far from uniform."""
+    b, heads, h, w, d, dv = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (2 * torch.randn(b, heads, h, w, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    v, grad = (torch.randn(b, heads, h, w, dv, generator=gen, dtype=torch.float64) for _ in range(2))
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    return q, k, v, grad.to(dtype)
+
+
+def _run(impl: str, q: Tensor, k: Tensor, v: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
+    """Output and gradients wrt q, k, v."""
+    out = neighbourhood_attention(q, k, v, impl=impl)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+def _dense_oracle(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Dense attention over the grid plus a ring of zero-key/zero-value tokens, masked to 3×3 windows."""
+    b, heads, h, w, d = q.shape
+    kp, vp = (F.pad(x, (0, 0, 1, 1, 1, 1)).flatten(2, 3) for x in (k, v))
+    logits = q.flatten(2, 3) @ kp.transpose(-1, -2) / math.sqrt(d)  # (B, heads, H·W, (H+2)·(W+2))
+    qi, qj = torch.meshgrid(torch.arange(1, h + 1), torch.arange(1, w + 1), indexing="ij")
+    ki, kj = torch.meshgrid(torch.arange(h + 2), torch.arange(w + 2), indexing="ij")
+    near = ((qi.reshape(-1, 1) - ki.reshape(1, -1)).abs() <= 1) & (
+        (qj.reshape(-1, 1) - kj.reshape(1, -1)).abs() <= 1
+    )
+    assert (near.sum(-1) == 9).all()
+    attn = logits.masked_fill(~near, float("-inf")).softmax(-1)
+    return (attn @ vp).unflatten(2, (h, w))
+
+
+def _border(h: int, w: int) -> Tensor:
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[0], mask[-1], mask[:, 0], mask[:, -1] = True, True, True, True
+    return mask
+
+
+def _assert_close_by_region(actual: Tensor, expected: Tensor, atol: float, what: str) -> None:
+    """Compare border cells and interior cells separately, so a border-only error cannot hide in the max."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    border = _border(*actual.shape[2:4])
+    for name, region in (("border", border), ("interior", ~border)):
+        if region.any():
+            err = (actual[:, :, region] - expected[:, :, region]).abs().max().item()
+            assert err <= atol, f"{what}, {name} cells: max abs difference {err:.3g} > {atol:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_matches_dense_oracle_float64(impl: str, shape: tuple[int, ...]) -> None:
+    q, k, v, grad = _inputs(shape, torch.float64)
+    out = _dense_oracle(q, k, v)
+    expected = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), _run(impl, q, k, v, grad), expected, strict=True):
+        _assert_close_by_region(a, e, 1e-12, f"{impl} {name}")
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7, 16, 16), (3, 2, 1, 1, 8, 8), (2, 3, 6, 6, 32, 32)])
+def test_implementations_agree_float32(shape: tuple[int, ...]) -> None:
+    b, heads, h, w, d, _ = shape
+    # Non-contiguous views, as a model that splits one fused qkv projection would pass them.
+    qkv = torch.randn(b, h, w, 3, heads, d, generator=torch.Generator().manual_seed(1)) * 2
+    q, k, v = (x.detach().requires_grad_() for x in qkv.permute(3, 0, 4, 1, 2, 5))
+    assert not q.is_contiguous()
+    grad = torch.randn(b, heads, h, w, d)
+    results = {impl: _run(impl, q, k, v, grad) for impl in IMPLEMENTATIONS}
+    for impl in IMPLEMENTATIONS:
+        for name, a, e in zip(("out", "dq", "dk", "dv"), results[impl], results["reference"], strict=True):
+            _assert_close_by_region(a, e, 1e-5, f"{impl} vs reference {name}")
+
+
+def test_dead_cells_enter_softmax_with_logit_zero() -> None:
+    """On a 1×1 grid the only live neighbour is the cell itself; the 8 dead ones add exp(0) each."""
+    q, k, v, _ = _inputs((2, 3, 1, 1, 4, 4), torch.float64)
+    w_self = torch.exp((q * k).sum(-1, keepdim=True) / 2)
+    expected = w_self * v / (w_self + 8)
+    for impl in IMPLEMENTATIONS:
+        torch.testing.assert_close(neighbourhood_attention(q, k, v, impl), expected, rtol=0, atol=1e-14)
+
+
+def test_fast_function_gradcheck() -> None:
+    q, k, v, _ = _inputs((1, 2, 3, 4, 3, 2), torch.float64, seed=2)
+    assert torch.autograd.gradcheck(NeighbourhoodAttentionFunction.apply, (q, k, v))
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_bfloat16_close_to_float32(impl: str) -> None:
+    q, k, v, grad = _inputs((2, 4, 5, 6, 16, 16), torch.bfloat16, seed=3)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    low = _run(impl, q, k, v, grad)
+    high = _run(impl, q32, k32, v32, grad.float())
+    for name, a, e in zip(("out", "dq", "dk", "dv"), low, high, strict=True):
+        assert a.dtype == torch.bfloat16, name
+        scale = e.abs().max().item()
+        _assert_close_by_region(a.float(), e, 0.03 * scale, f"{impl} bf16 {name}")
+
+
+def test_unknown_impl_raises() -> None:
+    q = torch.zeros(1, 1, 2, 2, 4)
+    with pytest.raises(ValueError, match="reference.*fast.*sliced"):
+        neighbourhood_attention(q, q, q, impl="natten")
+
+
+def test_bad_shapes_raise() -> None:
+    q = torch.zeros(1, 1, 2, 2, 4)
+    with pytest.raises(ValueError, match="expected q, k"):
+        neighbourhood_attention(q, torch.zeros(1, 1, 2, 3, 4), q)
+    with pytest.raises(ValueError, match="expected q, k"):
+        neighbourhood_attention(q.flatten(2, 3), q.flatten(2, 3), q.flatten(2, 3))

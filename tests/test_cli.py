@@ -1,0 +1,170 @@
+"""The command line on tiny settings, including what it does with bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from geca.cli.main import app
+
+runner = CliRunner()
+TINY = ["--model", "GeCA-T", "--nca-steps", "2", "--batch-size", "4", "--sample-every", "0", "--log-every", "1",
+        "--no-progress"]
+FAST_SAMPLING = ["--sampler", "ddim", "--steps", "3", "--no-progress"]
+
+
+@pytest.fixture
+def trained_run(tmp_path: Path, blobs_npz: Path) -> Path:
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--data", str(blobs_npz), "--out", str(run), "--max-steps", "2", *TINY])
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_every_command_and_flag_has_help() -> None:
+    for cmd in ("train", "sample", "grow", "models", "folds", "demo"):
+        res = runner.invoke(app, [cmd, "--help"])
+        assert res.exit_code == 0
+        from geca.cli import main
+
+        info = next(c for c in main.app.registered_commands if c.name == cmd)
+        import inspect
+
+        for name, param in inspect.signature(info.callback).parameters.items():
+            assert getattr(param.default, "help", None), f"geca {cmd}: option {name} has no help text"
+
+
+def test_train_writes_a_complete_run(trained_run: Path) -> None:
+    for name in ("config.yaml", "model.json", "log.csv", "loss.png", "checkpoints/latest.json",
+                 "checkpoints/step_0000002/model.safetensors", "checkpoints/step_0000002/ema.safetensors",
+                 "checkpoints/step_0000002/optimizer.pt", "checkpoints/step_0000002/state.json"):
+        assert (trained_run / name).exists(), name
+    rows = list(csv.DictReader(open(trained_run / "log.csv")))
+    assert [r["step"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
+
+
+def test_sample_per_class_writes_images_labels_and_manifest(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "samples"
+    res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(out), "--per-class", "2",
+                              "--cfg", "2.0", "--ghg", "both", "--m", "3", "--seed", "5", *FAST_SAMPLING])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    assert len(rows) == 4 and list(rows[0]) == ["filename", "class 0", "class 1"]
+    assert [(r["class 0"], r["class 1"]) for r in rows] == [("1", "0"), ("1", "0"), ("0", "1"), ("0", "1")]
+    for r in rows:
+        img = Image.open(out / r["filename"])
+        assert img.size == (8, 8) and img.mode == "RGB"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sampling"] == {"sampler": "ddim", "steps": 3, "cfg": 2.0, "ghg": "both", "nca_steps": 3,
+                                    "eta": 0.0, "clip_x0": True}
+    assert manifest["seed"] == 5 and len(manifest["weights_sha256"]) == 64 and manifest["checkpoint_step"] == 2
+
+
+def test_sampling_is_reproducible_under_a_seed(trained_run: Path, tmp_path: Path) -> None:
+    arrays = []
+    for name in ("a", "b"):
+        runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(tmp_path / name), "--per-class", "1",
+                            *FAST_SAMPLING])
+        arrays.append(np.array(Image.open(tmp_path / name / "images/000001.png")))
+    assert np.array_equal(*arrays)
+
+
+def test_labels_from_split_replicates_each_vector(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "x3"
+    res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(out), "--labels-from", "val",
+                              "--ratio", "3", *FAST_SAMPLING])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(out / "labels.csv")))
+    assert len(rows) == 24
+    assert sum(r["class 1"] == "1" for r in rows) == 3 * 4
+
+
+def test_failed_sampling_leaves_nothing_half_written(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    import geca.sampling.generate as gen
+
+    calls = {"n": 0}
+    real = gen.pil_image
+
+    def failing(arr):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return real(arr)
+
+    monkeypatch.setattr(gen, "pil_image", failing)
+    with pytest.raises(OSError, match="No space"):
+        gen_args = ["sample", "--run", str(trained_run), "--out", str(out), "--per-class", "2", "--overwrite",
+                    *FAST_SAMPLING]
+        runner.invoke(app, gen_args, catch_exceptions=False)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_sample_refuses_to_overwrite_without_flag(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "x").write_text("x")
+    res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(out), "--per-class", "1",
+                              *FAST_SAMPLING])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+
+
+def test_grow_writes_gifs_and_strips(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grow"
+    res = runner.invoke(app, ["grow", "--run", str(trained_run), "--out", str(out), "--label", "class 1",
+                              "--steps", "4", "--m", "5", "--t", "400"])
+    assert res.exit_code == 0, res.output
+    gif = Image.open(out / "growth.gif")
+    assert gif.n_frames == 5
+    assert Image.open(out / "denoise.gif").n_frames == 4
+    strip = Image.open(out / "growth.png")
+    assert strip.size[0] > strip.size[1]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/nonexistent/x.npz", "--out", "{tmp}/r", "--max-steps", "1"], "x.npz"),
+        (["train", "--data", "synthetic-fundus", "--out", "{tmp}/r", "--precision", "fp8"], "precision"),
+        (["train", "--data", "synthetic-fundus", "--out", "{tmp}/r", "--model", "GeCA-XL"], "GeCA-XL"),
+        (["train", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/r"], "missing.yaml"),
+        (["sample", "--run", "{tmp}/norun", "--out", "{tmp}/s", "--per-class", "1"], "model.json"),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(tmp_path: Path, args: list[str], message: str) -> None:
+    res = runner.invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and message in res.output
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_unknown_label_and_corrupt_weights(trained_run: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["grow", "--run", str(trained_run), "--out", str(tmp_path / "g"), "--label", "class 7"])
+    assert res.exit_code == 2 and "unknown label 'class 7'" in res.output
+    (trained_run / "checkpoints/step_0000002/ema.safetensors").write_bytes(b"not a tensor file")
+    res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(tmp_path / "s"), "--per-class", "1"])
+    assert res.exit_code == 2 and "ema.safetensors" in res.output and "safetensors" in res.output
+
+
+def test_config_file_with_unknown_key_is_rejected(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  max_stepz: 3\n")
+    res = runner.invoke(app, ["train", "--config", str(cfg), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "max_stepz" in res.output
+
+
+def test_models_json_reports_published_sizes() -> None:
+    res = runner.invoke(app, ["models", "--json"])
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert abs(rows["GeCA-S"]["parameters"] - 13.3e6) <= 0.05e6
+    assert abs(rows["GeCA-XS"]["parameters"] - 2.26e6) <= 0.05e6
+    assert rows["GeCA-S"]["input"] == [4, 32, 32] and rows["GeCA-S"]["classes"] == 11

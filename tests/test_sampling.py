@@ -1,0 +1,143 @@
+"""Samplers: Gene Heredity Guidance, classifier-free guidance, and denoisers without cell state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model_config
+from torch import nn
+
+from geca.diffusion import DiffusionConfig, GaussianDiffusion
+from geca.models import build_model
+from geca.models.base import CellState, Denoiser, DenoiserOutput
+from geca.sampling.labels import per_class_labels, replicate_labels
+from geca.sampling.samplers import GHG_MODES, SamplerConfig, guided_output, sample
+
+
+class Spy(Denoiser):
+    """Wraps a GeCA and records what each call inherited and what it returned."""
+
+    has_cell_state = True
+
+    def __init__(self, inner: Denoiser) -> None:
+        super().__init__()
+        self.inner = inner
+        self.in_channels, self.num_classes, self.learn_sigma = inner.in_channels, inner.num_classes, True
+        self.calls: list[tuple[CellState | None, CellState]] = []
+
+    def forward(self, x, t, y, null=None, carry=None, steps=None) -> DenoiserOutput:
+        res = self.inner(x, t, y, null=null, carry=carry, steps=steps)
+        self.calls.append((carry, res.state))
+        return res
+
+
+class ConvDenoiser(Denoiser):
+    """A denoiser with no cell state, standing in for the baselines."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.in_channels, self.num_classes, self.learn_sigma = channels, classes, True
+        self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=1)
+        self.y = nn.Linear(classes, 2 * channels)
+
+    def forward(self, x, t, y, null=None, carry=None, steps=None) -> DenoiserOutput:
+        assert carry is None and steps is None
+        scale = 0.0 if null is None else (~null).float()[:, None]
+        return DenoiserOutput(output=self.conv(x) + (self.y(y) * (1 if null is None else scale))[:, :, None, None])
+
+
+@pytest.fixture
+def diffusion() -> GaussianDiffusion:
+    return GaussianDiffusion.from_config(DiffusionConfig())
+
+
+def _geca(update_prob: float = 0.5) -> Denoiser:
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(update_prob=update_prob), 3, 4, 6).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("mode", GHG_MODES)
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_each_ghg_mode_carries_exactly_the_intended_tensors(diffusion, mode: str, cfg_scale: float) -> None:
+    spy = Spy(_geca())
+    labels = per_class_labels(4, 1)
+    sample(spy, diffusion, labels, (3, 6, 6), SamplerConfig(sampler="ddpm", steps=5, cfg=cfg_scale, ghg=mode))
+    assert len(spy.calls) == 5
+    assert spy.calls[0][0] is None, "the first step (t=T) has nothing to inherit: the training seed is used"
+    for (carry, _), (_, previous) in zip(spy.calls[1:], spy.calls[:-1], strict=True):
+        if mode == "none":
+            assert carry is None
+            continue
+        assert (carry.hidden is previous.hidden) == (mode in ("hidden", "both"))
+        assert (carry.out is previous.out) == (mode in ("out", "both"))
+        assert (carry.hidden is None) == (mode == "out") and (carry.out is None) == (mode == "hidden")
+
+
+def test_ghg_changes_the_samples(diffusion) -> None:
+    labels = per_class_labels(4, 1)
+    outs = {}
+    for mode in ("none", "hidden"):
+        torch.manual_seed(3)
+        outs[mode] = sample(_geca(), diffusion, labels, (3, 6, 6), SamplerConfig(steps=4, ghg=mode))
+    assert not torch.allclose(outs["none"], outs["hidden"])
+
+
+def test_cfg_scale_one_equals_the_conditional_model() -> None:
+    model = _geca(update_prob=1.0)
+    torch.manual_seed(0)
+    x, t, y = torch.randn(4, 3, 6, 6), torch.randint(0, 1000, (4,)), per_class_labels(4, 1)
+    seed = model.seed(4, 6, 6, torch.device("cpu"))
+    both = CellState(out=torch.cat([seed.out, seed.out]), hidden=torch.cat([seed.hidden, seed.hidden]))
+    doubled = guided_output(model, x, t, y, 1.0, carry=both, double=True).output
+    conditional = model(x, t, y, carry=seed).output
+    torch.testing.assert_close(doubled[:, :3], conditional[:, :3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(doubled[:, 3:], conditional[:, 3:], rtol=1e-5, atol=1e-5)
+    stronger = guided_output(model, x, t, y, 3.0, carry=both).output
+    assert not torch.allclose(stronger[:, :3], conditional[:, :3], atol=1e-3)
+    torch.testing.assert_close(stronger[:, 3:], conditional[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_denoiser_without_cell_state_uses_the_same_samplers(diffusion, sampler: str) -> None:
+    torch.manual_seed(0)
+    model = ConvDenoiser(3, 4)
+    out = sample(model, diffusion, per_class_labels(4, 2), (3, 6, 6),
+                 SamplerConfig(sampler=sampler, steps=6, cfg=2.0, ghg="hidden"))
+    assert out.shape == (8, 3, 6, 6) and torch.isfinite(out).all()
+
+
+def test_ddim_eta0_is_deterministic_given_the_noise(diffusion) -> None:
+    model = ConvDenoiser(3, 4)
+    noise = torch.randn(4, 3, 6, 6)
+    cfg = SamplerConfig(sampler="ddim", steps=7, cfg=1.5, ghg="none")
+    a = sample(model, diffusion, per_class_labels(4, 1), (3, 6, 6), cfg, noise=noise)
+    b = sample(model, diffusion, per_class_labels(4, 1), (3, 6, 6), cfg, noise=noise)
+    assert torch.equal(a, b)
+
+
+def test_m_at_sampling_reaches_the_model(diffusion) -> None:
+    spy = Spy(_geca())
+    sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6), SamplerConfig(steps=2, nca_steps=9, cfg=1.0))
+    model = spy.inner
+    x, t, y = torch.randn(1, 3, 6, 6), torch.tensor([10]), per_class_labels(4, 1)[:1]
+    assert len(list(model.grow(x, t, y, steps=9))) == 9
+
+
+def test_replicated_labels_repeat_every_vector_exactly_ratio_times() -> None:
+    labels = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0]], dtype=np.float32)
+    rep = replicate_labels(labels, 5).numpy()
+    assert rep.shape == (20, 3)
+    rows, counts = np.unique(rep, axis=0, return_counts=True)
+    for row, count in zip(rows, counts, strict=True):
+        assert count == 5 * int((labels == row).all(axis=1).sum())
+
+
+def test_bad_sampler_settings_are_rejected() -> None:
+    for bad in (SamplerConfig(sampler="euler"), SamplerConfig(ghg="inherit"), SamplerConfig(nca_steps=0)):
+        with pytest.raises(ValueError):
+            bad.validate()

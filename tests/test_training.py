@@ -1,0 +1,130 @@
+"""Training: learning, exact resume, failure modes, and two data-parallel processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import blob_images, tiny_model_config
+from safetensors.torch import load_file
+
+from geca.config import RunConfig
+from geca.models import named_model
+from geca.training.checkpoint import CheckpointError, load_run
+from geca.training.trainer import TrainingError, train
+
+
+def tiny_config(steps: int, **train_overrides: object) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model = tiny_model_config()
+    cfg.data.spec = "blobs"
+    cfg.train.max_steps = steps
+    cfg.train.batch_size = 4
+    cfg.train.lr = 1e-3
+    cfg.train.log_every = 1
+    cfg.train.sample_every = 0
+    cfg.train.checkpoint_every = 0
+    cfg.train.ema_decay = 0.9
+    for k, v in train_overrides.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def _fixed_loss(run_dir: Path, weights: str) -> float:
+    """Loss on fixed (t, noise) draws over the training images, so before/after are comparable."""
+    loaded = load_run(run_dir, weights=weights)
+    x0, y = blob_images(n=8, size=8).tensors()
+    g = torch.Generator().manual_seed(0)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(8):
+            t = torch.randint(0, 1000, (8,), generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            torch.manual_seed(0)
+            terms = loaded.diffusion.training_losses(lambda xt, tt: loaded.model(xt, tt, y).output, x0, t, noise)
+            total += terms["mse"].mean().item()
+    return total / 8
+
+
+def test_geca_t_overfits_eight_images(tmp_path: Path) -> None:
+    cfg = tiny_config(steps=300, batch_size=8, lr=2e-3, checkpoint_every=300)
+    cfg.model = named_model("GeCA-T")
+    cfg.train.ema_decay = 0.0
+    cfg.train.max_steps = 1
+    train(cfg, tmp_path / "start", train_set=blob_images(n=8, size=8), progress=False)
+    cfg.train.max_steps = 300
+    train(cfg, tmp_path / "end", train_set=blob_images(n=8, size=8), progress=False)
+    start, end = _fixed_loss(tmp_path / "start", "model"), _fixed_loss(tmp_path / "end", "model")
+    assert end < 0.35 * start, (start, end)
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    data = blob_images(n=8, size=8)
+    train(tiny_config(6), tmp_path / "once", train_set=data, progress=False)
+    train(tiny_config(3), tmp_path / "twice", train_set=data, progress=False)
+    train(tiny_config(6), tmp_path / "twice", resume=True, train_set=data, progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "once/checkpoints/step_0000006" / name)
+        b = load_file(tmp_path / "twice/checkpoints/step_0000006" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} differs after resume"
+    oa = torch.load(tmp_path / "once/checkpoints/step_0000006/optimizer.pt", weights_only=True)
+    ob = torch.load(tmp_path / "twice/checkpoints/step_0000006/optimizer.pt", weights_only=True)
+    for k in oa["state"]:
+        assert torch.equal(oa["state"][k]["exp_avg_sq"], ob["state"][k]["exp_avg_sq"])
+    steps = [line.split(",")[0] for line in (tmp_path / "twice/log.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_existing_run_needs_resume_and_resume_needs_the_same_setup(tmp_path: Path) -> None:
+    data = blob_images(n=8, size=8)
+    train(tiny_config(1), tmp_path / "run", train_set=data, progress=False)
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(tiny_config(2), tmp_path / "run", train_set=data, progress=False)
+    changed = tiny_config(2)
+    changed.model.hidden_size = 64
+    with pytest.raises(CheckpointError, match="differs"):
+        train(changed, tmp_path / "run", resume=True, train_set=data, progress=False)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        train(tiny_config(2), tmp_path / "empty", resume=True, train_set=data, progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path: Path) -> None:
+    data = blob_images(n=8, size=8)
+    with pytest.raises(TrainingError, match="loss became nan|loss became inf"):
+        train(tiny_config(50, lr=1e30, checkpoint_every=1), tmp_path / "run", train_set=data, progress=False)
+    first = tmp_path / "run/checkpoints/step_0000001/model.safetensors"
+    assert first.exists() and all(torch.isfinite(v).all() for v in load_file(first).values())
+
+
+def test_fp16_on_cpu_is_refused(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="fp16"):
+        train(tiny_config(1, precision="fp16"), tmp_path / "run", train_set=blob_images(), progress=False)
+
+
+def test_bf16_autocast_trains(tmp_path: Path) -> None:
+    train(tiny_config(2, precision="bf16"), tmp_path / "run", train_set=blob_images(n=8, size=8), progress=False)
+    weights = load_file(tmp_path / "run/checkpoints/step_0000002/model.safetensors")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.slow
+def test_two_processes_keep_identical_parameters(tmp_path: Path, blobs_npz: Path) -> None:
+    """torchrun + gloo: accelerate wraps the model in DDP; the trainer compares the ranks' weights at the end."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(sys.executable).parent / "geca"), "train", "--data", str(blobs_npz), "--out", str(tmp_path / "ddp"),
+           "--model", "GeCA-T", "--nca-steps", "2", "--max-steps", "4", "--batch-size", "4", "--sample-every", "0",
+           "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("parameters identical across 2 processes")]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stdout
+    assert (tmp_path / "ddp/checkpoints/step_0000004/model.safetensors").exists()
