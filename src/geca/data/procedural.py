@@ -127,8 +127,9 @@ def _vessel_tree(rng: np.random.Generator, disc: complex, disc_r: float, side: f
     if side < 0:
         heading, curvature = math.pi - heading, -curvature
     length, width = length * rng.uniform(0.85, 1.1, m), width * rng.uniform(0.9, 1.1, m)
-    gens = [dict(parent=np.full(m, -1), frac=np.zeros(m), heading=heading, curvature=curvature, length=length,
-                 depth=depth, width=width, dark=dark)]
+    # Per generation: trunks carry an absolute heading; branches carry their parent, where along it they
+    # start (fraction of its length) and their turn away from it.
+    gens = [dict(heading=heading, curvature=curvature, length=length, depth=depth, width=width, dark=dark)]
     while (gens[-1]["depth"] > 0).any():
         g = gens[-1]
         kids = rng.integers(0, g["depth"].astype(int) + 2) * (g["depth"] > 0)
@@ -136,7 +137,7 @@ def _vessel_tree(rng: np.random.Generator, disc: complex, disc_r: float, side: f
         k = len(parent)
         frac = rng.uniform(0.2, 0.95, k)
         gens.append(dict(
-            parent=parent, frac=frac, heading=(2 * rng.integers(0, 2, k) - 1) * rng.uniform(0.4, 1.0, k),
+            parent=parent, frac=frac, turn=(2 * rng.integers(0, 2, k) - 1) * rng.uniform(0.4, 1.0, k),
             curvature=rng.normal(0, 1.0, k), length=g["length"][parent] * rng.uniform(0.3, 0.55, k),
             depth=g["depth"][parent] - 1, width=g["width"][parent] * (1 - 0.6 * frac) * 0.7,
             dark=g["dark"][parent]))
@@ -154,7 +155,7 @@ def _vessel_tree(rng: np.random.Generator, disc: complex, disc_r: float, side: f
         at = np.clip((g["frac"] * pn).astype(int), 1, pn - 2)
         rows = np.arange(len(at))
         direction = pz[rows, at + 1] - pz[rows, at - 1]
-        rot = direction / np.maximum(np.abs(direction), 1e-9) * np.exp(1j * g["heading"])
+        rot = direction / np.maximum(np.abs(direction), 1e-9) * np.exp(1j * g["turn"])
         z[sizes[i]:sizes[i + 1]] = pz[rows, at][:, None] + rel[sizes[i]:sizes[i + 1]] * rot[:, None]
     ok = inside(z)
     n = np.minimum(n, np.where(ok.all(axis=1), z.shape[1], np.argmin(ok, axis=1)))
@@ -193,7 +194,7 @@ def _fundus_image(grade: int, size: int, rng: np.random.Generator) -> np.ndarray
     def zpx(z: np.ndarray) -> np.ndarray:  # complex normalised points -> flat pixel list for PIL
         return px(np.stack([z.real, z.imag], axis=-1)).ravel()
 
-    def rad(r: float, floor_px: float = 0.5) -> float:  # radius in pixels, never below floor_px output px
+    def rad(r: float, floor_px: float) -> float:  # radius in pixels, never below floor_px output pixels
         return max(r * s / 2, floor_px * ss)
 
     side = 1.0 if rng.random() < 0.5 else -1.0
@@ -219,10 +220,10 @@ def _fundus_image(grade: int, size: int, rng: np.random.Generator) -> np.ndarray
     img = img.reshape(s, s, 3)
 
     # Optic disc (nasal side, as in a left or right eye) with a paler cup, drawn only in its bounding box.
-    lo = np.clip(px(disc - 1.25 * disc_r).astype(int), 0, s)
-    hi = np.clip(px(disc + 1.25 * disc_r).astype(int) + 1, 0, s)
-    d = np.hypot((u[None, lo[0]:hi[0]] - disc[0]) / disc_r, (u[lo[1]:hi[1], None] - disc[1]) / (1.1 * disc_r))
-    view = img[lo[1]:hi[1], lo[0]:hi[0]]
+    b0 = np.clip(px(disc - 1.25 * disc_r).astype(int), 0, s)
+    b1 = np.clip(px(disc + 1.25 * disc_r).astype(int) + 1, 0, s)
+    d = np.hypot((u[None, b0[0]:b1[0]] - disc[0]) / disc_r, (u[b0[1]:b1[1], None] - disc[1]) / (1.1 * disc_r))
+    view = img[b0[1]:b1[1], b0[0]:b1[0]]
     for colour, edge in (((0.98, 0.78, 0.45), 1.0), ((1.0, 0.9, 0.68), 0.5)):
         w = np.clip((edge - d) / 0.25, 0, 1)[..., None]
         view += (np.array(colour, dtype=np.float32) - view) * w
@@ -360,6 +361,7 @@ _FINDINGS = {
 
 
 def _eye_labels(rng: np.random.Generator, primary: str) -> np.ndarray:
+    """Boolean label vector of one eye with the given primary diagnosis."""
     labels = np.zeros(len(OCT_CLASSES), dtype=bool)
     if primary != "other":
         labels[OCT_CLASSES.index(primary)] = True
