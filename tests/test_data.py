@@ -500,3 +500,20 @@ def test_folds_cli_missing_csv_exits_2_without_traceback(tmp_path):
     assert result.exit_code == 2
     assert str(missing) in result.stderr and "not found" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "f.csv").exists()
+
+
+def test_folds_file_splits_a_procedural_set_by_patient(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from geca.cli.main import app
+
+    spec = "synthetic-oct@patients=30,size=16"
+    out = tmp_path / "folds.csv"
+    res = CliRunner().invoke(app, ["folds", "--data", spec, "--k", "5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    parts = {s: load_split(spec, s, folds_file=out, fold=2) for s in ("train", "val", "test")}
+    everything = load_split(spec, "all")
+    assert sum(len(p) for p in parts.values()) == len(everything)
+    patients = {s: set(p.patient_ids) for s, p in parts.items()}
+    assert not (patients["train"] & patients["test"]) and not (patients["val"] & patients["test"])
+    assert not (patients["train"] & patients["val"])

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from geca.data.folds import read_folds
+from geca.data.folds import fold_split_rows, read_folds
 from geca.data.imageset import DataError, ImageSet
 
 ID_COLUMNS = ("filename", "patient_id", "eye_id")
@@ -143,16 +143,7 @@ def _split_rows(table: CsvTable, split: str, folds_file: str | Path | None, fold
     if folds_file is None:
         raise DataError(f"{table.csv_path}: split '{split}' needs a folds file; only 'all' is available "
                         f"without one. Create it with `geca folds --data {table.csv_path} --out folds.csv`")
-    folds = read_folds(folds_file, table.filenames, table.patient_ids)
-    k = int(folds.max()) + 1
-    if k < 3:
-        raise DataError(f"{folds_file}: train/val/test splits need at least 3 folds, got {k}")
-    if not 0 <= fold < k:
-        raise DataError(f"{folds_file}: fold {fold} is out of range for {k} folds")
-    target = {"test": fold, "val": (fold + 1) % k}
-    if split in target:
-        return np.flatnonzero(folds == target[split])
-    return np.flatnonzero((folds != target["test"]) & (folds != target["val"]))
+    return fold_split_rows(read_folds(folds_file, table.filenames, table.patient_ids), split, fold, folds_file)
 
 
 def load_folder_csv(

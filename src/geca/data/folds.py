@@ -142,3 +142,18 @@ def read_folds(
     if empty:
         raise DataError(f"{path}: folds must be numbered 0..K-1 without gaps; fold(s) {empty} have no files")
     return folds
+
+
+def fold_split_rows(folds: np.ndarray, split: str, fold: int, folds_file: str | Path) -> np.ndarray:
+    """Rows of ``split``: ``test`` is fold ``fold``, ``val`` fold ``(fold + 1) % K``, ``train`` the rest."""
+    if split == "all":
+        return np.arange(len(folds))
+    k = int(folds.max()) + 1
+    if k < 3:
+        raise DataError(f"{folds_file}: train/val/test splits need at least 3 folds, got {k}")
+    if not 0 <= fold < k:
+        raise DataError(f"{folds_file}: fold {fold} is out of range for {k} folds")
+    target = {"test": fold, "val": (fold + 1) % k}
+    if split in target:
+        return np.flatnonzero(folds == target[split])
+    return np.flatnonzero((folds != target["test"]) & (folds != target["val"]))

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from geca.data.folder_csv import load_folder_csv
+from geca.data.folds import fold_split_rows, read_folds
 from geca.data.imageset import DataError, ImageSet
 from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz
 
@@ -80,9 +81,15 @@ def load_split(
     """Load ``split`` (train, val, test, or all where the source has it) of the dataset named by ``spec``.
 
     ``image_size`` resizes (or sets the procedural ``size``); ``folds_file`` and ``fold`` pick the splits of
-    a folder + CSV set; ``download`` fetches a known MedMNIST set that is not on disk.
+    a folder + CSV set, or of any other source with an ``all`` split (e.g. synthetic-oct); ``download`` fetches
+    a known MedMNIST set that is not on disk.
     """
     name, options = parse_spec(spec)
+    if folds_file is not None and not name.lower().endswith(".csv"):
+        _check_split(split, SPLITS, repr(spec))
+        full = load_split(spec, "all", image_size=image_size, download=download)
+        folds = read_folds(folds_file, full.ids, full.patient_ids)
+        return full.subset(fold_split_rows(folds, split, fold, folds_file))
     if not name:
         raise DataError(f"empty dataset spec {spec!r}")
     _check_split(split, SPLITS, repr(spec))

@@ -1,0 +1,50 @@
+"""Config files: every shipped preset loads; mistakes are reported with their place."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from geca.config import ConfigError, RunConfig, load_config, save_config
+from geca.models import named_model
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS + [resources.files("geca") / "configs" / "demo.yaml"], ids=str)
+def test_shipped_configs_load(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig) and cfg.model.name in ("GeCA-S", "GeCA-XS", "GeCA-T")
+
+
+def test_model_name_fills_the_named_config_and_file_keys_win(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  name: GeCA-S\n  nca_steps: 4\ntrain:\n  lr: 0.001\n")
+    cfg = load_config(p)
+    assert cfg.model.hidden_size == named_model("GeCA-S").hidden_size == 768
+    assert cfg.model.nca_steps == 4 and cfg.train.lr == 0.001
+
+
+@pytest.mark.parametrize("text, where", [
+    ("train:\n  batch_size: 3.5\n", "train.batch_size"),
+    ("train:\n  ema_warmup: 'yes'\n", "train.ema_warmup"),
+    ("model:\n  name: GeCA-Q\n", "GeCA-Q"),
+    ("data: [1, 2]\n", "data"),
+    ("- a\n- b\n", "top level"),
+    ("train: {lr: [\n", "YAML"),
+])
+def test_bad_configs_name_the_problem(tmp_path: Path, text: str, where: str) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=where):
+        load_config(p)
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    cfg = RunConfig()
+    cfg.train.max_minutes = 2.5
+    cfg.preview.sampler.steps = 7
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
