@@ -1,10 +1,11 @@
-"""Benchmark one GeCA training step (forward + backward + AdamW) for each named config.
+"""Benchmark one training step (forward + backward + AdamW) for named configs of every family, in one table.
 
-Images/s per config, precision and attention implementation, measured in one process so the ratios compare like
-with like. The reference attention (the published 9×-copy gather) is measured beside the fast default.
+Training images/s per config and precision, measured in one process so the ratios compare like with like. For
+GeCA configs the reference neighbourhood attention (the published 9×-copy gather) is measured beside the fast
+default; DiT and the UNet have no such choice (their rows show attention "-").
 
-    .venv/bin/python bench/train_step.py [--configs GeCA-T,GeCA-XS,GeCA-S] [--batch 8] [--resolution 32]
-                                         [--channels 4] [--classes 11] [--precisions fp32,bf16] [--json]
+    .venv/bin/python bench/train_step.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 8] [--resolution 32]
+                                         [--channels 4] [--classes 11] [--precisions fp32,bf16] [--device cpu] [--json]
 """
 
 from __future__ import annotations
@@ -20,59 +21,72 @@ import torch
 from geca.diffusion import DiffusionConfig, GaussianDiffusion
 from geca.models import build_model, count_parameters, named_model
 
+NO_CHOICE = "-"
+
 
 def step_time(name: str, attention: str, precision: str, batch: int, channels: int, resolution: int,
-              classes: int, repeats: int) -> float:
+              classes: int, repeats: int, device: torch.device) -> float:
     cfg = named_model(name)
-    cfg.attention = attention
+    if attention != NO_CHOICE:
+        cfg.attention = attention
     torch.manual_seed(0)
-    model = build_model(cfg, channels, classes, resolution)
+    model = build_model(cfg, channels, classes, resolution).to(device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, channels, resolution, resolution)
-    y = torch.eye(classes)[torch.randint(0, classes, (batch,))]
+    x = torch.randn(batch, channels, resolution, resolution, device=device)
+    y = torch.eye(classes, device=device)[torch.randint(0, classes, (batch,))]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def step() -> None:
-        t = torch.randint(0, 1000, (batch,))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = diffusion.training_losses(lambda xt, tt: model(xt, tt, y).output, x, t, torch.randn_like(x))
         loss["loss"].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(repeats):
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()
+    return statistics.median(timed() for _ in range(repeats))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="GeCA-T,GeCA-XS,GeCA-S", help="Comma-separated named configs.")
-    ap.add_argument("--attention", default="fast,reference", help="Attention implementations to compare.")
-    ap.add_argument("--precisions", default="fp32,bf16", help="fp32 and/or bf16 (CPU autocast).")
+    ap.add_argument("--configs", default="GeCA-T,DiT-T,LDM-T", help="Comma-separated named configs (any family).")
+    ap.add_argument("--attention", default="fast,reference", help="GeCA attention implementations to compare.")
+    ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
     ap.add_argument("--batch", type=int, default=8, help="Batch size per step.")
     ap.add_argument("--resolution", type=int, default=32, help="Grid size (32 = SD-VAE latent of 256² images).")
     ap.add_argument("--channels", type=int, default=4, help="Input channels (4 = SD-VAE latents).")
     ap.add_argument("--classes", type=int, default=11, help="Label entries.")
     ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
     ap.add_argument("--json", action="store_true", help="Print JSON only.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rows = []
     for name in args.configs.split(","):
-        params = count_parameters(build_model(named_model(name), args.channels, args.classes, args.resolution))
+        cfg = named_model(name)
+        params = count_parameters(build_model(cfg, args.channels, args.classes, args.resolution))
+        attentions = args.attention.split(",") if cfg.family == "geca" else [NO_CHOICE]
         for precision in args.precisions.split(","):
             base = None
-            for attention in args.attention.split(","):
+            for attention in attentions:
                 s = step_time(name, attention, precision, args.batch, args.channels, args.resolution,
-                              args.classes, args.repeats)
-                row = {"config": name, "parameters": params, "precision": precision, "attention": attention,
-                       "seconds_per_step": round(s, 4), "images_per_s": round(args.batch / s, 2)}
+                              args.classes, args.repeats, device)
+                row = {"config": name, "family": cfg.family, "parameters": params, "precision": precision,
+                       "attention": attention, "seconds_per_step": round(s, 4),
+                       "images_per_s": round(args.batch / s, 2)}
                 if attention == "reference":
                     base = row
                 rows.append(row)
@@ -84,14 +98,18 @@ def main() -> None:
                     if row["config"] == name and row["precision"] == precision:
                         row["speedup_vs_reference"] = round(base["seconds_per_step"] / row["seconds_per_step"], 2)
     result = {"batch": args.batch, "input": [args.channels, args.resolution, args.resolution],
-              "classes": args.classes, "threads": args.threads, "device": "cpu", "machine": platform.processor()
-              or platform.machine(), "torch": torch.__version__, "rows": rows}
-    if not args.json:
-        print(f"\n{'config':8s} {'prec':5s} {'attention':10s} {'img/s':>8s} {'× ref':>6s}")
-        for r in rows:
-            print(f"{r['config']:8s} {r['precision']:5s} {r['attention']:10s} {r['images_per_s']:8.2f} "
-                  f"{r.get('speedup_vs_reference', float('nan')):6.2f}")
-    print(json.dumps(result, indent=None if not args.json else 2))
+              "classes": args.classes, "threads": args.threads, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'prec':5s} {'attention':10s} {'img/s':>9s} {'× ref':>6s}")
+    for r in rows:
+        ref = f"{r['speedup_vs_reference']:6.2f}" if "speedup_vs_reference" in r else f"{'':6s}"
+        print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['precision']:5s} {r['attention']:10s} "
+              f"{r['images_per_s']:9.2f} {ref}")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,8 @@ def _dense_oracle(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     logits = q.flatten(2, 3) @ kp.transpose(-1, -2) / math.sqrt(d)  # (B, heads, H·W, (H+2)·(W+2))
     qi, qj = torch.meshgrid(torch.arange(1, h + 1), torch.arange(1, w + 1), indexing="ij")
     ki, kj = torch.meshgrid(torch.arange(h + 2), torch.arange(w + 2), indexing="ij")
-    near = ((qi.reshape(-1, 1) - ki.reshape(1, -1)).abs() <= 1) & (
-        (qj.reshape(-1, 1) - kj.reshape(1, -1)).abs() <= 1
-    )
+    near_rows = (qi.reshape(-1, 1) - ki.reshape(1, -1)).abs() <= 1
+    near = near_rows & ((qj.reshape(-1, 1) - kj.reshape(1, -1)).abs() <= 1)
     assert (near.sum(-1) == 9).all()
     attn = logits.masked_fill(~near, float("-inf")).softmax(-1)
     return (attn @ vp).unflatten(2, (h, w))

@@ -28,7 +28,7 @@ def trained_run(tmp_path: Path, blobs_npz: Path) -> Path:
 
 
 def test_every_command_and_flag_has_help() -> None:
-    for cmd in ("train", "sample", "grow", "models", "folds", "demo"):
+    for cmd in ("train", "sample", "grow", "models", "folds", "encode", "demo"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0
         from geca.cli import main
@@ -168,3 +168,18 @@ def test_models_json_reports_published_sizes() -> None:
     assert abs(rows["GeCA-S"]["parameters"] - 13.3e6) <= 0.05e6
     assert abs(rows["GeCA-XS"]["parameters"] - 2.26e6) <= 0.05e6
     assert rows["GeCA-S"]["input"] == [4, 32, 32] and rows["GeCA-S"]["classes"] == 11
+
+
+def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.02",
+                              "--per-class", "2", "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    for name in ("samples_per_grade.png", "growth/growth.gif", "growth/denoise.gif", "loss.png", "log.csv",
+                 "generated/labels.csv"):
+        assert (out / name).exists(), name
+        assert str(out / name) in res.output.replace("\n", "") or name.startswith("generated")
+    rerun = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.01",
+                                "--per-class", "1", "--steps", "2"])
+    assert rerun.exit_code == 0, rerun.output
+    assert len(list((out / "generated/images").iterdir())) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from geca.config import ConfigError, RunConfig, load_config, save_config
-from geca.models import named_model
+from geca.models import NAMED_MODELS, named_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -16,7 +16,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS + [resources.files("geca") / "configs" / "demo.yaml"], ids=str)
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_config(path)
-    assert isinstance(cfg, RunConfig) and cfg.model.name in ("GeCA-S", "GeCA-XS", "GeCA-T")
+    assert isinstance(cfg, RunConfig) and cfg.model.name in NAMED_MODELS
 
 
 def test_model_name_fills_the_named_config_and_file_keys_win(tmp_path: Path) -> None:

@@ -28,6 +28,12 @@ class DataConfig:
     fold: int = 0
     flip: bool = True
     download: bool = False
+    # Latent diffusion (method.md §1): a diffusers AutoencoderKL directory (or a hub id in the local HF cache);
+    # None trains in pixel space. Images are cropped/resized to latent_size; the cache defaults to RUN/latents.
+    vae: str | None = None
+    latent_size: int = 256
+    latent_mean: bool = False
+    latent_cache: str | None = None
 
 
 @dataclass
@@ -75,6 +81,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return None
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(typing.get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")

@@ -30,10 +30,11 @@ def demo(
     data: str | None = typer.Option(None, "--data", help="Dataset spec (default: retinamnist if found, else "
                                     "synthetic-fundus)."),
     per_class: int = typer.Option(8, "--per-class", help="Samples per grade in the grid."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps for the samples and the growth GIFs."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Train GeCA-T briefly, then write a sample grid per grade, a growth GIF and a loss curve."""
-    from geca.sampling.generate import write_sample_dir
+    from geca.sampling.generate import decoder, write_sample_dir
     from geca.sampling.growth import grow, write_growth
     from geca.sampling.labels import per_class_labels
     from geca.sampling.samplers import SamplerConfig
@@ -56,17 +57,18 @@ def demo(
     typer.echo(f"training GeCA-T on {data} for {cfg.train.max_minutes} min ({cfg.train.precision}) …")
     train(cfg, out)
     run = load_run(out, device=dev)
-    sc = SamplerConfig(sampler="ddim", steps=50, cfg=1.5, ghg="hidden")
+    sc = SamplerConfig(sampler="ddim", steps=steps, cfg=1.5, ghg="hidden")
     labels = per_class_labels(run.spec.num_classes, per_class)
-    typer.echo(f"sampling {len(labels)} images (DDIM 50, CFG 1.5, GHG hidden) …")
+    typer.echo(f"sampling {len(labels)} images (DDIM {steps}, CFG 1.5, GHG hidden) …")
     manifest, images = write_sample_dir(out / "generated", run, labels, sc, seed=0, batch_size=64, device=dev)
     grid_png = plot_class_grid(images, run.spec.class_names, per_class, out / "samples_per_grade.png",
                                title=f"GeCA-T, step {run.step}, {data}")
     torch.manual_seed(0)
     y = labels[-1:].to(dev)
     s = run.spec
-    paths = write_growth(grow(run.model, run.diffusion, y, (s.in_channels, s.resolution, s.resolution), sc, 500),
-                         out / "growth")
+    g = grow(run.model, run.diffusion, y, (s.in_channels, s.resolution, s.resolution), s.sampling(sc), 500,
+             decode=decoder(run, dev))
+    paths = write_growth(g, out / "growth")
     typer.echo("\ndemo outputs:")
     for name, p in [("sample grid per grade", grid_png), ("samples (geca sample format)", out / "generated"),
                     ("growth GIF (NCA steps)", paths["growth_gif"]), ("denoising GIF", paths["denoise_gif"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from geca.cli.demo import demo
+from geca.cli.encode import encode
 from geca.cli.folds import folds
 from geca.cli.models import models
 from geca.cli.sample import grow, sample
@@ -21,6 +22,7 @@ app.command("sample")(sample)
 app.command("grow")(grow)
 app.command("models")(models)
 app.command("folds")(folds)
+app.command("encode")(encode)
 app.command("demo")(demo)
 
 if __name__ == "__main__":

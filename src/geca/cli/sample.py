@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
 
 from geca.cli.common import guarded, pick_device
 from geca.config import ConfigError
+from geca.data.imageset import ImageSet
 from geca.sampling.samplers import SamplerConfig
 from geca.training.checkpoint import LoadedRun, load_run
 
@@ -16,18 +18,55 @@ SAMPLER_HELP = {
     "sampler": "ddpm (ancestral, respaced) or ddim (η=0).",
     "steps": "Reverse steps (respaced from the trained T).",
     "cfg": "Classifier-free guidance scale on ε (1 = conditional only).",
-    "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both.",
+    "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both (default: hidden for GeCA, none for "
+           "models without cell state).",
     "m": "NCA steps M per denoiser call (default: as trained; fewer = undergrowth, more = overgrowth).",
 }
 
+# Flags `geca sample` shares with `geca expand`: (default, flag names, help).
+SHARED_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
+    "sampler": ("ddpm", ("--sampler",), SAMPLER_HELP["sampler"]),
+    "steps": (250, ("--steps",), SAMPLER_HELP["steps"]),
+    "cfg": (1.5, ("--cfg",), SAMPLER_HELP["cfg"]),
+    "ghg": (None, ("--ghg",), SAMPLER_HELP["ghg"]),
+    "m": (None, ("--m", "--nca-steps"), SAMPLER_HELP["m"]),
+    "seed": (0, ("--seed",), "Sampling seed (same seed, same images)."),
+    "batch_size": (64, ("--batch-size",), "Images per sampling batch."),
+    "checkpoint": (None, ("--checkpoint",), "latest (default), a step, or a directory."),
+    "weights": ("ema", ("--weights",), "ema (default) or model (raw) weights."),
+    "device": ("auto", ("--device",), "auto, cpu or cuda[:N]."),
+    "overwrite": (False, ("--overwrite",), "Replace a non-empty --out once sampling is done."),
+    "progress": (True, ("--progress/--no-progress",), "Show progress bars."),
+}
 
-def sampler_config(run: LoadedRun, sampler: str, steps: int, cfg: float, ghg: str, m: int | None) -> SamplerConfig:
+
+def shared_option(name: str) -> Any:
+    """A fresh typer.Option for a flag of :data:`SHARED_OPTIONS` (typer wants one object per signature)."""
+    default, flags, help_text = SHARED_OPTIONS[name]
+    return typer.Option(default, *flags, help=help_text)
+
+
+def sampler_config(run: LoadedRun, sampler: str, steps: int, cfg: float, ghg: str | None,
+                   m: int | None) -> SamplerConfig:
+    if ghg is None:
+        ghg = "hidden" if run.model.has_cell_state else "none"
     if not run.model.has_cell_state and ghg != "none":
         raise ConfigError(f"--ghg {ghg} needs a cellular model; {run.spec.model.name} has no cell state "
                           "(use --ghg none)")
     sc = SamplerConfig(sampler=sampler, steps=steps, cfg=cfg, ghg=ghg, nca_steps=m)
     sc.validate()
     return sc
+
+
+def run_split(run: LoadedRun, spec: str, split: str, folds_file: str | None, fold: int) -> ImageSet:
+    """A split of dataset ``spec`` (at the run's image size) whose classes must be the run's."""
+    from geca.data import load_split
+
+    images = load_split(spec, split, image_size=run.spec.data.image_size, folds_file=folds_file, fold=fold)
+    if images.class_names != run.spec.class_names:
+        raise ConfigError(f"{spec}:{split} has classes {images.class_names}, the run was trained on "
+                          f"{run.spec.class_names}")
+    return images
 
 
 def resolve_class(name_or_index: str, class_names: list[str]) -> int:
@@ -47,21 +86,20 @@ def sample(
     labels_from: str | None = typer.Option(None, "--labels-from", help="Replicate the label vectors of this "
                                            "split of the run's dataset: train, val or test."),
     ratio: int = typer.Option(1, "--ratio", help="With --labels-from: each label vector exactly this many times."),
-    sampler: str = typer.Option("ddpm", "--sampler", help=SAMPLER_HELP["sampler"]),
-    steps: int = typer.Option(250, "--steps", help=SAMPLER_HELP["steps"]),
-    cfg: float = typer.Option(1.5, "--cfg", help=SAMPLER_HELP["cfg"]),
-    ghg: str = typer.Option("hidden", "--ghg", help=SAMPLER_HELP["ghg"]),
-    m: int | None = typer.Option(None, "--m", "--nca-steps", help=SAMPLER_HELP["m"]),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (same seed, same images)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per sampling batch."),
-    checkpoint: str | None = typer.Option(None, "--checkpoint", help="latest (default), a step, or a directory."),
-    weights: str = typer.Option("ema", "--weights", help="ema (default) or model (raw) weights."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out once sampling is done."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    sampler: str = shared_option("sampler"),
+    steps: int = shared_option("steps"),
+    cfg: float = shared_option("cfg"),
+    ghg: str | None = shared_option("ghg"),
+    m: int | None = shared_option("m"),
+    seed: int = shared_option("seed"),
+    batch_size: int = shared_option("batch_size"),
+    checkpoint: str | None = shared_option("checkpoint"),
+    weights: str = shared_option("weights"),
+    device: str = shared_option("device"),
+    overwrite: bool = shared_option("overwrite"),
+    progress: bool = shared_option("progress"),
 ) -> None:
     """Sample labelled images from a trained run."""
-    from geca.data import load_split
     from geca.sampling.generate import write_sample_dir
     from geca.sampling.labels import per_class_labels, replicate_labels
 
@@ -77,10 +115,7 @@ def sample(
         source = {"labels": f"per-class {per_class}"}
     else:
         d = loaded.spec.data
-        split = load_split(d.spec, labels_from, image_size=d.image_size, folds_file=d.folds_file, fold=d.fold)
-        if split.class_names != loaded.spec.class_names:
-            raise ConfigError(f"{d.spec}:{labels_from} has classes {split.class_names}, the run was trained on "
-                              f"{loaded.spec.class_names}")
+        split = run_split(loaded, d.spec, labels_from, d.folds_file, d.fold)
         labels = replicate_labels(split.labels, ratio)
         source = {"labels": f"{d.spec}:{labels_from} x{ratio}"}
     manifest, _ = write_sample_dir(out, loaded, labels, sc, seed, batch_size, dev, source, overwrite, progress)
@@ -96,7 +131,7 @@ def grow(
     sampler: str = typer.Option("ddim", "--sampler", help=SAMPLER_HELP["sampler"]),
     steps: int = typer.Option(50, "--steps", help=SAMPLER_HELP["steps"]),
     cfg: float = typer.Option(1.5, "--cfg", help=SAMPLER_HELP["cfg"]),
-    ghg: str = typer.Option("hidden", "--ghg", help=SAMPLER_HELP["ghg"]),
+    ghg: str | None = shared_option("ghg"),
     m: int | None = typer.Option(None, "--m", "--nca-steps", help=SAMPLER_HELP["m"]),
     frames: int = typer.Option(25, "--frames", help="Frames of the denoising trajectory."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -104,6 +139,7 @@ def grow(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Show one organism growing from its seed cell, and its denoising trajectory over t."""
+    from geca.sampling.generate import decoder
     from geca.sampling.growth import grow as run_growth
     from geca.sampling.growth import write_growth
 
@@ -117,7 +153,8 @@ def grow(
     y[0, cls] = 1
     torch.manual_seed(seed)
     s = loaded.spec
-    g = run_growth(loaded.model, loaded.diffusion, y, (s.in_channels, s.resolution, s.resolution), sc, at_t, frames)
+    g = run_growth(loaded.model, loaded.diffusion, y, (s.in_channels, s.resolution, s.resolution), s.sampling(sc),
+                   at_t, frames, decoder(loaded, dev))
     paths = write_growth(g, out)
     typer.echo(f"organism of class {s.class_names[cls]!r}, M updates shown at t={g.nca_t}:")
     for p in paths.values():

@@ -8,14 +8,15 @@ import typer
 
 from geca.cli.common import guarded
 from geca.config import RunConfig, load_config
-from geca.models.config import named_model
+from geca.models.config import NAMED_MODELS, named_model
 
 
 def apply_overrides(cfg: RunConfig, **overrides: object) -> RunConfig:
     """CLI flags win over the YAML file; None means "not given"."""
     targets = {
         "data": (cfg.data, "spec"), "image_size": (cfg.data, "image_size"), "folds_file": (cfg.data, "folds_file"),
-        "fold": (cfg.data, "fold"), "download": (cfg.data, "download"),
+        "fold": (cfg.data, "fold"), "download": (cfg.data, "download"), "vae": (cfg.data, "vae"),
+        "latent_size": (cfg.data, "latent_size"),
         "max_steps": (cfg.train, "max_steps"), "max_minutes": (cfg.train, "max_minutes"),
         "batch_size": (cfg.train, "batch_size"), "lr": (cfg.train, "lr"), "seed": (cfg.train, "seed"),
         "precision": (cfg.train, "precision"), "ema_decay": (cfg.train, "ema_decay"),
@@ -37,11 +38,16 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run directory to create (or continue with --resume)."),
     data: str | None = typer.Option(None, "--data", help="Dataset: an .npz/.csv path, a MedMNIST name "
                                     "(retinamnist), or synthetic-fundus / synthetic-oct[@key=value,...]."),
-    model: str | None = typer.Option(None, "--model", help="Named model config: GeCA-S, GeCA-XS or GeCA-T "
-                                     "(replaces the config file's model section)."),
+    model: str | None = typer.Option(None, "--model", help="Named model config: " + ", ".join(NAMED_MODELS)
+                                     + " (replaces the config file's model section)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Resize images to this size."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds` (folder+CSV)."),
     fold: int | None = typer.Option(None, "--fold", help="Which fold is the test fold (train = other folds)."),
+    vae: str | None = typer.Option(None, "--vae", help="Train on the latents of this diffusers AutoencoderKL (a "
+                                   "local directory, e.g. sd-vae-ft-ema, or a hub id in the local HF cache); "
+                                   "default: pixel space."),
+    latent_size: int | None = typer.Option(None, "--latent-size", help="With --vae: centre-crop and resize "
+                                           "images to this size before encoding (default 256)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop after this much training time."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (split over processes)."),
@@ -73,7 +79,8 @@ def train(
     if model is not None:
         cfg.model = named_model(model)
     cfg = apply_overrides(cfg, data=data, image_size=image_size, folds_file=folds_file, fold=fold,
-                          download=download, max_steps=max_steps, max_minutes=max_minutes, batch_size=batch_size,
+                          vae=vae, latent_size=latent_size, download=download, max_steps=max_steps,
+                          max_minutes=max_minutes, batch_size=batch_size,
                           lr=lr, seed=seed, precision=precision, ema_decay=ema_decay, log_every=log_every,
                           sample_every=sample_every, checkpoint_every=checkpoint_every, nca_steps=nca_steps,
                           attention=attention, compile=compile, checkpointing=checkpointing)

@@ -103,6 +103,7 @@ class NeighbourhoodAttentionFunction(torch.autograd.Function):
         for n, (kn, grad_kn) in enumerate(zip(_shifted(_pad(k)), _shifted(grad_kp), strict=True)):
             grad_q.addcmul_(kn, grad_logits[..., n, None])
             grad_kn.addcmul_(q, grad_logits[..., n, None])
+        del kn  # the loop's last view would keep the padded K alive
         grad_vp = _padded_zeros(v, acc)
         for n, grad_vn in enumerate(_shifted(grad_vp)):
             grad_vn.addcmul_(grad_out, attn[..., n, None])

@@ -7,6 +7,7 @@ import io
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import geca
+from geca.latent.codec import LatentCodec
 from geca.sampling.samplers import SamplerConfig, sample
 from geca.training.checkpoint import LoadedRun, file_sha256
 from geca.training.trainer import step_seed
@@ -25,15 +27,34 @@ from geca.utils.io import atomic_write_json, atomic_write_text, replace_dir
 
 def generate_images(run: LoadedRun, labels: torch.Tensor, cfg: SamplerConfig, seed: int, batch_size: int,
                     device: torch.device, progress: bool = True) -> np.ndarray:
-    """Sample one uint8 image per label vector; batch b draws from seed (seed, b), so results repeat exactly."""
+    """Sample one uint8 image per label vector; batch b draws from seed (seed, b), so results repeat exactly.
+
+    A latent run's samples are decoded by the VAE it was trained with (at its image size, not the latent size).
+    """
     spec = run.spec
+    cfg = spec.sampling(cfg)
     shape = (spec.in_channels, spec.resolution, spec.resolution)
+    decode = decoder(run, device, batch_size)
     out = []
     batches = list(torch.split(labels, batch_size))
     for b, y in enumerate(tqdm(batches, desc="batches", disable=not progress)):
         torch.manual_seed(step_seed(seed, b, 0))
-        out.append(to_uint8(sample(run.model, run.diffusion, y.to(device), shape, cfg, progress=progress)))
-    return np.concatenate(out) if out else np.zeros((0, spec.resolution, spec.resolution, spec.in_channels), np.uint8)
+        x = sample(run.model, run.diffusion, y.to(device), shape, cfg, progress=progress)
+        out.append(decode(x))
+    if out:
+        return np.concatenate(out)
+    size, channels = (spec.resolution, spec.in_channels) if spec.latent is None else (
+        spec.latent.image_size, spec.latent.image_channels)
+    return np.zeros((0, size, size, channels), np.uint8)
+
+
+def decoder(run: LoadedRun, device: torch.device, batch_size: int = 16) -> Callable[[torch.Tensor], np.ndarray]:
+    """Model-space tensors → uint8 images: the run's VAE for latent runs, a rescale for pixel runs."""
+    latent = run.spec.latent
+    if latent is None:
+        return to_uint8
+    codec = LatentCodec.for_spec(latent, device, batch_size)
+    return lambda x: codec.decode(x, latent.image_channels)
 
 
 def labels_csv(filenames: list[str], labels: np.ndarray, class_names: list[str]) -> str:
@@ -53,6 +74,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, cfg: Sampl
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = run.spec.sampling(cfg)  # so that the manifest records what sampling used
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         t0 = time.time()
@@ -77,6 +99,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, cfg: Sampl
             "num_images": len(images),
             "class_names": run.spec.class_names,
             "multilabel": run.spec.multilabel,
+            "latent": None if run.spec.latent is None else asdict(run.spec.latent),
             "seconds": round(time.time() - t0, 2),
             "device": str(device),
             "geca_version": geca.__version__,

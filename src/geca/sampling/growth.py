@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +28,21 @@ class Growth:
     trajectory_t: list[int]
 
 
-def _normalise(eps: torch.Tensor) -> torch.Tensor:
-    """Map an ε map to [-1, 1] per image for display (ε is ~N(0,1), so ±3σ fills the range)."""
-    return (eps / 3).clamp(-1, 1)
+Decoder = Callable[[torch.Tensor], np.ndarray]
+
+
+def _show_eps(eps: torch.Tensor) -> np.ndarray:
+    """ε is ~N(0,1): ±3σ fills the display range; latent ε shows its first three channels."""
+    return to_uint8((eps[:, :3] / 3).clamp(-1, 1))
 
 
 @torch.no_grad()
 def grow(model: Denoiser, diffusion: GaussianDiffusion, label: torch.Tensor, shape: tuple[int, int, int],
-         cfg: SamplerConfig, at_t: int, frames: int = 25) -> Growth:
-    """Sample one image (label (1, K)); record the trajectory, then replay the M updates at the step nearest `at_t`."""
+         cfg: SamplerConfig, at_t: int, frames: int = 25, decode: Decoder = to_uint8) -> Growth:
+    """Sample one image (label (1, K)); record the trajectory, then replay the M updates at the step nearest `at_t`.
+
+    `decode` turns model-space tensors into uint8 images (a VAE decoder for latent runs).
+    """
     if not model.has_cell_state:
         raise ValueError("growth needs a cellular model (GeCA); this denoiser has no cell state")
     spaced = diffusion.respaced(cfg.steps)
@@ -55,28 +62,37 @@ def grow(model: Denoiser, diffusion: GaussianDiffusion, label: torch.Tensor, sha
     eps_frames, x0_frames = [], []
     for state in model.grow(xt, t, label, carry=carry, steps=cfg.nca_steps):
         eps = state.out.permute(0, 3, 1, 2)[:, : model.in_channels]
-        eps_frames.append(_normalise(eps))
-        x0_frames.append(spaced.predict_x0(xt, torch.tensor([pick], device=xt.device), eps).clamp(-1, 1))
+        eps_frames.append(eps)
+        x0 = spaced.predict_x0(xt, torch.tensor([pick], device=xt.device), eps)
+        x0_frames.append(x0.clamp(-1, 1) if cfg.clip_x0 else x0)
     keep_idx = np.unique(np.linspace(0, len(order) - 1, min(frames, len(order))).round().astype(int))
     chosen = [order[i] for i in keep_idx]
     return Growth(
-        nca_eps=to_uint8(torch.cat(eps_frames)),
-        nca_x0=to_uint8(torch.cat(x0_frames)),
+        nca_eps=_show_eps(torch.cat(eps_frames)),
+        nca_x0=decode(torch.cat(x0_frames)),
         nca_t=spaced.timestep_map[pick],
-        trajectory_xt=to_uint8(torch.cat([record[i][0] for i in chosen])),
-        trajectory_x0=to_uint8(torch.cat([record[i][1] for i in chosen])),
+        trajectory_xt=decode(torch.cat([record[i][0] for i in chosen])),
+        trajectory_x0=decode(torch.cat([record[i][1] for i in chosen])),
         trajectory_t=[spaced.timestep_map[i] for i in chosen],
     )
 
 
-def _upscale(frames: np.ndarray, min_size: int = 128) -> np.ndarray:
-    k = max(1, -(-min_size // frames.shape[1]))
-    return frames.repeat(k, axis=1).repeat(k, axis=2)
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-neighbour resize so small grids stay crisp and latent-size ε frames match decoded images."""
+    t = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="nearest").to(torch.uint8).permute(
+        0, 2, 3, 1).numpy()
+
+
+def _common(top: np.ndarray, bottom: np.ndarray, min_size: int) -> tuple[np.ndarray, np.ndarray]:
+    size = max(min_size, top.shape[1], bottom.shape[1])
+    channels = max(top.shape[-1], bottom.shape[-1])
+    return tuple(np.repeat(_resize(f, size), channels // f.shape[-1], axis=-1) for f in (top, bottom))
 
 
 def write_gif(top: np.ndarray, bottom: np.ndarray, path: Path, ms_per_frame: int = 200) -> None:
     """Each frame shows `top[i]` above `bottom[i]`; the last frame is held longer."""
-    pair = np.concatenate([_upscale(top), _upscale(bottom)], axis=1)
+    pair = np.concatenate(_common(top, bottom, 128), axis=1)
     images = [pil_image(f).convert("RGB") for f in pair]
     durations = [ms_per_frame] * (len(images) - 1) + [ms_per_frame * 8]
     atomic_write(Path(path), lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
@@ -85,7 +101,7 @@ def write_gif(top: np.ndarray, bottom: np.ndarray, path: Path, ms_per_frame: int
 
 def write_strip(top: np.ndarray, bottom: np.ndarray, path: Path) -> None:
     """Two rows (top, bottom), one column per frame."""
-    strip = grid(np.concatenate([_upscale(top, 64), _upscale(bottom, 64)]), nrow=len(top))
+    strip = grid(np.concatenate(_common(top, bottom, 64)), nrow=len(top))
     atomic_write(Path(path), lambda p: pil_image(strip).save(p, format="PNG"))
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from geca.config import ConfigError, DataConfig, from_dict
 from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
 from geca.models.config import ModelConfig, build_model
+from geca.sampling.samplers import SamplerConfig
 from geca.utils.io import atomic_write_json
 
 
@@ -38,12 +40,17 @@ class ModelSpec:
     resolution: int
     class_names: list[str]
     multilabel: bool
+    latent: LatentSpec | None = None  # set when the denoiser works on VAE latents (in_channels/resolution are theirs)
 
     def build(self) -> Denoiser:
         return build_model(self.model, self.in_channels, self.num_classes, self.resolution)
 
     def diffusion_process(self) -> GaussianDiffusion:
         return GaussianDiffusion.from_config(self.diffusion)
+
+    def sampling(self, cfg: SamplerConfig) -> SamplerConfig:
+        """Latent runs sample with unclipped x0, as DiT does: latents have no [-1, 1] range to clip to."""
+        return cfg if self.latent is None else replace(cfg, clip_x0=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

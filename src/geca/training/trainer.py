@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from geca.config import ConfigError, RunConfig, save_config
 from geca.data import load_split
 from geca.data.imageset import ImageSet
 from geca.diffusion.gaussian import GaussianDiffusion
+from geca.latent.cache import LatentSet, ensure_latents
+from geca.latent.codec import LatentCodec
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
 from geca.training.checkpoint import (
@@ -80,15 +84,66 @@ def _precision(cfg: RunConfig) -> str:
 
 
 def _preview(ema_model: torch.nn.Module, diffusion: GaussianDiffusion, spec: ModelSpec, cfg: RunConfig,
-             path: Path, device: torch.device) -> None:
+             path: Path, device: torch.device, to_images: Callable[[torch.Tensor], np.ndarray]) -> None:
     classes = list(range(min(spec.num_classes, cfg.preview.max_classes)))
     labels = per_class_labels(spec.num_classes, cfg.preview.per_class, classes).to(device)
     rng = torch.get_rng_state()
     torch.manual_seed(cfg.train.seed)
     x = sample(ema_model, diffusion, labels, (spec.in_channels, spec.resolution, spec.resolution),
-               cfg.preview.sampler)
+               spec.sampling(cfg.preview.sampler))
     torch.set_rng_state(rng)
-    save_png(grid(to_uint8(x), nrow=cfg.preview.per_class, upscale=max(1, 64 // spec.resolution)), path)
+    images = to_images(x)
+    save_png(grid(images, nrow=cfg.preview.per_class, upscale=max(1, 64 // images.shape[1])), path)
+
+
+def _latents(cfg: RunConfig, data: ImageSet, run_dir: Path, accelerator: Accelerator,
+             codec: Callable[[], LatentCodec], progress: bool) -> LatentSet:
+    """The main process builds (or reuses) the latent cache of the training split; the others read it after."""
+    cache = Path(cfg.data.latent_cache).expanduser() if cfg.data.latent_cache else run_dir / "latents"
+    kwargs: dict[str, Any] = dict(size=cfg.data.latent_size, mean=cfg.data.latent_mean, get_codec=codec)
+    result = None
+    if accelerator.is_main_process:
+        result, status = ensure_latents(cfg.data.vae, data, "train", cache, progress=progress, **kwargs)
+        tqdm.write(f"latents of the training images: {status} ({cache / 'train'})")
+    accelerator.wait_for_everyone()
+    if result is None:
+        result, _ = ensure_latents(cfg.data.vae, data, "train", cache, build=False, **kwargs)
+    return result
+
+
+class LossWindow:
+    """Loss terms averaged over the steps since the last log row."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.started = time.time()
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
+        for k in ("loss", "mse", "vb"):
+            if k in terms:
+                self.sums[k] = self.sums.get(k, 0.0) + terms[k].mean().item()
+
+    def row(self, step: int, batch_size: int, epoch: float, lr: float, elapsed_s: float) -> dict[str, object]:
+        ips = self.steps * batch_size / max(time.time() - self.started, 1e-9)
+        row: dict[str, object] = {"step": step, "epoch": f"{epoch:.3f}", "lr": lr, "images_per_s": f"{ips:.2f}",
+                                  "elapsed_min": f"{elapsed_s / 60:.3f}"}
+        row.update({k: f"{v / self.steps:.6g}" for k, v in self.sums.items()})
+        self.reset()
+        return row
+
+
+def _append_log(log_path: Path, row: dict[str, object]) -> None:
+    new = not log_path.exists()
+    with open(log_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, LOG_FIELDS, restval="")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def _rewrite_log(log_path: Path, upto_step: int) -> None:
@@ -125,10 +180,20 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
     data = train_set if train_set is not None else load_split(
         cfg.data.spec, "train", image_size=cfg.data.image_size, folds_file=cfg.data.folds_file,
         fold=cfg.data.fold, download=cfg.data.download and main)
-    images, labels = data.tensors()
-    spec = ModelSpec(model=cfg.model, diffusion=cfg.diffusion, data=cfg.data, in_channels=data.channels,
-                     num_classes=data.num_classes, resolution=data.resolution, class_names=data.class_names,
-                     multilabel=data.multilabel)
+    codec = functools.cache(lambda: LatentCodec.load(cfg.data.vae, cfg.data.latent_size, accelerator.device))
+    latent = _latents(cfg, data, run_dir, accelerator, codec, progress) if cfg.data.vae else None
+    if latent is None:
+        (images, labels), flipped = data.tensors(), None
+        to_images: Callable[[torch.Tensor], np.ndarray] = to_uint8
+    else:
+        images, flipped, labels = latent.latents, latent.flipped.to(accelerator.device), latent.labels
+
+        def to_images(x: torch.Tensor) -> np.ndarray:
+            return codec().decode(x, latent.spec.image_channels)
+
+    spec = ModelSpec(model=cfg.model, diffusion=cfg.diffusion, data=cfg.data, in_channels=images.shape[1],
+                     num_classes=data.num_classes, resolution=images.shape[-1], class_names=data.class_names,
+                     multilabel=data.multilabel, latent=None if latent is None else latent.spec)
     if resume and read_spec(run_dir).to_dict() != spec.to_dict():
         raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data changed); "
                               "resume needs the same setup")
@@ -169,8 +234,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
 
     t_start = time.time()
     budget_s = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60 - state["elapsed_s"]
-    window: dict[str, float] = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
-    t_window = time.time()
+    window = LossWindow()
+
+    def log_row() -> None:
+        row = window.row(step, cfg.train.batch_size, state["images_seen"] / len(data), cfg.train.lr,
+                         state["elapsed_s"] + time.time() - t_start)
+        bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
+        if main:
+            _append_log(log_path, row)
+
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not (progress and main),
                dynamic_ncols=True)
     model.train()
@@ -184,7 +256,9 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         x0, y = images[idx], labels[idx]
         if cfg.data.flip:
             flip = torch.rand(local_batch, device=device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            # latents: the cached encoding of the mirrored image (a mirrored latent is not one)
+            mirrored = x0.flip(-1) if flipped is None else flipped[idx]
+            x0 = torch.where(flip[:, None, None, None], mirrored, x0)
         t = torch.randint(0, diffusion.num_timesteps, (local_batch,), device=device)
         noise = torch.randn_like(x0)
         with accelerator.autocast():
@@ -203,39 +277,25 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         ema.update(accelerator.unwrap_model(model), step)
         step += 1
         state["images_seen"] += cfg.train.batch_size
-        window["n"] += 1
-        for k in ("loss", "mse", "vb"):
-            if k in terms:
-                window[k] += terms[k].mean().item()
+        window.add(terms)
         bar.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            ips = window["n"] * cfg.train.batch_size / max(time.time() - t_window, 1e-9)
-            row = {"step": step, "epoch": f"{state['images_seen'] / len(data):.3f}",
-                   "loss": f"{window['loss'] / window['n']:.6g}", "mse": f"{window['mse'] / window['n']:.6g}",
-                   "vb": f"{window['vb'] / window['n']:.6g}" if "vb" in terms else "",
-                   "lr": cfg.train.lr, "images_per_s": f"{ips:.2f}",
-                   "elapsed_min": f"{(state['elapsed_s'] + time.time() - t_start) / 60:.3f}"}
-            bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
-            if main:
-                new = not log_path.exists()
-                with open(log_path, "a", newline="") as f:
-                    writer = csv.DictWriter(f, LOG_FIELDS)
-                    if new:
-                        writer.writeheader()
-                    writer.writerow(row)
-            window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "n": 0}
-            t_window = time.time()
+        if step % cfg.train.log_every == 0:
+            log_row()
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             checkpoint()
         if main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
+            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device,
+                     to_images)
+    if window.steps:
+        log_row()
     bar.close()
     if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every:
         checkpoint()
     checksum = _parameters_identical(accelerator, model) if world > 1 else None
     if main:
         if cfg.train.sample_every and step % cfg.train.sample_every:
-            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device)
+            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device,
+                     to_images)
         plot_loss_curve(log_path, run_dir / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()

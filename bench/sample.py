@@ -1,0 +1,98 @@
+"""Benchmark sampling: seconds per image for named configs of every family, DDPM 250 and DDIM 50 steps.
+
+Each setting samples one batch through `geca.sampling.samplers.sample` (the path `geca sample` takes) with
+classifier-free guidance 1.5, so every step is one doubled-batch denoiser call; GeCA uses Gene Heredity Guidance
+(hidden), the baselines none. Weights are freshly initialised (speed does not depend on them). GMACs per denoiser
+call are counted on a batch of 1 (attention's score and value products not counted, as `geca models` does).
+
+    .venv/bin/python bench/sample.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 4] [--resolution 32] [--channels 4]
+                                     [--classes 11] [--device cpu] [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from geca.diffusion import DiffusionConfig, GaussianDiffusion
+from geca.models import build_model, count_parameters, named_model
+from geca.models.config import count_macs
+from geca.sampling.labels import per_class_labels
+from geca.sampling.samplers import SamplerConfig, sample
+
+SETTINGS = (("ddpm", 250), ("ddim", 50))
+
+
+def sampling_seconds(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: SamplerConfig, batch: int,
+                     shape: tuple[int, int, int], classes: int, device: torch.device) -> float:
+    labels = per_class_labels(classes, batch // classes + 1)[:batch].to(device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    sample(model, diffusion, labels, shape, cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="GeCA-T,DiT-T,LDM-T", help="Comma-separated named configs (any family).")
+    ap.add_argument("--batch", type=int, default=4, help="Images sampled together.")
+    ap.add_argument("--resolution", type=int, default=32, help="Grid size (32 = SD-VAE latent of 256² images).")
+    ap.add_argument("--channels", type=int, default=4, help="Input channels (4 = SD-VAE latents).")
+    ap.add_argument("--classes", type=int, default=11, help="Label entries.")
+    ap.add_argument("--cfg", type=float, default=1.5, help="Classifier-free guidance scale.")
+    ap.add_argument("--quick", action="store_true", help="Smoke run: 5 DDPM and 2 DDIM steps instead of 250/50.")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
+    ap.add_argument("--json", action="store_true", help="Print JSON only.")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    shape = (args.channels, args.resolution, args.resolution)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+    settings = (("ddpm", 5), ("ddim", 2)) if args.quick else SETTINGS
+    rows = []
+    for name in args.configs.split(","):
+        cfg = named_model(name)
+        torch.manual_seed(0)
+        model = build_model(cfg, args.channels, args.classes, args.resolution).to(device).eval()
+        gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
+        ghg = "hidden" if model.has_cell_state else "none"
+        # One untimed step first, so that one-off setup (allocator, kernels) is not billed to the first setting.
+        sampling_seconds(model, diffusion, SamplerConfig(steps=1, cfg=args.cfg, ghg=ghg), args.batch, shape,
+                         args.classes, device)
+        for sampler, steps in settings:
+            sc = SamplerConfig(sampler=sampler, steps=steps, cfg=args.cfg, ghg=ghg)
+            s = sampling_seconds(model, diffusion, sc, args.batch, shape, args.classes, device)
+            calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
+            row = {"config": name, "family": cfg.family, "parameters": count_parameters(model),
+                   "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps, "ghg": ghg,
+                   "seconds_per_image": round(s / args.batch, 4),
+                   "gmacs_per_image": round(gmacs * calls, 3)}
+            rows.append(row)
+            if not args.json:
+                print(f"{name:8s} {sampler:4s} {steps:4d} steps {s / args.batch:9.3f} s/image", flush=True)
+    result = {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
+              "threads": args.threads, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':8s} {'s/image':>9s} "
+          f"{'GMAC/image':>10s}")
+    for r in rows:
+        print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['gmacs_per_call']:9.3f} "
+              f"{r['sampler'] + ' ' + str(r['steps']):8s} {r['seconds_per_image']:9.3f} {r['gmacs_per_image']:10.4g}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`geca encode`: cache the SD-VAE latents of a dataset's splits (and of their mirror images)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import typer
+
+from geca.cli.common import guarded, pick_device
+from geca.config import ConfigError
+
+
+@guarded
+def encode(
+    vae: str = typer.Option(..., "--vae", help="diffusers AutoencoderKL: a local directory (e.g. sd-vae-ft-ema) or "
+                            "a hub id already in the local Hugging Face cache."),
+    data: str = typer.Option(..., "--data", help="Dataset: an .npz/.csv path, a MedMNIST name, or "
+                             "synthetic-fundus / synthetic-oct[@key=value,...]."),
+    out: Path = typer.Option(..., "--out", help="Cache directory (one subdirectory per split)."),
+    size: int = typer.Option(256, "--size", help="Centre-crop and resize images to this side before encoding."),
+    mean: bool = typer.Option(False, "--mean", help="Cache the posterior means instead of posterior samples."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per VAE forward pass."),
+    splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to encode."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Resize at load time, as `geca train "
+                                          "--image-size` does (so that training finds this cache)."),
+    folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds`."),
+    fold: int = typer.Option(0, "--fold", help="With --folds-file: which fold is the test fold."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Encode images to scaled VAE latents and cache them; reused while data, VAE and settings are unchanged."""
+    from geca.data import load_split
+    from geca.latent.cache import ensure_latents
+    from geca.latent.codec import LatentCodec
+
+    names = [s.strip() for s in splits.split(",") if s.strip()]
+    if not names:
+        raise ConfigError("--splits is empty; give e.g. train,val,test")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    dev = pick_device(device)
+    codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
+    for split in names:
+        images = load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold)
+        latents, status = ensure_latents(vae, images, split, out, size=size, mean=mean, get_codec=codec,
+                                         progress=progress)
+        shape = "×".join(str(n) for n in latents.latents.shape[1:])
+        typer.echo(f"{split}: {status}: {len(latents.latents)} latents of {shape} (+ mirrored) in {out / split}")

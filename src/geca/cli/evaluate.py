@@ -1,0 +1,92 @@
+"""`geca evaluate` and `geca features train`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geca.cli.common import guarded, pick_device
+
+features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
+                           add_completion=False, pretty_exceptions_enable=False)
+
+
+@guarded
+def evaluate(
+    generated: list[str] = typer.Option(..., "--generated", help="A `geca sample` directory, or NAME=DIR to name "
+                                        "its table row; repeat it, or list more directories after it."),
+    more: list[str] | None = typer.Argument(None, metavar="[DIR]...", help="More generated directories "
+                                            "(so that `--generated A B` works)."),
+    real: str = typer.Option(..., "--real", help="Real images to compare with, SPEC:SPLIT (e.g. retinamnist:test); "
+                             "split at the last colon."),
+    train: str = typer.Option(..., "--train", help="The generator's training split, SPEC:train (for FLD/GG, and "
+                              "to train domain features)."),
+    features: str = typer.Option("domain", "--features", help="Feature network: domain (offline default), "
+                                 "inception (FID Inception-v3), dinov2 (ViT-B/14, the paper's FLD features) or "
+                                 "random (tests only)."),
+    features_file: str | None = typer.Option(None, "--features-file", help="Weights of the feature network: "
+                                             "domain: a `geca features train` file (default: train one on --train "
+                                             "and cache it under $GECA_CACHE_DIR or ~/.cache/geca/features); "
+                                             "inception: weights-inception-2015-12-05-6726825d.pth; dinov2: "
+                                             "dinov2_vitb14_pretrain.pth or timm's model.safetensors (default "
+                                             "for both: that file in $GECA_WEIGHTS_DIR)."),
+    protocol: str = typer.Option("paper", "--protocol", help="paper: KID subsets of n_generated//4, LPIPS over "
+                                 "the n−1 consecutive pairs of a shuffle (GeCA's Table 1); standard: KID subsets "
+                                 "of min(1000, n_real, n_generated), LPIPS over 2,000 random distinct pairs."),
+    out: Path = typer.Option(..., "--out", help="Metrics JSON to write; grids PNGs are written beside it."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every random choice (subsets, pairs, FLD splits)."),
+    lpips: bool = typer.Option(True, "--lpips/--no-lpips", help="Compute LPIPS diversity (needs AlexNet weights)."),
+    lpips_weights: str | None = typer.Option(None, "--lpips-weights", help="torchvision AlexNet weights "
+                                             "alexnet-owt-7be5be79.pth (default: in $GECA_WEIGHTS_DIR); 'random' "
+                                             "for a seeded random backbone (tests only)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Images per feature-network batch."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Score generated sets against real data: KID, LPIPS diversity, FLD and the generalization gap (GG)."""
+    from rich.console import Console
+
+    from geca.metrics.evaluate import EvalSettings, parse_generated, run_evaluation
+    from geca.metrics.report import comparison_table, per_class_table
+
+    settings = EvalSettings(
+        generated=[parse_generated(a) for a in [*generated, *(more or [])]], real=real, train=train,
+        features=features, features_file=features_file, protocol=protocol, seed=seed, lpips=lpips,
+        lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress)
+    report = run_evaluation(settings, out, log=typer.echo)
+    console = Console()
+    console.print(comparison_table(report))
+    table = per_class_table(report)
+    if table is not None:
+        console.print(table)
+    typer.echo(f"wrote {out} and {len(report['results'])} grid(s) beside it in {report['seconds']} s")
+
+
+@features_app.command("train")
+@guarded
+def features_train(
+    data: str = typer.Option(..., "--data", help="Dataset spec (an .npz/.csv path, a MedMNIST name or "
+                             "synthetic-fundus / synthetic-oct[@key=value,...])."),
+    out: Path = typer.Option(..., "--out", help="Weights file to write (.safetensors)."),
+    split: str = typer.Option("train", "--split", help="Split to train on (never the test split you evaluate on)."),
+    image_size: int | None = typer.Option(None, "--image-size", help="Resize images to this size (use the size "
+                                          "of the generated images)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and batch order."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (default 15)."),
+) -> None:
+    """Train the `domain` feature network: a small classifier whose penultimate layer gives the features."""
+    from geca.data import load_split
+    from geca.data.imageset import DataError
+    from geca.metrics.domain import TRAINING, save_domain_net, train_domain_net
+
+    train_set = load_split(data, split, image_size=image_size)
+    try:
+        val = load_split(data, "val", image_size=image_size) if split != "val" else None
+    except DataError:
+        val = None  # sources without a val split are fine; the accuracy check is only a sanity line
+    net = train_domain_net(train_set, seed=seed, epochs=epochs or TRAINING["epochs"], val=val,
+                           source=f"{data}:{split}")
+    save_domain_net(net, out)
+    acc = "" if net.meta.val_accuracy is None else f"; val accuracy {net.meta.val_accuracy:.3f}"
+    typer.echo(f"trained domain features on {data}:{split} ({len(train_set)} images{acc}); wrote {out}")

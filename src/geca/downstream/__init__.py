@@ -1,0 +1,1 @@
+"""Downstream classification (the paper's Table 2): metrics, significance, a ResNet-34, the protocol, the report."""

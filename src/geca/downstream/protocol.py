@@ -1,0 +1,245 @@
+"""Table 2's protocol: arms × seeds on a fixed split or on patient-level K-fold cross-validation."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from geca.config import ConfigError
+from geca.data import DataError, ImageSet, load_split
+from geca.data.folder_csv import load_folder_csv, read_table
+from geca.data.folds import fold_split_rows, read_folds
+from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
+
+BASELINE = "geometric"
+FOLD_FIELD = "{fold}"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """``none``: no augmentation; ``geometric``: the baseline; ``+NAME``: geometric on real + synthetic set NAME."""
+
+    name: str
+    augment: bool
+    synthetic: str | None = None
+
+
+def parse_synthetic(items: list[str]) -> dict[str, str]:
+    """``NAME=DIR`` pairs (DIR may hold ``{fold}``) → {NAME: DIR}."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, directory = (part.strip() for part in item.partition("="))
+        if not eq or not name or not directory:
+            raise ConfigError(f"--synthetic {item!r}: expected NAME=DIR")
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"--synthetic {item!r}: NAME may hold letters, digits, '-' and '_' only")
+        if name in out:
+            raise ConfigError(f"--synthetic {name!r} given twice")
+        out[name] = directory
+    return out
+
+
+def parse_arms(text: str | None, synthetic: dict[str, str]) -> list[Arm]:
+    """Comma-separated arms; the default is none, geometric and one +NAME per synthetic set."""
+    names = [a.strip() for a in text.split(",")] if text else ["none", BASELINE, *(f"+{n}" for n in synthetic)]
+    valid = ["none", BASELINE, *(f"+{n}" for n in synthetic)]
+    arms = []
+    for name in names:
+        if name not in valid:
+            hint = "" if name.startswith("+") or not name else " (synthetic arms are +NAME with --synthetic NAME=DIR)"
+            raise ConfigError(f"unknown arm {name!r}; valid: {', '.join(valid)}{hint}")
+        arms.append(Arm(name, augment=name != "none", synthetic=name[1:] if name.startswith("+") else None))
+    if len({a.name for a in arms}) != len(arms):
+        raise ConfigError(f"--arms lists an arm twice: {text}")
+    return arms
+
+
+def synthetic_dir(template: str, fold: int | None) -> Path:
+    """The synthetic set of one fold: ``{fold}`` in the template becomes the fold index (CV needs it)."""
+    if fold is None:
+        if FOLD_FIELD in template:
+            raise ConfigError(f"synthetic dir {template!r} holds {FOLD_FIELD} but no --folds-file was given")
+        return Path(template).expanduser()
+    if FOLD_FIELD not in template:
+        raise ConfigError(f"synthetic dir {template!r} needs {FOLD_FIELD}: under cross-validation each fold needs "
+                          "a generator trained without that fold's test patients (e.g. runs/syn-{fold})")
+    return Path(template.replace(FOLD_FIELD, str(fold))).expanduser()
+
+
+def check_synthetic(directory: Path, class_names: list[str]) -> Path:
+    """Validate a `geca sample`-format directory without decoding images; returns its labels.csv."""
+    if not directory.is_dir():
+        raise DataError(f"{directory}: synthetic set not found (expected a `geca sample`/`geca expand` directory "
+                        "with images/ and labels.csv)")
+    csv_path = directory / "labels.csv"
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: missing; {directory} is not a `geca sample`/`geca expand` directory")
+    table = read_table(csv_path)
+    if table.class_names != list(class_names):
+        raise DataError(f"{csv_path}: class columns {table.class_names} do not match the data's classes "
+                        f"{list(class_names)}")
+    return csv_path
+
+
+def load_synthetic(directory: Path, real: ImageSet) -> ImageSet:
+    """A synthetic set resized to the real set's resolution, with its labels checked against the real data's."""
+    csv_path = check_synthetic(directory, real.class_names)
+    syn = load_folder_csv(csv_path, "all", image_size=real.resolution)
+    if syn.channels != real.channels:
+        raise DataError(f"{directory}: images have {syn.channels} channel(s), the real data {real.channels}")
+    if not real.multilabel and not np.all(syn.labels.sum(1) == 1):
+        row = int(np.flatnonzero(syn.labels.sum(1) != 1)[0])
+        raise DataError(f"{csv_path}: row {row + 2} ({syn.ids[row]}) is not one-hot, but the data is multi-class")
+    return syn
+
+
+@dataclass
+class Split:
+    """One evaluation unit's data: a fold (None for the source's fixed split) and its train/val/test sets."""
+
+    fold: int | None
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+
+class Splits:
+    """The source's fixed train/val/test split, or folds 0..K-1 of a folds file (test = k, val = k+1, train = rest).
+
+    Under CV the images are decoded once and each fold is a subset chosen by the same ``read_folds`` and
+    ``fold_split_rows`` that ``load_split(..., folds_file=, fold=)`` applies.
+    """
+
+    def __init__(self, data: str, image_size: int | None, folds_file: Path | None, folds: int | None) -> None:
+        self.folds_file = folds_file
+        if folds_file is None:
+            if folds is not None:
+                raise ConfigError("--folds needs --folds-file (create one with `geca folds`)")
+            self._fixed = {s: load_split(data, s, image_size=image_size) for s in ("train", "val", "test")}
+            self.folds: list[int | None] = [None]
+            self.reference = self._fixed["train"]
+            return
+        self.reference = load_split(data, "all", image_size=image_size, folds_file=folds_file)
+        self._fold_of = read_folds(folds_file, self.reference.ids, self.reference.patient_ids)
+        k = int(self._fold_of.max()) + 1
+        count = k if folds is None else folds
+        if not 1 <= count <= k:
+            raise ConfigError(f"--folds {folds}: {folds_file} has {k} folds")
+        self.folds = list(range(count))
+
+    @property
+    def protocol(self) -> str:
+        return "fixed split" if self.folds_file is None else f"patient-level {len(self.folds)}-fold CV"
+
+    def get(self, fold: int | None) -> Split:
+        if fold is None:
+            return Split(None, **self._fixed)
+        rows = {s: fold_split_rows(self._fold_of, s, fold, self.folds_file) for s in ("train", "val", "test")}
+        return Split(fold, **{s: self.reference.subset(r) for s, r in rows.items()})
+
+
+def unit_seed(seed: int, fold: int | None) -> int:
+    """Seed of one (fold, seed) unit, shared by all arms: paired arms start from the same weights."""
+    return int(np.random.SeedSequence([seed, 0 if fold is None else fold]).generate_state(1)[0])
+
+
+@dataclass
+class UnitResult:
+    """One arm trained on one (fold, seed) unit, and its test-set scores."""
+
+    arm: str
+    fold: int | None
+    seed: int
+    best_epoch: int
+    val_auc: float
+    seconds: float
+    n_real: int
+    n_synthetic: int
+    labels: np.ndarray
+    probs: np.ndarray
+    eyes: np.ndarray | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class ProtocolConfig:
+    data: str
+    arms: list[Arm]
+    synthetic: dict[str, str]
+    classifier: ClassifierConfig
+    seeds: int = 3
+    image_size: int | None = None
+    folds_file: Path | None = None
+    folds: int | None = None
+
+
+@dataclass
+class ProtocolResult:
+    results: list[UnitResult]
+    class_names: list[str]
+    multilabel: bool
+    protocol: str
+    sizes: list[dict[str, int | None]]
+
+
+def check_inputs(cfg: ProtocolConfig, class_names: list[str], folds: list[int | None]) -> None:
+    """Fail before any training if a synthetic set an arm needs is missing or does not fit."""
+    if cfg.seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {cfg.seeds}")
+    used = {a.synthetic for a in cfg.arms if a.synthetic}
+    unused = sorted(set(cfg.synthetic) - used)
+    if unused:
+        raise ConfigError(f"synthetic set(s) {', '.join(unused)} given but no arm uses them "
+                          f"(add {', '.join('+' + n for n in unused)} to --arms)")
+    for name in sorted(used):
+        for fold in folds:
+            check_synthetic(synthetic_dir(cfg.synthetic[name], fold), class_names)
+
+
+def run_protocol(cfg: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:
+    """Train every arm on every (fold, seed) unit and score it on the unit's test set.
+
+    ``data`` is ``Splits(cfg.data, cfg.image_size, cfg.folds_file, cfg.folds)``, loaded here unless given.
+    """
+    cfg.classifier.validate()
+    if data is None:
+        data = Splits(cfg.data, cfg.image_size, cfg.folds_file, cfg.folds)
+    check_inputs(cfg, data.reference.class_names, data.folds)
+    multilabel = data.reference.multilabel
+    device = torch.device(cfg.classifier.device)
+    results: list[UnitResult] = []
+    sizes: list[dict[str, int | None]] = []
+    outer = tqdm(total=len(data.folds) * cfg.seeds * len(cfg.arms), desc="classifiers",
+                 disable=not cfg.classifier.progress)
+    for fold in data.folds:
+        split = data.get(fold)
+        where = "split" if fold is None else f"fold {fold}"
+        sizes.append({"fold": fold, "train": len(split.train), "val": len(split.val), "test": len(split.test)})
+        real_x, real_y = to_tensor(split.train.images), torch.from_numpy(split.train.labels)
+        val_x, test_x = to_tensor(split.val.images), to_tensor(split.test.images)
+        synthetic = {name: load_synthetic(synthetic_dir(cfg.synthetic[name], fold), split.train)
+                     for name in sorted({a.synthetic for a in cfg.arms if a.synthetic})}
+        for seed in range(cfg.seeds):
+            for arm in cfg.arms:
+                x, y, n_syn = real_x, real_y, 0
+                if arm.synthetic:
+                    syn = synthetic[arm.synthetic]
+                    x = torch.cat([real_x, to_tensor(syn.images)])
+                    y = torch.cat([real_y, torch.from_numpy(syn.labels)])
+                    n_syn = len(syn)
+                t0 = time.time()
+                trained = train_classifier(x, y, len(real_x), val_x, split.val.labels, multilabel, arm.augment,
+                                           cfg.classifier, unit_seed(seed, fold),
+                                           desc=f"{arm.name} {where} seed {seed}")
+                probs = predict(trained.model, test_x, multilabel, trained.normalise, device)
+                results.append(UnitResult(arm.name, fold, seed, trained.best_epoch, trained.best_val_auc,
+                                          round(time.time() - t0, 2), len(real_x), n_syn, split.test.labels,
+                                          probs, split.test.eye_ids, trained.history))
+                outer.update()
+    outer.close()
+    return ProtocolResult(results, list(data.reference.class_names), multilabel, data.protocol, sizes)

@@ -1,0 +1,169 @@
+"""Score generated sample directories against real data: KID (overall, per class), LPIPS diversity, FLD and GG."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import geca
+from geca.data import load_split
+from geca.data.folder_csv import load_folder_csv
+from geca.data.imageset import DataError, ImageSet
+from geca.metrics.diversity import load_lpips, lpips_diversity
+from geca.metrics.features import FeatureExtractor, build_extractor
+from geca.metrics.fld import fld
+from geca.metrics.kid import check_protocol, kid, kid_subset_size
+from geca.metrics.report import real_vs_generated_grid
+from geca.utils.io import atomic_write_json
+
+PER_CLASS_MIN = 50
+
+
+def parse_split(arg: str, flag: str) -> tuple[str, str]:
+    """`SPEC:SPLIT`, split at the last colon (a spec may itself contain colons)."""
+    spec, colon, split = arg.rpartition(":")
+    if not colon or not spec or not split:
+        raise DataError(f"{flag} {arg!r}: expected SPEC:SPLIT, e.g. retinamnist:test")
+    return spec, split
+
+
+def parse_generated(arg: str) -> tuple[str, Path]:
+    """`DIR` (named after the directory) or `NAME=DIR`."""
+    name, eq, path = arg.partition("=")
+    if eq and name and "/" not in name and not Path(arg).exists():
+        return name, Path(path)
+    return Path(arg).name or str(arg), Path(arg)
+
+
+def load_sample_dir(path: Path) -> ImageSet:
+    """A `geca sample` directory (images/*.png, labels.csv, manifest.json) as an ImageSet."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: generated sample directory not found")
+    csv_path = path / "labels.csv"
+    if not csv_path.is_file():
+        raise DataError(f"{path}: no labels.csv; expected a `geca sample` output directory")
+    data = load_folder_csv(csv_path, "all")
+    manifest = path / "manifest.json"
+    if manifest.is_file():
+        try:
+            meta = json.loads(manifest.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{manifest}: not valid JSON ({e})") from None
+        # One-hot per-class samples of a multi-label model would otherwise look multi-class.
+        data.multilabel = bool(meta.get("multilabel", data.multilabel))
+    data.source = str(path)
+    return data
+
+
+@dataclass
+class EvalSettings:
+    generated: list[tuple[str, Path]]
+    real: str
+    train: str
+    features: str = "domain"
+    features_file: str | None = None
+    protocol: str = "paper"
+    seed: int = 0
+    lpips: bool = True
+    lpips_weights: str | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    per_class_min: int = PER_CLASS_MIN
+    progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_compatible(name: str, gen: ImageSet, real: ImageSet, what: str) -> None:
+    if gen.class_names != real.class_names:
+        raise DataError(f"{name}: generated classes {gen.class_names} differ from {what} classes {real.class_names}")
+    if gen.channels != real.channels:
+        raise DataError(f"{name}: generated images have {gen.channels} channel(s), {what} images {real.channels}")
+
+
+def score_set(gen: ImageSet, gen_feats: np.ndarray, real: ImageSet, real_feats: np.ndarray,
+              train_feats: np.ndarray, protocol: str, seed: int, per_class_min: int = PER_CLASS_MIN,
+              lpips_model: torch.nn.Module | None = None, lpips_backbone: str = "", batch_size: int = 64,
+              device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Every metric of one generated set; KID values are raw (Table 1 shows them ×10³)."""
+    overall = kid(real_feats, gen_feats, kid_subset_size(protocol, len(real_feats), len(gen_feats)), seed=seed)
+    per_class = {}
+    for c, cname in enumerate(real.class_names):
+        r, g = real.labels[:, c] > 0, gen.labels[:, c] > 0
+        if r.sum() >= per_class_min and g.sum() >= per_class_min:
+            res = kid(real_feats[r], gen_feats[g], kid_subset_size(protocol, int(r.sum()), int(g.sum())), seed=seed)
+            per_class[cname] = {**res.to_dict(), "n_real": int(r.sum()), "n_generated": int(g.sum())}
+    div = None
+    if lpips_model is not None:
+        div = lpips_diversity(gen.images, lpips_model, protocol, seed, batch_size, device, lpips_backbone).to_dict()
+    return {"n": len(gen), "kid": overall.to_dict(), "kid_per_class": per_class, "lpips": div,
+            "fld": fld(train_feats, real_feats, gen_feats, seed).to_dict()}
+
+
+def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it."""
+    check_protocol(s.protocol)
+    if not s.generated:
+        raise DataError("no generated directories given")
+    t0 = time.time()
+    gens = [(name, path, load_sample_dir(path)) for name, path in s.generated]
+    names = [n for n, _, _ in gens]
+    if len(set(names)) != len(names):
+        raise DataError(f"generated sets need distinct names, got {names}; name them NAME=DIR")
+    sizes = {g.resolution for _, _, g in gens}
+    if len(sizes) > 1:
+        raise DataError(f"generated sets have different resolutions {sorted(sizes)}; evaluate them separately")
+    size = sizes.pop()  # real images are brought to the generated size, never the other way round
+    real_spec, real_split = parse_split(s.real, "--real")
+    train_spec, train_split = parse_split(s.train, "--train")
+    real = load_split(real_spec, real_split, image_size=size)
+    train = load_split(train_spec, train_split, image_size=size)
+    for name, _, g in gens:
+        _check_compatible(name, g, real, "real")
+    _check_compatible(f"{train_spec}:{train_split}", train, real, "real")
+
+    extractor: FeatureExtractor = build_extractor(s.features, s.features_file, seed=s.seed, train=train, log=log)
+    feats = {k: extractor.extract(d.images, s.batch_size, s.device, s.progress) for k, d in (("real", real),
+                                                                                           ("train", train))}
+    lpips_model = load_lpips(s.lpips_weights, s.seed) if s.lpips else None
+    backbone = "" if lpips_model is None else (
+        "random (tests only)" if s.lpips_weights == "random" else str(s.lpips_weights or "$GECA_WEIGHTS_DIR"))
+    out = Path(out)
+    results = []
+    for name, path, g in gens:
+        log(f"scoring {name} ({len(g)} images)")
+        gf = extractor.extract(g.images, s.batch_size, s.device, s.progress)
+        r = score_set(g, gf, real, feats["real"], feats["train"], s.protocol, s.seed, s.per_class_min, lpips_model,
+                      backbone, s.batch_size, s.device)
+        grid = out.with_name(f"{out.stem}_grid_{_safe(name)}.png")
+        real_vs_generated_grid(real, g, grid, seed=s.seed, title=f"{real_spec}:{real_split} vs {name}")
+        results.append({"name": name, "dir": str(path), **r, "grid": grid.name})
+    report = {
+        "protocol": s.protocol,
+        "seed": s.seed,
+        "features": {"name": extractor.name, "source": extractor.source, "dim": extractor.dim},
+        "real": {"spec": real_spec, "split": real_split, "n": len(real)},
+        "train": {"spec": train_spec, "split": train_split, "n": len(train)},
+        "image_size": size,
+        "class_names": real.class_names,
+        "per_class_min": s.per_class_min,
+        "lpips_backbone": backbone or None,
+        "kid_note": "raw MMD² values; Table 1 reports KID × 10³",
+        "results": results,
+        "seconds": round(time.time() - t0, 2),
+        "geca_version": geca.__version__,
+        **s.extra,
+    }
+    atomic_write_json(out, report)
+    return report
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
