@@ -128,3 +128,18 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, blobs_npz: Path
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("parameters identical across 2 processes")]
     assert len(lines) == 2 and lines[0] == lines[1], proc.stdout
     assert (tmp_path / "ddp/checkpoints/step_0000004/model.safetensors").exists()
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
+    from geca.utils import hardware
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert hardware.resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert hardware.resolve_precision("auto") == "fp32"
+    with pytest.warns(UserWarning, match="no native bf16"):
+        assert hardware.resolve_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="one of"):
+        hardware.resolve_precision("fp8")

@@ -63,12 +63,28 @@ class PreviewConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """KID of EMA, conditional, CFG samples against a held-out split every `every` steps (0: off); the lowest
+    KID is kept in checkpoints/best and the curve in validation.csv. Never validate on `test`."""
+
+    every: int = 0
+    num_samples: int = 256
+    split: str = "val"
+    features: str = "domain"
+    features_file: str | None = None
+    batch_size: int = 64
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(sampler="ddim", steps=50))
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ import typer
 from geca.cli.common import guarded, pick_device
 from geca.config import load_config
 from geca.data import DataError, load_split
+from geca.utils.hardware import resolve_precision
 
 
 def demo_dataset() -> tuple[str, str]:
@@ -54,7 +55,8 @@ def demo(
             raise FileExistsError(f"{out} exists and is not a demo run; choose another --out")
         shutil.rmtree(out)
     dev = pick_device(device)
-    typer.echo(f"training GeCA-T on {data} for {cfg.train.max_minutes} min ({cfg.train.precision}) …")
+    precision = resolve_precision(cfg.train.precision)
+    typer.echo(f"training GeCA-T on {data} for {cfg.train.max_minutes} min ({precision}) …")
     train(cfg, out)
     run = load_run(out, device=dev)
     sc = SamplerConfig(sampler="ddim", steps=steps, cfg=1.5, ghg="hidden")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from geca.cli.demo import demo
+from geca.cli.downstream import classify, expand
 from geca.cli.encode import encode
 from geca.cli.folds import folds
 from geca.cli.models import models
@@ -23,6 +24,8 @@ app.command("grow")(grow)
 app.command("models")(models)
 app.command("folds")(folds)
 app.command("encode")(encode)
+app.command("expand")(expand)
+app.command("classify")(classify)
 app.command("demo")(demo)
 
 if __name__ == "__main__":

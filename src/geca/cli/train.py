@@ -53,7 +53,8 @@ def train(
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (split over processes)."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for all training randomness."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32, bf16 (CPU or GPU) or fp16 (GPU only)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32, bf16, fp16 (GPU only) or auto (bf16 "
+                                         "where the hardware runs it natively, else fp32)."),
     ema_decay: float | None = typer.Option(None, "--ema-decay", help="EMA decay of the weights."),
     nca_steps: int | None = typer.Option(None, "--nca-steps", help="NCA steps M per denoiser call (named so that "
                                          "torchrun does not take it for its own --m… options)."),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class ClassifierConfig:
     """How one classifier is trained; ``equal_steps`` gives every arm the optimizer steps of the real set alone."""
 
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 128
     lr: float = 1e-3
     stem: str = "imagenet"
@@ -42,17 +43,23 @@ class ClassifierConfig:
         if self.epochs < 1 or self.batch_size < 2 or not self.lr > 0:
             raise ConfigError(f"need epochs ≥ 1, batch size ≥ 2 and lr > 0; got {self.epochs}, {self.batch_size}, "
                               f"{self.lr}")
+        if self.imagenet_weights is not None and not Path(self.imagenet_weights).is_file():
+            raise _missing_weights(Path(self.imagenet_weights))
         if self.imagenet_weights is not None and self.stem == "cifar":
             raise ConfigError("ImageNet weights need the ImageNet stem (--stem imagenet): the cifar stem's 3×3 "
                               "first convolution has no pretrained counterpart")
+
+
+def _missing_weights(path: Path) -> ConfigError:
+    return ConfigError(f"{path}: ImageNet weights file not found; download torchvision's ResNet-34 weights "
+                       f"({IMAGENET_URL}) on a machine with internet and pass the file's path")
 
 
 def load_imagenet_weights(path: Path, in_channels: int) -> dict[str, torch.Tensor]:
     """A torchvision ResNet-34 ImageNet state dict from a local file, its head dropped and conv1 fitted to grey."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: ImageNet weights file not found; download torchvision's ResNet-34 weights "
-                          f"({IMAGENET_URL}) on a machine with internet and pass the file's path")
+        raise _missing_weights(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -122,7 +129,9 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
 
 
-class _Normalise:
+class Normalise:
+    """[0, 1] images → the network's input scale: ImageNet statistics with ImageNet weights, else [-1, 1]."""
+
     def __init__(self, channels: int, imagenet: bool, device: torch.device) -> None:
         mean, std = (_IMAGENET_MEAN, _IMAGENET_STD) if imagenet else ((0.5,) * 3, (0.5,) * 3)
         if channels == 1:
@@ -135,7 +144,7 @@ class _Normalise:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, multilabel: bool, normalise: _Normalise, device: torch.device,
+def predict(model: nn.Module, images: torch.Tensor, multilabel: bool, normalise: Normalise, device: torch.device,
             batch_size: int = 256) -> np.ndarray:
     """Class probabilities (N, K): sigmoid for multi-label, softmax for multi-class."""
     model.eval()
@@ -151,13 +160,13 @@ class TrainedClassifier:
     """The model at its best validation epoch, and what happened on the way."""
 
     model: nn.Module
-    normalise: _Normalise
+    normalise: Normalise
     best_epoch: int
     best_val_auc: float
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """An endless stream of full batches: consecutive seeded permutations of range(n)."""
     buffer = torch.empty(0, dtype=torch.long)
     while True:
@@ -180,7 +189,7 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, n_real: int, 
     device = torch.device(cfg.device)
     torch.manual_seed(seed)
     model = build_resnet34(train_y.shape[1], train_x.shape[1], cfg.stem, cfg.imagenet_weights).to(device)
-    normalise = _Normalise(train_x.shape[1], cfg.imagenet_weights is not None, device)
+    normalise = Normalise(train_x.shape[1], cfg.imagenet_weights is not None, device)
     generator = torch.Generator().manual_seed(seed)
     batch = min(cfg.batch_size, len(train_x))
     if batch < 2:
@@ -209,7 +218,7 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, n_real: int, 
                 raise TrainingError(f"{desc}: the loss became {float(loss)} at epoch {epoch}; lower --lr")
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
             bar.update()
         scheduler.step()
         val_auc = score(val_y, predict(model, val_x, multilabel, normalise, device), multilabel)["macro"]["auc"]

@@ -163,6 +163,6 @@ def eye_level(probs: np.ndarray, labels: np.ndarray, eyes: np.ndarray, multilabe
     if not multilabel:
         mixed = np.flatnonzero(agg_labels.sum(1) != 1)
         if len(mixed):
-            raise DataError(f"eye {keys[mixed[0]]!r} has scans of different classes; eye-level scoring of "
+            raise DataError(f"eye {str(keys[mixed[0]])!r} has scans of different classes; eye-level scoring of "
                             "multi-class data needs one class per eye")
     return agg, agg_labels

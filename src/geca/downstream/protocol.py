@@ -51,7 +51,7 @@ def parse_arms(text: str | None, synthetic: dict[str, str]) -> list[Arm]:
     arms = []
     for name in names:
         if name not in valid:
-            hint = "" if name.startswith("+") or not name else " (synthetic arms are +NAME with --synthetic NAME=DIR)"
+            hint = f" (give its set with --synthetic {name[1:]}=DIR)" if name.startswith("+") else ""
             raise ConfigError(f"unknown arm {name!r}; valid: {', '.join(valid)}{hint}")
         arms.append(Arm(name, augment=name != "none", synthetic=name[1:] if name.startswith("+") else None))
     if len({a.name for a in arms}) != len(arms):
@@ -180,6 +180,7 @@ class ProtocolConfig:
 
 @dataclass
 class ProtocolResult:
+    data: str
     results: list[UnitResult]
     class_names: list[str]
     multilabel: bool
@@ -242,4 +243,4 @@ def run_protocol(cfg: ProtocolConfig, data: Splits | None = None) -> ProtocolRes
                                           probs, split.test.eye_ids, trained.history))
                 outer.update()
     outer.close()
-    return ProtocolResult(results, list(data.reference.class_names), multilabel, data.protocol, sizes)
+    return ProtocolResult(cfg.data, results, list(data.reference.class_names), multilabel, data.protocol, sizes)

@@ -60,7 +60,7 @@ def summarise(protocol: ProtocolResult, arms: list[str], seeds: int, eye_agg: st
               n_boot: int, config: dict[str, Any]) -> dict[str, Any]:
     """Everything the report shows, JSON-ready: per-unit scores, mean ± std per arm and level, p-values."""
     ml = protocol.multilabel
-    metrics = [m for m in COLUMNS if ml is False or m != "acc"]
+    metrics = [m for m in COLUMNS if not ml or m != "acc"]
     if p_metric not in metrics:
         raise ValueError(f"--p-metric {p_metric!r} is not reported for this data; valid: {', '.join(metrics)}")
     has_eyes = all(r.eyes is not None for r in protocol.results)
@@ -68,9 +68,10 @@ def summarise(protocol: ProtocolResult, arms: list[str], seeds: int, eye_agg: st
     test = choose_test(test, protocol, seeds)
     by_arm: dict[str, list[UnitResult]] = {a: [r for r in protocol.results if r.arm == a] for a in arms}
     out: dict[str, Any] = {
-        "config": config, "protocol": protocol.protocol, "class_names": protocol.class_names, "multilabel": ml,
-        "splits": protocol.sizes, "levels": levels, "metrics": metrics, "p_metric": p_metric,
-        "test": TEST_NAMES[test], "baseline": BASELINE if BASELINE in arms else None, "arms": {},
+        "data": protocol.data, "protocol": protocol.protocol, "seeds": seeds, "class_names": protocol.class_names,
+        "multilabel": ml, "splits": protocol.sizes, "levels": levels, "eye_agg": eye_agg, "metrics": metrics,
+        "p_metric": p_metric, "test": TEST_NAMES[test], "bootstrap": n_boot if test == "bootstrap" else None,
+        "baseline": BASELINE if BASELINE in arms else None, "config": config, "arms": {},
     }
     for arm, units in by_arm.items():
         entry: dict[str, Any] = {"units": [], "summary": {}, "significance": {}}
@@ -122,12 +123,8 @@ def _significance(arm: list[UnitResult], base: list[UnitResult], arm_entry: dict
         for m in metrics:
             a = [arm_entry["units"][i][level]["macro"][m] for i, _ in pairs]
             b = [base_entry["units"][j][level]["macro"][m] for _, j in pairs]
-            out[level][m] = paired_test(_nan(a), _nan(b), test).to_dict()
+            out[level][m] = paired_test(a, b, test).to_dict()
     return out
-
-
-def _nan(values: list[float | None]) -> list[float]:
-    return [float("nan") if v is None else float(v) for v in values]
 
 
 def _cell(stat: dict[str, Any]) -> str:
@@ -148,22 +145,22 @@ def markdown(summary: dict[str, Any]) -> str:
     """Table 2: one table per level, rows = arms, values ×100 as mean ± std over folds × seeds."""
     metrics = summary["metrics"]
     n_units = {len(e["units"]) for e in summary["arms"].values()}
-    lines = [f"# Downstream classification ({summary['config']['data']})", "",
-             f"{summary['protocol']}, {summary['config']['seeds']} seed(s): mean ± std over "
+    lines = [f"# Downstream classification ({summary['data']})", "",
+             f"{summary['protocol']}, {summary['seeds']} seed(s): mean ± std over "
              f"{'/'.join(map(str, sorted(n_units)))} unit(s) (folds × seeds), ×100; metrics are macro-averaged over "
              f"{len(summary['class_names'])} classes ({'multi-label' if summary['multilabel'] else 'multi-class'})."]
     for level in summary["levels"]:
-        title = "Scan level" if level == "scan" else f"Eye level ({summary['config']['eye_agg']} of each eye's scans)"
+        title = "Scan level" if level == "scan" else f"Eye level ({summary['eye_agg']} of each eye's scans)"
         lines += ["", f"## {title}", "",
                   "| Arm | " + " | ".join(COLUMNS[m] for m in metrics) + " | p |",
                   "|---|" + "---:|" * len(metrics) + "---|"]
         for arm, entry in summary["arms"].items():
             cells = [_cell(entry["summary"][level][m]) for m in metrics]
             lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_p_cell(summary, arm, level)} |")
-    if summary["baseline"] is not None:
+    if summary["baseline"] is not None and len(summary["arms"]) > 1:
+        over = f"test cases ({summary['bootstrap']} replicates)" if summary["bootstrap"] else "matched units"
         lines += ["", f"p: {summary['test']} of {COLUMNS[summary['p_metric']]} against `{summary['baseline']}` "
-                      "over matched units (or test cases for the bootstrap); "
-                      "* < 0.05, ** < 0.01, *** < 0.001, **** < 0.0001, ns otherwise."]
+                      f"over {over}; * < 0.05, ** < 0.01, *** < 0.001, **** < 0.0001, ns otherwise."]
     return "\n".join(lines) + "\n"
 
 

@@ -35,6 +35,14 @@ class LPIPSResult:
         return asdict(self)
 
 
+def alexnet_weights(weights: str | Path | None) -> Path | None:
+    """The AlexNet backbone file to use (`weights`, else $GECA_WEIGHTS_DIR/alexnet-owt-7be5be79.pth);
+    None for "random"."""
+    if weights == "random":
+        return None
+    return resolve_weights(weights, ALEXNET_FILE, "LPIPS AlexNet backbone", ALEXNET_URL, "--lpips-weights")
+
+
 def load_lpips(weights: str | Path | None, seed: int = 0) -> torch.nn.Module:
     """AlexNet LPIPS (v0.1 linear heads from the `lpips` wheel) with the torchvision AlexNet backbone from a file.
 
@@ -42,8 +50,7 @@ def load_lpips(weights: str | Path | None, seed: int = 0) -> torch.nn.Module:
     """
     import lpips
 
-    path = None if weights == "random" else resolve_weights(weights, ALEXNET_FILE, "LPIPS AlexNet backbone",
-                                                            ALEXNET_URL, "--lpips-weights")
+    path = alexnet_weights(weights)
     torch.manual_seed(seed)
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore")

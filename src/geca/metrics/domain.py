@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from geca.utils.io import atomic_write
 
 ARCH = "geca-domain-cnn-v1"
 MAX_INPUT = 64  # larger images are downsampled: domain features need shape and texture, not fine detail
-TRAINING = {"epochs": 15, "batch_size": 64, "lr": 2e-3, "width": 32}
+TRAINING = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "width": 32}
 
 
 @dataclass
@@ -85,8 +86,9 @@ def _loss(logits: torch.Tensor, y: torch.Tensor, multilabel: bool) -> torch.Tens
 def accuracy(net: DomainNet, data: ImageSet, batch_size: int = 256) -> float:
     """Top-1 accuracy (multi-class) or mean per-label accuracy at 0.5 (multi-label)."""
     net.eval()
+    device = next(net.parameters()).device
     x = torch.from_numpy(data.images).permute(0, 3, 1, 2)
-    logits = torch.cat([net(net.prepare(b)) for b in x.split(batch_size)])
+    logits = torch.cat([net(net.prepare(b.to(device))).cpu() for b in x.split(batch_size)])
     y = torch.from_numpy(data.labels)
     if data.multilabel:
         return ((logits > 0).float() == y).float().mean().item()
@@ -95,27 +97,30 @@ def accuracy(net: DomainNet, data: ImageSet, batch_size: int = 256) -> float:
 
 def train_domain_net(data: ImageSet, seed: int = 0, epochs: int = TRAINING["epochs"],
                      batch_size: int = TRAINING["batch_size"], lr: float = TRAINING["lr"],
-                     width: int = TRAINING["width"], val: ImageSet | None = None, source: str = "") -> DomainNet:
-    """Train the classifier on `data` (seeded, horizontal flips) and return it in eval mode."""
+                     width: int = TRAINING["width"], val: ImageSet | None = None, source: str = "",
+                     device: str | torch.device = "cpu") -> DomainNet:
+    """Train the classifier on `data` (seeded, horizontal flips; bit-exact on a CPU) and return it, on the CPU, in
+    eval mode."""
     if len(data) < 2:
         raise DataError(f"{data.source}: at least 2 images are needed to train domain features, got {len(data)}")
     meta = DomainMeta(in_channels=data.channels, input_size=min(data.resolution, MAX_INPUT),
                       num_classes=data.num_classes, width=width, class_names=list(data.class_names),
                       multilabel=data.multilabel, data=source or data.source, seed=seed, epochs=epochs)
     torch.manual_seed(seed)
-    net = DomainNet(meta)
+    net = DomainNet(meta).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(data) // batch_size))
     g = torch.Generator().manual_seed(seed)
-    x_all = net.prepare(torch.from_numpy(data.images).permute(0, 3, 1, 2))
-    y_all = torch.from_numpy(data.labels)
+    x_all = net.prepare(torch.from_numpy(data.images).permute(0, 3, 1, 2).to(device))
+    y_all = torch.from_numpy(data.labels).to(device)
     net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(data), generator=g).split(batch_size):
             if len(idx) < 2:  # BatchNorm needs two samples
                 continue
+            idx = idx.to(device)
             x = x_all[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5
+            flip = (torch.rand(len(idx), generator=g) < 0.5).to(device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             loss = _loss(net(x), y_all[idx], data.multilabel)
             opt.zero_grad(set_to_none=True)
@@ -125,7 +130,7 @@ def train_domain_net(data: ImageSet, seed: int = 0, epochs: int = TRAINING["epoc
     net.eval()
     if val is not None and len(val):
         meta.val_accuracy = round(accuracy(net, val), 4)
-    return net.requires_grad_(False)
+    return net.cpu().requires_grad_(False)
 
 
 def save_domain_net(net: DomainNet, path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import geca
 from geca.data import load_split
 from geca.data.folder_csv import load_folder_csv
 from geca.data.imageset import DataError, ImageSet
-from geca.metrics.diversity import load_lpips, lpips_diversity
+from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.features import FeatureExtractor, build_extractor
 from geca.metrics.fld import fld
 from geca.metrics.kid import check_protocol, kid, kid_subset_size
@@ -78,7 +78,6 @@ class EvalSettings:
     device: str = "cpu"
     per_class_min: int = PER_CLASS_MIN
     progress: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_compatible(name: str, gen: ImageSet, real: ImageSet, what: str) -> None:
@@ -129,12 +128,15 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         _check_compatible(name, g, real, "real")
     _check_compatible(f"{train_spec}:{train_split}", train, real, "real")
 
-    extractor: FeatureExtractor = build_extractor(s.features, s.features_file, seed=s.seed, train=train, log=log)
+    extractor: FeatureExtractor = build_extractor(s.features, s.features_file, seed=s.seed, train=train, log=log,
+                                                  device=s.device)
     feats = {k: extractor.extract(d.images, s.batch_size, s.device, s.progress) for k, d in (("real", real),
                                                                                            ("train", train))}
-    lpips_model = load_lpips(s.lpips_weights, s.seed) if s.lpips else None
-    backbone = "" if lpips_model is None else (
-        "random (tests only)" if s.lpips_weights == "random" else str(s.lpips_weights or "$GECA_WEIGHTS_DIR"))
+    lpips_model, backbone = None, ""
+    if s.lpips:
+        alexnet = alexnet_weights(s.lpips_weights)
+        lpips_model = load_lpips("random" if alexnet is None else alexnet, s.seed)
+        backbone = "random (tests only)" if alexnet is None else str(alexnet)
     out = Path(out)
     results = []
     for name, path, g in gens:
@@ -159,7 +161,6 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         "results": results,
         "seconds": round(time.time() - t0, 2),
         "geca_version": geca.__version__,
-        **s.extra,
     }
     atomic_write_json(out, report)
     return report

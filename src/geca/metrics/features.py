@@ -128,8 +128,8 @@ def random_features(seed: int = 0) -> DomainFeatures:
 
 
 def domain_features(file: str | Path | None, train: ImageSet | Callable[[], ImageSet] | None, seed: int = 0,
-                    log: Callable[[str], None] = print) -> DomainFeatures:
-    """Domain features from `file`, or trained on `train` and cached under the geca cache directory."""
+                    log: Callable[[str], None] = print, device: str | torch.device = "cpu") -> DomainFeatures:
+    """Domain features from `file`, or trained on `train` (on `device`) and cached under the geca cache directory."""
     if file is not None:
         return DomainFeatures(load_domain_net(Path(file)), "domain", str(file))
     if train is None:
@@ -141,17 +141,18 @@ def domain_features(file: str | Path | None, train: ImageSet | Callable[[], Imag
         log(f"domain features: cached network {path}")
         return DomainFeatures(load_domain_net(path), "domain", str(path))
     log(f"domain features: training on {data.source} ({len(data)} images); caching at {path}")
-    net = train_domain_net(data, seed=seed)
+    net = train_domain_net(data, seed=seed, device=device)
     save_domain_net(net, path)
     return DomainFeatures(net, "domain", str(path))
 
 
 def build_extractor(name: str, file: str | Path | None = None, *, seed: int = 0,
                     train: ImageSet | Callable[[], ImageSet] | None = None,
-                    log: Callable[[str], None] = print) -> FeatureExtractor:
-    """The extractor called `name`; `file` names its weights (see the module docstring for each)."""
+                    log: Callable[[str], None] = print, device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The extractor called `name`; `file` names its weights (see the module docstring for each); `device` is
+    where a domain network without a file is trained."""
     if name == "domain":
-        return domain_features(file, train, seed, log)
+        return domain_features(file, train, seed, log, device)
     if name == "random":
         return random_features(seed)
     if name == "inception":

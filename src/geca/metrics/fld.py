@@ -20,7 +20,8 @@ Written here because FLD is not on PyPI. It follows the authors' code (github.co
   set (min(n_generated, n_train // 2) images) and fitted to the rest of it. FLD ≈ 0 means as good as real data
   of that size; lower is better.
 
-Distances are computed in float64 (the reference uses float32 `cdist`), which only matters for near-copies.
+Distances are computed in float64 (the reference uses float32 `cdist`), which only matters for near-copies; the
+fit iterates in float32 like the reference, and scoring is in float64.
 """
 
 from __future__ import annotations
@@ -77,10 +78,11 @@ class IsotropicMixture:
             batch: int = BATCH) -> list[float]:
         """Maximise the mean log-likelihood of `x`; returns the per-step loss (NLL / dim)."""
         x = x[torch.randperm(len(x), generator=generator)]
-        sq = _sq_dists(x, self.centres)
+        # Distances in float64 (exact for near-copies); the 50 epochs over them in float32, as the reference.
+        sq = _sq_dists(x, self.centres).float()
         log_var = ((sq.min(0).values + 1e-3) / self.dim).log().requires_grad_(True)
-        origin_log_var = torch.zeros((), dtype=x.dtype, requires_grad=True)
-        origin_sq = ORIGIN_SHRINK**2 * _sq_dists(x, x.mean(0, keepdim=True))
+        origin_log_var = torch.zeros((), requires_grad=True)
+        origin_sq = (ORIGIN_SHRINK**2 * _sq_dists(x, x.mean(0, keepdim=True))).float()
         opt = torch.optim.Adam([log_var, origin_log_var], lr=lr)
         losses = []
         for _ in range(epochs):
@@ -94,7 +96,7 @@ class IsotropicMixture:
                 with torch.no_grad():
                     log_var.clamp_(*LOG_VAR_RANGE)
                 losses.append(loss.item())
-        self.log_var = log_var.detach()
+        self.log_var = log_var.detach().to(self.centres.dtype)
         return losses
 
     def nll(self, x: torch.Tensor, batch: int = BATCH) -> torch.Tensor:

@@ -36,11 +36,12 @@ from geca.training.checkpoint import (
     save_checkpoint,
 )
 from geca.training.ema import EMA
+from geca.utils.hardware import resolve_precision
 from geca.utils.images import grid, save_png, to_uint8
 from geca.utils.io import atomic_write_json, atomic_write_text
 from geca.utils.plots import plot_loss_curve
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "elapsed_min"]
 
 
@@ -76,11 +77,11 @@ class BatchStream:
 
 
 def _precision(cfg: RunConfig) -> str:
-    if cfg.train.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("fp16 mixed precision needs a CUDA GPU; on a CPU use bf16 (or fp32)")
-    return PRECISIONS[cfg.train.precision]
+    """Accelerate's mixed-precision name for the configured precision (`auto` resolved for this machine)."""
+    try:
+        return ACCELERATE_PRECISION[resolve_precision(cfg.train.precision)]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _preview(ema_model: torch.nn.Module, diffusion: GaussianDiffusion, spec: ModelSpec, cfg: RunConfig,
@@ -226,6 +227,15 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
             _rewrite_log(log_path, step)
         (run_dir / "samples").mkdir(exist_ok=True)
     accelerator.wait_for_everyone()
+    validator = None
+    if cfg.validation.every:
+        from geca.metrics.validation import Validator, check_validation  # lazily: it imports this module
+
+        check_validation(cfg)  # on every rank, so that a bad setting stops them all
+        if main:
+            validator = Validator(cfg, spec, data, run_dir, device, to_images, log=tqdm.write)
+            if resume:
+                validator.resume(step)
 
     def checkpoint() -> None:
         if main:
@@ -286,6 +296,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         if main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
             _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device,
                      to_images)
+        if validator is not None and step % cfg.validation.every == 0:
+            validator(step, accelerator.unwrap_model(model), ema.model, diffusion)
     if window.steps:
         log_row()
     bar.close()
@@ -296,6 +308,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = 
         if cfg.train.sample_every and step % cfg.train.sample_every:
             _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device,
                      to_images)
+        if validator is not None and step % cfg.validation.every:
+            validator(step, accelerator.unwrap_model(model), ema.model, diffusion)
         plot_loss_curve(log_path, run_dir / "loss.png")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -1,0 +1,343 @@
+"""The study config (`configs/experiments/*.yaml`): plain YAML mirrored by dataclasses, validated on load."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geca.config import ConfigError, RunConfig, from_dict
+from geca.data.folds import read_folds
+from geca.downstream.classifier import STEMS
+from geca.downstream.metrics import AGGREGATIONS, MACRO
+from geca.downstream.significance import TESTS
+from geca.metrics.features import FEATURES
+from geca.metrics.kid import PROTOCOLS
+from geca.models.config import named_model
+from geca.sampling.samplers import GHG_MODES, SamplerConfig
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# Where the folds stage writes its folds CSV, relative to the experiment directory (so that the stage hashes
+# do not change when the directory moves).
+GENERATED_FOLDS = "folds/folds.csv"
+
+
+def _ddim(steps: int) -> SamplerConfig:
+    return SamplerConfig(sampler="ddim", steps=steps)
+
+
+@dataclass
+class StudyData:
+    """The data of the whole study; the fields given here replace those of every generator's own `data`.
+
+    Cross-validation (fold-based data) is on when `folds` (K, the folds stage writes a patient-level folds CSV) or
+    `folds_file` (an existing `geca folds` CSV) is given: each generator is then trained once per fold.
+    """
+
+    spec: str = ""
+    image_size: int | None = None
+    vae: str | None = None
+    latent_size: int | None = None
+    folds: int | None = None
+    folds_file: str | None = None
+    run_folds: int | None = None  # run folds 0..run_folds-1 (default: all)
+
+    @property
+    def cv(self) -> bool:
+        return self.folds is not None or self.folds_file is not None
+
+
+@dataclass
+class GeneratorSettings:
+    """A run config: `config` (a YAML path, relative to the experiment file) with `overrides` (nested or dotted keys)
+    applied over it; without `config`, `overrides` is the whole inline run config."""
+
+    name: str = ""
+    config: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationSettings:
+    """Table 1 (and the KID of every ablation): generated images against the real test split."""
+
+    features: str = "domain"
+    features_file: str | None = None
+    protocol: str = "paper"
+    lpips: bool = True
+    lpips_weights: str | None = None
+    per_class_min: int = 50
+    batch_size: int = 64
+    num_samples: int | None = None  # images per generated set, labels drawn from the test split's (default: one each)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class GHGSettings:
+    """Fig. 5: KID of the GeCA generator under each Gene Heredity Guidance mode."""
+
+    enabled: bool = True
+    modes: list[str] = field(default_factory=lambda: ["none", "out", "both", "hidden"])
+    num_samples: int | None = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class NCAStepsSettings:
+    """Fig. 6: KID of the GeCA generator sampled with M NCA steps per denoiser call, without retraining."""
+
+    enabled: bool = True
+    values: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
+    num_samples: int | None = None
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class SamplerCostSettings:
+    """KID against the number of denoiser calls, per generator (default: all of them)."""
+
+    enabled: bool = True
+    samplers: list[SamplerConfig] = field(default_factory=lambda: [SamplerConfig(), _ddim(50), _ddim(25)])
+    num_samples: int | None = None
+    generators: list[str] | None = None
+
+
+@dataclass
+class GrowthSettings:
+    """The growth and denoising GIFs of one GeCA organism."""
+
+    enabled: bool = True
+    label: str = "0"  # class name or index
+    t: int = 500
+    frames: int = 25
+    sampler: SamplerConfig = field(default_factory=lambda: _ddim(50))
+
+
+@dataclass
+class ExpansionSettings:
+    """Each generator's synthetic copy of the training labels, `ratio` images per training image (Eq. 8)."""
+
+    ratio: int = 5
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class ClassificationSettings:
+    """Table 2: ResNet-34 arms none, geometric and +GENERATOR (see `geca classify`)."""
+
+    enabled: bool = True
+    seeds: int = 3
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    image_size: int | None = None
+    stem: str = "imagenet"
+    imagenet_weights: str | None = None
+    equal_steps: bool = True
+    eye_agg: str = "max"
+    test: str = "auto"
+    p_metric: str = "map"
+    bootstrap: int = 1000
+
+
+@dataclass
+class Experiment:
+    name: str = ""
+    seed: int = 0
+    sample_batch_size: int = 64
+    data: StudyData = field(default_factory=StudyData)
+    generators: list[GeneratorSettings] = field(default_factory=list)
+    geca_generator: str | None = None  # the generator of Fig. 5, Fig. 6 and the growth GIF (default: the first GeCA)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    ghg: GHGSettings = field(default_factory=GHGSettings)
+    nca_steps: NCAStepsSettings = field(default_factory=NCAStepsSettings)
+    sampler_cost: SamplerCostSettings = field(default_factory=SamplerCostSettings)
+    growth: GrowthSettings = field(default_factory=GrowthSettings)
+    expansion: ExpansionSettings = field(default_factory=ExpansionSettings)
+    classification: ClassificationSettings = field(default_factory=ClassificationSettings)
+
+
+@dataclass
+class LoadedExperiment:
+    """A validated experiment: the dataclasses, the file's text (for the report) and where relative paths start."""
+
+    exp: Experiment
+    path: Path
+    text: str
+    cellular: str | None  # the generator the GeCA-only stages use; None when no generator is a GeCA
+
+    @property
+    def folds(self) -> list[int | None]:
+        """The folds generators and classifiers run on; [None] for the data's fixed split."""
+        d = self.exp.data
+        if not d.cv:
+            return [None]
+        k = d.run_folds if d.run_folds is not None else self.fold_count()
+        return list(range(k))
+
+    def fold_count(self) -> int:
+        """K: from the config, or from the user's folds file (checked for gaps by `read_folds`)."""
+        d = self.exp.data
+        if d.folds is not None:
+            return d.folds
+        try:
+            with open(d.folds_file, newline="", encoding="utf-8-sig") as f:
+                names = [row.get("filename", "") for row in csv.DictReader(f)]
+        except OSError as e:
+            raise ConfigError(f"{d.folds_file}: folds file not readable ({e}); create it with `geca folds`") from None
+        return int(read_folds(d.folds_file, names).max(initial=-1)) + 1
+
+    @property
+    def folds_file(self) -> str | None:
+        """The folds CSV generators and classifiers use: the user's, or the folds stage's (relative to the root)."""
+        d = self.exp.data
+        return None if not d.cv else d.folds_file or GENERATED_FOLDS
+
+    def run_config(self, name: str, fold: int | None) -> RunConfig:
+        """Generator `name`'s run config on `fold` (a generated folds file is given relative to the root)."""
+        g = next(g for g in self.exp.generators if g.name == name)
+        return _run_config(g, self.exp.data, self.path.parent, fold, self.folds_file)
+
+
+def _nest(mapping: dict[str, Any]) -> dict[str, Any]:
+    """`{"train.max_steps": 5}` → `{"train": {"max_steps": 5}}`; nested mappings pass through."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        parts = str(key).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _nest(value) if isinstance(value, dict) else value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return _parse_yaml(path.read_text(), path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+
+
+def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def _run_config(g: GeneratorSettings, data: StudyData, base: Path, fold: int | None,
+                folds_file: str | None) -> RunConfig:
+    where = f"generator {g.name!r}"
+    raw = {}
+    if g.config is not None:
+        path = Path(g.config).expanduser()
+        raw = _read_yaml(path if path.is_absolute() else base / path, f"{where}: run config")
+    if not isinstance(g.overrides, dict):
+        raise ConfigError(f"{where}: overrides must be a mapping, got {g.overrides!r}")
+    raw = _merge(raw, _nest(g.overrides))
+    study = {k: v for k, v in (("spec", data.spec), ("image_size", data.image_size), ("vae", data.vae),
+                               ("latent_size", data.latent_size)) if v is not None}
+    # The study owns the splits: a generator config's own folds file (e.g. configs/deepdrid-*.yaml) does not apply.
+    raw = _merge(raw, {"data": {**study, "folds_file": folds_file, "fold": fold or 0}})
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: model must be a mapping")
+    if "name" in model:  # a named model fills its defaults first, as in `geca train -c`
+        try:
+            raw["model"] = {**asdict(named_model(model["name"])), **model}
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    try:
+        return from_dict(RunConfig, raw, where)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_choice(value: str, valid: tuple[str, ...], where: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(valid)}")
+
+
+def _validate(exp: Experiment, path: Path) -> None:
+    if not NAME.match(exp.name):
+        raise ConfigError(f"{path}: name {exp.name!r} must be letters, digits, '-' or '_' (it names runs/NAME)")
+    if not exp.data.spec:
+        raise ConfigError(f"{path}: data.spec is required (a dataset spec, as for `geca train --data`)")
+    d = exp.data
+    if d.folds is not None and d.folds < 3:
+        raise ConfigError(f"{path}: data.folds must be ≥ 3 (test, val and training folds), got {d.folds}")
+    if d.run_folds is not None and (d.run_folds < 1 or not d.cv or (d.folds and d.run_folds > d.folds)):
+        raise ConfigError(f"{path}: data.run_folds must be between 1 and the number of folds (and needs "
+                          f"data.folds or data.folds_file), got {d.run_folds}")
+    if not exp.generators:
+        raise ConfigError(f"{path}: generators: give at least one generator (name, config and/or overrides)")
+    names = [g.name for g in exp.generators]
+    for n in names:
+        if not NAME.match(n):
+            raise ConfigError(f"{path}: generator name {n!r} must be letters, digits, '-' or '_'")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: generator names must be distinct, got {names}")
+    samplers = [("evaluation.sampler", exp.evaluation.sampler), ("ghg.sampler", exp.ghg.sampler),
+                ("nca_steps.sampler", exp.nca_steps.sampler), ("growth.sampler", exp.growth.sampler),
+                ("expansion.sampler", exp.expansion.sampler)]
+    samplers += [(f"sampler_cost.samplers[{i}]", s) for i, s in enumerate(exp.sampler_cost.samplers)]
+    for where, s in samplers:
+        try:
+            s.validate()
+        except ValueError as e:
+            raise ConfigError(f"{path}: {where}: {e}") from None
+    for mode in exp.ghg.modes:
+        _check_choice(mode, GHG_MODES, f"{path}: ghg.modes")
+    if any(m < 1 for m in exp.nca_steps.values):
+        raise ConfigError(f"{path}: nca_steps.values must be ≥ 1, got {exp.nca_steps.values}")
+    for where, n in (("evaluation", exp.evaluation.num_samples), ("ghg", exp.ghg.num_samples),
+                     ("nca_steps", exp.nca_steps.num_samples), ("sampler_cost", exp.sampler_cost.num_samples)):
+        if n is not None and n < 2:
+            raise ConfigError(f"{path}: {where}.num_samples must be ≥ 2, got {n}")
+    unknown = sorted(set(exp.sampler_cost.generators or []) - set(names))
+    if unknown:
+        raise ConfigError(f"{path}: sampler_cost.generators: unknown generator(s) {unknown}; have {names}")
+    ev, cl = exp.evaluation, exp.classification
+    _check_choice(ev.features, FEATURES, f"{path}: evaluation.features")
+    _check_choice(ev.protocol, PROTOCOLS, f"{path}: evaluation.protocol")
+    _check_choice(cl.stem, STEMS, f"{path}: classification.stem")
+    _check_choice(cl.eye_agg, AGGREGATIONS, f"{path}: classification.eye_agg")
+    _check_choice(cl.test, TESTS, f"{path}: classification.test")
+    _check_choice(cl.p_metric, MACRO, f"{path}: classification.p_metric")
+    if exp.expansion.ratio < 1:
+        raise ConfigError(f"{path}: expansion.ratio must be ≥ 1, got {exp.expansion.ratio}")
+
+
+def load_experiment(path: str | Path) -> LoadedExperiment:
+    """Read and check an experiment file, including every generator's run config (on each fold)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: experiment config not found") from None
+    raw = _parse_yaml(text, path)
+    exp = from_dict(Experiment, raw, str(path))
+    _validate(exp, path)
+    loaded = LoadedExperiment(exp=exp, path=path, text=text, cellular=None)
+    families = {g.name: loaded.run_config(g.name, loaded.folds[0]).model.family for g in exp.generators}
+    cellular = [n for n, f in families.items() if f == "geca"]
+    if exp.geca_generator is not None and exp.geca_generator not in cellular:
+        raise ConfigError(f"{path}: geca_generator {exp.geca_generator!r} is not a GeCA generator; GeCA "
+                          f"generators: {cellular or 'none'}")
+    loaded.cellular = exp.geca_generator or (cellular[0] if cellular else None)
+    return loaded

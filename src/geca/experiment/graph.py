@@ -1,0 +1,186 @@
+"""Stages, their done-markers and the resumable run: what is done is skipped, what changed is redone.
+
+A stage's key hashes its id, its parameters (its slice of the config) and the `run_id` of each upstream stage's
+marker. A stage that runs gets a fresh `run_id`, so redoing a stage (its config changed, or `--force`) changes the
+key of everything downstream, which is then redone too; nothing else is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geca.config import ConfigError
+from geca.utils.io import atomic_write_json
+
+MARKER = "done.json"
+PENDING = "pending.json"
+
+
+class StageError(ConfigError):
+    """A stage selection that cannot run (unknown stage, or `--only` with inputs that are not done)."""
+
+
+@dataclass
+class Stage:
+    """One step of the study: `run(directory)` writes its outputs there and returns a JSON-able summary.
+
+    `resumable` stages keep their directory when re-entered with the same key (training resumes from its latest
+    checkpoint); the others start from an empty directory.
+    """
+
+    id: str
+    run: Callable[[Path], dict[str, Any]]
+    deps: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict)
+    resumable: bool = False
+
+
+def stage_dir(root: Path, stage_id: str) -> Path:
+    """`train.GeCA.f1` → ROOT/train/GeCA-f1; `evaluate` → ROOT/evaluate."""
+    group, *rest = stage_id.split(".")
+    return Path(root) / group / "-".join(rest) if rest else Path(root) / group
+
+
+def read_marker(root: Path, stage_id: str) -> dict[str, Any] | None:
+    path = stage_dir(root, stage_id) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None  # a corrupt marker means "not done": the stage is redone
+
+
+def stage_key(stage: Stage, markers: dict[str, dict[str, Any]]) -> str:
+    blob = {"stage": stage.id, "params": stage.params, "deps": {d: markers[d]["run_id"] for d in stage.deps}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def environment() -> dict[str, Any]:
+    """Where a stage ran: versions and hardware."""
+    cuda = torch.cuda.is_available()
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "cpu": _cpu_name(),
+            "cpu_count": torch.get_num_threads(), "platform": platform.platform(), "host": platform.node()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def select(stages: list[Stage], selectors: list[str], flag: str) -> set[str]:
+    """Stage ids matched by `selectors`: an id, or a prefix of dotted parts (`train` = every `train.*`)."""
+    chosen: set[str] = set()
+    for sel in selectors:
+        hits = {s.id for s in stages if s.id == sel or s.id.startswith(sel + ".")}
+        if not hits:
+            groups = sorted({s.id.split(".")[0] for s in stages} | {s.id for s in stages})
+            raise StageError(f"{flag} {sel!r}: no such stage; stages: {', '.join(groups)}")
+        chosen |= hits
+    return chosen
+
+
+@dataclass
+class Step:
+    stage: Stage
+    action: str  # "skip" or "run"
+    reason: str
+
+
+def plan(stages: list[Stage], root: Path, force: list[str] | None = None,
+         only: list[str] | None = None) -> list[Step]:
+    """What a run would do, in order (`stages` must be in dependency order); `--only` restricts it to the chosen
+    stages, whose inputs must then be done or chosen too."""
+    chosen = select(stages, only, "--only") if only else {s.id for s in stages}
+    forced = select(stages, force or [], "--force") & chosen
+    markers: dict[str, dict[str, Any]] = {}
+    done: set[str] = set()
+    running: set[str] = set()
+    steps = []
+    for s in stages:
+        marker = read_marker(root, s.id)
+        waiting = [d for d in s.deps if d not in done]
+        if waiting:
+            reason = f"upstream {waiting[0]} runs"
+        elif marker is None:
+            reason = "not run yet"
+        elif marker.get("key") != stage_key(s, markers):
+            reason = "config or upstream changed"
+        elif s.id in forced:
+            reason = "forced"
+        else:
+            done.add(s.id)
+            markers[s.id] = marker
+            if s.id in chosen:
+                steps.append(Step(s, "skip", f"done {marker.get('finished', '')}, key {marker['key'][:10]}"))
+            continue
+        if s.id not in chosen:
+            continue
+        missing = [d for d in waiting if d not in running]
+        if missing:
+            raise StageError(f"--only {s.id}: its input stage(s) {', '.join(missing)} are not done; run the "
+                             f"experiment without --only first (or --only {missing[0]})")
+        running.add(s.id)
+        steps.append(Step(s, "run", reason))
+    return steps
+
+
+def execute(stages: list[Stage], root: Path, force: list[str] | None = None, only: list[str] | None = None,
+            log: Callable[[str], None] = print) -> list[Step]:
+    """Run the stages that are not done; every finished stage writes its marker last."""
+    root = Path(root)
+    steps = plan(stages, root, force, only)
+    forced = {step.stage.id for step in steps if step.reason == "forced"}
+    for step in steps:
+        log(f"{step.action:4s} {step.stage.id:24s} {step.reason}")
+    markers = {s.id: m for s in stages if (m := read_marker(root, s.id)) is not None}
+    for step in steps:
+        if step.action == "skip":
+            continue
+        s = step.stage
+        key = stage_key(s, markers)
+        d = stage_dir(root, s.id)
+        if s.id in forced and d.exists():
+            shutil.rmtree(d)  # forced: start afresh, even a resumable stage
+        _prepare(d, key, s.resumable)
+        log(f"── {s.id} ({step.reason})")
+        t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M:%S")
+        outputs = s.run(d)
+        marker = {"stage": s.id, "key": key, "run_id": uuid.uuid4().hex, "params": s.params,
+                  "deps": {dep: markers[dep]["run_id"] for dep in s.deps}, "started": started,
+                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t0, 2),
+                  "env": environment(), "outputs": outputs}
+        atomic_write_json(d / MARKER, marker)
+        (d / PENDING).unlink(missing_ok=True)
+        markers[s.id] = marker
+        log(f"   {s.id} done in {marker['seconds']:.1f} s")
+    return steps
+
+
+def _prepare(d: Path, key: str, resumable: bool) -> None:
+    """Empty the stage's directory, unless a resumable stage left work there under the same key (then it goes on)."""
+    (d / MARKER).unlink(missing_ok=True)
+    pending = d / PENDING
+    keep = resumable and pending.exists() and json.loads(pending.read_text()).get("key") == key
+    if not keep and d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+    if resumable:
+        atomic_write_json(pending, {"key": key})

@@ -1,0 +1,292 @@
+"""The study report: `report.md` (figures beside it) and a self-contained `report.html` (figures inlined).
+
+Every number is read from what the stages wrote (their done-markers, metrics.json, results.json, log.csv).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import re
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+import geca
+from geca.experiment.graph import read_marker, stage_dir
+from geca.utils.io import atomic_write, atomic_write_text
+from geca.utils.plots import plt
+
+if TYPE_CHECKING:
+    from geca.experiment.stages import Context
+
+PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "accelerate", "safetensors", "scikit-learn", "scipy",
+            "timm", "lpips", "torch-fidelity", "matplotlib", "pillow")
+MIME = {".png": "image/png", ".gif": "image/gif"}
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px}"
+       "th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}"
+       "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd}")
+
+
+def _pm(d: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+    return "—" if d is None else f"{d['mean'] * scale:.{digits}f} ± {d['std'] * scale:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|",
+            *("| " + " | ".join(str(c) for c in r) + " |" for r in rows), ""]
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return f"figures/{path.name}"
+
+
+def _copy(src: Path, figures: Path, name: str) -> str:
+    shutil.copyfile(src, figures / name)
+    return f"figures/{name}"
+
+
+class _Reader:
+    """The outputs of this study's stages (`stage_ids`: stages dropped from the config are ignored)."""
+
+    def __init__(self, ctx: Context, stage_ids: list[str]) -> None:
+        self.ctx, self.root, self.ids = ctx, ctx.root, stage_ids
+
+    def done(self, stage_id: str) -> bool:
+        return stage_id in self.ids
+
+    def metrics(self, stage_id: str) -> dict[str, Any]:
+        return json.loads((stage_dir(self.root, stage_id) / self.ctx.outputs(stage_id)["metrics"]).read_text())
+
+    def kid(self, stage_id: str) -> dict[str, dict[str, float]]:
+        return {r["name"]: r["kid"] for r in self.metrics(stage_id)["results"]}
+
+    def train(self, name: str) -> dict[str, Any]:
+        from geca.experiment.stages import train_id
+
+        return self.ctx.outputs(train_id(name, self.ctx.eval_fold))
+
+
+def _quality(r: _Reader, figures: Path) -> list[str]:
+    rep = r.metrics("evaluate")
+    feats = rep["features"]
+    lines = ["## Table 1 — image quality", "",
+             f"{len(rep['results'])} generated sets against `{rep['real']['spec']}:{rep['real']['split']}` "
+             f"({rep['real']['n']} real images), {rep['protocol']} protocol, {feats['name']} features "
+             f"({feats['dim']}-d, {feats['source']}); GG and FLD against the training split "
+             f"({rep['train']['n']} images). KID ×10³, mean ± std over subsets; LPIPS backbone: "
+             f"{rep['lpips_backbone'] or 'not computed'}.", ""]
+    if feats["name"] == "random" or (rep["lpips_backbone"] or "").startswith("random"):
+        lines += ["**Randomly initialised feature networks: these values test the pipeline and mean nothing.**", ""]
+    rows = [[x["name"], r.train(x["name"])["model"], x["n"], _pm(x["kid"], 1e3), _pm(x["lpips"], digits=4),
+             f"{x['fld']['gg']:.2f}", f"{x['fld']['fld']:.2f}"] for x in rep["results"]]
+    lines += _table(["Generator", "Model", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓"], rows)
+    lines += ["### Samples per class: real (left) beside generated (right)", ""]
+    for x in rep["results"]:
+        link = _copy(stage_dir(r.root, "evaluate") / x["grid"], figures, "grid_" + x["grid"].rsplit("_grid_", 1)[-1])
+        lines += [f"**{x['name']}**", "", f"![{x['name']} samples]({link})", ""]
+    return lines
+
+
+def _ghg(r: _Reader, figures: Path) -> list[str]:
+    kid = r.kid("ghg")
+    sets = r.ctx.outputs("ghg")["sets"]
+    modes = [s["sampling"]["ghg"] for s in sets]
+    vals = [kid[s["name"]] for s in sets]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.bar(modes, [v["mean"] * 1e3 for v in vals], yerr=[v["std"] * 1e3 for v in vals], capsize=4,
+           color=["#999" if m != "hidden" else "#c44" for m in modes])
+    ax.set_ylabel("KID ×10³ ↓")
+    ax.set_xlabel("inherited from step t+1")
+    ax.set_title(f"Gene Heredity Guidance ({r.ctx.loaded.cellular})", fontsize=9)
+    sc = sets[0]["sampling"]
+    return ["## Fig. 5 — Gene Heredity Guidance", "",
+            f"{r.ctx.loaded.cellular}, {sets[0]['images']} images per mode, {sc['sampler']} {sc['steps']} steps, "
+            f"CFG {sc['cfg']}.", "", f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
+            *_table(["GHG", "KID×10³ ↓"], [[m, _pm(v, 1e3)] for m, v in zip(modes, vals, strict=True)])]
+
+
+def _nca_steps(r: _Reader, figures: Path) -> list[str]:
+    kid = r.kid("nca_steps")
+    sets = r.ctx.outputs("nca_steps")["sets"]
+    ms = [s["sampling"]["nca_steps"] for s in sets]
+    vals = [kid[s["name"]] for s in sets]
+    trained = r.ctx.loaded.run_config(r.ctx.loaded.cellular, r.ctx.eval_fold).model.nca_steps
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    mean = [v["mean"] * 1e3 for v in vals]
+    ax.errorbar(ms, mean, yerr=[v["std"] * 1e3 for v in vals], marker="o", capsize=4)
+    ax.axvline(trained, color="#c44", ls="--", lw=1, label=f"trained M = {trained}")
+    ax.set_xlabel("M (NCA steps per denoiser call) at sampling")
+    ax.set_ylabel("KID ×10³ ↓")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ["## Fig. 6 — M at sampling (undergrowth ↔ overgrowth)", "",
+            f"{r.ctx.loaded.cellular}, trained with M = {trained}, sampled without retraining; "
+            f"{sets[0]['images']} images per M.", "", f"![M at sampling]({_save(fig, figures / 'fig6_m.png')})", "",
+            *_table(["M", "KID×10³ ↓"], [[m, _pm(v, 1e3)] for m, v in zip(ms, vals, strict=True)])]
+
+
+def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
+    kid = r.kid("sampler_cost")
+    rows, curves = [], {}
+    for s in r.ctx.outputs("sampler_cost")["sets"]:
+        sc, train = s["sampling"], r.train(s["generator"])
+        calls = sc["steps"]
+        gmac = calls * train["macs_per_call"] * (2 if sc["cfg"] != 1 else 1) / 1e9  # CFG doubles each call's batch
+        k = kid[s["name"]]
+        rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}", calls, f"{gmac:.2f}",
+                     f"{s['seconds'] / max(s['images'], 1):.3f}", _pm(k, 1e3)])
+        curves.setdefault(s["generator"], []).append((calls, k["mean"] * 1e3, k["std"] * 1e3))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
+    for name, pts in curves.items():
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    label=name)
+    ax.set_xscale("log")
+    calls = sorted({p[0] for pts in curves.values() for p in pts})
+    ax.set_xticks(calls, [str(c) for c in calls])
+    ax.minorticks_off()
+    ax.set_xlabel("denoiser calls per image")
+    ax.set_ylabel("KID ×10³ ↓")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ["## Sampler cost", "", "KID against the number of denoiser calls (DDPM respaced vs DDIM, η = 0); GMAC "
+            "counts matmuls and convolutions of every call (both CFG halves); seconds are wall time on the device of "
+            "the sampler-cost stage.", "", f"![sampler cost]({_save(fig, figures / 'sampler_cost.png')})", "",
+            *_table(["Generator", "Sampler", "Calls", "GMAC / image", "s / image", "KID×10³ ↓"], rows)]
+
+
+def _classification(r: _Reader) -> list[str]:
+    from geca.downstream.report import markdown
+
+    summary = json.loads((stage_dir(r.root, "classify") / r.ctx.outputs("classify")["results"]).read_text())
+    text = markdown(summary).splitlines()
+    body = [re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 1) + " ", line) for line in text[1:]]
+    return ["## Table 2 — downstream classification", "", *body, ""]
+
+
+def _growth(r: _Reader, figures: Path) -> list[str]:
+    out = r.ctx.outputs("growth")
+    d = stage_dir(r.root, "growth")
+    return ["## Growth", "",
+            f"One {r.ctx.loaded.cellular} organism of class *{out['label']}*: the M NCA updates at t = {out['t']} "
+            "(top: ε in C_out, bottom: the clean image it implies, from the single seed cell), and the denoising "
+            "trajectory (x_t above x̂₀).", "",
+            f"![growth]({_copy(d / out['growth_gif'], figures, 'growth.gif')}) "
+            f"![denoising]({_copy(d / out['denoise_gif'], figures, 'denoise.gif')})", ""]
+
+
+def _training(r: _Reader, figures: Path, train_ids: list[str]) -> list[str]:
+    fig, ax = plt.subplots(figsize=(6.5, 3.6), dpi=120)
+    rows = []
+    for sid in train_ids:
+        o = r.ctx.outputs(sid)
+        log = list(csv.DictReader(open(stage_dir(r.root, sid) / o["log"])))
+        if log:
+            ax.plot([int(x["step"]) for x in log], [float(x["loss"]) for x in log], lw=1, label=sid[6:])
+        sample = r.ctx.outputs(f"sample.{o['generator']}") if r.done(f"sample.{o['generator']}") else None
+        per_image = f"{sample['seconds'] / max(sample['images'], 1):.3f}" if sample and o["fold"] == r.ctx.eval_fold \
+            else "—"
+        rows.append([sid[6:], o["model"], f"{o['parameters']:,}", f"{o['macs_per_call'] / 1e9:.3f}",
+                     "×".join(map(str, o["input"])), o["steps"],
+                     "—" if o["images_per_s"] is None else f"{o['images_per_s']:.1f}",
+                     "—" if o["train_minutes"] is None else f"{o['train_minutes']:.1f}", per_image])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ["## Training and cost", "", f"![training curves]({_save(fig, figures / 'training.png')})", "",
+            "Parameters and GMAC per denoiser call (batch 1; matmuls and convolutions) of each run; training "
+            "throughput is the median of log.csv's images/s; sampling s/image is Table 1's sampling.", "",
+            *_table(["Run", "Model", "Parameters", "GMAC / call", "Input", "Steps", "Train img/s", "Train min",
+                     "Sample s / image"], rows)]
+
+
+def _versions() -> list[list[str]]:
+    rows = [["geca", geca.__version__]]
+    for p in PACKAGES:
+        try:
+            rows.append([p, metadata.version(p)])
+        except metadata.PackageNotFoundError:
+            rows.append([p, "not installed"])
+    return rows
+
+
+def _reproducibility(r: _Reader, markers: list[dict[str, Any]]) -> list[str]:
+    envs: dict[str, list[str]] = {}
+    for m in markers:
+        envs.setdefault(json.dumps(m["env"], sort_keys=True), []).append(m["stage"])
+    env_rows = []
+    for text, ids in envs.items():
+        e = json.loads(text)
+        env_rows.append([e["device"], e["cpu"], e["cpu_count"], e["torch"], e["cuda"] or "—", e["python"],
+                         e["platform"], ", ".join(ids) if len(envs) > 1 else "all"])
+    stage_rows = [[m["stage"], f"{m['seconds']:.1f}", m["finished"], m["key"][:12]] for m in markers]
+    total = sum(m["seconds"] for m in markers)
+    runs = {g.name: r.ctx.loaded.run_config(g.name, r.ctx.eval_fold).to_dict() for g in r.ctx.exp.generators}
+    return ["## Reproducibility", "", f"### Stages ({total / 60:.1f} min of compute in all)", "",
+            *_table(["Stage", "Seconds", "Finished", "Key"], stage_rows),
+            "### Hardware and versions", "",
+            *_table(["Device", "CPU", "Threads", "torch", "CUDA", "Python", "Platform", "Stages"], env_rows),
+            *_table(["Package", "Version"], _versions()),
+            f"### Experiment config (`{r.ctx.loaded.path}`)", "", "```yaml", r.ctx.loaded.text.rstrip(), "```", "",
+            "### Resolved run configs" + (f" (fold {r.ctx.eval_fold})" if r.ctx.eval_fold is not None else ""), "",
+            "```yaml", yaml.safe_dump(runs, sort_keys=False).rstrip(), "```", ""]
+
+
+def to_html(markdown_text: str, base: Path, title: str) -> str:
+    """Render the markdown and inline every `figures/…` image as a base64 data URI."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+
+    def inline(m: re.Match[str]) -> str:
+        path = base / html.unescape(m.group(1))
+        return f'src="data:{MIME[path.suffix]};base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="(figures/[^"]+)"', inline, body)
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n{body}</body></html>\n")
+
+
+def write_report(ctx: Context, out: Path, stage_ids: list[str]) -> dict[str, Any]:
+    """Write report.md, report.html and figures/ into `out` from the outputs of the (done) stages `stage_ids`."""
+    r = _Reader(ctx, stage_ids)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    markers = sorted((read_marker(ctx.root, i) for i in stage_ids), key=lambda m: m["finished"])
+    train_ids = [m["stage"] for m in markers if m["stage"].startswith("train.")]
+    exp = ctx.exp
+    d = exp.data
+    split = "fixed train/val/test split" if not d.cv else \
+        f"patient-level CV, folds {', '.join(map(str, ctx.loaded.folds))} of `{ctx.loaded.folds_file}`"
+    lines = [f"# GeCA study `{exp.name}`", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} by geca {geca.__version__} from `{ctx.loaded.path}`. "
+             f"Data: `{d.spec}`" + (f" at {d.image_size} px" if d.image_size else "") +
+             (f", latent (VAE `{d.vae}`)" if d.vae else "") + f"; {split}. Generators: " +
+             ", ".join(f"{g.name} ({r.train(g.name)['model']})" for g in exp.generators) + ".", ""]
+    lines += _quality(r, figures)
+    for stage_id, section in (("ghg", _ghg), ("nca_steps", _nca_steps), ("sampler_cost", _sampler_cost)):
+        if r.done(stage_id):
+            lines += section(r, figures)
+    if r.done("classify"):
+        lines += _classification(r)
+    if r.done("growth"):
+        lines += _growth(r, figures)
+    lines += _training(r, figures, train_ids)
+    lines += _reproducibility(r, markers)
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", to_html(text, out, f"GeCA study {exp.name}"))
+    return {"markdown": "report.md", "html": "report.html", "figures": sorted(p.name for p in figures.iterdir())}

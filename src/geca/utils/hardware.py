@@ -1,0 +1,37 @@
+"""What the machine can do fast."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them torch emulates bf16 matmul on the CPU, often 100× slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str) -> str:
+    """`auto` is bf16 where the hardware runs it natively (CUDA with bf16, or a bf16-capable CPU), else fp32."""
+    if name not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        native = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+        return "bf16" if native else "fp32"
+    if name == "fp16" and not cuda:
+        raise ValueError("fp16 mixed precision needs a CUDA GPU; on a CPU use bf16, fp32 or auto")
+    if name == "bf16" and not cuda and not cpu_has_native_bf16():
+        warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast will be far slower than fp32; "
+                      "use --precision auto or fp32", stacklevel=2)
+    return name

@@ -1,0 +1,416 @@
+"""Downstream classification (Table 2): metrics against scikit-learn, significance, expansion, the CLI end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+from conftest import blob_images
+from PIL import Image
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    multilabel_confusion_matrix,
+    recall_score,
+    roc_auc_score,
+)
+from torchvision.models import resnet34
+from typer.testing import CliRunner
+
+from geca.cli.downstream import classify, expand
+from geca.cli.folds import folds
+from geca.cli.train import train
+from geca.data.imageset import DataError
+from geca.data.procedural import OCT_CLASSES
+from geca.downstream.classifier import build_resnet34, geometric_augment
+from geca.downstream.metrics import binary_ap, binary_auc, eye_level, macro_metric, score
+from geca.downstream.significance import paired_bootstrap, paired_test, stars
+from geca.sampling.labels import replicate_labels
+
+runner = CliRunner()
+app = typer.Typer(pretty_exceptions_enable=False)
+for name, command in (("train", train), ("folds", folds), ("expand", expand), ("classify", classify)):
+    app.command(name)(command)
+
+TINY_TRAIN = ["--model", "GeCA-T", "--nca-steps", "1", "--max-steps", "1", "--batch-size", "4", "--sample-every", "0",
+              "--no-progress"]
+FAST_SAMPLING = ["--sampler", "ddim", "--steps", "2", "--no-progress"]
+# One thread: tiny convolutions on a busy 2-core machine run several times faster than with two.
+TINY_CLASSIFY = ["--epochs", "1", "--batch-size", "4", "--bootstrap", "100", "--threads", "1", "--no-progress"]
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """`geca classify --threads` sets torch's thread count for the process; give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+def _specificity(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    cm = multilabel_confusion_matrix(y, pred)  # (K, 2, 2): [[tn, fp], [fn, tp]]
+    return cm[:, 0, 0] / (cm[:, 0, 0] + cm[:, 0, 1])
+
+
+def test_multiclass_metrics_match_sklearn() -> None:
+    truth = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    probs = np.array([[.7, .2, .1], [.4, .5, .1], [.6, .1, .3], [.2, .7, .1], [.5, .3, .2], [.1, .8, .1],
+                      [.1, .2, .7], [.3, .3, .4], [.2, .5, .3], [.1, .1, .8]])
+    s = score(np.eye(3)[truth], probs, multilabel=False)
+    pred = probs.argmax(1)
+    m = s["macro"]
+    assert m["acc"] == pytest.approx(accuracy_score(truth, pred))
+    assert m["sen"] == pytest.approx(recall_score(truth, pred, average="macro"))
+    assert m["f1"] == pytest.approx(f1_score(truth, pred, average="macro"))
+    # MedMNIST's getAUC for multi-class: mean one-vs-rest AUC of the softmax scores.
+    assert m["auc"] == pytest.approx(roc_auc_score(truth, probs, multi_class="ovr", average="macro"))
+    assert m["map"] == pytest.approx(np.mean([average_precision_score(truth == k, probs[:, k]) for k in range(3)]))
+    spe = _specificity(np.eye(3)[truth], np.eye(3)[pred])
+    np.testing.assert_allclose(s["per_class"]["spe"], spe)
+    sen = recall_score(truth, pred, average=None)
+    np.testing.assert_allclose(s["per_class"]["f1_sen_spe"], 2 * sen * spe / (sen + spe))
+
+
+def test_multilabel_metrics_match_sklearn_with_ties() -> None:
+    y = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 0], [0, 1, 0], [1, 1, 1], [0, 0, 0],
+                  [1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    probs = np.array([[.9, .1, .6], [.2, .8, .5], [.5, .4, .2], [.1, .2, .9], [.6, .6, .1], [.3, .7, .4],
+                      [.8, .5, .5], [.2, .1, .3], [.5, .3, .7], [.4, .9, .2], [.3, .2, .4], [.5, .2, .1]])
+    s = score(y, probs, multilabel=True)
+    pred = (probs >= 0.5).astype(int)
+    pc = s["per_class"]
+    np.testing.assert_allclose(pc["sen"], recall_score(y, pred, average=None))
+    np.testing.assert_allclose(pc["spe"], _specificity(y, pred))
+    np.testing.assert_allclose(pc["f1"], f1_score(y, pred, average=None))
+    np.testing.assert_allclose(pc["auc"], roc_auc_score(y, probs, average=None))
+    np.testing.assert_allclose(pc["ap"], average_precision_score(y, probs, average=None))
+    assert s["macro"]["map"] == pytest.approx(average_precision_score(y, probs, average="macro"))
+    assert s["macro"]["auc"] == pytest.approx(roc_auc_score(y, probs, average="macro"))
+    assert "acc" not in s["macro"]
+    for name in ("sen", "spe", "auc", "f1", "f1_sen_spe", "map"):
+        assert macro_metric(y, probs, True, name) == pytest.approx(s["macro"][name])
+
+
+def test_fast_auc_and_ap_equal_sklearn_on_random_tied_scores() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(4, 40))
+        y = rng.integers(0, 2, n).astype(bool)
+        y[:2] = [True, False]
+        p = np.round(rng.random(n), 1)  # many ties
+        assert binary_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+        assert binary_ap(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+
+
+def test_f1_sen_spe_is_the_macro_of_per_class_harmonic_means() -> None:
+    # Class 0: sen 1/2, spe 1 → 2/3. Class 1: never predicted → sen 0 → 0 (not NaN).
+    y = np.array([[1, 0], [1, 0], [0, 1], [0, 0]])
+    probs = np.array([[.9, .1], [.1, .1], [.2, .3], [.1, .2]])
+    s = score(y, probs, multilabel=True)
+    np.testing.assert_allclose(s["per_class"]["f1_sen_spe"], [2 / 3, 0.0])
+    assert s["macro"]["f1_sen_spe"] == pytest.approx(1 / 3)
+    # The harmonic mean of the macro sen and spe would be another number: the paper's F1_sen/spe is not that.
+    assert s["macro"]["f1_sen_spe"] != pytest.approx(2 * s["macro"]["sen"] * s["macro"]["spe"] /
+                                                     (s["macro"]["sen"] + s["macro"]["spe"]))
+
+
+def test_a_class_without_positives_is_left_out_of_the_macro_mean() -> None:
+    y = np.array([[1, 0], [0, 0], [1, 0], [0, 0]])
+    probs = np.array([[.8, .6], [.3, .1], [.4, .2], [.1, .3]])
+    s = score(y, probs, multilabel=True)
+    assert np.isnan(s["per_class"]["sen"][1]) and np.isnan(s["per_class"]["auc"][1])
+    assert s["macro"]["sen"] == pytest.approx(0.5) and s["macro"]["auc"] == pytest.approx(1.0)
+    assert s["per_class"]["spe"][1] == pytest.approx(0.75)  # one false positive among four negatives
+    with pytest.raises(DataError, match="NaN"):
+        score(y, np.full((4, 2), np.nan), multilabel=True)
+
+
+@pytest.mark.parametrize("how", ["max", "mean"])
+def test_eye_level_scores_aggregate_each_eyes_scans(how: str) -> None:
+    eyes = np.array(["b", "a", "b", "c", "a", "c", "c"])
+    y = np.array([[0, 1], [1, 0], [1, 1], [0, 0], [0, 0], [0, 1], [0, 0]])
+    probs = np.array([[.2, .9], [.7, .1], [.6, .3], [.1, .2], [.3, .4], [.4, .8], [.2, .1]])
+    agg, labels = eye_level(probs, y, eyes, multilabel=True, how=how)
+    reduce = np.max if how == "max" else np.mean
+    expect = np.array([reduce(probs[eyes == e], axis=0) for e in ("a", "b", "c")])
+    np.testing.assert_allclose(agg, expect)
+    np.testing.assert_array_equal(labels, [[1, 0], [1, 1], [0, 1]])  # labels OR-ed per eye
+    s = score(labels, agg, multilabel=True)
+    np.testing.assert_allclose(s["per_class"]["auc"], roc_auc_score(labels, agg, average=None))
+    np.testing.assert_allclose(s["per_class"]["sen"], recall_score(labels, (agg >= .5).astype(int), average=None))
+
+
+def test_eye_level_multiclass_needs_one_class_per_eye() -> None:
+    probs = np.array([[.7, .3], [.4, .6], [.2, .8]])
+    agg, labels = eye_level(probs, np.eye(2)[[0, 0, 1]], np.array(["a", "a", "b"]), multilabel=False, how="mean")
+    np.testing.assert_allclose(agg, [[.55, .45], [.2, .8]])
+    with pytest.raises(DataError, match="eye 'a' has scans of different classes"):
+        eye_level(probs, np.eye(2)[[0, 1, 1]], np.array(["a", "a", "b"]), multilabel=False)
+
+
+# ----------------------------------------------------------------------------------------------- significance
+
+def test_stars_follow_the_papers_thresholds() -> None:
+    assert [stars(p) for p in (0.2, 0.04, 0.009, 0.0009, 0.00009, float("nan"))] == \
+        ["ns", "*", "**", "***", "****", "n/a"]
+
+
+def test_paired_tests_on_constructed_units() -> None:
+    rng = np.random.default_rng(1)
+    base = 0.6 + 0.05 * rng.standard_normal(15)
+    for test in ("ttest", "wilcoxon"):
+        same = paired_test(base, base, test)
+        assert same.p == 1.0 and same.stars == "ns" and same.n == 15
+        noise = paired_test(base + 0.01 * rng.standard_normal(15), base, test)
+        assert noise.p > 0.05
+        better = paired_test(base + 0.05 + 0.005 * rng.standard_normal(15), base, test)
+        assert better.p < 1e-4 and better.stars == "****" and better.mean_diff == pytest.approx(0.05, abs=0.01)
+    # NaN units (a metric undefined on a fold) are dropped pairwise.
+    assert paired_test([0.7, np.nan, 0.8], [0.6, 0.5, np.nan], "ttest").n == 1
+
+
+def test_paired_bootstrap_over_test_cases() -> None:
+    rng = np.random.default_rng(2)
+    y = np.eye(2)[rng.integers(0, 2, 200)]
+    weak = [np.clip(y * 0.1 + rng.random(y.shape) * 0.9, 0, 1) for _ in range(3)]
+    strong = [np.clip(y * 0.6 + rng.random(y.shape) * 0.4, 0, 1) for _ in range(3)]
+
+    def auc(labels: np.ndarray, probs: np.ndarray) -> float:
+        return macro_metric(labels, probs, True, "auc")
+
+    same = paired_bootstrap(auc, [y] * 3, weak, weak, test_sets=[0, 0, 0], n_boot=200)
+    assert same.p == 1.0 and same.mean_diff == 0
+    better = paired_bootstrap(auc, [y] * 3, strong, weak, test_sets=[0, 0, 0], n_boot=200)
+    assert better.p == pytest.approx(2 / 201) and better.mean_diff > 0.2 and better.stars == "**"
+
+
+# --------------------------------------------------------------------------------------------------- classifier
+
+def test_imagenet_weights_load_from_a_local_file_and_fit_grey_input(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = resnet34(weights=None)
+    path = tmp_path / "resnet34.pth"
+    torch.save(reference.state_dict(), path)
+    grey = build_resnet34(4, 1, "imagenet", path)
+    torch.testing.assert_close(grey.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
+    torch.testing.assert_close(grey.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
+    assert grey.fc.out_features == 4
+    from geca.config import ConfigError
+
+    with pytest.raises(ConfigError, match="missing.pth.*resnet34-b627a593.pth"):
+        build_resnet34(4, 3, "imagenet", tmp_path / "missing.pth")
+
+
+def test_geometric_augmentation_is_seeded_and_keeps_the_range() -> None:
+    x = torch.rand(6, 3, 16, 16)
+    a = geometric_augment(x, torch.Generator().manual_seed(0))
+    b = geometric_augment(x, torch.Generator().manual_seed(0))
+    c = geometric_augment(x, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert a.shape == x.shape and not torch.allclose(a, c) and not torch.allclose(a, x)
+    assert a.min() >= 0 and a.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- expansion
+
+def test_replicate_labels_keeps_the_joint_multilabel_distribution() -> None:
+    labels = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1], [0, 0, 0]], dtype=np.float32)
+    out = replicate_labels(labels, 5).numpy()
+    assert Counter(map(tuple, out)) == Counter({k: 5 * v for k, v in Counter(map(tuple, labels)).items()})
+
+
+@pytest.fixture(scope="module")
+def blobs_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The blob set as an npz, a 1-step GeCA trained on it, and its 2× expansion."""
+    root = tmp_path_factory.mktemp("downstream")
+    parts = {}
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        s = blob_images(n=8, seed=seed)
+        parts[f"{split}_images"] = s.images
+        parts[f"{split}_labels"] = s.labels.argmax(1)[:, None].astype(np.uint8)
+    np.savez(root / "blobs.npz", **parts)
+    res = invoke("train", "--data", root / "blobs.npz", "--out", root / "run", *TINY_TRAIN)
+    assert res.exit_code == 0, res.output
+    res = invoke("expand", "--run", root / "run", "--ratio", 2, "--out", root / "syn", *FAST_SAMPLING)
+    assert res.exit_code == 0, res.output
+    return {"npz": root / "blobs.npz", "run": root / "run", "syn": root / "syn"}
+
+
+def _label_rows(directory: Path) -> list[tuple[str, ...]]:
+    rows = list(csv.DictReader(open(directory / "labels.csv")))
+    return [tuple(v for k, v in r.items() if k != "filename") for r in rows]
+
+
+def test_expand_replicates_every_training_label_vector(blobs_setup: dict[str, Path]) -> None:
+    train_labels = np.load(blobs_setup["npz"])["train_labels"][:, 0]
+    expect = Counter({(str(int(c == 0)), str(int(c == 1))): 2 * n for c, n in Counter(train_labels).items()})
+    assert Counter(_label_rows(blobs_setup["syn"])) == expect
+    manifest = json.loads((blobs_setup["syn"] / "manifest.json").read_text())
+    assert manifest["expansion"]["ratio"] == 2 and manifest["expansion"]["train_images"] == 8
+    assert len(list((blobs_setup["syn"] / "images").glob("*.png"))) == 16
+
+
+def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_path: Path) -> None:
+    data, folds_csv = "synthetic-oct@patients=9,size=8", tmp_path / "folds.csv"
+    assert invoke("folds", "--data", data, "--k", 3, "--out", folds_csv).exit_code == 0
+    res = invoke("train", "--data", data, "--folds-file", folds_csv, "--fold", 1, "--out", tmp_path / "run",
+                 *TINY_TRAIN)
+    assert res.exit_code == 0, res.output
+    # The folds file and fold default to the run's own.
+    res = invoke("expand", "--run", tmp_path / "run", "--ratio", 3, "--out", tmp_path / "syn", *FAST_SAMPLING)
+    assert res.exit_code == 0, res.output
+    from geca.data import load_split
+
+    train_rows = [tuple(str(int(v)) for v in row)
+                  for row in load_split(data, "train", folds_file=folds_csv, fold=1).labels]
+    assert Counter(_label_rows(tmp_path / "syn")) == Counter({k: 3 * v for k, v in Counter(train_rows).items()})
+    assert any(sum(map(int, r)) > 1 for r in train_rows)  # the case is really multi-label
+    # A generator trained on fold 1 has seen fold 2's test patients.
+    res = invoke("expand", "--run", tmp_path / "run", "--fold", 2, "--out", tmp_path / "leak", *FAST_SAMPLING)
+    assert res.exit_code == 2 and "leak" in res.output and not (tmp_path / "leak").exists()
+
+
+def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tmp_path: Path) -> None:
+    res = invoke("expand", "--run", blobs_setup["run"], "--data", "synthetic-fundus@n=8,size=8",
+                 "--out", tmp_path / "x", *FAST_SAMPLING)
+    assert res.exit_code == 2 and "the run was trained on" in res.output
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ classify CLI
+
+def _md_rows(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("Arm",):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_classify_end_to_end_writes_table_csv_json_and_roc(blobs_setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    res = invoke("classify", "--data", blobs_setup["npz"], "--synthetic", f"syn={blobs_setup['syn']}",
+                 "--arms", "none,geometric,+syn", "--seeds", 2, "--out", out, *TINY_CLASSIFY)
+    assert res.exit_code == 0, res.output
+    for name in ("table.md", "table.csv", "units.csv", "results.json", "roc_none.png", "roc_geometric.png",
+                 "roc_plus_syn.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["arms"]) == ["none", "geometric", "+syn"] and summary["test"] == "paired bootstrap"
+    assert [u["n_synthetic"] for u in summary["arms"]["+syn"]["units"]] == [16, 16]
+    assert [u["seed"] for u in summary["arms"]["none"]["units"]] == [0, 1]
+    rows = _md_rows((out / "table.md").read_text())
+    metrics = summary["metrics"]
+    assert metrics == ["sen", "spe", "auc", "f1", "f1_sen_spe", "map", "acc"]
+    for arm, entry in summary["arms"].items():
+        unit_values = {m: [u["scan"]["macro"][m] for u in entry["units"]] for m in metrics}
+        for m, cell in zip(metrics, rows[arm], strict=False):
+            stat = entry["summary"]["scan"][m]
+            assert stat["mean"] == pytest.approx(np.mean(unit_values[m]))
+            assert cell == f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+        p_cell = rows[arm][-1]
+        if arm == "geometric":
+            assert p_cell == "—"
+        else:
+            sig = entry["significance"]["scan"]["map"]
+            assert p_cell == f"{sig['stars']} ({sig['p']:.2g})" and sig["test"] == "paired bootstrap"
+    units = list(csv.DictReader(open(out / "units.csv")))
+    assert len(units) == 6
+    assert float(units[0]["auc"]) == pytest.approx(summary["arms"]["none"]["units"][0]["scan"]["macro"]["auc"])
+    assert Image.open(out / "roc_geometric.png").size[0] > 100
+
+
+def _write_synthetic(directory: Path, class_names: list[str], n: int = 4, size: int = 8, mode: str = "L") -> None:
+    (directory / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(directory / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", *class_names])
+        for i in range(n):
+            shape = (size, size) if mode == "L" else (size, size, 3)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(directory / f"images/{i}.png")
+            w.writerow([f"images/{i}.png", *(int(j == i % len(class_names)) for j in range(len(class_names)))])
+
+
+def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Path) -> None:
+    data = "synthetic-oct@patients=12,size=8"
+    res = invoke("folds", "--data", data, "--k", 3, "--out", tmp_path / "folds.csv")
+    assert res.exit_code == 0, res.output
+    for k in range(3):
+        _write_synthetic(tmp_path / f"syn-{k}", OCT_CLASSES)
+    res = invoke("classify", "--data", data, "--folds-file", tmp_path / "folds.csv", "--folds", 2, "--synthetic",
+                 f"oct={tmp_path}/syn-{{fold}}", "--arms", "geometric,+oct", "--seeds", 1, "--test", "ttest",
+                 "--out", tmp_path / "cv", *TINY_CLASSIFY)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "cv" / "results.json").read_text())
+    assert summary["protocol"] == "patient-level 2-fold CV" and summary["levels"] == ["scan", "eye"]
+    assert [u["fold"] for u in summary["arms"]["+oct"]["units"]] == [0, 1]
+    from geca.data import load_split
+
+    for s in summary["splits"]:  # test = fold k, val = fold k+1, train = the third fold
+        test, val = (load_split(data, split, folds_file=tmp_path / "folds.csv", fold=s["fold"]) for split in
+                     ("test", "val"))
+        assert (s["test"], s["val"]) == (len(test), len(val))
+        assert not set(test.patient_ids) & set(val.patient_ids)
+    eye_table = (tmp_path / "cv" / "table.md").read_text().split("## Eye level")[1]
+    assert "| +oct |" in eye_table and "acc" not in summary["metrics"]
+    significance = summary["arms"]["+oct"]["significance"]["eye"]
+    assert set(significance) == set(summary["metrics"]) and significance["map"]["test"] == "paired t-test"
+    assert significance["map"]["n"] == 2
+    assert summary["arms"]["+oct"]["units"][0]["n_synthetic"] == 4
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--arms", "geometric,rotations"], "unknown arm 'rotations'"),
+        (["--arms", "geometric,+gan"], "unknown arm '+gan'"),
+        (["--synthetic", "syn={tmp}/nowhere", "--arms", "geometric,+syn"], "nowhere: synthetic set not found"),
+        (["--synthetic", "syn={tmp}/wrong", "--arms", "geometric,+syn"], "class columns ['a', 'b', 'c']"),
+        (["--synthetic", "syn={tmp}/right", "--arms", "geometric"], "no arm uses them"),
+        (["--synthetic", "syn={tmp}/right-{fold}"], "no --folds-file"),
+        (["--imagenet-weights", "{tmp}/w.pth"], "w.pth: ImageNet weights file not found"),
+        (["--eye-agg", "median"], "--eye-agg"),
+        (["--p-metric", "kappa"], "--p-metric"),
+    ],
+)
+def test_classify_bad_input_exits_2_before_training(blobs_setup: dict[str, Path], tmp_path: Path,
+                                                    extra: list[str], message: str) -> None:
+    _write_synthetic(tmp_path / "wrong", ["a", "b", "c"], mode="RGB")
+    _write_synthetic(tmp_path / "right", ["class 0", "class 1"], mode="RGB")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    res = invoke("classify", "--data", blobs_setup["npz"], "--out", tmp_path / "out", *args, *TINY_CLASSIFY)
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and message in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_classify_refuses_a_non_empty_out_dir(blobs_setup: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    res = invoke("classify", "--data", blobs_setup["npz"], "--out", tmp_path / "out", *TINY_CLASSIFY)
+    assert res.exit_code == 2 and "--overwrite" in res.output
+
+
+def test_every_downstream_option_has_help() -> None:
+    import inspect
+
+    for fn in (expand, classify):
+        for name, param in inspect.signature(fn).parameters.items():
+            assert getattr(param.default, "help", None), f"{fn.__name__}: option {name} has no help text"
+    assert re.search(r"--ratio", runner.invoke(app, ["expand", "--help"]).output)

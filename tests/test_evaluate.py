@@ -1,0 +1,132 @@
+"""`geca evaluate` and `geca features train` end to end on tiny data, and their errors."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from conftest import blob_images
+from PIL import Image
+from typer.testing import CliRunner
+
+from geca.cli.evaluate import evaluate, features_app, features_train
+from geca.sampling.generate import labels_csv
+
+runner = CliRunner()
+app = typer.Typer()  # the lead wires these into geca.cli.main; test them on their own
+app.command("evaluate")(evaluate)
+app.add_typer(features_app, name="features")
+FAST = ["--features", "random", "--lpips-weights", "random"]
+NAMES = ["class 0", "class 1"]  # what the npz loader calls the classes of an unknown MedMNIST-format file
+
+
+def write_sample_dir(path: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> Path:
+    """What `geca sample` writes: images/*.png, labels.csv and manifest.json."""
+    (path / "images").mkdir(parents=True)
+    names = []
+    for i, img in enumerate(images):
+        names.append(f"images/{i:06d}.png")
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path / names[-1])
+    (path / "labels.csv").write_text(labels_csv(names, labels, class_names))
+    (path / "manifest.json").write_text(json.dumps({"class_names": class_names, "multilabel": False}))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> dict[str, Path]:
+    """A 2-class npz (120 test images, 60 per class) and two generated sets of 100 (50 per class)."""
+    parts = {}
+    for split, n, seed in (("train", 80, 0), ("val", 16, 1), ("test", 120, 2)):
+        s = blob_images(n=n, size=12, seed=seed)
+        parts[f"{split}_images"], parts[f"{split}_labels"] = s.images, s.labels.argmax(1)[:, None]
+    np.savez(tmp_path / "blobs.npz", **parts)
+    like = blob_images(n=100, size=12, seed=7)
+    noise = np.random.default_rng(0).integers(0, 256, like.images.shape, dtype=np.uint8)
+    return {"npz": tmp_path / "blobs.npz",
+            "good": write_sample_dir(tmp_path / "good", like.images, like.labels, NAMES),
+            "noise": write_sample_dir(tmp_path / "noise", noise, like.labels, NAMES)}
+
+
+def test_every_option_has_help() -> None:
+    for fn in (evaluate, features_train):
+        for name, param in inspect.signature(fn).parameters.items():
+            assert getattr(param.default, "help", None), f"{fn.__name__}: option {name} has no help text"
+
+
+def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "eval" / "metrics.json"
+    npz = str(data["npz"])
+    res = runner.invoke(app, ["evaluate", "--generated", f"like={data['good']}", str(data["noise"]), "--real",
+                              f"{npz}:test", "--train", f"{npz}:train", "--out", str(out), *FAST])
+    assert res.exit_code == 0, res.output
+    for text in ("KID×10³", "LPIPS", "GG", "FLD", "like", "noise", "per-class"):
+        assert text in res.output
+    report = json.loads(out.read_text())
+    assert report["protocol"] == "paper" and report["features"]["name"] == "random"
+    assert report["real"] == {"spec": npz, "split": "test", "n": 120} and report["train"]["n"] == 80
+    like, noise = report["results"]
+    assert (like["name"], noise["name"]) == ("like", "noise")
+    for r in (like, noise):
+        assert set(r) >= {"name", "dir", "n", "kid", "kid_per_class", "lpips", "fld", "grid"}
+        assert r["kid"]["subset_size"] == 25 and r["kid"]["subsets"] == 100  # n_generated // 4
+        assert set(r["kid_per_class"]) == set(NAMES) and r["kid_per_class"]["class 0"]["subset_size"] == 12
+        assert r["lpips"]["pairs"] == 99 and r["lpips"]["mean"] > 0
+        assert set(r["fld"]) >= {"fld", "gg", "nll_train", "nll_test", "nll_baseline"}
+        assert (out.parent / r["grid"]).stat().st_size > 0
+    assert like["kid"]["mean"] < noise["kid"]["mean"]
+
+    res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train",
+                              f"{npz}:train", "--out", str(tmp_path / "std.json"), "--protocol", "standard",
+                              "--no-lpips", *FAST])
+    assert res.exit_code == 0, res.output
+    standard = json.loads((tmp_path / "std.json").read_text())["results"][0]
+    assert standard["kid"]["subset_size"] == 100 and standard["lpips"] is None
+    assert standard["kid_per_class"]["class 1"]["subset_size"] == 50
+
+
+def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    npz = str(data["npz"])
+    base = ["evaluate", "--train", f"{npz}:train", "--out", str(tmp_path / "m.json"), "--features", "random"]
+    other = blob_images(n=4, size=12, classes=3)
+    wrong = write_sample_dir(tmp_path / "wrong", other.images, other.labels, [*NAMES, "class 2"])
+    cases = {
+        "differ from real classes": ["--generated", str(wrong), "--real", f"{npz}:test", "--no-lpips"],
+        "expected SPEC:SPLIT": ["--generated", str(data["good"]), "--real", npz, "--no-lpips"],
+        "not found": ["--generated", str(tmp_path / "missing"), "--real", f"{npz}:test", "--no-lpips"],
+        "alexnet-owt-7be5be79.pth": ["--generated", str(data["good"]), "--real", f"{npz}:test"],
+    }
+    monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)
+    for message, args in cases.items():
+        res = runner.invoke(app, [*base, *args])
+        assert res.exit_code == 2, (message, res.output)
+        assert "error:" in res.output and message in res.output
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_domain_features_trained_once_cached_or_from_a_file(data: dict[str, Path], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "cache"))
+    npz = str(data["npz"])
+    args = ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train", f"{npz}:train",
+            "--no-lpips"]
+    first = runner.invoke(app, [*args, "--out", str(tmp_path / "a.json")])
+    assert first.exit_code == 0, first.output
+    assert "training on" in first.output
+    second = runner.invoke(app, [*args, "--out", str(tmp_path / "b.json")])
+    assert "cached network" in second.output
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["results"][0]["kid"] == b["results"][0]["kid"]
+    assert Path(a["features"]["source"]).parent == tmp_path / "cache" / "features"
+
+    res = runner.invoke(app, ["features", "train", "--data", npz, "--out", str(tmp_path / "dom.safetensors"),
+                              "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    assert "val accuracy" in res.output
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "c.json"), "--features-file",
+                              str(tmp_path / "dom.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c.json").read_text())["features"]["source"] == str(tmp_path / "dom.safetensors")

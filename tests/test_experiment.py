@@ -1,0 +1,269 @@
+"""`geca experiment`: the stage graph and its markers, the presets, and the smoke study end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from geca.cli.experiment import experiment
+from geca.config import ConfigError
+from geca.experiment.config import load_experiment
+from geca.experiment.graph import MARKER, Stage, StageError, execute, plan, read_marker, stage_dir
+from geca.experiment.stages import Context, build_stages
+
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+app = typer.Typer(pretty_exceptions_enable=False)
+app.command()(experiment)
+runner = CliRunner()
+
+
+# ── the graph: hashing, markers, --force, --only (no training) ───────────────────────────────────────────────────
+
+
+def toy(calls: list[str], params: dict[str, dict] | None = None, fail: set[str] | None = None) -> list[Stage]:
+    """a → (b.x, b.y) → c; each stage appends its id to `calls` and writes a file; ids in `fail` raise midway."""
+
+    def make(sid: str):
+        def run(d: Path) -> dict:
+            calls.append(sid)
+            (d / "partial.txt").write_text(sid)
+            if fail and sid in fail:
+                raise RuntimeError(f"{sid} interrupted")
+            return {"file": "partial.txt", "saw_partial_from_before": (d / "kept.txt").exists()}
+
+        return run
+
+    p = params or {}
+    return [Stage("a", make("a"), (), p.get("a", {})),
+            Stage("b.x", make("b.x"), ("a",), p.get("b.x", {}), resumable=True),
+            Stage("b.y", make("b.y"), ("a",), p.get("b.y", {})),
+            Stage("c", make("c"), ("b.x", "b.y"), p.get("c", {}))]
+
+
+def run_ids(root: Path, ids: list[str]) -> dict[str, str]:
+    return {i: read_marker(root, i)["run_id"] for i in ids}
+
+
+def test_graph_runs_in_order_then_skips_everything(tmp_path: Path) -> None:
+    calls: list[str] = []
+    execute(toy(calls), tmp_path, log=lambda s: None)
+    assert calls == ["a", "b.x", "b.y", "c"]
+    assert (tmp_path / "b" / "x" / MARKER).exists() and stage_dir(tmp_path, "b.y") == tmp_path / "b" / "y"
+    assert read_marker(tmp_path, "c")["outputs"]["file"] == "partial.txt"
+    before = run_ids(tmp_path, ["a", "b.x", "b.y", "c"])
+    calls.clear()
+    steps = execute(toy(calls), tmp_path, log=lambda s: None)
+    assert calls == [] and all(s.action == "skip" for s in steps)
+    assert run_ids(tmp_path, ["a", "b.x", "b.y", "c"]) == before
+
+
+def test_changed_params_redo_the_stage_and_its_dependants_only(tmp_path: Path) -> None:
+    calls: list[str] = []
+    execute(toy(calls), tmp_path, log=lambda s: None)
+    calls.clear()
+    execute(toy(calls, {"b.y": {"lr": 2}}), tmp_path, log=lambda s: None)
+    assert calls == ["b.y", "c"]
+    calls.clear()
+    execute(toy(calls, {"b.y": {"lr": 2}}), tmp_path, log=lambda s: None)
+    assert calls == []
+
+
+def test_force_redoes_a_stage_or_group_and_what_depends_on_it(tmp_path: Path) -> None:
+    calls: list[str] = []
+    execute(toy(calls), tmp_path, log=lambda s: None)
+    calls.clear()
+    execute(toy(calls), tmp_path, force=["b.x"], log=lambda s: None)
+    assert calls == ["b.x", "c"]
+    calls.clear()
+    execute(toy(calls), tmp_path, force=["b"], log=lambda s: None)
+    assert calls == ["b.x", "b.y", "c"]
+    with pytest.raises(StageError, match="no such stage"):
+        plan(toy(calls), tmp_path, force=["d"])
+
+
+def test_only_needs_its_inputs_done(tmp_path: Path) -> None:
+    calls: list[str] = []
+    with pytest.raises(StageError, match="b.x, b.y are not done"):
+        execute(toy(calls), tmp_path, only=["c"], log=lambda s: None)
+    assert calls == []
+    execute(toy(calls), tmp_path, only=["a"], log=lambda s: None)
+    execute(toy(calls), tmp_path, only=["b"], log=lambda s: None)
+    assert calls == ["a", "b.x", "b.y"] and read_marker(tmp_path, "c") is None
+    execute(toy(calls), tmp_path, only=["c"], log=lambda s: None)
+    assert calls[-1] == "c"
+
+
+def test_interrupted_resumable_stage_keeps_its_work_and_a_corrupt_marker_is_redone(tmp_path: Path) -> None:
+    calls: list[str] = []
+    with pytest.raises(RuntimeError, match="interrupted"):
+        execute(toy(calls, fail={"b.x"}), tmp_path, log=lambda s: None)
+    (stage_dir(tmp_path, "b.x") / "kept.txt").write_text("checkpoint")  # what a resumable stage leaves behind
+    assert read_marker(tmp_path, "b.x") is None
+    calls.clear()
+    execute(toy(calls), tmp_path, log=lambda s: None)
+    assert calls == ["b.x", "b.y", "c"]  # a was done; b.x goes on from its work
+    assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is True
+    (stage_dir(tmp_path, "a") / MARKER).write_text("{not json")
+    calls.clear()
+    execute(toy(calls), tmp_path, log=lambda s: None)
+    assert calls == ["a", "b.x", "b.y", "c"]
+    assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is False  # new key: started afresh
+
+
+# ── configs ───────────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
+def test_every_preset_loads_and_makes_a_consistent_graph(preset: str, tmp_path: Path) -> None:
+    lx = load_experiment(PRESETS / preset)
+    stages = build_stages(Context(lx, tmp_path, torch.device("cpu"), log=lambda s: None))
+    ids = [s.id for s in stages]
+    assert len(ids) == len(set(ids))
+    seen: set[str] = set()
+    for s in stages:
+        assert set(s.deps) <= seen, f"{s.id} depends on a later stage"
+        seen.add(s.id)
+    assert ids[-1] == "report" and set(stages[-1].deps) == set(ids[:-1])
+    names = [g.name for g in lx.exp.generators]
+    assert {i for i in ids if i.startswith("train.")} == {
+        f"train.{n}" if f is None else f"train.{n}.f{f}" for n in names for f in lx.folds}
+    assert lx.cellular is not None and {"ghg", "nca_steps", "growth", "evaluate", "classify"} <= set(ids)
+    for n in names:  # every generator resolves to a run config on the study's data
+        assert lx.run_config(n, lx.folds[0]).data.spec == lx.exp.data.spec
+
+
+def test_run_configs_take_the_study_data_and_dotted_overrides(tmp_path: Path) -> None:
+    lx = load_experiment(PRESETS / "deepdrid-256-gpu.yaml")
+    cfg = lx.run_config("GeCA", None)
+    assert cfg.model.name == "GeCA-S" and cfg.model.hidden_size == 768  # the named model's defaults
+    assert cfg.data.folds_file is None and cfg.data.vae == "stabilityai/sd-vae-ft-ema"  # the study owns the splits
+    cv = load_experiment(PRESETS / "synthetic-oct-cpu.yaml")
+    assert cv.run_config("DiT", 1).model.name == "DiT-T" and cv.run_config("DiT", 1).data.fold == 1
+    assert cv.run_config("DiT", 1).train.max_steps == 300 and cv.folds == [0, 1]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"generatorz": []}, "unknown key"),
+    ({"ghg": {"modes": ["hiden"]}}, "ghg.modes"),
+    ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T"}}] * 2}, "distinct"),
+    ({"generators": [{"name": "A", "config": "missing.yaml"}]}, "missing.yaml"),
+    ({"generators": [{"name": "A", "overrides": {"train.max_stepz": 3}}]}, "max_stepz"),
+    ({"data": {"spec": "x", "run_folds": 2}}, "run_folds"),
+])
+def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
+    raw.update(edit)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_experiment(path)
+
+
+# ── the smoke study, end to end ───────────────────────────────────────────────────────────────────────────────────
+
+
+def md_rows(md: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table after `heading`."""
+    lines = md[md.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def md_table(md: str, heading: str) -> dict[str, list[str]]:
+    """The first table after `heading`, as {first cell: the other cells} (first cells must be distinct)."""
+    return {r[0]: r[1:] for r in md_rows(md, heading)}
+
+
+def pm(cell: str) -> tuple[float, float]:
+    mean, std = cell.split("±")
+    return float(mean), float(std)
+
+
+def kid_by_name(root: Path, stage: str) -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads((root / stage / "metrics.json").read_text())["results"]}
+
+
+def all_run_ids(root: Path) -> dict[str, str]:
+    return {json.loads(p.read_text())["stage"]: json.loads(p.read_text())["run_id"] for p in root.glob(f"**/{MARKER}")}
+
+
+@pytest.mark.slow
+def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
+    root = tmp_path / "exp"
+    config = str(PRESETS / "smoke.yaml")
+    res = runner.invoke(app, [config, "--out", str(root)])
+    assert res.exit_code == 0, res.output
+    md = (root / "report" / "report.md").read_text()
+
+    # Table 1 is the evaluate stage's metrics.json.
+    table1, metrics = md_table(md, "## Table 1"), kid_by_name(root, "evaluate")
+    assert set(table1) == {"GeCA", "DiT", "LDM"}
+    for name, cells in table1.items():
+        r = metrics[name]
+        assert int(cells[1]) == r["n"] == 16
+        assert pm(cells[2]) == pytest.approx((r["kid"]["mean"] * 1e3, r["kid"]["std"] * 1e3), abs=0.006)
+        assert pm(cells[3]) == pytest.approx((r["lpips"]["mean"], r["lpips"]["std"]), abs=6e-5)
+        assert float(cells[4]) == pytest.approx(r["fld"]["gg"], abs=0.006)
+        assert float(cells[5]) == pytest.approx(r["fld"]["fld"], abs=0.006)
+    # Fig. 5, Fig. 6 and the sampler cost are their stages' metrics.json.
+    for heading, stage, key in (("## Fig. 5", "ghg", "ghg-{}"), ("## Fig. 6", "nca_steps", "M{}"),
+                                ("## Sampler cost", "sampler_cost", None)):
+        rows, scores = md_rows(md, heading), kid_by_name(root, stage)
+        assert len(rows) == len(scores) > 0
+        for first, *cells in rows:
+            name = key.format(first) if key else f"{first}-{cells[0].replace(' ', '').lower()}"
+            k = scores[name]["kid"]
+            assert pm(cells[-1]) == pytest.approx((k["mean"] * 1e3, k["std"] * 1e3), abs=0.006)
+    # Table 2 is the classify stage's results.json (mAP ×100), with a p column against the baseline.
+    results = json.loads((root / "classify" / "results.json").read_text())
+    table2 = md_table(md, "### Scan level")
+    assert set(table2) == {"none", "geometric", "+GeCA", "+DiT", "+LDM"}
+    col = results["metrics"].index("map")
+    for arm, cells in table2.items():
+        assert float(cells[col]) == pytest.approx(100 * results["arms"][arm]["summary"]["scan"]["map"]["mean"],
+                                                  abs=0.006)
+        assert (cells[-1] == "—") == (arm == "geometric")
+    # The cost table is the training stages' outputs.
+    for run, cells in md_table(md, "## Training and cost").items():
+        marker = read_marker(root, f"train.{run}")["outputs"]
+        assert int(cells[1].replace(",", "")) == marker["parameters"] and int(cells[4]) == marker["steps"] == 4
+    html = (root / "report" / "report.html").read_text()
+    figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", md)
+    assert len(figures) >= 9 and all((root / "report" / f).is_file() for f in figures)
+    assert 'src="figures/' not in html and html.count('src="data:image/') == len(figures)
+
+    # A second run skips every stage; --force redoes one stage and its dependants only.
+    before = all_run_ids(root)
+    res = runner.invoke(app, [config, "--out", str(root)])
+    assert res.exit_code == 0 and "0 stage(s) run, 16 skipped" in res.output, res.output
+    assert all_run_ids(root) == before
+    res = runner.invoke(app, [config, "--out", str(root), "--force", "ghg"])
+    assert res.exit_code == 0, res.output
+    after = all_run_ids(root)
+    assert {s for s in after if after[s] != before[s]} == {"ghg", "report"}
+
+    # Changing one generator's config redoes it and what depends on it (--dry-run shows the plan).
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["generators"][1]["overrides"]["train"]["max_steps"] = 5
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, [str(changed), "--out", str(root), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    redo = {line.split()[1] for line in res.output.splitlines() if line.startswith("run ")}
+    assert redo == {"train.DiT", "sample.DiT", "evaluate", "sampler_cost", "expand.DiT", "classify", "report"}
+
+    # --only with an input that is not done fails with exit 2.
+    res = runner.invoke(app, [config, "--out", str(tmp_path / "fresh"), "--only", "evaluate"])
+    assert res.exit_code == 2 and "not done" in res.output and "sample.GeCA" in res.output

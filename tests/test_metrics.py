@@ -1,0 +1,187 @@
+"""Evaluation metrics: KID against torchmetrics, LPIPS pair protocols, FLD/GG behaviour, weights handling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from geca.data.imageset import DataError
+from geca.metrics import MissingWeightsError, build_extractor, fld, kid, kid_subset_size, load_lpips, lpips_pairs
+from geca.metrics.diversity import lpips_diversity
+from geca.metrics.domain import load_domain_net, save_domain_net, train_domain_net
+from geca.metrics.features import DinoV2Features
+
+
+def _images(n: int, size: int = 16, channels: int = 3, seed: int = 0, shift: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.integers(0, 200, (n, size, size, channels)) + shift, 0, 255).astype(np.uint8)
+
+
+def test_kid_equals_torchmetrics_with_the_same_feature_module() -> None:
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    extractor = build_extractor("random", seed=3)
+    real, fake = _images(60, seed=1), _images(50, seed=2, shift=30)
+    fr, ff = extractor.extract(real), extractor.extract(fake)
+    for subset_size in (20, 50):  # random subsets, then every subset the whole generated set
+        metric = KernelInceptionDistance(feature=extractor, subsets=15, subset_size=subset_size)
+        metric.update(torch.from_numpy(real).permute(0, 3, 1, 2), real=True)
+        metric.update(torch.from_numpy(fake).permute(0, 3, 1, 2), real=False)
+        torch.manual_seed(7)  # torchmetrics draws its subsets from the global generator
+        tm_mean, tm_std = metric.compute()
+        ours = kid(fr, ff, subset_size, subsets=15, seed=7)
+        assert ours.mean == pytest.approx(tm_mean.item(), abs=1e-6)
+        assert ours.std == pytest.approx(tm_std.item(), abs=1e-6)
+        assert ours.mean > 0
+
+
+def test_kid_of_a_set_with_itself_is_zero_and_grows_with_a_shift() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    same = kid(x, y, 60, subsets=50, seed=0)
+    shifted = kid(x, y + 0.5, 60, subsets=50, seed=0)
+    assert abs(same.mean) < 3 * same.std + 1e-3
+    assert shifted.mean > 4 * shifted.std and shifted.mean > 20 * abs(same.mean)
+    # Subsets of one set share images, which biases the unbiased estimator slightly negative; still ≈ 0.
+    assert abs(kid(x, x, 60, subsets=50).mean) < 0.1 * shifted.mean
+    assert kid(x, y, 60, subsets=5, seed=1) == kid(x, y, 60, subsets=5, seed=1)
+
+
+def test_kid_protocol_subset_sizes_and_bad_input() -> None:
+    assert kid_subset_size("paper", 400, 1000) == 250
+    assert kid_subset_size("paper", 100, 1000) == 100  # never more than the real set holds
+    assert kid_subset_size("standard", 400, 1000) == 400
+    assert kid_subset_size("standard", 5000, 3000) == 1000
+    with pytest.raises(ValueError, match="protocol"):
+        kid_subset_size("fid", 10, 10)
+    x = np.zeros((10, 4))
+    with pytest.raises(ValueError, match="subset size"):
+        kid(x, x, 11)
+    with pytest.raises(ValueError, match="NaN"):
+        kid(x, np.full((10, 4), np.nan), 5)
+
+
+def test_lpips_pair_protocols() -> None:
+    paper = lpips_pairs(10, "paper", seed=0)
+    assert paper.shape == (9, 2)
+    assert np.array_equal(paper[1:, 0], paper[:-1, 1])  # consecutive pairs of one shuffle
+    assert sorted({*paper[:, 0], paper[-1, 1]}) == list(range(10))
+    assert not np.array_equal(paper, lpips_pairs(10, "paper", seed=1))
+    standard = lpips_pairs(100, "standard", seed=0)
+    assert standard.shape == (2000, 2)
+    assert np.all(standard[:, 0] < standard[:, 1]) and standard.max() < 100
+    assert len({tuple(p) for p in standard}) == 2000
+    assert np.array_equal(standard, lpips_pairs(100, "standard", seed=0))
+    assert len(lpips_pairs(30, "standard")) == 30 * 29 // 2  # fewer possible pairs than 2,000: all of them
+    with pytest.raises(ValueError, match="at least 2"):
+        lpips_pairs(1, "paper")
+
+
+def test_lpips_diversity_with_a_random_backbone() -> None:
+    model = load_lpips("random", seed=0)
+    grey = _images(12, size=28, channels=1)
+    res = lpips_diversity(grey, model, "paper", seed=0)
+    assert res.pairs == 11 and res.mean > 0 and res.std > 0
+    same = lpips_diversity(np.repeat(grey[:1], 5, axis=0), model, "standard")
+    assert same.pairs == 10 and same.mean == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lpips_loads_torchvision_alexnet_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    state = torchvision.models.alexnet().state_dict()
+    torch.save(state, tmp_path / "alexnet-owt-7be5be79.pth")
+    model = load_lpips(tmp_path / "alexnet-owt-7be5be79.pth")
+    loaded = model.net.state_dict()
+    assert torch.equal(loaded["slice1.0.weight"], state["features.0.weight"])
+    assert torch.equal(loaded["slice5.10.bias"], state["features.10.bias"])
+    monkeypatch.setenv("GECA_WEIGHTS_DIR", str(tmp_path))
+    assert torch.equal(load_lpips(None).net.state_dict()["slice3.6.weight"], state["features.6.weight"])
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="bad.pth"):
+        load_lpips(bad)
+
+
+def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)
+    with pytest.raises(MissingWeightsError, match="alexnet-owt-7be5be79.pth.*download.pytorch.org"):
+        load_lpips(None)
+    with pytest.raises(MissingWeightsError, match="weights-inception-2015-12-05-6726825d.pth"):
+        build_extractor("inception")
+    monkeypatch.setenv("GECA_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=f"{tmp_path}/dinov2_vitb14_pretrain.pth does not exist"):
+        build_extractor("dinov2")
+    with pytest.raises(DataError, match="geca features train"):
+        build_extractor("domain", tmp_path / "nope.safetensors")
+    with pytest.raises(ValueError, match="unknown features"):
+        build_extractor("clip")
+
+
+def test_inception_features_from_a_weights_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_fidelity.feature_extractor_inceptionv3 as tf
+
+    # A random-weights file of the right layout: build the network once with loading switched off.
+    with monkeypatch.context() as m:
+        m.setattr(tf, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(tf.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        torch.manual_seed(0)
+        net = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(net.state_dict(), tmp_path / "inception.pth")
+    ex = build_extractor("inception", tmp_path / "inception.pth")
+    feats = ex.extract(_images(2, size=28, channels=1))
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all()
+    ref = net(torch.from_numpy(_images(2, size=28, channels=1)).permute(0, 3, 1, 2).expand(-1, 3, -1, -1))[0]
+    np.testing.assert_allclose(feats, ref.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_dinov2_features_load_a_meta_format_weights_file(tmp_path: Path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    # ViT-S/14 stands in for ViT-B/14 to keep the test small; the loading path is the same. Meta's files hold
+    # a mask token and positional embeddings for 518 px, which timm converts and resamples to 224 px on load.
+    net = timm.create_model("vit_small_patch14_dinov2", img_size=518, num_classes=0)
+    torch.save({**net.state_dict(), "mask_token": torch.zeros(1, 384)}, tmp_path / "dinov2.pth")
+    ex = DinoV2Features(tmp_path / "dinov2.pth", arch="vit_small_patch14_dinov2")
+    feats = ex.extract(_images(2, size=28, channels=1))
+    assert feats.shape == (2, 384) and np.isfinite(feats).all()
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(DataError, match="junk.pth"):
+        DinoV2Features(tmp_path / "junk.pth", arch="vit_small_patch14_dinov2")
+
+
+def test_fld_flags_memorisation_and_accepts_fresh_samples() -> None:
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(150, 8)), rng.normal(size=(150, 8))
+    copies = fld(train, test, train[:100])
+    fresh = fld(train, test, rng.normal(size=(100, 8)))
+    shifted = fld(train, test, rng.normal(size=(100, 8)) + 1.0)
+    assert copies.gg < -1000 and copies.fld > 1000
+    assert abs(fresh.gg) < 15 and abs(fresh.fld) < 10
+    assert shifted.fld > 15 + fresh.fld
+    assert fresh.components == 100
+    assert fld(train, test, train[:100]) == copies  # deterministic under a seed
+    with pytest.raises(ValueError, match="widths differ"):
+        fld(train, test, rng.normal(size=(10, 4)))
+
+
+def test_domain_network_trains_saves_and_reloads(tmp_path: Path) -> None:
+    from conftest import blob_images
+
+    data = blob_images(n=32, size=12, channels=1)
+    net = train_domain_net(data, seed=0, epochs=4, val=blob_images(n=16, size=12, channels=1, seed=5))
+    again = train_domain_net(data, seed=0, epochs=4)
+    for (k, a), b in zip(net.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    save_domain_net(net, tmp_path / "domain.safetensors")
+    loaded = load_domain_net(tmp_path / "domain.safetensors")
+    assert loaded.meta.class_names == data.class_names and loaded.meta.val_accuracy is not None
+    ex = build_extractor("domain", tmp_path / "domain.safetensors")
+    feats = ex.extract(data.images)
+    assert feats.shape == (32, 128)
+    with pytest.raises(DataError, match="1-channel"):
+        ex.extract(_images(2, size=12, channels=3))
