@@ -30,8 +30,8 @@ def demo(
     minutes: float | None = typer.Option(None, "--minutes", help="Training time budget (default: the preset's)."),
     data: str | None = typer.Option(None, "--data", help="Dataset spec (default: retinamnist if found, else "
                                     "synthetic-fundus)."),
-    per_class: int = typer.Option(8, "--per-class", help="Samples per grade in the grid."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps for the samples and the growth GIFs."),
+    per_class: int = typer.Option(6, "--per-class", help="Samples per grade in the grid."),
+    steps: int = typer.Option(25, "--steps", help="DDIM steps for the samples and the growth GIFs."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Train GeCA-T briefly, then write a sample grid per grade, a growth GIF and a loss curve."""

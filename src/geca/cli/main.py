@@ -7,6 +7,7 @@ import typer
 from geca.cli.demo import demo
 from geca.cli.downstream import classify, expand
 from geca.cli.encode import encode
+from geca.cli.evaluate import evaluate, features_app
 from geca.cli.folds import folds
 from geca.cli.models import models
 from geca.cli.sample import grow, sample
@@ -26,6 +27,8 @@ app.command("folds")(folds)
 app.command("encode")(encode)
 app.command("expand")(expand)
 app.command("classify")(classify)
+app.command("evaluate")(evaluate)
+app.add_typer(features_app, name="features")
 app.command("demo")(demo)
 
 if __name__ == "__main__":

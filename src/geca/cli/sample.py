@@ -32,7 +32,7 @@ SHARED_OPTIONS: dict[str, tuple[Any, tuple[str, ...], str]] = {
     "m": (None, ("--m", "--nca-steps"), SAMPLER_HELP["m"]),
     "seed": (0, ("--seed",), "Sampling seed (same seed, same images)."),
     "batch_size": (64, ("--batch-size",), "Images per sampling batch."),
-    "checkpoint": (None, ("--checkpoint",), "latest (default), a step, or a directory."),
+    "checkpoint": (None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, or a directory."),
     "weights": ("ema", ("--weights",), "ema (default) or model (raw) weights."),
     "device": ("auto", ("--device",), "auto, cpu or cuda[:N]."),
     "overwrite": (False, ("--overwrite",), "Replace a non-empty --out once sampling is done."),
@@ -135,8 +135,8 @@ def grow(
     m: int | None = typer.Option(None, "--m", "--nca-steps", help=SAMPLER_HELP["m"]),
     frames: int = typer.Option(25, "--frames", help="Frames of the denoising trajectory."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    checkpoint: str | None = typer.Option(None, "--checkpoint", help="latest (default), a step, or a directory."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    checkpoint: str | None = shared_option("checkpoint"),
+    device: str = shared_option("device"),
 ) -> None:
     """Show one organism growing from its seed cell, and its denoising trajectory over t."""
     from geca.sampling.generate import decoder

@@ -21,7 +21,7 @@ def apply_overrides(cfg: RunConfig, **overrides: object) -> RunConfig:
         "batch_size": (cfg.train, "batch_size"), "lr": (cfg.train, "lr"), "seed": (cfg.train, "seed"),
         "precision": (cfg.train, "precision"), "ema_decay": (cfg.train, "ema_decay"),
         "log_every": (cfg.train, "log_every"), "sample_every": (cfg.train, "sample_every"),
-        "checkpoint_every": (cfg.train, "checkpoint_every"),
+        "checkpoint_every": (cfg.train, "checkpoint_every"), "validate_every": (cfg.validation, "every"),
         "nca_steps": (cfg.model, "nca_steps"), "attention": (cfg.model, "attention"),
         "compile": (cfg.model, "compile"), "checkpointing": (cfg.model, "checkpointing"),
     }
@@ -68,6 +68,8 @@ def train(
                                             "(0: never)."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints "
                                                 "(a final one is always written)."),
+    validate_every: int | None = typer.Option(None, "--validate-every", help="Steps between validation KIDs of "
+                                              "EMA samples against the val split (0: off); keeps checkpoints/best."),
     download: bool | None = typer.Option(None, "--download", help="Fetch a named MedMNIST file if missing "
                                          "(needs a network)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
@@ -83,7 +85,8 @@ def train(
                           vae=vae, latent_size=latent_size, download=download, max_steps=max_steps,
                           max_minutes=max_minutes, batch_size=batch_size,
                           lr=lr, seed=seed, precision=precision, ema_decay=ema_decay, log_every=log_every,
-                          sample_every=sample_every, checkpoint_every=checkpoint_every, nca_steps=nca_steps,
+                          sample_every=sample_every, checkpoint_every=checkpoint_every,
+                          validate_every=validate_every, nca_steps=nca_steps,
                           attention=attention, compile=compile, checkpointing=checkpointing)
     summary = run_training(cfg, out, resume=resume, progress=progress)
     if summary["parameter_checksum"] is not None:

@@ -70,7 +70,7 @@ def real_vs_generated_grid(real: ImageSet, generated: ImageSet, out: Path, per_c
                                 f"{int((generated.labels[:, row] > 0).sum())})", rotation=0, ha="right",
                                 va="center", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(f"{title}   (rows: class, n real / n generated)", fontsize=9)
     fig.tight_layout()
     atomic_write(Path(out), lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

@@ -88,7 +88,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Denoiser, ema: Denoiser, op
 
 
 def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
-    """`which`: None/'latest', or a step number, or a checkpoint directory path."""
+    """`which`: None/'latest', 'best' (lowest validation KID), a step number, or a checkpoint directory path."""
     run_dir = Path(run_dir)
     if which and Path(which).is_dir():
         return Path(which)
@@ -101,9 +101,14 @@ def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
             path = root / json.loads(latest.read_text())["path"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{latest}: corrupt pointer file ({e})") from None
+    elif which == "best":
+        path = root / "best"
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: no best checkpoint; it is kept only when training validates "
+                                  "(validation.every > 0 or --validate-every)")
     else:
         if not str(which).isdigit():
-            raise CheckpointError(f"checkpoint {which!r} is neither 'latest', a step number nor a directory")
+            raise CheckpointError(f"checkpoint {which!r} is neither 'latest', 'best', a step number nor a directory")
         path = root / f"step_{int(which):07d}"
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory missing")
