@@ -117,6 +117,14 @@ def test_interrupted_resumable_stage_keeps_its_work_and_a_corrupt_marker_is_redo
     assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is False  # new key: started afresh
 
 
+def test_every_option_has_help() -> None:
+    import inspect
+
+    for name, param in inspect.signature(experiment).parameters.items():
+        assert getattr(param.default, "help", None), f"geca experiment: {name} has no help text"
+    assert runner.invoke(app, ["--help"]).exit_code == 0
+
+
 # ── configs ───────────────────────────────────────────────────────────────────────────────────────────────────────
 
 

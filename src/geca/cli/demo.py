@@ -32,6 +32,8 @@ def demo(
                                     "synthetic-fundus)."),
     per_class: int = typer.Option(6, "--per-class", help="Samples per grade in the grid."),
     steps: int = typer.Option(25, "--steps", help="DDIM steps for the samples and the growth GIFs."),
+    ghg: str = typer.Option("none", "--ghg", help="Gene Heredity Guidance for the demo samples (none: a "
+                            "minutes-old model cannot use inherited hidden states; hidden suits trained models)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Train GeCA-T briefly, then write a sample grid per grade, a growth GIF and a loss curve."""
@@ -59,9 +61,11 @@ def demo(
     typer.echo(f"training GeCA-T on {data} for {cfg.train.max_minutes} min ({precision}) …")
     train(cfg, out)
     run = load_run(out, device=dev)
-    sc = SamplerConfig(sampler="ddim", steps=steps, cfg=1.5, ghg="hidden")
+    # GHG (`geca sample`'s default) inherits C_h across reverse steps; a model trained for minutes has never learnt
+    # to use an inherited C_h, which then grows step after step and washes the samples out, so the demo reseeds.
+    sc = SamplerConfig(sampler="ddim", steps=steps, cfg=1.5, ghg=ghg)
     labels = per_class_labels(run.spec.num_classes, per_class)
-    typer.echo(f"sampling {len(labels)} images (DDIM {steps}, CFG 1.5, GHG hidden) …")
+    typer.echo(f"sampling {len(labels)} images (DDIM {steps}, CFG 1.5, GHG {ghg}) …")
     manifest, images = write_sample_dir(out / "generated", run, labels, sc, seed=0, batch_size=64, device=dev)
     grid_png = plot_class_grid(images, run.spec.class_names, per_class, out / "samples_per_grade.png",
                                title=f"GeCA-T, step {run.step}, {data}")

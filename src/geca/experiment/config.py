@@ -132,7 +132,7 @@ class ClassificationSettings:
 
     enabled: bool = True
     seeds: int = 3
-    epochs: int = 10
+    epochs: int = 8
     batch_size: int = 128
     lr: float = 1e-3
     image_size: int | None = None

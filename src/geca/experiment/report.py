@@ -80,8 +80,10 @@ class _Reader:
 def _quality(r: _Reader, figures: Path) -> list[str]:
     rep = r.metrics("evaluate")
     feats = rep["features"]
+    real = f"`{rep['real']['spec']}:{rep['real']['split']}`" if not r.ctx.exp.data.cv else \
+        f"fold {r.ctx.eval_fold}'s test patients of `{r.ctx.exp.data.spec}`"
     lines = ["## Table 1 — image quality", "",
-             f"{len(rep['results'])} generated sets against `{rep['real']['spec']}:{rep['real']['split']}` "
+             f"{len(rep['results'])} generated sets against {real} "
              f"({rep['real']['n']} real images), {rep['protocol']} protocol, {feats['name']} features "
              f"({feats['dim']}-d, {feats['source']}); GG and FLD against the training split "
              f"({rep['train']['n']} images). KID ×10³, mean ± std over subsets; LPIPS backbone: "
@@ -170,8 +172,8 @@ def _classification(r: _Reader) -> list[str]:
     from geca.downstream.report import markdown
 
     summary = json.loads((stage_dir(r.root, "classify") / r.ctx.outputs("classify")["results"]).read_text())
-    text = markdown(summary).splitlines()
-    body = [re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 1) + " ", line) for line in text[1:]]
+    text = markdown(summary).split("\n", 1)[1].strip("\n")  # its own title gives way to ours
+    body = [re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 1) + " ", line) for line in text.splitlines()]
     return ["## Table 2 — downstream classification", "", *body, ""]
 
 
