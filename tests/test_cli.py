@@ -28,7 +28,8 @@ def trained_run(tmp_path: Path, blobs_npz: Path) -> Path:
 
 
 def test_every_command_and_flag_has_help() -> None:
-    for cmd in ("train", "sample", "grow", "models", "folds", "encode", "demo"):
+    for cmd in ("train", "sample", "grow", "models", "folds", "encode", "expand", "classify", "evaluate",
+                "experiment", "demo"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0
         from geca.cli import main

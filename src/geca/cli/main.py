@@ -8,6 +8,7 @@ from geca.cli.demo import demo
 from geca.cli.downstream import classify, expand
 from geca.cli.encode import encode
 from geca.cli.evaluate import evaluate, features_app
+from geca.cli.experiment import experiment
 from geca.cli.folds import folds
 from geca.cli.models import models
 from geca.cli.sample import grow, sample
@@ -29,6 +30,7 @@ app.command("expand")(expand)
 app.command("classify")(classify)
 app.command("evaluate")(evaluate)
 app.add_typer(features_app, name="features")
+app.command("experiment")(experiment)
 app.command("demo")(demo)
 
 if __name__ == "__main__":
