@@ -130,3 +130,26 @@ def test_domain_features_trained_once_cached_or_from_a_file(data: dict[str, Path
                               str(tmp_path / "dom.safetensors")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c.json").read_text())["features"]["source"] == str(tmp_path / "dom.safetensors")
+
+
+def test_evaluate_takes_its_splits_from_a_folds_file(tmp_path: Path) -> None:
+    from geca.cli.folds import folds
+    from geca.data import load_split
+
+    spec = "synthetic-oct@patients=20,size=16"
+    folds_csv = tmp_path / "folds.csv"
+    fapp = typer.Typer()
+    fapp.command()(folds)
+    assert runner.invoke(fapp, ["--data", spec, "--k", "4", "--out", str(folds_csv)]).exit_code == 0
+    test = load_split(spec, "test", folds_file=folds_csv, fold=1)
+    train = load_split(spec, "train", folds_file=folds_csv, fold=1)
+    gen = write_sample_dir(tmp_path / "gen", test.images, test.labels, test.class_names)
+    (gen / "manifest.json").write_text(json.dumps({"class_names": test.class_names, "multilabel": True}))
+    out = tmp_path / "m.json"
+    res = runner.invoke(app, ["evaluate", "--generated", str(gen), "--real", f"{spec}:test", "--train",
+                              f"{spec}:train", "--folds-file", str(folds_csv), "--fold", "1", "--no-lpips",
+                              "--features", "random", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["real"]["n"] == len(test) and report["train"]["n"] == len(train)
+    assert len(test) < len(load_split(spec, "all"))

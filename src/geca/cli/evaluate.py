@@ -44,6 +44,9 @@ def evaluate(
     batch_size: int = typer.Option(64, "--batch-size", help="Images per feature-network batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
+    folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV (`geca folds`) that defines the "
+                                          "splits of --real and --train for folder+CSV data."),
+    fold: int = typer.Option(0, "--fold", help="With --folds-file: the test fold (val = fold+1, train = the rest)."),
 ) -> None:
     """Score generated sets against real data: KID, LPIPS diversity, FLD and the generalization gap (GG)."""
     from rich.console import Console
@@ -54,7 +57,8 @@ def evaluate(
     settings = EvalSettings(
         generated=[parse_generated(a) for a in [*generated, *(more or [])]], real=real, train=train,
         features=features, features_file=features_file, protocol=protocol, seed=seed, lpips=lpips,
-        lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress)
+        lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress,
+        folds_file=folds_file, fold=fold)
     report = run_evaluation(settings, out, log=typer.echo)
     console = Console()
     console.print(comparison_table(report))

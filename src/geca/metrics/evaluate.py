@@ -78,6 +78,8 @@ class EvalSettings:
     device: str = "cpu"
     per_class_min: int = PER_CLASS_MIN
     progress: bool = False
+    folds_file: str | None = None
+    fold: int = 0
 
 
 def _check_compatible(name: str, gen: ImageSet, real: ImageSet, what: str) -> None:
@@ -122,8 +124,8 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     size = sizes.pop()  # real images are brought to the generated size, never the other way round
     real_spec, real_split = parse_split(s.real, "--real")
     train_spec, train_split = parse_split(s.train, "--train")
-    real = load_split(real_spec, real_split, image_size=size)
-    train = load_split(train_spec, train_split, image_size=size)
+    real = load_split(real_spec, real_split, image_size=size, folds_file=s.folds_file, fold=s.fold)
+    train = load_split(train_spec, train_split, image_size=size, folds_file=s.folds_file, fold=s.fold)
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")
     _check_compatible(f"{train_spec}:{train_split}", train, real, "real")
