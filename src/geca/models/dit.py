@@ -8,7 +8,7 @@ from torch import nn
 
 from geca.models.base import CellState, DenoiserOutput
 from geca.models.baseline import StatelessDenoiser
-from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, modulate, sincos_2d
+from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, adaln_zero_init, modulate, sincos_2d
 from geca.models.geca import NeighbourhoodBlock
 
 
@@ -66,19 +66,10 @@ class DiT(StatelessDenoiser):
         self.initialize()
 
     def initialize(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        adaln_zero_init(self, self.t_embedder, [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.final])
         # The patch embedding is initialised like a Linear over the flattened patch (DiT).
         nn.init.xavier_uniform_(self.patch.weight.view(self.patch.weight.shape[0], -1))
         nn.init.zeros_(self.patch.bias)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero: every block starts as the identity and the output starts at zero.
-        for layer in [b.ada[-1] for b in self.blocks] + [self.final_ada[-1], self.final]:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor | None = None,
                 carry: CellState | None = None, steps: int | None = None) -> DenoiserOutput:

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from geca.models.attention import neighbourhood_attention
 from geca.models.base import CellState, Denoiser, DenoiserOutput
-from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, modulate, sincos_2d
+from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, adaln_zero_init, modulate, sincos_2d
 
 
 class NeighbourhoodBlock(nn.Module):
@@ -84,16 +84,7 @@ class GeCA(Denoiser):
         self.initialize()
 
     def initialize(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
-        # adaLN-Zero and a zero final layer make the first update exactly 0.
-        for layer in (self.block_ada[-1], self.final_ada[-1], self.final):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        adaln_zero_init(self, self.t_embedder, (self.block_ada[-1], self.final_ada[-1], self.final))
 
     def seed(self, batch: int, height: int, width: int, device: torch.device) -> CellState:
         """C_out zero except the centre cell ~ N(0, 1); C_h zero."""
