@@ -11,12 +11,12 @@ call are counted on a batch of 1 (attention's score and value products not count
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 
 import torch
+from common import device_of, model_parser
 
 from geca.diffusion import DiffusionConfig, GaussianDiffusion
 from geca.models import build_model, count_parameters, named_model
@@ -41,20 +41,11 @@ def sampling_seconds(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="GeCA-T,DiT-T,LDM-T", help="Comma-separated named configs (any family).")
-    ap.add_argument("--batch", type=int, default=4, help="Images sampled together.")
-    ap.add_argument("--resolution", type=int, default=32, help="Grid size (32 = SD-VAE latent of 256² images).")
-    ap.add_argument("--channels", type=int, default=4, help="Input channels (4 = SD-VAE latents).")
-    ap.add_argument("--classes", type=int, default=11, help="Label entries.")
+    ap = model_parser(__doc__, 4, "Images sampled together.")
     ap.add_argument("--cfg", type=float, default=1.5, help="Classifier-free guidance scale.")
     ap.add_argument("--quick", action="store_true", help="Smoke run: 5 DDPM and 2 DDIM steps instead of 250/50.")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
-    ap.add_argument("--json", action="store_true", help="Print JSON only.")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = device_of(args)
     shape = (args.channels, args.resolution, args.resolution)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     settings = (("ddpm", 5), ("ddim", 2)) if args.quick else SETTINGS

@@ -10,13 +10,13 @@ default; DiT and the UNet have no such choice (their rows show attention "-").
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
 import time
 
 import torch
+from common import device_of, model_parser
 
 from geca.diffusion import DiffusionConfig, GaussianDiffusion
 from geca.models import build_model, count_parameters, named_model
@@ -59,21 +59,12 @@ def step_time(name: str, attention: str, precision: str, batch: int, channels: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="GeCA-T,DiT-T,LDM-T", help="Comma-separated named configs (any family).")
+    ap = model_parser(__doc__, 8, "Batch size per step.")
     ap.add_argument("--attention", default="fast,reference", help="GeCA attention implementations to compare.")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
-    ap.add_argument("--batch", type=int, default=8, help="Batch size per step.")
-    ap.add_argument("--resolution", type=int, default=32, help="Grid size (32 = SD-VAE latent of 256² images).")
-    ap.add_argument("--channels", type=int, default=4, help="Input channels (4 = SD-VAE latents).")
-    ap.add_argument("--classes", type=int, default=11, help="Label entries.")
     ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
-    ap.add_argument("--json", action="store_true", help="Print JSON only.")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = device_of(args)
     rows = []
     for name in args.configs.split(","):
         cfg = named_model(name)
