@@ -27,6 +27,7 @@ lint: install
 bench: install
 	$(PY) bench/attention.py
 	$(PY) bench/train_step.py
+	$(PY) bench/allocator.py
 
 clean:
 	rm -rf runs .pytest_cache

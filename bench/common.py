@@ -6,6 +6,8 @@ import argparse
 
 import torch
 
+from geca.utils.allocator import keep_freed_memory
+
 
 def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.ArgumentParser:
     """Flags for named configs at an input shape on a device; scripts add their own after these."""
@@ -17,10 +19,14 @@ def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.Argum
     ap.add_argument("--classes", type=int, default=11, help="Label entries.")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: glibc keeps freed memory, as the geca command does; default: glibc as it comes.")
     ap.add_argument("--json", action="store_true", help="Print JSON only.")
     return ap
 
 
 def device_of(args: argparse.Namespace) -> torch.device:
+    if args.malloc == "tuned":
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     return torch.device(args.device)

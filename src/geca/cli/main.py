@@ -13,6 +13,7 @@ from geca.cli.folds import folds
 from geca.cli.models import models
 from geca.cli.sample import grow, sample
 from geca.cli.train import train
+from geca.utils.allocator import keep_freed_memory
 
 app = typer.Typer(
     help="Generative Cellular Automata: train, sample and grow GeCA diffusion models on medical images.",
@@ -33,5 +34,13 @@ app.add_typer(features_app, name="features")
 app.command("experiment")(experiment)
 app.command("demo")(demo)
 
-if __name__ == "__main__":
+
+
+def main() -> None:
+    """The `geca` console script: glibc is told to keep freed memory before any work starts."""
+    keep_freed_memory()
     app()
+
+
+if __name__ == "__main__":
+    main()
