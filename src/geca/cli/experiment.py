@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -23,7 +24,8 @@ def experiment(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print which stages would run or be skipped, and stop."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N] (training always uses the GPU when "
                                "there is one)."),
-    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars of each stage."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help="Show progress bars of each stage "
+                                         "(default: when the terminal shows them, not in a log file)."),
 ) -> None:
     """Reproduce the GeCA study on your data with one command; a rerun skips what is done."""
     from geca.experiment.config import load_experiment
@@ -32,7 +34,8 @@ def experiment(
 
     loaded = load_experiment(config)
     root = out if out is not None else Path("runs") / loaded.exp.name
-    ctx = Context(loaded=loaded, root=root, device=pick_device(device), log=typer.echo, progress=progress)
+    ctx = Context(loaded=loaded, root=root, device=pick_device(device), log=typer.echo,
+                  progress=sys.stderr.isatty() if progress is None else progress)
     stages = build_stages(ctx)
     if dry_run:
         for step in plan(stages, root, force, only):
