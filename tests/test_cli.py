@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,25 @@ def test_failed_sampling_leaves_nothing_half_written(trained_run: Path, tmp_path
         runner.invoke(app, gen_args, catch_exceptions=False)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_outputs_get_the_permissions_of_the_umask(blobs_npz: Path, tmp_path: Path) -> None:
+    """Temporary-then-rename writing must not leave runs and sample sets readable by their owner only."""
+    run, out = tmp_path / "run", tmp_path / "shared"
+    old = os.umask(0o022)
+    try:
+        res = runner.invoke(app, ["train", "--data", str(blobs_npz), "--out", str(run), "--max-steps", "1", *TINY])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["sample", "--run", str(run), "--out", str(out), "--per-class", "1",
+                                  *FAST_SAMPLING])
+        assert res.exit_code == 0, res.output
+    finally:
+        os.umask(old)
+    checkpoint = next((run / "checkpoints").glob("step_*"))
+    for d in (out, checkpoint):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+    for f in (out / "manifest.json", checkpoint / "model.safetensors", run / "checkpoints" / "latest.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
 
 
 def test_sample_refuses_to_overwrite_without_flag(trained_run: Path, tmp_path: Path) -> None:

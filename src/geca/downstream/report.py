@@ -6,7 +6,6 @@ import csv
 import io
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from geca.downstream.metrics import binary_auc, eye_level, macro_metric, score  # noqa: E402
 from geca.downstream.protocol import BASELINE, ProtocolResult, UnitResult  # noqa: E402
 from geca.downstream.significance import TEST_NAMES, paired_bootstrap, paired_test  # noqa: E402
-from geca.utils.io import atomic_write_json, atomic_write_text, replace_dir  # noqa: E402
+from geca.utils.io import atomic_write_json, atomic_write_text, replace_dir, staging_dir  # noqa: E402
 
 COLUMNS = {"sen": "Sen", "spe": "Spe", "auc": "AUC", "f1": "F1", "f1_sen_spe": "F1_sen/spe", "map": "mAP",
            "acc": "ACC"}
@@ -223,8 +222,7 @@ def roc_filename(arm: str) -> str:
 def write_report(out: Path, summary: dict[str, Any], protocol: ProtocolResult) -> dict[str, Path]:
     """Write table.md, table.csv, units.csv, results.json and one ROC plot per arm into ``out`` as a whole."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(out, f".{out.name}.partial-")
     try:
         atomic_write_text(tmp / "table.md", markdown(summary))
         atomic_write_text(tmp / "table.csv", table_csv(summary))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,7 +25,7 @@ from geca.data.imageset import ImageSet
 from geca.latent.codec import LatentCodec
 from geca.latent.spec import LatentSpec
 from geca.latent.vae import LatentError, latent_affine, read_config, resolve_vae, vae_identity
-from geca.utils.io import atomic_write_json, replace_dir
+from geca.utils.io import atomic_write_json, replace_dir, staging_dir
 
 CACHE_FORMAT = 1
 ENCODE_SEED = 0
@@ -89,8 +88,7 @@ def _read(split_dir: Path, components: dict[str, Any], spec: LatentSpec, num: in
 
 
 def _write(split_dir: Path, latents: LatentSet) -> None:
-    split_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split_dir.name}.partial-", dir=split_dir.parent))
+    tmp = staging_dir(split_dir, f".{split_dir.name}.partial-")
     try:
         save_file({"latents": latents.latents.contiguous(), "latents_flipped": latents.flipped.contiguous(),
                    "labels": latents.labels.contiguous()}, tmp / "latents.safetensors")

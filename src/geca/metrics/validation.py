@@ -12,7 +12,6 @@ import io
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from geca.metrics.kid import kid, kid_subset_size
 from geca.sampling.samplers import sample
 from geca.training.checkpoint import ModelSpec, checkpoint_dir
 from geca.training.trainer import step_seed
-from geca.utils.io import atomic_write_text, replace_dir
+from geca.utils.io import atomic_write_text, replace_dir, staging_dir
 
 FIELDS = ["step", "kid", "kid_std", "subset_size", "num_samples", "best", "seconds"]
 BEST = "best"
@@ -130,8 +129,7 @@ class Validator:
 
     def _save_best(self, step: int, model: torch.nn.Module, ema_model: torch.nn.Module, value: float) -> None:
         """checkpoints/best/ holds the weights (no optimizer state) of the lowest-KID step, written whole."""
-        self.best_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".best.", dir=self.best_dir.parent))
+        tmp = staging_dir(self.best_dir, ".best.")
         try:
             for name, m in (("model", model), ("ema", ema_model)):
                 save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")

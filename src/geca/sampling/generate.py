@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,7 +21,7 @@ from geca.sampling.samplers import SamplerConfig, sample
 from geca.training.checkpoint import LoadedRun, file_sha256
 from geca.training.trainer import step_seed
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write_json, atomic_write_text, replace_dir
+from geca.utils.io import atomic_write_json, atomic_write_text, replace_dir, staging_dir
 
 
 def generate_images(run: LoadedRun, labels: torch.Tensor, cfg: SamplerConfig, seed: int, batch_size: int,
@@ -75,7 +74,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, cfg: Sampl
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = run.spec.sampling(cfg)  # so that the manifest records what sampling used
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(out, f".{out.name}.partial-")
     try:
         t0 = time.time()
         images = generate_images(run, labels, cfg, seed, batch_size, device, progress)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
 from geca.models.config import ModelConfig, build_model
 from geca.sampling.samplers import SamplerConfig
-from geca.utils.io import atomic_write_json
+from geca.utils.io import atomic_write_json, replace_dir, staging_dir
 
 
 class CheckpointError(RuntimeError):
@@ -68,18 +66,15 @@ def save_checkpoint(run_dir: Path, step: int, model: Denoiser, ema: Denoiser, op
                     state: dict[str, Any]) -> Path:
     """Write checkpoints/step_NNNNNNN/ as a whole, then point latest.json at it."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    tmp = staging_dir(root / name, f".{name}.")
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
         final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,6 +11,24 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def staging_dir(final: Path, prefix: str) -> Path:
+    """A fresh directory beside `final` to build it in, with the permissions a plain `mkdir` would give.
+
+    `mkdtemp` makes it owner-only (0700), which a later rename would carry over to a run or sample directory.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename it into place."""
     path = Path(path)
@@ -19,6 +37,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's (and safetensors') 0600 would otherwise become the file's
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -36,6 +55,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def replace_dir(tmp_dir: Path, final: Path) -> None:
     """Move a completed directory into place, replacing `final` only once the new one is whole."""
     final = Path(final)
+    mode = 0o666 & ~_umask()
+    for f in Path(tmp_dir).rglob("*"):  # safetensors writes owner-only files
+        if f.is_file():
+            f.chmod(mode)
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
