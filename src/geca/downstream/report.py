@@ -222,7 +222,7 @@ def roc_filename(arm: str) -> str:
 def write_report(out: Path, summary: dict[str, Any], protocol: ProtocolResult) -> dict[str, Path]:
     """Write table.md, table.csv, units.csv, results.json and one ROC plot per arm into ``out`` as a whole."""
     out = Path(out)
-    tmp = staging_dir(out, f".{out.name}.partial-")
+    tmp = staging_dir(out)
     try:
         atomic_write_text(tmp / "table.md", markdown(summary))
         atomic_write_text(tmp / "table.csv", table_csv(summary))

@@ -88,7 +88,7 @@ def _read(split_dir: Path, components: dict[str, Any], spec: LatentSpec, num: in
 
 
 def _write(split_dir: Path, latents: LatentSet) -> None:
-    tmp = staging_dir(split_dir, f".{split_dir.name}.partial-")
+    tmp = staging_dir(split_dir)
     try:
         save_file({"latents": latents.latents.contiguous(), "latents_flipped": latents.flipped.contiguous(),
                    "labels": latents.labels.contiguous()}, tmp / "latents.safetensors")

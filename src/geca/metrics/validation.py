@@ -129,7 +129,7 @@ class Validator:
 
     def _save_best(self, step: int, model: torch.nn.Module, ema_model: torch.nn.Module, value: float) -> None:
         """checkpoints/best/ holds the weights (no optimizer state) of the lowest-KID step, written whole."""
-        tmp = staging_dir(self.best_dir, ".best.")
+        tmp = staging_dir(self.best_dir)
         try:
             for name, m in (("model", model), ("ema", ema_model)):
                 save_file({k: v.contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")

@@ -74,7 +74,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, cfg: Sampl
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = run.spec.sampling(cfg)  # so that the manifest records what sampling used
-    tmp = staging_dir(out, f".{out.name}.partial-")
+    tmp = staging_dir(out)
     try:
         t0 = time.time()
         images = generate_images(run, labels, cfg, seed, batch_size, device, progress)

@@ -67,7 +67,7 @@ def save_checkpoint(run_dir: Path, step: int, model: Denoiser, ema: Denoiser, op
     """Write checkpoints/step_NNNNNNN/ as a whole, then point latest.json at it."""
     root = checkpoint_dir(run_dir)
     name = f"step_{step:07d}"
-    tmp = staging_dir(root / name, f".{name}.")
+    tmp = staging_dir(root / name)
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")

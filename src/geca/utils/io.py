@@ -17,14 +17,14 @@ def _umask() -> int:
     return mask
 
 
-def staging_dir(final: Path, prefix: str) -> Path:
+def staging_dir(final: Path) -> Path:
     """A fresh directory beside `final` to build it in, with the permissions a plain `mkdir` would give.
 
     `mkdtemp` makes it owner-only (0700), which a later rename would carry over to a run or sample directory.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
 
