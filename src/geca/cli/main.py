@@ -35,7 +35,6 @@ app.command("experiment")(experiment)
 app.command("demo")(demo)
 
 
-
 def main() -> None:
     """The `geca` console script: glibc is told to keep freed memory before any work starts."""
     keep_freed_memory()

@@ -67,13 +67,13 @@ def save_checkpoint(run_dir: Path, step: int, model: Denoiser, ema: Denoiser, op
     """Write checkpoints/step_NNNNNNN/ as a whole, then point latest.json at it."""
     root = checkpoint_dir(run_dir)
     name = f"step_{step:07d}"
-    tmp = staging_dir(root / name)
+    final = root / name
+    tmp = staging_dir(final)
     try:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        final = root / name
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
