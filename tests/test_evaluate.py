@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import typer
 from conftest import blob_images
 from PIL import Image
@@ -105,6 +106,26 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
         assert res.exit_code == 2, (message, res.output)
         assert "error:" in res.output and message in res.output
     assert not (tmp_path / "m.json").exists()
+
+
+def test_evaluate_refuses_a_crafted_inception_file(data: dict[str, Path], tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _Touch(marker)}, crafted)  # torch.load(weights_only=False) runs it
+    npz = str(data["npz"])
+    res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train",
+                              f"{npz}:train", "--out", str(tmp_path / "m.json"), "--features", "inception",
+                              "--features-file", str(crafted), "--no-lpips"])
+    assert res.exit_code == 2 and "error:" in res.output and "weights-inception" in res.output, res.output
+    assert not marker.exists() and not (tmp_path / "m.json").exists()
+
+
+class _Touch:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
 
 
 def test_domain_features_trained_once_cached_or_from_a_file(data: dict[str, Path], tmp_path: Path,

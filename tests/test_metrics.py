@@ -10,10 +10,21 @@ import torch
 import torchvision
 
 from geca.data.imageset import DataError
-from geca.metrics import MissingWeightsError, build_extractor, fld, kid, kid_subset_size, load_lpips, lpips_pairs
+from geca.metrics import (
+    MissingWeightsError,
+    build_extractor,
+    diversity,
+    features,
+    fld,
+    kid,
+    kid_subset_size,
+    load_lpips,
+    lpips_pairs,
+)
 from geca.metrics.diversity import lpips_diversity
 from geca.metrics.domain import load_domain_net, save_domain_net, train_domain_net
 from geca.metrics.features import DinoV2Features
+from geca.metrics.weights import sha256_of
 
 
 def _images(n: int, size: int = 16, channels: int = 3, seed: int = 0, shift: int = 0) -> np.ndarray:
@@ -94,6 +105,9 @@ def test_lpips_loads_torchvision_alexnet_weights(tmp_path: Path, monkeypatch: py
     torch.manual_seed(0)
     state = torchvision.models.alexnet().state_dict()
     torch.save(state, tmp_path / "alexnet-owt-7be5be79.pth")
+    with pytest.raises(DataError, match="not that of the published torchvision AlexNet"):
+        load_lpips(tmp_path / "alexnet-owt-7be5be79.pth")  # random weights under the published name
+    monkeypatch.setattr(diversity, "ALEXNET_SHA256", sha256_of(tmp_path / "alexnet-owt-7be5be79.pth")[:8])
     model = load_lpips(tmp_path / "alexnet-owt-7be5be79.pth")
     loaded = model.net.state_dict()
     assert torch.equal(loaded["slice1.0.weight"], state["features.0.weight"])
@@ -131,11 +145,47 @@ def test_inception_features_from_a_weights_file(tmp_path: Path, monkeypatch: pyt
         torch.manual_seed(0)
         net = tf.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     torch.save(net.state_dict(), tmp_path / "inception.pth")
+    with pytest.raises(DataError, match="inception.pth: SHA-256 .* not that of the published Inception"):
+        build_extractor("inception", tmp_path / "inception.pth")
+    monkeypatch.setenv("GECA_UNVERIFIED_WEIGHTS", "1")
+    with pytest.warns(UserWarning, match="not that of the published"):
+        build_extractor("inception", tmp_path / "inception.pth")
+    monkeypatch.delenv("GECA_UNVERIFIED_WEIGHTS")
+    monkeypatch.setattr(features, "INCEPTION_SHA256", sha256_of(tmp_path / "inception.pth")[:8])
     ex = build_extractor("inception", tmp_path / "inception.pth")
     feats = ex.extract(_images(2, size=28, channels=1))
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
     ref = net(torch.from_numpy(_images(2, size=28, channels=1)).permute(0, 3, 1, 2).expand(-1, 3, -1, -1))[0]
     np.testing.assert_allclose(feats, ref.double().numpy(), rtol=1e-5, atol=1e-6)
+
+
+class _RunsCode:
+    """A pickle that runs code when unpickled: it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_weights_file_never_runs_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": _RunsCode(marker)}, crafted)
+    monkeypatch.setenv("GECA_WEIGHTS_DIR", str(tmp_path))
+    # Refused on its hash before anything reads it ...
+    with pytest.raises(DataError, match="not that of the published Inception"):
+        build_extractor("inception")
+    # ... and, were its hash to match, read without unpickling code: torch's weights-only loader refuses it.
+    monkeypatch.setattr(features, "INCEPTION_SHA256", sha256_of(crafted)[:8])
+    with pytest.raises(DataError, match="not a readable Inception-v3 .FID. weights file"):
+        build_extractor("inception")
+    monkeypatch.setattr(diversity, "ALEXNET_SHA256", sha256_of(crafted)[:8])
+    for make in (lambda p: DinoV2Features(p, arch="vit_small_patch14_dinov2"), load_lpips):
+        with pytest.raises(DataError, match="not a readable"):
+            make(crafted)
+    assert not marker.exists()
 
 
 def test_dinov2_features_load_a_meta_format_weights_file(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from geca.config import ConfigError
 from geca.downstream.metrics import score
+from geca.metrics.weights import load_state_dict_file
 from geca.training.trainer import TrainingError
 
 STEMS = ("imagenet", "cifar")
@@ -60,16 +61,8 @@ def load_imagenet_weights(path: Path, in_channels: int) -> dict[str, torch.Tenso
     path = Path(path)
     if not path.is_file():
         raise _missing_weights(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load and safetensors raise many types for a corrupt file
-        raise ConfigError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or "conv1.weight" not in state:
+    state = load_state_dict_file(path, "torchvision ResNet-34")
+    if "conv1.weight" not in state:
         raise ConfigError(f"{path}: not a torchvision ResNet-34 state dict (no conv1.weight)")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if in_channels == 1:  # grey input: the RGB filters summed respond to grey as they did to colour

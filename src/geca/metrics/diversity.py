@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from geca.data.imageset import DataError
 from geca.metrics.kid import check_protocol
-from geca.metrics.weights import resolve_weights
+from geca.metrics.weights import check_published, load_state_dict_file, resolve_weights
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+ALEXNET_SHA256 = "7be5be79"  # the prefix its torch.hub name publishes
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
 STANDARD_PAIRS = 2000
 # AlexNet's third max-pool needs ≥ 3×3 inputs, i.e. images of ≥ ~64 px; smaller ones are upsampled to this.
@@ -56,10 +57,8 @@ def load_lpips(weights: str | Path | None, seed: int = 0) -> torch.nn.Module:
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
     if path is not None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several unrelated types for a bad file
-            raise DataError(f"{path}: not a readable torch weights file ({e})") from None
+        check_published(path, ALEXNET_SHA256, ALEXNET_FILE, "torchvision AlexNet")
+        state = load_state_dict_file(path, "torchvision AlexNet")
         try:
             mapped = {f"slice{_ALEX_SLICES[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": v
                       for k, v in state.items() if k.startswith("features.")}

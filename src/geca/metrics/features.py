@@ -12,6 +12,7 @@ Grey images are repeated to three channels for the RGB networks.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,11 +24,12 @@ from tqdm.auto import tqdm
 
 from geca.data.imageset import DataError, ImageSet
 from geca.metrics.domain import DomainMeta, DomainNet, data_digest, load_domain_net, save_domain_net, train_domain_net
-from geca.metrics.weights import cache_dir, resolve_weights
+from geca.metrics.weights import cache_dir, check_published, load_state_dict_file, resolve_weights
 
 FEATURES = ("domain", "inception", "dinov2", "random")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_SHA256 = "6726825d"  # the prefix its torch.hub-style name publishes
 DINOV2_FILE = "dinov2_vitb14_pretrain.pth"
 DINOV2_URL = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/{DINOV2_FILE}"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,13 +85,21 @@ class DomainFeatures(FeatureExtractor):
 
 class InceptionFeatures(FeatureExtractor):
     def __init__(self, path: Path) -> None:
-        super().__init__("inception", 2048, 3, str(path))
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+        what = "Inception-v3 (FID)"
+        digest = check_published(path, INCEPTION_SHA256, INCEPTION_FILE, what)
+        super().__init__("inception", 2048, 3, f"{path} (sha256 {digest[:16]}…)")
+        state = load_state_dict_file(path, what)
+        # torch-fidelity reads its weights with torch.load(weights_only=False), which would run a crafted file's
+        # code: it gets our own serialisation of the tensors read safely above, never the user's file.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
         try:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                   feature_extractor_weights_path=str(path))
-        except Exception as e:  # torch.load and load_state_dict raise many unrelated types for a bad file
+                                                   feature_extractor_weights_path=buffer)
+        except RuntimeError as e:
             raise DataError(f"{path}: not the torch-fidelity Inception-v3 weights ({str(e).splitlines()[0]})") from None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,11 +111,14 @@ class DinoV2Features(FeatureExtractor):
 
     def __init__(self, path: Path, arch: str = "vit_base_patch14_dinov2") -> None:
         import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
 
+        net = timm.create_model(arch, pretrained=False, img_size=self.SIZE, num_classes=0)
+        # Read here rather than by timm's pretrained loader, whose torch.load is not weights-only in every version.
+        state = load_state_dict_file(path, f"DINOv2 {arch}")
         try:
-            net = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                    img_size=self.SIZE, num_classes=0)
-        except Exception as e:  # as above: a wrong file fails in torch.load, safetensors or load_state_dict
+            net.load_state_dict(checkpoint_filter_fn(state, net))
+        except (RuntimeError, KeyError, ValueError) as e:
             raise DataError(f"{path}: not DINOv2 {arch} weights ({str(e).splitlines()[0]})") from None
         super().__init__("dinov2", net.num_features, 3, str(path))
         self.net = net.eval()

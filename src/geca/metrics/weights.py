@@ -1,12 +1,22 @@
-"""Where pretrained weight files are looked for: an explicit path, else $GECA_WEIGHTS_DIR. Never the network."""
+"""Pretrained weight files: found at an explicit path or in $GECA_WEIGHTS_DIR (never the network), checked against
+their published SHA-256 prefix, and read without ever running a pickle's code."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
 from pathlib import Path
+
+import torch
+
+from geca.data.imageset import DataError
 
 WEIGHTS_DIR_ENV = "GECA_WEIGHTS_DIR"
 CACHE_DIR_ENV = "GECA_CACHE_DIR"
+# Accept a pretrained file whose SHA-256 is not the published one (a re-saved copy, say): it is still read without
+# running pickle code, but its numbers may not be the paper's.
+UNVERIFIED_ENV = "GECA_UNVERIFIED_WEIGHTS"
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -29,6 +39,49 @@ def resolve_weights(explicit: str | Path | None, filename: str, what: str, url: 
         f"machine with internet, then pass {flag} /path/to/{filename} or put it in the folder named by "
         f"${WEIGHTS_DIR_ENV}."
     )
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_published(path: Path, prefix: str, published_name: str, what: str) -> str:
+    """Refuse a file whose SHA-256 does not start with the published `prefix`, before anything reads it; returns the
+    digest. ${GECA_UNVERIFIED_WEIGHTS}=1 turns the refusal into a warning."""
+    digest = sha256_of(path)
+    if not digest.startswith(prefix):
+        msg = (f"{path}: SHA-256 {digest[:16]}… is not that of the published {what} file {published_name} (which "
+               f"starts {prefix})")
+        if os.environ.get(UNVERIFIED_ENV) != "1":
+            raise DataError(f"{msg}; refusing to read it (set {UNVERIFIED_ENV}=1 to use it anyway; it is never "
+                            "unpickled with code)")
+        warnings.warn(f"{msg}; using it because {UNVERIFIED_ENV}=1", stacklevel=2)
+    return digest
+
+
+def load_state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A flat {name: tensor} state dict from safetensors or from a torch file read with `weights_only=True`.
+
+    Third-party loaders (torch-fidelity's among them) call `torch.load(weights_only=False)`, which runs any code a
+    crafted file carries; every pretrained file goes through here instead.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load and safetensors raise many unrelated types for a bad or hostile file
+        raise DataError(f"{path}: not a readable {what} weights file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and type(v) is torch.Tensor for k, v in state.items()):
+        raise DataError(f"{path}: not a {what} state dict (expected a mapping of names to tensors)")
+    return dict(state)
 
 
 def cache_dir() -> Path:
