@@ -22,9 +22,10 @@ from common import device_of, model_parser
 from sample import sampling_seconds
 from train_step import step_time
 
-from geca.diffusion import DiffusionConfig, GaussianDiffusion
-from geca.models import build_model, named_model
-from geca.sampling.samplers import SamplerConfig
+from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.models.build import build_model
+from geca.models.config import named_model
+from geca.sampling.config import SamplerConfig
 
 
 def _counted(fn: Callable[[], float], calls: int) -> dict[str, float]:

@@ -18,23 +18,24 @@ import time
 import torch
 from common import device_of, model_parser
 
-from geca.diffusion import DiffusionConfig, GaussianDiffusion
-from geca.models import build_model, count_parameters, named_model
-from geca.models.config import count_macs
+from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.models.build import build_model, count_parameters
+from geca.models.config import count_macs, named_model
+from geca.sampling.config import SamplerConfig
 from geca.sampling.labels import per_class_labels
-from geca.sampling.samplers import SamplerConfig, sample
+from geca.sampling.samplers import sample
 
 SETTINGS = (("ddpm", 250), ("ddim", 50))
 
 
-def sampling_seconds(model: torch.nn.Module, diffusion: GaussianDiffusion, cfg: SamplerConfig, batch: int,
+def sampling_seconds(model: torch.nn.Module, diffusion: GaussianDiffusion, sampler: SamplerConfig, batch: int,
                      shape: tuple[int, int, int], classes: int, device: torch.device) -> float:
     labels = per_class_labels(classes, batch // classes + 1)[:batch].to(device)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    sample(model, diffusion, labels, shape, cfg)
+    sample(model, diffusion, labels, shape, sampler)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
@@ -51,19 +52,19 @@ def main() -> None:
     settings = (("ddpm", 5), ("ddim", 2)) if args.quick else SETTINGS
     rows = []
     for name in args.configs.split(","):
-        cfg = named_model(name)
+        config = named_model(name)
         torch.manual_seed(0)
-        model = build_model(cfg, args.channels, args.classes, args.resolution).to(device).eval()
+        model = build_model(config, args.channels, args.classes, args.resolution).to(device).eval()
         gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
         ghg = "hidden" if model.has_cell_state else "none"
         # One untimed step first, so that one-off setup (allocator, kernels) is not billed to the first setting.
-        sampling_seconds(model, diffusion, SamplerConfig(steps=1, cfg=args.cfg, ghg=ghg), args.batch, shape,
+        sampling_seconds(model, diffusion, SamplerConfig(steps=1, guidance_scale=args.cfg, ghg=ghg), args.batch, shape,
                          args.classes, device)
         for sampler, steps in settings:
-            sc = SamplerConfig(sampler=sampler, steps=steps, cfg=args.cfg, ghg=ghg)
+            sc = SamplerConfig(sampler=sampler, steps=steps, guidance_scale=args.cfg, ghg=ghg)
             s = sampling_seconds(model, diffusion, sc, args.batch, shape, args.classes, device)
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
-            row = {"config": name, "family": cfg.family, "parameters": count_parameters(model),
+            row = {"config": name, "family": config.family, "parameters": count_parameters(model),
                    "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps, "ghg": ghg,
                    "seconds_per_image": round(s / args.batch, 4),
                    "gmacs_per_image": round(gmacs * calls, 3)}

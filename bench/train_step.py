@@ -18,19 +18,20 @@ import time
 import torch
 from common import device_of, model_parser
 
-from geca.diffusion import DiffusionConfig, GaussianDiffusion
-from geca.models import build_model, count_parameters, named_model
+from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.models.build import build_model, count_parameters
+from geca.models.config import named_model
 
 NO_CHOICE = "-"
 
 
 def step_time(name: str, attention: str, precision: str, batch: int, channels: int, resolution: int,
               classes: int, repeats: int, device: torch.device) -> float:
-    cfg = named_model(name)
+    config = named_model(name)
     if attention != NO_CHOICE:
-        cfg.attention = attention
+        config.attention = attention
     torch.manual_seed(0)
-    model = build_model(cfg, channels, classes, resolution).to(device)
+    model = build_model(config, channels, classes, resolution).to(device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, channels, resolution, resolution, device=device)
@@ -67,15 +68,15 @@ def main() -> None:
     device = device_of(args)
     rows = []
     for name in args.configs.split(","):
-        cfg = named_model(name)
-        params = count_parameters(build_model(cfg, args.channels, args.classes, args.resolution))
-        attentions = args.attention.split(",") if cfg.family == "geca" else [NO_CHOICE]
+        config = named_model(name)
+        params = count_parameters(build_model(config, args.channels, args.classes, args.resolution))
+        attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
         for precision in args.precisions.split(","):
             base = None
             for attention in attentions:
                 s = step_time(name, attention, precision, args.batch, args.channels, args.resolution,
                               args.classes, args.repeats, device)
-                row = {"config": name, "family": cfg.family, "parameters": params, "precision": precision,
+                row = {"config": name, "family": config.family, "parameters": params, "precision": precision,
                        "attention": attention, "seconds_per_step": round(s, 4),
                        "images_per_s": round(args.batch / s, 2)}
                 if attention == "reference":

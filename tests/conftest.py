@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from geca.data.imageset import ImageSet  # noqa: E402
-from geca.models.config import ModelConfig  # noqa: E402
+from geca.models.config import GeCAConfig  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -26,12 +26,12 @@ def retinamnist_path() -> Path:
     return RETINAMNIST
 
 
-def tiny_model_config(**overrides: object) -> ModelConfig:
+def tiny_model_config(**overrides: object) -> GeCAConfig:
     """A GeCA small enough for a test step to take milliseconds."""
     base = dict(name="tiny", hidden_size=32, heads=2, mlp_hidden=64, hidden_channels=8, nca_steps=3,
                 pos_channels=8)
     base.update(overrides)
-    return ModelConfig(**base)
+    return GeCAConfig(**base)
 
 
 def blob_images(n: int = 8, size: int = 8, channels: int = 3, classes: int = 2, seed: int = 0) -> ImageSet:

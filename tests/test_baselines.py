@@ -11,10 +11,11 @@ from conftest import tiny_model_config
 from typer.testing import CliRunner
 
 from geca.cli.main import app
-from geca.config import ConfigError, load_config, save_config
-from geca.models import NAMED_MODELS, build_model, count_parameters, named_model
+from geca.config import load_config, save_config
+from geca.errors import ConfigError
 from geca.models.base import Denoiser
-from geca.models.config import ModelConfig, count_macs
+from geca.models.build import build_model, count_macs, count_parameters
+from geca.models.config import NAMED_MODELS, DiTConfig, ModelConfig, UNetConfig, named_model
 from geca.models.embeddings import sincos_2d
 from geca.sampling.samplers import guided_output
 
@@ -47,10 +48,9 @@ def test_dit_s2_costs_about_5_4_gmac_per_call() -> None:
 
 def _tiny(family: str) -> ModelConfig:
     if family == "dit":
-        return ModelConfig(name="tiny-dit", family="dit", hidden_size=32, heads=2, mlp_hidden=64, depth=2)
+        return DiTConfig(name="tiny-dit", hidden_size=32, heads=2, mlp_hidden=64, depth=2)
     if family == "unet":
-        return ModelConfig(name="tiny-unet", family="unet", block_channels=[32, 32], layers_per_block=1,
-                           attention_resolutions=[2])
+        return UNetConfig(name="tiny-unet", block_channels=[32, 32], layers_per_block=1, attention_resolutions=[2])
     return tiny_model_config(update_prob=1.0)  # every cell fires: GeCA is deterministic given its seed
 
 
@@ -154,15 +154,15 @@ def test_dit_positions_are_fixed_sincos() -> None:
 def test_baselines_reject_cell_state_and_bad_shapes() -> None:
     x, t, y = _inputs()
     with pytest.raises(ValueError, match="no cell state"):
-        _model("dit")(x, t, y, steps=3)
+        _model("dit")(x, t, y, nca_steps=3)
     with pytest.raises(ValueError, match="patch size"):
         build_model(_tiny("dit"), 3, 4, 7)
     with pytest.raises(ValueError, match="divisible by 8"):
         build_model(named_model("LDM-B"), 4, 11, 28)
     with pytest.raises(ValueError, match=r"\[3\]"):
-        build_model(ModelConfig(family="unet", block_channels=[32, 32], attention_resolutions=[3]), 3, 4, 8)
+        build_model(UNetConfig(block_channels=[32, 32], attention_resolutions=[3]), 3, 4, 8)
     with pytest.raises(ValueError, match="geca, dit, unet"):
-        build_model(ModelConfig(family="vae"), 3, 4, 8)
+        ModelConfig.from_mapping({"family": "vae"}, "model")
 
 
 def test_list_fields_round_trip_through_yaml(tmp_path: Path) -> None:

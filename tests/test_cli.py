@@ -64,7 +64,8 @@ def test_sample_per_class_writes_images_labels_and_manifest(trained_run: Path, t
         img = Image.open(out / r["filename"])
         assert img.size == (8, 8) and img.mode == "RGB"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["sampling"] == {"sampler": "ddim", "steps": 3, "cfg": 2.0, "ghg": "both", "nca_steps": 3,
+    assert manifest["sampling"] == {"sampler": "ddim", "steps": 3, "guidance_scale": 2.0, "ghg": "both",
+                                    "nca_steps": 3,
                                     "eta": 0.0, "clip_x0": True}
     assert manifest["seed"] == 5 and len(manifest["weights_sha256"]) == 64 and manifest["checkpoint_step"] == 2
 

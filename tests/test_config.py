@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from geca.config import ConfigError, RunConfig, load_config, save_config
-from geca.models import NAMED_MODELS, named_model
+from geca.config import RunConfig, load_config, save_config
+from geca.errors import ConfigError
+from geca.models.config import NAMED_MODELS, named_model
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +13,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from geca.cli.folds import folds as folds_command
-from geca.data import DataError, ImageSet, load_split, medmnist_npz, parse_spec
+from geca.data import medmnist_npz, registry
 from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import patient_folds, read_folds, write_folds
+from geca.data.imageset import ImageSet
+from geca.data.registry import load_split, parse_spec
+from geca.errors import DataError
 
 RETINA = Path(__file__).resolve().parents[1].parent / "shared/data/retinamnist.npz"
 needs_retina = pytest.mark.skipif(not RETINA.is_file(), reason=f"RetinaMNIST not found at {RETINA}")
@@ -423,9 +424,7 @@ def _fake_procedural(monkeypatch) -> list[tuple]:
         calls.append((split, size, patients, seed))
         return ImageSet(np.zeros((2, size, size, 1), np.uint8), np.eye(2), ["x", "y"], False, "fake")
 
-    module = types.ModuleType("geca.data.procedural")
-    module.PROCEDURAL = {"synthetic-oct": synthetic_oct}
-    monkeypatch.setitem(sys.modules, "geca.data.procedural", module)
+    monkeypatch.setattr(registry, "PROCEDURAL", {"synthetic-oct": synthetic_oct})
     return calls
 
 

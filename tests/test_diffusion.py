@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from geca.diffusion import DiffusionConfig, GaussianDiffusion, spaced_timesteps
+from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion, spaced_timesteps
 
 
 @pytest.fixture

@@ -28,11 +28,11 @@ from typer.testing import CliRunner
 from geca.cli.downstream import classify, expand
 from geca.cli.folds import folds
 from geca.cli.train import train
-from geca.data.imageset import DataError
 from geca.data.procedural import OCT_CLASSES
 from geca.downstream.classifier import build_resnet34, geometric_augment
 from geca.downstream.metrics import binary_ap, binary_auc, eye_level, macro_metric, score
 from geca.downstream.significance import paired_bootstrap, paired_test, stars
+from geca.errors import DataError
 from geca.sampling.labels import replicate_labels
 
 runner = CliRunner()
@@ -209,7 +209,7 @@ def test_imagenet_weights_load_from_a_local_file_and_fit_grey_input(tmp_path: Pa
     torch.testing.assert_close(grey.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     torch.testing.assert_close(grey.conv1.weight, reference.conv1.weight.sum(1, keepdim=True))
     assert grey.fc.out_features == 4
-    from geca.config import ConfigError
+    from geca.errors import ConfigError
 
     with pytest.raises(ConfigError, match="missing.pth.*resnet34-b627a593.pth"):
         build_resnet34(4, 3, "imagenet", tmp_path / "missing.pth")
@@ -273,7 +273,7 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     # The folds file and fold default to the run's own.
     res = invoke("expand", "--run", tmp_path / "run", "--ratio", 3, "--out", tmp_path / "syn", *FAST_SAMPLING)
     assert res.exit_code == 0, res.output
-    from geca.data import load_split
+    from geca.data.registry import load_split
 
     train_rows = [tuple(str(int(v)) for v in row)
                   for row in load_split(data, "train", folds_file=folds_csv, fold=1).labels]
@@ -360,7 +360,7 @@ def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Pat
     summary = json.loads((tmp_path / "cv" / "results.json").read_text())
     assert summary["protocol"] == "patient-level 2-fold CV" and summary["levels"] == ["scan", "eye"]
     assert [u["fold"] for u in summary["arms"]["+oct"]["units"]] == [0, 1]
-    from geca.data import load_split
+    from geca.data.registry import load_split
 
     for s in summary["splits"]:  # test = fold k, val = fold k+1, train = the third fold
         test, val = (load_split(data, split, folds_file=tmp_path / "folds.csv", fold=s["fold"]) for split in

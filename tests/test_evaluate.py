@@ -155,7 +155,7 @@ def test_domain_features_trained_once_cached_or_from_a_file(data: dict[str, Path
 
 def test_evaluate_takes_its_splits_from_a_folds_file(tmp_path: Path) -> None:
     from geca.cli.folds import folds
-    from geca.data import load_split
+    from geca.data.registry import load_split
 
     spec = "synthetic-oct@patients=20,size=16"
     folds_csv = tmp_path / "folds.csv"

@@ -13,10 +13,11 @@ import yaml
 from typer.testing import CliRunner
 
 from geca.cli.experiment import experiment
-from geca.config import ConfigError
+from geca.errors import ConfigError, StageError
 from geca.experiment.config import load_experiment
-from geca.experiment.graph import MARKER, Stage, StageError, execute, plan, read_marker, stage_dir
-from geca.experiment.stages import Context, build_stages
+from geca.experiment.context import Context
+from geca.experiment.graph import MARKER, Stage, execute, plan, read_marker, stage_dir
+from geca.experiment.stages import build_stages
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
 app = typer.Typer(pretty_exceptions_enable=False)

@@ -19,9 +19,9 @@ from geca.cli.encode import encode
 from geca.cli.main import app
 from geca.config import RunConfig
 from geca.diffusion.gaussian import GaussianDiffusion
+from geca.errors import LatentError
 from geca.latent.cache import ensure_latents
 from geca.latent.codec import LatentCodec
-from geca.latent.vae import LatentError
 from geca.training.trainer import train
 
 runner = CliRunner()

@@ -9,22 +9,14 @@ import pytest
 import torch
 import torchvision
 
-from geca.data.imageset import DataError
-from geca.metrics import (
-    MissingWeightsError,
-    build_extractor,
-    diversity,
-    features,
-    fld,
-    kid,
-    kid_subset_size,
-    load_lpips,
-    lpips_pairs,
-)
-from geca.metrics.diversity import lpips_diversity
+from geca.errors import DataError, MissingWeightsError
+from geca.metrics import diversity, features
+from geca.metrics.diversity import load_lpips, lpips_diversity, lpips_pairs
 from geca.metrics.domain import load_domain_net, save_domain_net, train_domain_net
-from geca.metrics.features import DinoV2Features
-from geca.metrics.weights import sha256_of
+from geca.metrics.features import DinoV2Features, build_extractor
+from geca.metrics.fld import fld
+from geca.metrics.kid import kid, kid_subset_size
+from geca.utils.io import file_sha256 as sha256_of
 
 
 def _images(n: int, size: int = 16, channels: int = 3, seed: int = 0, shift: int = 0) -> np.ndarray:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import tiny_model_config
 
-from geca.models import build_model, count_parameters, named_model
+from geca.models.build import build_model, count_parameters
+from geca.models.config import named_model
 from geca.models.embeddings import LabelEmbedder
 
 
@@ -67,7 +68,7 @@ def test_m_is_settable_at_call_time() -> None:
     model = build_model(tiny_model_config(nca_steps=3), 3, 4, 6)
     x, t, y = _inputs()
     assert len(list(model.grow(x, t, y))) == 3
-    assert len(list(model.grow(x, t, y, steps=7))) == 7
+    assert len(list(model.grow(x, t, y, nca_steps=7))) == 7
 
 
 def test_gradient_checkpointing_gives_the_same_gradients() -> None:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from geca.data import procedural
-from geca.data.imageset import DataError, ImageSet
+from geca.data.imageset import ImageSet
 from geca.data.procedural import OCT_CLASSES, PROCEDURAL, synthetic_fundus, synthetic_oct
+from geca.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ import torch
 from conftest import tiny_model_config
 from torch import nn
 
-from geca.diffusion import DiffusionConfig, GaussianDiffusion
-from geca.models import build_model
+from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
 from geca.models.base import CellState, Denoiser, DenoiserOutput
+from geca.models.build import build_model
+from geca.sampling.config import GHG_MODES, SamplerConfig
 from geca.sampling.labels import per_class_labels, replicate_labels
-from geca.sampling.samplers import GHG_MODES, SamplerConfig, guided_output, sample
+from geca.sampling.samplers import guided_output, sample
 
 
 class Spy(Denoiser):
@@ -26,8 +27,8 @@ class Spy(Denoiser):
         self.in_channels, self.num_classes, self.learn_sigma = inner.in_channels, inner.num_classes, True
         self.calls: list[tuple[CellState | None, CellState]] = []
 
-    def forward(self, x, t, y, null=None, carry=None, steps=None) -> DenoiserOutput:
-        res = self.inner(x, t, y, null=null, carry=carry, steps=steps)
+    def forward(self, x, t, y, null=None, carry=None, nca_steps=None) -> DenoiserOutput:
+        res = self.inner(x, t, y, null=null, carry=carry, nca_steps=nca_steps)
         self.calls.append((carry, res.state))
         return res
 
@@ -41,8 +42,8 @@ class ConvDenoiser(Denoiser):
         self.conv = nn.Conv2d(channels, 2 * channels, 3, padding=1)
         self.y = nn.Linear(classes, 2 * channels)
 
-    def forward(self, x, t, y, null=None, carry=None, steps=None) -> DenoiserOutput:
-        assert carry is None and steps is None
+    def forward(self, x, t, y, null=None, carry=None, nca_steps=None) -> DenoiserOutput:
+        assert carry is None and nca_steps is None
         scale = 0.0 if null is None else (~null).float()[:, None]
         return DenoiserOutput(output=self.conv(x) + (self.y(y) * (1 if null is None else scale))[:, :, None, None])
 
@@ -66,7 +67,8 @@ def _geca(update_prob: float = 0.5) -> Denoiser:
 def test_each_ghg_mode_carries_exactly_the_intended_tensors(diffusion, mode: str, cfg_scale: float) -> None:
     spy = Spy(_geca())
     labels = per_class_labels(4, 1)
-    sample(spy, diffusion, labels, (3, 6, 6), SamplerConfig(sampler="ddpm", steps=5, cfg=cfg_scale, ghg=mode))
+    sample(spy, diffusion, labels, (3, 6, 6),
+           SamplerConfig(sampler="ddpm", steps=5, guidance_scale=cfg_scale, ghg=mode))
     assert len(spy.calls) == 5
     assert spy.calls[0][0] is None, "the first step (t=T) has nothing to inherit: the training seed is used"
     for (carry, _), (_, previous) in zip(spy.calls[1:], spy.calls[:-1], strict=True):
@@ -107,14 +109,14 @@ def test_a_denoiser_without_cell_state_uses_the_same_samplers(diffusion, sampler
     torch.manual_seed(0)
     model = ConvDenoiser(3, 4)
     out = sample(model, diffusion, per_class_labels(4, 2), (3, 6, 6),
-                 SamplerConfig(sampler=sampler, steps=6, cfg=2.0, ghg="hidden"))
+                 SamplerConfig(sampler=sampler, steps=6, guidance_scale=2.0, ghg="hidden"))
     assert out.shape == (8, 3, 6, 6) and torch.isfinite(out).all()
 
 
 def test_ddim_eta0_is_deterministic_given_the_noise(diffusion) -> None:
     model = ConvDenoiser(3, 4)
     noise = torch.randn(4, 3, 6, 6)
-    cfg = SamplerConfig(sampler="ddim", steps=7, cfg=1.5, ghg="none")
+    cfg = SamplerConfig(sampler="ddim", steps=7, guidance_scale=1.5, ghg="none")
     a = sample(model, diffusion, per_class_labels(4, 1), (3, 6, 6), cfg, noise=noise)
     b = sample(model, diffusion, per_class_labels(4, 1), (3, 6, 6), cfg, noise=noise)
     assert torch.equal(a, b)
@@ -122,10 +124,10 @@ def test_ddim_eta0_is_deterministic_given_the_noise(diffusion) -> None:
 
 def test_m_at_sampling_reaches_the_model(diffusion) -> None:
     spy = Spy(_geca())
-    sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6), SamplerConfig(steps=2, nca_steps=9, cfg=1.0))
+    sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6), SamplerConfig(steps=2, nca_steps=9, guidance_scale=1.0))
     model = spy.inner
     x, t, y = torch.randn(1, 3, 6, 6), torch.tensor([10]), per_class_labels(4, 1)[:1]
-    assert len(list(model.grow(x, t, y, steps=9))) == 9
+    assert len(list(model.grow(x, t, y, nca_steps=9))) == 9
 
 
 def test_replicated_labels_repeat_every_vector_exactly_ratio_times() -> None:

@@ -13,9 +13,10 @@ from conftest import blob_images, tiny_model_config
 from safetensors.torch import load_file
 
 from geca.config import RunConfig
-from geca.models import named_model
-from geca.training.checkpoint import CheckpointError, load_run
-from geca.training.trainer import TrainingError, train
+from geca.errors import CheckpointError, TrainingError
+from geca.models.config import named_model
+from geca.run import load_run
+from geca.training.trainer import train
 
 
 def tiny_config(steps: int, **train_overrides: object) -> RunConfig:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_model_config
 
-from geca.config import ConfigError, RunConfig
-from geca.training.checkpoint import load_run
+from geca.config import RunConfig
+from geca.errors import ConfigError
+from geca.run import load_run
 from geca.training.trainer import train
 
 

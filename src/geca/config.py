@@ -1,39 +1,21 @@
-"""Run configuration: plain YAML files mirrored by dataclasses."""
+"""Run configuration: plain YAML files mirrored by dataclasses (data, model, diffusion, training, preview,
+validation). Each package owns its own section's dataclass; this module puts them together."""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from geca.data.config import DataConfig
 from geca.diffusion.gaussian import DiffusionConfig
-from geca.models.config import ModelConfig, named_model
-from geca.sampling.samplers import SamplerConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
-
-
-@dataclass
-class DataConfig:
-    spec: str = "retinamnist"
-    image_size: int | None = None
-    folds_file: str | None = None
-    fold: int = 0
-    flip: bool = True
-    download: bool = False
-    # Latent diffusion (method.md §1): a diffusers AutoencoderKL directory (or a hub id in the local HF cache);
-    # None trains in pixel space. Images are cropped/resized to latent_size; the cache defaults to RUN/latents.
-    vae: str | None = None
-    latent_size: int = 256
-    latent_mean: bool = False
-    latent_cache: str | None = None
+from geca.errors import ConfigError
+from geca.models.config import GeCAConfig, ModelConfig, with_named_defaults
+from geca.sampling.config import SamplerConfig
+from geca.utils.io import atomic_write_text
+from geca.utils.schema import from_dict, read_yaml
 
 
 @dataclass
@@ -80,83 +62,32 @@ class ValidationConfig:
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=GeCAConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(typing.get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-        return tp(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Build dataclass `cls` from a nested mapping; unknown keys and wrong types are errors."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(names))}")
-    return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+def resolve_run_config(raw: dict[str, Any], where: str) -> RunConfig:
+    """A run config from a mapping; a `model.name` of a named config fills the model's defaults before its keys."""
+    model = raw.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: model must be a mapping")
+    if model:
+        raw = {**raw, "model": with_named_defaults(model, where)}
+    return from_dict(RunConfig, raw, str(where))
 
 
 def load_config(path: str | Path | None) -> RunConfig:
-    """Read a run config; a `model.name` of a named config fills the model's defaults before the file's keys."""
+    """Read a run config file (None: the built-in defaults)."""
     if path is None:
         return RunConfig()
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping")
-    model_raw = raw.get("model") or {}
-    if "name" in model_raw:
-        try:
-            base = dataclasses.asdict(named_model(model_raw["name"]))
-        except ValueError as e:
-            raise ConfigError(f"{p}: {e}") from None
-        raw = {**raw, "model": {**base, **model_raw}}
-    try:
-        return from_dict(RunConfig, raw, str(p))
-    except TypeError as e:
-        raise ConfigError(f"{p}: {e}") from None
+    return resolve_run_config(read_yaml(Path(path), "config file"), str(path))
 
 
-def save_config(cfg: RunConfig, path: Path) -> None:
-    from geca.utils.io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def save_config(config: RunConfig, path: Path) -> None:
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

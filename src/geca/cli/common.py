@@ -1,22 +1,21 @@
-"""What every command shares: turning known errors into a clear message and a non-zero exit."""
+"""What every command shares: turning known errors into a clear message and a non-zero exit; device choice."""
 
 from __future__ import annotations
 
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 import typer
 
-from geca.config import ConfigError
-from geca.data.imageset import DataError
-from geca.training.checkpoint import CheckpointError
-from geca.training.trainer import TrainingError
+from geca.errors import ConfigError, GecaError
+
+if TYPE_CHECKING:
+    import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (DataError, ConfigError, CheckpointError, TrainingError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (GecaError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def guarded(fn: F) -> F:
@@ -29,14 +28,13 @@ def guarded(fn: F) -> F:
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(2) from None
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

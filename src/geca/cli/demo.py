@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import shutil
-from importlib import resources
 from pathlib import Path
 
-import torch
 import typer
 
 from geca.cli.common import guarded, pick_device
-from geca.config import load_config
-from geca.data import DataError, load_split
-from geca.utils.hardware import resolve_precision
 
 
 def demo_dataset() -> tuple[str, str]:
     """RetinaMNIST when its file can be found, else the procedural fundus set (and why)."""
+    from geca.data.registry import load_split
+    from geca.errors import DataError
+
     try:
         load_split("retinamnist", "val")
         return "retinamnist", "RetinaMNIST found"
@@ -37,44 +35,43 @@ def demo(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Train GeCA-T briefly, then write a sample grid per grade, a growth GIF and a loss curve."""
-    from geca.sampling.generate import decoder, write_sample_dir
-    from geca.sampling.growth import grow, write_growth
+    from importlib import resources
+
+    from geca.config import load_config
+    from geca.run import load_run
+    from geca.sampling.config import SamplerConfig
+    from geca.sampling.generate import write_sample_dir
+    from geca.sampling.growth import grow_organism
     from geca.sampling.labels import per_class_labels
-    from geca.sampling.samplers import SamplerConfig
-    from geca.training.checkpoint import load_run
     from geca.training.trainer import train
+    from geca.utils.hardware import resolve_precision
     from geca.utils.plots import plot_class_grid
 
-    cfg = load_config(resources.files("geca") / "configs" / "demo.yaml")
+    config = load_config(resources.files("geca") / "configs" / "demo.yaml")
     if data is None:
         data, why = demo_dataset()
         typer.echo(why)
-    cfg.data.spec = data
+    config.data.spec = data
     if minutes is not None:
-        cfg.train.max_minutes = minutes
+        config.train.max_minutes = minutes
     if out.exists():
         if not (out / "model.json").exists():
             raise FileExistsError(f"{out} exists and is not a demo run; choose another --out")
         shutil.rmtree(out)
     dev = pick_device(device)
-    precision = resolve_precision(cfg.train.precision)
-    typer.echo(f"training GeCA-T on {data} for {cfg.train.max_minutes} min ({precision}) …")
-    train(cfg, out)
+    typer.echo(f"training GeCA-T on {data} for {config.train.max_minutes} min "
+               f"({resolve_precision(config.train.precision)}) …")
+    train(config, out)
     run = load_run(out, device=dev)
     # GHG (`geca sample`'s default) inherits C_h across reverse steps; a model trained for minutes has never learnt
     # to use an inherited C_h, which then grows step after step and washes the samples out, so the demo reseeds.
-    sc = SamplerConfig(sampler="ddim", steps=steps, cfg=1.5, ghg=ghg)
+    sampler = SamplerConfig(sampler="ddim", steps=steps, guidance_scale=1.5, ghg=ghg)
     labels = per_class_labels(run.spec.num_classes, per_class)
     typer.echo(f"sampling {len(labels)} images (DDIM {steps}, CFG 1.5, GHG {ghg}) …")
-    manifest, images = write_sample_dir(out / "generated", run, labels, sc, seed=0, batch_size=64, device=dev)
+    manifest, images = write_sample_dir(out / "generated", run, labels, sampler, seed=0, batch_size=64, device=dev)
     grid_png = plot_class_grid(images, run.spec.class_names, per_class, out / "samples_per_grade.png",
                                title=f"GeCA-T, step {run.step}, {data}")
-    torch.manual_seed(0)
-    y = labels[-1:].to(dev)
-    s = run.spec
-    g = grow(run.model, run.diffusion, y, (s.in_channels, s.resolution, s.resolution), s.sampling(sc), 500,
-             decode=decoder(run, dev))
-    paths = write_growth(g, out / "growth")
+    paths = grow_organism(run, str(run.spec.num_classes - 1), 500, sampler, 25, 0, dev, out / "growth").paths
     typer.echo("\ndemo outputs:")
     for name, p in [("sample grid per grade", grid_png), ("samples (geca sample format)", out / "generated"),
                     ("growth GIF (NCA steps)", paths["growth_gif"]), ("denoising GIF", paths["denoise_gif"]),

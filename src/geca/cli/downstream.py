@@ -4,19 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 
 from geca.cli.common import guarded, pick_device
-from geca.cli.sample import run_split, sampler_config, shared_option
-from geca.config import ConfigError
-
-
-def _same_file(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+from geca.cli.options import SamplingFlags, sampling_flags
+from geca.errors import ConfigError
 
 
 @guarded
+@sampling_flags()
 def expand(
     run: Path = typer.Option(..., "--run", help="Run directory written by `geca train` (the generator)."),
     out: Path = typer.Option(..., "--out", help="Output directory (images/, labels.csv, manifest.json), "
@@ -29,47 +25,23 @@ def expand(
                                           "run's when --data is not given)."),
     fold: int | None = typer.Option(None, "--fold", help="Test fold whose training split to replicate (default: "
                                     "the run's)."),
-    sampler: str = shared_option("sampler"),
-    steps: int = shared_option("steps"),
-    cfg: float = shared_option("cfg"),
-    ghg: str | None = shared_option("ghg"),
-    m: int | None = shared_option("m"),
-    seed: int = shared_option("seed"),
-    batch_size: int = shared_option("batch_size"),
-    checkpoint: str | None = shared_option("checkpoint"),
-    weights: str = shared_option("weights"),
-    device: str = shared_option("device"),
-    overwrite: bool = shared_option("overwrite"),
-    progress: bool = shared_option("progress"),
+    *,
+    flags: SamplingFlags,
 ) -> None:
     """Expand a training set with synthetic images whose labels replicate its label vectors `ratio` times."""
-    from geca.sampling.generate import write_sample_dir
-    from geca.sampling.labels import replicate_labels
-    from geca.training.checkpoint import load_run
+    from geca.run import load_run
+    from geca.sampling.expand import expand as expand_set
+    from geca.sampling.generate import run_sampler
 
     if ratio < 1:
         raise ConfigError(f"--ratio must be ≥ 1, got {ratio}")
-    dev = pick_device(device)
-    loaded = load_run(run, checkpoint, weights, dev)
-    sc = sampler_config(loaded, sampler, steps, cfg, ghg, m)
-    own = loaded.spec.data
-    spec = data or own.spec
-    folds = folds_file if folds_file is not None or data is not None else own.folds_file
-    if folds is None and fold is not None:
-        raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
-    k = fold if fold is not None else (own.fold if data is None else 0)
-    # A generator trained on another fold's training split has seen this fold's test patients.
-    if spec == own.spec and _same_file(folds, own.folds_file) and k != own.fold:
-        raise ConfigError(f"the run was trained on fold {own.fold} of {own.folds_file}; its images would leak "
-                          f"fold {k}'s test patients into fold {k}'s training set. Use the run trained on fold {k}")
-    train = run_split(loaded, spec, "train", folds, k)
-    labels = replicate_labels(train.labels, ratio)
-    extra = {"labels": f"{spec}:train x{ratio}",
-             "expansion": {"data": spec, "folds_file": folds, "fold": k if folds else None, "ratio": ratio,
-                           "train_images": len(train)}}
-    manifest, _ = write_sample_dir(out, loaded, labels, sc, seed, batch_size, dev, extra, overwrite, progress)
-    typer.echo(f"wrote {manifest['num_images']} images ({ratio} per training image of {spec}) to {out} "
-               f"in {manifest['seconds']} s")
+    device = pick_device(flags.device)
+    loaded = load_run(run, flags.checkpoint, flags.weights, device)
+    sampler = run_sampler(loaded, flags.sampling, strict=True)
+    manifest = expand_set(loaded, out, ratio, sampler, flags.seed, flags.batch_size, device, data, folds_file, fold,
+                          flags.overwrite, flags.progress)
+    typer.echo(f"wrote {manifest['num_images']} images ({ratio} per training image of "
+               f"{manifest['expansion']['data']}) to {out} in {manifest['seconds']} s")
 
 
 @guarded
@@ -116,44 +88,23 @@ def classify(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train ResNet-34 classifiers per arm and seed (and fold) and write a Table-2-style report."""
-    from geca.downstream.classifier import ClassifierConfig
-    from geca.downstream.metrics import AGGREGATIONS, MACRO
-    from geca.downstream.protocol import ProtocolConfig, Splits, parse_arms, parse_synthetic, run_protocol
-    from geca.downstream.report import summarise, write_report
-    from geca.downstream.significance import TESTS
+    import torch
+
+    from geca.downstream.classify import TableSettings
+    from geca.downstream.classify import classify as run_classification
+    from geca.downstream.protocol import parse_synthetic
 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    if eye_agg not in AGGREGATIONS:
-        raise ConfigError(f"--eye-agg must be one of {', '.join(AGGREGATIONS)}, got {eye_agg!r}")
-    if test not in TESTS:
-        raise ConfigError(f"--test must be one of {', '.join(TESTS)}, got {test!r}")
-    if p_metric not in MACRO:
-        raise ConfigError(f"--p-metric must be one of {', '.join(MACRO)}, got {p_metric!r}")
-    if bootstrap < 100:
-        raise ConfigError(f"--bootstrap needs at least 100 replicates, got {bootstrap}")
+    settings = TableSettings(seeds, epochs, batch_size, lr, image_size, stem,
+                             None if imagenet_weights is None else str(imagenet_weights), equal_steps, eye_agg, test,
+                             p_metric, bootstrap)
+    settings.validate()
     if threads is not None:
         if threads < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {threads}")
         torch.set_num_threads(threads)
-    syn = parse_synthetic(synthetic or [])
-    arm_list = parse_arms(arms, syn)
-    dev = pick_device(device)
-    clf = ClassifierConfig(epochs=epochs, batch_size=batch_size, lr=lr, stem=stem, imagenet_weights=imagenet_weights,
-                           equal_steps=equal_steps, device=str(dev), progress=progress)
-    cfg = ProtocolConfig(data=data, arms=arm_list, synthetic=syn, classifier=clf, seeds=seeds, image_size=image_size,
-                         folds_file=folds_file, folds=folds)
-    splits = Splits(data, image_size, folds_file, folds)
-    if p_metric == "acc" and splits.reference.multilabel:
-        raise ConfigError("--p-metric acc is for multi-class data; this data is multi-label")
-    result = run_protocol(cfg, splits)
-    config = {"data": data, "synthetic": syn, "arms": [a.name for a in arm_list], "seeds": seeds, "epochs": epochs,
-              "batch_size": batch_size, "lr": lr, "image_size": image_size, "stem": stem,
-              "imagenet_weights": None if imagenet_weights is None else str(imagenet_weights),
-              "folds_file": None if folds_file is None else str(folds_file), "folds": folds, "eye_agg": eye_agg,
-              "equal_steps": equal_steps, "device": str(dev), "threads": torch.get_num_threads(),
-              "bootstrap": bootstrap}
-    summary = summarise(result, [a.name for a in arm_list], seeds, eye_agg, test, p_metric, bootstrap, config)
-    write_report(out, summary, result)
+    run_classification(data, parse_synthetic(synthetic or []), arms, settings, out, folds_file, folds,
+                       str(pick_device(device)), progress)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"report written to {out}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from geca.cli.common import guarded, pick_device
-from geca.config import ConfigError
+from geca.errors import ConfigError
 
 
 @guarded
@@ -30,7 +30,7 @@ def encode(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Encode images to scaled VAE latents and cache them; reused while data, VAE and settings are unchanged."""
-    from geca.data import load_split
+    from geca.data.registry import load_split
     from geca.latent.cache import ensure_latents
     from geca.latent.codec import LatentCodec
 

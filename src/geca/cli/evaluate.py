@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from geca.cli.common import guarded, pick_device
-from geca.metrics.domain import TRAINING
 
 features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
                            add_completion=False, pretty_exceptions_enable=False)
@@ -78,20 +77,22 @@ def features_train(
     image_size: int | None = typer.Option(None, "--image-size", help="Resize images to this size (use the size "
                                           "of the generated images)."),
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation and batch order."),
-    epochs: int = typer.Option(TRAINING["epochs"], "--epochs", help="Training epochs."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (default: the domain network's "
+                                      "own, 10)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Train the `domain` feature network: a small classifier whose penultimate layer gives the features."""
-    from geca.data import load_split
-    from geca.data.imageset import DataError
-    from geca.metrics.domain import save_domain_net, train_domain_net
+    from geca.data.registry import load_split
+    from geca.errors import DataError
+    from geca.metrics.domain import TRAINING, save_domain_net, train_domain_net
 
     train_set = load_split(data, split, image_size=image_size)
     try:
         val = load_split(data, "val", image_size=image_size) if split != "val" else None
     except DataError:
         val = None  # sources without a val split are fine; the accuracy check is only a sanity line
-    net = train_domain_net(train_set, seed=seed, epochs=epochs, val=val, source=f"{data}:{split}",
+    net = train_domain_net(train_set, seed=seed, epochs=TRAINING["epochs"] if epochs is None else epochs, val=val,
+                           source=f"{data}:{split}",
                            device=pick_device(device))
     save_domain_net(net, out)
     acc = "" if net.meta.val_accuracy is None else f"; val accuracy {net.meta.val_accuracy:.3f}"

@@ -6,43 +6,43 @@ import json
 from typing import Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from geca.cli.common import guarded
-from geca.models.config import NAMED_MODELS, ModelConfig, build_model, count_macs, count_parameters
+from geca.models.config import NAMED_MODELS, DiTConfig, ModelConfig, UNetConfig
 
 
-def describe(cfg: ModelConfig) -> str:
+def describe(config: ModelConfig) -> str:
     """The hyper-parameters that set a config's size, in one short line."""
-    if cfg.family == "dit":
-        return f"depth {cfg.depth}, D {cfg.hidden_size}, {cfg.heads} heads, MLP {cfg.mlp_hidden}, p {cfg.patch_size}"
-    if cfg.family == "unet":
-        attn = ",".join(map(str, cfg.attention_resolutions)) or "mid only"
-        return (f"channels {'-'.join(map(str, cfg.block_channels))}, {cfg.layers_per_block}/level, "
-                f"attention at ÷{attn}")
-    return f"D {cfg.hidden_size}, {cfg.heads} heads, MLP {cfg.mlp_hidden}, C_h {cfg.hidden_channels}, M {cfg.nca_steps}"
+    c: Any = config
+    if isinstance(c, DiTConfig):
+        return f"depth {c.depth}, D {c.hidden_size}, {c.heads} heads, MLP {c.mlp_hidden}, p {c.patch_size}"
+    if isinstance(c, UNetConfig):
+        attn = ",".join(map(str, c.attention_resolutions)) or "mid only"
+        return f"channels {'-'.join(map(str, c.block_channels))}, {c.layers_per_block}/level, attention at ÷{attn}"
+    return f"D {c.hidden_size}, {c.heads} heads, MLP {c.mlp_hidden}, C_h {c.hidden_channels}, M {c.nca_steps}"
 
 
-def tokens(cfg: ModelConfig, resolution: int) -> int | None:
+def tokens(config: ModelConfig, resolution: int) -> int | None:
     """Cells a GeCA update sees, or patches a DiT attends over; None for the UNet (a convolutional pyramid)."""
-    if cfg.family == "dit":
-        return (resolution // cfg.patch_size) ** 2
-    if cfg.family == "unet":
+    if isinstance(config, DiTConfig):
+        return (resolution // config.patch_size) ** 2
+    if isinstance(config, UNetConfig):
         return None
     return resolution * resolution
 
 
-def model_row(name: str, cfg: ModelConfig, channels: int, classes: int, resolution: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"name": name, "family": cfg.family, "summary": describe(cfg),
+def model_row(name: str, config: ModelConfig, channels: int, classes: int, resolution: int) -> dict[str, Any]:
+    from geca.models.build import build_model, count_macs, count_parameters
+
+    row: dict[str, Any] = {"name": name, "family": config.family, "summary": describe(config),
                            "input": [channels, resolution, resolution], "classes": classes}
     try:
-        model = build_model(cfg, channels, classes, resolution)
+        model = build_model(config, channels, classes, resolution)
     except ValueError as e:
         return {**row, "parameters": None, "gmacs": None, "tokens": None, "error": str(e)}
     return {**row, "parameters": count_parameters(model),
             "gmacs": round(count_macs(model, channels, classes, resolution) / 1e9, 3),
-            "tokens": tokens(cfg, resolution)}
+            "tokens": tokens(config, resolution)}
 
 
 @guarded
@@ -56,7 +56,10 @@ def models(
 
     GMACs count matmuls and convolutions on a batch of 1; attention's score and value products are left out.
     """
-    rows = [model_row(name, cfg, channels, classes, resolution) for name, cfg in NAMED_MODELS.items()]
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = [model_row(name, config, channels, classes, resolution) for name, config in NAMED_MODELS.items()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

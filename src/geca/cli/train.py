@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from geca.cli.common import guarded
-from geca.config import RunConfig, load_config
-from geca.models.config import NAMED_MODELS, named_model
+from geca.models.config import NAMED_MODELS
+
+# flag → the config field it sets
+FLAG_FIELDS = {
+    "data": "data.spec", "image_size": "data.image_size", "folds_file": "data.folds_file", "fold": "data.fold",
+    "download": "data.download", "vae": "data.vae", "latent_size": "data.latent_size",
+    "max_steps": "train.max_steps", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
+    "lr": "train.lr", "seed": "train.seed", "precision": "train.precision", "ema_decay": "train.ema_decay",
+    "log_every": "train.log_every", "sample_every": "train.sample_every", "checkpoint_every": "train.checkpoint_every",
+    "validate_every": "validation.every", "nca_steps": "model.nca_steps", "attention": "model.attention",
+    "compile": "model.compile", "checkpointing": "model.checkpointing",
+}
 
 
-def apply_overrides(cfg: RunConfig, **overrides: object) -> RunConfig:
-    """CLI flags win over the YAML file; None means "not given"."""
-    targets = {
-        "data": (cfg.data, "spec"), "image_size": (cfg.data, "image_size"), "folds_file": (cfg.data, "folds_file"),
-        "fold": (cfg.data, "fold"), "download": (cfg.data, "download"), "vae": (cfg.data, "vae"),
-        "latent_size": (cfg.data, "latent_size"),
-        "max_steps": (cfg.train, "max_steps"), "max_minutes": (cfg.train, "max_minutes"),
-        "batch_size": (cfg.train, "batch_size"), "lr": (cfg.train, "lr"), "seed": (cfg.train, "seed"),
-        "precision": (cfg.train, "precision"), "ema_decay": (cfg.train, "ema_decay"),
-        "log_every": (cfg.train, "log_every"), "sample_every": (cfg.train, "sample_every"),
-        "checkpoint_every": (cfg.train, "checkpoint_every"), "validate_every": (cfg.validation, "every"),
-        "nca_steps": (cfg.model, "nca_steps"), "attention": (cfg.model, "attention"),
-        "compile": (cfg.model, "compile"), "checkpointing": (cfg.model, "checkpointing"),
-    }
+def apply_overrides(config: Any, **overrides: object) -> Any:
+    """CLI flags win over the YAML file; None means "not given". A flag the model family lacks is an error."""
+    from geca.utils.schema import set_field
+
     for key, value in overrides.items():
         if value is not None:
-            obj, attr = targets[key]
-            setattr(obj, attr, value)
-    return cfg
+            set_field(config, FLAG_FIELDS[key], value, f"--{key.replace('_', '-')}")
+    return config
 
 
 @guarded
@@ -76,19 +76,20 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Train a GeCA (launch with `torchrun --nproc_per_node N` for several processes)."""
+    from geca.config import load_config
+    from geca.models.config import named_model
     from geca.training.trainer import train as run_training
 
-    cfg = load_config(config)
+    run_config = load_config(config)
     if model is not None:
-        cfg.model = named_model(model)
-    cfg = apply_overrides(cfg, data=data, image_size=image_size, folds_file=folds_file, fold=fold,
-                          vae=vae, latent_size=latent_size, download=download, max_steps=max_steps,
-                          max_minutes=max_minutes, batch_size=batch_size,
-                          lr=lr, seed=seed, precision=precision, ema_decay=ema_decay, log_every=log_every,
-                          sample_every=sample_every, checkpoint_every=checkpoint_every,
-                          validate_every=validate_every, nca_steps=nca_steps,
-                          attention=attention, compile=compile, checkpointing=checkpointing)
-    summary = run_training(cfg, out, resume=resume, progress=progress)
+        run_config.model = named_model(model)
+    apply_overrides(run_config, data=data, image_size=image_size, folds_file=folds_file, fold=fold, vae=vae,
+                    latent_size=latent_size, download=download, max_steps=max_steps, max_minutes=max_minutes,
+                    batch_size=batch_size, lr=lr, seed=seed, precision=precision, ema_decay=ema_decay,
+                    log_every=log_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
+                    validate_every=validate_every, nca_steps=nca_steps, attention=attention, compile=compile,
+                    checkpointing=checkpointing)
+    summary = run_training(run_config, out, resume=resume, progress=progress)
     if summary["parameter_checksum"] is not None:
         typer.echo(f"parameters identical across {summary['processes']} processes "
                    f"(checksum {summary['parameter_checksum']:.10g})")

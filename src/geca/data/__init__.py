@@ -1,6 +1,4 @@
-"""Datasets: MedMNIST npz files, folder + CSV, and procedural fundus/OCT sets."""
+"""Datasets: MedMNIST npz files, folder + CSV, procedural fundus/OCT sets, and patient-level folds.
 
-from geca.data.imageset import DataError, ImageSet
-from geca.data.registry import load_split, parse_spec
-
-__all__ = ["DataError", "ImageSet", "load_split", "parse_spec"]
+`registry.load_split(spec, split)` is the one entry point; every loader returns an `imageset.ImageSet`.
+"""

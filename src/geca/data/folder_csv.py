@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from geca.data.folds import fold_split_rows, read_folds
-from geca.data.imageset import DataError, ImageSet
+from geca.data.imageset import ImageSet
+from geca.errors import DataError
 
 ID_COLUMNS = ("filename", "patient_id", "eye_id")
 SPLITS_WITH_FOLDS = ("train", "val", "test", "all")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geca.data.imageset import DataError
+from geca.errors import DataError
 
 FOLDS_COLUMNS = ("filename", "patient_id", "fold")
 

@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file and what was expected."""
+from geca.errors import DataError
 
 
 @dataclass

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geca.data.imageset import DataError, ImageSet
+from geca.data.imageset import ImageSet
+from geca.errors import DataError
 
 SPLITS = ("train", "val", "test")
 _ZENODO = "https://zenodo.org/records/10519652/files/{}.npz?download=1"

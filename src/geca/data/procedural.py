@@ -13,7 +13,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from geca.data.imageset import DataError, ImageSet
+from geca.data.imageset import ImageSet
+from geca.errors import DataError
 
 FUNDUS_CLASSES = [f"grade {g}" for g in range(5)]
 OCT_CLASSES = ["Normal", "dAMD", "wAMD", "DR", "CSC", "PED", "MEM", "FLD", "EXU", "CNV", "RVO"]

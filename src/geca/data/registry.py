@@ -13,8 +13,10 @@ from pathlib import Path
 
 from geca.data.folder_csv import load_folder_csv
 from geca.data.folds import fold_split_rows, read_folds
-from geca.data.imageset import DataError, ImageSet
+from geca.data.imageset import ImageSet
 from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz
+from geca.data.procedural import PROCEDURAL
+from geca.errors import DataError
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -46,8 +48,6 @@ def _check_split(split: str, valid: tuple[str, ...], what: str) -> None:
 
 
 def _load_procedural(name: str, split: str, options: dict[str, str], image_size: int | None) -> ImageSet:
-    from geca.data.procedural import PROCEDURAL  # lazily: it imports geca.data, whose __init__ imports us
-
     if name not in PROCEDURAL:
         raise DataError(f"unknown procedural dataset {name!r}; valid: {', '.join(PROCEDURAL)}")
     fn = PROCEDURAL[name]

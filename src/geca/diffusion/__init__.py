@@ -1,5 +1,1 @@
-"""The diffusion process: schedules, forward process, posterior and the training loss."""
-
-from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion, spaced_timesteps
-
-__all__ = ["DiffusionConfig", "GaussianDiffusion", "spaced_timesteps"]
+"""The diffusion process (`gaussian.py`): schedules, respacing, forward process, posterior and the training loss."""

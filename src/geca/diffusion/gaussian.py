@@ -88,8 +88,8 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
 
     @classmethod
-    def from_config(cls, cfg: DiffusionConfig) -> GaussianDiffusion:
-        return cls(linear_betas(cfg.timesteps, cfg.beta_start, cfg.beta_end), cfg.learn_sigma)
+    def from_config(cls, config: DiffusionConfig) -> GaussianDiffusion:
+        return cls(linear_betas(config.timesteps, config.beta_start, config.beta_end), config.learn_sigma)
 
     def respaced(self, steps: int) -> GaussianDiffusion:
         """The same process on `steps` evenly spaced timesteps (betas recomputed from ᾱ)."""

@@ -15,10 +15,9 @@ from torch import nn
 from torchvision.models import resnet34
 from tqdm.auto import tqdm
 
-from geca.config import ConfigError
 from geca.downstream.metrics import score
-from geca.metrics.weights import load_state_dict_file
-from geca.training.trainer import TrainingError
+from geca.errors import ConfigError, TrainingError
+from geca.utils.pretrained import load_state_dict_file
 
 STEMS = ("imagenet", "cifar")
 IMAGENET_URL = "https://download.pytorch.org/models/resnet34-b627a593.pth"
@@ -170,7 +169,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
 
 
 def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, n_real: int, val_x: torch.Tensor,
-                     val_y: np.ndarray, multilabel: bool, augment: bool, cfg: ClassifierConfig, seed: int,
+                     val_y: np.ndarray, multilabel: bool, augment: bool, config: ClassifierConfig, seed: int,
                      desc: str = "train") -> TrainedClassifier:
     """Train from ``seed`` (initialisation, batch order, augmentation) and return the best-validation-AUC epoch.
 
@@ -178,26 +177,26 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, n_real: int, 
     ``ceil(n_real / batch)`` steps with ``equal_steps``, else a pass over everything. Adam, with the learning rate
     divided by 10 at 50 % and 75 % of the epochs (MedMNIST v2's schedule).
     """
-    cfg.validate()
-    device = torch.device(cfg.device)
+    config.validate()
+    device = torch.device(config.device)
     torch.manual_seed(seed)
-    model = build_resnet34(train_y.shape[1], train_x.shape[1], cfg.stem, cfg.imagenet_weights).to(device)
-    normalise = Normalise(train_x.shape[1], cfg.imagenet_weights is not None, device)
+    model = build_resnet34(train_y.shape[1], train_x.shape[1], config.stem, config.imagenet_weights).to(device)
+    normalise = Normalise(train_x.shape[1], config.imagenet_weights is not None, device)
     generator = torch.Generator().manual_seed(seed)
-    batch = min(cfg.batch_size, len(train_x))
+    batch = min(config.batch_size, len(train_x))
     if batch < 2:
         raise ConfigError(f"{desc}: need at least 2 training images, got {len(train_x)}")
-    steps = math.ceil((n_real if cfg.equal_steps else len(train_x)) / batch)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    milestones = sorted({int(0.5 * cfg.epochs), int(0.75 * cfg.epochs)} - {0})
+    steps = math.ceil((n_real if config.equal_steps else len(train_x)) / batch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    milestones = sorted({int(0.5 * config.epochs), int(0.75 * config.epochs)} - {0})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
     targets = train_y.float() if multilabel else train_y.argmax(1)
     stream = _batches(len(train_x), batch, generator)
     best: tuple[float, int, dict] = (-math.inf, 0, {})
     history = []
-    bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=not cfg.progress, leave=False)
-    for epoch in range(1, cfg.epochs + 1):
+    bar = tqdm(total=config.epochs * steps, desc=desc, disable=not config.progress, leave=False)
+    for epoch in range(1, config.epochs + 1):
         model.train()
         total = 0.0
         for _ in range(steps):
@@ -221,6 +220,6 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, n_real: int, 
             best = (val_auc, epoch, copy.deepcopy(model.state_dict()))
     bar.close()
     if best[1] == 0:  # validation AUC undefined throughout (e.g. one class only): keep the last epoch
-        return TrainedClassifier(model, normalise, cfg.epochs, float("nan"), history)
+        return TrainedClassifier(model, normalise, config.epochs, float("nan"), history)
     model.load_state_dict(best[2])
     return TrainedClassifier(model, normalise, best[1], best[0], history)

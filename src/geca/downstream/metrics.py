@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from geca.data.imageset import DataError
+from geca.errors import DataError
 
 PER_CLASS = ("sen", "spe", "auc", "f1", "f1_sen_spe", "ap")
 # Macro names: mAP is the macro mean of per-class AP; acc exists for multi-class data only.

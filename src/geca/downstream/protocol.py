@@ -10,11 +10,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geca.config import ConfigError
-from geca.data import DataError, ImageSet, load_split
 from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, read_folds
+from geca.data.imageset import ImageSet
+from geca.data.registry import load_split
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
+from geca.errors import ConfigError, DataError
+from geca.utils.seeding import derive_seed
 
 BASELINE = "geometric"
 FOLD_FIELD = "{fold}"
@@ -145,7 +147,7 @@ class Splits:
 
 def unit_seed(seed: int, fold: int | None) -> int:
     """Seed of one (fold, seed) unit, shared by all arms: paired arms start from the same weights."""
-    return int(np.random.SeedSequence([seed, 0 if fold is None else fold]).generate_state(1)[0])
+    return derive_seed(seed, 0 if fold is None else fold)
 
 
 @dataclass
@@ -188,45 +190,46 @@ class ProtocolResult:
     sizes: list[dict[str, int | None]]
 
 
-def check_inputs(cfg: ProtocolConfig, class_names: list[str], folds: list[int | None]) -> None:
+def check_inputs(protocol: ProtocolConfig, class_names: list[str], folds: list[int | None]) -> None:
     """Fail before any training if a synthetic set an arm needs is missing or does not fit."""
-    if cfg.seeds < 1:
-        raise ConfigError(f"--seeds must be ≥ 1, got {cfg.seeds}")
-    used = {a.synthetic for a in cfg.arms if a.synthetic}
-    unused = sorted(set(cfg.synthetic) - used)
+    if protocol.seeds < 1:
+        raise ConfigError(f"--seeds must be ≥ 1, got {protocol.seeds}")
+    used = {a.synthetic for a in protocol.arms if a.synthetic}
+    unused = sorted(set(protocol.synthetic) - used)
     if unused:
         raise ConfigError(f"synthetic set(s) {', '.join(unused)} given but no arm uses them "
                           f"(add {', '.join('+' + n for n in unused)} to --arms)")
     for name in sorted(used):
         for fold in folds:
-            check_synthetic(synthetic_dir(cfg.synthetic[name], fold), class_names)
+            check_synthetic(synthetic_dir(protocol.synthetic[name], fold), class_names)
 
 
-def run_protocol(cfg: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:
+def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:
     """Train every arm on every (fold, seed) unit and score it on the unit's test set.
 
-    ``data`` is ``Splits(cfg.data, cfg.image_size, cfg.folds_file, cfg.folds)``, loaded here unless given.
+    ``data`` is ``Splits(protocol.data, protocol.image_size, protocol.folds_file, protocol.folds)``, loaded here
+    unless given.
     """
-    cfg.classifier.validate()
+    protocol.classifier.validate()
     if data is None:
-        data = Splits(cfg.data, cfg.image_size, cfg.folds_file, cfg.folds)
-    check_inputs(cfg, data.reference.class_names, data.folds)
+        data = Splits(protocol.data, protocol.image_size, protocol.folds_file, protocol.folds)
+    check_inputs(protocol, data.reference.class_names, data.folds)
     multilabel = data.reference.multilabel
-    device = torch.device(cfg.classifier.device)
+    device = torch.device(protocol.classifier.device)
     results: list[UnitResult] = []
     sizes: list[dict[str, int | None]] = []
-    outer = tqdm(total=len(data.folds) * cfg.seeds * len(cfg.arms), desc="classifiers",
-                 disable=not cfg.classifier.progress)
+    outer = tqdm(total=len(data.folds) * protocol.seeds * len(protocol.arms), desc="classifiers",
+                 disable=not protocol.classifier.progress)
     for fold in data.folds:
         split = data.get(fold)
         where = "split" if fold is None else f"fold {fold}"
         sizes.append({"fold": fold, "train": len(split.train), "val": len(split.val), "test": len(split.test)})
         real_x, real_y = to_tensor(split.train.images), torch.from_numpy(split.train.labels)
         val_x, test_x = to_tensor(split.val.images), to_tensor(split.test.images)
-        synthetic = {name: load_synthetic(synthetic_dir(cfg.synthetic[name], fold), split.train)
-                     for name in sorted({a.synthetic for a in cfg.arms if a.synthetic})}
-        for seed in range(cfg.seeds):
-            for arm in cfg.arms:
+        synthetic = {name: load_synthetic(synthetic_dir(protocol.synthetic[name], fold), split.train)
+                     for name in sorted({a.synthetic for a in protocol.arms if a.synthetic})}
+        for seed in range(protocol.seeds):
+            for arm in protocol.arms:
                 x, y, n_syn = real_x, real_y, 0
                 if arm.synthetic:
                     syn = synthetic[arm.synthetic]
@@ -235,7 +238,7 @@ def run_protocol(cfg: ProtocolConfig, data: Splits | None = None) -> ProtocolRes
                     n_syn = len(syn)
                 t0 = time.time()
                 trained = train_classifier(x, y, len(real_x), val_x, split.val.labels, multilabel, arm.augment,
-                                           cfg.classifier, unit_seed(seed, fold),
+                                           protocol.classifier, unit_seed(seed, fold),
                                            desc=f"{arm.name} {where} seed {seed}")
                 probs = predict(trained.model, test_x, multilabel, trained.normalise, device)
                 results.append(UnitResult(arm.name, fold, seed, trained.best_epoch, trained.best_val_auc,
@@ -243,4 +246,4 @@ def run_protocol(cfg: ProtocolConfig, data: Splits | None = None) -> ProtocolRes
                                           probs, split.test.eye_ids, trained.history))
                 outer.update()
     outer.close()
-    return ProtocolResult(cfg.data, results, list(data.reference.class_names), multilabel, data.protocol, sizes)
+    return ProtocolResult(protocol.data, results, list(data.reference.class_names), multilabel, data.protocol, sizes)

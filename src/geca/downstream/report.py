@@ -5,21 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from geca.downstream.metrics import binary_auc, eye_level, macro_metric, score  # noqa: E402
-from geca.downstream.protocol import BASELINE, ProtocolResult, UnitResult  # noqa: E402
-from geca.downstream.significance import TEST_NAMES, paired_bootstrap, paired_test  # noqa: E402
-from geca.utils.io import atomic_write_json, atomic_write_text, replace_dir, staging_dir  # noqa: E402
+from geca.downstream.metrics import binary_auc, eye_level, macro_metric, score
+from geca.downstream.protocol import BASELINE, ProtocolResult, UnitResult
+from geca.downstream.significance import TEST_NAMES, paired_bootstrap, paired_test
+from geca.utils.io import atomic_write_json, atomic_write_text, staged_dir
+from geca.utils.plots import plt
 
 COLUMNS = {"sen": "Sen", "spe": "Spe", "auc": "AUC", "f1": "F1", "f1_sen_spe": "F1_sen/spe", "map": "mAP",
            "acc": "ACC"}
@@ -222,8 +218,7 @@ def roc_filename(arm: str) -> str:
 def write_report(out: Path, summary: dict[str, Any], protocol: ProtocolResult) -> dict[str, Path]:
     """Write table.md, table.csv, units.csv, results.json and one ROC plot per arm into ``out`` as a whole."""
     out = Path(out)
-    tmp = staging_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         atomic_write_text(tmp / "table.md", markdown(summary))
         atomic_write_text(tmp / "table.csv", table_csv(summary))
         atomic_write_text(tmp / "units.csv", units_csv(summary))
@@ -232,8 +227,4 @@ def write_report(out: Path, summary: dict[str, Any], protocol: ProtocolResult) -
             units = [r for r in protocol.results if r.arm == arm]
             plot_roc(units, protocol.class_names, f"{arm}: test ROC, pooled over {len(units)} unit(s)",
                      tmp / roc_filename(arm))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {name: out / name for name in ("table.md", "table.csv", "units.csv", "results.json")}

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from geca.config import ConfigError, RunConfig, from_dict
+from geca.config import RunConfig, resolve_run_config
 from geca.data.folds import read_folds
 from geca.downstream.classifier import STEMS
-from geca.downstream.metrics import AGGREGATIONS, MACRO
-from geca.downstream.significance import TESTS
+from geca.downstream.classify import TableSettings
+from geca.errors import ConfigError
 from geca.metrics.features import FEATURES
 from geca.metrics.kid import PROTOCOLS
-from geca.models.config import named_model
-from geca.sampling.samplers import GHG_MODES, SamplerConfig
+from geca.sampling.config import GHG_MODES, SamplerConfig
+from geca.utils.schema import from_dict, merge, nest, parse_yaml, read_yaml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Where the folds stage writes its folds CSV, relative to the experiment directory (so that the stage hashes
@@ -127,22 +124,10 @@ class ExpansionSettings:
 
 
 @dataclass
-class ClassificationSettings:
+class ClassificationSettings(TableSettings):
     """Table 2: ResNet-34 arms none, geometric and +GENERATOR (see `geca classify`)."""
 
     enabled: bool = True
-    seeds: int = 3
-    epochs: int = 8
-    batch_size: int = 128
-    lr: float = 1e-3
-    image_size: int | None = None
-    stem: str = "imagenet"
-    imagenet_weights: str | None = None
-    equal_steps: bool = True
-    eye_agg: str = "max"
-    test: str = "auto"
-    p_metric: str = "map"
-    bootstrap: int = 1000
 
 
 @dataclass
@@ -204,68 +189,21 @@ class LoadedExperiment:
         return _run_config(g, self.exp.data, self.path.parent, fold, self.folds_file)
 
 
-def _nest(mapping: dict[str, Any]) -> dict[str, Any]:
-    """`{"train.max_steps": 5}` → `{"train": {"max_steps": 5}}`; nested mappings pass through."""
-    out: dict[str, Any] = {}
-    for key, value in mapping.items():
-        parts = str(key).split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = _nest(value) if isinstance(value, dict) else value
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return _parse_yaml(path.read_text(), path)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-
-
-def _parse_yaml(text: str, path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return raw
-
-
 def _run_config(g: GeneratorSettings, data: StudyData, base: Path, fold: int | None,
                 folds_file: str | None) -> RunConfig:
     where = f"generator {g.name!r}"
     raw = {}
     if g.config is not None:
         path = Path(g.config).expanduser()
-        raw = _read_yaml(path if path.is_absolute() else base / path, f"{where}: run config")
+        raw = read_yaml(path if path.is_absolute() else base / path, f"{where}: run config")
     if not isinstance(g.overrides, dict):
         raise ConfigError(f"{where}: overrides must be a mapping, got {g.overrides!r}")
-    raw = _merge(raw, _nest(g.overrides))
+    raw = merge(raw, nest(g.overrides))
     study = {k: v for k, v in (("spec", data.spec), ("image_size", data.image_size), ("vae", data.vae),
                                ("latent_size", data.latent_size)) if v is not None}
     # The study owns the splits: a generator config's own folds file (e.g. configs/deepdrid-*.yaml) does not apply.
-    raw = _merge(raw, {"data": {**study, "folds_file": folds_file, "fold": fold or 0}})
-    model = raw.get("model") or {}
-    if not isinstance(model, dict):
-        raise ConfigError(f"{where}: model must be a mapping")
-    if "name" in model:  # a named model fills its defaults first, as in `geca train -c`
-        try:
-            raw["model"] = {**asdict(named_model(model["name"])), **model}
-        except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
-    try:
-        return from_dict(RunConfig, raw, where)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    raw = merge(raw, {"data": {**study, "folds_file": folds_file, "fold": fold or 0}})
+    return resolve_run_config(raw, where)
 
 
 def _check_choice(value: str, valid: tuple[str, ...], where: str) -> None:
@@ -316,9 +254,10 @@ def _validate(exp: Experiment, path: Path) -> None:
     _check_choice(ev.features, FEATURES, f"{path}: evaluation.features")
     _check_choice(ev.protocol, PROTOCOLS, f"{path}: evaluation.protocol")
     _check_choice(cl.stem, STEMS, f"{path}: classification.stem")
-    _check_choice(cl.eye_agg, AGGREGATIONS, f"{path}: classification.eye_agg")
-    _check_choice(cl.test, TESTS, f"{path}: classification.test")
-    _check_choice(cl.p_metric, MACRO, f"{path}: classification.p_metric")
+    try:
+        cl.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: classification: {e}") from None
     if exp.expansion.ratio < 1:
         raise ConfigError(f"{path}: expansion.ratio must be ≥ 1, got {exp.expansion.ratio}")
 
@@ -330,7 +269,7 @@ def load_experiment(path: str | Path) -> LoadedExperiment:
         text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: experiment config not found") from None
-    raw = _parse_yaml(text, path)
+    raw = parse_yaml(text, path)
     exp = from_dict(Experiment, raw, str(path))
     _validate(exp, path)
     loaded = LoadedExperiment(exp=exp, path=path, text=text, cellular=None)

@@ -20,27 +20,23 @@ from typing import Any
 
 import torch
 
-from geca.config import ConfigError
+from geca.errors import StageError
 from geca.utils.io import atomic_write_json
 
 MARKER = "done.json"
 PENDING = "pending.json"
 
 
-class StageError(ConfigError):
-    """A stage selection that cannot run (unknown stage, or `--only` with inputs that are not done)."""
-
-
 @dataclass
 class Stage:
-    """One step of the study: `run(directory)` writes its outputs there and returns a JSON-able summary.
+    """One step of the study: `perform(directory)` writes its outputs there and returns a JSON-able summary.
 
     `resumable` stages keep their directory when re-entered with the same key (training resumes from its latest
     checkpoint); the others start from an empty directory.
     """
 
     id: str
-    run: Callable[[Path], dict[str, Any]]
+    perform: Callable[[Path], dict[str, Any]]
     deps: tuple[str, ...] = ()
     params: dict[str, Any] = field(default_factory=dict)
     resumable: bool = False
@@ -162,7 +158,7 @@ def execute(stages: list[Stage], root: Path, force: list[str] | None = None, onl
         _prepare(d, key, s.resumable)
         log(f"── {s.id} ({step.reason})")
         t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M:%S")
-        outputs = s.run(d)
+        outputs = s.perform(d)
         marker = {"stage": s.id, "key": key, "run_id": uuid.uuid4().hex, "params": s.params,
                   "deps": {dep: markers[dep]["run_id"] for dep in s.deps}, "started": started,
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t0, 2),

@@ -14,17 +14,17 @@ import shutil
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 import geca
+from geca.downstream.report import markdown
+from geca.experiment.context import Context, train_id
 from geca.experiment.graph import read_marker, stage_dir
+from geca.metrics.report import pm
 from geca.utils.io import atomic_write, atomic_write_text
 from geca.utils.plots import plt
-
-if TYPE_CHECKING:
-    from geca.experiment.stages import Context
 
 PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "accelerate", "safetensors", "scikit-learn", "scipy",
             "timm", "lpips", "torch-fidelity", "matplotlib", "pillow")
@@ -33,10 +33,6 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;p
        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px}"
        "th{background:#f3f3f3}td{text-align:right}td:first-child{text-align:left}img{max-width:100%}"
        "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}h2{border-bottom:1px solid #ddd}")
-
-
-def _pm(d: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
-    return "—" if d is None else f"{d['mean'] * scale:.{digits}f} ± {d['std'] * scale:.{digits}f}"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -72,8 +68,6 @@ class _Reader:
         return {r["name"]: r["kid"] for r in self.metrics(stage_id)["results"]}
 
     def train(self, name: str) -> dict[str, Any]:
-        from geca.experiment.stages import train_id
-
         return self.ctx.outputs(train_id(name, self.ctx.eval_fold))
 
 
@@ -90,7 +84,7 @@ def _quality(r: _Reader, figures: Path) -> list[str]:
              f"{rep['lpips_backbone'] or 'not computed'}.", ""]
     if feats["name"] == "random" or (rep["lpips_backbone"] or "").startswith("random"):
         lines += ["**Randomly initialised feature networks: these values test the pipeline and mean nothing.**", ""]
-    rows = [[x["name"], r.train(x["name"])["model"], x["n"], _pm(x["kid"], 1e3), _pm(x["lpips"], digits=4),
+    rows = [[x["name"], r.train(x["name"])["model"], x["n"], pm(x["kid"], 1e3), pm(x["lpips"], digits=4),
              f"{x['fld']['gg']:.2f}", f"{x['fld']['fld']:.2f}"] for x in rep["results"]]
     lines += _table(["Generator", "Model", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓"], rows)
     lines += ["### Samples per class: real (left) beside generated (right)", ""]
@@ -114,8 +108,8 @@ def _ghg(r: _Reader, figures: Path) -> list[str]:
     sc = sets[0]["sampling"]
     return ["## Fig. 5 — Gene Heredity Guidance", "",
             f"{r.ctx.loaded.cellular}, {sets[0]['images']} images per mode, {sc['sampler']} {sc['steps']} steps, "
-            f"CFG {sc['cfg']}.", "", f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
-            *_table(["GHG", "KID×10³ ↓"], [[m, _pm(v, 1e3)] for m, v in zip(modes, vals, strict=True)])]
+            f"CFG {sc['guidance_scale']}.", "", f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
+            *_table(["GHG", "KID×10³ ↓"], [[m, pm(v, 1e3)] for m, v in zip(modes, vals, strict=True)])]
 
 
 def _nca_steps(r: _Reader, figures: Path) -> list[str]:
@@ -135,7 +129,7 @@ def _nca_steps(r: _Reader, figures: Path) -> list[str]:
     return ["## Fig. 6 — M at sampling (undergrowth ↔ overgrowth)", "",
             f"{r.ctx.loaded.cellular}, trained with M = {trained}, sampled without retraining; "
             f"{sets[0]['images']} images per M.", "", f"![M at sampling]({_save(fig, figures / 'fig6_m.png')})", "",
-            *_table(["M", "KID×10³ ↓"], [[m, _pm(v, 1e3)] for m, v in zip(ms, vals, strict=True)])]
+            *_table(["M", "KID×10³ ↓"], [[m, pm(v, 1e3)] for m, v in zip(ms, vals, strict=True)])]
 
 
 def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
@@ -144,10 +138,11 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
     for s in r.ctx.outputs("sampler_cost")["sets"]:
         sc, train = s["sampling"], r.train(s["generator"])
         calls = sc["steps"]
-        gmac = calls * train["macs_per_call"] * (2 if sc["cfg"] != 1 else 1) / 1e9  # CFG doubles each call's batch
+        # CFG doubles each call's batch
+        gmac = calls * train["macs_per_call"] * (2 if sc["guidance_scale"] != 1 else 1) / 1e9
         k = kid[s["name"]]
         rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}", calls, f"{gmac:.2f}",
-                     f"{s['seconds'] / max(s['images'], 1):.3f}", _pm(k, 1e3)])
+                     f"{s['seconds'] / max(s['images'], 1):.3f}", pm(k, 1e3)])
         curves.setdefault(s["generator"], []).append((calls, k["mean"] * 1e3, k["std"] * 1e3))
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
     for name, pts in curves.items():
@@ -169,8 +164,6 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
 
 
 def _classification(r: _Reader) -> list[str]:
-    from geca.downstream.report import markdown
-
     summary = json.loads((stage_dir(r.root, "classify") / r.ctx.outputs("classify")["results"]).read_text())
     text = markdown(summary).split("\n", 1)[1].strip("\n")  # its own title gives way to ours
     body = [re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 1) + " ", line) for line in text.splitlines()]

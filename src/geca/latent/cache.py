@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,10 +21,11 @@ from safetensors.torch import load_file, save_file
 
 import geca
 from geca.data.imageset import ImageSet
+from geca.errors import LatentError
 from geca.latent.codec import LatentCodec
 from geca.latent.spec import LatentSpec
-from geca.latent.vae import LatentError, latent_affine, read_config, resolve_vae, vae_identity
-from geca.utils.io import atomic_write_json, replace_dir, staging_dir
+from geca.latent.vae import latent_affine, read_config, resolve_vae, vae_identity
+from geca.utils.io import atomic_write_json, staged_dir
 
 CACHE_FORMAT = 1
 ENCODE_SEED = 0
@@ -88,15 +88,10 @@ def _read(split_dir: Path, components: dict[str, Any], spec: LatentSpec, num: in
 
 
 def _write(split_dir: Path, latents: LatentSet) -> None:
-    tmp = staging_dir(split_dir)
-    try:
+    with staged_dir(split_dir) as tmp:
         save_file({"latents": latents.latents.contiguous(), "latents_flipped": latents.flipped.contiguous(),
                    "labels": latents.labels.contiguous()}, tmp / "latents.safetensors")
         atomic_write_json(tmp / "meta.json", latents.meta)
-        replace_dir(tmp, split_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def ensure_latents(vae: str, data: ImageSet, split: str, cache_dir: Path, *, size: int = 256, mean: bool = False,

@@ -8,14 +8,11 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from geca.errors import LatentError
 from geca.latent.spec import LatentSpec
-from geca.latent.vae import LatentError, latent_affine, load_vae, read_config, resolve_vae, vae_identity
+from geca.latent.vae import latent_affine, load_vae, read_config, resolve_vae, vae_identity
 from geca.utils.images import to_uint8
-
-
-def noise_seed(seed: int, index: int, flipped: bool) -> int:
-    """The posterior draw of image `index` depends on nothing else, so batch size and order don't change latents."""
-    return int(np.random.SeedSequence([seed, index, int(flipped)]).generate_state(1)[0])
+from geca.utils.seeding import derive_seed
 
 
 class LatentCodec:
@@ -86,9 +83,10 @@ class LatentCodec:
             dist = self.vae.encode(self.preprocess(batch).to(self.device)).latent_dist
             z = dist.mean
             if not mean:
-                # latent_dist.sample() with one generator per image instead of one per batch
+                # latent_dist.sample() with one generator per image instead of one per batch, so that batch size
+                # and order do not change an image's latent
                 eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(
-                    noise_seed(seed, start + i, flip))) for i in range(len(batch))])
+                    derive_seed(seed, start + i, int(flip)))) for i in range(len(batch))])
                 z = z + dist.std * eps.to(z.device, z.dtype)
             out.append(((z - self.shift) * self.scale).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, *self.latent_shape)

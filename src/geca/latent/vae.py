@@ -9,18 +9,14 @@ from typing import Any
 
 import torch
 
-from geca.data.imageset import DataError
-from geca.training.checkpoint import file_sha256
+from geca.errors import LatentError
+from geca.utils.io import file_sha256
 
 HOW_TO_GET = ("get it on a networked machine with `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir "
               "DIR`, copy DIR here and pass --vae DIR")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DEFAULT_SCALE = 0.18215
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class LatentError(DataError):
-    """A VAE or latent cache that is missing, corrupt or does not fit; the message names it."""
 
 
 def resolve_vae(name: str) -> Path:

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from geca.data.imageset import DataError
+from geca.errors import DataError
 from geca.metrics.kid import check_protocol
-from geca.metrics.weights import check_published, load_state_dict_file, resolve_weights
+from geca.utils.pretrained import check_published, load_state_dict_file, resolve_weights
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_SHA256 = "7be5be79"  # the prefix its torch.hub name publishes

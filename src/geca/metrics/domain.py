@@ -18,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from geca.data.imageset import DataError, ImageSet
+from geca.data.imageset import ImageSet
+from geca.errors import DataError
 from geca.utils.io import atomic_write
 
 ARCH = "geca-domain-cnn-v1"

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 import geca
-from geca.data import load_split
 from geca.data.folder_csv import load_folder_csv
-from geca.data.imageset import DataError, ImageSet
+from geca.data.imageset import ImageSet
+from geca.data.registry import load_split
+from geca.errors import DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.features import FeatureExtractor, build_extractor
 from geca.metrics.fld import fld
@@ -108,12 +109,23 @@ def score_set(gen: ImageSet, gen_feats: np.ndarray, real: ImageSet, real_feats: 
             "fld": fld(train_feats, real_feats, gen_feats, seed).to_dict()}
 
 
-def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it."""
+@dataclass
+class EvalInputs:
+    """The generated sets (name, directory, images), the real comparison split and the generators' training split,
+    at one image size (real images are brought to the generated size, never the other way round)."""
+
+    generated: list[tuple[str, Path, ImageSet]]
+    real: ImageSet
+    train: ImageSet
+    real_name: tuple[str, str]
+    train_name: tuple[str, str]
+    size: int
+
+
+def load_inputs(s: EvalSettings) -> EvalInputs:
     check_protocol(s.protocol)
     if not s.generated:
         raise DataError("no generated directories given")
-    t0 = time.time()
     gens = [(name, path, load_sample_dir(path)) for name, path in s.generated]
     names = [n for n, _, _ in gens]
     if len(set(names)) != len(names):
@@ -121,19 +133,24 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     sizes = {g.resolution for _, _, g in gens}
     if len(sizes) > 1:
         raise DataError(f"generated sets have different resolutions {sorted(sizes)}; evaluate them separately")
-    size = sizes.pop()  # real images are brought to the generated size, never the other way round
-    real_spec, real_split = parse_split(s.real, "--real")
-    train_spec, train_split = parse_split(s.train, "--train")
-    real = load_split(real_spec, real_split, image_size=size, folds_file=s.folds_file, fold=s.fold)
-    train = load_split(train_spec, train_split, image_size=size, folds_file=s.folds_file, fold=s.fold)
+    size = sizes.pop()
+    real_name, train_name = parse_split(s.real, "--real"), parse_split(s.train, "--train")
+    real = load_split(*real_name, image_size=size, folds_file=s.folds_file, fold=s.fold)
+    train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold)
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")
-    _check_compatible(f"{train_spec}:{train_split}", train, real, "real")
+    _check_compatible(":".join(train_name), train, real, "real")
+    return EvalInputs(gens, real, train, real_name, train_name, size)
 
-    extractor: FeatureExtractor = build_extractor(s.features, s.features_file, seed=s.seed, train=train, log=log,
-                                                  device=s.device)
-    feats = {k: extractor.extract(d.images, s.batch_size, s.device, s.progress) for k, d in (("real", real),
-                                                                                           ("train", train))}
+
+def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it."""
+    t0 = time.time()
+    inputs = load_inputs(s)
+    extractor: FeatureExtractor = build_extractor(s.features, s.features_file, seed=s.seed, train=inputs.train,
+                                                  log=log, device=s.device)
+    real_feats, train_feats = (extractor.extract(d.images, s.batch_size, s.device, s.progress)
+                               for d in (inputs.real, inputs.train))
     lpips_model, backbone = None, ""
     if s.lpips:
         alexnet = alexnet_weights(s.lpips_weights)
@@ -141,22 +158,22 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         backbone = "random (tests only)" if alexnet is None else str(alexnet)
     out = Path(out)
     results = []
-    for name, path, g in gens:
+    for name, path, g in inputs.generated:
         log(f"scoring {name} ({len(g)} images)")
         gf = extractor.extract(g.images, s.batch_size, s.device, s.progress)
-        r = score_set(g, gf, real, feats["real"], feats["train"], s.protocol, s.seed, s.per_class_min, lpips_model,
+        r = score_set(g, gf, inputs.real, real_feats, train_feats, s.protocol, s.seed, s.per_class_min, lpips_model,
                       backbone, s.batch_size, s.device)
         grid = out.with_name(f"{out.stem}_grid_{_safe(name)}.png")
-        real_vs_generated_grid(real, g, grid, seed=s.seed, title=f"{real_spec}:{real_split} vs {name}")
+        real_vs_generated_grid(inputs.real, g, grid, seed=s.seed, title=f"{':'.join(inputs.real_name)} vs {name}")
         results.append({"name": name, "dir": str(path), **r, "grid": grid.name})
     report = {
         "protocol": s.protocol,
         "seed": s.seed,
         "features": {"name": extractor.name, "source": extractor.source, "dim": extractor.dim},
-        "real": {"spec": real_spec, "split": real_split, "n": len(real)},
-        "train": {"spec": train_spec, "split": train_split, "n": len(train)},
-        "image_size": size,
-        "class_names": real.class_names,
+        "real": {"spec": inputs.real_name[0], "split": inputs.real_name[1], "n": len(inputs.real)},
+        "train": {"spec": inputs.train_name[0], "split": inputs.train_name[1], "n": len(inputs.train)},
+        "image_size": inputs.size,
+        "class_names": inputs.real.class_names,
         "per_class_min": s.per_class_min,
         "lpips_backbone": backbone or None,
         "kid_note": "raw MMD² values; Table 1 reports KID × 10³",

@@ -14,7 +14,8 @@ from geca.utils.io import atomic_write
 from geca.utils.plots import plt
 
 
-def _pm(d: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+def pm(d: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
+    """`mean ± std` of a metric result (scaled), or a dash where there is none."""
     if d is None:
         return "—"
     return f"{d['mean'] * scale:.{digits}f} ± {d['std'] * scale:.{digits}f}"
@@ -27,7 +28,7 @@ def comparison_table(report: dict[str, Any]) -> Table:
     for col in ("generated", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓"):
         t.add_column(col, justify="left" if col == "generated" else "right")
     for r in report["results"]:
-        t.add_row(r["name"], str(r["n"]), _pm(r["kid"], 1e3), _pm(r["lpips"], digits=4), f"{r['fld']['gg']:.2f}",
+        t.add_row(r["name"], str(r["n"]), pm(r["kid"], 1e3), pm(r["lpips"], digits=4), f"{r['fld']['gg']:.2f}",
                   f"{r['fld']['fld']:.2f}")
     return t
 
@@ -42,7 +43,7 @@ def per_class_table(report: dict[str, Any]) -> Table | None:
     for c in classes:
         t.add_column(c, justify="right")
     for r in report["results"]:
-        t.add_row(r["name"], *(_pm(r["kid_per_class"].get(c), 1e3) for c in classes))
+        t.add_row(r["name"], *(pm(r["kid_per_class"].get(c), 1e3) for c in classes))
     return t
 
 

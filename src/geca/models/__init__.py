@@ -1,7 +1,4 @@
-"""Denoisers: GeCA and the interface the diffusion and samplers use."""
+"""Denoisers behind one interface: GeCA (`geca.py`), the DiT and UNet baselines, their blocks and named configs.
 
-from geca.models.base import CellState, Denoiser, DenoiserOutput
-from geca.models.config import NAMED_MODELS, ModelConfig, build_model, count_parameters, named_model
-
-__all__ = ["CellState", "Denoiser", "DenoiserOutput", "ModelConfig", "NAMED_MODELS", "build_model",
-           "count_parameters", "named_model"]
+`config.py` holds the per-family configs and the named models (no torch import); `build.py` builds them.
+"""

@@ -48,6 +48,11 @@ class Denoiser(nn.Module):
         y: torch.Tensor,
         null: torch.Tensor | None = None,
         carry: CellState | None = None,
-        steps: int | None = None,
+        nca_steps: int | None = None,
     ) -> DenoiserOutput:
+        """ε (and variance values) for noisy `x` (B, C, H, W) at timesteps `t` (B,) with label vectors `y` (B, K).
+
+        `null` (B,) forces the null label (classifier-free guidance); `carry` is the cell state inherited from the
+        previous reverse step and `nca_steps` overrides M (GeCA only).
+        """
         raise NotImplementedError

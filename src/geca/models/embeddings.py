@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -70,21 +69,3 @@ def sincos_2d(height: int, width: int, channels: int) -> torch.Tensor:
     ey = encode(torch.arange(height))[:, None, :].expand(height, width, 2 * quarter)
     ex = encode(torch.arange(width))[None, :, :].expand(height, width, 2 * quarter)
     return torch.cat([ey, ex], dim=-1).float()
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def adaln_zero_init(module: nn.Module, t_embedder: TimestepEmbedder, zeroed: Iterable[nn.Linear]) -> None:
-    """DiT's initialisation: Xavier-uniform Linears with zero bias, N(0, 0.02) timestep MLP, and zeroed adaLN and
-    output layers, so every block starts as the identity and the first output is exactly 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-    for layer in (t_embedder.mlp[0], t_embedder.mlp[2]):
-        nn.init.normal_(layer.weight, std=0.02)
-    for layer in zeroed:
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)

@@ -80,8 +80,8 @@ class UNet(StatelessDenoiser):
         nn.init.zeros_(self.unet.conv_out.bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor | None = None,
-                carry: CellState | None = None, steps: int | None = None) -> DenoiserOutput:
-        self.check_call(x, carry, steps)
+                carry: CellState | None = None, nca_steps: int | None = None) -> DenoiserOutput:
+        self.check_call(x, carry, nca_steps)
         if x.shape[-2] % self.factor or x.shape[-1] % self.factor:
             raise ValueError(f"input {x.shape[-2]}×{x.shape[-1]} is not divisible by {self.factor}, the UNet's "
                              "total downsampling")

@@ -1,10 +1,10 @@
-"""Generate a labelled sample directory: images/*.png, labels.csv, manifest.json."""
+"""Labelled sample sets: one function samples them (for `geca sample`, the training preview, validation and the
+study), and a sample directory holds them on disk: images/*.png, labels.csv, manifest.json."""
 
 from __future__ import annotations
 
 import csv
 import io
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -16,44 +16,54 @@ import torch
 from tqdm.auto import tqdm
 
 import geca
+from geca.diffusion.gaussian import GaussianDiffusion
 from geca.latent.codec import LatentCodec
-from geca.sampling.samplers import SamplerConfig, sample
-from geca.training.checkpoint import LoadedRun, file_sha256
-from geca.training.trainer import step_seed
+from geca.models.base import Denoiser
+from geca.run import LoadedRun
+from geca.sampling.config import SamplerConfig
+from geca.sampling.samplers import sample
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write_json, atomic_write_text, replace_dir, staging_dir
+from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, staged_dir
+from geca.utils.seeding import derive_seed
+
+Decoder = Callable[[torch.Tensor], np.ndarray]
 
 
-def generate_images(run: LoadedRun, labels: torch.Tensor, cfg: SamplerConfig, seed: int, batch_size: int,
-                    device: torch.device, progress: bool = True) -> np.ndarray:
-    """Sample one uint8 image per label vector; batch b draws from seed (seed, b), so results repeat exactly.
-
-    A latent run's samples are decoded by the VAE it was trained with (at its image size, not the latent size).
-    """
-    spec = run.spec
-    cfg = spec.sampling(cfg)
-    shape = (spec.in_channels, spec.resolution, spec.resolution)
-    decode = decoder(run, device, batch_size)
+def sample_images(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],
+                  sampler: SamplerConfig, seed: int, batch_size: int, device: torch.device | str,
+                  decode: Decoder = to_uint8, progress: bool = False) -> np.ndarray:
+    """One uint8 image (N, H, W, C) per label vector. Batch b draws from seed (seed, b), so the same seed gives the
+    same images whatever came before; the global random state is left as it was."""
+    rng = torch.get_rng_state()
     out = []
-    batches = list(torch.split(labels, batch_size))
-    for b, y in enumerate(tqdm(batches, desc="batches", disable=not progress)):
-        torch.manual_seed(step_seed(seed, b, 0))
-        x = sample(run.model, run.diffusion, y.to(device), shape, cfg, progress=progress)
-        out.append(decode(x))
-    if out:
-        return np.concatenate(out)
-    size, channels = (spec.resolution, spec.in_channels) if spec.latent is None else (
-        spec.latent.image_size, spec.latent.image_channels)
-    return np.zeros((0, size, size, channels), np.uint8)
+    try:
+        for b, y in enumerate(tqdm(labels.split(batch_size), desc="batches", disable=not progress)):
+            torch.manual_seed(derive_seed(seed, b, 0))
+            out.append(decode(sample(model, diffusion, y.to(device), shape, sampler, progress=progress)))
+    finally:
+        torch.set_rng_state(rng)
+    return np.concatenate(out) if out else decode(torch.zeros(0, *shape))
 
 
-def decoder(run: LoadedRun, device: torch.device, batch_size: int = 16) -> Callable[[torch.Tensor], np.ndarray]:
+def decoder(run: LoadedRun, device: torch.device | str, batch_size: int = 16) -> Decoder:
     """Model-space tensors → uint8 images: the run's VAE for latent runs, a rescale for pixel runs."""
     latent = run.spec.latent
     if latent is None:
         return to_uint8
     codec = LatentCodec.for_spec(latent, device, batch_size)
     return lambda x: codec.decode(x, latent.image_channels)
+
+
+def run_sampler(run: LoadedRun, sampler: SamplerConfig, strict: bool = False) -> SamplerConfig:
+    """The settings `run` samples with (see SamplerConfig.for_model)."""
+    return sampler.for_model(run.model.has_cell_state, run.spec.latent is not None, strict)
+
+
+def generate(run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed: int, batch_size: int,
+             device: torch.device | str, progress: bool = False) -> np.ndarray:
+    """`sample_images` for a loaded run; a latent run's samples are decoded by the VAE it was trained with."""
+    return sample_images(run.model, run.diffusion, labels, run.spec.shape, run_sampler(run, sampler), seed,
+                         batch_size, device, decoder(run, device, batch_size), progress)
 
 
 def labels_csv(filenames: list[str], labels: np.ndarray, class_names: list[str]) -> str:
@@ -65,34 +75,36 @@ def labels_csv(filenames: list[str], labels: np.ndarray, class_names: list[str])
     return buf.getvalue()
 
 
-def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, cfg: SamplerConfig, seed: int,
-                     batch_size: int, device: torch.device, extra: dict[str, Any] | None = None,
+def write_images(directory: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> list[str]:
+    """images/NNNNNN.png and labels.csv in `directory`; returns the file names."""
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    names = [f"images/{i:06d}.png" for i in range(len(images))]
+    for name, img in zip(names, images, strict=True):
+        pil_image(img).save(directory / name)
+    atomic_write_text(directory / "labels.csv", labels_csv(names, labels, class_names))
+    return names
+
+
+def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed: int,
+                     batch_size: int, device: torch.device | str, extra: dict[str, Any] | None = None,
                      overwrite: bool = False, progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
     """Sample into a hidden sibling directory and move it into place only when whole; returns (manifest, images)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg = run.spec.sampling(cfg)  # so that the manifest records what sampling used
-    tmp = staging_dir(out)
-    try:
+    sampler = run_sampler(run, sampler)  # so that the manifest records what sampling used
+    with staged_dir(out) as tmp:
         t0 = time.time()
-        images = generate_images(run, labels, cfg, seed, batch_size, device, progress)
-        (tmp / "images").mkdir()
-        names = []
-        for i, img in enumerate(images):
-            name = f"images/{i:06d}.png"
-            pil_image(img).save(tmp / name)
-            names.append(name)
-        atomic_write_text(tmp / "labels.csv", labels_csv(names, labels.numpy(), run.spec.class_names))
+        images = generate(run, labels, sampler, seed, batch_size, device, progress)
+        write_images(tmp, images, labels.numpy(), run.spec.class_names)
         manifest = {
-            "run": str(run.checkpoint.parent.parent.resolve()),
+            "run": str(run.run_dir.resolve()),
             "checkpoint": str(run.checkpoint.resolve()),
             "checkpoint_step": run.step,
             "weights_file": run.weights_file.name,
             "weights_sha256": file_sha256(run.weights_file),
             "model": run.spec.model.name,
-            "sampling": asdict(cfg),
+            "sampling": asdict(sampler),
             "seed": seed,
             "batch_size": batch_size,
             "num_images": len(images),
@@ -106,8 +118,4 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, cfg: Sampl
             **(extra or {}),
         }
         atomic_write_json(tmp / "manifest.json", manifest)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest, images

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,8 +9,13 @@ import numpy as np
 import torch
 
 from geca.diffusion.gaussian import GaussianDiffusion
+from geca.errors import ConfigError
 from geca.models.base import CellState, Denoiser
-from geca.sampling.samplers import SamplerConfig, inherit, sample
+from geca.run import LoadedRun
+from geca.sampling.config import SamplerConfig
+from geca.sampling.generate import Decoder, decoder, run_sampler
+from geca.sampling.labels import one_hot, resolve_class
+from geca.sampling.samplers import inherit, sample
 from geca.utils.images import grid, pil_image, to_uint8
 from geca.utils.io import atomic_write
 
@@ -28,9 +32,6 @@ class Growth:
     trajectory_t: list[int]
 
 
-Decoder = Callable[[torch.Tensor], np.ndarray]
-
-
 def _show_eps(eps: torch.Tensor) -> np.ndarray:
     """ε is ~N(0,1): ±3σ fills the display range; latent ε shows its first three channels."""
     return to_uint8((eps[:, :3] / 3).clamp(-1, 1))
@@ -38,33 +39,33 @@ def _show_eps(eps: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def grow(model: Denoiser, diffusion: GaussianDiffusion, label: torch.Tensor, shape: tuple[int, int, int],
-         cfg: SamplerConfig, at_t: int, frames: int = 25, decode: Decoder = to_uint8) -> Growth:
+         sampler: SamplerConfig, at_t: int, frames: int = 25, decode: Decoder = to_uint8) -> Growth:
     """Sample one image (label (1, K)); record the trajectory, then replay the M updates at the step nearest `at_t`.
 
     `decode` turns model-space tensors into uint8 images (a VAE decoder for latent runs).
     """
     if not model.has_cell_state:
         raise ValueError("growth needs a cellular model (GeCA); this denoiser has no cell state")
-    spaced = diffusion.respaced(cfg.steps)
+    spaced = diffusion.respaced(sampler.steps)
     record: dict[int, tuple[torch.Tensor, torch.Tensor, CellState | None]] = {}
 
     def keep(i: int, xt: torch.Tensor, p: dict[str, torch.Tensor], state: CellState | None) -> None:
         record[i] = (xt.clone(), p["pred_x0"].clone(), state)
 
-    sample(model, diffusion, label, shape, cfg, callback=keep)
+    sample(model, diffusion, label, shape, sampler, callback=keep)
     order = sorted(record, reverse=True)
     pick = min(order, key=lambda i: abs(spaced.timestep_map[i] - at_t))
     xt = record[pick][0]
-    carry = inherit(record[pick + 1][2], cfg.ghg) if pick + 1 in record else None
-    if carry is not None and cfg.cfg != 1.0:
+    carry = inherit(record[pick + 1][2], sampler.ghg) if pick + 1 in record else None
+    if carry is not None and sampler.guidance_scale != 1.0:
         carry = carry.chunk2()[0]
     t = spaced.model_timesteps(torch.tensor([pick], device=xt.device))
     eps_frames, x0_frames = [], []
-    for state in model.grow(xt, t, label, carry=carry, steps=cfg.nca_steps):
+    for state in model.grow(xt, t, label, carry=carry, nca_steps=sampler.nca_steps):
         eps = state.out.permute(0, 3, 1, 2)[:, : model.in_channels]
         eps_frames.append(eps)
         x0 = spaced.predict_x0(xt, torch.tensor([pick], device=xt.device), eps)
-        x0_frames.append(x0.clamp(-1, 1) if cfg.clip_x0 else x0)
+        x0_frames.append(x0.clamp(-1, 1) if sampler.clip_x0 else x0)
     keep_idx = np.unique(np.linspace(0, len(order) - 1, min(frames, len(order))).round().astype(int))
     chosen = [order[i] for i in keep_idx]
     return Growth(
@@ -114,3 +115,24 @@ def write_growth(g: Growth, out_dir: Path) -> dict[str, Path]:
     write_gif(g.trajectory_xt, g.trajectory_x0, paths["denoise_gif"], ms_per_frame=120)
     write_strip(g.trajectory_xt, g.trajectory_x0, paths["denoise_png"])
     return paths
+
+
+@dataclass
+class Organism:
+    """One grown organism: its class, the noise level its M updates were shown at, and the files written."""
+
+    label: str
+    t: int
+    paths: dict[str, Path]
+
+
+def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig, frames: int, seed: int,
+                  device: torch.device | str, out: Path) -> Organism:
+    """Grow one organism of class `label` (name or index) from a loaded GeCA and write its GIFs and strips."""
+    if not run.model.has_cell_state:
+        raise ConfigError(f"{run.spec.model.name} is not a cellular model; growth needs a GeCA")
+    cls = resolve_class(label, run.spec.class_names)
+    torch.manual_seed(seed)
+    g = grow(run.model, run.diffusion, one_hot(cls, run.spec.num_classes).to(device), run.spec.shape,
+             run_sampler(run, sampler), at_t, frames, decoder(run, device))
+    return Organism(run.spec.class_names[cls], g.nca_t, write_growth(g, out))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from geca.errors import ConfigError
+
 
 def per_class_labels(num_classes: int, per_class: int, classes: list[int] | None = None) -> torch.Tensor:
     """`per_class` one-hot vectors for each class (for multi-label data: that label alone)."""
     chosen = list(range(num_classes)) if classes is None else classes
     for c in chosen:
         if not 0 <= c < num_classes:
-            raise ValueError(f"class {c} out of range for {num_classes} classes")
+            raise ConfigError(f"class {c} out of range for {num_classes} classes")
     eye = torch.eye(num_classes)
     return eye[torch.tensor(chosen).repeat_interleave(per_class)]
 
@@ -19,5 +21,22 @@ def per_class_labels(num_classes: int, per_class: int, classes: list[int] | None
 def replicate_labels(labels: np.ndarray, ratio: int) -> torch.Tensor:
     """Every label vector of a split exactly `ratio` times (Eq. 8: the joint label distribution is preserved)."""
     if ratio < 1:
-        raise ValueError(f"ratio must be ≥ 1, got {ratio}")
+        raise ConfigError(f"ratio must be ≥ 1, got {ratio}")
     return torch.from_numpy(np.repeat(np.asarray(labels, dtype=np.float32), ratio, axis=0))
+
+
+def resolve_class(name_or_index: str, class_names: list[str]) -> int:
+    """A class given by name or index."""
+    if name_or_index.isdigit() and int(name_or_index) < len(class_names):
+        return int(name_or_index)
+    if name_or_index in class_names:
+        return class_names.index(name_or_index)
+    raise ConfigError(f"unknown label {name_or_index!r}; classes: {', '.join(class_names)} "
+                      f"(or an index 0–{len(class_names) - 1})")
+
+
+def one_hot(index: int, num_classes: int) -> torch.Tensor:
+    """The label vector (1, K) of class `index` alone."""
+    y = torch.zeros(1, num_classes)
+    y[0, index] = 1
+    return y

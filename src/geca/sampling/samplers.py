@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.base import CellState, Denoiser, DenoiserOutput
-
-SAMPLERS = ("ddpm", "ddim")
-GHG_MODES = ("hidden", "none", "out", "both")
-
-
-@dataclass
-class SamplerConfig:
-    sampler: str = "ddpm"
-    steps: int = 250
-    cfg: float = 1.5
-    ghg: str = "hidden"
-    nca_steps: int | None = None
-    eta: float = 0.0
-    clip_x0: bool = True
-
-    def validate(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if self.ghg not in GHG_MODES:
-            raise ValueError(f"unknown GHG mode {self.ghg!r}; choose from {', '.join(GHG_MODES)}")
-        if self.nca_steps is not None and self.nca_steps < 1:
-            raise ValueError(f"M (NCA steps) must be ≥ 1, got {self.nca_steps}")
+from geca.sampling.config import SamplerConfig
 
 
 def inherit(state: CellState | None, mode: str) -> CellState | None:
@@ -43,14 +21,14 @@ def inherit(state: CellState | None, mode: str) -> CellState | None:
 
 
 def guided_output(model: Denoiser, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float,
-                  carry: CellState | None = None, steps: int | None = None, double: bool | None = None
+                  carry: CellState | None = None, nca_steps: int | None = None, double: bool | None = None
                   ) -> DenoiserOutput:
     """Classifier-free guidance on ε only: uncond + s·(cond − uncond); variance channels from the conditional half.
 
     With `double` (default: scale ≠ 1) the conditional and null-label passes run as one doubled batch, and the
     returned state covers both halves so that heredity keeps each half's own lineage.
     """
-    kwargs = {"steps": steps} if model.has_cell_state else {}
+    kwargs = {"nca_steps": nca_steps} if model.has_cell_state else {}
     if double is None:
         double = scale != 1.0
     if not double:
@@ -69,27 +47,29 @@ StepCallback = Callable[[int, torch.Tensor, dict[str, torch.Tensor], CellState |
 
 @torch.no_grad()
 def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],
-           cfg: SamplerConfig, noise: torch.Tensor | None = None, callback: StepCallback | None = None,
+           sampler: SamplerConfig, noise: torch.Tensor | None = None, callback: StepCallback | None = None,
            progress: bool = False) -> torch.Tensor:
     """Generate one image per label vector; returns x_0 of shape (B, *shape).
 
     `callback(t, x_t, p, state)` sees every reverse step (p holds pred_x0, eps, mean, log_variance).
     """
-    cfg.validate()
+    sampler = sampler.for_model(model.has_cell_state, latent=False) if sampler.ghg is None else sampler
+    sampler.validate()
     device = labels.device
-    spaced = diffusion.respaced(cfg.steps)
+    spaced = diffusion.respaced(sampler.steps)
     b = labels.shape[0]
     x = torch.randn(b, *shape, device=device) if noise is None else noise.to(device)
     state: CellState | None = None
     for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
         t = torch.full((b,), i, device=device, dtype=torch.long)
-        carry = inherit(state, cfg.ghg) if model.has_cell_state else None
-        res = guided_output(model, x, spaced.model_timesteps(t), labels, cfg.cfg, carry, cfg.nca_steps)
+        carry = inherit(state, sampler.ghg) if model.has_cell_state else None
+        res = guided_output(model, x, spaced.model_timesteps(t), labels, sampler.guidance_scale, carry,
+                            sampler.nca_steps)
         state = res.state
-        p = spaced.p_mean_variance(res.output, x, t, clip_x0=cfg.clip_x0)
+        p = spaced.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
         if callback is not None:
             callback(i, x, p, state)
-        x = _ddpm_step(x, t, p) if cfg.sampler == "ddpm" else _ddim_step(spaced, x, t, p, cfg.eta)
+        x = _ddpm_step(x, t, p) if sampler.sampler == "ddpm" else _ddim_step(spaced, x, t, p, sampler.eta)
     return x
 
 

@@ -1,14 +1,16 @@
-"""The training loop: accelerate for devices, processes and mixed precision; exact resume."""
+"""The training loop: accelerate for devices, processes and mixed precision; exact resume.
+
+`train()` reads top to bottom: set up (data, model, optimizer, resume), then the loop of `Trainer.step` and
+`Trainer.periodic`, then the final checkpoint, preview and validation.
+"""
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +20,24 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
-from geca.config import ConfigError, RunConfig, save_config
-from geca.data import load_split
+from geca.config import RunConfig, save_config
 from geca.data.imageset import ImageSet
-from geca.diffusion.gaussian import GaussianDiffusion
+from geca.data.registry import load_split
+from geca.errors import CheckpointError, ConfigError, TrainingError
 from geca.latent.cache import LatentSet, ensure_latents
 from geca.latent.codec import LatentCodec
+from geca.run import ModelSpec, find_checkpoint, load_state_dict_into, read_spec, save_checkpoint
+from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
-from geca.sampling.samplers import sample
-from geca.training.checkpoint import (
-    CheckpointError,
-    ModelSpec,
-    find_checkpoint,
-    load_state_dict_into,
-    load_weights,
-    read_spec,
-    save_checkpoint,
-)
 from geca.training.ema import EMA
 from geca.utils.hardware import resolve_precision
 from geca.utils.images import grid, save_png, to_uint8
-from geca.utils.io import atomic_write_json, atomic_write_text
+from geca.utils.io import CsvLog, atomic_write_json
 from geca.utils.plots import plot_loss_curve
+from geca.utils.seeding import derive_seed
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "elapsed_min"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss became NaN); the message says what to try."""
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Every random draw of a step depends only on (seed, step, rank): resuming is exact by construction."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 class BatchStream:
@@ -66,50 +52,13 @@ class BatchStream:
         if epoch not in self._perms:
             if len(self._perms) > 2:
                 self._perms.pop(min(self._perms))
-            seed = np.random.SeedSequence([self.seed, epoch, 0xDA7A]).generate_state(1)[0]
-            g = torch.Generator().manual_seed(int(seed))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0xDA7A))
             self._perms[epoch] = torch.randperm(self.n, generator=g)
         return self._perms[epoch]
 
     def indices(self, start: int, count: int) -> torch.Tensor:
         pos = torch.arange(start, start + count)
         return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in pos])
-
-
-def _precision(cfg: RunConfig) -> str:
-    """Accelerate's mixed-precision name for the configured precision (`auto` resolved for this machine)."""
-    try:
-        return ACCELERATE_PRECISION[resolve_precision(cfg.train.precision)]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _preview(ema_model: torch.nn.Module, diffusion: GaussianDiffusion, spec: ModelSpec, cfg: RunConfig,
-             path: Path, device: torch.device, to_images: Callable[[torch.Tensor], np.ndarray]) -> None:
-    classes = list(range(min(spec.num_classes, cfg.preview.max_classes)))
-    labels = per_class_labels(spec.num_classes, cfg.preview.per_class, classes).to(device)
-    rng = torch.get_rng_state()
-    torch.manual_seed(cfg.train.seed)
-    x = sample(ema_model, diffusion, labels, (spec.in_channels, spec.resolution, spec.resolution),
-               spec.sampling(cfg.preview.sampler))
-    torch.set_rng_state(rng)
-    images = to_images(x)
-    save_png(grid(images, nrow=cfg.preview.per_class, upscale=max(1, 64 // images.shape[1])), path)
-
-
-def _latents(cfg: RunConfig, data: ImageSet, run_dir: Path, accelerator: Accelerator,
-             codec: Callable[[], LatentCodec], progress: bool) -> LatentSet:
-    """The main process builds (or reuses) the latent cache of the training split; the others read it after."""
-    cache = Path(cfg.data.latent_cache).expanduser() if cfg.data.latent_cache else run_dir / "latents"
-    kwargs: dict[str, Any] = dict(size=cfg.data.latent_size, mean=cfg.data.latent_mean, get_codec=codec)
-    result = None
-    if accelerator.is_main_process:
-        result, status = ensure_latents(cfg.data.vae, data, "train", cache, progress=progress, **kwargs)
-        tqdm.write(f"latents of the training images: {status} ({cache / 'train'})")
-    accelerator.wait_for_everyone()
-    if result is None:
-        result, _ = ensure_latents(cfg.data.vae, data, "train", cache, build=False, **kwargs)
-    return result
 
 
 class LossWindow:
@@ -138,183 +87,261 @@ class LossWindow:
         return row
 
 
-def _append_log(log_path: Path, row: dict[str, object]) -> None:
-    new = not log_path.exists()
-    with open(log_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, LOG_FIELDS, restval="")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+@dataclass
+class TrainingData:
+    """What the denoiser trains on, on the device: images (or latents), their mirrored twins where the mirror is not
+    a flip of the tensor (latents), label vectors, and how model-space tensors become uint8 images."""
+
+    data: ImageSet
+    images: torch.Tensor
+    flipped: torch.Tensor | None
+    labels: torch.Tensor
+    latent: LatentSet | None
+    to_images: Callable[[torch.Tensor], np.ndarray]
+
+    def spec(self, config: RunConfig) -> ModelSpec:
+        d = self.data
+        return ModelSpec(model=config.model, diffusion=config.diffusion, data=config.data,
+                         in_channels=self.images.shape[1], num_classes=d.num_classes, resolution=self.images.shape[-1],
+                         class_names=d.class_names, multilabel=d.multilabel,
+                         latent=None if self.latent is None else self.latent.spec)
 
 
-def _rewrite_log(log_path: Path, upto_step: int) -> None:
-    """On resume, drop log rows from steps after the checkpoint so the log never repeats a step."""
-    if not log_path.exists():
-        return
-    rows = [r for r in csv.DictReader(open(log_path)) if int(r["step"]) <= upto_step]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(log_path, buf.getvalue())
-
-
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          train_set: ImageSet | None = None) -> dict[str, Any]:
-    """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes."""
-    run_dir = Path(run_dir)
+def _accelerator(config: RunConfig) -> Accelerator:
+    try:
+        precision = ACCELERATE_PRECISION[resolve_precision(config.train.precision)]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     # Accelerate keeps mixed precision in a process-wide singleton; reset it (not the process group) so that
     # several runs with different precisions can share one Python process.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=_precision(cfg), cpu=not torch.cuda.is_available())
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"batch size {cfg.train.batch_size} is not divisible by {world} processes")
-    local_batch = cfg.train.batch_size // world
-    has_ckpt = (run_dir / "checkpoints" / "latest.json").exists()
-    if has_ckpt and not resume:
-        raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose "
-                              "another --out")
-    if resume and not has_ckpt:
-        raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
-    data = train_set if train_set is not None else load_split(
-        cfg.data.spec, "train", image_size=cfg.data.image_size, folds_file=cfg.data.folds_file,
-        fold=cfg.data.fold, download=cfg.data.download and main)
-    codec = functools.cache(lambda: LatentCodec.load(cfg.data.vae, cfg.data.latent_size, accelerator.device))
-    latent = _latents(cfg, data, run_dir, accelerator, codec, progress) if cfg.data.vae else None
-    if latent is None:
-        (images, labels), flipped = data.tensors(), None
-        to_images: Callable[[torch.Tensor], np.ndarray] = to_uint8
-    else:
-        images, flipped, labels = latent.latents, latent.flipped.to(accelerator.device), latent.labels
 
-        def to_images(x: torch.Tensor) -> np.ndarray:
-            return codec().decode(x, latent.spec.image_channels)
-
-    spec = ModelSpec(model=cfg.model, diffusion=cfg.diffusion, data=cfg.data, in_channels=images.shape[1],
-                     num_classes=data.num_classes, resolution=images.shape[-1], class_names=data.class_names,
-                     multilabel=data.multilabel, latent=None if latent is None else latent.spec)
-    if resume and read_spec(run_dir).to_dict() != spec.to_dict():
-        raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data changed); "
-                              "resume needs the same setup")
-    torch.manual_seed(cfg.train.seed)
-    model = spec.build()
-    diffusion = spec.diffusion_process()
-    ema = EMA(model, cfg.train.ema_decay, cfg.train.ema_warmup)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    state: dict[str, Any] = {"elapsed_s": 0.0, "images_seen": 0}
-    step = 0
-    if resume:
-        ckpt = find_checkpoint(run_dir)
-        load_state_dict_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors")
-        load_state_dict_into(ema.model, load_weights(ckpt / "ema.safetensors"), ckpt / "ema.safetensors")
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        state = json.loads((ckpt / "state.json").read_text())
-        step = int(state.pop("step"))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
-    ema.model.to(device)
-    images, labels = images.to(device), labels.to(device)
-    stream = BatchStream(len(data), cfg.train.seed)
-
-    log_path = run_dir / "log.csv"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        atomic_write_json(run_dir / "model.json", spec.to_dict())
-        if resume:
-            _rewrite_log(log_path, step)
-        (run_dir / "samples").mkdir(exist_ok=True)
+def _latents(config: RunConfig, data: ImageSet, run_dir: Path, accelerator: Accelerator,
+             codec: Callable[[], LatentCodec], progress: bool) -> LatentSet:
+    """The main process builds (or reuses) the latent cache of the training split; the others read it after."""
+    d = config.data
+    cache = Path(d.latent_cache).expanduser() if d.latent_cache else run_dir / "latents"
+    kwargs: dict[str, Any] = dict(size=d.latent_size, mean=d.latent_mean, get_codec=codec)
+    result = None
+    if accelerator.is_main_process:
+        result, status = ensure_latents(d.vae, data, "train", cache, progress=progress, **kwargs)
+        tqdm.write(f"latents of the training images: {status} ({cache / 'train'})")
     accelerator.wait_for_everyone()
-    validator = None
-    if cfg.validation.every:
-        from geca.metrics.validation import Validator, check_validation  # lazily: it imports this module
+    if result is None:
+        result, _ = ensure_latents(d.vae, data, "train", cache, build=False, **kwargs)
+    return result
 
-        check_validation(cfg)  # on every rank, so that a bad setting stops them all
-        if main:
-            validator = Validator(cfg, spec, data, run_dir, device, to_images, log=tqdm.write)
-            if resume:
-                validator.resume(step)
 
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(run_dir, step, accelerator.unwrap_model(model), ema.model, optimizer,
-                            {**state, "elapsed_s": state["elapsed_s"] + time.time() - t_start})
+def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: bool,
+                  train_set: ImageSet | None = None) -> TrainingData:
+    """The training split, as pixels or (with a VAE) as cached latents."""
+    d = config.data
+    data = train_set if train_set is not None else load_split(
+        d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
+        download=d.download and accelerator.is_main_process)
+    if not d.vae:
+        images, labels = data.tensors()
+        return TrainingData(data, images, None, labels, None, to_uint8)
+    codec = functools.cache(lambda: LatentCodec.load(d.vae, d.latent_size, accelerator.device))
+    latent = _latents(config, data, run_dir, accelerator, codec, progress)
+    return TrainingData(data, latent.latents, latent.flipped.to(accelerator.device), latent.labels, latent,
+                        lambda x: codec().decode(x, latent.spec.image_channels))
 
-    t_start = time.time()
-    budget_s = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60 - state["elapsed_s"]
-    window = LossWindow()
 
-    def log_row() -> None:
-        row = window.row(step, cfg.train.batch_size, state["images_seen"] / len(data), cfg.train.lr,
-                         state["elapsed_s"] + time.time() - t_start)
-        bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
-        if main:
-            _append_log(log_path, row)
+def _resume(run_dir: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer
+            ) -> tuple[int, dict[str, Any]]:
+    """Load the latest checkpoint into the model, its EMA and the optimizer; returns its step and state."""
+    ckpt = find_checkpoint(run_dir)
+    load_state_dict_into(model, ckpt / "model.safetensors")
+    load_state_dict_into(ema.model, ckpt / "ema.safetensors")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    state = json.loads((ckpt / "state.json").read_text())
+    return int(state.pop("step")), state
 
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not (progress and main),
-               dynamic_ncols=True)
-    model.train()
-    while step < cfg.train.max_steps:
-        if budget_s is not None:
-            over = torch.tensor([float(time.time() - t_start > budget_s)], device=device)
-            if accelerator.reduce(over, "max").item() > 0:
-                break
-        torch.manual_seed(step_seed(cfg.train.seed, step, rank))
-        idx = stream.indices(step * cfg.train.batch_size + rank * local_batch, local_batch).to(device)
-        x0, y = images[idx], labels[idx]
-        if cfg.data.flip:
-            flip = torch.rand(local_batch, device=device) < 0.5
+
+class Trainer:
+    """One training run: set up in the constructor, then `step()` and `periodic()` until done."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, resume: bool, progress: bool,
+                 train_set: ImageSet | None) -> None:
+        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        tc = config.train
+        self.accelerator = acc = _accelerator(config)
+        self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
+        if tc.batch_size % self.world:
+            raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
+        self.local_batch = tc.batch_size // self.world
+        has_ckpt = (self.run_dir / "checkpoints" / "latest.json").exists()
+        if has_ckpt and not resume:
+            raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose "
+                                  "another --out")
+        if resume and not has_ckpt:
+            raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
+        self.data = training_data(config, self.run_dir, acc, progress, train_set)
+        self.spec = self.data.spec(config)
+        if resume and not read_spec(self.run_dir).same_setup(self.spec):
+            raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data "
+                                  "changed); resume needs the same setup")
+        torch.manual_seed(tc.seed)
+        model = self.spec.build()
+        self.diffusion = self.spec.diffusion_process()
+        self.ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.step_count, self.state = (_resume(self.run_dir, model, self.ema, optimizer) if resume else
+                                       (0, {"elapsed_s": 0.0, "images_seen": 0}))
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.device = acc.device
+        self.ema.model.to(self.device)
+        self.images, self.labels = self.data.images.to(self.device), self.data.labels.to(self.device)
+        self.stream = BatchStream(len(self.data.data), tc.seed)
+        self.log = CsvLog(self.run_dir / "log.csv", LOG_FIELDS)
+        if self.main:
+            self._write_run_files(resume)
+        acc.wait_for_everyone()
+        self.validator = self._validator(resume)
+        self.window = LossWindow()
+
+    def _write_run_files(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / "config.yaml")
+        atomic_write_json(self.run_dir / "model.json", self.spec.to_dict())
+        if resume:
+            self.log.keep_until(self.step_count)
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+
+    def _validator(self, resume: bool) -> Any:
+        if not self.config.validation.every:
+            return None
+        from geca.training.validation import Validator, check_validation
+
+        check_validation(self.config)  # on every rank, so that a bad setting stops them all
+        if not self.main:
+            return None
+        validator = Validator(self.config, self.spec, self.data.data, self.run_dir, self.device, self.data.to_images,
+                              log=tqdm.write)
+        if resume:
+            validator.resume(self.step_count)
+        return validator
+
+    def step(self) -> dict[str, torch.Tensor]:
+        """One optimizer step; every random draw comes from (seed, step, rank)."""
+        tc, acc, b = self.config.train, self.accelerator, self.local_batch
+        torch.manual_seed(derive_seed(tc.seed, self.step_count, self.rank))
+        idx = self.stream.indices(self.step_count * tc.batch_size + self.rank * b, b).to(self.device)
+        x0, y = self.images[idx], self.labels[idx]  # (b, C, H, W), (b, K)
+        if self.config.data.flip:
+            flip = torch.rand(b, device=self.device) < 0.5
             # latents: the cached encoding of the mirrored image (a mirrored latent is not one)
-            mirrored = x0.flip(-1) if flipped is None else flipped[idx]
+            mirrored = x0.flip(-1) if self.data.flipped is None else self.data.flipped[idx]
             x0 = torch.where(flip[:, None, None, None], mirrored, x0)
-        t = torch.randint(0, diffusion.num_timesteps, (local_batch,), device=device)
+        t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device)
         noise = torch.randn_like(x0)
-        with accelerator.autocast():
-            terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y).output, x0, t, noise)
+        with acc.autocast():
+            terms = self.diffusion.training_losses(lambda xt, tt: self.model(xt, tt, y).output, x0, t, noise)
         loss = terms["loss"].mean()
         if not torch.isfinite(loss):
-            last = run_dir / "checkpoints"
-            raise TrainingError(f"loss became {loss.item()} at step {step} (lr {cfg.train.lr}, precision "
-                                f"{cfg.train.precision}); checkpoints so far are in {last}. Try a lower --lr, "
-                                "--precision fp32 or a gradient clip.")
-        accelerator.backward(loss)
-        if cfg.train.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(model), step)
-        step += 1
-        state["images_seen"] += cfg.train.batch_size
-        window.add(terms)
-        bar.update(1)
-        if step % cfg.train.log_every == 0:
-            log_row()
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-            checkpoint()
-        if main and cfg.train.sample_every and step % cfg.train.sample_every == 0:
-            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device,
-                     to_images)
-        if validator is not None and step % cfg.validation.every == 0:
-            validator(step, accelerator.unwrap_model(model), ema.model, diffusion)
-    if window.steps:
-        log_row()
-    bar.close()
-    if not cfg.train.checkpoint_every or step % cfg.train.checkpoint_every:
-        checkpoint()
-    checksum = _parameters_identical(accelerator, model) if world > 1 else None
-    if main:
-        if cfg.train.sample_every and step % cfg.train.sample_every:
-            _preview(ema.model, diffusion, spec, cfg, run_dir / "samples" / f"step_{step:07d}.png", device,
-                     to_images)
-        if validator is not None and step % cfg.validation.every:
-            validator(step, accelerator.unwrap_model(model), ema.model, diffusion)
-        plot_loss_curve(log_path, run_dir / "loss.png")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {"run_dir": str(run_dir), "step": step, "processes": world, "parameter_checksum": checksum,
-            "config": asdict(cfg)}
+            raise TrainingError(f"loss became {loss.item()} at step {self.step_count} (lr {tc.lr}, precision "
+                                f"{tc.precision}); checkpoints so far are in {self.run_dir / 'checkpoints'}. Try a "
+                                "lower --lr, --precision fp32 or a gradient clip.")
+        acc.backward(loss)
+        if tc.grad_clip:
+            acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(acc.unwrap_model(self.model), self.step_count)
+        self.step_count += 1
+        self.state["images_seen"] += tc.batch_size
+        self.window.add(terms)
+        return terms
+
+    def elapsed_s(self) -> float:
+        return self.state["elapsed_s"] + time.time() - self.t_start
+
+    def log_row(self) -> None:
+        tc = self.config.train
+        row = self.window.row(self.step_count, tc.batch_size, self.state["images_seen"] / len(self.data.data), tc.lr,
+                              self.elapsed_s())
+        self.bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
+        if self.main:
+            self.log.append(row)
+
+    def checkpoint(self) -> None:
+        if self.main:
+            save_checkpoint(self.run_dir, self.step_count, self.accelerator.unwrap_model(self.model), self.ema.model,
+                            self.optimizer, {**self.state, "elapsed_s": self.elapsed_s()})
+
+    def preview(self) -> None:
+        """A grid of EMA samples, per_class per class: what `geca sample --seed <train seed>` would draw now."""
+        pc, spec = self.config.preview, self.spec
+        labels = per_class_labels(spec.num_classes, pc.per_class, list(range(min(spec.num_classes, pc.max_classes))))
+        sampler = pc.sampler.for_model(self.ema.model.has_cell_state, spec.latent is not None)
+        images = sample_images(self.ema.model, self.diffusion, labels, spec.shape, sampler, self.config.train.seed,
+                               len(labels), self.device, self.data.to_images)
+        save_png(grid(images, nrow=pc.per_class, upscale=max(1, 64 // images.shape[1])),
+                 self.run_dir / "samples" / f"step_{self.step_count:07d}.png")
+
+    def validate(self) -> None:
+        self.validator(self.step_count, self.accelerator.unwrap_model(self.model), self.ema.model, self.diffusion)
+
+    def periodic(self) -> None:
+        """Log, checkpoint, preview and validate at their intervals."""
+        tc, step = self.config.train, self.step_count
+        if step % tc.log_every == 0:
+            self.log_row()
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+            self.checkpoint()
+        if self.main and tc.sample_every and step % tc.sample_every == 0:
+            self.preview()
+        if self.validator is not None and step % self.config.validation.every == 0:
+            self.validate()
+
+    def finish(self) -> None:
+        """The last step's log row, checkpoint, preview and validation, where the loop did not just write them."""
+        tc, step = self.config.train, self.step_count
+        if self.window.steps:
+            self.log_row()
+        self.bar.close()
+        if not tc.checkpoint_every or step % tc.checkpoint_every:
+            self.checkpoint()
+        if self.main and tc.sample_every and step % tc.sample_every:
+            self.preview()
+        if self.validator is not None and step % self.config.validation.every:
+            self.validate()
+
+    def out_of_time(self) -> bool:
+        budget = self.config.train.max_minutes
+        if budget is None:
+            return False
+        over = torch.tensor([float(time.time() - self.t_start > budget * 60 - self.state["elapsed_s"])],
+                            device=self.device)
+        return self.accelerator.reduce(over, "max").item() > 0
+
+    def run(self) -> dict[str, Any]:
+        tc = self.config.train
+        self.t_start = time.time()
+        self.bar = tqdm(total=tc.max_steps, initial=self.step_count, desc="training", dynamic_ncols=True,
+                        disable=not (self.progress and self.main))
+        self.model.train()
+        while self.step_count < tc.max_steps and not self.out_of_time():
+            self.step()
+            self.bar.update(1)
+            self.periodic()
+        self.finish()
+        checksum = _parameters_identical(self.accelerator, self.model) if self.world > 1 else None
+        if self.main:
+            plot_loss_curve(self.log.path, self.run_dir / "loss.png")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return {"run_dir": str(self.run_dir), "step": self.step_count, "processes": self.world,
+                "parameter_checksum": checksum, "config": asdict(self.config)}
+
+
+def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
+          train_set: ImageSet | None = None) -> dict[str, Any]:
+    """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes."""
+    return Trainer(config, run_dir, resume, progress, train_set).run()
 
 
 def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:

@@ -1,12 +1,16 @@
-"""Atomic file writes: a crash never leaves a half-written file under the final name."""
+"""Atomic file writes: a crash never leaves a half-written file or directory under the final name."""
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def staging_dir(final: Path) -> Path:
@@ -27,6 +39,19 @@ def staging_dir(final: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Build a directory in a staging folder and swap it in for `final` only when the block ends without error;
+    on any error (or interruption) the staging folder is deleted and `final` is left as it was."""
+    tmp = staging_dir(final)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -67,3 +92,35 @@ def replace_dir(tmp_dir: Path, final: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp_dir, final)
+
+
+class CsvLog:
+    """A CSV file with fixed columns, one row per step: appended as work goes on, cut back on resume."""
+
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path = Path(path)
+        self.fields = fields
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def append(self, row: dict[str, object]) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.fields, restval="")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def keep_until(self, step: int) -> None:
+        """Drop the rows of steps after `step` (the checkpoint a run resumes from), so no step is logged twice."""
+        if not self.path.exists():
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, self.fields)
+        writer.writeheader()
+        writer.writerows(r for r in self.rows() if int(r["step"]) <= step)
+        atomic_write_text(self.path, buf.getvalue())

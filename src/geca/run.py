@@ -1,11 +1,14 @@
-"""Run directories and checkpoints: safetensors weights, JSON metadata, written atomically."""
+"""The run directory as one concept: what a run is (`model.json`), its checkpoints, and loading it back.
+
+A run directory holds `config.yaml`, `model.json` (a ModelSpec: enough to rebuild the denoiser without the data),
+`log.csv`, `samples/` and `checkpoints/step_NNNNNNN/{model,ema}.safetensors, optimizer.pt, state.json` with
+`checkpoints/latest.json` pointing at the newest; `checkpoints/best/` when training validates.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +16,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from geca.config import ConfigError, DataConfig, from_dict
+from geca.data.config import DataConfig
+from geca.data.imageset import ImageSet
+from geca.data.registry import load_split
 from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.errors import CheckpointError, ConfigError
 from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
-from geca.models.config import ModelConfig, build_model
-from geca.sampling.samplers import SamplerConfig
-from geca.utils.io import atomic_write_json, replace_dir, staging_dir
+from geca.models.build import build_model
+from geca.models.config import ModelConfig, without_foreign_keys
+from geca.utils.io import atomic_write_json, staged_dir
+from geca.utils.schema import from_dict
 
-
-class CheckpointError(RuntimeError):
-    """A run directory or checkpoint that is missing, corrupt or does not fit."""
+SPEC_FORMAT = 2  # 1: geca 0.1, whose model.json held every family's fields
+BEST = "best"
 
 
 @dataclass
@@ -39,6 +45,12 @@ class ModelSpec:
     class_names: list[str]
     multilabel: bool
     latent: LatentSpec | None = None  # set when the denoiser works on VAE latents (in_channels/resolution are theirs)
+    format: int = SPEC_FORMAT
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of what the denoiser generates: pixels, or latents for a latent run."""
+        return self.in_channels, self.resolution, self.resolution
 
     def build(self) -> Denoiser:
         return build_model(self.model, self.in_channels, self.num_classes, self.resolution)
@@ -46,15 +58,17 @@ class ModelSpec:
     def diffusion_process(self) -> GaussianDiffusion:
         return GaussianDiffusion.from_config(self.diffusion)
 
-    def sampling(self, cfg: SamplerConfig) -> SamplerConfig:
-        """Latent runs sample with unclipped x0, as DiT does: latents have no [-1, 1] range to clip to."""
-        return cfg if self.latent is None else replace(cfg, clip_x0=False)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def same_setup(self, other: ModelSpec) -> bool:
+        """Whether two specs describe the same model, diffusion and data (whatever version wrote them)."""
+        return {**self.to_dict(), "format": 0} == {**other.to_dict(), "format": 0}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        if "format" not in d and isinstance(d.get("model"), dict):
+            d = {**d, "model": without_foreign_keys(d["model"]), "format": 1}
         return from_dict(cls, d, "model.json")
 
 
@@ -62,24 +76,26 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in module.state_dict().items()}
+
+
+def save_weights(directory: Path, model: torch.nn.Module, ema: torch.nn.Module) -> None:
+    save_file(_safetensors(model), directory / "model.safetensors")
+    save_file(_safetensors(ema), directory / "ema.safetensors")
+
+
 def save_checkpoint(run_dir: Path, step: int, model: Denoiser, ema: Denoiser, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> Path:
     """Write checkpoints/step_NNNNNNN/ as a whole, then point latest.json at it."""
     root = checkpoint_dir(run_dir)
     name = f"step_{step:07d}"
-    final = root / name
-    tmp = staging_dir(final)
-    try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+    with staged_dir(root / name) as tmp:
+        save_weights(tmp, model, ema)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_json(root / "latest.json", {"step": step, "path": name})
-    return final
+    return root / name
 
 
 def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
@@ -96,8 +112,8 @@ def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
             path = root / json.loads(latest.read_text())["path"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{latest}: corrupt pointer file ({e})") from None
-    elif which == "best":
-        path = root / "best"
+    elif which == BEST:
+        path = root / BEST
         if not path.is_dir():
             raise CheckpointError(f"{path}: no best checkpoint; it is kept only when training validates "
                                   "(validation.every > 0 or --validate-every)")
@@ -119,9 +135,22 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def load_state_dict_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+def _upgrade_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """geca 0.1 named the final layer's parts final_ada / final; they now live in one FinalLayer."""
+    renamed = {}
+    for k, v in weights.items():
+        if k.startswith("final_ada."):
+            k = "final.ada." + k[len("final_ada."):]
+        elif k in ("final.weight", "final.bias"):
+            k = "final.linear." + k.split(".")[1]
+        renamed[k] = v
+    return renamed
+
+
+def load_state_dict_into(model: torch.nn.Module, path: Path) -> None:
+    """Load the safetensors file `path` into `model`, strictly: every key, every shape."""
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(_upgrade_keys(load_weights(path)))
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
 
@@ -136,22 +165,20 @@ def read_spec(run_dir: Path) -> ModelSpec:
         raise CheckpointError(f"{path}: invalid ({e})") from None
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass
 class LoadedRun:
+    """A run's denoiser (in eval mode, on its device) with everything sampling needs to know about it."""
+
     model: Denoiser
     spec: ModelSpec
     diffusion: GaussianDiffusion
     checkpoint: Path
     weights_file: Path
     step: int
+
+    @property
+    def run_dir(self) -> Path:
+        return self.checkpoint.parent.parent
 
 
 def load_run(run_dir: Path, checkpoint: str | None = None, weights: str = "ema",
@@ -163,7 +190,16 @@ def load_run(run_dir: Path, checkpoint: str | None = None, weights: str = "ema",
     ckpt = find_checkpoint(run_dir, checkpoint)
     wfile = ckpt / f"{weights}.safetensors"
     model = spec.build()
-    load_state_dict_into(model, load_weights(wfile), wfile)
+    load_state_dict_into(model, wfile)
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
     return LoadedRun(model=model.to(device).eval(), spec=spec, diffusion=spec.diffusion_process(), checkpoint=ckpt,
                      weights_file=wfile, step=int(state.get("step", -1)))
+
+
+def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None, fold: int) -> ImageSet:
+    """A split of dataset `data_spec` (at the run's image size) whose classes must be the run's."""
+    images = load_split(data_spec, split, image_size=run.spec.data.image_size, folds_file=folds_file, fold=fold)
+    if images.class_names != run.spec.class_names:
+        raise ConfigError(f"{data_spec}:{split} has classes {images.class_names}, the run was trained on "
+                          f"{run.spec.class_names}")
+    return images

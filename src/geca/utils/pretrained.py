@@ -3,24 +3,20 @@ their published SHA-256 prefix, and read without ever running a pickle's code.""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
 
 import torch
 
-from geca.data.imageset import DataError
+from geca.errors import DataError, MissingWeightsError
+from geca.utils.io import file_sha256
 
 WEIGHTS_DIR_ENV = "GECA_WEIGHTS_DIR"
 CACHE_DIR_ENV = "GECA_CACHE_DIR"
 # Accept a pretrained file whose SHA-256 is not the published one (a re-saved copy, say): it is still read without
 # running pickle code, but its numbers may not be the paper's.
 UNVERIFIED_ENV = "GECA_UNVERIFIED_WEIGHTS"
-
-
-class MissingWeightsError(FileNotFoundError):
-    """A pretrained weight file that is not on disk; the message names the file and how to get it."""
 
 
 def resolve_weights(explicit: str | Path | None, filename: str, what: str, url: str, flag: str) -> Path:
@@ -41,18 +37,10 @@ def resolve_weights(explicit: str | Path | None, filename: str, what: str, url: 
     )
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_published(path: Path, prefix: str, published_name: str, what: str) -> str:
     """Refuse a file whose SHA-256 does not start with the published `prefix`, before anything reads it; returns the
     digest. ${GECA_UNVERIFIED_WEIGHTS}=1 turns the refusal into a warning."""
-    digest = sha256_of(path)
+    digest = file_sha256(path)
     if not digest.startswith(prefix):
         msg = (f"{path}: SHA-256 {digest[:16]}… is not that of the published {what} file {published_name} (which "
                f"starts {prefix})")

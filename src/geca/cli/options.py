@@ -1,0 +1,83 @@
+"""Flags several commands share, declared once: the sampling flags of `geca sample`, `expand` and `grow`."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+
+from geca.sampling.config import SamplerConfig
+
+SAMPLER_HELP = {
+    "sampler": "ddpm (ancestral, respaced) or ddim (η=0).",
+    "steps": "Reverse steps (respaced from the trained T).",
+    "guidance_scale": "Classifier-free guidance scale on ε (1 = conditional only).",
+    "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both (default: hidden for GeCA, none for "
+           "models without cell state).",
+    "nca_steps": "NCA steps M per denoiser call (default: as trained; fewer = undergrowth, more = overgrowth).",
+}
+
+# name: (annotation, default, flag names, help)
+_OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
+    "sampler": (str, "ddpm", ("--sampler",), SAMPLER_HELP["sampler"]),
+    "steps": (int, 250, ("--steps",), SAMPLER_HELP["steps"]),
+    "guidance_scale": (float, 1.5, ("--cfg", "--guidance-scale"), SAMPLER_HELP["guidance_scale"]),
+    "ghg": (str | None, None, ("--ghg",), SAMPLER_HELP["ghg"]),
+    "nca_steps": (int | None, None, ("--m", "--nca-steps"), SAMPLER_HELP["nca_steps"]),
+    "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images)."),
+    "batch_size": (int, 64, ("--batch-size",), "Images per sampling batch."),
+    "checkpoint": (str | None, None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, "
+                   "or a directory."),
+    "weights": (str, "ema", ("--weights",), "ema (default) or model (raw) weights."),
+    "device": (str, "auto", ("--device",), "auto, cpu or cuda[:N]."),
+    "overwrite": (bool, False, ("--overwrite",), "Replace a non-empty --out once sampling is done."),
+    "progress": (bool, True, ("--progress/--no-progress",), "Show progress bars."),
+}
+GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "seed", "checkpoint", "device")
+
+
+SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps")
+
+
+@dataclass
+class SamplingFlags:
+    """The values of the shared flags a command was given (those it does not offer keep their defaults)."""
+
+    sampling: SamplerConfig
+    seed: int = 0
+    batch_size: int = 64
+    checkpoint: str | None = None
+    weights: str = "ema"
+    device: str = "auto"
+    overwrite: bool = False
+    progress: bool = True
+
+
+def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), **defaults: Any) -> Callable[[Callable], Callable]:
+    """Give a command the shared flags `names` (with other `defaults` where given); it receives them as `flags`."""
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+        own = [p for p in signature.parameters.values() if p.name != "flags"]
+        added = []
+        for name in names:
+            annotation, default, flags, help_text = _OPTIONS[name]
+            option = typer.Option(defaults.get(name, default), *flags, help=help_text)
+            added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                           annotation=annotation))
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names}
+            sampling = SamplerConfig(**{k: given.pop(k) for k in SAMPLER_FIELDS if k in given})
+            return fn(**kwargs, flags=SamplingFlags(sampling, **given))
+
+        command.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+        command.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in added}}
+        return command
+
+    return decorate

@@ -1,0 +1,69 @@
+"""Table 2 in one call: ResNet-34 arms on real and synthetic data, scored and tested (`geca classify`, the study)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geca.downstream.classifier import ClassifierConfig
+from geca.downstream.metrics import AGGREGATIONS, MACRO
+from geca.downstream.protocol import ProtocolConfig, Splits, parse_arms, run_protocol
+from geca.downstream.report import summarise, write_report
+from geca.downstream.significance import TESTS
+from geca.errors import ConfigError
+
+
+@dataclass
+class TableSettings:
+    """How the classifiers are trained, scored and compared (see `geca classify --help`)."""
+
+    seeds: int = 3
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 1e-3
+    image_size: int | None = None
+    stem: str = "imagenet"
+    imagenet_weights: str | None = None
+    equal_steps: bool = True
+    eye_agg: str = "max"
+    test: str = "auto"
+    p_metric: str = "map"
+    bootstrap: int = 1000
+
+    def validate(self) -> None:
+        if self.eye_agg not in AGGREGATIONS:
+            raise ConfigError(f"--eye-agg must be one of {', '.join(AGGREGATIONS)}, got {self.eye_agg!r}")
+        if self.test not in TESTS:
+            raise ConfigError(f"--test must be one of {', '.join(TESTS)}, got {self.test!r}")
+        if self.p_metric not in MACRO:
+            raise ConfigError(f"--p-metric must be one of {', '.join(MACRO)}, got {self.p_metric!r}")
+        if self.bootstrap < 100:
+            raise ConfigError(f"--bootstrap needs at least 100 replicates, got {self.bootstrap}")
+
+
+def classify(data: str, synthetic: dict[str, str], arms: str | None, settings: TableSettings, out: Path,
+             folds_file: Path | None = None, folds: int | None = None, device: str = "cpu",
+             progress: bool = True) -> dict[str, Any]:
+    """Train every arm on every (fold, seed) unit, write the report into `out` and return its summary."""
+    settings.validate()
+    arm_list = parse_arms(arms, synthetic)
+    s = settings
+    weights = Path(s.imagenet_weights) if s.imagenet_weights else None
+    clf = ClassifierConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, stem=s.stem, imagenet_weights=weights,
+                           equal_steps=s.equal_steps, device=device, progress=progress)
+    protocol = ProtocolConfig(data=data, arms=arm_list, synthetic=synthetic, classifier=clf, seeds=s.seeds,
+                              image_size=s.image_size, folds_file=folds_file, folds=folds)
+    splits = Splits(data, s.image_size, folds_file, folds)
+    if s.p_metric == "acc" and splits.reference.multilabel:
+        raise ConfigError("--p-metric acc is for multi-class data; this data is multi-label")
+    result = run_protocol(protocol, splits)
+    config = {"data": data, "synthetic": synthetic, "arms": [a.name for a in arm_list], **asdict(s),
+              "folds_file": None if folds_file is None else str(folds_file), "folds": folds, "device": device,
+              "threads": torch.get_num_threads()}
+    summary = summarise(result, [a.name for a in arm_list], s.seeds, s.eye_agg, s.test, s.p_metric, s.bootstrap,
+                        config)
+    write_report(out, summary, result)
+    return summary

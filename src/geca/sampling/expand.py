@@ -1,0 +1,47 @@
+"""Dataset expansion (Eq. 8): a synthetic copy of a training split in which every label vector appears `ratio` times."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geca.errors import ConfigError
+from geca.run import LoadedRun, run_split
+from geca.sampling.config import SamplerConfig
+from geca.sampling.generate import write_sample_dir
+from geca.sampling.labels import replicate_labels
+
+
+def _same_file(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: int, batch_size: int,
+           device: torch.device | str, data_spec: str | None = None, folds_file: str | None = None,
+           fold: int | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Sample `ratio` images per training image into `out` (the `geca sample` format); returns the manifest.
+
+    The training split is the run's own (its data, folds file and fold) unless `data_spec`, `folds_file` or `fold`
+    name another, which must have the run's classes; a fold whose test patients the run trained on is refused.
+    """
+    if ratio < 1:
+        raise ConfigError(f"--ratio must be ≥ 1, got {ratio}")
+    own = run.spec.data
+    spec = data_spec or own.spec
+    folds = folds_file if folds_file is not None or data_spec is not None else own.folds_file
+    if folds is None and fold is not None:
+        raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
+    k = fold if fold is not None else (own.fold if data_spec is None else 0)
+    # A generator trained on another fold's training split has seen this fold's test patients.
+    if spec == own.spec and _same_file(folds, own.folds_file) and k != own.fold:
+        raise ConfigError(f"the run was trained on fold {own.fold} of {own.folds_file}; its images would leak "
+                          f"fold {k}'s test patients into fold {k}'s training set. Use the run trained on fold {k}")
+    train = run_split(run, spec, "train", folds, k)
+    extra = {"labels": f"{spec}:train x{ratio}",
+             "expansion": {"data": spec, "folds_file": folds, "fold": k if folds else None, "ratio": ratio,
+                           "train_images": len(train)}}
+    manifest, _ = write_sample_dir(out, run, replicate_labels(train.labels, ratio), sampler, seed, batch_size,
+                                   device, extra, overwrite, progress)
+    return manifest

@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer.py`), EMA, and validation during training (`validation.py`)."""

@@ -1,0 +1,111 @@
+"""Plain YAML mirrored by dataclasses: typed, strict conversion of nested mappings, and dotted-key overrides."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geca.errors import ConfigError
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(typing.get_args(tp)[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hasattr(tp, "from_mapping"):  # a type that parses itself (e.g. a discriminated union of configs)
+        return tp.from_mapping(value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass `cls` from a nested mapping; unknown keys and wrong types are errors naming `where`."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(names))}")
+    try:
+        return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_yaml(text: str, where: str | Path) -> dict[str, Any]:
+    """A YAML document whose top level is a mapping (empty → {})."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping")
+    return raw
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return parse_yaml(Path(path).read_text(), path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+
+
+def nest(mapping: dict[str, Any]) -> dict[str, Any]:
+    """`{"train.max_steps": 5}` → `{"train": {"max_steps": 5}}`; nested mappings pass through."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        parts = str(key).split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = nest(value) if isinstance(value, dict) else value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`, mapping by mapping (a copy; neither is changed)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def set_field(obj: Any, path: str, value: Any, where: str) -> None:
+    """Set the dataclass field at dotted `path` (e.g. `train.lr`) of `obj`; a path that names no field is an error."""
+    *parents, name = path.split(".")
+    for part in parents:
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"{where}: no config section {part!r} in {path!r}")
+        obj = getattr(obj, part)
+    names = {f.name for f in dataclasses.fields(obj)}
+    if name not in names:
+        what = f"{obj.name} ({obj.family})" if hasattr(obj, "family") else type(obj).__name__
+        raise ConfigError(f"{where}: {what} has no setting {name!r}; it has {', '.join(sorted(names))}")
+    setattr(obj, name, value)
