@@ -327,7 +327,8 @@ def test_folder_csv_splits_from_folds_file(tmp_path):
     folds_path = tmp_path / "folds.csv"
     write_folds(folds_path, names, [f"p{i // 2}" for i in range(8)], np.array([0, 0, 1, 1, 2, 2, 3, 3]))
     parts = {
-        s: load_split(str(csv_path), s, folds_file=folds_path, fold=3).ids for s in ("train", "val", "test")
+        s: load_split(str(csv_path), s, folds_file=folds_path, fold=3, cv_val="next-fold").ids
+        for s in ("train", "val", "test")
     }
     assert parts == {"test": names[6:], "val": names[:2], "train": names[2:6]}
     with pytest.raises(DataError, match="out of range"):
@@ -499,6 +500,40 @@ def test_folds_cli_missing_csv_exits_2_without_traceback(tmp_path):
     assert result.exit_code == 2
     assert str(missing) in result.stderr and "not found" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "f.csv").exists()
+
+
+def test_cross_validation_trains_on_four_fifths_with_a_stratified_validation_slice(tmp_path: Path) -> None:
+    from geca.data.folds import patient_folds
+    from geca.downstream.protocol import Splits
+
+    spec = "synthetic-oct@patients=120,size=8"
+    everything = load_split(spec, "all")
+    out = tmp_path / "folds.csv"
+    write_folds(out, everything.ids, list(everything.patient_ids),
+                patient_folds(everything.labels, everything.patient_ids, 5, seed=0))
+    parts = {s: load_split(spec, s, folds_file=out, fold=1) for s in ("train", "val", "test")}
+    patients = {s: set(p.patient_ids) for s, p in parts.items()}
+    assert not (patients["train"] & patients["test"] or patients["val"] & patients["test"]
+                or patients["train"] & patients["val"])
+    assert sum(len(p) for p in parts.values()) == len(everything)
+    rest = len(parts["train"]) + len(parts["val"])
+    assert 0.12 <= len(parts["val"]) / rest <= 0.18  # the 15 % slice (whole patients)
+    assert 0.62 <= len(parts["train"]) / len(everything) <= 0.74  # 4/5 × 85 % = 0.68 of the data
+    prevalence = {s: p.labels.mean(0) for s, p in parts.items()}
+    assert np.abs(prevalence["val"] - prevalence["train"]).max() < 0.12  # label-stratified
+    old = {s: load_split(spec, s, folds_file=out, fold=1, cv_val="next-fold") for s in ("val", "test")}
+    assert set(old["val"].ids) == {i for i, f in zip(everything.ids, _fold_column(out), strict=True) if f == 2}
+    # The classifier's training patients are the generator's (the same rows of the same split).
+    split = Splits(spec, None, out, None).get(1)
+    assert split.train.ids == parts["train"].ids and split.val.ids == parts["val"].ids
+    with pytest.raises(DataError, match="next-fold"):
+        load_split(spec, "train", folds_file=out, fold=1, cv_val="random")
+
+
+def _fold_column(path: Path) -> list[int]:
+    import csv
+
+    return [int(r["fold"]) for r in csv.DictReader(open(path))]
 
 
 def test_folds_file_splits_a_procedural_set_by_patient(tmp_path: Path) -> None:

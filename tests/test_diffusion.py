@@ -102,3 +102,14 @@ def test_decoder_nll_at_t0_is_used(diffusion: GaussianDiffusion) -> None:
                                       torch.tensor([0]), noise)
     # The decoder NLL of a perfect mean is a few bits, never the ~0 of a matched KL.
     assert terms["vb"].item() > 0.1
+
+
+def test_respacing_follows_dits_space_timesteps() -> None:
+    """DiT accumulates the stride (T−1)/(steps−1) in floating point; rounding i·stride instead moves some steps by one
+    (expected lists computed with DiT's `space_timesteps(1000, [steps])`; it differs for 278 of the counts 2–1000)."""
+    assert spaced_timesteps(1000, 21) == [0, 50, 100, 150, 200, 250, 300, 350, 400, 450, 499, 549, 599, 649, 699, 749,
+                                          799, 849, 899, 949, 999]
+    assert spaced_timesteps(1000, 31)[15] == 500 and spaced_timesteps(1000, 23)[11] == 499
+    assert spaced_timesteps(1000, 7) == [0, 166, 333, 500, 666, 832, 999]
+    fifty = spaced_timesteps(1000, 50)
+    assert len(fifty) == 50 and fifty[:5] == [0, 20, 41, 61, 82] and fifty[-3:] == [958, 979, 999]

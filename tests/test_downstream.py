@@ -31,8 +31,10 @@ from geca.cli.train import train
 from geca.data.procedural import OCT_CLASSES
 from geca.downstream.classifier import build_resnet34, geometric_augment
 from geca.downstream.metrics import binary_ap, binary_auc, eye_level, macro_metric, score
+from geca.downstream.protocol import ProtocolResult, UnitResult
+from geca.downstream.report import markdown, summarise
 from geca.downstream.significance import paired_bootstrap, paired_test, stars
-from geca.errors import DataError
+from geca.errors import ConfigError, DataError
 from geca.sampling.labels import replicate_labels
 
 runner = CliRunner()
@@ -185,17 +187,57 @@ def test_paired_tests_on_constructed_units() -> None:
 
 def test_paired_bootstrap_over_test_cases() -> None:
     rng = np.random.default_rng(2)
-    y = np.eye(2)[rng.integers(0, 2, 200)]
-    weak = [np.clip(y * 0.1 + rng.random(y.shape) * 0.9, 0, 1) for _ in range(3)]
-    strong = [np.clip(y * 0.6 + rng.random(y.shape) * 0.4, 0, 1) for _ in range(3)]
+    y = [np.eye(2)[rng.integers(0, 2, 200)] for _ in range(3)]  # three folds' test cases
+    weak = [np.clip(f * 0.1 + rng.random(f.shape) * 0.9, 0, 1) for f in y]
+    strong = [np.clip(f * 0.6 + rng.random(f.shape) * 0.4, 0, 1) for f in y]
 
     def auc(labels: np.ndarray, probs: np.ndarray) -> float:
         return macro_metric(labels, probs, True, "auc")
 
-    same = paired_bootstrap(auc, [y] * 3, weak, weak, test_sets=[0, 0, 0], n_boot=200)
-    assert same.p == 1.0 and same.mean_diff == 0
-    better = paired_bootstrap(auc, [y] * 3, strong, weak, test_sets=[0, 0, 0], n_boot=200)
-    assert better.p == pytest.approx(2 / 201) and better.mean_diff > 0.2 and better.stars == "**"
+    same = paired_bootstrap(auc, y, weak, weak, n_boot=200)
+    assert same.p == 1.0 and same.mean_diff == 0 and same.n == 600
+    # D = Δ / sd(Δ*) (pROC's bootstrap test) is not floored at 1/n_boot: a large effect reaches the paper's p < 1e-4.
+    better = paired_bootstrap(auc, y, strong, weak, n_boot=200)
+    assert better.p < 1e-4 and better.mean_diff > 0.2 and better.stars == "****"
+    slightly = paired_bootstrap(auc, y, [w + 0.002 * rng.random(w.shape) for w in weak], weak, n_boot=200)
+    assert slightly.p > 0.05
+
+
+def _unit(arm: str, fold: int, seed: int, labels: np.ndarray, probs: np.ndarray) -> UnitResult:
+    return UnitResult(arm, fold, seed, 1, 0.5, 0.0, len(labels), 0, labels, probs, None)
+
+
+def test_seeds_are_averaged_before_any_test() -> None:
+    """Five folds × three seeds with the same gain in every fold: the fold test counts 5 units, not 15, and the
+    table says over what it averaged and which test gave the stars."""
+    rng = np.random.default_rng(3)
+    results = []
+    for fold in range(5):
+        y = np.eye(2)[rng.integers(0, 2, 60)]
+        for seed in range(3):
+            noise = rng.random(y.shape)
+            results += [_unit("geometric", fold, seed, y, 0.3 * y + 0.7 * noise),
+                        _unit("+syn", fold, seed, y, 0.35 * y + 0.65 * noise)]
+    protocol = ProtocolResult("toy", results, ["a", "b"], True, "patient-level 5-fold CV",
+                              [{"fold": f, "train": 10, "val": 5, "test": 60} for f in range(5)])
+    summary = summarise(protocol, ["geometric", "+syn"], 3, "max", "ttest", "auc", 200, {})
+    folds = summary["arms"]["+syn"]["significance"]["scan"]["folds"]["auc"]
+    assert folds["n"] == 5 and folds["test"] == "paired t-test" and summary["stars_from"] == "folds"
+    assert summary["arms"]["+syn"]["summary"]["scan"]["auc"]["n"] == 5
+    cases = summary["arms"]["+syn"]["significance"]["scan"]["cases"]["auc"]
+    assert cases["n"] == 300 and cases["test"] == "paired bootstrap"
+    text = markdown(summary)
+    assert "over 5 folds, each fold's value the mean of its 3 seed(s)" in text
+    assert "the stars come from p (folds)" in text and "| p (folds) | p (test cases) |" in text
+    fixed = ProtocolResult("toy", [r for r in results if r.fold == 0], ["a", "b"], True, "fixed split",
+                           [{"fold": None, "train": 10, "val": 5, "test": 60}])
+    for r in fixed.results:
+        r.fold = None
+    with pytest.raises(ConfigError, match="seeds share their data"):
+        summarise(fixed, ["geometric", "+syn"], 3, "max", "ttest", "auc", 200, {})
+    one = summarise(fixed, ["geometric", "+syn"], 3, "max", "auto", "auc", 200, {})
+    assert one["spread_over"] == "seeds" and one["tests"]["folds"] is None
+    assert "over 3 seed(s) on the fixed split" in markdown(one)
 
 
 # --------------------------------------------------------------------------------------------------- classifier
@@ -327,7 +369,7 @@ def test_classify_end_to_end_writes_table_csv_json_and_roc(blobs_setup: dict[str
         if arm == "geometric":
             assert p_cell == "—"
         else:
-            sig = entry["significance"]["scan"]["map"]
+            sig = entry["significance"]["scan"]["cases"]["map"]
             assert p_cell == f"{sig['stars']} ({sig['p']:.2g})" and sig["test"] == "paired bootstrap"
     units = list(csv.DictReader(open(out / "units.csv")))
     assert len(units) == 6
@@ -369,7 +411,7 @@ def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Pat
         assert not set(test.patient_ids) & set(val.patient_ids)
     eye_table = (tmp_path / "cv" / "table.md").read_text().split("## Eye level")[1]
     assert "| +oct |" in eye_table and "acc" not in summary["metrics"]
-    significance = summary["arms"]["+oct"]["significance"]["eye"]
+    significance = summary["arms"]["+oct"]["significance"]["eye"]["folds"]
     assert set(significance) == set(summary["metrics"]) and significance["map"]["test"] == "paired t-test"
     assert significance["map"]["n"] == 2
     assert summary["arms"]["+oct"]["units"][0]["n_synthetic"] == 4

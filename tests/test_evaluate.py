@@ -21,7 +21,7 @@ runner = CliRunner()
 app = typer.Typer()  # the lead wires these into geca.cli.main; test them on their own
 app.command("evaluate")(evaluate)
 app.add_typer(features_app, name="features")
-FAST = ["--features", "random", "--lpips-weights", "random"]
+FAST = ["--features", "random", "--gg-features", "random", "--lpips-weights", "random"]
 NAMES = ["class 0", "class 1"]  # what the npz loader calls the classes of an unknown MedMNIST-format file
 
 
@@ -91,7 +91,8 @@ def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
 
 def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     npz = str(data["npz"])
-    base = ["evaluate", "--train", f"{npz}:train", "--out", str(tmp_path / "m.json"), "--features", "random"]
+    base = ["evaluate", "--train", f"{npz}:train", "--out", str(tmp_path / "m.json"), "--features", "random",
+            "--gg-features", "random"]
     other = blob_images(n=4, size=12, classes=3)
     wrong = write_sample_dir(tmp_path / "wrong", other.images, other.labels, [*NAMES, "class 2"])
     cases = {
@@ -108,6 +109,33 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "m.json").exists()
 
 
+def test_gg_and_fld_use_dinov2_under_the_paper_protocol(data: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "cache"))
+    npz = str(data["npz"])
+    args = ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train", f"{npz}:train",
+            "--no-lpips", "--features", "random"]
+    # The paper computes GG/FLD on DINOv2: without its weights the default fails before any work, naming them.
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "paper.json")])
+    assert res.exit_code == 2 and "dinov2_vitb14_pretrain.pth" in res.output and "--gg-features-file" in res.output
+    assert not (tmp_path / "paper.json").exists()
+    # Under the standard protocol GG/FLD share the KID network; both are recorded.
+    res = runner.invoke(app, [*args, "--protocol", "standard", "--out", str(tmp_path / "std.json")])
+    assert res.exit_code == 0, res.output
+    std = json.loads((tmp_path / "std.json").read_text())
+    assert std["features"]["name"] == std["gg_features"]["name"] == "random"
+    # A GG network of its own gives other GG/FLD values and the same KID.
+    res = runner.invoke(app, [*args, "--protocol", "standard", "--gg-features", "domain", "--out",
+                              str(tmp_path / "dom.json")])
+    assert res.exit_code == 0, res.output
+    dom = json.loads((tmp_path / "dom.json").read_text())
+    assert dom["gg_features"]["name"] == "domain" and dom["features"]["name"] == "random"
+    assert dom["results"][0]["kid"] == std["results"][0]["kid"]
+    assert dom["results"][0]["fld"]["gg"] != std["results"][0]["fld"]["gg"]
+    assert "GG and FLD on domain" in " ".join(res.output.split())
+
+
 def test_evaluate_refuses_a_crafted_inception_file(data: dict[str, Path], tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     crafted = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
@@ -115,7 +143,7 @@ def test_evaluate_refuses_a_crafted_inception_file(data: dict[str, Path], tmp_pa
     npz = str(data["npz"])
     res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train",
                               f"{npz}:train", "--out", str(tmp_path / "m.json"), "--features", "inception",
-                              "--features-file", str(crafted), "--no-lpips"])
+                              "--features-file", str(crafted), "--gg-features", "random", "--no-lpips"])
     assert res.exit_code == 2 and "error:" in res.output and "weights-inception" in res.output, res.output
     assert not marker.exists() and not (tmp_path / "m.json").exists()
 
@@ -133,7 +161,7 @@ def test_domain_features_trained_once_cached_or_from_a_file(data: dict[str, Path
     monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "cache"))
     npz = str(data["npz"])
     args = ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train", f"{npz}:train",
-            "--no-lpips"]
+            "--no-lpips", "--gg-features", "domain"]
     first = runner.invoke(app, [*args, "--out", str(tmp_path / "a.json")])
     assert first.exit_code == 0, first.output
     assert "training on" in first.output
@@ -169,7 +197,7 @@ def test_evaluate_takes_its_splits_from_a_folds_file(tmp_path: Path) -> None:
     out = tmp_path / "m.json"
     res = runner.invoke(app, ["evaluate", "--generated", str(gen), "--real", f"{spec}:test", "--train",
                               f"{spec}:train", "--folds-file", str(folds_csv), "--fold", "1", "--no-lpips",
-                              "--features", "random", "--out", str(out)])
+                              "--features", "random", "--gg-features", "random", "--out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
     assert report["real"]["n"] == len(test) and report["train"]["n"] == len(train)

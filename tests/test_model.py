@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from conftest import tiny_model_config
+from torch import nn
 
 from geca.models.build import build_model, count_parameters
 from geca.models.config import named_model
@@ -127,3 +128,60 @@ def test_wrong_label_width_is_a_clear_error() -> None:
         assert "5 entries" in str(e) and "expects 4" in str(e)
     else:
         raise AssertionError("a 5-wide label vector was accepted by a 4-class model")
+
+
+def test_published_parameter_counts_exactly() -> None:
+    """The published counts (method.md §2) plus what we add: 16 C_γ cell channels × D into the cell embedding, and
+    the learned null label embedding (D)."""
+    assert count_parameters(build_model(named_model("GeCA-S"), 4, 11, 32)) == 13_312_584 + 16 * 768 + 768
+    assert count_parameters(build_model(named_model("GeCA-XS"), 4, 11, 32)) == 2_255_720 + 16 * 384 + 384
+
+
+class _AuthorsBlock(nn.Module):
+    """xmed-lab/GeCA's `Transformer` of depth 1 (PreNorm → Attention with localize → FeedForward), restated with
+    their parameter layout: affine LayerNorm(dim), `to_qkv` without bias, `to_out`, exact GELU."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn_norm, self.ff_norm = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b, n, d = x.shape
+        sa, ca, ga, sm, cm, gm = (m.unsqueeze(1) for m in self.adaLN_modulation(c).chunk(6, dim=1))
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in
+                   self.to_qkv(self.attn_norm(x) * (1 + ca) + sa).chunk(3, dim=-1))
+
+        def localize(t: torch.Tensor) -> torch.Tensor:  # (b, hd, n, e) → (b, hd, n, 9, e), zero padding
+            e = t.shape[-1]
+            grid = t.transpose(2, 3).reshape(b * self.heads, e, h, w)
+            patches = torch.nn.functional.unfold(grid, 3, padding=1).view(b, self.heads, e, 9, n)
+            return patches.permute(0, 1, 4, 3, 2)
+
+        attn = ((q.unsqueeze(3) @ localize(k).transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+        out = (attn @ localize(v)).squeeze(3).transpose(1, 2).reshape(b, n, d)
+        x = ga * self.to_out(out) + x
+        return gm * self.ff(self.ff_norm(x) * (1 + cm) + sm) + x
+
+
+def test_the_geca_block_is_the_published_one() -> None:
+    torch.manual_seed(0)
+    dim, heads, mlp, h, w = 32, 4, 48, 5, 6
+    ref = _AuthorsBlock(dim, heads, mlp)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    model = build_model(tiny_model_config(hidden_size=dim, heads=heads, mlp_hidden=mlp), 3, 4, 6)
+    ours = {"block_ada.1": ref.adaLN_modulation[1], "block.norm1": ref.attn_norm, "block.norm2": ref.ff_norm,
+            "block.qkv": ref.to_qkv, "block.proj": ref.to_out, "block.mlp.0": ref.ff[0], "block.mlp.2": ref.ff[2]}
+    state = {f"{name}.{k}": v for name, module in ours.items() for k, v in module.state_dict().items()}
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    assert not [k for k in missing if k.startswith("block")], missing
+    x, c = torch.randn(2, h * w, dim), torch.randn(2, dim)
+    mod = tuple(m[:, None, None] for m in model.block_ada(c).chunk(6, dim=-1))
+    got = model.block(x.view(2, h, w, dim), mod).view(2, h * w, dim)
+    torch.testing.assert_close(got, ref(x, c, h, w), rtol=1e-5, atol=1e-5)
+    assert model.block.qkv.bias is None and model.block.norm1.weight is not None

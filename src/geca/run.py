@@ -24,7 +24,7 @@ from geca.errors import CheckpointError, ConfigError
 from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
 from geca.models.build import build_model
-from geca.models.config import ModelConfig, without_foreign_keys
+from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.io import atomic_write_json, staged_dir
 from geca.utils.schema import from_dict
 
@@ -68,7 +68,7 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         if "format" not in d and isinstance(d.get("model"), dict):
-            d = {**d, "model": without_foreign_keys(d["model"]), "format": 1}
+            d = {**d, "model": from_geca_0_1(d["model"]), "format": 1}
         return from_dict(cls, d, "model.json")
 
 
@@ -198,7 +198,8 @@ def load_run(run_dir: Path, checkpoint: str | None = None, weights: str = "ema",
 
 def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None, fold: int) -> ImageSet:
     """A split of dataset `data_spec` (at the run's image size) whose classes must be the run's."""
-    images = load_split(data_spec, split, image_size=run.spec.data.image_size, folds_file=folds_file, fold=fold)
+    d = run.spec.data
+    images = load_split(data_spec, split, image_size=d.image_size, folds_file=folds_file, fold=fold, cv_val=d.cv_val)
     if images.class_names != run.spec.class_names:
         raise ConfigError(f"{data_spec}:{split} has classes {images.class_names}, the run was trained on "
                           f"{run.spec.class_names}")

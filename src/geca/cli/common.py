@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
+CV_VAL_HELP = ("With a folds file, each fold's validation split: slice (a patient-disjoint, label-stratified 15 % of "
+               "the other folds' patients; train on the rest: 4/5 of the data minus val) or next-fold (fold k+1; "
+               "train on the other three folds).")
 USER_ERRORS = (GecaError, FileExistsError, FileNotFoundError, ValueError)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import guarded, pick_device
+from geca.cli.common import CV_VAL_HELP, guarded, pick_device
 from geca.cli.options import SamplingFlags, sampling_flags
 from geca.errors import ConfigError
 
@@ -69,16 +69,18 @@ def classify(
     imagenet_weights: Path | None = typer.Option(None, "--imagenet-weights", help="Local torchvision ResNet-34 "
                                                  "ImageNet weights (resnet34-b627a593.pth) to start from."),
     folds_file: Path | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds`: patient-level "
-                                           "CV with test = fold k, val = fold k+1, train = the rest."),
+                                           "CV with test = fold k (validation: --cv-val)."),
     folds: int | None = typer.Option(None, "--folds", help="With --folds-file: run folds 0..K-1 (default: all)."),
+    cv_val: str = typer.Option("slice", "--cv-val", help=CV_VAL_HELP),
     eye_agg: str = typer.Option("max", "--eye-agg", help="Eye-level score of an eye's scans: max or mean "
                                 "(labels are OR-ed); used when the data has eye ids."),
-    test: str = typer.Option("auto", "--test", help="Significance test vs geometric: ttest, wilcoxon (paired over "
-                             "folds × seeds), bootstrap (paired over test cases), or auto (bootstrap with fewer "
-                             "than 5 units, else ttest)."),
+    test: str = typer.Option("auto", "--test", help="The test the stars come from: bootstrap (paired over test "
+                             "cases, seeds' scores averaged per case; auto), or ttest / wilcoxon (paired over folds, "
+                             "seeds averaged per fold; needs --folds-file). Both are reported under CV."),
     p_metric: str = typer.Option("map", "--p-metric", help="Metric of the table's p column: sen, spe, auc, f1, "
                                  "f1_sen_spe, map or acc."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates (p ≥ ~2/(N+1))."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates (p from Δ / sd of the "
+                                  "replicates, as pROC's bootstrap test)."),
     equal_steps: bool = typer.Option(True, "--equal-steps/--full-epochs", help="Give every arm the optimizer "
                                      "steps of the real set alone (default), or let epochs cover real + synthetic."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
@@ -104,7 +106,7 @@ def classify(
         if threads < 1:
             raise ConfigError(f"--threads must be ≥ 1, got {threads}")
         torch.set_num_threads(threads)
-    run_classification(data, parse_synthetic(synthetic or []), arms, settings, out, folds_file, folds,
+    run_classification(data, parse_synthetic(synthetic or []), arms, settings, out, folds_file, folds, cv_val,
                        str(pick_device(device)), progress)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"report written to {out}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import guarded, pick_device
+from geca.cli.common import CV_VAL_HELP, guarded, pick_device
 from geca.errors import ConfigError
 
 
@@ -26,6 +26,7 @@ def encode(
                                           "--image-size` does (so that training finds this cache)."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds`."),
     fold: int = typer.Option(0, "--fold", help="With --folds-file: which fold is the test fold."),
+    cv_val: str = typer.Option("slice", "--cv-val", help=CV_VAL_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -42,7 +43,7 @@ def encode(
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
     for split in names:
-        images = load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold)
+        images = load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
         latents, status = ensure_latents(vae, images, split, out, size=size, mean=mean, get_codec=codec,
                                          progress=progress)
         shape = "×".join(str(n) for n in latents.latents.shape[1:])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import guarded, pick_device
+from geca.cli.common import CV_VAL_HELP, guarded, pick_device
 
 features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
                            add_completion=False, pretty_exceptions_enable=False)
@@ -31,6 +31,12 @@ def evaluate(
                                              "inception: weights-inception-2015-12-05-6726825d.pth; dinov2: "
                                              "dinov2_vitb14_pretrain.pth or timm's model.safetensors (default "
                                              "for both: that file in $GECA_WEIGHTS_DIR)."),
+    gg_features: str | None = typer.Option(None, "--gg-features", help="Feature network of GG and FLD: dinov2 (the "
+                                           "paper's; default under --protocol paper), inception, domain or random "
+                                           "(default under standard: the KID network)."),
+    gg_features_file: str | None = typer.Option(None, "--gg-features-file", help="Weights of the GG/FLD network "
+                                                "(as --features-file; default: the KID network's file when the "
+                                                "networks are the same, else its file in $GECA_WEIGHTS_DIR)."),
     protocol: str = typer.Option("paper", "--protocol", help="paper: KID subsets of n_generated//4, LPIPS over "
                                  "the n−1 consecutive pairs of a shuffle (GeCA's Table 1); standard: KID subsets "
                                  "of min(1000, n_real, n_generated), LPIPS over 2,000 random distinct pairs."),
@@ -45,7 +51,8 @@ def evaluate(
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV (`geca folds`) that defines the "
                                           "splits of --real and --train for folder+CSV data."),
-    fold: int = typer.Option(0, "--fold", help="With --folds-file: the test fold (val = fold+1, train = the rest)."),
+    fold: int = typer.Option(0, "--fold", help="With --folds-file: the test fold."),
+    cv_val: str = typer.Option("slice", "--cv-val", help=CV_VAL_HELP),
 ) -> None:
     """Score generated sets against real data: KID, LPIPS diversity, FLD and the generalization gap (GG)."""
     from rich.console import Console
@@ -56,8 +63,9 @@ def evaluate(
     settings = EvalSettings(
         generated=[parse_generated(a) for a in [*generated, *(more or [])]], real=real, train=train,
         features=features, features_file=features_file, protocol=protocol, seed=seed, lpips=lpips,
+        gg_features=gg_features, gg_features_file=gg_features_file,
         lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress,
-        folds_file=folds_file, fold=fold)
+        folds_file=folds_file, fold=fold, cv_val=cv_val)
     report = run_evaluation(settings, out, log=typer.echo)
     console = Console()
     console.print(comparison_table(report))

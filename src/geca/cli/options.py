@@ -28,6 +28,8 @@ _OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
     "guidance_scale": (float, 1.5, ("--cfg", "--guidance-scale"), SAMPLER_HELP["guidance_scale"]),
     "ghg": (str | None, None, ("--ghg",), SAMPLER_HELP["ghg"]),
     "nca_steps": (int | None, None, ("--m", "--nca-steps"), SAMPLER_HELP["nca_steps"]),
+    "clip_x0": (bool | None, None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
+                "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
     "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images)."),
     "batch_size": (int, 64, ("--batch-size",), "Images per sampling batch."),
     "checkpoint": (str | None, None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, "
@@ -37,10 +39,10 @@ _OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
     "overwrite": (bool, False, ("--overwrite",), "Replace a non-empty --out once sampling is done."),
     "progress": (bool, True, ("--progress/--no-progress",), "Show progress bars."),
 }
-GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "seed", "checkpoint", "device")
+GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "seed", "checkpoint", "device")
 
 
-SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps")
+SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0")
 
 
 @dataclass

@@ -7,12 +7,13 @@ from typing import Any
 
 import typer
 
-from geca.cli.common import guarded
+from geca.cli.common import CV_VAL_HELP, guarded
 from geca.models.config import NAMED_MODELS
 
 # flag → the config field it sets
 FLAG_FIELDS = {
     "data": "data.spec", "image_size": "data.image_size", "folds_file": "data.folds_file", "fold": "data.fold",
+    "cv_val": "data.cv_val",
     "download": "data.download", "vae": "data.vae", "latent_size": "data.latent_size",
     "max_steps": "train.max_steps", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
     "lr": "train.lr", "seed": "train.seed", "precision": "train.precision", "ema_decay": "train.ema_decay",
@@ -43,6 +44,7 @@ def train(
     image_size: int | None = typer.Option(None, "--image-size", help="Resize images to this size."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds` (folder+CSV)."),
     fold: int | None = typer.Option(None, "--fold", help="Which fold is the test fold (train = other folds)."),
+    cv_val: str | None = typer.Option(None, "--cv-val", help=CV_VAL_HELP),
     vae: str | None = typer.Option(None, "--vae", help="Train on the latents of this diffusers AutoencoderKL (a "
                                    "local directory, e.g. sd-vae-ft-ema, or a hub id in the local HF cache); "
                                    "default: pixel space."),
@@ -83,8 +85,8 @@ def train(
     run_config = load_config(config)
     if model is not None:
         run_config.model = named_model(model)
-    apply_overrides(run_config, data=data, image_size=image_size, folds_file=folds_file, fold=fold, vae=vae,
-                    latent_size=latent_size, download=download, max_steps=max_steps, max_minutes=max_minutes,
+    apply_overrides(run_config, data=data, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val,
+                    vae=vae, latent_size=latent_size, download=download, max_steps=max_steps, max_minutes=max_minutes,
                     batch_size=batch_size, lr=lr, seed=seed, precision=precision, ema_decay=ema_decay,
                     log_every=log_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
                     validate_every=validate_every, nca_steps=nca_steps, attention=attention, compile=compile,

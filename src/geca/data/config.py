@@ -11,6 +11,7 @@ class DataConfig:
     image_size: int | None = None
     folds_file: str | None = None
     fold: int = 0
+    cv_val: str = "slice"  # with a folds file: how the validation split is made (geca.data.folds.fold_split_rows)
     flip: bool = True
     download: bool = False
     # Latent diffusion (method.md §1): a diffusers AutoencoderKL directory (or a hub id in the local HF cache);

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from geca.data.folds import fold_split_rows, read_folds
+from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
 
@@ -136,7 +136,7 @@ def _decode(path: Path, grey: bool, image_size: int | None) -> np.ndarray:
     return array[..., None] if grey else array
 
 
-def _split_rows(table: CsvTable, split: str, folds_file: str | Path | None, fold: int) -> np.ndarray:
+def _split_rows(table: CsvTable, split: str, folds_file: str | Path | None, fold: int, cv_val: str) -> np.ndarray:
     if split not in SPLITS_WITH_FOLDS:
         raise DataError(f"unknown split '{split}'; valid: {', '.join(SPLITS_WITH_FOLDS)}")
     if split == "all":
@@ -144,7 +144,9 @@ def _split_rows(table: CsvTable, split: str, folds_file: str | Path | None, fold
     if folds_file is None:
         raise DataError(f"{table.csv_path}: split '{split}' needs a folds file; only 'all' is available "
                         f"without one. Create it with `geca folds --data {table.csv_path} --out folds.csv`")
-    return fold_split_rows(read_folds(folds_file, table.filenames, table.patient_ids), split, fold, folds_file)
+    folds = read_folds(folds_file, table.filenames, table.patient_ids)
+    groups, _ = group_ids(table.filenames, table.patient_ids, table.eye_ids)
+    return fold_split_rows(folds, split, fold, folds_file, table.labels, groups, cv_val)
 
 
 def load_folder_csv(
@@ -155,6 +157,7 @@ def load_folder_csv(
     image_size: int | None = None,
     folds_file: str | Path | None = None,
     fold: int = 0,
+    cv_val: str = "slice",
 ) -> ImageSet:
     """Load a split of a folder + CSV dataset.
 
@@ -163,11 +166,11 @@ def load_folder_csv(
     unless every row has exactly one positive label, in which case it is multi-class (one-hot).
     Images are grey (1 channel) when every image in the CSV is grey, else RGB. Without ``image_size`` all
     images must share one square size; with it, each is centre-cropped to a square and resized.
-    Splits need a folds file: ``test`` is fold ``fold``, ``val`` fold ``(fold + 1) % K``, ``train`` the rest;
-    ``all`` is every row and needs no folds file.
+    Splits need a folds file: ``test`` is fold ``fold``, and ``val``/``train`` split the other folds' patients as
+    ``cv_val`` says (``folds.fold_split_rows``); ``all`` is every row and needs no folds file.
     """
     table = read_table(csv_path, root)
-    rows = _split_rows(table, split, folds_file, fold)
+    rows = _split_rows(table, split, folds_file, fold, cv_val)
     # Headers only (no pixel decoding): channels and the size check must agree across every split.
     modes, sizes = set(), set()
     for path in table.paths:

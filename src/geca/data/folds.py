@@ -14,14 +14,15 @@ from geca.errors import DataError
 FOLDS_COLUMNS = ("filename", "patient_id", "fold")
 
 
-def patient_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+def patient_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
+                  shares: list[float] | None = None) -> np.ndarray:
     """Fold index (N,) in [0, k): no group (patient) spans two folds, and label prevalence is balanced.
 
     Iterative stratification (Sechidis et al., 2011) over groups: each group carries the sum of its images'
     label vectors. Repeatedly take the label with the fewest positives among unassigned groups and place
     every unassigned group holding it, largest first, in the fold still missing most of that label; ties go
     to the fold missing most images, then to a seeded random choice. Groups without positives fill the folds
-    missing most images.
+    missing most images. `shares` (default equal) sets each fold's fraction of the images and of every label.
     """
     labels = np.asarray(labels, dtype=np.float64)
     groups = np.asarray(groups)
@@ -39,9 +40,10 @@ def patient_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> 
     np.add.at(group_labels, group_of, labels)
     group_sizes = np.bincount(group_of, minlength=n_groups).astype(np.float64)
 
-    # What each fold still needs to reach an equal share of images and of every label's positives.
-    need_size = np.full(k, len(labels) / k)
-    need_label = np.tile(group_labels.sum(0) / k, (k, 1))
+    # What each fold still needs to reach its share of images and of every label's positives.
+    share = np.full(k, 1 / k) if shares is None else np.asarray(shares, dtype=np.float64) / np.sum(shares)
+    need_size = share * len(labels)
+    need_label = share[:, None] * group_labels.sum(0)[None]
     fold_of_group = np.full(n_groups, -1)
 
     def place(g: int, need: np.ndarray) -> None:
@@ -144,16 +146,41 @@ def read_folds(
     return folds
 
 
-def fold_split_rows(folds: np.ndarray, split: str, fold: int, folds_file: str | Path) -> np.ndarray:
-    """Rows of ``split``: ``test`` is fold ``fold``, ``val`` fold ``(fold + 1) % K``, ``train`` the rest."""
+def group_ids(names: list[str], patient_ids: np.ndarray | None, eye_ids: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Who belongs together: patients, else eyes, else each image alone; and which of them it is."""
+    if patient_ids is not None:
+        return np.asarray(patient_ids), "patient"
+    if eye_ids is not None:
+        return np.asarray(eye_ids), "eye"
+    return np.array(names), "image"
+
+
+CV_VAL = ("slice", "next-fold")
+VAL_FRACTION = 0.15
+
+
+def fold_split_rows(folds: np.ndarray, split: str, fold: int, folds_file: str | Path, labels: np.ndarray,
+                    groups: np.ndarray, cv_val: str = "slice") -> np.ndarray:
+    """Rows of ``split`` for test fold ``fold``: ``test`` is that fold. With ``cv_val="slice"`` (the default)
+    ``val`` is a patient-disjoint, label-stratified 15 % of the other patients and ``train`` the rest of them (4/5
+    of the data minus val); with ``"next-fold"`` ``val`` is fold k+1 and ``train`` the other three folds (3/5)."""
     if split == "all":
         return np.arange(len(folds))
+    if cv_val not in CV_VAL:
+        raise DataError(f"unknown cross-validation validation split {cv_val!r}; valid: {', '.join(CV_VAL)}")
     k = int(folds.max()) + 1
     if k < 3:
         raise DataError(f"{folds_file}: train/val/test splits need at least 3 folds, got {k}")
     if not 0 <= fold < k:
         raise DataError(f"{folds_file}: fold {fold} is out of range for {k} folds")
-    target = {"test": fold, "val": (fold + 1) % k}
-    if split in target:
-        return np.flatnonzero(folds == target[split])
-    return np.flatnonzero((folds != target["test"]) & (folds != target["val"]))
+    test = folds == fold
+    if cv_val == "next-fold":
+        val = folds == (fold + 1) % k
+    else:
+        rest = np.flatnonzero(~test)
+        part = patient_folds(labels[rest], np.asarray(groups)[rest], 2, seed=fold,
+                             shares=[VAL_FRACTION, 1 - VAL_FRACTION])
+        val = np.zeros(len(folds), dtype=bool)
+        val[rest[part == 0]] = True
+    rows = {"test": test, "val": val, "train": ~test & ~val}[split]
+    return np.flatnonzero(rows)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from geca.data.folder_csv import read_table
-from geca.data.folds import patient_folds, write_folds
+from geca.data.folds import group_ids, patient_folds, write_folds
 from geca.data.registry import load_split
 
 _WARNINGS = {
@@ -45,11 +45,7 @@ def dataset_groups(spec: str) -> Groups:
         images = load_split(spec, "all")
         names, labels, classes = images.ids, images.labels, images.class_names
         patients, eyes = images.patient_ids, images.eye_ids
-    if patients is not None:
-        return Groups(names, labels, classes, np.asarray(patients), "patient")
-    if eyes is not None:
-        return Groups(names, labels, classes, np.asarray(eyes), "eye")
-    return Groups(names, labels, classes, np.array(names), "image")
+    return Groups(names, labels, classes, *group_ids(names, patients, eyes))
 
 
 def make_folds(spec: str, k: int, seed: int, out: Path) -> tuple[Groups, np.ndarray]:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from geca.data.folder_csv import load_folder_csv
-from geca.data.folds import fold_split_rows, read_folds
+from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz
 from geca.data.procedural import PROCEDURAL
@@ -77,19 +77,22 @@ def load_split(
     folds_file: str | Path | None = None,
     fold: int = 0,
     download: bool = False,
+    cv_val: str = "slice",
 ) -> ImageSet:
     """Load ``split`` (train, val, test, or all where the source has it) of the dataset named by ``spec``.
 
     ``image_size`` resizes (or sets the procedural ``size``); ``folds_file`` and ``fold`` pick the splits of
-    a folder + CSV set, or of any other source with an ``all`` split (e.g. synthetic-oct); ``download`` fetches
-    a known MedMNIST set that is not on disk.
+    a folder + CSV set, or of any other source with an ``all`` split (e.g. synthetic-oct), ``cv_val`` how their
+    validation split is made (see ``folds.fold_split_rows``); ``download`` fetches a known MedMNIST set that is not
+    on disk.
     """
     name, options = parse_spec(spec)
     if folds_file is not None and not name.lower().endswith(".csv"):
         _check_split(split, SPLITS, repr(spec))
         full = load_split(spec, "all", image_size=image_size, download=download)
         folds = read_folds(folds_file, full.ids, full.patient_ids)
-        return full.subset(fold_split_rows(folds, split, fold, folds_file))
+        groups, _ = group_ids(full.ids, full.patient_ids, full.eye_ids)
+        return full.subset(fold_split_rows(folds, split, fold, folds_file, full.labels, groups, cv_val))
     if not name:
         raise DataError(f"empty dataset spec {spec!r}")
     _check_split(split, SPLITS, repr(spec))
@@ -101,7 +104,7 @@ def load_split(
                         "(synthetic-fundus, synthetic-oct); valid here: none")
     if name.lower().endswith(".csv"):
         return load_folder_csv(
-            Path(name).expanduser(), split, image_size=image_size, folds_file=folds_file, fold=fold
+            Path(name).expanduser(), split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val
         )
     if not is_path and name not in KNOWN_DATASETS and find_npz(name) is None:
         raise DataError(

@@ -28,13 +28,19 @@ def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> np.ndarr
 
 
 def spaced_timesteps(timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly spread over [0, T-1], always including both ends (IDDPM's respacing)."""
+    """`steps` of the T timesteps, spaced as DiT's `space_timesteps(T, [steps])` spaces them: the stride
+    (T − 1)/(steps − 1) is accumulated in floating point and rounded at each step. One step is the last timestep
+    (DiT's rule would give t = 0, a denoiser told that pure noise is clean)."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"sampling steps must be in [1, {timesteps}], got {steps}")
     if steps == 1:
         return [timesteps - 1]
     stride = (timesteps - 1) / (steps - 1)
-    return sorted({round(i * stride) for i in range(steps)})
+    taken, position = [], 0.0
+    for _ in range(steps):
+        taken.append(round(position))
+        position += stride
+    return sorted(set(taken))
 
 
 def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from geca.data.folds import CV_VAL
 from geca.downstream.classifier import ClassifierConfig
 from geca.downstream.metrics import AGGREGATIONS, MACRO
 from geca.downstream.protocol import ProtocolConfig, Splits, parse_arms, run_protocol
@@ -45,23 +46,27 @@ class TableSettings:
 
 
 def classify(data: str, synthetic: dict[str, str], arms: str | None, settings: TableSettings, out: Path,
-             folds_file: Path | None = None, folds: int | None = None, device: str = "cpu",
+             folds_file: Path | None = None, folds: int | None = None, cv_val: str = "slice", device: str = "cpu",
              progress: bool = True) -> dict[str, Any]:
-    """Train every arm on every (fold, seed) unit, write the report into `out` and return its summary."""
+    """Train every arm on every (fold, seed) unit, write the report into `out` and return its summary. Under
+    cross-validation (`folds_file`) `cv_val` says how each fold's validation split is made."""
     settings.validate()
+    if cv_val not in CV_VAL:
+        raise ConfigError(f"--cv-val must be one of {', '.join(CV_VAL)}, got {cv_val!r}")
     arm_list = parse_arms(arms, synthetic)
     s = settings
     weights = Path(s.imagenet_weights) if s.imagenet_weights else None
     clf = ClassifierConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, stem=s.stem, imagenet_weights=weights,
                            equal_steps=s.equal_steps, device=device, progress=progress)
     protocol = ProtocolConfig(data=data, arms=arm_list, synthetic=synthetic, classifier=clf, seeds=s.seeds,
-                              image_size=s.image_size, folds_file=folds_file, folds=folds)
-    splits = Splits(data, s.image_size, folds_file, folds)
+                              image_size=s.image_size, folds_file=folds_file, folds=folds, cv_val=cv_val)
+    splits = Splits(data, s.image_size, folds_file, folds, cv_val)
     if s.p_metric == "acc" and splits.reference.multilabel:
         raise ConfigError("--p-metric acc is for multi-class data; this data is multi-label")
     result = run_protocol(protocol, splits)
     config = {"data": data, "synthetic": synthetic, "arms": [a.name for a in arm_list], **asdict(s),
-              "folds_file": None if folds_file is None else str(folds_file), "folds": folds, "device": device,
+              "folds_file": None if folds_file is None else str(folds_file), "folds": folds, "cv_val": cv_val,
+              "device": device,
               "threads": torch.get_num_threads()}
     summary = summarise(result, [a.name for a in arm_list], s.seeds, s.eye_agg, s.test, s.p_metric, s.bootstrap,
                         config)

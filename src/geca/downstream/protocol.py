@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from geca.data.folder_csv import load_folder_csv, read_table
-from geca.data.folds import fold_split_rows, read_folds
+from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
@@ -111,14 +111,16 @@ class Split:
 
 
 class Splits:
-    """The source's fixed train/val/test split, or folds 0..K-1 of a folds file (test = k, val = k+1, train = rest).
+    """The source's fixed train/val/test split, or folds 0..K-1 of a folds file (test = fold k; val and train as
+    ``cv_val`` says, see ``geca.data.folds.fold_split_rows``).
 
     Under CV the images are decoded once and each fold is a subset chosen by the same ``read_folds`` and
     ``fold_split_rows`` that ``load_split(..., folds_file=, fold=)`` applies.
     """
 
-    def __init__(self, data: str, image_size: int | None, folds_file: Path | None, folds: int | None) -> None:
-        self.folds_file = folds_file
+    def __init__(self, data: str, image_size: int | None, folds_file: Path | None, folds: int | None,
+                 cv_val: str = "slice") -> None:
+        self.folds_file, self.cv_val = folds_file, cv_val
         if folds_file is None:
             if folds is not None:
                 raise ConfigError("--folds needs --folds-file (create one with `geca folds`)")
@@ -136,12 +138,18 @@ class Splits:
 
     @property
     def protocol(self) -> str:
-        return "fixed split" if self.folds_file is None else f"patient-level {len(self.folds)}-fold CV"
+        if self.folds_file is None:
+            return "fixed split"
+        val = "a 15 % patient slice of the other folds" if self.cv_val == "slice" else "the next fold"
+        return f"patient-level {len(self.folds)}-fold CV (validation: {val})"
 
     def get(self, fold: int | None) -> Split:
         if fold is None:
             return Split(None, **self._fixed)
-        rows = {s: fold_split_rows(self._fold_of, s, fold, self.folds_file) for s in ("train", "val", "test")}
+        ref = self.reference
+        groups, _ = group_ids(ref.ids, ref.patient_ids, ref.eye_ids)
+        rows = {s: fold_split_rows(self._fold_of, s, fold, self.folds_file, ref.labels, groups, self.cv_val)
+                for s in ("train", "val", "test")}
         return Split(fold, **{s: self.reference.subset(r) for s, r in rows.items()})
 
 
@@ -178,6 +186,7 @@ class ProtocolConfig:
     image_size: int | None = None
     folds_file: Path | None = None
     folds: int | None = None
+    cv_val: str = "slice"
 
 
 @dataclass
@@ -207,12 +216,12 @@ def check_inputs(protocol: ProtocolConfig, class_names: list[str], folds: list[i
 def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:
     """Train every arm on every (fold, seed) unit and score it on the unit's test set.
 
-    ``data`` is ``Splits(protocol.data, protocol.image_size, protocol.folds_file, protocol.folds)``, loaded here
-    unless given.
+    ``data`` is ``Splits(protocol.data, protocol.image_size, protocol.folds_file, protocol.folds,
+    protocol.cv_val)``, loaded here unless given.
     """
     protocol.classifier.validate()
     if data is None:
-        data = Splits(protocol.data, protocol.image_size, protocol.folds_file, protocol.folds)
+        data = Splits(protocol.data, protocol.image_size, protocol.folds_file, protocol.folds, protocol.cv_val)
     check_inputs(protocol, data.reference.class_names, data.folds)
     multilabel = data.reference.multilabel
     device = torch.device(protocol.classifier.device)

@@ -13,13 +13,13 @@ from sklearn.metrics import roc_curve
 
 from geca.downstream.metrics import binary_auc, eye_level, macro_metric, score
 from geca.downstream.protocol import BASELINE, ProtocolResult, UnitResult
-from geca.downstream.significance import TEST_NAMES, paired_bootstrap, paired_test
+from geca.downstream.significance import FOLD_TESTS, TEST_NAMES, paired_bootstrap, paired_test
+from geca.errors import ConfigError
 from geca.utils.io import atomic_write_json, atomic_write_text, staged_dir
 from geca.utils.plots import plt
 
 COLUMNS = {"sen": "Sen", "spe": "Spe", "auc": "AUC", "f1": "F1", "f1_sen_spe": "F1_sen/spe", "map": "mAP",
            "acc": "ACC"}
-MIN_UNITS_FOR_PAIRED_TEST = 5
 
 
 def _clean(x: Any) -> Any:
@@ -43,82 +43,101 @@ def level_inputs(r: UnitResult, level: str, multilabel: bool, eye_agg: str) -> t
     return labels, probs
 
 
-def choose_test(test: str, protocol: ProtocolResult, seeds: int) -> str:
-    """``auto``: a paired t-test over units (folds × seeds), or a bootstrap over test cases with fewer than 5."""
-    if test != "auto":
-        return test
-    units = len(protocol.sizes) * seeds
-    return "bootstrap" if units < MIN_UNITS_FOR_PAIRED_TEST else "ttest"
+def _stars_from(test: str, folds: int) -> str:
+    """Which test the stars come from: `cases` (the paired bootstrap; `auto`) or `folds` (t-test, Wilcoxon)."""
+    if test not in FOLD_TESTS:
+        return "cases"
+    if folds < 2:
+        raise ConfigError(f"--test {test} compares folds, and this protocol has {folds}; seeds share their data and "
+                          "are not independent units: use --test bootstrap (over test cases)")
+    return "folds"
+
+
+def _stat(values: list[float]) -> dict[str, Any]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return {"mean": float(v.mean()) if len(v) else float("nan"), "std": float(v.std(ddof=1)) if len(v) > 1 else
+            float("nan"), "n": len(v)}
+
+
+def _ensemble(units: list[UnitResult], fold: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One fold's test labels and scores averaged over its seeds (one score per test case)."""
+    mine = [u for u in units if u.fold == fold]
+    return mine[0].labels, np.mean([u.probs for u in mine], axis=0), mine[0].eyes
 
 
 def summarise(protocol: ProtocolResult, arms: list[str], seeds: int, eye_agg: str, test: str, p_metric: str,
               n_boot: int, config: dict[str, Any]) -> dict[str, Any]:
-    """Everything the report shows, JSON-ready: per-unit scores, mean ± std per arm and level, p-values."""
+    """Everything the report shows, JSON-ready: per-unit scores, mean ± std per arm and level, p-values.
+
+    Seeds are averaged within each fold before anything is compared: the table shows mean ± std over folds (over
+    seeds on a fixed split), the fold test compares folds, the bootstrap resamples test cases of seed-averaged scores.
+    """
     ml = protocol.multilabel
     metrics = [m for m in COLUMNS if not ml or m != "acc"]
     if p_metric not in metrics:
         raise ValueError(f"--p-metric {p_metric!r} is not reported for this data; valid: {', '.join(metrics)}")
     has_eyes = all(r.eyes is not None for r in protocol.results)
     levels = ["scan", "eye"] if has_eyes else ["scan"]
-    test = choose_test(test, protocol, seeds)
+    folds = [s["fold"] for s in protocol.sizes]
+    stars_from = _stars_from(test, len(folds))
+    fold_test = test if test in FOLD_TESTS else "ttest"
     by_arm: dict[str, list[UnitResult]] = {a: [r for r in protocol.results if r.arm == a] for a in arms}
     out: dict[str, Any] = {
         "data": protocol.data, "protocol": protocol.protocol, "seeds": seeds, "class_names": protocol.class_names,
         "multilabel": ml, "splits": protocol.sizes, "levels": levels, "eye_agg": eye_agg, "metrics": metrics,
-        "p_metric": p_metric, "test": TEST_NAMES[test], "bootstrap": n_boot if test == "bootstrap" else None,
+        "p_metric": p_metric, "stars_from": stars_from, "test": TEST_NAMES["bootstrap" if stars_from == "cases"
+                                                                          else fold_test],
+        "tests": {"cases": TEST_NAMES["bootstrap"], "folds": TEST_NAMES[fold_test] if len(folds) > 1 else None},
+        "bootstrap": n_boot, "spread_over": "folds" if len(folds) > 1 else "seeds",
         "baseline": BASELINE if BASELINE in arms else None, "config": config, "arms": {},
     }
     for arm, units in by_arm.items():
-        entry: dict[str, Any] = {"units": [], "summary": {}, "significance": {}}
+        entry: dict[str, Any] = {"units": [], "folds": [], "summary": {}, "significance": {}}
         for r in units:
             unit = {"fold": r.fold, "seed": r.seed, "best_epoch": r.best_epoch, "val_auc": r.val_auc,
                     "seconds": r.seconds, "n_real": r.n_real, "n_synthetic": r.n_synthetic, "history": r.history}
             for level in levels:
-                s = score(*level_inputs(r, level, ml, eye_agg), ml)
-                unit[level] = {"macro": s["macro"], "per_class": {k: v.tolist() for k, v in s["per_class"].items()}}
+                sc = score(*level_inputs(r, level, ml, eye_agg), ml)
+                unit[level] = {"macro": sc["macro"], "per_class": {k: v.tolist() for k, v in sc["per_class"].items()}}
             entry["units"].append(unit)
-        for level in levels:
-            entry["summary"][level] = {}
-            for m in metrics:
-                values = np.array([u[level]["macro"][m] for u in entry["units"]], dtype=np.float64)
-                finite = values[np.isfinite(values)]
-                entry["summary"][level][m] = {
-                    "mean": float(finite.mean()) if len(finite) else float("nan"),
-                    "std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
-                    "n": len(finite),
-                }
+        for f in folds:
+            mine = [u for u in entry["units"] if u["fold"] == f]
+            entry["folds"].append({"fold": f, "seeds": len(mine), **{
+                level: {m: float(np.nanmean([u[level]["macro"][m] for u in mine])) for m in metrics}
+                for level in levels}})
+        spread = entry["folds"] if len(folds) > 1 else [{lv: u[lv]["macro"] for lv in levels} for u in entry["units"]]
+        entry["summary"] = {level: {m: _stat([x[level][m] for x in spread]) for m in metrics} for level in levels}
         out["arms"][arm] = entry
     if out["baseline"] is not None:
         for arm in arms:
             if arm != BASELINE:
                 out["arms"][arm]["significance"] = _significance(
-                    by_arm[arm], by_arm[BASELINE], out["arms"][arm], out["arms"][BASELINE], levels, metrics, ml,
-                    eye_agg, test, p_metric, n_boot)
+                    by_arm[arm], by_arm[BASELINE], out["arms"][arm], out["arms"][BASELINE], folds, levels, metrics,
+                    ml, eye_agg, fold_test, p_metric, n_boot)
     return _clean(out)
 
 
 def _significance(arm: list[UnitResult], base: list[UnitResult], arm_entry: dict, base_entry: dict,
-                  levels: list[str], metrics: list[str], ml: bool, eye_agg: str, test: str, p_metric: str,
-                  n_boot: int) -> dict[str, dict[str, Any]]:
-    """p-values of arm vs baseline per level: every metric for paired tests, the p-metric for the bootstrap."""
-    key = {(u["fold"], u["seed"]): i for i, u in enumerate(base_entry["units"])}
-    pairs = [(i, key[(u["fold"], u["seed"])]) for i, u in enumerate(arm_entry["units"])]
+                  folds: list[int | None], levels: list[str], metrics: list[str], ml: bool, eye_agg: str,
+                  fold_test: str, p_metric: str, n_boot: int) -> dict[str, dict[str, Any]]:
+    """Per level: the bootstrap over test cases of the p-metric, and (with ≥ 2 folds) a test over folds of every
+    metric."""
     out: dict[str, dict[str, Any]] = {}
     for level in levels:
-        out[level] = {}
-        if test == "bootstrap":
-            inputs = [(level_inputs(arm[i], level, ml, eye_agg), level_inputs(base[j], level, ml, eye_agg))
-                      for i, j in pairs]
-            result = paired_bootstrap(
-                lambda y, p: macro_metric(y, p, ml, p_metric),
-                [a[0] for a, _ in inputs], [a[1] for a, _ in inputs], [b[1] for _, b in inputs],
-                test_sets=[arm[i].fold for i, _ in pairs], n_boot=n_boot)
-            out[level][p_metric] = result.to_dict()
-            continue
-        for m in metrics:
-            a = [arm_entry["units"][i][level]["macro"][m] for i, _ in pairs]
-            b = [base_entry["units"][j][level]["macro"][m] for _, j in pairs]
-            out[level][m] = paired_test(a, b, test).to_dict()
+        inputs = []
+        for f in folds:
+            (y, a, eyes), (_, b, _) = _ensemble(arm, f), _ensemble(base, f)
+            if level == "eye":
+                (a, y), (b, _) = eye_level(a, y, eyes, ml, eye_agg), eye_level(b, y, eyes, ml, eye_agg)
+            inputs.append((y, a, b))
+        cases = paired_bootstrap(lambda y, p: macro_metric(y, p, ml, p_metric), [i[0] for i in inputs],
+                                 [i[1] for i in inputs], [i[2] for i in inputs], n_boot=n_boot)
+        out[level] = {"cases": {p_metric: cases.to_dict()}}
+        if len(folds) > 1:
+            out[level]["folds"] = {m: paired_test([x[level][m] for x in arm_entry["folds"]],
+                                                  [x[level][m] for x in base_entry["folds"]], fold_test).to_dict()
+                                   for m in metrics}
     return out
 
 
@@ -129,33 +148,49 @@ def _cell(stat: dict[str, Any]) -> str:
     return text if stat["std"] is None else f"{text} ± {100 * stat['std']:.2f}"
 
 
-def _p_cell(summary: dict[str, Any], arm: str, level: str) -> str:
+def _p_cell(summary: dict[str, Any], arm: str, level: str, which: str) -> str:
     if arm == summary["baseline"] or summary["baseline"] is None:
         return "—"
-    sig = summary["arms"][arm]["significance"][level][summary["p_metric"]]
+    sig = summary["arms"][arm]["significance"][level][which][summary["p_metric"]]
     return sig["stars"] if sig["p"] is None else f"{sig['stars']} ({sig['p']:.2g})"
 
 
+def _p_columns(summary: dict[str, Any]) -> list[str]:
+    """The p columns, the stars' test first: `cases` (bootstrap over test cases), `folds` (with ≥ 2 folds)."""
+    other = "folds" if summary["stars_from"] == "cases" else "cases"
+    return [summary["stars_from"]] + ([other] if summary["tests"]["folds"] else [])
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    """Table 2: one table per level, rows = arms, values ×100 as mean ± std over folds × seeds."""
+    """Table 2: one table per level, rows = arms, values ×100 as mean ± std over folds (or seeds)."""
     metrics = summary["metrics"]
-    n_units = {len(e["units"]) for e in summary["arms"].values()}
+    folds, seeds = len(summary["splits"]), summary["seeds"]
+    spread = (f"mean ± std over {folds} folds, each fold's value the mean of its {seeds} seed(s)"
+              if summary["spread_over"] == "folds" else f"mean ± std over {seeds} seed(s) on the fixed split")
     lines = [f"# Downstream classification ({summary['data']})", "",
-             f"{summary['protocol']}, {summary['seeds']} seed(s): mean ± std over "
-             f"{'/'.join(map(str, sorted(n_units)))} unit(s) (folds × seeds), ×100; metrics are macro-averaged over "
+             f"{summary['protocol']}: {spread}, ×100; metrics are macro-averaged over "
              f"{len(summary['class_names'])} classes ({'multi-label' if summary['multilabel'] else 'multi-class'})."]
+    columns = _p_columns(summary)
+    names = {"cases": "p (test cases)", "folds": "p (folds)"}
     for level in summary["levels"]:
         title = "Scan level" if level == "scan" else f"Eye level ({summary['eye_agg']} of each eye's scans)"
         lines += ["", f"## {title}", "",
-                  "| Arm | " + " | ".join(COLUMNS[m] for m in metrics) + " | p |",
-                  "|---|" + "---:|" * len(metrics) + "---|"]
+                  "| Arm | " + " | ".join(COLUMNS[m] for m in metrics) + " | " + " | ".join(names[c] for c in columns)
+                  + " |", "|---|" + "---:|" * len(metrics) + "---|" * len(columns)]
         for arm, entry in summary["arms"].items():
             cells = [_cell(entry["summary"][level][m]) for m in metrics]
-            lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_p_cell(summary, arm, level)} |")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " | "
+                         + " | ".join(_p_cell(summary, arm, level, c) for c in columns) + " |")
     if summary["baseline"] is not None and len(summary["arms"]) > 1:
-        over = f"test cases ({summary['bootstrap']} replicates)" if summary["bootstrap"] else "matched units"
-        lines += ["", f"p: {summary['test']} of {COLUMNS[summary['p_metric']]} against `{summary['baseline']}` "
-                      f"over {over}; * < 0.05, ** < 0.01, *** < 0.001, **** < 0.0001, ns otherwise."]
+        cases = sum(s["test"] for s in summary["splits"])
+        notes = {"cases": f"paired bootstrap of {COLUMNS[summary['p_metric']]} over the {cases} test cases (scans, or "
+                          f"eyes at eye level; {summary['bootstrap']} replicates, seeds' scores averaged per case), "
+                          "p from D = Δ/sd(Δ*) as pROC's bootstrap test",
+                 "folds": f"{summary['tests']['folds']} of {COLUMNS[summary['p_metric']]} over the {folds} folds "
+                          "(each the mean of its seeds)"}
+        lines += ["", f"Against `{summary['baseline']}`; the stars come from {names[columns[0]]}. "
+                      + "; ".join(f"{names[c]}: {notes[c]}" for c in columns)
+                      + ". * < 0.05, ** < 0.01, *** < 0.001, **** < 0.0001, ns otherwise."]
     return "\n".join(lines) + "\n"
 
 
@@ -166,16 +201,18 @@ def _csv(rows: list[list[Any]]) -> str:
 
 
 def table_csv(summary: dict[str, Any]) -> str:
-    """One row per arm and level: mean and std of every metric (fractions, not ×100) and the p-value."""
-    metrics = summary["metrics"]
-    rows: list[list[Any]] = [["arm", "level", "units", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")),
-                              "p", "stars", "test"]]
+    """One row per arm and level: mean and std of every metric (fractions, not ×100) and the p-values."""
+    metrics, pm = summary["metrics"], summary["p_metric"]
+    rows: list[list[Any]] = [["arm", "level", "n", *(f"{m}_{s}" for m in metrics for s in ("mean", "std")),
+                              "p_cases", "p_folds", "stars", "stars_from"]]
     for arm, entry in summary["arms"].items():
         for level in summary["levels"]:
             stats = entry["summary"][level]
-            sig = entry["significance"].get(level, {}).get(summary["p_metric"], {})
-            rows.append([arm, level, len(entry["units"]), *(stats[m][s] for m in metrics for s in ("mean", "std")),
-                         sig.get("p"), sig.get("stars"), sig.get("test")])
+            sig = entry["significance"].get(level, {})
+            p = {k: sig.get(k, {}).get(pm, {}) for k in ("cases", "folds")}
+            rows.append([arm, level, stats[metrics[0]]["n"], *(stats[m][s] for m in metrics for s in ("mean", "std")),
+                         p["cases"].get("p"), p["folds"].get("p"), p[summary["stars_from"]].get("stars"),
+                         summary["stars_from"]])
     return _csv(rows)
 
 

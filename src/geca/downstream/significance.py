@@ -1,8 +1,9 @@
-"""Paired significance of an arm against the baseline: over matched units, or a bootstrap over test cases."""
+"""Paired significance of an arm against the baseline: over folds (seeds averaged within each), or a bootstrap over
+test cases (seeds' scores averaged per case). Seeds are never counted as independent units: they share the data."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,8 @@ from scipy import stats
 
 TESTS = ("auto", "ttest", "wilcoxon", "bootstrap")
 TEST_NAMES = {"ttest": "paired t-test", "wilcoxon": "Wilcoxon signed-rank test", "bootstrap": "paired bootstrap"}
+# The tests over folds (the others resample test cases).
+FOLD_TESTS = ("ttest", "wilcoxon")
 _STARS = ((1e-4, "****"), (1e-3, "***"), (1e-2, "**"), (5e-2, "*"))
 
 
@@ -39,7 +42,7 @@ class PairedResult:
 
 
 def paired_test(arm: Sequence[float], base: Sequence[float], test: str = "ttest") -> PairedResult:
-    """Paired t-test or Wilcoxon signed-rank test over matched units (folds × seeds); NaN pairs are dropped."""
+    """Paired t-test or Wilcoxon signed-rank test over matched units (folds); NaN pairs are dropped."""
     if test not in ("ttest", "wilcoxon"):
         raise ValueError(f"paired_test runs ttest or wilcoxon, not {test!r}")
     a, b = np.asarray(arm, dtype=np.float64), np.asarray(base, dtype=np.float64)
@@ -64,38 +67,31 @@ Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
 def paired_bootstrap(metric: Metric, labels: Sequence[np.ndarray], arm: Sequence[np.ndarray],
-                     base: Sequence[np.ndarray], test_sets: Sequence[Hashable] | None = None, n_boot: int = 1000,
-                     seed: int = 0) -> PairedResult:
-    """Bootstrap over test cases of the mean (over units) metric difference arm − base.
+                     base: Sequence[np.ndarray], n_boot: int = 1000, seed: int = 0) -> PairedResult:
+    """Bootstrap over test cases of the mean (over folds) metric difference arm − base.
 
-    ``labels[u]``, ``arm[u]`` and ``base[u]`` are unit u's test labels and both arms' scores on the same cases.
-    Each replicate resamples every unit's cases with replacement (the same draw for both arms: that is the
-    pairing); units with the same ``test_sets`` key (seeds of one split or fold) share the draw, units default to
-    a test set each. The two-sided p-value is
-    ``2·min(P(Δ* ≤ 0), P(Δ* ≥ 0))`` with the +1 correction, so its floor is about 2 / (n_boot + 1).
+    ``labels[f]``, ``arm[f]`` and ``base[f]`` are fold f's test labels and both arms' scores on the same cases. Each
+    replicate resamples every fold's cases with replacement, the same draw for both arms (that is the pairing). The
+    two-sided p-value is pROC's bootstrap test (`roc.test(method="bootstrap")`): D = Δ / sd(Δ*) against N(0, 1), so
+    it is not floored at 1/n_boot as a percentile p-value would be.
     """
     if not len(labels) == len(arm) == len(base) or not labels:
         raise ValueError("paired_bootstrap needs the same, non-zero number of label, arm and base arrays")
     rng = np.random.default_rng(seed)
     observed = float(np.nanmean([metric(y, a) - metric(y, b) for y, a, b in zip(labels, arm, base, strict=True)]))
-    keys = list(range(len(labels))) if test_sets is None else list(test_sets)
-    if len(keys) != len(labels):
-        raise ValueError(f"test_sets has {len(keys)} keys for {len(labels)} units")
     deltas = []
     for _ in range(n_boot):
-        draws: dict[Hashable, np.ndarray] = {}
         diffs = []
-        for key, y, a, b in zip(keys, labels, arm, base, strict=True):
-            if key not in draws:
-                draws[key] = rng.integers(0, len(y), len(y))
-            idx = draws[key]
-            if len(idx) != len(y):
-                raise ValueError(f"units sharing test set {key!r} differ in size: {len(idx)} vs {len(y)}")
+        for y, a, b in zip(labels, arm, base, strict=True):
+            idx = rng.integers(0, len(y), len(y))
             diffs.append(metric(y[idx], a[idx]) - metric(y[idx], b[idx]))
         deltas.append(np.nanmean(diffs) if np.isfinite(diffs).any() else np.nan)
     d = np.asarray(deltas)
     d = d[np.isfinite(d)]
-    if not len(d):
-        return PairedResult(float("nan"), "bootstrap", len(labels), observed)
-    low, high = (np.sum(d <= 0) + 1) / (len(d) + 1), (np.sum(d >= 0) + 1) / (len(d) + 1)
-    return PairedResult(float(min(1.0, 2 * min(low, high))), "bootstrap", len(labels), observed)
+    n_cases = sum(len(y) for y in labels)
+    if len(d) < 2 or not np.isfinite(observed):
+        return PairedResult(float("nan"), "bootstrap", n_cases, observed)
+    sd = float(d.std(ddof=1))
+    if sd == 0:  # the arms agree on every resample: no evidence of a difference
+        return PairedResult(1.0, "bootstrap", n_cases, observed)
+    return PairedResult(float(2 * stats.norm.sf(abs(observed) / sd)), "bootstrap", n_cases, observed)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from geca.config import RunConfig, resolve_run_config
-from geca.data.folds import read_folds
+from geca.data.folds import CV_VAL, read_folds
 from geca.downstream.classifier import STEMS
 from geca.downstream.classify import TableSettings
 from geca.errors import ConfigError
@@ -43,6 +43,7 @@ class StudyData:
     folds: int | None = None
     folds_file: str | None = None
     run_folds: int | None = None  # run folds 0..run_folds-1 (default: all)
+    cv_val: str = "slice"  # the validation split of each fold (see geca.data.folds.fold_split_rows)
 
     @property
     def cv(self) -> bool:
@@ -65,6 +66,8 @@ class EvaluationSettings:
 
     features: str = "domain"
     features_file: str | None = None
+    gg_features: str | None = None  # None: dinov2 under the paper protocol, else `features` (see `geca evaluate`)
+    gg_features_file: str | None = None
     protocol: str = "paper"
     lpips: bool = True
     lpips_weights: str | None = None
@@ -202,7 +205,7 @@ def _run_config(g: GeneratorSettings, data: StudyData, base: Path, fold: int | N
     study = {k: v for k, v in (("spec", data.spec), ("image_size", data.image_size), ("vae", data.vae),
                                ("latent_size", data.latent_size)) if v is not None}
     # The study owns the splits: a generator config's own folds file (e.g. configs/deepdrid-*.yaml) does not apply.
-    raw = merge(raw, {"data": {**study, "folds_file": folds_file, "fold": fold or 0}})
+    raw = merge(raw, {"data": {**study, "folds_file": folds_file, "fold": fold or 0, "cv_val": data.cv_val}})
     return resolve_run_config(raw, where)
 
 
@@ -217,6 +220,7 @@ def _validate(exp: Experiment, path: Path) -> None:
     if not exp.data.spec:
         raise ConfigError(f"{path}: data.spec is required (a dataset spec, as for `geca train --data`)")
     d = exp.data
+    _check_choice(d.cv_val, CV_VAL, f"{path}: data.cv_val")
     if d.folds is not None and d.folds < 3:
         raise ConfigError(f"{path}: data.folds must be ≥ 3 (test, val and training folds), got {d.folds}")
     if d.run_folds is not None and (d.run_folds < 1 or not d.cv or (d.folds and d.run_folds > d.folds)):
@@ -252,6 +256,8 @@ def _validate(exp: Experiment, path: Path) -> None:
         raise ConfigError(f"{path}: sampler_cost.generators: unknown generator(s) {unknown}; have {names}")
     ev, cl = exp.evaluation, exp.classification
     _check_choice(ev.features, FEATURES, f"{path}: evaluation.features")
+    if ev.gg_features is not None:
+        _check_choice(ev.gg_features, FEATURES, f"{path}: evaluation.gg_features")
     _check_choice(ev.protocol, PROTOCOLS, f"{path}: evaluation.protocol")
     _check_choice(cl.stem, STEMS, f"{path}: classification.stem")
     try:

@@ -60,7 +60,7 @@ class Context:
         if (split, fold) not in self._splits:
             d = self.exp.data
             self._splits[split, fold] = load_split(d.spec, split, image_size=d.image_size, folds_file=self.folds_file,
-                                                   fold=fold or 0)
+                                                   fold=fold or 0, cv_val=d.cv_val)
         return self._splits[split, fold]
 
     def eval_labels(self, n: int | None) -> torch.Tensor:

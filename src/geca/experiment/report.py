@@ -73,20 +73,21 @@ class _Reader:
 
 def _quality(r: _Reader, figures: Path) -> list[str]:
     rep = r.metrics("evaluate")
-    feats = rep["features"]
+    feats, gg = rep["features"], rep["gg_features"]
     real = f"`{rep['real']['spec']}:{rep['real']['split']}`" if not r.ctx.exp.data.cv else \
         f"fold {r.ctx.eval_fold}'s test patients of `{r.ctx.exp.data.spec}`"
     lines = ["## Table 1 — image quality", "",
-             f"{len(rep['results'])} generated sets against {real} "
-             f"({rep['real']['n']} real images), {rep['protocol']} protocol, {feats['name']} features "
-             f"({feats['dim']}-d, {feats['source']}); GG and FLD against the training split "
+             f"{len(rep['results'])} generated sets against {real} ({rep['real']['n']} real images), "
+             f"{rep['protocol']} protocol. KID on {feats['name']} features ({feats['dim']}-d, {feats['source']}); "
+             f"GG and FLD on {gg['name']} features ({gg['dim']}-d, {gg['source']}), against the training split "
              f"({rep['train']['n']} images). KID ×10³, mean ± std over subsets; LPIPS backbone: "
              f"{rep['lpips_backbone'] or 'not computed'}.", ""]
-    if feats["name"] == "random" or (rep["lpips_backbone"] or "").startswith("random"):
+    if "random" in (feats["name"], gg["name"]) or (rep["lpips_backbone"] or "").startswith("random"):
         lines += ["**Randomly initialised feature networks: these values test the pipeline and mean nothing.**", ""]
     rows = [[x["name"], r.train(x["name"])["model"], x["n"], pm(x["kid"], 1e3), pm(x["lpips"], digits=4),
              f"{x['fld']['gg']:.2f}", f"{x['fld']['fld']:.2f}"] for x in rep["results"]]
-    lines += _table(["Generator", "Model", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓"], rows)
+    lines += _table(["Generator", "Model", "N", f"KID×10³ ↓ ({feats['name']})", "LPIPS ↑", f"GG ↑ ({gg['name']})",
+                     f"FLD ↓ ({gg['name']})"], rows)
     lines += ["### Samples per class: real (left) beside generated (right)", ""]
     for x in rep["results"]:
         link = _copy(stage_dir(r.root, "evaluate") / x["grid"], figures, "grid_" + x["grid"].rsplit("_grid_", 1)[-1])

@@ -89,6 +89,8 @@ def _evaluate(ctx: Context, sets: list[tuple[str, Path]], out: Path) -> dict[str
     ev = ctx.exp.evaluation
     settings = EvalSettings(generated=sets, real=ctx.real_spec("test"), train=ctx.real_spec("train"),
                             features=ev.features, features_file=ev.features_file, protocol=ev.protocol,
+                            gg_features=ev.gg_features, gg_features_file=ev.gg_features_file,
+                            cv_val=ctx.exp.data.cv_val,
                             seed=ctx.exp.seed, lpips=ev.lpips, lpips_weights=ev.lpips_weights,
                             batch_size=ev.batch_size, device=str(ctx.device), per_class_min=ev.per_class_min,
                             progress=ctx.progress)
@@ -162,7 +164,7 @@ def classify_stage(ctx: Context, out: Path) -> dict[str, Any]:
     fold = None if not d.cv else "{fold}"
     synthetic = {g.name: str(stage_dir(ctx.root, expand_id(g.name, fold))) for g in ctx.exp.generators}
     summary = classify(d.spec, synthetic, None, replace(c, image_size=c.image_size or d.image_size), out,
-                       Path(ctx.folds_file) if ctx.folds_file else None, d.run_folds if d.cv else None,
+                       Path(ctx.folds_file) if ctx.folds_file else None, d.run_folds if d.cv else None, d.cv_val,
                        str(ctx.device), ctx.progress)
     return {"results": "results.json", "table": "table.md", "protocol": summary["protocol"], "test": summary["test"]}
 

@@ -18,7 +18,7 @@ from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.errors import DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
-from geca.metrics.features import FeatureExtractor, build_extractor
+from geca.metrics.features import FeatureExtractor, build_extractor, weights_path
 from geca.metrics.fld import fld
 from geca.metrics.kid import check_protocol, kid, kid_subset_size
 from geca.metrics.report import real_vs_generated_grid
@@ -73,6 +73,10 @@ class EvalSettings:
     features_file: str | None = None
     protocol: str = "paper"
     seed: int = 0
+    # The network of FLD and GG. None: DINOv2 under the paper protocol (as the paper and the authors' evaluate.py),
+    # else the KID network.
+    gg_features: str | None = None
+    gg_features_file: str | None = None
     lpips: bool = True
     lpips_weights: str | None = None
     batch_size: int = 64
@@ -81,6 +85,27 @@ class EvalSettings:
     progress: bool = False
     folds_file: str | None = None
     fold: int = 0
+    cv_val: str = "slice"
+
+
+    def gg_network(self) -> tuple[str, str | None]:
+        """(name, weights file) of the FLD/GG network."""
+        if self.gg_features is not None:
+            return self.gg_features, self.gg_features_file
+        if self.protocol == "paper":
+            return "dinov2", self.gg_features_file
+        return self.features, self.gg_features_file or self.features_file
+
+
+@dataclass
+class SetFeatures:
+    """One generated set's features next to the real ones: KID's network, and FLD/GG's (often another)."""
+
+    kid_real: np.ndarray
+    kid_generated: np.ndarray
+    gg_train: np.ndarray
+    gg_real: np.ndarray
+    gg_generated: np.ndarray
 
 
 def _check_compatible(name: str, gen: ImageSet, real: ImageSet, what: str) -> None:
@@ -90,23 +115,23 @@ def _check_compatible(name: str, gen: ImageSet, real: ImageSet, what: str) -> No
         raise DataError(f"{name}: generated images have {gen.channels} channel(s), {what} images {real.channels}")
 
 
-def score_set(gen: ImageSet, gen_feats: np.ndarray, real: ImageSet, real_feats: np.ndarray,
-              train_feats: np.ndarray, protocol: str, seed: int, per_class_min: int = PER_CLASS_MIN,
-              lpips_model: torch.nn.Module | None = None, lpips_backbone: str = "", batch_size: int = 64,
-              device: str | torch.device = "cpu") -> dict[str, Any]:
+def score_set(gen: ImageSet, real: ImageSet, feats: SetFeatures, protocol: str, seed: int,
+              per_class_min: int = PER_CLASS_MIN, lpips_model: torch.nn.Module | None = None, lpips_backbone: str = "",
+              batch_size: int = 64, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Every metric of one generated set; KID values are raw (Table 1 shows them ×10³)."""
-    overall = kid(real_feats, gen_feats, kid_subset_size(protocol, len(real_feats), len(gen_feats)), seed=seed)
+    real_f, gen_f = feats.kid_real, feats.kid_generated
+    overall = kid(real_f, gen_f, kid_subset_size(protocol, len(real_f), len(gen_f)), seed=seed)
     per_class = {}
     for c, cname in enumerate(real.class_names):
         r, g = real.labels[:, c] > 0, gen.labels[:, c] > 0
         if r.sum() >= per_class_min and g.sum() >= per_class_min:
-            res = kid(real_feats[r], gen_feats[g], kid_subset_size(protocol, int(r.sum()), int(g.sum())), seed=seed)
+            res = kid(real_f[r], gen_f[g], kid_subset_size(protocol, int(r.sum()), int(g.sum())), seed=seed)
             per_class[cname] = {**res.to_dict(), "n_real": int(r.sum()), "n_generated": int(g.sum())}
     div = None
     if lpips_model is not None:
         div = lpips_diversity(gen.images, lpips_model, protocol, seed, batch_size, device, lpips_backbone).to_dict()
     return {"n": len(gen), "kid": overall.to_dict(), "kid_per_class": per_class, "lpips": div,
-            "fld": fld(train_feats, real_feats, gen_feats, seed).to_dict()}
+            "fld": fld(feats.gg_train, feats.gg_real, feats.gg_generated, seed).to_dict()}
 
 
 @dataclass
@@ -135,41 +160,59 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
         raise DataError(f"generated sets have different resolutions {sorted(sizes)}; evaluate them separately")
     size = sizes.pop()
     real_name, train_name = parse_split(s.real, "--real"), parse_split(s.train, "--train")
-    real = load_split(*real_name, image_size=size, folds_file=s.folds_file, fold=s.fold)
-    train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold)
+    real = load_split(*real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
+    train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")
     _check_compatible(":".join(train_name), train, real, "real")
     return EvalInputs(gens, real, train, real_name, train_name, size)
 
 
+def _network(extractor: FeatureExtractor) -> dict[str, Any]:
+    return {"name": extractor.name, "source": extractor.source, "dim": extractor.dim}
+
+
 def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it."""
     t0 = time.time()
+    gg_name, gg_file = s.gg_network()
+    # Every weights file is looked for before any slow work (loading images, training domain features).
+    weights_path(s.features, s.features_file)
+    weights_path(gg_name, gg_file, "--gg-features-file")
+    alexnet = alexnet_weights(s.lpips_weights) if s.lpips else None
     inputs = load_inputs(s)
-    extractor: FeatureExtractor = build_extractor(s.features, s.features_file, seed=s.seed, train=inputs.train,
-                                                  log=log, device=s.device)
-    real_feats, train_feats = (extractor.extract(d.images, s.batch_size, s.device, s.progress)
-                               for d in (inputs.real, inputs.train))
+    extractor = build_extractor(s.features, s.features_file, seed=s.seed, train=inputs.train, log=log,
+                                device=s.device)
+    same = (gg_name, gg_file) == (s.features, s.features_file)
+    gg_extractor = extractor if same else build_extractor(gg_name, gg_file, seed=s.seed, train=inputs.train,
+                                                          log=log, device=s.device, flag="--gg-features-file")
+
+    def features(net: FeatureExtractor, images: np.ndarray) -> np.ndarray:
+        return net.extract(images, s.batch_size, s.device, s.progress)
+
+    kid_real = features(extractor, inputs.real.images)
+    gg_train = features(gg_extractor, inputs.train.images)
+    gg_real = kid_real if same else features(gg_extractor, inputs.real.images)
     lpips_model, backbone = None, ""
     if s.lpips:
-        alexnet = alexnet_weights(s.lpips_weights)
         lpips_model = load_lpips("random" if alexnet is None else alexnet, s.seed)
         backbone = "random (tests only)" if alexnet is None else str(alexnet)
     out = Path(out)
     results = []
     for name, path, g in inputs.generated:
         log(f"scoring {name} ({len(g)} images)")
-        gf = extractor.extract(g.images, s.batch_size, s.device, s.progress)
-        r = score_set(g, gf, inputs.real, real_feats, train_feats, s.protocol, s.seed, s.per_class_min, lpips_model,
-                      backbone, s.batch_size, s.device)
+        kid_gen = features(extractor, g.images)
+        gg_gen = kid_gen if same else features(gg_extractor, g.images)
+        r = score_set(g, inputs.real, SetFeatures(kid_real, kid_gen, gg_train, gg_real, gg_gen), s.protocol, s.seed,
+                      s.per_class_min, lpips_model, backbone, s.batch_size, s.device)
         grid = out.with_name(f"{out.stem}_grid_{_safe(name)}.png")
         real_vs_generated_grid(inputs.real, g, grid, seed=s.seed, title=f"{':'.join(inputs.real_name)} vs {name}")
         results.append({"name": name, "dir": str(path), **r, "grid": grid.name})
     report = {
         "protocol": s.protocol,
         "seed": s.seed,
-        "features": {"name": extractor.name, "source": extractor.source, "dim": extractor.dim},
+        "features": _network(extractor),
+        "gg_features": _network(gg_extractor),
         "real": {"spec": inputs.real_name[0], "split": inputs.real_name[1], "n": len(inputs.real)},
         "train": {"spec": inputs.train_name[0], "split": inputs.train_name[1], "n": len(inputs.train)},
         "image_size": inputs.size,

@@ -160,18 +160,26 @@ def domain_features(file: str | Path | None, train: ImageSet | Callable[[], Imag
     return DomainFeatures(net, "domain", str(path))
 
 
+def weights_path(name: str, file: str | Path | None, flag: str = "--features-file") -> Path | None:
+    """The pretrained weights file of network `name` (found, or a MissingWeightsError naming `flag`); None for the
+    networks that need none (`domain` trains its own, `random`). Checked before any slow work."""
+    if name not in FEATURES:
+        raise ValueError(f"unknown features {name!r}; choose from {', '.join(FEATURES)}")
+    if name == "inception":
+        return resolve_weights(file, INCEPTION_FILE, "Inception-v3 (FID)", INCEPTION_URL, flag)
+    if name == "dinov2":
+        return resolve_weights(file, DINOV2_FILE, "DINOv2 ViT-B/14", DINOV2_URL, flag)
+    return None
+
+
 def build_extractor(name: str, file: str | Path | None = None, *, seed: int = 0,
-                    train: ImageSet | Callable[[], ImageSet] | None = None,
-                    log: Callable[[str], None] = print, device: str | torch.device = "cpu") -> FeatureExtractor:
-    """The extractor called `name`; `file` names its weights (see the module docstring for each); `device` is
-    where a domain network without a file is trained."""
+                    train: ImageSet | Callable[[], ImageSet] | None = None, log: Callable[[str], None] = print,
+                    device: str | torch.device = "cpu", flag: str = "--features-file") -> FeatureExtractor:
+    """The extractor called `name`; `file` names its weights (see the module docstring for each), `flag` the
+    option a missing file is asked for with; `device` is where a domain network without a file is trained."""
+    path = weights_path(name, file, flag)
     if name == "domain":
         return domain_features(file, train, seed, log, device)
     if name == "random":
         return random_features(seed)
-    if name == "inception":
-        return InceptionFeatures(resolve_weights(file, INCEPTION_FILE, "Inception-v3 (FID)", INCEPTION_URL,
-                                                 "--features-file"))
-    if name == "dinov2":
-        return DinoV2Features(resolve_weights(file, DINOV2_FILE, "DINOv2 ViT-B/14", DINOV2_URL, "--features-file"))
-    raise ValueError(f"unknown features {name!r}; choose from {', '.join(FEATURES)}")
+    return InceptionFeatures(path) if name == "inception" else DinoV2Features(path)

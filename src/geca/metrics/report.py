@@ -23,8 +23,9 @@ def pm(d: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
 
 def comparison_table(report: dict[str, Any]) -> Table:
     """One row per generated set, in the layout of GeCA's Table 1 (KID×10³, LPIPS, GG) plus FLD."""
-    t = Table(title=f"{report['protocol']} protocol, {report['features']['name']} features, real = "
-                    f"{report['real']['spec']}:{report['real']['split']} ({report['real']['n']} images)")
+    t = Table(title=f"{report['protocol']} protocol; KID on {report['features']['name']} features, GG and FLD on "
+                    f"{report['gg_features']['name']}; real = {report['real']['spec']}:{report['real']['split']} "
+                    f"({report['real']['n']} images)")
     for col in ("generated", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓"):
         t.add_column(col, justify="left" if col == "generated" else "right")
     for r in report["results"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,19 +15,36 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+@dataclass(frozen=True)
+class BlockStyle:
+    """The details in which the published blocks differ (the parameter counts hide them: they nearly cancel)."""
+
+    qkv_bias: bool
+    affine_norm: bool
+    norm_eps: float
+    gelu: str  # "none" (exact) or "tanh"
+
+
+# DiT (facebookresearch/DiT): timm's Attention with a qkv bias, non-affine LayerNorms, tanh-approximated GELU.
+DIT_STYLE = BlockStyle(qkv_bias=True, affine_norm=False, norm_eps=1e-6, gelu="tanh")
+# GeCA (xmed-lab/GeCA `geca.py`): `to_qkv` without bias, PreNorm's affine LayerNorm(dim), exact GELU.
+GECA_STYLE = BlockStyle(qkv_bias=False, affine_norm=True, norm_eps=1e-5, gelu="none")
+
+
 class AdaLNBlock(nn.Module):
     """Pre-norm transformer block with adaLN-Zero conditioning; subclasses say how tokens attend to each other."""
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int) -> None:
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, style: BlockStyle = DIT_STYLE) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"hidden size {dim} is not divisible by {heads} heads")
         self.heads = heads
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=style.affine_norm, eps=style.norm_eps)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=style.qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, dim))
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=style.affine_norm, eps=style.norm_eps)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_hidden), nn.GELU(approximate=style.gelu),
+                                 nn.Linear(mlp_hidden, dim))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -61,7 +79,8 @@ def adaln_zero_init(module: nn.Module, t_embedder: TimestepEmbedder, zeroed: Ite
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     for layer in (t_embedder.mlp[0], t_embedder.mlp[2]):
         nn.init.normal_(layer.weight, std=0.02)
     for layer in zeroed:

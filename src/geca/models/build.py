@@ -33,6 +33,7 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolut
         # Inductor fuses the plain-op "sliced" attention; the hand-written autograd.Function would stay opaque.
         attention="sliced" if config.compile else config.attention,
         checkpointing=config.checkpointing,
+        block=config.block,
     )
     if config.compile:
         model.block.compile()

@@ -54,6 +54,7 @@ class GeCAConfig(TransformerConfig):
     update_prob: float = 0.5
     attention: str = "fast"
     checkpointing: bool = False
+    block: str = "published"  # the authors' block; "v0.1": geca 0.1's DiT-style block (its runs load with it)
 
 
 @dataclass
@@ -116,8 +117,10 @@ def with_named_defaults(raw: dict[str, Any], where: str) -> dict[str, Any]:
     return {**base, **raw}
 
 
-def without_foreign_keys(raw: dict[str, Any]) -> dict[str, Any]:
-    """Runs written by geca 0.1 stored every family's fields in one mapping; keep those of the run's own family."""
+def from_geca_0_1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A model mapping written by geca 0.1: it held every family's fields (keep the run's own family's) and its GeCA
+    block had DiT's details (`block: v0.1`)."""
     family = FAMILIES.get(raw.get("family", "geca"), GeCAConfig)
     keep = {f.name for f in dataclasses.fields(family)}
-    return {k: v for k, v in raw.items() if k in keep}
+    upgraded = {k: v for k, v in raw.items() if k in keep}
+    return {**upgraded, "block": "v0.1"} if family is GeCAConfig else upgraded

@@ -11,15 +11,15 @@ from torch.utils.checkpoint import checkpoint
 
 from geca.models.attention import neighbourhood_attention
 from geca.models.base import CellState, Denoiser, DenoiserOutput
-from geca.models.blocks import AdaLNBlock, FinalLayer, adaln_zero_init
+from geca.models.blocks import DIT_STYLE, GECA_STYLE, AdaLNBlock, BlockStyle, FinalLayer, adaln_zero_init
 from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
 
 
 class NeighbourhoodBlock(AdaLNBlock):
     """The adaLN-Zero block on a grid of cells, each cell's query attending to its 3×3 window."""
 
-    def __init__(self, dim: int, heads: int, mlp_hidden: int, attention: str) -> None:
-        super().__init__(dim, heads, mlp_hidden)
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, attention: str, style: BlockStyle) -> None:
+        super().__init__(dim, heads, mlp_hidden, style)
         self.attention = attention
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,10 @@ class NeighbourhoodBlock(AdaLNBlock):
         q, k, v = self.qkv(x).view(b, h, w, 3, self.heads, d // self.heads).permute(3, 0, 4, 1, 2, 5)  # (B,hd,H,W,d/hd)
         out = neighbourhood_attention(q, k, v, impl=self.attention)  # (B, heads, H, W, D/heads)
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, d))  # (B, H, W, D)
+
+
+# The block as the authors published it, or as geca 0.1 built it (DiT's details), for runs trained with 0.1.
+BLOCKS = {"published": GECA_STYLE, "v0.1": DIT_STYLE}
 
 
 class GeCA(Denoiser):
@@ -50,8 +54,11 @@ class GeCA(Denoiser):
         label_dropout: float = 0.1,
         attention: str = "fast",
         checkpointing: bool = False,
+        block: str = "published",
     ) -> None:
         super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"unknown GeCA block {block!r}; choose from {', '.join(BLOCKS)}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.resolution = resolution
@@ -66,7 +73,7 @@ class GeCA(Denoiser):
         self.embed = nn.Linear(cell_dim, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, label_dropout)
-        self.block = NeighbourhoodBlock(hidden_size, heads, mlp_hidden, attention)
+        self.block = NeighbourhoodBlock(hidden_size, heads, mlp_hidden, attention, BLOCKS[block])
         self.block_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.final = FinalLayer(hidden_size, self.out_channels + hidden_channels)
         self.initialize()

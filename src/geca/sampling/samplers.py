@@ -53,7 +53,8 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
 
     `callback(t, x_t, p, state)` sees every reverse step (p holds pred_x0, eps, mean, log_variance).
     """
-    sampler = sampler.for_model(model.has_cell_state, latent=False) if sampler.ghg is None else sampler
+    if sampler.ghg is None or sampler.clip_x0 is None:
+        sampler = sampler.for_model(model.has_cell_state, latent=False)
     sampler.validate()
     device = labels.device
     spaced = diffusion.respaced(sampler.steps)

@@ -139,7 +139,7 @@ def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, pr
     """The training split, as pixels or (with a VAE) as cached latents."""
     d = config.data
     data = train_set if train_set is not None else load_split(
-        d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
+        d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold, cv_val=d.cv_val,
         download=d.download and accelerator.is_main_process)
     if not d.vae:
         images, labels = data.tensors()

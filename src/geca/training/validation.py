@@ -54,7 +54,8 @@ class Validator:
         self.best_dir = checkpoint_dir(run_dir) / BEST
         size = spec.latent.image_size if spec.latent is not None else spec.resolution
         d = config.data
-        real = load_split(d.spec, self.v.split, image_size=size, folds_file=d.folds_file, fold=d.fold)
+        real = load_split(d.spec, self.v.split, image_size=size, folds_file=d.folds_file, fold=d.fold,
+                          cv_val=d.cv_val)
         if real.class_names != spec.class_names:
             raise ConfigError(f"validation split {d.spec}:{self.v.split} has classes {real.class_names}, the run "
                               f"trains on {spec.class_names}")

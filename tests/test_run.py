@@ -1,0 +1,42 @@
+"""The run directory: what geca 0.1 wrote still loads, with the block it was trained with."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from conftest import tiny_model_config
+from safetensors.torch import save_file
+
+from geca.data.config import DataConfig
+from geca.diffusion.gaussian import DiffusionConfig
+from geca.models.build import build_model
+from geca.run import load_run
+
+
+def test_a_geca_0_1_run_loads_with_its_own_block(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    old = build_model(tiny_model_config(block="v0.1"), 3, 2, 6)
+    for p in old.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    # 0.1 named the final layer's parts final_ada / final, and model.json held every family's fields.
+    legacy = {k.replace("final.ada.", "final_ada.").replace("final.linear.", "final."): v.contiguous()
+              for k, v in old.state_dict().items()}
+    ckpt = tmp_path / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    save_file(legacy, ckpt / "ema.safetensors")
+    (tmp_path / "checkpoints" / "latest.json").write_text(json.dumps({"step": 1, "path": ckpt.name}))
+    model = {k: v for k, v in asdict(tiny_model_config()).items() if k != "block"}
+    model.update(depth=5, patch_size=2, block_channels=[16, 24, 32], layers_per_block=1, attention_resolutions=[4])
+    spec = {"model": model, "diffusion": asdict(DiffusionConfig()), "data": asdict(DataConfig()), "in_channels": 3,
+            "num_classes": 2, "resolution": 6, "class_names": ["a", "b"], "multilabel": False, "latent": None}
+    (tmp_path / "model.json").write_text(json.dumps(spec))
+    run = load_run(tmp_path)
+    assert run.spec.model.block == "v0.1" and run.spec.format == 1
+    x, t, y = torch.randn(2, 3, 6, 6), torch.tensor([10, 900]), torch.eye(2)
+    torch.manual_seed(1)
+    expected = old.eval()(x, t, y).output
+    torch.manual_seed(1)
+    torch.testing.assert_close(run.model(x, t, y).output, expected)
