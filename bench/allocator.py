@@ -22,7 +22,8 @@ from common import device_of, model_parser
 from sample import sampling_seconds
 from train_step import step_time
 
-from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.diffusion.config import DiffusionConfig
+from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.build import build_model
 from geca.models.config import named_model
 from geca.sampling.config import SamplerConfig

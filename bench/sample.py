@@ -18,7 +18,8 @@ import time
 import torch
 from common import device_of, model_parser
 
-from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.diffusion.config import DiffusionConfig
+from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.build import build_model, count_parameters
 from geca.models.config import count_macs, named_model
 from geca.sampling.config import SamplerConfig

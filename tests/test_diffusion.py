@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion, spaced_timesteps
+from geca.diffusion.config import DiffusionConfig
+from geca.diffusion.gaussian import GaussianDiffusion, spaced_timesteps
 
 
 @pytest.fixture

@@ -400,7 +400,8 @@ def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Pat
                  "--out", tmp_path / "cv", *TINY_CLASSIFY)
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "cv" / "results.json").read_text())
-    assert summary["protocol"] == "patient-level 2-fold CV" and summary["levels"] == ["scan", "eye"]
+    assert summary["protocol"] == "patient-level 2-fold CV (validation: a 15 % patient slice of the other folds)"
+    assert summary["levels"] == ["scan", "eye"]
     assert [u["fold"] for u in summary["arms"]["+oct"]["units"]] == [0, 1]
     from geca.data.registry import load_split
 

@@ -68,7 +68,8 @@ def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
         assert text in res.output
     report = json.loads(out.read_text())
     assert report["protocol"] == "paper" and report["features"]["name"] == "random"
-    assert report["real"] == {"spec": npz, "split": "test", "n": 120} and report["train"]["n"] == 80
+    assert {k: report["real"][k] for k in ("spec", "split", "n")} == {"spec": npz, "split": "test", "n": 120}
+    assert report["train"]["n"] == 80
     like, noise = report["results"]
     assert (like["name"], noise["name"]) == ("like", "noise")
     for r in (like, noise):
@@ -79,6 +80,11 @@ def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
         assert set(r["fld"]) >= {"fld", "gg", "nll_train", "nll_test", "nll_baseline"}
         assert (out.parent / r["grid"]).stat().st_size > 0
     assert like["kid"]["mean"] < noise["kid"]["mean"]
+    for f in (like["faithfulness"], noise["faithfulness"], report["real"]["faithfulness"]):
+        assert f["metric"] == "accuracy" and 0 <= f["value"] <= 1 and set(f["per_class"]) <= set(NAMES)
+    assert "faithful" in res.output
+    assert like["faithfulness"]["value"] > 0.95 and report["real"]["faithfulness"]["value"] > 0.95
+    assert abs(noise["faithfulness"]["value"] - noise["faithfulness"]["chance"]) < 0.1
 
     res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train",
                               f"{npz}:train", "--out", str(tmp_path / "std.json"), "--protocol", "standard",

@@ -141,8 +141,11 @@ def test_every_preset_loads_and_makes_a_consistent_graph(preset: str, tmp_path: 
         seen.add(s.id)
     assert ids[-1] == "report" and set(stages[-1].deps) == set(ids[:-1])
     names = [g.name for g in lx.exp.generators]
+    own = lx.run_config(lx.cellular, lx.folds[0]).model.heredity
+    twin = f"train.{lx.cellular}.heredity-{'off' if own == 'gated' else 'gated'}"  # the GHG stage's other training
+    twin = twin if lx.folds[0] is None else f"{twin}.f{lx.folds[0]}"
     assert {i for i in ids if i.startswith("train.")} == {
-        f"train.{n}" if f is None else f"train.{n}.f{f}" for n in names for f in lx.folds}
+        f"train.{n}" if f is None else f"train.{n}.f{f}" for n in names for f in lx.folds} | {twin}
     assert lx.cellular is not None and {"ghg", "nca_steps", "growth", "evaluate", "classify"} <= set(ids)
     for n in names:  # every generator resolves to a run config on the study's data
         assert lx.run_config(n, lx.folds[0]).data.spec == lx.exp.data.spec
@@ -226,9 +229,15 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
         assert pm(cells[3]) == pytest.approx((r["lpips"]["mean"], r["lpips"]["std"]), abs=6e-5)
         assert float(cells[4]) == pytest.approx(r["fld"]["gg"], abs=0.006)
         assert float(cells[5]) == pytest.approx(r["fld"]["fld"], abs=0.006)
-    # Fig. 5, Fig. 6 and the sampler cost are their stages' metrics.json.
-    for heading, stage, key in (("## Fig. 5", "ghg", "ghg-{}"), ("## Fig. 6", "nca_steps", "M{}"),
-                                ("## Sampler cost", "sampler_cost", None)):
+    # Fig. 5 (every GHG mode under both trainings), Fig. 6 and the sampler cost are their stages' metrics.json.
+    rows, scores = md_rows(md, "## Fig. 5"), kid_by_name(root, "ghg")
+    assert len(rows) == len(scores) == 8
+    for training, mode, kid_cell, faithful_cell in rows:
+        r = scores[f"ghg-{mode}-heredity-{'gated' if 'ours' in training else 'off'}"]
+        assert pm(kid_cell) == pytest.approx((r["kid"]["mean"] * 1e3, r["kid"]["std"] * 1e3), abs=0.006)
+        assert float(faithful_cell.split()[0]) == pytest.approx(r["faithfulness"]["value"], abs=0.006)
+    assert {"figures/ghg_trace_off.png", "figures/ghg_trace_gated.png"} <= set(re.findall(r"\((figures/[^)]+)\)", md))
+    for heading, stage, key in (("## Fig. 6", "nca_steps", "M{}"), ("## Sampler cost", "sampler_cost", None)):
         rows, scores = md_rows(md, heading), kid_by_name(root, stage)
         assert len(rows) == len(scores) > 0
         for first, *cells in rows:
@@ -256,7 +265,7 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     # A second run skips every stage; --force redoes one stage and its dependants only.
     before = all_run_ids(root)
     res = runner.invoke(app, [config, "--out", str(root)])
-    assert res.exit_code == 0 and "0 stage(s) run, 16 skipped" in res.output, res.output
+    assert res.exit_code == 0 and "0 stage(s) run, 17 skipped" in res.output, res.output
     assert all_run_ids(root) == before
     res = runner.invoke(app, [config, "--out", str(root), "--force", "ghg"])
     assert res.exit_code == 0, res.output

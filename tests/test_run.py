@@ -11,7 +11,7 @@ from conftest import tiny_model_config
 from safetensors.torch import save_file
 
 from geca.data.config import DataConfig
-from geca.diffusion.gaussian import DiffusionConfig
+from geca.diffusion.config import DiffusionConfig
 from geca.models.build import build_model
 from geca.run import load_run
 

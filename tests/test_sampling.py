@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_model_config
 from torch import nn
 
-from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.diffusion.config import DiffusionConfig
+from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.build import build_model
 from geca.sampling.config import GHG_MODES, SamplerConfig

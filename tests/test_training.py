@@ -63,11 +63,19 @@ def test_geca_t_overfits_eight_images(tmp_path: Path) -> None:
     assert end < 0.35 * start, (start, end)
 
 
-def test_resume_is_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("heredity", ["off", "gated"])
+def test_resume_is_exact(tmp_path: Path, heredity: str) -> None:
+    """Also for heredity-aware training, whose extra draws (which samples inherit, label drops) are seeded too."""
     data = blob_images(n=8, size=8)
-    train(tiny_config(6), tmp_path / "once", train_set=data, progress=False)
-    train(tiny_config(3), tmp_path / "twice", train_set=data, progress=False)
-    train(tiny_config(6), tmp_path / "twice", resume=True, train_set=data, progress=False)
+
+    def config(steps: int) -> RunConfig:
+        cfg = tiny_config(steps)
+        cfg.model.heredity = heredity
+        return cfg
+
+    train(config(6), tmp_path / "once", train_set=data, progress=False)
+    train(config(3), tmp_path / "twice", train_set=data, progress=False)
+    train(config(6), tmp_path / "twice", resume=True, train_set=data, progress=False)
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(tmp_path / "once/checkpoints/step_0000006" / name)
         b = load_file(tmp_path / "twice/checkpoints/step_0000006" / name)

@@ -34,6 +34,7 @@ def test_validation_logs_kid_keeps_best_and_resumes(blobs_npz: Path, tmp_path: P
     rows = list(csv.DictReader(open(run / "validation.csv")))
     assert [r["step"] for r in rows] == ["1", "2"]
     assert all(float(r["kid"]) == float(r["kid"]) and r["num_samples"] == "6" for r in rows)
+    assert all(0 <= float(r["faithfulness"]) <= 1 for r in rows)
     best = json.loads((run / "checkpoints" / "best" / "state.json").read_text())
     best_row = min(rows, key=lambda r: float(r["kid"]))
     assert best["step"] == int(best_row["step"]) and best["kid"] == pytest.approx(float(best_row["kid"]), rel=1e-5)
@@ -53,5 +54,5 @@ def test_validation_logs_kid_keeps_best_and_resumes(blobs_npz: Path, tmp_path: P
 def test_validation_refuses_the_test_split(blobs_npz: Path, tmp_path: Path) -> None:
     cfg = validated_config(blobs_npz, 1)
     cfg.validation.split = "test"
-    with pytest.raises(ConfigError, match="must not be 'test'"):
+    with pytest.raises(ConfigError, match="never 'test'"):
         train(cfg, tmp_path / "run", progress=False)

@@ -3,6 +3,7 @@ validation). Each package owns its own section's dataclass; this module puts the
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,13 @@ from typing import Any
 import yaml
 
 from geca.data.config import DataConfig
-from geca.diffusion.gaussian import DiffusionConfig
+from geca.diffusion.config import DiffusionConfig
 from geca.errors import ConfigError
 from geca.models.config import GeCAConfig, ModelConfig, with_named_defaults
 from geca.sampling.config import SamplerConfig
+from geca.utils.hardware import PRECISIONS
 from geca.utils.io import atomic_write_text
-from geca.utils.schema import from_dict, read_yaml
+from geca.utils.schema import Checks, from_dict, read_yaml
 
 
 @dataclass
@@ -33,6 +35,26 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 500
+    # Heredity-aware training (a model with `heredity: gated`): the share of samples whose training call inherits
+    # the C_h of a no-grad first call, and how many diffusion timesteps later that call sits (0: at the same t).
+    heredity_prob: float = 0.5
+    heredity_offset: int = 0
+
+    def validate(self, check: Checks) -> None:
+        check(self.max_steps >= 1, "train.max_steps", "≥ 1", self.max_steps)
+        check(0 <= self.heredity_prob <= 1, "train.heredity_prob", "in [0, 1]", self.heredity_prob)
+        check(self.heredity_offset >= 0, "train.heredity_offset", "≥ 0", self.heredity_offset)
+        check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "> 0", self.max_minutes)
+        check(self.batch_size >= 1, "train.batch_size", "≥ 1", self.batch_size)
+        check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "> 0", self.lr)
+        check(self.weight_decay >= 0, "train.weight_decay", "≥ 0", self.weight_decay)
+        check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "> 0", self.grad_clip)
+        check.choice(self.precision, "train.precision", PRECISIONS)
+        check(0 <= self.ema_decay < 1, "train.ema_decay", "in [0, 1)", self.ema_decay)
+        check(self.log_every >= 1, "train.log_every", "≥ 1", self.log_every)
+        check(self.sample_every >= 0, "train.sample_every", "≥ 0 (0: never)", self.sample_every)
+        check(self.checkpoint_every >= 0, "train.checkpoint_every", "≥ 0 (0: only the final one)",
+              self.checkpoint_every)
 
 
 @dataclass
@@ -42,6 +64,11 @@ class PreviewConfig:
     per_class: int = 4
     max_classes: int = 11
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(sampler="ddim", steps=50))
+
+    def validate(self, check: Checks) -> None:
+        check(self.per_class >= 1, "preview.per_class", "≥ 1", self.per_class)
+        check(self.max_classes >= 1, "preview.max_classes", "≥ 1", self.max_classes)
+        self.sampler.validate(check, "preview.sampler")
 
 
 @dataclass
@@ -58,6 +85,14 @@ class ValidationConfig:
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(sampler="ddim", steps=50))
 
+    def validate(self, check: Checks) -> None:
+        check(self.every >= 0, "validation.every", "≥ 0 (0: off)", self.every)
+        check(self.num_samples >= 2, "validation.num_samples", "≥ 2", self.num_samples)
+        check(self.batch_size >= 1, "validation.batch_size", "≥ 1", self.batch_size)
+        check(self.split != "test", "validation.split", "val (or train), never 'test': selecting checkpoints on "
+              "the split you report would bias the final evaluation", self.split)
+        self.sampler.validate(check, "validation.sampler")
+
 
 @dataclass
 class RunConfig:
@@ -70,6 +105,17 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def validate(self, names: dict[str, str] | None = None, where: str | Path | None = None) -> None:
+        """Every value in range, before anything is created; `names` says how the user spelt a key (its flag),
+        `where` the file the other keys came from."""
+        check = Checks(names, where)
+        self.data.validate(check)
+        self.model.validate(check)
+        self.diffusion.validate(check)
+        self.train.validate(check)
+        self.preview.validate(check)
+        self.validation.validate(check)
 
 
 def resolve_run_config(raw: dict[str, Any], where: str) -> RunConfig:

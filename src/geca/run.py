@@ -19,13 +19,14 @@ from safetensors.torch import load_file, save_file
 from geca.data.config import DataConfig
 from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
-from geca.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from geca.diffusion.config import DiffusionConfig
+from geca.diffusion.gaussian import GaussianDiffusion
 from geca.errors import CheckpointError, ConfigError
 from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
-from geca.utils.io import atomic_write_json, staged_dir
+from geca.utils.io import atomic_write_json, file_sha256, staged_dir
 from geca.utils.schema import from_dict
 
 SPEC_FORMAT = 2  # 1: geca 0.1, whose model.json held every family's fields
@@ -85,6 +86,12 @@ def save_weights(directory: Path, model: torch.nn.Module, ema: torch.nn.Module) 
     save_file(_safetensors(ema), directory / "ema.safetensors")
 
 
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    """state.json, with the SHA-256 of every file beside it: a flipped byte is found before anything uses it."""
+    files = {f.name: file_sha256(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != "state.json"}
+    (directory / "state.json").write_text(json.dumps({**state, "files": files}, indent=2))
+
+
 def save_checkpoint(run_dir: Path, step: int, model: Denoiser, ema: Denoiser, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any]) -> Path:
     """Write checkpoints/step_NNNNNNN/ as a whole, then point latest.json at it."""
@@ -92,10 +99,34 @@ def save_checkpoint(run_dir: Path, step: int, model: Denoiser, ema: Denoiser, op
     name = f"step_{step:07d}"
     with staged_dir(root / name) as tmp:
         save_weights(tmp, model, ema)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        try:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        except RuntimeError as e:  # torch reports a full disk as a RuntimeError of its zip writer
+            raise CheckpointError(f"{tmp / 'optimizer.pt'}: could not be written ({str(e).splitlines()[0]})") from None
+        write_state(tmp, {"step": step, **state})
     atomic_write_json(root / "latest.json", {"step": step, "path": name})
     return root / name
+
+
+def read_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's state.json ({} for checkpoints written without one)."""
+    path = Path(checkpoint) / "state.json"
+    if not path.exists():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint state ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: corrupt checkpoint state (not a mapping)")
+    return state
+
+
+def verify(path: Path) -> None:
+    """Refuse a checkpoint file whose SHA-256 differs from the one its state.json recorded at save time."""
+    expected = read_state(path.parent).get("files", {}).get(path.name)
+    if expected is not None and path.exists() and file_sha256(path) != expected:
+        raise CheckpointError(f"{path}: corrupt (its SHA-256 differs from the one recorded when it was saved)")
 
 
 def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
@@ -110,7 +141,7 @@ def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
             raise CheckpointError(f"{run_dir}: no checkpoint found (expected {latest}); has this run been trained?")
         try:
             path = root / json.loads(latest.read_text())["path"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{latest}: corrupt pointer file ({e})") from None
     elif which == BEST:
         path = root / BEST
@@ -127,12 +158,19 @@ def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights: verified against its recorded SHA-256, and finite (a diverged run is refused)."""
     if not path.exists():
         raise CheckpointError(f"{path}: weights file missing")
+    verify(path)
     try:
-        return load_file(path)
+        weights = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]} holds NaN or infinite values (the run diverged); use an earlier "
+                              "checkpoint (--checkpoint STEP)")
+    return weights
 
 
 def _upgrade_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -161,7 +199,7 @@ def read_spec(run_dir: Path) -> ModelSpec:
         raise CheckpointError(f"{path}: missing; {run_dir} is not a geca run directory")
     try:
         return ModelSpec.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ConfigError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: invalid ({e})") from None
 
 
@@ -191,9 +229,8 @@ def load_run(run_dir: Path, checkpoint: str | None = None, weights: str = "ema",
     wfile = ckpt / f"{weights}.safetensors"
     model = spec.build()
     load_state_dict_into(model, wfile)
-    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
     return LoadedRun(model=model.to(device).eval(), spec=spec, diffusion=spec.diffusion_process(), checkpoint=ckpt,
-                     weights_file=wfile, step=int(state.get("step", -1)))
+                     weights_file=wfile, step=int(read_state(ckpt).get("step", -1)))
 
 
 def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None, fold: int) -> ImageSet:

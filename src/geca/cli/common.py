@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
-from geca.errors import ConfigError, GecaError
+from geca.errors import GecaError
 
 if TYPE_CHECKING:
     import torch
@@ -18,28 +18,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 CV_VAL_HELP = ("With a folds file, each fold's validation split: slice (a patient-disjoint, label-stratified 15 % of "
                "the other folds' patients; train on the rest: 4/5 of the data minus val) or next-fold (fold k+1; "
                "train on the other three folds).")
-USER_ERRORS = (GecaError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (GecaError, ValueError)
+
+
+def describe(error: BaseException) -> str:
+    """One line for the user: an OS error as `FILE: what went wrong` (a full disk, a file where a folder should be)."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def guarded(fn: F) -> F:
-    """Known user errors print one `error:` line on stderr and exit 2 instead of a traceback."""
+    """Known user errors, and the machine's (a full disk, a missing folder), print one `error:` line on stderr and
+    exit 2 instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (*USER_ERRORS, OSError) as e:
+            print(f"error: {describe(e)}", file=sys.stderr)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def pick_device(name: str) -> torch.device:
-    import torch
+    from geca.utils.hardware import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but no CUDA GPU is available")
-    return torch.device(name)
+    return resolve_device(name)

@@ -25,6 +25,8 @@ def expand(
                                           "run's when --data is not given)."),
     fold: int | None = typer.Option(None, "--fold", help="Test fold whose training split to replicate (default: "
                                     "the run's)."),
+    limit: int | None = typer.Option(None, "--limit", help="Sample only the first N images of the expansion (a "
+                                     "quick look, or a budget; --resume with the same N continues it)."),
     *,
     flags: SamplingFlags,
 ) -> None:
@@ -35,11 +37,13 @@ def expand(
 
     if ratio < 1:
         raise ConfigError(f"--ratio must be ≥ 1, got {ratio}")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit must be ≥ 1, got {limit}")
     device = pick_device(flags.device)
     loaded = load_run(run, flags.checkpoint, flags.weights, device)
     sampler = run_sampler(loaded, flags.sampling, strict=True)
     manifest = expand_set(loaded, out, ratio, sampler, flags.seed, flags.batch_size, device, data, folds_file, fold,
-                          flags.overwrite, flags.progress)
+                          flags.overwrite, flags.progress, limit=limit, resume=flags.resume)
     typer.echo(f"wrote {manifest['num_images']} images ({ratio} per training image of "
                f"{manifest['expansion']['data']}) to {out} in {manifest['seconds']} s")
 

@@ -12,8 +12,8 @@ from geca.cli.common import guarded, pick_device
 
 @guarded
 def experiment(
-    config: Path = typer.Argument(..., help="Experiment YAML (see configs/experiments/: smoke, retinamnist-28-cpu, "
-                                  "retinamnist-28-gpu, deepdrid-256-gpu, oct-ml-gpu, synthetic-oct-cpu)."),
+    config: Path = typer.Argument(..., help="Experiment YAML, or a shipped preset's name (`geca configs` lists "
+                                  "them: smoke, retinamnist-28-cpu, retinamnist-28-gpu, …)."),
     out: Path | None = typer.Option(None, "--out", help="Experiment directory (default: runs/NAME, NAME from the "
                                     "config); every stage writes into a folder of it."),
     force: list[str] | None = typer.Option(None, "--force", help="Redo this stage even if done, and every stage "
@@ -31,8 +31,9 @@ def experiment(
     from geca.experiment.config import load_experiment
     from geca.experiment.graph import execute, plan
     from geca.experiment.stages import Context, build_stages
+    from geca.presets import resolve_config
 
-    loaded = load_experiment(config)
+    loaded = load_experiment(resolve_config(config, "experiment"))
     root = out if out is not None else Path("runs") / loaded.exp.name
     ctx = Context(loaded=loaded, root=root, device=pick_device(device), log=typer.echo,
                   progress=sys.stderr.isatty() if progress is None else progress)

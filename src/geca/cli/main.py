@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
+from geca import __version__
 from geca.cli.demo import demo
 from geca.cli.downstream import classify, expand
 from geca.cli.encode import encode
 from geca.cli.evaluate import evaluate, features_app
 from geca.cli.experiment import experiment
 from geca.cli.folds import folds
-from geca.cli.models import models
+from geca.cli.models import configs, models
 from geca.cli.sample import grow, sample
 from geca.cli.train import train
 from geca.utils.allocator import keep_freed_memory
@@ -21,10 +24,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"geca {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print geca's version and exit.")) -> None:
+    """Generative Cellular Automata: train, sample and grow GeCA diffusion models on medical images."""
+
+
 app.command("train")(train)
 app.command("sample")(sample)
 app.command("grow")(grow)
 app.command("models")(models)
+app.command("configs")(configs)
 app.command("folds")(folds)
 app.command("encode")(encode)
 app.command("expand")(expand)
@@ -35,9 +51,14 @@ app.command("experiment")(experiment)
 app.command("demo")(demo)
 
 
+def _one_line(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    """The `geca` console script: glibc is told to keep freed memory before any work starts."""
+    """The `geca` console script: glibc is told to keep freed memory before any work starts; warnings are one line."""
     keep_freed_memory()
+    warnings.formatwarning = _one_line
     app()
 
 

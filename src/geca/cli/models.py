@@ -74,3 +74,26 @@ def models(
         table.add_row(r["name"], r["family"], f"{r['parameters']:,}", f"{r['gmacs']:.3g}",
                       "—" if r["tokens"] is None else str(r["tokens"]), r["summary"])
     Console().print(table)
+
+
+@guarded
+def configs(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON object (kind → name → file) instead of a table."),
+) -> None:
+    """List the shipped presets: run configs (`geca train -c NAME`) and studies (`geca experiment NAME`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from geca.presets import KINDS, describe, presets
+
+    found = {kind: presets(kind) for kind in KINDS}
+    if as_json:
+        typer.echo(json.dumps({k: {n: str(p) for n, p in v.items()} for k, v in found.items()}, indent=2))
+        return
+    table = Table(title="shipped presets (use the name in place of a file)")
+    for col in ("kind", "name", "what"):
+        table.add_column(col)
+    for kind, entries in found.items():
+        for name, path in entries.items():
+            table.add_row("geca train -c" if kind == "run" else "geca experiment", name, describe(path))
+    Console(width=160).print(table)

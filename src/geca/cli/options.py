@@ -16,8 +16,8 @@ SAMPLER_HELP = {
     "sampler": "ddpm (ancestral, respaced) or ddim (η=0).",
     "steps": "Reverse steps (respaced from the trained T).",
     "guidance_scale": "Classifier-free guidance scale on ε (1 = conditional only).",
-    "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both (default: hidden for GeCA, none for "
-           "models without cell state).",
+    "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both (default: hidden for a GeCA trained "
+           "with --heredity, none for one trained as published and for models without cell state).",
     "nca_steps": "NCA steps M per denoiser call (default: as trained; fewer = undergrowth, more = overgrowth).",
 }
 
@@ -37,6 +37,8 @@ _OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
     "weights": (str, "ema", ("--weights",), "ema (default) or model (raw) weights."),
     "device": (str, "auto", ("--device",), "auto, cpu or cuda[:N]."),
     "overwrite": (bool, False, ("--overwrite",), "Replace a non-empty --out once sampling is done."),
+    "resume": (bool, False, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
+               "finished (same run, settings and seed give the same images)."),
     "progress": (bool, True, ("--progress/--no-progress",), "Show progress bars."),
 }
 GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "seed", "checkpoint", "device")
@@ -56,6 +58,7 @@ class SamplingFlags:
     weights: str = "ema"
     device: str = "auto"
     overwrite: bool = False
+    resume: bool = False
     progress: bool = True
 
 

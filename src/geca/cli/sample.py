@@ -20,6 +20,9 @@ def sample(
     labels_from: str | None = typer.Option(None, "--labels-from", help="Replicate the label vectors of this "
                                            "split of the run's dataset: train, val or test."),
     ratio: int = typer.Option(1, "--ratio", help="With --labels-from: each label vector exactly this many times."),
+    trace: Path | None = typer.Option(None, "--trace", help="GeCA: also write FILE.csv (and FILE.png) tracing, per "
+                                      "reverse step and GHG mode, mean/max |C_h| and |C_out|, the predicted-ε std and "
+                                      "the x̂0 range, on one image per class from the same noise."),
     *,
     flags: SamplingFlags,
 ) -> None:
@@ -27,11 +30,18 @@ def sample(
     from geca.run import load_run, run_split
     from geca.sampling.generate import run_sampler, write_sample_dir
     from geca.sampling.labels import per_class_labels, replicate_labels
+    from geca.sampling.trace import write_trace
 
     if (per_class is None) == (labels_from is None):
         raise ConfigError("give exactly one of --per-class N or --labels-from SPLIT")
+    if trace is not None and trace.suffix != ".csv":
+        raise ConfigError(f"--trace {trace}: expected a .csv file name")
+    if flags.batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {flags.batch_size}")
     device = pick_device(flags.device)
     loaded = load_run(run, flags.checkpoint, flags.weights, device)
+    if trace is not None and not loaded.model.has_cell_state:
+        raise ConfigError(f"--trace: {run} is not a GeCA (it has no cell state to trace)")
     sampler = run_sampler(loaded, flags.sampling, strict=True)
     if per_class is not None:
         if per_class < 1:
@@ -44,8 +54,11 @@ def sample(
         labels = replicate_labels(split.labels, ratio)
         source = {"labels": f"{d.spec}:{labels_from} x{ratio}"}
     manifest, _ = write_sample_dir(out, loaded, labels, sampler, flags.seed, flags.batch_size, device, source,
-                                   flags.overwrite, flags.progress)
+                                   flags.overwrite, flags.progress, flags.resume)
     typer.echo(f"wrote {manifest['num_images']} images to {out} in {manifest['seconds']} s")
+    if trace is not None:
+        write_trace(loaded, sampler, flags.seed, device, trace)
+        typer.echo(f"wrote the GHG trace to {trace} and {trace.with_suffix('.png')}")
 
 
 @guarded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ FLAG_FIELDS = {
     "lr": "train.lr", "seed": "train.seed", "precision": "train.precision", "ema_decay": "train.ema_decay",
     "log_every": "train.log_every", "sample_every": "train.sample_every", "checkpoint_every": "train.checkpoint_every",
     "validate_every": "validation.every", "nca_steps": "model.nca_steps", "attention": "model.attention",
-    "compile": "model.compile", "checkpointing": "model.checkpointing",
+    "compile": "model.compile", "checkpointing": "model.checkpointing", "heredity": "model.heredity",
 }
 
 
@@ -35,7 +36,9 @@ def apply_overrides(config: Any, **overrides: object) -> Any:
 
 @guarded
 def train(
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config (see configs/)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config, or a shipped preset's name "
+                                       "(`geca configs` lists them); with --resume, default: the run's own "
+                                       "config.yaml."),
     out: Path = typer.Option(..., "--out", help="Run directory to create (or continue with --resume)."),
     data: str | None = typer.Option(None, "--data", help="Dataset: an .npz/.csv path, a MedMNIST name "
                                     "(retinamnist), or synthetic-fundus / synthetic-oct[@key=value,...]."),
@@ -51,7 +54,8 @@ def train(
     latent_size: int | None = typer.Option(None, "--latent-size", help="With --vae: centre-crop and resize "
                                            "images to this size before encoding (default 256)."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop after this much training time."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Stop after this much training time in this "
+                                         "invocation (a resumed run gets the budget afresh)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (split over processes)."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for all training randomness."),
@@ -65,6 +69,9 @@ def train(
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the GeCA block."),
     checkpointing: bool | None = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                               help="Recompute each NCA step in backward to save memory."),
+    heredity: bool | None = typer.Option(None, "--heredity/--no-heredity", help="GeCA: heredity-aware training "
+                                         "(ours: a gated entry for the inherited C_h, trained on what GHG hands "
+                                         "over; model.heredity gated) or the paper's (off)."),
     log_every: int | None = typer.Option(None, "--log-every", help="Steps between log.csv rows."),
     sample_every: int | None = typer.Option(None, "--sample-every", help="Steps between EMA sample grids "
                                             "(0: never)."),
@@ -80,18 +87,35 @@ def train(
     """Train a GeCA (launch with `torchrun --nproc_per_node N` for several processes)."""
     from geca.config import load_config
     from geca.models.config import named_model
+    from geca.presets import resolve_config
     from geca.training.trainer import train as run_training
+    from geca.utils.schema import get_field
 
+    if config is not None:
+        config = resolve_config(config, "run")
+    elif resume and (out / "config.yaml").is_file():
+        config = out / "config.yaml"  # the run goes on as it was configured; flags below override it, logged
     run_config = load_config(config)
+    before = copy.deepcopy(run_config) if resume else None
     if model is not None:
         run_config.model = named_model(model)
-    apply_overrides(run_config, data=data, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val,
-                    vae=vae, latent_size=latent_size, download=download, max_steps=max_steps, max_minutes=max_minutes,
-                    batch_size=batch_size, lr=lr, seed=seed, precision=precision, ema_decay=ema_decay,
-                    log_every=log_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
-                    validate_every=validate_every, nca_steps=nca_steps, attention=attention, compile=compile,
-                    checkpointing=checkpointing)
-    summary = run_training(run_config, out, resume=resume, progress=progress)
+    overrides = dict(data=data, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val, vae=vae,
+                     latent_size=latent_size, download=download, max_steps=max_steps, max_minutes=max_minutes,
+                     batch_size=batch_size, lr=lr, seed=seed, precision=precision, ema_decay=ema_decay,
+                     log_every=log_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
+                     validate_every=validate_every, nca_steps=nca_steps, attention=attention, compile=compile,
+                     checkpointing=checkpointing,
+                     heredity=None if heredity is None else ("gated" if heredity else "off"))
+    apply_overrides(run_config, **overrides)
+    # A bad value is named as the user wrote it: its flag, or its key in the config file.
+    names = {FLAG_FIELDS[k]: f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None}
+    run_config.validate(names, where=config)
+    if before is not None:
+        for key, flag in names.items():
+            old, new = get_field(before, key), get_field(run_config, key)
+            if old != new:
+                typer.echo(f"resume: {key} {old!r} → {new!r} ({flag})")
+    summary = run_training(run_config, out, resume=resume, progress=progress, names=names)
     if summary["parameter_checksum"] is not None:
         typer.echo(f"parameters identical across {summary['processes']} processes "
                    f"(checksum {summary['parameter_checksum']:.10g})")

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from geca.utils.schema import Checks
+
+CV_VAL = ("slice", "next-fold")
+
 
 @dataclass
 class DataConfig:
@@ -20,3 +24,10 @@ class DataConfig:
     latent_size: int = 256
     latent_mean: bool = False
     latent_cache: str | None = None
+
+    def validate(self, check: Checks) -> None:
+        check(bool(self.spec.strip()), "data.spec", "a dataset spec", self.spec)
+        check(self.image_size is None or self.image_size >= 2, "data.image_size", "≥ 2", self.image_size)
+        check(self.fold >= 0, "data.fold", "≥ 0", self.fold)
+        check.choice(self.cv_val, "data.cv_val", CV_VAL)
+        check(self.latent_size >= 8, "data.latent_size", "≥ 8", self.latent_size)

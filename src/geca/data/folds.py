@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geca.data.config import CV_VAL
 from geca.errors import DataError
 
 FOLDS_COLUMNS = ("filename", "patient_id", "fold")
@@ -155,7 +156,6 @@ def group_ids(names: list[str], patient_ids: np.ndarray | None, eye_ids: np.ndar
     return np.array(names), "image"
 
 
-CV_VAL = ("slice", "next-fold")
 VAL_FRACTION = 0.15
 
 

@@ -141,7 +141,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     keys = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
     try:
         npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: not a valid npz (zip) file: {exc}") from exc
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: holds a single array, not an npz archive with keys {', '.join(keys)}")
@@ -230,8 +230,15 @@ def load_npz(
     class_names = list(known.class_names) if known is not None else [f"class {i}" for i in range(k)]
 
     images = arrays[f"{split}_images"]
+    h, w = images.shape[1:3]
+    if h != w:
+        if image_size is None:
+            raise DataError(f"{path}: {split}_images are {h}×{w}; geca needs square images (pass --image-size to "
+                            "centre-crop and resize them)")
+        side = min(h, w)
+        images = images[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
     if image_size is not None and images.shape[1:3] != (image_size, image_size):
-        images = _resize(images, image_size)
+        images = _resize(np.ascontiguousarray(images), image_size)
     return ImageSet(
         images=images,
         labels=onehot.astype(np.float32),

@@ -9,18 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-
-@dataclass
-class DiffusionConfig:
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    learn_sigma: bool = True
+from geca.diffusion.config import DiffusionConfig
 
 
 def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:

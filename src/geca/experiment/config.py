@@ -79,10 +79,12 @@ class EvaluationSettings:
 
 @dataclass
 class GHGSettings:
-    """Fig. 5: KID of the GeCA generator under each Gene Heredity Guidance mode."""
+    """Fig. 5: KID and class-faithfulness of the GeCA generator under each Gene Heredity Guidance mode; with
+    `both_trainings`, also of a twin trained with the other `model.heredity` (gated: ours, off: the paper's)."""
 
     enabled: bool = True
     modes: list[str] = field(default_factory=lambda: ["none", "out", "both", "hidden"])
+    both_trainings: bool = True
     num_samples: int | None = None
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 

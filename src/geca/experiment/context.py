@@ -79,7 +79,9 @@ class Context:
         return f"{stage_dir(self.root, 'real') / split / 'labels.csv'}:all"
 
 
-def train_id(name: str, fold: int | None) -> str:
+def train_id(name: str, fold: int | None, heredity: str | None = None) -> str:
+    """A generator's training stage; `heredity` names the GHG stage's twin trained with that `model.heredity`."""
+    name = name if heredity is None else f"{name}.heredity-{heredity}"
     return f"train.{name}" if fold is None else f"train.{name}.f{fold}"
 
 

@@ -24,7 +24,7 @@ from geca.errors import StageError
 from geca.utils.io import atomic_write_json
 
 MARKER = "done.json"
-PENDING = "pending.json"
+PENDING = ".pending.json"  # hidden: a training run may start in the folder
 
 
 @dataclass

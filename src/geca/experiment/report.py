@@ -22,7 +22,7 @@ import geca
 from geca.downstream.report import markdown
 from geca.experiment.context import Context, train_id
 from geca.experiment.graph import read_marker, stage_dir
-from geca.metrics.report import pm
+from geca.metrics.report import faithful, pm
 from geca.utils.io import atomic_write, atomic_write_text
 from geca.utils.plots import plt
 
@@ -85,9 +85,13 @@ def _quality(r: _Reader, figures: Path) -> list[str]:
     if "random" in (feats["name"], gg["name"]) or (rep["lpips_backbone"] or "").startswith("random"):
         lines += ["**Randomly initialised feature networks: these values test the pipeline and mean nothing.**", ""]
     rows = [[x["name"], r.train(x["name"])["model"], x["n"], pm(x["kid"], 1e3), pm(x["lpips"], digits=4),
-             f"{x['fld']['gg']:.2f}", f"{x['fld']['fld']:.2f}"] for x in rep["results"]]
+             f"{x['fld']['gg']:.2f}", f"{x['fld']['fld']:.2f}", faithful(x.get("faithfulness"))]
+            for x in rep["results"]]
     lines += _table(["Generator", "Model", "N", f"KID×10³ ↓ ({feats['name']})", "LPIPS ↑", f"GG ↑ ({gg['name']})",
-                     f"FLD ↓ ({gg['name']})"], rows)
+                     f"FLD ↓ ({gg['name']})", "faithful ↑ (chance)"], rows)
+    lines += [f"Class-faithfulness: the domain classifier's accuracy on the labels each image was generated for "
+              f"(macro-AUC if multi-label); on the real images it scores {faithful(rep['real'].get('faithfulness'))}.",
+              ""]
     lines += ["### Samples per class: real (left) beside generated (right)", ""]
     for x in rep["results"]:
         link = _copy(stage_dir(r.root, "evaluate") / x["grid"], figures, "grid_" + x["grid"].rsplit("_grid_", 1)[-1])
@@ -95,22 +99,44 @@ def _quality(r: _Reader, figures: Path) -> list[str]:
     return lines
 
 
+HEREDITY_LABEL = {"gated": "heredity-aware training (ours)", "off": "published training"}
+
+
 def _ghg(r: _Reader, figures: Path) -> list[str]:
-    kid = r.kid("ghg")
-    sets = r.ctx.outputs("ghg")["sets"]
-    modes = [s["sampling"]["ghg"] for s in sets]
-    vals = [kid[s["name"]] for s in sets]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.bar(modes, [v["mean"] * 1e3 for v in vals], yerr=[v["std"] * 1e3 for v in vals], capsize=4,
-           color=["#999" if m != "hidden" else "#c44" for m in modes])
-    ax.set_ylabel("KID ×10³ ↓")
-    ax.set_xlabel("inherited from step t+1")
-    ax.set_title(f"Gene Heredity Guidance ({r.ctx.loaded.cellular})", fontsize=9)
+    results = {x["name"]: x for x in r.metrics("ghg")["results"]}
+    outputs = r.ctx.outputs("ghg")
+    sets = outputs["sets"]
+    trainings = list(dict.fromkeys(s.get("heredity", "off") for s in sets))
+    modes = list(dict.fromkeys(s["sampling"]["ghg"] for s in sets))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
+    width = 0.8 / len(trainings)
+    for i, h in enumerate(trainings):
+        mine = [results[s["name"]] for s in sets if s.get("heredity", "off") == h]
+        xs = [j + (i - (len(trainings) - 1) / 2) * width for j in range(len(mine))]
+        axes[0].bar(xs, [v["kid"]["mean"] * 1e3 for v in mine], width, yerr=[v["kid"]["std"] * 1e3 for v in mine],
+                    capsize=3, label=HEREDITY_LABEL.get(h, h))
+        axes[1].bar(xs, [(v.get("faithfulness") or {}).get("value") or 0 for v in mine], width,
+                    label=HEREDITY_LABEL.get(h, h))
+    for ax, label in zip(axes, ("KID ×10³ ↓", "class-faithfulness ↑"), strict=True):
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_xlabel("inherited from step t+1 (GHG)")
+        ax.set_ylabel(label)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"Gene Heredity Guidance ({r.ctx.loaded.cellular})", fontsize=9)
     sc = sets[0]["sampling"]
-    return ["## Fig. 5 — Gene Heredity Guidance", "",
-            f"{r.ctx.loaded.cellular}, {sets[0]['images']} images per mode, {sc['sampler']} {sc['steps']} steps, "
-            f"CFG {sc['guidance_scale']}.", "", f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
-            *_table(["GHG", "KID×10³ ↓"], [[m, pm(v, 1e3)] for m, v in zip(modes, vals, strict=True)])]
+    rows = [[HEREDITY_LABEL.get(s.get("heredity", "off"), ""), s["sampling"]["ghg"], pm(results[s["name"]]["kid"], 1e3),
+             faithful(results[s["name"]].get("faithfulness"))] for s in sets]
+    lines = ["## Fig. 5 — Gene Heredity Guidance", "",
+             f"{r.ctx.loaded.cellular}, {sets[0]['images']} images per mode, {sc['sampler']} {sc['steps']} steps, "
+             f"CFG {sc['guidance_scale']}; class-faithfulness is the domain classifier's accuracy on the requested "
+             "labels (chance in brackets).", "", f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
+             *_table(["training", "GHG", "KID×10³ ↓", "faithful ↑ (chance)"], rows)]
+    for h, files in outputs.get("traces", {}).items():
+        link = _copy(stage_dir(r.root, "ghg") / files["png"], figures, f"ghg_trace_{h}.png")
+        lines += ["", f"Trace along one reverse chain, {HEREDITY_LABEL.get(h, h)} (mean |C_h|, |C_out|, predicted-ε "
+                  f"std, x̂0 range per GHG mode; data in `ghg/{files['csv']}`):", "", f"![GHG trace, {h}]({link})"]
+    return lines
 
 
 def _nca_steps(r: _Reader, figures: Path) -> list[str]:

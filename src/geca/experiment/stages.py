@@ -23,8 +23,9 @@ from geca.models.build import count_macs, count_parameters
 from geca.run import load_run
 from geca.sampling.config import SamplerConfig
 from geca.sampling.expand import expand
-from geca.sampling.generate import write_images, write_sample_dir
+from geca.sampling.generate import run_sampler, write_images, write_sample_dir
 from geca.sampling.growth import grow_organism
+from geca.sampling.trace import write_trace
 from geca.utils.io import file_sha256
 
 # ── stages ────────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -36,11 +37,15 @@ def folds_stage(ctx: Context, out: Path) -> dict[str, Any]:
     return {"folds_file": "folds.csv", "k": ctx.exp.data.folds, "images": len(groups.names), "grouped_by": groups.by}
 
 
-def train_stage(ctx: Context, out: Path, name: str, fold: int | None) -> dict[str, Any]:
-    """Train (or resume) one generator; record its size, cost per call and training throughput."""
+def train_stage(ctx: Context, out: Path, name: str, fold: int | None, heredity: str | None = None
+                ) -> dict[str, Any]:
+    """Train (or resume) one generator (with `heredity`, its GHG twin); record its size, cost per call and
+    training throughput."""
     from geca.training.trainer import train
 
     config = ctx.loaded.run_config(name, fold)
+    if heredity is not None:
+        config.model.heredity = heredity
     config.data.folds_file = ctx.folds_file
     if config.data.vae and config.data.latent_cache is None:  # one latent cache per fold, shared by the generators
         config.data.latent_cache = str(ctx.root / "latents" / ("all" if fold is None else f"fold{fold}"))
@@ -52,6 +57,7 @@ def train_stage(ctx: Context, out: Path, name: str, fold: int | None) -> dict[st
     s = run.spec
     rows = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
     return {"generator": name, "fold": fold, "model": config.model.name, "family": config.model.family,
+            "heredity": getattr(config.model, "heredity", None),
             "steps": summary["step"], "parameters": count_parameters(run.model),
             "macs_per_call": count_macs(run.model, s.in_channels, s.num_classes, s.resolution),
             "input": [s.in_channels, s.resolution, s.resolution], "latent": s.latent is not None,
@@ -105,40 +111,67 @@ def evaluate_stage(ctx: Context, out: Path) -> dict[str, Any]:
 
 
 def _sweep(ctx: Context, out: Path, variants: list[tuple[str, str, SamplerConfig]], n: int | None) -> dict[str, Any]:
-    """Sample one set per (set name, generator, sampler settings) with the same labels and seed, then score them."""
+    """Sample one set per (set name, training stage, sampler settings) with the same labels and seed, then score
+    them."""
     labels = ctx.eval_labels(n)
     sets, rows = [], []
-    for set_name, generator, sc in variants:
-        run = ctx.trained(train_id(generator, ctx.eval_fold))
+    for set_name, training, sc in variants:
+        run = ctx.trained(training)
         path = out / "samples" / set_name
         manifest, _ = write_sample_dir(path, run, labels, sc, ctx.exp.seed,
                                        ctx.exp.sample_batch_size, ctx.device, progress=ctx.progress)
         sets.append((set_name, path))
-        rows.append({"name": set_name, "generator": generator, "sampling": manifest["sampling"],
+        rows.append({"name": set_name, "training": training, "sampling": manifest["sampling"],
                      "images": manifest["num_images"], "seconds": manifest["seconds"]})
     _evaluate(ctx, sets, out)
     return {"metrics": "metrics.json", "sets": rows}
 
 
+def ghg_trainings(ctx: Context) -> dict[str, str]:
+    """model.heredity → training stage of the GeCA generator: its own, and with `both_trainings` its twin."""
+    fold, name = ctx.eval_fold, ctx.loaded.cellular
+    own = getattr(ctx.loaded.run_config(name, fold).model, "heredity", "off")
+    trainings = {own: train_id(name, fold)}
+    if ctx.exp.ghg.both_trainings:
+        other = "off" if own == "gated" else "gated"
+        trainings[other] = train_id(name, fold, heredity=other)
+    return trainings
+
+
 def ghg_stage(ctx: Context, out: Path) -> dict[str, Any]:
-    """Fig. 5: the GeCA generator under each GHG mode."""
+    """Fig. 5: the GeCA generator under each GHG mode, for each training (heredity gated / off), and the trace of
+    its cell state along one reverse chain."""
     g = ctx.exp.ghg
-    return _sweep(ctx, out, [(f"ghg-{m}", ctx.loaded.cellular, replace(g.sampler, ghg=m)) for m in g.modes],
-                  g.num_samples)
+    trainings = ghg_trainings(ctx)
+    heredity = {f"ghg-{m}-heredity-{h}": h for h in trainings for m in g.modes}
+    result = _sweep(ctx, out, [(name, trainings[h], replace(g.sampler, ghg=name.split("-")[1]))
+                               for name, h in heredity.items()], g.num_samples)
+    for row in result["sets"]:
+        row["heredity"] = heredity[row["name"]]
+    result["traces"] = {}
+    for h, stage in trainings.items():
+        run = ctx.trained(stage)
+        trace = write_trace(run, run_sampler(run, g.sampler), ctx.exp.seed, ctx.device, out / f"trace-{h}.csv")
+        result["traces"][h] = {"csv": trace.name, "png": trace.with_suffix(".png").name}
+    return result
 
 
 def nca_steps_stage(ctx: Context, out: Path) -> dict[str, Any]:
     """Fig. 6: the GeCA generator with M NCA steps per call (trained with its own M)."""
-    m = ctx.exp.nca_steps
-    return _sweep(ctx, out, [(f"M{v}", ctx.loaded.cellular, replace(m.sampler, nca_steps=v)) for v in m.values],
-                  m.num_samples)
+    m, stage = ctx.exp.nca_steps, train_id(ctx.loaded.cellular, ctx.eval_fold)
+    return _sweep(ctx, out, [(f"M{v}", stage, replace(m.sampler, nca_steps=v)) for v in m.values], m.num_samples)
 
 
 def sampler_cost_stage(ctx: Context, out: Path) -> dict[str, Any]:
     """KID against denoiser calls: every chosen generator under every sampler setting."""
     c = ctx.exp.sampler_cost
     names = c.generators or [g.name for g in ctx.exp.generators]
-    return _sweep(ctx, out, [(f"{g}-{s.sampler}{s.steps}", g, s) for g in names for s in c.samplers], c.num_samples)
+    generator = {f"{g}-{s.sampler}{s.steps}": (g, s) for g in names for s in c.samplers}
+    result = _sweep(ctx, out, [(name, train_id(g, ctx.eval_fold), s) for name, (g, s) in generator.items()],
+                    c.num_samples)
+    for row in result["sets"]:
+        row["generator"] = generator[row["name"]][0]
+    return result
 
 
 def growth_stage(ctx: Context, out: Path) -> dict[str, Any]:
@@ -218,7 +251,13 @@ def build_stages(ctx: Context) -> list[Stage]:
     if lx.cellular:
         geca = [train_id(lx.cellular, ctx.eval_fold)] + real
         if exp.ghg.enabled:
-            add("ghg", ghg_stage, geca, {**sampling, **metric, "ghg": asdict(exp.ghg)})
+            twins = {h: stage for h, stage in ghg_trainings(ctx).items() if stage not in geca}
+            for h, stage in twins.items():
+                run_config = lx.run_config(lx.cellular, ctx.eval_fold)
+                run_config.model.heredity = h
+                add(stage, train_stage, base, {"run": asdict(run_config)}, resumable=True, name=lx.cellular,
+                    fold=ctx.eval_fold, heredity=h)
+            add("ghg", ghg_stage, geca + list(twins.values()), {**sampling, **metric, "ghg": asdict(exp.ghg)})
         if exp.nca_steps.enabled:
             add("nca_steps", nca_steps_stage, geca, {**sampling, **metric, "nca_steps": asdict(exp.nca_steps)})
         if exp.growth.enabled:

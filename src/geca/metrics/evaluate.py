@@ -1,4 +1,5 @@
-"""Score generated sample directories against real data: KID (overall, per class), LPIPS diversity, FLD and GG."""
+"""Score generated sample directories against real data: KID (overall, per class), LPIPS diversity, FLD, GG and
+class-faithfulness."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.errors import DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
-from geca.metrics.features import FeatureExtractor, build_extractor, weights_path
+from geca.metrics.domain import DomainNet
+from geca.metrics.faithfulness import faithfulness, predict
+from geca.metrics.features import DomainFeatures, FeatureExtractor, build_extractor, domain_features, weights_path
 from geca.metrics.fld import fld
 from geca.metrics.kid import check_protocol, kid, kid_subset_size
 from geca.metrics.report import real_vs_generated_grid
@@ -168,6 +171,16 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     return EvalInputs(gens, real, train, real_name, train_name, size)
 
 
+def faithfulness_judge(s: EvalSettings, train: ImageSet, extractor: FeatureExtractor,
+                       log: Callable[[str], None]) -> DomainNet:
+    """The domain classifier: the KID network's own where KID runs on domain features, else trained (and cached)
+    on the generators' training split."""
+    if isinstance(extractor, DomainFeatures) and extractor.name == "domain":
+        return extractor.net
+    file = s.features_file if s.features == "domain" else None
+    return domain_features(file, train, s.seed, log, s.device).net
+
+
 def _network(extractor: FeatureExtractor) -> dict[str, Any]:
     return {"name": extractor.name, "source": extractor.source, "dim": extractor.dim}
 
@@ -175,6 +188,11 @@ def _network(extractor: FeatureExtractor) -> dict[str, Any]:
 def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it."""
     t0 = time.time()
+    out = Path(out)
+    if out.is_dir() or out.suffix != ".json":
+        raise DataError(f"--out {out}: expected a .json file name (the grids are written beside it)")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise DataError(f"--out {out}: {out.parent} is a file, not a directory")
     gg_name, gg_file = s.gg_network()
     # Every weights file is looked for before any slow work (loading images, training domain features).
     weights_path(s.features, s.features_file)
@@ -193,11 +211,16 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     kid_real = features(extractor, inputs.real.images)
     gg_train = features(gg_extractor, inputs.train.images)
     gg_real = kid_real if same else features(gg_extractor, inputs.real.images)
+    judge = faithfulness_judge(s, inputs.train, extractor, log)
+
+    def faithful(data: ImageSet) -> dict[str, Any]:
+        logits = predict(judge, data.images, s.batch_size, s.device)
+        return faithfulness(logits, data.labels, inputs.real.class_names, inputs.real.multilabel)
+
     lpips_model, backbone = None, ""
     if s.lpips:
         lpips_model = load_lpips("random" if alexnet is None else alexnet, s.seed)
         backbone = "random (tests only)" if alexnet is None else str(alexnet)
-    out = Path(out)
     results = []
     for name, path, g in inputs.generated:
         log(f"scoring {name} ({len(g)} images)")
@@ -207,13 +230,17 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
                       s.per_class_min, lpips_model, backbone, s.batch_size, s.device)
         grid = out.with_name(f"{out.stem}_grid_{_safe(name)}.png")
         real_vs_generated_grid(inputs.real, g, grid, seed=s.seed, title=f"{':'.join(inputs.real_name)} vs {name}")
-        results.append({"name": name, "dir": str(path), **r, "grid": grid.name})
+        results.append({"name": name, "dir": str(path), **r, "faithfulness": faithful(g), "grid": grid.name})
     report = {
         "protocol": s.protocol,
         "seed": s.seed,
         "features": _network(extractor),
         "gg_features": _network(gg_extractor),
-        "real": {"spec": inputs.real_name[0], "split": inputs.real_name[1], "n": len(inputs.real)},
+        "real": {"spec": inputs.real_name[0], "split": inputs.real_name[1], "n": len(inputs.real),
+                 "faithfulness": faithful(inputs.real)},
+        "faithfulness_note": "the domain classifier's accuracy (macro-AUC if multi-label) on the labels each image "
+                             "was generated for; real.faithfulness is its score on held-out real images (the "
+                             "ceiling), chance what a generator ignoring its label would score",
         "train": {"spec": inputs.train_name[0], "split": inputs.train_name[1], "n": len(inputs.train)},
         "image_size": inputs.size,
         "class_names": inputs.real.class_names,

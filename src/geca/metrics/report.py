@@ -23,15 +23,23 @@ def pm(d: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
 
 def comparison_table(report: dict[str, Any]) -> Table:
     """One row per generated set, in the layout of GeCA's Table 1 (KID×10³, LPIPS, GG) plus FLD."""
+    real = report["real"]
     t = Table(title=f"{report['protocol']} protocol; KID on {report['features']['name']} features, GG and FLD on "
-                    f"{report['gg_features']['name']}; real = {report['real']['spec']}:{report['real']['split']} "
-                    f"({report['real']['n']} images)")
-    for col in ("generated", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓"):
+                    f"{report['gg_features']['name']}; real = {real['spec']}:{real['split']} ({real['n']} images; "
+                    f"class-faithfulness {faithful(real.get('faithfulness'))})")
+    for col in ("generated", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓", "faithful ↑ (chance)"):
         t.add_column(col, justify="left" if col == "generated" else "right")
     for r in report["results"]:
         t.add_row(r["name"], str(r["n"]), pm(r["kid"], 1e3), pm(r["lpips"], digits=4), f"{r['fld']['gg']:.2f}",
-                  f"{r['fld']['fld']:.2f}")
+                  f"{r['fld']['fld']:.2f}", faithful(r.get("faithfulness")))
     return t
+
+
+def faithful(f: dict[str, Any] | None) -> str:
+    """Class-faithfulness with its chance level, e.g. `0.82 (0.31)`."""
+    if not f or f.get("value") is None:
+        return "—"
+    return f"{f['value']:.2f} ({f['chance']:.2f})"
 
 
 def per_class_table(report: dict[str, Any]) -> Table | None:

@@ -36,6 +36,7 @@ class Denoiser(nn.Module):
     num_classes: int
     learn_sigma: bool
     has_cell_state: bool = False
+    ghg_default: str | None = None  # a cellular model's own default GHG mode (None: the paper's, hidden)
 
     @property
     def out_channels(self) -> int:

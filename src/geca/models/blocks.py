@@ -85,4 +85,5 @@ def adaln_zero_init(module: nn.Module, t_embedder: TimestepEmbedder, zeroed: Ite
         nn.init.normal_(layer.weight, std=0.02)
     for layer in zeroed:
         nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)

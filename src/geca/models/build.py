@@ -34,6 +34,7 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolut
         attention="sliced" if config.compile else config.attention,
         checkpointing=config.checkpointing,
         block=config.block,
+        heredity=config.heredity,
     )
     if config.compile:
         model.block.compile()

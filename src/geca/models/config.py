@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geca.errors import ConfigError
+from geca.utils.schema import Checks
+
+ATTENTIONS = ("fast", "sliced", "reference")
+HEREDITY = ("off", "gated")  # geca.models.attention.IMPLEMENTATIONS (this module imports no torch)
 
 
 @dataclass
@@ -19,6 +23,10 @@ class ModelConfig:
     learn_sigma: bool = True
     label_dropout: float = 0.1
     compile: bool = False
+
+    def validate(self, check: Checks) -> None:
+        """Every value of the config in range; the family's own checks extend these."""
+        check(0 <= self.label_dropout < 1, "model.label_dropout", "in [0, 1)", self.label_dropout)
 
     @classmethod
     def from_mapping(cls, value: Any, where: str) -> ModelConfig:
@@ -41,6 +49,13 @@ class TransformerConfig(ModelConfig):
     heads: int = 3
     mlp_hidden: int = 384
 
+    def validate(self, check: Checks) -> None:
+        super().validate(check)
+        check(self.heads >= 1, "model.heads", "≥ 1", self.heads)
+        check(self.hidden_size >= 1 and self.hidden_size % max(self.heads, 1) == 0, "model.hidden_size",
+              f"a positive multiple of the {self.heads} heads", self.hidden_size)
+        check(self.mlp_hidden >= 1, "model.mlp_hidden", "≥ 1", self.mlp_hidden)
+
 
 @dataclass
 class GeCAConfig(TransformerConfig):
@@ -55,6 +70,20 @@ class GeCAConfig(TransformerConfig):
     attention: str = "fast"
     checkpointing: bool = False
     block: str = "published"  # the authors' block; "v0.1": geca 0.1's DiT-style block (its runs load with it)
+    # How a carried C_h enters the next call: "off" as published (raw, it replaces the zero seed), "gated" ours
+    # (LayerNorm → zero-init Linear, added to the seed). Runs saved without the key are "off".
+    heredity: str = "off"
+
+    def validate(self, check: Checks) -> None:
+        super().validate(check)
+        check(self.hidden_channels >= 1, "model.hidden_channels", "≥ 1", self.hidden_channels)
+        check(self.nca_steps >= 1, "model.nca_steps", "≥ 1", self.nca_steps)
+        check(self.pos_channels >= 4 and self.pos_channels % 4 == 0, "model.pos_channels", "a positive multiple of 4",
+              self.pos_channels)
+        check(0 < self.update_prob <= 1, "model.update_prob", "in (0, 1]", self.update_prob)
+        check.choice(self.attention, "model.attention", ATTENTIONS)
+        check.choice(self.block, "model.block", ("published", "v0.1"))
+        check.choice(self.heredity, "model.heredity", HEREDITY)
 
 
 @dataclass
@@ -66,6 +95,11 @@ class DiTConfig(TransformerConfig):
     depth: int = 5
     patch_size: int = 2
 
+    def validate(self, check: Checks) -> None:
+        super().validate(check)
+        check(self.depth >= 1, "model.depth", "≥ 1", self.depth)
+        check(self.patch_size >= 1, "model.patch_size", "≥ 1", self.patch_size)
+
 
 @dataclass
 class UNetConfig(ModelConfig):
@@ -76,6 +110,12 @@ class UNetConfig(ModelConfig):
     block_channels: list[int] = field(default_factory=lambda: [16, 24, 32])
     layers_per_block: int = 1
     attention_resolutions: list[int] = field(default_factory=lambda: [4])
+
+    def validate(self, check: Checks) -> None:
+        super().validate(check)
+        check(bool(self.block_channels) and min(self.block_channels) >= 1, "model.block_channels",
+              "a non-empty list of positive widths", self.block_channels)
+        check(self.layers_per_block >= 1, "model.layers_per_block", "≥ 1", self.layers_per_block)
 
 
 FAMILIES: dict[str, type[ModelConfig]] = {"geca": GeCAConfig, "dit": DiTConfig, "unet": UNetConfig}

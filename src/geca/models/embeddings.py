@@ -45,11 +45,12 @@ class LabelEmbedder(nn.Module):
         self.null = nn.Parameter(torch.zeros(dim))
 
     def forward(self, y: torch.Tensor, null: torch.Tensor | None = None) -> torch.Tensor:
-        """`null` (B,) bool forces the null embedding; in training mode rows are also dropped with p=dropout."""
+        """`null` (B,) bool forces the null embedding; without it, in training mode, rows are dropped with
+        p=dropout (a caller that passes `null` in training has drawn the drops itself)."""
         if y.shape[-1] != self.num_classes:
             raise ValueError(f"label vectors have {y.shape[-1]} entries, the model expects {self.num_classes}")
         drop = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device) if null is None else null.to(y.device)
-        if self.training and self.dropout > 0:
+        if self.training and self.dropout > 0 and null is None:
             drop = drop | (torch.rand(y.shape[0], device=y.device) < self.dropout)
         emb = self.proj(y.to(self.proj[0].weight.dtype))
         return torch.where(drop[:, None], self.null.to(emb.dtype).expand_as(emb), emb)

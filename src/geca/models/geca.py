@@ -55,10 +55,13 @@ class GeCA(Denoiser):
         attention: str = "fast",
         checkpointing: bool = False,
         block: str = "published",
+        heredity: str = "off",
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown GeCA block {block!r}; choose from {', '.join(BLOCKS)}")
+        if heredity not in ("off", "gated"):
+            raise ValueError(f"unknown heredity {heredity!r}; choose off or gated")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.resolution = resolution
@@ -76,10 +79,35 @@ class GeCA(Denoiser):
         self.block = NeighbourhoodBlock(hidden_size, heads, mlp_hidden, attention, BLOCKS[block])
         self.block_ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.final = FinalLayer(hidden_size, self.out_channels + hidden_channels)
+        # Along a raw GHG chain |C_h| grows without bound (a state training never shows); normalising what is
+        # carried and learning how much of it enters keeps it in range. No biases: a zero carry enters as zero, so
+        # a fresh seed and "nothing inherited" are the same state.
+        self.heredity = heredity
+        self.inherit_gate = nn.Sequential(nn.LayerNorm(hidden_channels, bias=False),
+                                          nn.Linear(hidden_channels, hidden_channels, bias=False)
+                                          ) if heredity == "gated" else None
         self.initialize()
 
     def initialize(self) -> None:
-        adaln_zero_init(self, self.t_embedder, (self.block_ada[-1], self.final.ada[-1], self.final.linear))
+        zero = [self.block_ada[-1], self.final.ada[-1], self.final.linear]
+        if self.inherit_gate is not None:
+            zero.append(self.inherit_gate[-1])
+        adaln_zero_init(self, self.t_embedder, zero)
+
+    @property
+    def ghg_default(self) -> str:
+        """`hidden` (the paper's GHG) for a model trained to inherit; `none` for one that never saw a carried C_h."""
+        return "hidden" if self.heredity == "gated" else "none"
+
+    def inherit(self, seed: CellState, carry: CellState | None) -> CellState:
+        """The state a call starts from: the seed, with what the previous reverse step handed over."""
+        if carry is None:
+            return seed
+        hidden = seed.hidden
+        if carry.hidden is not None:
+            gate = self.inherit_gate
+            hidden = carry.hidden if gate is None else seed.hidden + gate(carry.hidden.to(seed.hidden.dtype))
+        return CellState(out=seed.out if carry.out is None else carry.out, hidden=hidden)
 
     def seed(self, batch: int, height: int, width: int, device: torch.device) -> CellState:
         """C_out zero except the centre cell ~ N(0, 1); C_h zero."""
@@ -114,10 +142,7 @@ class GeCA(Denoiser):
         final_mod = tuple(m[:, None, None] for m in self.final.modulation(cond))  # 2 × (B, 1, 1, D)
         pos = self.positions(h, w).to(x.dtype).expand(b, h, w, -1)  # (B, H, W, |C_γ|)
         fixed = torch.cat([x.permute(0, 2, 3, 1), pos], dim=-1)  # C_in | C_γ: (B, H, W, C + |C_γ|)
-        state = self.seed(b, h, w, x.device)
-        if carry is not None:
-            state = CellState(out=state.out if carry.out is None else carry.out,
-                              hidden=state.hidden if carry.hidden is None else carry.hidden)
+        state = self.inherit(self.seed(b, h, w, x.device), carry)
         out, hidden = state.out, state.hidden  # (B, H, W, |C_out|), (B, H, W, |C_h|)
         for _ in range(self.nca_steps if nca_steps is None else nca_steps):
             if self.checkpointing and torch.is_grad_enabled():

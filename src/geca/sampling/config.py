@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from geca.errors import ConfigError
+from geca.utils.schema import Checks
 
 SAMPLERS = ("ddpm", "ddim")
+# How the sampling commands spell each setting.
+FLAGS = {"sampler.sampler": "--sampler", "sampler.steps": "--steps", "sampler.guidance_scale": "--cfg",
+         "sampler.ghg": "--ghg", "sampler.nca_steps": "--m", "sampler.eta": "eta"}
 GHG_MODES = ("hidden", "none", "out", "both")
 
 
 @dataclass
 class SamplerConfig:
-    """How to sample. `ghg` None means the model's default: `hidden` (the paper's) for GeCA, `none` for models
-    without cell state; `nca_steps` None means the trained M; `clip_x0` None means clipping x̂₀ to [−1, 1] in pixel
-    space and not for latent runs (ours: the authors never clip, and sample in latent space)."""
+    """How to sample. `ghg` None means the model's default: `hidden` (the paper's) for a GeCA trained with heredity,
+    `none` for one trained as published (whose samples `hidden` turns to noise) and for models without cell state;
+    `nca_steps` None means the trained M; `clip_x0` None means clipping x̂₀ to [−1, 1] in pixel space and not for
+    latent runs (ours: the authors never clip, and sample in latent space)."""
 
     sampler: str = "ddpm"
     steps: int = 250
@@ -24,20 +30,26 @@ class SamplerConfig:
     eta: float = 0.0
     clip_x0: bool | None = None
 
-    def validate(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if self.ghg is not None and self.ghg not in GHG_MODES:
-            raise ConfigError(f"unknown GHG mode {self.ghg!r}; choose from {', '.join(GHG_MODES)}")
-        if self.nca_steps is not None and self.nca_steps < 1:
-            raise ConfigError(f"M (NCA steps) must be ≥ 1, got {self.nca_steps}")
+    def validate(self, checks: Checks | None = None, prefix: str = "sampler") -> None:
+        check = checks or Checks(FLAGS)
+        check.choice(self.sampler, f"{prefix}.sampler", SAMPLERS)
+        if self.ghg is not None:
+            check.choice(self.ghg, f"{prefix}.ghg", GHG_MODES)
+        check(self.steps >= 1, f"{prefix}.steps", "≥ 1", self.steps)
+        check(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, f"{prefix}.guidance_scale",
+              "≥ 0 (1: conditional only)", self.guidance_scale)
+        check(self.nca_steps is None or self.nca_steps >= 1, f"{prefix}.nca_steps", "≥ 1", self.nca_steps)
+        check(math.isfinite(self.eta) and self.eta >= 0, f"{prefix}.eta", "≥ 0", self.eta)
 
-    def for_model(self, cellular: bool, latent: bool, strict: bool = False) -> SamplerConfig:
-        """The settings a model samples with: the GHG default resolved (a model without cell state has no heredity
-        and no M: always `none`, and with `strict` asking it for another mode is an error), and by default x̂0
-        unclipped for latent models, as DiT does: latents have no [-1, 1] range to clip to."""
+    def for_model(self, cellular: bool, latent: bool, strict: bool = False, ghg_default: str | None = None
+                  ) -> SamplerConfig:
+        """The settings a model samples with: the GHG default resolved (the model's `ghg_default`, else `hidden`; a
+        model without cell state has no heredity and no M: always `none`, and with `strict` asking it for another
+        mode is an error), and by default x̂0 unclipped for latent models, as DiT does: latents have no [-1, 1]
+        range to clip to."""
         self.validate()
-        ghg = self.ghg if self.ghg is not None else ("hidden" if cellular else "none")
+        default = (ghg_default or "hidden") if cellular else "none"
+        ghg = self.ghg if self.ghg is not None else default
         if not cellular and ghg != "none":
             if strict:
                 raise ConfigError(f"--ghg {ghg} needs a cellular model (GeCA); this one has no cell state (use --ghg "

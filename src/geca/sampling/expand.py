@@ -20,8 +20,10 @@ def _same_file(a: str | None, b: str | None) -> bool:
 
 def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: int, batch_size: int,
            device: torch.device | str, data_spec: str | None = None, folds_file: str | None = None,
-           fold: int | None = None, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+           fold: int | None = None, overwrite: bool = False, progress: bool = True, limit: int | None = None,
+           resume: bool = False) -> dict[str, Any]:
     """Sample `ratio` images per training image into `out` (the `geca sample` format); returns the manifest.
+    `limit` keeps the first N images of that list; `resume` continues an interrupted run.
 
     The training split is the run's own (its data, folds file and fold) unless `data_spec`, `folds_file` or `fold`
     name another, which must have the run's classes; a fold whose test patients the run trained on is refused.
@@ -39,9 +41,11 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
         raise ConfigError(f"the run was trained on fold {own.fold} of {own.folds_file}; its images would leak "
                           f"fold {k}'s test patients into fold {k}'s training set. Use the run trained on fold {k}")
     train = run_split(run, spec, "train", folds, k)
+    labels = replicate_labels(train.labels, ratio)
     extra = {"labels": f"{spec}:train x{ratio}",
              "expansion": {"data": spec, "folds_file": folds, "fold": k if folds else None, "ratio": ratio,
-                           "train_images": len(train)}}
-    manifest, _ = write_sample_dir(out, run, replicate_labels(train.labels, ratio), sampler, seed, batch_size,
-                                   device, extra, overwrite, progress)
+                           "train_images": len(train), "limit": limit, "complete": limit is None or
+                           limit >= len(labels)}}
+    manifest, _ = write_sample_dir(out, run, labels[:limit], sampler, seed, batch_size, device, extra, overwrite,
+                                   progress, resume)
     return manifest

@@ -4,44 +4,68 @@ study), and a sample directory holds them on disk: images/*.png, labels.csv, man
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import shutil
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 import geca
 from geca.diffusion.gaussian import GaussianDiffusion
+from geca.errors import ConfigError
 from geca.latent.codec import LatentCodec
 from geca.models.base import Denoiser
 from geca.run import LoadedRun
 from geca.sampling.config import SamplerConfig
 from geca.sampling.samplers import sample
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, staged_dir
+from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, replace_dir
 from geca.utils.seeding import derive_seed
 
 Decoder = Callable[[torch.Tensor], np.ndarray]
 
 
+def sample_batches(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],
+                   sampler: SamplerConfig, seed: int, batch_size: int, device: torch.device | str,
+                   decode: Decoder = to_uint8, progress: bool = False, skip: Collection[int] = ()
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+    """(b, uint8 images (n, H, W, C)) for each batch b of `batch_size` label vectors not in `skip`. Batch b draws
+    from seed (seed, b), so the same seed gives the same images whatever came before (or was skipped); the global
+    random state is left as it was."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    rng = torch.get_rng_state()
+    try:
+        batches = labels.split(batch_size)
+        bar = tqdm(total=len(batches), initial=len(set(skip)), desc="batches", disable=not progress)
+        for b, y in enumerate(batches):
+            if b in skip:
+                continue
+            torch.manual_seed(derive_seed(seed, b, 0))
+            images = decode(sample(model, diffusion, y.to(device), shape, sampler, progress=progress))
+            bar.update(1)
+            yield b, images
+        bar.close()
+    finally:
+        torch.set_rng_state(rng)
+
+
 def sample_images(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],
                   sampler: SamplerConfig, seed: int, batch_size: int, device: torch.device | str,
                   decode: Decoder = to_uint8, progress: bool = False) -> np.ndarray:
-    """One uint8 image (N, H, W, C) per label vector. Batch b draws from seed (seed, b), so the same seed gives the
-    same images whatever came before; the global random state is left as it was."""
-    rng = torch.get_rng_state()
-    out = []
-    try:
-        for b, y in enumerate(tqdm(labels.split(batch_size), desc="batches", disable=not progress)):
-            torch.manual_seed(derive_seed(seed, b, 0))
-            out.append(decode(sample(model, diffusion, y.to(device), shape, sampler, progress=progress)))
-    finally:
-        torch.set_rng_state(rng)
+    """One uint8 image (N, H, W, C) per label vector (see `sample_batches`)."""
+    out = [images for _, images in sample_batches(model, diffusion, labels, shape, sampler, seed, batch_size, device,
+                                                 decode, progress)]
     return np.concatenate(out) if out else decode(torch.zeros(0, *shape))
 
 
@@ -55,8 +79,15 @@ def decoder(run: LoadedRun, device: torch.device | str, batch_size: int = 16) ->
 
 
 def run_sampler(run: LoadedRun, sampler: SamplerConfig, strict: bool = False) -> SamplerConfig:
-    """The settings `run` samples with (see SamplerConfig.for_model)."""
-    return sampler.for_model(run.model.has_cell_state, run.spec.latent is not None, strict)
+    """The settings `run` samples with (see SamplerConfig.for_model); `strict` (the commands) also warns when a
+    published-training GeCA is asked to inherit C_h."""
+    resolved = sampler.for_model(run.model.has_cell_state, run.spec.latent is not None, strict,
+                                 ghg_default=run.model.ghg_default)
+    if strict and resolved.ghg in ("hidden", "both") and run.model.ghg_default == "none":
+        warnings.warn(f"--ghg {resolved.ghg}: {run.run_dir} was trained without heredity (model.heredity: off), and "
+                      "inheriting C_h turns such a model's samples to noise; use --ghg none, or train with --heredity",
+                      stacklevel=2)
+    return resolved
 
 
 def generate(run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed: int, batch_size: int,
@@ -64,6 +95,33 @@ def generate(run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed:
     """`sample_images` for a loaded run; a latent run's samples are decoded by the VAE it was trained with."""
     return sample_images(run.model, run.diffusion, labels, run.spec.shape, run_sampler(run, sampler), seed,
                          batch_size, device, decoder(run, device, batch_size), progress)
+
+
+def _work_key(run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed: int, batch_size: int) -> str:
+    """What makes a sample set's images: an unfinished one is resumed only under the same key."""
+    h = hashlib.sha256(json.dumps({"weights": file_sha256(run.weights_file), "sampling": asdict(sampler),
+                                   "seed": seed, "batch_size": batch_size}, sort_keys=True).encode())
+    h.update(labels.numpy().astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _unfinished(work: Path, key: str, resume: bool) -> set[int]:
+    """The batches an interrupted run left in `work` (reused by --resume under the same key); anything else there
+    is cleared."""
+    progress = work / "progress.json"
+    if work.is_dir() and resume and progress.is_file():
+        try:
+            state = json.loads(progress.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            state = {}
+        if state.get("key") == key:
+            return set(state.get("batches", []))
+        if state.get("key") is not None:
+            raise ConfigError(f"--resume: {work} holds an unfinished set sampled with other settings, seed or "
+                              "weights; rerun with those, or without --resume to start afresh")
+    if work.exists():
+        shutil.rmtree(work)
+    return set()
 
 
 def labels_csv(filenames: list[str], labels: np.ndarray, class_names: list[str]) -> str:
@@ -87,35 +145,55 @@ def write_images(directory: Path, images: np.ndarray, labels: np.ndarray, class_
 
 def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed: int,
                      batch_size: int, device: torch.device | str, extra: dict[str, Any] | None = None,
-                     overwrite: bool = False, progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
-    """Sample into a hidden sibling directory and move it into place only when whole; returns (manifest, images)."""
+                     overwrite: bool = False, progress: bool = True, resume: bool = False
+                     ) -> tuple[dict[str, Any], np.ndarray]:
+    """Sample into a hidden sibling directory, one batch of PNGs at a time, and move it into place only when whole;
+    returns (manifest, images). An interrupted run leaves its finished batches there for `resume`."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    if len(labels) == 0:
+        raise ConfigError("no label vectors to sample")
     sampler = run_sampler(run, sampler)  # so that the manifest records what sampling used
-    with staged_dir(out) as tmp:
-        t0 = time.time()
-        images = generate(run, labels, sampler, seed, batch_size, device, progress)
-        write_images(tmp, images, labels.numpy(), run.spec.class_names)
-        manifest = {
-            "run": str(run.run_dir.resolve()),
-            "checkpoint": str(run.checkpoint.resolve()),
-            "checkpoint_step": run.step,
-            "weights_file": run.weights_file.name,
-            "weights_sha256": file_sha256(run.weights_file),
-            "model": run.spec.model.name,
-            "sampling": asdict(sampler),
-            "seed": seed,
-            "batch_size": batch_size,
-            "num_images": len(images),
-            "class_names": run.spec.class_names,
-            "multilabel": run.spec.multilabel,
-            "latent": None if run.spec.latent is None else asdict(run.spec.latent),
-            "seconds": round(time.time() - t0, 2),
-            "device": str(device),
-            "geca_version": geca.__version__,
-            "torch_version": torch.__version__,
-            **(extra or {}),
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
+    work = out.with_name(f".{out.name}.unfinished")  # one per target, found again by --resume
+    key = _work_key(run, labels, sampler, seed, batch_size)
+    done = _unfinished(work, key, resume)
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    names = [f"images/{i:06d}.png" for i in range(len(labels))]
+    t0 = time.time()
+    for b, batch in sample_batches(run.model, run.diffusion, labels, run.spec.shape, sampler, seed, batch_size,
+                                   device, decoder(run, device, batch_size), progress, skip=done):
+        for name, img in zip(names[b * batch_size:], batch, strict=False):
+            pil_image(img).save(work / name)
+        done.add(b)
+        atomic_write_json(work / "progress.json", {"key": key, "batches": sorted(done)})
+    images = np.stack([np.asarray(Image.open(work / n)) for n in names])
+    if images.ndim == 3:  # grey PNGs read back without a channel axis
+        images = images[..., None]
+    atomic_write_text(work / "labels.csv", labels_csv(names, labels.numpy(), run.spec.class_names))
+    (work / "progress.json").unlink()
+    manifest = {
+        "run": str(run.run_dir.resolve()),
+        "checkpoint": str(run.checkpoint.resolve()),
+        "checkpoint_step": run.step,
+        "weights_file": run.weights_file.name,
+        "weights_sha256": file_sha256(run.weights_file),
+        "model": run.spec.model.name,
+        "sampling": asdict(sampler),
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_images": len(images),
+        "class_names": run.spec.class_names,
+        "multilabel": run.spec.multilabel,
+        "latent": None if run.spec.latent is None else asdict(run.spec.latent),
+        "seconds": round(time.time() - t0, 2),
+        "device": str(device),
+        "geca_version": geca.__version__,
+        "torch_version": torch.__version__,
+        **(extra or {}),
+    }
+    atomic_write_json(work / "manifest.json", manifest)
+    replace_dir(work, out)
     return manifest, images

@@ -131,6 +131,11 @@ def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig,
     """Grow one organism of class `label` (name or index) from a loaded GeCA and write its GIFs and strips."""
     if not run.model.has_cell_state:
         raise ConfigError(f"{run.spec.model.name} is not a cellular model; growth needs a GeCA")
+    steps = run.diffusion.num_timesteps
+    if not 0 <= at_t < steps:
+        raise ConfigError(f"--t must be in 0…{steps - 1} (the run's diffusion steps), got {at_t}")
+    if frames < 1:
+        raise ConfigError(f"--frames must be ≥ 1, got {frames}")
     cls = resolve_class(label, run.spec.class_names)
     torch.manual_seed(seed)
     g = grow(run.model, run.diffusion, one_hot(cls, run.spec.num_classes).to(device), run.spec.shape,

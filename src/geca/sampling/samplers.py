@@ -54,7 +54,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
     `callback(t, x_t, p, state)` sees every reverse step (p holds pred_x0, eps, mean, log_variance).
     """
     if sampler.ghg is None or sampler.clip_x0 is None:
-        sampler = sampler.for_model(model.has_cell_state, latent=False)
+        sampler = sampler.for_model(model.has_cell_state, latent=False, ghg_default=model.ghg_default)
     sampler.validate()
     device = labels.device
     spaced = diffusion.respaced(sampler.steps)

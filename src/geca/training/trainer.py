@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import functools
-import json
+import math
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -26,10 +27,12 @@ from geca.data.registry import load_split
 from geca.errors import CheckpointError, ConfigError, TrainingError
 from geca.latent.cache import LatentSet, ensure_latents
 from geca.latent.codec import LatentCodec
-from geca.run import ModelSpec, find_checkpoint, load_state_dict_into, read_spec, save_checkpoint
+from geca.models.build import count_parameters
+from geca.run import ModelSpec, find_checkpoint, load_state_dict_into, read_spec, read_state, save_checkpoint, verify
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
 from geca.training.ema import EMA
+from geca.training.heredity import handed_over
 from geca.utils.hardware import resolve_precision
 from geca.utils.images import grid, save_png, to_uint8
 from geca.utils.io import CsvLog, atomic_write_json
@@ -37,6 +40,7 @@ from geca.utils.plots import plot_loss_curve
 from geca.utils.seeding import derive_seed
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+DIVERGED = 1e3  # the diffusion loss of a sane model is O(1); above this it has blown up
 LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "elapsed_min"]
 
 
@@ -154,10 +158,18 @@ def _resume(run_dir: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.op
             ) -> tuple[int, dict[str, Any]]:
     """Load the latest checkpoint into the model, its EMA and the optimizer; returns its step and state."""
     ckpt = find_checkpoint(run_dir)
+    state = read_state(ckpt)
+    if not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{ckpt / 'state.json'}: missing or without a step; cannot resume from {ckpt}")
     load_state_dict_into(model, ckpt / "model.safetensors")
     load_state_dict_into(ema.model, ckpt / "ema.safetensors")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    state = json.loads((ckpt / "state.json").read_text())
+    opt_file = ckpt / "optimizer.pt"
+    verify(opt_file)
+    try:
+        optimizer.load_state_dict(torch.load(opt_file, weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"{opt_file}: unreadable optimizer state ({str(e).splitlines()[0]})") from None
+    state.pop("files", None)
     return int(state.pop("step")), state
 
 
@@ -165,21 +177,20 @@ class Trainer:
     """One training run: set up in the constructor, then `step()` and `periodic()` until done."""
 
     def __init__(self, config: RunConfig, run_dir: Path, resume: bool, progress: bool,
-                 train_set: ImageSet | None) -> None:
+                 train_set: ImageSet | None, names: dict[str, str] | None = None) -> None:
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        config.validate(names)
+        check_run_dir(self.run_dir, resume)
         tc = config.train
         self.accelerator = acc = _accelerator(config)
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
         self.local_batch = tc.batch_size // self.world
-        has_ckpt = (self.run_dir / "checkpoints" / "latest.json").exists()
-        if has_ckpt and not resume:
-            raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose "
-                                  "another --out")
-        if resume and not has_ckpt:
-            raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
+        self.heredity_prob = tc.heredity_prob if getattr(config.model, "heredity", "off") == "gated" else 0.0
         self.data = training_data(config, self.run_dir, acc, progress, train_set)
+        if len(self.data.data) == 0:
+            raise ConfigError(f"{config.data.spec}: the training split is empty")
         self.spec = self.data.spec(config)
         if resume and not read_spec(self.run_dir).same_setup(self.spec):
             raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data "
@@ -197,10 +208,10 @@ class Trainer:
         self.images, self.labels = self.data.images.to(self.device), self.data.labels.to(self.device)
         self.stream = BatchStream(len(self.data.data), tc.seed)
         self.log = CsvLog(self.run_dir / "log.csv", LOG_FIELDS)
+        self.validator = self._validator(resume)  # loads the val split and features: fails before files are written
         if self.main:
             self._write_run_files(resume)
         acc.wait_for_everyone()
-        self.validator = self._validator(resume)
         self.window = LossWindow()
 
     def _write_run_files(self, resume: bool) -> None:
@@ -214,9 +225,8 @@ class Trainer:
     def _validator(self, resume: bool) -> Any:
         if not self.config.validation.every:
             return None
-        from geca.training.validation import Validator, check_validation
+        from geca.training.validation import Validator
 
-        check_validation(self.config)  # on every rank, so that a bad setting stops them all
         if not self.main:
             return None
         validator = Validator(self.config, self.spec, self.data.data, self.run_dir, self.device, self.data.to_images,
@@ -239,12 +249,10 @@ class Trainer:
         t = torch.randint(0, self.diffusion.num_timesteps, (b,), device=self.device)
         noise = torch.randn_like(x0)
         with acc.autocast():
-            terms = self.diffusion.training_losses(lambda xt, tt: self.model(xt, tt, y).output, x0, t, noise)
+            terms = self.diffusion.training_losses(self._denoiser(x0, t, y, noise), x0, t, noise)
         loss = terms["loss"].mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at step {self.step_count} (lr {tc.lr}, precision "
-                                f"{tc.precision}); checkpoints so far are in {self.run_dir / 'checkpoints'}. Try a "
-                                "lower --lr, --precision fp32 or a gradient clip.")
+        if not math.isfinite(value := loss.item()) or value > DIVERGED:
+            self._diverged(value)
         acc.backward(loss)
         if tc.grad_clip:
             acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -255,6 +263,40 @@ class Trainer:
         self.state["images_seen"] += tc.batch_size
         self.window.add(terms)
         return terms
+
+    def _denoiser(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor
+                  ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The model as the loss calls it: as published (C_h starts at zero), or heredity-aware, where a share of
+        the calls start from what a no-grad call at (x_{t+Δ}, t+Δ) handed over, as `--ghg hidden` does."""
+        if not self.heredity_prob:
+            return lambda xt, tt: self.model(xt, tt, y).output
+        b, tc = len(t), self.config.train
+        # One label drop per sample, shared by both calls, as a CFG half keeps its own lineage when sampling.
+        null = torch.rand(b, device=self.device) < self.config.model.label_dropout
+        keep = torch.rand(b, device=self.device) < self.heredity_prob
+        d = self.diffusion
+
+        def denoise(xt: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+            x_prev, t_prev = xt, tt
+            if tc.heredity_offset:
+                earlier = (t + tc.heredity_offset).clamp(max=d.num_timesteps - 1)
+                x_prev, t_prev = d.q_sample(x0, earlier, noise), d.model_timesteps(earlier)
+            carry = handed_over(self.accelerator.unwrap_model(self.model), x_prev, t_prev, y, null, keep)
+            return self.model(xt, tt, y, null=null, carry=carry).output
+
+        return denoise
+
+    def _diverged(self, value: float) -> None:
+        """Stop before a diverged model is checkpointed; name the last good checkpoint."""
+        tc = self.config.train
+        latest = self.run_dir / "checkpoints" / "latest.json"
+        kept = f"the latest checkpoint ({find_checkpoint(self.run_dir)}) is kept" if latest.exists() else \
+            "no checkpoint was written"
+        hints = ["a lower --lr", "a gradient clip (train.grad_clip)"]
+        if resolve_precision(tc.precision) != "fp32":
+            hints.append("--precision fp32")
+        raise TrainingError(f"loss became {value:.4g} at step {self.step_count} (lr {tc.lr}, precision "
+                            f"{tc.precision}): training diverged; {kept}. Try {' or '.join(hints)}.")
 
     def elapsed_s(self) -> float:
         return self.state["elapsed_s"] + time.time() - self.t_start
@@ -276,7 +318,8 @@ class Trainer:
         """A grid of EMA samples, per_class per class: what `geca sample --seed <train seed>` would draw now."""
         pc, spec = self.config.preview, self.spec
         labels = per_class_labels(spec.num_classes, pc.per_class, list(range(min(spec.num_classes, pc.max_classes))))
-        sampler = pc.sampler.for_model(self.ema.model.has_cell_state, spec.latent is not None)
+        sampler = pc.sampler.for_model(self.ema.model.has_cell_state, spec.latent is not None,
+                                       ghg_default=self.ema.model.ghg_default)
         images = sample_images(self.ema.model, self.diffusion, labels, spec.shape, sampler, self.config.train.seed,
                                len(labels), self.device, self.data.to_images)
         save_png(grid(images, nrow=pc.per_class, upscale=max(1, 64 // images.shape[1])),
@@ -311,15 +354,27 @@ class Trainer:
             self.validate()
 
     def out_of_time(self) -> bool:
+        """max_minutes is this invocation's budget (a resumed run gets it afresh), taken by all processes at once."""
         budget = self.config.train.max_minutes
         if budget is None:
             return False
-        over = torch.tensor([float(time.time() - self.t_start > budget * 60 - self.state["elapsed_s"])],
-                            device=self.device)
+        over = torch.tensor([float(time.time() - self.t_start > budget * 60)], device=self.device)
         return self.accelerator.reduce(over, "max").item() > 0
+
+    def describe(self) -> str:
+        """The start-up line: what trains, on what, from where."""
+        d, s, m = self.data.data, self.spec, self.accelerator.unwrap_model(self.model)
+        shape = f"{s.resolution}×{s.resolution}×{s.in_channels}" + (" latents" if s.latent else "")
+        return (f"{self.config.model.name} ({count_parameters(m):,} parameters) on {self.device} × {self.world}, "
+                f"precision {self.accelerator.mixed_precision if self.accelerator.mixed_precision != 'no' else 'fp32'}"
+                f" (asked: {self.config.train.precision}); {self.config.data.spec}: {len(d)} training images, {shape},"
+                f" {s.num_classes} classes; from step {self.step_count} to {self.config.train.max_steps}"
+                + (f", at most {self.config.train.max_minutes:g} min" if self.config.train.max_minutes else ""))
 
     def run(self) -> dict[str, Any]:
         tc = self.config.train
+        if self.main:
+            tqdm.write(self.describe())
         self.t_start = time.time()
         self.bar = tqdm(total=tc.max_steps, initial=self.step_count, desc="training", dynamic_ncols=True,
                         disable=not (self.progress and self.main))
@@ -338,10 +393,29 @@ class Trainer:
                 "parameter_checksum": checksum, "config": asdict(self.config)}
 
 
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run goes into a new or empty folder; --resume needs a run with a checkpoint."""
+    has_ckpt = (run_dir / "checkpoints" / "latest.json").exists()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: is a file, not a directory")
+    if has_ckpt and not resume:
+        raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose "
+                              "another --out")
+    if resume and not has_ckpt:
+        raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
+    own = {"model.json", "config.yaml", "samples", "log.csv", "checkpoints", "latents", "validation.csv", "loss.png"}
+    others = [p for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in own] \
+        if run_dir.is_dir() else []
+    if not resume and others:
+        raise ConfigError(f"--out {run_dir}: exists and holds other files ({others[0].name}, …); a new run needs a new "
+                          "or empty folder")
+
+
 def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          train_set: ImageSet | None = None) -> dict[str, Any]:
-    """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes."""
-    return Trainer(config, run_dir, resume, progress, train_set).run()
+          train_set: ImageSet | None = None, names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes.
+    `names` maps config keys to the flags that set them, for error messages."""
+    return Trainer(config, run_dir, resume, progress, train_set, names).run()
 
 
 def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:

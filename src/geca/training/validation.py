@@ -7,7 +7,6 @@ selection split (`val` by default) that is never the final evaluation split (`te
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -22,24 +21,14 @@ from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.errors import ConfigError
-from geca.metrics.features import build_extractor
+from geca.metrics.faithfulness import faithfulness, predict
+from geca.metrics.features import DomainFeatures, build_extractor, domain_features
 from geca.metrics.kid import kid, kid_subset_size
-from geca.run import BEST, ModelSpec, checkpoint_dir, save_weights
+from geca.run import BEST, ModelSpec, checkpoint_dir, read_state, save_weights, write_state
 from geca.sampling.generate import sample_images
 from geca.utils.io import CsvLog, staged_dir
 
-FIELDS = ["step", "kid", "kid_std", "subset_size", "num_samples", "best", "seconds"]
-
-
-def check_validation(config: RunConfig) -> None:
-    v = config.validation
-    if v.every < 0 or v.num_samples < 2 or v.batch_size < 1:
-        raise ConfigError(f"validation: every must be ≥ 0, num_samples ≥ 2 and batch_size ≥ 1, got {v.every}, "
-                          f"{v.num_samples}, {v.batch_size}")
-    if v.split == "test":
-        raise ConfigError("validation.split must not be 'test': selecting checkpoints on the split you report "
-                          "would bias the final evaluation; use 'val'")
-    v.sampler.validate()
+FIELDS = ["step", "kid", "kid_std", "subset_size", "num_samples", "faithfulness", "best", "seconds"]
 
 
 class Validator:
@@ -47,7 +36,6 @@ class Validator:
 
     def __init__(self, config: RunConfig, spec: ModelSpec, train_set: ImageSet, run_dir: Path, device: torch.device,
                  to_images: Callable[[torch.Tensor], np.ndarray], log: Callable[[str], None] = print) -> None:
-        check_validation(config)
         self.spec, self.device, self.to_images, self.log = spec, device, to_images, log
         self.v = config.validation
         self.csv = CsvLog(Path(run_dir) / "validation.csv", FIELDS)
@@ -62,6 +50,9 @@ class Validator:
         self.extractor = build_extractor(self.v.features, self.v.features_file, seed=config.train.seed,
                                          train=train_set, log=log, device=device)
         self.real_features = self.extractor.extract(real.images, self.v.batch_size, device)
+        domain = isinstance(self.extractor, DomainFeatures) and self.extractor.name == "domain"
+        self.judge = (self.extractor if domain else domain_features(None, train_set, config.train.seed, log,
+                                                                    device)).net
         # The split's own label vectors (its joint label distribution), in a fixed seeded order.
         order = np.random.default_rng(self.v.seed).permutation(len(real))
         self.labels = torch.from_numpy(real.labels[np.resize(order, self.v.num_samples)])
@@ -70,8 +61,7 @@ class Validator:
     def resume(self, step: int) -> None:
         """Forget validations after `step` (the checkpoint resumed from), and a best checkpoint newer than it."""
         self.csv.keep_until(step)
-        state = self.best_dir / "state.json"
-        best = json.loads(state.read_text()) if state.exists() else None
+        best = read_state(self.best_dir) or None
         if best is not None and int(best["step"]) <= step:
             self.best = float(best["kid"])
         elif best is not None:
@@ -80,7 +70,8 @@ class Validator:
     def generate(self, model: torch.nn.Module, diffusion: GaussianDiffusion) -> np.ndarray:
         """Seeded samples, one per label vector, as `geca sample --seed <validation seed>` draws them."""
         spec = self.spec
-        sampler = self.v.sampler.for_model(model.has_cell_state, spec.latent is not None)
+        sampler = self.v.sampler.for_model(model.has_cell_state, spec.latent is not None,
+                                           ghg_default=model.ghg_default)
         return sample_images(model, diffusion, self.labels, spec.shape, sampler, self.v.seed, self.v.batch_size,
                              self.device, self.to_images)
 
@@ -88,7 +79,10 @@ class Validator:
                  diffusion: GaussianDiffusion) -> float:
         """Validate the EMA model at `step`; append to validation.csv; replace checkpoints/best if KID improved."""
         t0 = time.time()
-        fake = self.extractor.extract(self.generate(ema_model, diffusion), self.v.batch_size, self.device)
+        images = self.generate(ema_model, diffusion)
+        fake = self.extractor.extract(images, self.v.batch_size, self.device)
+        faithful = faithfulness(predict(self.judge, images, self.v.batch_size, self.device), self.labels.numpy(),
+                                self.spec.class_names, self.spec.multilabel)["value"]
         n = kid_subset_size("standard", len(self.real_features), len(fake))
         # A pure function of the features: every validation starts from a fresh (reset) metric.
         res = kid(self.real_features, fake, n, seed=self.v.seed)
@@ -97,9 +91,11 @@ class Validator:
             self.best = res.mean
             self._save_best(step, model, ema_model, res.mean)
         row = {"step": step, "kid": f"{res.mean:.6g}", "kid_std": f"{res.std:.6g}", "subset_size": n,
-               "num_samples": len(fake), "best": int(improved), "seconds": f"{time.time() - t0:.1f}"}
+               "num_samples": len(fake), "faithfulness": "" if faithful is None else f"{faithful:.4g}",
+               "best": int(improved), "seconds": f"{time.time() - t0:.1f}"}
         self.csv.append(row)
-        self.log(f"validation at step {step}: KID×10³ {res.mean * 1e3:.2f} ± {res.std * 1e3:.2f}"
+        self.log(f"validation at step {step}: KID×10³ {res.mean * 1e3:.2f} ± {res.std * 1e3:.2f}, class-faithfulness "
+                 f"{'—' if faithful is None else f'{faithful:.3f}'}"
                  + (" (best so far)" if improved else f" (best {self.best * 1e3:.2f})"))
         return res.mean
 
@@ -107,5 +103,4 @@ class Validator:
         """checkpoints/best/ holds the weights (no optimizer state) of the lowest-KID step, written whole."""
         with staged_dir(self.best_dir) as tmp:
             save_weights(tmp, model, ema_model)
-            (tmp / "state.json").write_text(json.dumps({"step": step, "kid": value, "split": self.v.split,
-                                                        "features": self.extractor.name}, indent=2))
+            write_state(tmp, {"step": step, "kid": value, "split": self.v.split, "features": self.extractor.name})

@@ -5,10 +5,13 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 
 
 @functools.cache
@@ -23,6 +26,8 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(name: str) -> str:
     """`auto` is bf16 where the hardware runs it natively (CUDA with bf16, or a bf16-capable CPU), else fp32."""
+    import torch
+
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     cuda = torch.cuda.is_available()
@@ -35,3 +40,22 @@ def resolve_precision(name: str) -> str:
         warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 autocast will be far slower than fp32; "
                       "use --precision auto or fp32", stacklevel=2)
     return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU where there is one; anything but a CPU or an available CUDA device is a ConfigError."""
+    import torch
+
+    from geca.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use {DEVICE_HELP}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: geca runs on {DEVICE_HELP}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name!r} requested but no CUDA GPU is available")
+    return device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -13,6 +14,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from geca.errors import GecaError
 
 
 def _umask() -> int:
@@ -29,14 +32,39 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_staging(final: Path) -> list[Path]:
+    """Delete the staging folders of `final` left by killed processes (their pid, in the name, no longer runs)."""
+    final = Path(final)
+    removed = []
+    prefix = f".{final.name}.partial-"
+    for p in final.parent.glob(f"{glob.escape(prefix)}*") if final.parent.is_dir() else []:
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and not _alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def staging_dir(final: Path) -> Path:
-    """A fresh directory beside `final` to build it in, with the permissions a plain `mkdir` would give.
+    """A fresh directory beside `final` to build it in, with the permissions a plain `mkdir` would give; stale
+    staging folders of the same target (from killed runs) are removed first.
 
     `mkdtemp` makes it owner-only (0700), which a later rename would carry over to a run or sample directory.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    clean_stale_staging(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())
     return tmp
 
@@ -119,8 +147,12 @@ class CsvLog:
         """Drop the rows of steps after `step` (the checkpoint a run resumes from), so no step is logged twice."""
         if not self.path.exists():
             return
+        try:
+            kept = [r for r in self.rows() if int(r["step"]) <= step]
+        except (csv.Error, KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
+            raise GecaError(f"{self.path}: corrupt log ({type(e).__name__}: {e}); fix or remove it to resume") from None
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, self.fields)
+        writer = csv.DictWriter(buf, self.fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(r for r in self.rows() if int(r["step"]) <= step)
+        writer.writerows(kept)
         atomic_write_text(self.path, buf.getvalue())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -52,6 +53,33 @@ def plot_class_grid(images: np.ndarray, class_names: list[str], per_class: int, 
         axes[r][0].set_ylabel(class_names[r], rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(Path(out), lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_ghg_trace(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:
+    """Four panels against the reverse step, one line per GHG mode: |C_h|, |C_out|, predicted-ε std, x̂0 range."""
+    modes = list(dict.fromkeys(r["ghg"] for r in rows))
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), dpi=110)
+    panels = [("hidden_mean", "mean |C_h|", True), ("out_mean", "mean |C_out|", True),
+              ("eps_std", "predicted ε std", False), ("x0_max", "x̂0 range (min…max)", False)]
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for mode in modes:
+            mine = [r for r in rows if r["ghg"] == mode]
+            steps = [r["step"] for r in mine]
+            line, = ax.plot(steps, [float(r[key]) for r in mine], label=mode)
+            if key == "x0_max":
+                ax.plot(steps, [float(r["x0_min"]) for r in mine], color=line.get_color())
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("reverse step")
+        if log:
+            ax.set_yscale("symlog", linthresh=1e-2)
+        ax.grid(alpha=0.3)
+    axes[0].legend(title="GHG", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     atomic_write(Path(out), lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

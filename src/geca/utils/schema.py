@@ -75,6 +75,8 @@ def read_yaml(path: Path, what: str) -> dict[str, Any]:
         return parse_yaml(Path(path).read_text(), path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: {what} is not a text (YAML) file") from None
 
 
 def nest(mapping: dict[str, Any]) -> dict[str, Any]:
@@ -109,3 +111,27 @@ def set_field(obj: Any, path: str, value: Any, where: str) -> None:
         what = f"{obj.name} ({obj.family})" if hasattr(obj, "family") else type(obj).__name__
         raise ConfigError(f"{where}: {what} has no setting {name!r}; it has {', '.join(sorted(names))}")
     setattr(obj, name, value)
+
+
+def get_field(obj: Any, path: str) -> Any:
+    """The value at a dotted path (`train.lr`)."""
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+class Checks:
+    """Checks of config values; a failed one is a ConfigError naming the value as the user wrote it: the flag in
+    `names` (config key → flag) where there is one, else the dotted config key."""
+
+    def __init__(self, names: dict[str, str] | None = None, where: str | Path | None = None) -> None:
+        self.names = names or {}
+        self.where = where
+
+    def __call__(self, ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            name = self.names.get(key) or (f"{self.where}: {key}" if self.where else key)
+            raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+    def choice(self, value: Any, key: str, valid: tuple[str, ...]) -> None:
+        self(value in valid, key, f"one of {', '.join(valid)}", value)

@@ -1,0 +1,5 @@
+"""`python -m geca`: the command line."""
+
+from geca.cli.main import main
+
+main()

@@ -1,0 +1,152 @@
+"""The user's first hours: the Python API, resume that keeps the run's config, per-invocation budgets, --version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+import geca
+from geca.cli.main import app
+
+runner = CliRunner()
+TINY = ["--nca-steps", "2", "--batch-size", "4", "--sample-every", "0", "--log-every", "1", "--image-size", "8",
+        "--no-progress"]
+
+
+@pytest.fixture
+def custom_run(blobs_npz: Path, tmp_path: Path) -> Path:
+    """A run trained from a YAML whose values differ from the built-in defaults."""
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"name": "GeCA-T", "hidden_channels": 8}, "train": {
+        "lr": 3e-4, "ema_decay": 0.99, "ema_warmup": True, "checkpoint_every": 1}}))
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["train", "-c", str(cfg), "--data", str(blobs_npz), "--out", str(run), "--max-steps",
+                              "2", *TINY])
+    assert res.exit_code == 0, res.output
+    return run
+
+
+def test_api_samples_the_same_images_as_the_cli(custom_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sample", "--run", str(custom_run), "--out", str(out), "--per-class", "2", "--sampler",
+                              "ddim", "--steps", "3", "--seed", "4", "--batch-size", "3", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cli = np.stack([np.asarray(Image.open(p)) for p in sorted((out / "images").glob("*.png"))])
+    run = geca.load_run(custom_run, device="cpu")
+    assert run.class_names == ["class 0", "class 1"] and run.step == 2 and "GeCA-T" in repr(run)
+    api = run.sample(["class 0", "class 0", 1, 1], sampler="ddim", steps=3, seed=4, batch_size=3)
+    assert api.dtype == np.uint8 and np.array_equal(api.reshape(cli.shape), cli)
+    pil = run.sample(np.eye(2, dtype=np.float32), sampler="ddim", steps=2, pil=True)
+    assert len(pil) == 2 and pil[0].size == (8, 8)
+    with pytest.raises(TypeError, match="unknown sampling setting"):
+        run.sample([0], cfg=2.0)
+    organism = run.grow(1, tmp_path / "grow", t=300, frames=2, steps=3)
+    assert organism.label == "class 1" and all(p.is_file() for p in organism.paths.values())
+
+
+def test_resume_keeps_the_runs_own_config_and_logs_overrides(custom_run: Path, blobs_npz: Path) -> None:
+    before = yaml.safe_load((custom_run / "config.yaml").read_text())
+    res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--max-steps", "3", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    after = yaml.safe_load((custom_run / "config.yaml").read_text())
+    assert after["train"]["lr"] == 3e-4 and after["train"]["ema_decay"] == 0.99 and after["train"]["ema_warmup"]
+    assert after["model"]["hidden_channels"] == 8
+    assert {k: v for k, v in after["train"].items() if k != "max_steps"} == \
+        {k: v for k, v in before["train"].items() if k != "max_steps"}
+    assert "resume: train.max_steps 2 → 3 (--max-steps)" in res.output
+
+
+def test_max_minutes_is_a_budget_per_invocation(custom_run: Path) -> None:
+    """A resumed run whose earlier sittings took longer than the budget still trains in this one."""
+    import json
+
+    ckpt = custom_run / "checkpoints" / "step_0000002" / "state.json"
+    state = json.loads(ckpt.read_text())
+    state["elapsed_s"] = 3600.0  # an hour in earlier sittings
+    files = state.pop("files")
+    ckpt.write_text(json.dumps({**state, "files": files}))
+    res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--max-steps", "3", "--max-minutes",
+                              "5", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "trained to step 3" in res.output
+    assert "GeCA-T (" in res.output and "training images" in res.output  # the start-up line
+
+
+def test_version_and_python_m() -> None:
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"geca {geca.__version__}"
+    out = subprocess.run([sys.executable, "-m", "geca", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"geca {geca.__version__}"
+
+
+def test_presets_resolve_by_name_and_ship_in_the_wheel(tmp_path: Path) -> None:
+    import zipfile
+
+    from geca.errors import ConfigError
+    from geca.presets import presets, resolve_config
+
+    assert resolve_config("smoke", "experiment") == presets("experiment")["smoke"]
+    assert resolve_config("retinamnist-28-cpu.yaml", "run") == presets("run")["retinamnist-28-cpu"]
+    assert resolve_config("retinamnist-28-cpu", "experiment") != resolve_config("retinamnist-28-cpu", "run")
+    with pytest.raises(ConfigError, match="geca configs"):
+        resolve_config("no-such-preset", "run")
+    res = runner.invoke(app, ["configs", "--json"])
+    assert res.exit_code == 0 and "smoke" in res.output
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    names = zipfile.ZipFile(next(tmp_path.glob("geca-*.whl"))).namelist()
+    for kind, entries in (("run", presets("run")), ("experiment", presets("experiment"))):
+        for name in entries:
+            sub = "experiments/" if kind == "experiment" else ""
+            assert f"geca/configs/{sub}{name}.yaml" in names
+
+
+def _images(d: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted((d / "images").glob("*.png"))])
+
+
+def test_sampling_resumes_to_identical_images_after_sigterm(custom_run: Path, tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+
+    args = ["sample", "--run", str(custom_run), "--per-class", "3", "--batch-size", "1", "--sampler", "ddim",
+            "--steps", "80", "--seed", "2", "--no-progress"]
+    whole = tmp_path / "whole"
+    assert runner.invoke(app, [*args, "--out", str(whole)]).exit_code == 0
+    out = tmp_path / "cut"
+    progress = tmp_path / ".cut.unfinished" / "progress.json"
+    proc = subprocess.Popen([sys.executable, "-m", "geca", *args, "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (progress.exists() and json.loads(progress.read_text())["batches"]) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    finished = json.loads(progress.read_text())["batches"]
+    assert proc.returncode != 0 and 1 <= len(finished) < 6 and not out.exists(), (proc.returncode, finished)
+    res = runner.invoke(app, [*args, "--out", str(out), "--seed", "3", "--resume"])
+    assert res.exit_code == 2 and "other settings" in res.output  # a different seed would mix two sets
+    res = runner.invoke(app, [*args, "--out", str(out), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(_images(out), _images(whole))
+    assert (out / "labels.csv").read_text() == (whole / "labels.csv").read_text()
+    assert not list(tmp_path.glob(".*unfinished*"))
+
+
+def test_expand_limit(custom_run: Path, tmp_path: Path) -> None:
+    import json
+
+    res = runner.invoke(app, ["expand", "--run", str(custom_run), "--out", str(tmp_path / "x"), "--ratio", "2",
+                              "--limit", "5", "--sampler", "ddim", "--steps", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["num_images"] == 5 and manifest["expansion"]["complete"] is False
