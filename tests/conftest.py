@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tests see no weights the machine happens to have in torch's hub cache.
+os.environ["TORCH_HOME"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "geca-tests-no-torch-home")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -551,3 +551,21 @@ def test_folds_file_splits_a_procedural_set_by_patient(tmp_path: Path) -> None:
     patients = {s: set(p.patient_ids) for s, p in parts.items()}
     assert not (patients["train"] & patients["test"]) and not (patients["val"] & patients["test"])
     assert not (patients["train"] & patients["val"])
+
+
+def test_an_npz_names_its_own_classes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    arrays = {f"{s}_{k}": (rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8) if k == "images" else
+                           (np.arange(6) % 3)[:, None].astype(np.uint8)) for s in ("train", "val", "test")
+              for k in ("images", "labels")}
+    inline = tmp_path / "inline.npz"
+    np.savez(inline, **arrays, class_names=np.array(["healthy", "mild", "severe"]))
+    assert medmnist_npz.load_npz(inline, "train").class_names == ["healthy", "mild", "severe"]
+    beside = tmp_path / "beside.npz"
+    np.savez(beside, **arrays)
+    assert medmnist_npz.load_npz(beside, "train").class_names == ["class 0", "class 1", "class 2"]
+    (tmp_path / "beside.json").write_text('{"class_names": ["a", "b", "c"]}')
+    assert medmnist_npz.load_npz(beside, "test").class_names == ["a", "b", "c"]
+    (tmp_path / "beside.json").write_text('{"class_names": ["a", "b"]}')
+    with pytest.raises(DataError, match="beside.json: class_names must be 3 distinct"):
+        medmnist_npz.load_npz(beside, "test")

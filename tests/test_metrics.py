@@ -113,6 +113,20 @@ def test_lpips_loads_torchvision_alexnet_weights(tmp_path: Path, monkeypatch: py
         load_lpips(bad)
 
 
+def test_weights_are_found_in_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torchvision would have put AlexNet: found without a flag or $GECA_WEIGHTS_DIR."""
+    from geca.metrics.diversity import alexnet_weights
+
+    monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    with pytest.raises(MissingWeightsError, match=str(cached)):
+        alexnet_weights(None)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"placeholder")
+    assert alexnet_weights(None) == cached
+
+
 def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)
     with pytest.raises(MissingWeightsError, match="alexnet-owt-7be5be79.pth.*download.pytorch.org"):
@@ -120,7 +134,7 @@ def test_missing_weights_name_the_file_and_where_to_get_it(tmp_path: Path, monke
     with pytest.raises(MissingWeightsError, match="weights-inception-2015-12-05-6726825d.pth"):
         build_extractor("inception")
     monkeypatch.setenv("GECA_WEIGHTS_DIR", str(tmp_path))
-    with pytest.raises(MissingWeightsError, match=f"{tmp_path}/dinov2_vitb14_pretrain.pth does not exist"):
+    with pytest.raises(MissingWeightsError, match=f"looked for {tmp_path}/dinov2_vitb14_pretrain.pth, .*hub"):
         build_extractor("dinov2")
     with pytest.raises(DataError, match="geca features train"):
         build_extractor("domain", tmp_path / "nope.safetensors")

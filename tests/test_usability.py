@@ -150,3 +150,36 @@ def test_expand_limit(custom_run: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
     assert manifest["num_images"] == 5 and manifest["expansion"]["complete"] is False
+
+
+def test_set_flip_threads_device_and_lr_schedule(blobs_npz: Path, tmp_path: Path) -> None:
+    import csv
+
+    import torch
+
+    from geca.training.trainer import learning_rate
+
+    run = tmp_path / "run"
+    base = ["train", "--data", str(blobs_npz), "--out", str(run), "--model", "GeCA-T", "--max-steps", "4", *TINY]
+    res = runner.invoke(app, [*base, "--set", "train.lr=1e-3", "--set", "model.hidden_channels=4", "--no-flip",
+                              "--warmup-steps", "2", "--lr-schedule", "cosine", "--threads", "1", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["train"]["lr"] == 1e-3 and cfg["model"]["hidden_channels"] == 4 and cfg["data"]["flip"] is False
+    lrs = [float(r["lr"]) for r in csv.DictReader(open(run / "log.csv"))]
+    tc = type("T", (), {"lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "max_steps": 4})
+    assert lrs == pytest.approx([learning_rate(tc, s) for s in range(4)])
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == lrs[2] == pytest.approx(1e-3) and lrs[3] < lrs[2]
+    for bad, word in ((["--set", "train.lr=fast"], "--set train.lr"), (["--set", "train.nope=1"], "nope"),
+                      (["--set", "model.hidden_channels=0"], "--set model.hidden_channels"),
+                      (["--lr-schedule", "linear"], "--lr-schedule"), (["--threads", "0"], "--threads")):
+        res = runner.invoke(app, [*base[:4], str(tmp_path / "bad"), *base[5:], *bad])
+        assert res.exit_code == 2 and word in res.output, (bad, res.output)
+    res = runner.invoke(app, ["runs", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    (row,) = json.loads(res.output)
+    assert row["step"] == 4 and row["model"] == "GeCA-T" and row["heredity"] == "off" and row["loss"]

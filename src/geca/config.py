@@ -26,6 +26,8 @@ class TrainConfig:
     max_minutes: float | None = None
     batch_size: int = 32
     lr: float = 1e-4
+    warmup_steps: int = 0  # linear warm-up from 0 (ours; the paper trains at a constant lr)
+    lr_schedule: str = "constant"  # or "cosine": to 0 at max_steps, after the warm-up
     weight_decay: float = 0.0
     grad_clip: float | None = None
     precision: str = "fp32"
@@ -47,6 +49,8 @@ class TrainConfig:
         check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "> 0", self.max_minutes)
         check(self.batch_size >= 1, "train.batch_size", "≥ 1", self.batch_size)
         check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "> 0", self.lr)
+        check(self.warmup_steps >= 0, "train.warmup_steps", "≥ 0", self.warmup_steps)
+        check.choice(self.lr_schedule, "train.lr_schedule", ("constant", "cosine"))
         check(self.weight_decay >= 0, "train.weight_decay", "≥ 0", self.weight_decay)
         check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "> 0", self.grad_clip)
         check.choice(self.precision, "train.precision", PRECISIONS)

@@ -241,3 +241,30 @@ def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None
         raise ConfigError(f"{data_spec}:{split} has classes {images.class_names}, the run was trained on "
                           f"{run.spec.class_names}")
     return images
+
+
+def summarize_run(run_dir: Path) -> dict[str, Any]:
+    """One line about a run directory, read from its files without loading any weights (a damaged part is "?")."""
+    run_dir = Path(run_dir)
+    row: dict[str, Any] = {"run": str(run_dir), "step": None, "model": "?", "data": "?", "heredity": None,
+                           "loss": None, "best_kid": None, "best_step": None}
+    try:
+        spec = read_spec(run_dir)
+        row.update(model=spec.model.name, data=spec.data.spec, heredity=getattr(spec.model, "heredity", None))
+    except CheckpointError:
+        pass
+    try:
+        row["step"] = read_state(find_checkpoint(run_dir)).get("step")
+    except CheckpointError:
+        pass
+    log = run_dir / "log.csv"
+    if log.is_file():
+        lines = log.read_text(errors="replace").strip().splitlines()
+        if len(lines) > 1 and "loss" in lines[0].split(","):
+            row["loss"] = lines[-1].split(",")[lines[0].split(",").index("loss")]
+    try:
+        best = read_state(run_dir / "checkpoints" / BEST)
+        row.update(best_kid=best.get("kid"), best_step=best.get("step"))
+    except CheckpointError:
+        pass
+    return row

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 
-from geca.errors import GecaError
+from geca.errors import ConfigError, GecaError
 
 if TYPE_CHECKING:
     import torch
@@ -48,3 +48,22 @@ def pick_device(name: str) -> torch.device:
     from geca.utils.hardware import resolve_device
 
     return resolve_device(name)
+
+
+PROGRESS_HELP = "Progress bars (default: on a terminal; in a log file, periodic plain lines instead)."
+
+
+def show_progress(flag: bool | None) -> bool:
+    """One rule for every command: bars where a person watches (a terminal), none in a log file."""
+    return sys.stderr.isatty() if flag is None else flag
+
+
+def set_threads(threads: int | None) -> None:
+    """--threads: intra-op CPU threads (default: torch's, one per core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be ≥ 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

@@ -13,7 +13,7 @@ from geca.cli.encode import encode
 from geca.cli.evaluate import evaluate, features_app
 from geca.cli.experiment import experiment
 from geca.cli.folds import folds
-from geca.cli.models import configs, models
+from geca.cli.models import configs, models, runs
 from geca.cli.sample import grow, sample
 from geca.cli.train import train
 from geca.utils.allocator import keep_freed_memory
@@ -41,6 +41,7 @@ app.command("sample")(sample)
 app.command("grow")(grow)
 app.command("models")(models)
 app.command("configs")(configs)
+app.command("runs")(runs)
 app.command("folds")(folds)
 app.command("encode")(encode)
 app.command("expand")(expand)

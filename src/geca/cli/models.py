@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -96,4 +97,30 @@ def configs(
     for kind, entries in found.items():
         for name, path in entries.items():
             table.add_row("geca train -c" if kind == "run" else "geca experiment", name, describe(path))
+    Console(width=160).print(table)
+
+
+@guarded
+def runs(
+    root: Path = typer.Argument(Path("runs"), help="Folder to search (recursively) for run directories."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the training runs under a folder: step, model, data, heredity, last loss and best validation KID."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from geca.run import summarize_run
+
+    rows = [summarize_run(p.parent) for p in sorted(Path(root).rglob("model.json"))
+            if (p.parent / "checkpoints").is_dir()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} run(s) under {root}")
+    for col in ("run", "step", "model", "data", "heredity", "loss", "best KID×10³"):
+        table.add_column(col, justify="left" if col in ("run", "model", "data", "heredity") else "right")
+    for r in rows:
+        kid = "—" if r["best_kid"] is None else f"{r['best_kid'] * 1e3:.2f} (step {r['best_step']})"
+        table.add_row(r["run"], str(r["step"] if r["step"] is not None else "—"), r["model"], r["data"],
+                      r["heredity"] or "—", r["loss"] or "—", kid)
     Console(width=160).print(table)

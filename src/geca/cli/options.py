@@ -39,9 +39,12 @@ _OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
     "overwrite": (bool, False, ("--overwrite",), "Replace a non-empty --out once sampling is done."),
     "resume": (bool, False, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
                "finished (same run, settings and seed give the same images)."),
-    "progress": (bool, True, ("--progress/--no-progress",), "Show progress bars."),
+    "threads": (int | None, None, ("--threads",), "CPU threads (default: one per core)."),
+    "progress": (bool | None, None, ("--progress/--no-progress",), "Progress bars (default: on a terminal; not in "
+                 "a log file)."),
 }
-GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "seed", "checkpoint", "device")
+GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "seed", "checkpoint", "device",
+        "threads")
 
 
 SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0")
@@ -59,7 +62,8 @@ class SamplingFlags:
     device: str = "auto"
     overwrite: bool = False
     resume: bool = False
-    progress: bool = True
+    threads: int | None = None
+    progress: bool | None = None
 
 
 def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), **defaults: Any) -> Callable[[Callable], Callable]:
@@ -77,9 +81,14 @@ def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), **defaults: Any) ->
 
         @functools.wraps(fn)
         def command(**kwargs: Any) -> Any:
+            from geca.cli.common import set_threads, show_progress
+
             given = {name: kwargs.pop(name) for name in names}
             sampling = SamplerConfig(**{k: given.pop(k) for k in SAMPLER_FIELDS if k in given})
-            return fn(**kwargs, flags=SamplingFlags(sampling, **given))
+            flags = SamplingFlags(sampling, **given)
+            flags.progress = show_progress(flags.progress)
+            set_threads(flags.threads)
+            return fn(**kwargs, flags=flags)
 
         command.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
         command.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in added}}

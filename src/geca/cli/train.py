@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, guarded
+from geca.cli.common import CV_VAL_HELP, PROGRESS_HELP, guarded, pick_device, set_threads, show_progress
 from geca.models.config import NAMED_MODELS
 
 # flag → the config field it sets
@@ -21,6 +21,7 @@ FLAG_FIELDS = {
     "log_every": "train.log_every", "sample_every": "train.sample_every", "checkpoint_every": "train.checkpoint_every",
     "validate_every": "validation.every", "nca_steps": "model.nca_steps", "attention": "model.attention",
     "compile": "model.compile", "checkpointing": "model.checkpointing", "heredity": "model.heredity",
+    "flip": "data.flip", "warmup_steps": "train.warmup_steps", "lr_schedule": "train.lr_schedule",
 }
 
 
@@ -32,6 +33,27 @@ def apply_overrides(config: Any, **overrides: object) -> Any:
         if value is not None:
             set_field(config, FLAG_FIELDS[key], value, f"--{key.replace('_', '-')}")
     return config
+
+
+def apply_set(config: Any, items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` overrides (values read as YAML); returns key → how the user spelt it."""
+    import yaml
+
+    from geca.errors import ConfigError
+    from geca.utils.schema import set_field
+
+    names = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        set_field(config, key, value, f"--set {key}")
+        names[key] = f"--set {key}"
+    return names
 
 
 @guarded
@@ -82,7 +104,18 @@ def train(
     download: bool | None = typer.Option(None, "--download", help="Fetch a named MedMNIST file if missing "
                                          "(needs a network)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    flip: bool | None = typer.Option(None, "--flip/--no-flip", help="Random horizontal flips in training (off for "
+                                     "data that is not mirror-symmetric)."),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Linear LR warm-up over this many steps."),
+    lr_schedule: str | None = typer.Option(None, "--lr-schedule", help="constant (the paper's) or cosine (to 0 at "
+                                           "--max-steps, after the warm-up)."),
+    set_values: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE for any config field, dotted "
+                                                "(--set model.hidden_channels=64 --set train.grad_clip=1.0); the "
+                                                "value is read as YAML; repeatable."),
+    device: str = typer.Option("auto", "--device", help="auto (the GPU where there is one), cpu or cuda (several "
+                               "GPUs: launch with torchrun)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: one per core)."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Train a GeCA (launch with `torchrun --nproc_per_node N` for several processes)."""
     from geca.config import load_config
@@ -104,18 +137,21 @@ def train(
                      batch_size=batch_size, lr=lr, seed=seed, precision=precision, ema_decay=ema_decay,
                      log_every=log_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
                      validate_every=validate_every, nca_steps=nca_steps, attention=attention, compile=compile,
-                     checkpointing=checkpointing,
+                     checkpointing=checkpointing, flip=flip, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
                      heredity=None if heredity is None else ("gated" if heredity else "off"))
     apply_overrides(run_config, **overrides)
     # A bad value is named as the user wrote it: its flag, or its key in the config file.
     names = {FLAG_FIELDS[k]: f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None}
+    names.update(apply_set(run_config, set_values or []))
+    set_threads(threads)
+    cpu = pick_device(device).type == "cpu"
     run_config.validate(names, where=config)
     if before is not None:
         for key, flag in names.items():
             old, new = get_field(before, key), get_field(run_config, key)
             if old != new:
                 typer.echo(f"resume: {key} {old!r} → {new!r} ({flag})")
-    summary = run_training(run_config, out, resume=resume, progress=progress, names=names)
+    summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), names=names, cpu=cpu)
     if summary["parameter_checksum"] is not None:
         typer.echo(f"parameters identical across {summary['processes']} processes "
                    f"(checksum {summary['parameter_checksum']:.10g})")

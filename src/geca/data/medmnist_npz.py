@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -150,7 +152,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         if missing:
             raise DataError(f"{path}: missing key(s) {', '.join(missing)}; expected {', '.join(keys)}")
         try:
-            return {k: npz[k] for k in keys}
+            return {k: npz[k] for k in [*keys, *(["class_names"] if "class_names" in npz.files else [])]}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: corrupt npz member: {exc}") from exc
 
@@ -180,6 +182,27 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _class_names(path: Path, arrays: dict[str, np.ndarray], k: int) -> list[str] | None:
+    """The file's own class names: a `class_names` string array in the npz, or a sidecar NAME.json holding
+    {"class_names": [...]}; None when it has neither."""
+    names: Any = None
+    where = path
+    if "class_names" in arrays:
+        names = arrays["class_names"].tolist()
+    elif (sidecar := path.with_suffix(".json")).is_file():
+        where = sidecar
+        try:
+            names = json.loads(sidecar.read_text()).get("class_names")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise DataError(f"{sidecar}: not a JSON object with class_names ({e})") from None
+    if names is None:
+        return None
+    if not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) and n for n in names) \
+            or len(set(names)) != k:
+        raise DataError(f"{where}: class_names must be {k} distinct non-empty strings, got {names!r}")
+    return names
 
 
 def load_npz(
@@ -227,7 +250,8 @@ def load_npz(
             raise DataError(f"{path}: {split}_labels[{row}] = {labels[row, 0]} is out of range "
                             f"for {k} classes (expected 0..{k - 1})")
         onehot = np.eye(k, dtype=np.float32)[labels[:, 0]]
-    class_names = list(known.class_names) if known is not None else [f"class {i}" for i in range(k)]
+    class_names = _class_names(path, arrays, k) or (list(known.class_names) if known is not None else
+                                                    [f"class {i}" for i in range(k)])
 
     images = arrays[f"{split}_images"]
     h, w = images.shape[1:3]

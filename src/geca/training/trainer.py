@@ -111,7 +111,17 @@ class TrainingData:
                          latent=None if self.latent is None else self.latent.spec)
 
 
-def _accelerator(config: RunConfig) -> Accelerator:
+def learning_rate(tc: Any, step: int) -> float:
+    """The lr of optimizer step `step` (0-based): a pure function of the step, so resume needs no scheduler state."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "cosine":
+        span = max(tc.max_steps - tc.warmup_steps, 1)
+        return tc.lr * 0.5 * (1 + math.cos(math.pi * min(step - tc.warmup_steps, span) / span))
+    return tc.lr
+
+
+def _accelerator(config: RunConfig, cpu: bool = False) -> Accelerator:
     try:
         precision = ACCELERATE_PRECISION[resolve_precision(config.train.precision)]
     except ValueError as e:
@@ -119,7 +129,7 @@ def _accelerator(config: RunConfig) -> Accelerator:
     # Accelerate keeps mixed precision in a process-wide singleton; reset it (not the process group) so that
     # several runs with different precisions can share one Python process.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=precision, cpu=cpu or not torch.cuda.is_available())
 
 
 def _latents(config: RunConfig, data: ImageSet, run_dir: Path, accelerator: Accelerator,
@@ -177,12 +187,12 @@ class Trainer:
     """One training run: set up in the constructor, then `step()` and `periodic()` until done."""
 
     def __init__(self, config: RunConfig, run_dir: Path, resume: bool, progress: bool,
-                 train_set: ImageSet | None, names: dict[str, str] | None = None) -> None:
+                 train_set: ImageSet | None, names: dict[str, str] | None = None, cpu: bool = False) -> None:
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
         config.validate(names)
         check_run_dir(self.run_dir, resume)
         tc = config.train
-        self.accelerator = acc = _accelerator(config)
+        self.accelerator = acc = _accelerator(config, cpu)
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
@@ -256,6 +266,8 @@ class Trainer:
         acc.backward(loss)
         if tc.grad_clip:
             acc.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(tc, self.step_count)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(acc.unwrap_model(self.model), self.step_count)
@@ -303,11 +315,22 @@ class Trainer:
 
     def log_row(self) -> None:
         tc = self.config.train
-        row = self.window.row(self.step_count, tc.batch_size, self.state["images_seen"] / len(self.data.data), tc.lr,
-                              self.elapsed_s())
+        row = self.window.row(self.step_count, tc.batch_size, self.state["images_seen"] / len(self.data.data),
+                              learning_rate(tc, self.step_count - 1), self.elapsed_s())
         self.bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
         if self.main:
             self.log.append(row)
+            if self.bar.disable and self._plain_due():  # a log file: a plain line now and then
+                tqdm.write(f"step {self.step_count}/{tc.max_steps}: loss {row['loss']}, {row['images_per_s']} img/s, "
+                           f"{row['elapsed_min']} min")
+
+    def _plain_due(self) -> bool:
+        """At most one plain progress line a minute (and the first one)."""
+        now = time.time()
+        if now - getattr(self, "_last_plain", 0.0) < 60:
+            return False
+        self._last_plain = now
+        return True
 
     def checkpoint(self) -> None:
         if self.main:
@@ -412,10 +435,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          train_set: ImageSet | None = None, names: dict[str, str] | None = None) -> dict[str, Any]:
+          train_set: ImageSet | None = None, names: dict[str, str] | None = None, cpu: bool = False) -> dict[str, Any]:
     """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes.
-    `names` maps config keys to the flags that set them, for error messages."""
-    return Trainer(config, run_dir, resume, progress, train_set, names).run()
+    `names` maps config keys to the flags that set them, for error messages; `cpu` keeps a GPU machine's GPU idle."""
+    return Trainer(config, run_dir, resume, progress, train_set, names, cpu).run()
 
 
 def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:

@@ -19,21 +19,29 @@ CACHE_DIR_ENV = "GECA_CACHE_DIR"
 UNVERIFIED_ENV = "GECA_UNVERIFIED_WEIGHTS"
 
 
+def torch_hub_checkpoints() -> Path:
+    """Where torch (torchvision, torch.hub) keeps downloaded weights: $TORCH_HOME/hub/checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def resolve_weights(explicit: str | Path | None, filename: str, what: str, url: str, flag: str) -> Path:
-    """The weight file to load: `explicit` if given, else $GECA_WEIGHTS_DIR/`filename`; it must exist."""
+    """The weight file to load: `explicit` if given, else `filename` in $GECA_WEIGHTS_DIR, else in torch's hub cache
+    (where torchvision puts it); it must exist."""
     if explicit is not None:
-        path = Path(explicit).expanduser()
-    elif os.environ.get(WEIGHTS_DIR_ENV):
-        path = Path(os.environ[WEIGHTS_DIR_ENV]).expanduser() / filename
+        candidates = [Path(explicit).expanduser()]
     else:
-        path = None
-    if path is not None and path.is_file():
-        return path
-    looked = f"{path} does not exist" if path is not None else f"no {flag} given and ${WEIGHTS_DIR_ENV} is unset"
+        candidates = [Path(os.environ[WEIGHTS_DIR_ENV]).expanduser() / filename] if os.environ.get(WEIGHTS_DIR_ENV) \
+            else []
+        candidates.append(torch_hub_checkpoints() / filename)
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    unset = "" if explicit is not None or os.environ.get(WEIGHTS_DIR_ENV) else f"; ${WEIGHTS_DIR_ENV} is unset"
     raise MissingWeightsError(
-        f"{what} weights not found ({looked}). This machine never downloads: fetch {filename} from {url} on a "
-        f"machine with internet, then pass {flag} /path/to/{filename} or put it in the folder named by "
-        f"${WEIGHTS_DIR_ENV}."
+        f"{what} weights not found (looked for {looked}{unset}). This machine never downloads: fetch {filename} from "
+        f"{url} on a machine with internet, then pass {flag} /path/to/{filename} or put it in the folder named by "
+        f"${WEIGHTS_DIR_ENV} (or torch's hub cache)."
     )
 
 

@@ -36,6 +36,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
     if tp in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return tp(value)
@@ -100,7 +105,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def set_field(obj: Any, path: str, value: Any, where: str) -> None:
-    """Set the dataclass field at dotted `path` (e.g. `train.lr`) of `obj`; a path that names no field is an error."""
+    """Set the dataclass field at dotted `path` (e.g. `train.lr`) of `obj`, converted to the field's type; a path
+    that names no field, or a value of the wrong type, is an error."""
     *parents, name = path.split(".")
     for part in parents:
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
@@ -110,7 +116,7 @@ def set_field(obj: Any, path: str, value: Any, where: str) -> None:
     if name not in names:
         what = f"{obj.name} ({obj.family})" if hasattr(obj, "family") else type(obj).__name__
         raise ConfigError(f"{where}: {what} has no setting {name!r}; it has {', '.join(sorted(names))}")
-    setattr(obj, name, value)
+    setattr(obj, name, _coerce(typing.get_type_hints(type(obj))[name], value, where))
 
 
 def get_field(obj: Any, path: str) -> Any:
