@@ -64,7 +64,7 @@ def test_a_new_gate_starts_closed_and_published_models_take_the_raw_carry() -> N
     torch.manual_seed(1)
     assert torch.equal(fresh, gated(x, t, y, carry=CellState(hidden=h)).output)
     torch.manual_seed(0)
-    off = build_model(tiny_model_config(update_prob=1.0), 3, 2, 8).eval()
+    off = build_model(tiny_model_config(update_prob=1.0, heredity="off"), 3, 2, 8).eval()
     assert off.inherit(off.seed(2, 8, 8, x.device), CellState(hidden=h)).hidden is h
     assert (gated.ghg_default, off.ghg_default) == ("hidden", "none")
 
@@ -117,6 +117,7 @@ def test_a_run_saved_without_the_heredity_key_loads_as_published(tmp_path: Path)
     from geca.run import load_run
 
     cfg = tiny_config(1)
+    cfg.model.heredity = "off"
     train(cfg, tmp_path / "run", train_set=blob_images(n=8, size=8), progress=False)
     path = tmp_path / "run" / "model.json"
     spec = json.loads(path.read_text())
@@ -182,3 +183,20 @@ def test_faithfulness_is_high_on_real_images_and_chance_when_labels_are_shuffled
     assert multi["metric"] == "macro_auc" and multi["value"] > 0.95
     multi_shuffled = faithfulness(logits, shuffled, held_out.class_names, multilabel=True)
     assert abs(multi_shuffled["value"] - 0.5) < 0.15
+
+
+def test_a_run_from_before_heredity_resumes_as_published(blobs_npz: Path, tmp_path: Path) -> None:
+    import yaml
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(blobs_npz), "--out", str(run), "--model", "GeCA-T", "--batch-size", "4",
+            "--sample-every", "0", "--image-size", "8", "--no-progress"]
+    assert runner.invoke(app, [*args, "--no-heredity", "--max-steps", "1"]).exit_code == 0
+    for name in ("model.json", "config.yaml"):  # as geca wrote them before model.heredity existed
+        path = run / name
+        raw = json.loads(path.read_text()) if name.endswith("json") else yaml.safe_load(path.read_text())
+        del raw["model"]["heredity"]
+        path.write_text(json.dumps(raw) if name.endswith("json") else yaml.safe_dump(raw))
+    res = runner.invoke(app, ["train", "--out", str(run), "--resume", "--max-steps", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["heredity"] == "off"

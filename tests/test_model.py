@@ -6,6 +6,7 @@ import torch
 from conftest import tiny_model_config
 from torch import nn
 
+from geca.models.base import CellState
 from geca.models.build import build_model, count_parameters
 from geca.models.config import named_model
 from geca.models.embeddings import LabelEmbedder
@@ -80,7 +81,8 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         _perturb(model)
         x, t, y = _inputs()
         torch.manual_seed(7)
-        model(x, t, y).output.square().mean().backward()
+        carry = CellState(hidden=torch.randn(x.shape[0], 6, 6, model.hidden_channels))  # so the gate gets a gradient
+        model(x, t, y, carry=carry).output.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
@@ -132,9 +134,14 @@ def test_wrong_label_width_is_a_clear_error() -> None:
 
 def test_published_parameter_counts_exactly() -> None:
     """The published counts (method.md §2) plus what we add: 16 C_γ cell channels × D into the cell embedding, and
-    the learned null label embedding (D)."""
-    assert count_parameters(build_model(named_model("GeCA-S"), 4, 11, 32)) == 13_312_584 + 16 * 768 + 768
-    assert count_parameters(build_model(named_model("GeCA-XS"), 4, 11, 32)) == 2_255_720 + 16 * 384 + 384
+    the learned null label embedding (D); heredity-aware models (the default) add the gate, LayerNorm weight C_h and
+    Linear C_h × C_h."""
+    for name, published, d, ch in (("GeCA-S", 13_312_584, 768, 64), ("GeCA-XS", 2_255_720, 384, 32)):
+        config = named_model(name)
+        ours = published + 16 * d + d
+        assert count_parameters(build_model(config, 4, 11, 32)) == ours + ch + ch * ch
+        config.heredity = "off"
+        assert count_parameters(build_model(config, 4, 11, 32)) == ours
 
 
 class _AuthorsBlock(nn.Module):

@@ -182,4 +182,4 @@ def test_set_flip_threads_device_and_lr_schedule(blobs_npz: Path, tmp_path: Path
     import json
 
     (row,) = json.loads(res.output)
-    assert row["step"] == 4 and row["model"] == "GeCA-T" and row["heredity"] == "off" and row["loss"]
+    assert row["step"] == 4 and row["model"] == "GeCA-T" and row["heredity"] == "gated" and row["loss"]

@@ -70,6 +70,9 @@ class ModelSpec:
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         if "format" not in d and isinstance(d.get("model"), dict):
             d = {**d, "model": from_geca_0_1(d["model"]), "format": 1}
+        model = d.get("model")
+        if isinstance(model, dict) and model.get("family", "geca") == "geca" and "heredity" not in model:
+            d = {**d, "model": {**model, "heredity": "off"}}  # saved before heredity existed: the published training
         return from_dict(cls, d, "model.json")
 
 

@@ -129,6 +129,11 @@ def train(
     elif resume and (out / "config.yaml").is_file():
         config = out / "config.yaml"  # the run goes on as it was configured; flags below override it, logged
     run_config = load_config(config)
+    if resume and config == out / "config.yaml" and hasattr(run_config.model, "heredity"):
+        from geca.run import read_spec
+
+        # a config.yaml written before model.heredity existed: the run's model.json says how it was trained
+        run_config.model.heredity = getattr(read_spec(out).model, "heredity", run_config.model.heredity)
     before = copy.deepcopy(run_config) if resume else None
     if model is not None:
         run_config.model = named_model(model)

@@ -148,6 +148,7 @@ def _nca_steps(r: _Reader, figures: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
     mean = [v["mean"] * 1e3 for v in vals]
     ax.errorbar(ms, mean, yerr=[v["std"] * 1e3 for v in vals], marker="o", capsize=4)
+    ax.set_xticks(ms, [str(m) for m in ms])  # M is an integer
     ax.axvline(trained, color="#c44", ls="--", lw=1, label=f"trained M = {trained}")
     ax.set_xlabel("M (NCA steps per denoiser call) at sampling")
     ax.set_ylabel("KID ×10³ ↓")

@@ -70,9 +70,10 @@ class GeCAConfig(TransformerConfig):
     attention: str = "fast"
     checkpointing: bool = False
     block: str = "published"  # the authors' block; "v0.1": geca 0.1's DiT-style block (its runs load with it)
-    # How a carried C_h enters the next call: "off" as published (raw, it replaces the zero seed), "gated" ours
-    # (LayerNorm → zero-init Linear, added to the seed). Runs saved without the key are "off".
-    heredity: str = "off"
+    # How a carried C_h enters the next call: "gated" (ours, the default: LayerNorm → zero-init Linear, added to the
+    # seed, and trained on what GHG hands over) or "off" as published (raw, it replaces the zero seed, and training
+    # never shows it). Runs saved without the key are "off".
+    heredity: str = "gated"
 
     def validate(self, check: Checks) -> None:
         super().validate(check)

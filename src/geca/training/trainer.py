@@ -34,9 +34,9 @@ from geca.sampling.labels import per_class_labels
 from geca.training.ema import EMA
 from geca.training.heredity import handed_over
 from geca.utils.hardware import resolve_precision
-from geca.utils.images import grid, save_png, to_uint8
+from geca.utils.images import to_uint8
 from geca.utils.io import CsvLog, atomic_write_json
-from geca.utils.plots import plot_loss_curve
+from geca.utils.plots import plot_class_grid, plot_loss_curve
 from geca.utils.seeding import derive_seed
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -345,8 +345,10 @@ class Trainer:
                                        ghg_default=self.ema.model.ghg_default)
         images = sample_images(self.ema.model, self.diffusion, labels, spec.shape, sampler, self.config.train.seed,
                                len(labels), self.device, self.data.to_images)
-        save_png(grid(images, nrow=pc.per_class, upscale=max(1, 64 // images.shape[1])),
-                 self.run_dir / "samples" / f"step_{self.step_count:07d}.png")
+        names = spec.class_names[:min(spec.num_classes, pc.max_classes)]
+        plot_class_grid(images, names, pc.per_class, self.run_dir / "samples" / f"step_{self.step_count:07d}.png",
+                        title=f"EMA samples at step {self.step_count} ({sampler.sampler} {sampler.steps}, "
+                              f"CFG {sampler.guidance_scale}, GHG {sampler.ghg})")
 
     def validate(self) -> None:
         self.validator(self.step_count, self.accelerator.unwrap_model(self.model), self.ema.model, self.diffusion)

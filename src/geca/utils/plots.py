@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import numpy as np
+from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -24,7 +26,7 @@ def plot_loss_curve(log_csv: Path, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     for key in ("loss", "mse", "vb"):
         if rows[0].get(key):
-            ax.plot(steps, [float(r[key]) for r in rows], label=key)
+            ax.plot(steps, [float(r[key]) for r in rows], label=key, marker="o" if len(rows) < 3 else None)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -34,6 +36,13 @@ def plot_loss_curve(log_csv: Path, out: Path) -> Path | None:
     atomic_write(Path(out), lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
     return Path(out)
+
+
+def _save_rgb(fig: Any, path: Path) -> None:
+    """A figure as an RGB PNG (matplotlib writes RGBA), like the sample images beside it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    Image.open(buf).convert("RGB").save(path, format="PNG")
 
 
 def plot_class_grid(images: np.ndarray, class_names: list[str], per_class: int, out: Path,
@@ -54,7 +63,7 @@ def plot_class_grid(images: np.ndarray, class_names: list[str], per_class: int, 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(Path(out), lambda p: fig.savefig(p, format="png"))
+    atomic_write(Path(out), lambda p: _save_rgb(fig, p))
     plt.close(fig)
     return Path(out)
 
