@@ -144,3 +144,56 @@ def test_bad_sampler_settings_are_rejected() -> None:
     for bad in (SamplerConfig(sampler="euler"), SamplerConfig(ghg="inherit"), SamplerConfig(nca_steps=0)):
         with pytest.raises(ValueError):
             bad.validate()
+
+
+class _Oracle(Denoiser):
+    """The exact ε for data that is one constant image c: any correct solver lands on c."""
+
+    def __init__(self, diffusion: GaussianDiffusion, c: float) -> None:
+        super().__init__()
+        self.in_channels, self.num_classes, self.learn_sigma, self.c = 3, 4, False, c
+        self.ac = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float64)
+        self.calls = 0
+
+    def forward(self, x, t, y, null=None, carry=None, nca_steps=None) -> DenoiserOutput:
+        self.calls += 1
+        ac = self.ac[t].view(-1, 1, 1, 1)
+        return DenoiserOutput(output=((x.double() - ac.sqrt() * self.c) / (1 - ac).sqrt()).float())
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpm_solver_lands_on_the_data_with_few_calls(diffusion, steps: int) -> None:
+    oracle = _Oracle(GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False)), 0.3)
+    d = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False))
+    torch.manual_seed(0)
+    x = sample(oracle, d, per_class_labels(4, 1), (3, 6, 6),
+               SamplerConfig(sampler="dpm++", steps=steps, guidance_scale=1.0, clip_x0=False))
+    assert oracle.calls == steps
+    torch.testing.assert_close(x, torch.full_like(x, 0.3), atol=2e-3, rtol=0)
+
+
+def test_dpm_solver_is_diffusers_scheduler_driven_by_our_loop(diffusion) -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    model = ConvDenoiser(3, 4)
+    labels, noise = per_class_labels(4, 1), torch.randn(4, 3, 6, 6)
+    ours = sample(model, diffusion, labels, (3, 6, 6), SamplerConfig(sampler="dpm++", steps=8, guidance_scale=1.0,
+                                                                     clip_x0=False), noise=noise)
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                        beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2)
+    sched.set_timesteps(8)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = model(x, torch.full((4,), int(t)), labels).output[:, :3]
+            x = sched.step(eps, t, x).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
+
+
+def test_dpm_solver_carries_the_cell_state(diffusion) -> None:
+    spy = Spy(_geca())
+    sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6),
+           SamplerConfig(sampler="dpm++", steps=4, guidance_scale=1.5, ghg="hidden"))
+    assert len(spy.calls) == 4 and spy.calls[0][0] is None
+    for (carry, _), (_, previous) in zip(spy.calls[1:], spy.calls[:-1], strict=True):
+        assert carry.hidden is previous.hidden and carry.out is None

@@ -13,7 +13,7 @@ import typer
 from geca.sampling.config import SamplerConfig
 
 SAMPLER_HELP = {
-    "sampler": "ddpm (ancestral, respaced) or ddim (η=0).",
+    "sampler": "ddpm (ancestral, respaced), ddim (η=0) or dpm++ (DPM-Solver++(2M): 10–20 steps).",
     "steps": "Reverse steps (respaced from the trained T).",
     "guidance_scale": "Classifier-free guidance scale on ε (1 = conditional only).",
     "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both (default: hidden for a GeCA trained "

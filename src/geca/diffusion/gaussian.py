@@ -139,11 +139,10 @@ class GaussianDiffusion:
             max_log = _extract(np.log(self.betas), t, xt.ndim)
             frac = (var_values + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
-        x0 = self.predict_x0(xt, t, eps)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
+        raw = self.predict_x0(xt, t, eps)
+        x0 = raw.clamp(-1, 1) if clip_x0 else raw
         mean, _ = self.q_posterior(x0, xt, t)
-        return {"mean": mean, "log_variance": log_var, "pred_x0": x0, "eps": eps}
+        return {"mean": mean, "log_variance": log_var, "pred_x0": x0, "eps": eps, "pred_x0_raw": raw}
 
     def training_losses(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
                         t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:

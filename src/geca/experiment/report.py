@@ -132,6 +132,11 @@ def _ghg(r: _Reader, figures: Path) -> list[str]:
              f"CFG {sc['guidance_scale']}; class-faithfulness is the domain classifier's accuracy on the requested "
              "labels (chance in brackets).", "", f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
              *_table(["training", "GHG", "KID×10³ ↓", "faithful ↑ (chance)"], rows)]
+    for h in trainings:
+        kids = {round(results[s["name"]]["kid"]["mean"], 9) for s in sets if s.get("heredity", "off") == h}
+        if len(kids) == 1 and len(modes) > 1:
+            lines += [f"**Every GHG mode scored the same under {HEREDITY_LABEL.get(h, h)}: the generator is too "
+                      "little trained (or sampled with too few steps) for heredity to change anything.**", ""]
     for h, files in outputs.get("traces", {}).items():
         link = _copy(stage_dir(r.root, "ghg") / files["png"], figures, f"ghg_trace_{h}.png")
         lines += ["", f"Trace along one reverse chain, {HEREDITY_LABEL.get(h, h)} (mean |C_h|, |C_out|, predicted-ε "

@@ -1,4 +1,4 @@
-"""Ancestral DDPM and DDIM sampling with classifier-free guidance and Gene Heredity Guidance."""
+"""Ancestral DDPM, DDIM and DPM-Solver++(2M) sampling with classifier-free guidance and Gene Heredity Guidance."""
 
 from __future__ import annotations
 
@@ -57,9 +57,11 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
         sampler = sampler.for_model(model.has_cell_state, latent=False, ghg_default=model.ghg_default)
     sampler.validate()
     device = labels.device
-    spaced = diffusion.respaced(sampler.steps)
     b = labels.shape[0]
     x = torch.randn(b, *shape, device=device) if noise is None else noise.to(device)
+    if sampler.sampler == "dpm++":
+        return _dpm_solver(model, diffusion, labels, x, sampler, callback, progress)
+    spaced = diffusion.respaced(sampler.steps)
     state: CellState | None = None
     for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
         t = torch.full((b,), i, device=device, dtype=torch.long)
@@ -71,6 +73,33 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
         if callback is not None:
             callback(i, x, p, state)
         x = _ddpm_step(x, t, p) if sampler.sampler == "ddpm" else _ddim_step(spaced, x, t, p, sampler.eta)
+    return x
+
+
+def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, x: torch.Tensor,
+                sampler: SamplerConfig, callback: StepCallback | None, progress: bool) -> torch.Tensor:
+    """DPM-Solver++(2M) through diffusers' scheduler, which takes ε; the loop stays ours so that each call inherits
+    the previous call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `callback` gets the model
+    timestep t (0…T−1)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if diffusion.timestep_map != list(range(diffusion.num_timesteps)):
+        raise ValueError("dpm++ needs the full (unrespaced) diffusion process")
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=diffusion.num_timesteps,
+                                            trained_betas=diffusion.betas.tolist(), algorithm_type="dpmsolver++",
+                                            solver_order=2, prediction_type="epsilon", lower_order_final=True)
+    scheduler.set_timesteps(sampler.steps, device=x.device)
+    b, state = labels.shape[0], None
+    for step_t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        t = torch.full((b,), int(step_t), device=x.device, dtype=torch.long)
+        carry = inherit(state, sampler.ghg) if model.has_cell_state else None
+        res = guided_output(model, x, t, labels, sampler.guidance_scale, carry, sampler.nca_steps)
+        state = res.state
+        p = diffusion.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
+        if callback is not None:
+            callback(int(step_t), x, p, state)
+        eps = diffusion.predict_eps(x, t, p["pred_x0"])  # ε of the (possibly clipped) x̂0, as DDIM does
+        x = scheduler.step(eps, step_t, x).prev_sample
     return x
 
 

@@ -39,7 +39,6 @@ def ghg_trace(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tenso
     if not model.has_cell_state:
         raise ValueError("a GHG trace needs a cellular model (GeCA); this one has no cell state")
     rows: list[dict[str, Any]] = []
-    spaced = diffusion.respaced(sampler.steps)
     rng = torch.get_rng_state()
     try:
         for mode in modes:
@@ -48,7 +47,7 @@ def ghg_trace(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tenso
             def record(t: int, x: torch.Tensor, p: dict[str, torch.Tensor], state: CellState | None,
                        mode: str = mode, calls: list[int] = calls) -> None:
                 calls[0] += 1
-                x0 = spaced.predict_x0(x, torch.full((len(x),), t, device=x.device), p["eps"])  # before any clip
+                x0 = p["pred_x0_raw"]  # before any clipping
                 h_mean, h_max = _abs_stats(state.hidden if state else None)
                 o_mean, o_max = _abs_stats(state.out if state else None)
                 rows.append({"ghg": mode, "step": calls[0], "t": t, "hidden_mean": h_mean, "hidden_max": h_max,
