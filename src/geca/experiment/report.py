@@ -190,9 +190,10 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
     ax.set_ylabel("KID ×10³ ↓")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return ["## Sampler cost", "", "KID against the number of denoiser calls (DDPM respaced vs DDIM, η = 0); GMAC "
-            "counts matmuls and convolutions of every call (both CFG halves); seconds are wall time on the device of "
-            "the sampler-cost stage.", "", f"![sampler cost]({_save(fig, figures / 'sampler_cost.png')})", "",
+    return ["## Sampler cost", "", "KID against the number of denoiser calls (DDPM respaced, DDIM η = 0, "
+            "DPM-Solver++(2M)); GMAC counts matmuls and convolutions of every call (both CFG halves); seconds are "
+            "wall time on the device of the sampler-cost stage.", "",
+            f"![sampler cost]({_save(fig, figures / 'sampler_cost.png')})", "",
             *_table(["Generator", "Sampler", "Calls", "GMAC / image", "s / image", "KID×10³ ↓"], rows)]
 
 
