@@ -146,6 +146,7 @@ def test_grow_writes_gifs_and_strips(trained_run: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["grow", "--run", str(trained_run), "--out", str(out), "--label", "class 1",
                               "--steps", "4", "--m", "5", "--t", "400"])
     assert res.exit_code == 0, res.output
+    assert "(the reverse step nearest --t 400 with 4 steps)" in res.output  # 4 steps cannot land on 400
     gif = Image.open(out / "growth.gif")
     assert gif.n_frames == 5
     assert Image.open(out / "denoise.gif").n_frames == 4

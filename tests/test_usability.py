@@ -183,3 +183,45 @@ def test_set_flip_threads_device_and_lr_schedule(blobs_npz: Path, tmp_path: Path
 
     (row,) = json.loads(res.output)
     assert row["step"] == 4 and row["model"] == "GeCA-T" and row["heredity"] == "gated" and row["loss"]
+
+
+def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock (a step takes 10 s, a preview 60 s), 5 minutes end with the final preview inside them."""
+    import geca.training.trainer as trainer_module
+    from geca.training.trainer import Trainer
+
+    class Clock:
+        now = 1000.0
+
+        @staticmethod
+        def time() -> float:
+            return Clock.now
+
+    monkeypatch.setattr(trainer_module, "time", Clock)
+    step, preview = Trainer.step, Trainer.preview
+
+    def slow_step(self):
+        Clock.now += 10
+        return step(self)
+
+    def slow_preview(self):
+        Clock.now += 60
+        return preview(self)
+
+    monkeypatch.setattr(Trainer, "step", slow_step)
+    monkeypatch.setattr(Trainer, "preview", slow_preview)
+    starts = []
+    run = Trainer.run
+
+    def timed_run(self):
+        starts.append(Clock.now)
+        return run(self)
+
+    monkeypatch.setattr(Trainer, "run", timed_run)
+    res = runner.invoke(app, ["train", "--data", str(blobs_npz), "--out", str(tmp_path / "run"), "--model", "GeCA-T",
+                              "--max-steps", "1000", "--max-minutes", "5", "--nca-steps", "1", "--batch-size", "4",
+                              "--sample-every", "5", "--log-every", "5", "--image-size", "8", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert Clock.now - starts[0] <= 5 * 60, Clock.now - starts[0]
+    assert len(list((tmp_path / "run" / "samples").glob("*.png"))) >= 2  # it trained, previewed and finished

@@ -81,6 +81,7 @@ def grow(
     loaded = load_run(run, flags.checkpoint, "ema", device)
     sampler = run_sampler(loaded, flags.sampling, strict=True)
     organism = grow_organism(loaded, label, at_t, sampler, frames, flags.seed, device, out)
-    typer.echo(f"organism of class {organism.label!r}, M updates shown at t={organism.t}:")
+    nearest = "" if organism.t == at_t else f" (the reverse step nearest --t {at_t} with {sampler.steps} steps)"
+    typer.echo(f"organism of class {organism.label!r}, M updates shown at t={organism.t}{nearest}:")
     for p in organism.paths.values():
         typer.echo(f"  {p}")

@@ -360,10 +360,13 @@ class Trainer:
             self.log_row()
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
             self.checkpoint()
+        started = time.time()
         if self.main and tc.sample_every and step % tc.sample_every == 0:
             self.preview()
         if self.validator is not None and step % self.config.validation.every == 0:
             self.validate()
+        # The final preview and validation must fit in the budget too: keep back the longest one seen so far.
+        self.reserve_s = max(self.reserve_s, time.time() - started)
 
     def finish(self) -> None:
         """The last step's log row, checkpoint, preview and validation, where the loop did not just write them."""
@@ -379,11 +382,14 @@ class Trainer:
             self.validate()
 
     def out_of_time(self) -> bool:
-        """max_minutes is this invocation's budget (a resumed run gets it afresh), taken by all processes at once."""
+        """max_minutes is this invocation's budget (a resumed run gets it afresh), the next step and the final
+        preview and validation included (timed as the last step and the longest periodic one); all processes stop
+        at once."""
         budget = self.config.train.max_minutes
         if budget is None:
             return False
-        over = torch.tensor([float(time.time() - self.t_start > budget * 60)], device=self.device)
+        need = time.time() - self.t_start + self.step_s + self.reserve_s  # after one more step and the final work
+        over = torch.tensor([float(need > budget * 60)], device=self.device)
         return self.accelerator.reduce(over, "max").item() > 0
 
     def describe(self) -> str:
@@ -400,12 +406,14 @@ class Trainer:
         tc = self.config.train
         if self.main:
             tqdm.write(self.describe())
-        self.t_start = time.time()
+        self.t_start, self.reserve_s, self.step_s = time.time(), 0.0, 0.0
         self.bar = tqdm(total=tc.max_steps, initial=self.step_count, desc="training", dynamic_ncols=True,
                         disable=not (self.progress and self.main))
         self.model.train()
         while self.step_count < tc.max_steps and not self.out_of_time():
+            started = time.time()
             self.step()
+            self.step_s = time.time() - started
             self.bar.update(1)
             self.periodic()
         self.finish()
