@@ -68,7 +68,8 @@ def demo(
     sampler = SamplerConfig(sampler="ddim", steps=steps, guidance_scale=1.5, ghg=ghg)
     labels = per_class_labels(run.spec.num_classes, per_class)
     typer.echo(f"sampling {len(labels)} images (DDIM {steps}, CFG 1.5, GHG {ghg}) …")
-    manifest, images = write_sample_dir(out / "generated", run, labels, sampler, seed=0, batch_size=64, device=dev)
+    manifest, images = write_sample_dir(out / "generated", run, labels, sampler, seed=0, batch_size=64, device=dev,
+                                        progress=show_progress(None))
     grid_png = plot_class_grid(images, run.spec.class_names, per_class, out / "samples_per_grade.png",
                                title=f"GeCA-T, step {run.step}, {data}")
     paths = grow_organism(run, str(run.spec.num_classes - 1), 500, sampler, 25, 0, dev, out / "growth").paths
