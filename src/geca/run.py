@@ -7,6 +7,7 @@ A run directory holds `config.yaml`, `model.json` (a ModelSpec: enough to rebuil
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
-from geca.utils.io import atomic_write_json, file_sha256, staged_dir
+from geca.utils.io import CsvLog, atomic_write_json, file_sha256, staged_dir
 from geca.utils.schema import from_dict
 
 SPEC_FORMAT = 2  # 1: geca 0.1, whose model.json held every family's fields
@@ -260,11 +261,11 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         row["step"] = read_state(find_checkpoint(run_dir)).get("step")
     except CheckpointError:
         pass
-    log = run_dir / "log.csv"
-    if log.is_file():
-        lines = log.read_text(errors="replace").strip().splitlines()
-        if len(lines) > 1 and "loss" in lines[0].split(","):
-            row["loss"] = lines[-1].split(",")[lines[0].split(",").index("loss")]
+    try:
+        rows = CsvLog(run_dir / "log.csv", []).rows()
+    except (csv.Error, UnicodeDecodeError):
+        rows = []
+    row["loss"] = rows[-1].get("loss") if rows else None
     try:
         best = read_state(run_dir / "checkpoints" / BEST)
         row.update(best_kid=best.get("kid"), best_step=best.get("step"))

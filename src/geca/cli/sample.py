@@ -36,8 +36,6 @@ def sample(
         raise ConfigError("give exactly one of --per-class N or --labels-from SPLIT")
     if trace is not None and trace.suffix != ".csv":
         raise ConfigError(f"--trace {trace}: expected a .csv file name")
-    if flags.batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {flags.batch_size}")
     device = pick_device(flags.device)
     loaded = load_run(run, flags.checkpoint, flags.weights, device)
     if trace is not None and not loaded.model.has_cell_state:

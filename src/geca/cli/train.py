@@ -156,7 +156,7 @@ def train(
             old, new = get_field(before, key), get_field(run_config, key)
             if old != new:
                 typer.echo(f"resume: {key} {old!r} → {new!r} ({flag})")
-    summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), names=names, cpu=cpu)
+    summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), cpu=cpu)
     if summary["parameter_checksum"] is not None:
         typer.echo(f"parameters identical across {summary['processes']} processes "
                    f"(checksum {summary['parameter_checksum']:.10g})")

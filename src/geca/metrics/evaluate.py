@@ -19,9 +19,8 @@ from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.errors import DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
-from geca.metrics.domain import DomainNet
-from geca.metrics.faithfulness import faithfulness, predict
-from geca.metrics.features import DomainFeatures, FeatureExtractor, build_extractor, domain_features, weights_path
+from geca.metrics.faithfulness import faithfulness, judge, predict
+from geca.metrics.features import FeatureExtractor, build_extractor, weights_path
 from geca.metrics.fld import fld
 from geca.metrics.kid import check_protocol, kid, kid_subset_size
 from geca.metrics.report import real_vs_generated_grid
@@ -171,16 +170,6 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     return EvalInputs(gens, real, train, real_name, train_name, size)
 
 
-def faithfulness_judge(s: EvalSettings, train: ImageSet, extractor: FeatureExtractor,
-                       log: Callable[[str], None]) -> DomainNet:
-    """The domain classifier: the KID network's own where KID runs on domain features, else trained (and cached)
-    on the generators' training split."""
-    if isinstance(extractor, DomainFeatures) and extractor.name == "domain":
-        return extractor.net
-    file = s.features_file if s.features == "domain" else None
-    return domain_features(file, train, s.seed, log, s.device).net
-
-
 def _network(extractor: FeatureExtractor) -> dict[str, Any]:
     return {"name": extractor.name, "source": extractor.source, "dim": extractor.dim}
 
@@ -211,10 +200,10 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     kid_real = features(extractor, inputs.real.images)
     gg_train = features(gg_extractor, inputs.train.images)
     gg_real = kid_real if same else features(gg_extractor, inputs.real.images)
-    judge = faithfulness_judge(s, inputs.train, extractor, log)
+    classifier = judge(extractor, inputs.train, s.seed, log, s.device)
 
     def faithful(data: ImageSet) -> dict[str, Any]:
-        logits = predict(judge, data.images, s.batch_size, s.device)
+        logits = predict(classifier, data.images, s.batch_size, s.device)
         return faithfulness(logits, data.labels, inputs.real.class_names, inputs.real.multilabel)
 
     lpips_model, backbone = None, ""

@@ -8,13 +8,25 @@ occur both ways (chance 0.5).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from geca.data.imageset import ImageSet
 from geca.metrics.domain import DomainNet
+from geca.metrics.features import DomainFeatures, FeatureExtractor, domain_features
+
+
+def judge(extractor: FeatureExtractor, train: ImageSet, seed: int, log: Callable[[str], None],
+          device: str | torch.device) -> DomainNet:
+    """The domain classifier: the KID network itself where KID runs on domain features, else one trained (and
+    cached) on the generators' training split."""
+    if isinstance(extractor, DomainFeatures) and extractor.name == "domain":
+        return extractor.net
+    return domain_features(None, train, seed, log, device).net
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from geca.models.attention import neighbourhood_attention
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.blocks import DIT_STYLE, GECA_STYLE, AdaLNBlock, BlockStyle, FinalLayer, adaln_zero_init
+from geca.models.config import HEREDITY
 from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
 
 
@@ -60,8 +61,8 @@ class GeCA(Denoiser):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown GeCA block {block!r}; choose from {', '.join(BLOCKS)}")
-        if heredity not in ("off", "gated"):
-            raise ValueError(f"unknown heredity {heredity!r}; choose off or gated")
+        if heredity not in HEREDITY:
+            raise ValueError(f"unknown heredity {heredity!r}; choose from {', '.join(HEREDITY)}")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.resolution = resolution

@@ -41,9 +41,15 @@ def sample_batches(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.
                    ) -> Iterator[tuple[int, np.ndarray]]:
     """(b, uint8 images (n, H, W, C)) for each batch b of `batch_size` label vectors not in `skip`. Batch b draws
     from seed (seed, b), so the same seed gives the same images whatever came before (or was skipped); the global
-    random state is left as it was."""
+    random state is left as it was. A bad batch size is refused here, before the first batch is asked for."""
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    return _batches(model, diffusion, labels, shape, sampler, seed, batch_size, device, decode, progress, skip)
+
+
+def _batches(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],
+             sampler: SamplerConfig, seed: int, batch_size: int, device: torch.device | str, decode: Decoder,
+             progress: bool, skip: Collection[int]) -> Iterator[tuple[int, np.ndarray]]:
     rng = torch.get_rng_state()
     try:
         batches = labels.split(batch_size)
@@ -97,9 +103,9 @@ def generate(run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed:
                          batch_size, device, decoder(run, device, batch_size), progress)
 
 
-def _work_key(run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed: int, batch_size: int) -> str:
+def _work_key(weights_sha256: str, labels: torch.Tensor, sampler: SamplerConfig, seed: int, batch_size: int) -> str:
     """What makes a sample set's images: an unfinished one is resumed only under the same key."""
-    h = hashlib.sha256(json.dumps({"weights": file_sha256(run.weights_file), "sampling": asdict(sampler),
+    h = hashlib.sha256(json.dumps({"weights": weights_sha256, "sampling": asdict(sampler),
                                    "seed": seed, "batch_size": batch_size}, sort_keys=True).encode())
     h.update(labels.numpy().astype(np.float32).tobytes())
     return h.hexdigest()[:16]
@@ -158,13 +164,16 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
         raise ConfigError("no label vectors to sample")
     sampler = run_sampler(run, sampler)  # so that the manifest records what sampling used
     work = out.with_name(f".{out.name}.unfinished")  # one per target, found again by --resume
-    key = _work_key(run, labels, sampler, seed, batch_size)
-    done = _unfinished(work, key, resume)
+    weights_sha256 = file_sha256(run.weights_file)
+    done: set[int] = set()  # filled below; the batches read it only once iterated
+    batches = sample_batches(run.model, run.diffusion, labels, run.spec.shape, sampler, seed, batch_size, device,
+                             decoder(run, device, batch_size), progress, skip=done)  # checks the batch size first
+    key = _work_key(weights_sha256, labels, sampler, seed, batch_size)
+    done |= _unfinished(work, key, resume)
     (work / "images").mkdir(parents=True, exist_ok=True)
     names = [f"images/{i:06d}.png" for i in range(len(labels))]
     t0 = time.time()
-    for b, batch in sample_batches(run.model, run.diffusion, labels, run.spec.shape, sampler, seed, batch_size,
-                                   device, decoder(run, device, batch_size), progress, skip=done):
+    for b, batch in batches:
         for name, img in zip(names[b * batch_size:], batch, strict=False):
             pil_image(img).save(work / name)
         done.add(b)
@@ -179,7 +188,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
         "checkpoint": str(run.checkpoint.resolve()),
         "checkpoint_step": run.step,
         "weights_file": run.weights_file.name,
-        "weights_sha256": file_sha256(run.weights_file),
+        "weights_sha256": weights_sha256,
         "model": run.spec.model.name,
         "sampling": asdict(sampler),
         "seed": seed,

@@ -187,9 +187,9 @@ class Trainer:
     """One training run: set up in the constructor, then `step()` and `periodic()` until done."""
 
     def __init__(self, config: RunConfig, run_dir: Path, resume: bool, progress: bool,
-                 train_set: ImageSet | None, names: dict[str, str] | None = None, cpu: bool = False) -> None:
+                 train_set: ImageSet | None, cpu: bool = False) -> None:
         self.config, self.run_dir, self.progress = config, Path(run_dir), progress
-        config.validate(names)
+        config.validate()
         check_run_dir(self.run_dir, resume)
         tc = config.train
         self.accelerator = acc = _accelerator(config, cpu)
@@ -327,7 +327,7 @@ class Trainer:
     def _plain_due(self) -> bool:
         """At most one plain progress line a minute (and the first one)."""
         now = time.time()
-        if now - getattr(self, "_last_plain", 0.0) < 60:
+        if now - self._last_plain < 60:
             return False
         self._last_plain = now
         return True
@@ -406,7 +406,7 @@ class Trainer:
         tc = self.config.train
         if self.main:
             tqdm.write(self.describe())
-        self.t_start, self.reserve_s, self.step_s = time.time(), 0.0, 0.0
+        self.t_start, self.reserve_s, self.step_s, self._last_plain = time.time(), 0.0, 0.0, 0.0
         self.bar = tqdm(total=tc.max_steps, initial=self.step_count, desc="training", dynamic_ncols=True,
                         disable=not (self.progress and self.main))
         self.model.train()
@@ -445,10 +445,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          train_set: ImageSet | None = None, names: dict[str, str] | None = None, cpu: bool = False) -> dict[str, Any]:
+          train_set: ImageSet | None = None, cpu: bool = False) -> dict[str, Any]:
     """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes.
-    `names` maps config keys to the flags that set them, for error messages; `cpu` keeps a GPU machine's GPU idle."""
-    return Trainer(config, run_dir, resume, progress, train_set, names, cpu).run()
+    `cpu` keeps a GPU machine's GPU idle."""
+    return Trainer(config, run_dir, resume, progress, train_set, cpu).run()
 
 
 def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:

@@ -21,8 +21,8 @@ from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.errors import ConfigError
-from geca.metrics.faithfulness import faithfulness, predict
-from geca.metrics.features import DomainFeatures, build_extractor, domain_features
+from geca.metrics.faithfulness import faithfulness, judge, predict
+from geca.metrics.features import build_extractor
 from geca.metrics.kid import kid, kid_subset_size
 from geca.run import BEST, ModelSpec, checkpoint_dir, read_state, save_weights, write_state
 from geca.sampling.generate import sample_images
@@ -50,9 +50,7 @@ class Validator:
         self.extractor = build_extractor(self.v.features, self.v.features_file, seed=config.train.seed,
                                          train=train_set, log=log, device=device)
         self.real_features = self.extractor.extract(real.images, self.v.batch_size, device)
-        domain = isinstance(self.extractor, DomainFeatures) and self.extractor.name == "domain"
-        self.judge = (self.extractor if domain else domain_features(None, train_set, config.train.seed, log,
-                                                                    device)).net
+        self.judge = judge(self.extractor, train_set, config.train.seed, log, device)
         # The split's own label vectors (its joint label distribution), in a fixed seeded order.
         order = np.random.default_rng(self.v.seed).permutation(len(real))
         self.labels = torch.from_numpy(real.labels[np.resize(order, self.v.num_samples)])
