@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def trained_run(tmp_path: Path, blobs_npz: Path) -> Path:
 def test_every_command_and_flag_has_help() -> None:
     for cmd in ("train", "sample", "grow", "models", "folds", "encode", "expand", "classify", "evaluate",
                 "experiment", "demo"):
-        res = runner.invoke(app, [cmd, "--help"])
+        res = runner.invoke(app, [cmd, "--help"], env={"COLUMNS": "200"})
         assert res.exit_code == 0
+        assert "<bool>" not in res.output, f"geca {cmd} --help labels an on/off flag as taking a value"
         from geca.cli import main
 
         info = next(c for c in main.app.registered_commands if c.name == cmd)
@@ -41,6 +43,11 @@ def test_every_command_and_flag_has_help() -> None:
 
         for name, param in inspect.signature(info.callback).parameters.items():
             assert getattr(param.default, "help", None), f"geca {cmd}: option {name} has no help text"
+
+
+def test_help_labels_value_options_only() -> None:
+    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert re.search(r"--max-steps\s+<int>", out) and re.search(r"--no-flip\s+Random", out)
 
 
 def test_train_writes_a_complete_run(trained_run: Path) -> None:
@@ -152,6 +159,12 @@ def test_grow_writes_gifs_and_strips(trained_run: Path, tmp_path: Path) -> None:
     assert Image.open(out / "denoise.gif").n_frames == 4
     strip = Image.open(out / "growth.png")
     assert strip.size[0] > strip.size[1]
+    # Each GIF frame carries its caption ("NCA step m/5, t=…") in a band above the images: text, differing per frame.
+    bands = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        bands.append(np.asarray(gif.convert("L"))[:12])
+    assert all(b.max() > 128 for b in bands) and not np.array_equal(bands[0], bands[-1])
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,9 @@ def test_every_option_has_help() -> None:
 def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "eval" / "metrics.json"
     npz = str(data["npz"])
-    res = runner.invoke(app, ["evaluate", "--generated", f"like={data['good']}", str(data["noise"]), "--real",
-                              f"{npz}:test", "--train", f"{npz}:train", "--out", str(out), *FAST])
+    with pytest.warns(UserWarning, match="like: KID over subsets of 25 images is noisy"):
+        res = runner.invoke(app, ["evaluate", "--generated", f"like={data['good']}", str(data["noise"]), "--real",
+                                  f"{npz}:test", "--train", f"{npz}:train", "--out", str(out), *FAST])
     assert res.exit_code == 0, res.output
     for text in ("KID×10³", "LPIPS", "GG", "FLD", "like", "noise", "per-class"):
         assert text in res.output
@@ -86,10 +88,13 @@ def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
     assert like["faithfulness"]["value"] > 0.95 and report["real"]["faithfulness"]["value"] > 0.95
     assert abs(noise["faithfulness"]["value"] - noise["faithfulness"]["chance"]) < 0.1
 
-    res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train",
-                              f"{npz}:train", "--out", str(tmp_path / "std.json"), "--protocol", "standard",
-                              "--no-lpips", *FAST])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train",
+                                  f"{npz}:train", "--out", str(tmp_path / "std.json"), "--protocol", "standard",
+                                  "--no-lpips", *FAST])
     assert res.exit_code == 0, res.output
+    assert not [w for w in caught if "KID over subsets" in str(w.message)]  # subsets of 100
     standard = json.loads((tmp_path / "std.json").read_text())["results"][0]
     assert standard["kid"]["subset_size"] == 100 and standard["lpips"] is None
     assert standard["kid_per_class"]["class 1"]["subset_size"] == 50

@@ -229,6 +229,16 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
         assert pm(cells[3]) == pytest.approx((r["lpips"]["mean"], r["lpips"]["std"]), abs=6e-5)
         assert float(cells[4]) == pytest.approx(r["fld"]["gg"], abs=0.006)
         assert float(cells[5]) == pytest.approx(r["fld"]["fld"], abs=0.006)
+    # A caveat names exactly the generators whose class-faithfulness sits near chance (4 training steps: most).
+    ev = json.loads((root / "evaluate" / "metrics.json").read_text())
+    real = ev["real"]["faithfulness"]["value"]
+    weak = {x["name"] for x in ev["results"]
+            if x["faithfulness"]["value"] <= x["faithfulness"]["chance"] + 0.25 * (real - x["faithfulness"]["chance"])}
+    section = md[md.index("## Table 1"):md.index("## Fig. 5")]
+    caveat = re.search(r"\*\*Near-untrained generators?: (.*?) — ", section)
+    assert (caveat is not None) == bool(weak)
+    if weak:
+        assert set(re.findall(r"(\w+) \(\d\.\d\d, chance", caveat.group(1))) == weak
     # Fig. 5 (every GHG mode under both trainings), Fig. 6 and the sampler cost are their stages' metrics.json.
     rows, scores = md_rows(md, "## Fig. 5"), kid_by_name(root, "ghg")
     assert len(rows) == len(scores) == 8
@@ -261,6 +271,7 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     figures = re.findall(r"!\[[^\]]*\]\((figures/[^)]+)\)", md)
     assert len(figures) >= 9 and all((root / "report" / f).is_file() for f in figures)
     assert 'src="figures/' not in html and html.count('src="data:image/') == len(figures)
+    assert html.count("<details><summary>YAML (") == 2  # the experiment config and the resolved run configs
 
     # A second run skips every stage; --force redoes one stage and its dependants only.
     before = all_run_ids(root)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,9 +207,9 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
         Clock.now += 10
         return step(self)
 
-    def slow_preview(self):
+    def slow_preview(self, final=False):
         Clock.now += 60
-        return preview(self)
+        return preview(self, final)
 
     monkeypatch.setattr(Trainer, "step", slow_step)
     monkeypatch.setattr(Trainer, "preview", slow_preview)
@@ -219,9 +221,40 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
         return run(self)
 
     monkeypatch.setattr(Trainer, "run", timed_run)
+    bars = []
+    make_bar = Trainer._bar
+
+    def kept_bar(self):
+        bars.append(make_bar(self))
+        return bars[-1]
+
+    monkeypatch.setattr(Trainer, "_bar", kept_bar)
     res = runner.invoke(app, ["train", "--data", str(blobs_npz), "--out", str(tmp_path / "run"), "--model", "GeCA-T",
                               "--max-steps", "1000", "--max-minutes", "5", "--nca-steps", "1", "--batch-size", "4",
-                              "--sample-every", "5", "--log-every", "5", "--image-size", "8", "--no-progress"])
+                              "--sample-every", "5", "--log-every", "5", "--image-size", "8", "--progress"])
     assert res.exit_code == 0, res.output
     assert Clock.now - starts[0] <= 5 * 60, Clock.now - starts[0]
+    # The bar counts the budget's seconds (its ETA is the end of the run), the steps in its postfix.
+    (bar,) = bars
+    assert bar.total == 300 and 300 - 70 <= bar.n <= 300 and "5 min budget" in bar.desc
+    assert "final preview:" in res.output and re.search(r"step \d+/1000, loss", res.output)
     assert len(list((tmp_path / "run" / "samples").glob("*.png"))) >= 2  # it trained, previewed and finished
+
+
+def test_tensorboard_logger_mirrors_log_csv_and_peak_memory_is_logged(blobs_npz: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    base = ["train", "--data", str(blobs_npz), "--out", str(run), "--model", "GeCA-T", "--max-steps", "3", *TINY]
+    bad = runner.invoke(app, [*base, "--logger", "wandb"])
+    assert bad.exit_code == 2 and "--logger" in bad.output and not run.exists()
+    res = runner.invoke(app, [*base, "--logger", "tensorboard"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and all(float(r["peak_mem_mib"]) > 0 for r in rows)
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    logged = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert logged == [(int(r["step"]), pytest.approx(float(r["loss"]), rel=1e-6)) for r in rows]
+    assert {"lr", "images_per_s", "peak_mem_mib"} <= set(acc.Tags()["scalars"])

@@ -3,6 +3,7 @@ validation). Each package owns its own section's dataclass; this module puts the
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from geca.sampling.config import SamplerConfig
 from geca.utils.hardware import PRECISIONS
 from geca.utils.io import atomic_write_text
 from geca.utils.schema import Checks, from_dict, read_yaml
+
+LOGGERS = ("csv", "tensorboard")
 
 
 @dataclass
@@ -41,9 +44,13 @@ class TrainConfig:
     # the C_h of a no-grad first call, and how many diffusion timesteps later that call sits (0: at the same t).
     heredity_prob: float = 0.5
     heredity_offset: int = 0
+    logger: str = "csv"  # log.csv always; "tensorboard" also writes TensorBoard events through accelerate
 
     def validate(self, check: Checks) -> None:
         check(self.max_steps >= 1, "train.max_steps", "≥ 1", self.max_steps)
+        check.choice(self.logger, "train.logger", LOGGERS)
+        check(self.logger != "tensorboard" or importlib.util.find_spec("tensorboard") is not None, "train.logger",
+              "csv, or tensorboard once its package is installed (pip install 'geca[tensorboard]')", self.logger)
         check(0 <= self.heredity_prob <= 1, "train.heredity_prob", "in [0, 1]", self.heredity_prob)
         check(self.heredity_offset >= 0, "train.heredity_offset", "≥ 0", self.heredity_offset)
         check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "> 0", self.max_minutes)

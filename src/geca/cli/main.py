@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import typer
+import typer.core
 
 from geca import __version__
 from geca.cli.demo import demo
@@ -17,6 +18,16 @@ from geca.cli.models import configs, models, runs
 from geca.cli.sample import grow, sample
 from geca.cli.train import train
 from geca.utils.allocator import keep_freed_memory
+
+_type_label = typer.core.TyperOption.display_type_rich
+
+
+def _no_flag_label(self: typer.core.TyperOption, ctx: object) -> str | None:
+    return None if self.is_flag else _type_label(self, ctx)
+
+
+# typer 0.29 with click >= 8.2 labels every on/off flag (even --help) "<bool>" in --help, as if it took a value.
+typer.core.TyperOption.display_type_rich = _no_flag_label  # type: ignore[method-assign]
 
 app = typer.Typer(
     help="Generative Cellular Automata: train, sample and grow GeCA diffusion models on medical images.",

@@ -22,6 +22,7 @@ FLAG_FIELDS = {
     "validate_every": "validation.every", "nca_steps": "model.nca_steps", "attention": "model.attention",
     "compile": "model.compile", "checkpointing": "model.checkpointing", "heredity": "model.heredity",
     "flip": "data.flip", "warmup_steps": "train.warmup_steps", "lr_schedule": "train.lr_schedule",
+    "logger": "train.logger",
 }
 
 
@@ -109,6 +110,8 @@ def train(
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Linear LR warm-up over this many steps."),
     lr_schedule: str | None = typer.Option(None, "--lr-schedule", help="constant (the paper's) or cosine (to 0 at "
                                            "--max-steps, after the warm-up)."),
+    logger: str | None = typer.Option(None, "--logger", help="csv (log.csv, always written) or tensorboard (also "
+                                      "TensorBoard events in RUN/tensorboard; pip install 'geca[tensorboard]')."),
     set_values: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE for any config field, dotted "
                                                 "(--set model.hidden_channels=64 --set train.grad_clip=1.0); the "
                                                 "value is read as YAML; repeatable."),
@@ -143,7 +146,7 @@ def train(
                      log_every=log_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
                      validate_every=validate_every, nca_steps=nca_steps, attention=attention, compile=compile,
                      checkpointing=checkpointing, flip=flip, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-                     heredity=None if heredity is None else ("gated" if heredity else "off"))
+                     logger=logger, heredity=None if heredity is None else ("gated" if heredity else "off"))
     apply_overrides(run_config, **overrides)
     # A bad value is named as the user wrote it: its flag, or its key in the config file.
     names = {FLAG_FIELDS[k]: f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None}

@@ -71,6 +71,29 @@ class _Reader:
         return self.ctx.outputs(train_id(name, self.ctx.eval_fold))
 
 
+# A generator whose images are classified this little above chance (as a fraction of the way from chance to real
+# images) has not learnt its classes yet: its numbers test the pipeline, they do not rank methods.
+UNTRAINED_FRACTION = 0.25
+
+
+def _untrained(r: _Reader, names: list[str]) -> list[str]:
+    """A caveat line (or none) naming the generators among `names` that Table 1 found near chance."""
+    rep = r.metrics("evaluate")
+    real = (rep["real"].get("faithfulness") or {}).get("value")
+    weak = []
+    for x in rep["results"]:
+        f = x.get("faithfulness") or {}
+        if x["name"] in names and real is not None and f.get("value") is not None and \
+                f["value"] <= f["chance"] + UNTRAINED_FRACTION * (real - f["chance"]):
+            weak.append(f"{x['name']} ({f['value']:.2f}, chance {f['chance']:.2f}, "
+                        f"{r.train(x['name'])['steps']} training steps)")
+    if not weak:
+        return []
+    return [f"**Near-untrained generator{'s' if len(weak) > 1 else ''}: {', '.join(weak)} — class-faithfulness "
+            f"close to chance (real images: {real:.2f}); the numbers below test the pipeline and do not rank "
+            "methods.**", ""]
+
+
 def _quality(r: _Reader, figures: Path) -> list[str]:
     rep = r.metrics("evaluate")
     feats, gg = rep["features"], rep["gg_features"]
@@ -84,6 +107,7 @@ def _quality(r: _Reader, figures: Path) -> list[str]:
              f"{rep['lpips_backbone'] or 'not computed'}.", ""]
     if "random" in (feats["name"], gg["name"]) or (rep["lpips_backbone"] or "").startswith("random"):
         lines += ["**Randomly initialised feature networks: these values test the pipeline and mean nothing.**", ""]
+    lines += _untrained(r, [x["name"] for x in rep["results"]])
     rows = [[x["name"], r.train(x["name"])["model"], x["n"], pm(x["kid"], 1e3), pm(x["lpips"], digits=4),
              f"{x['fld']['gg']:.2f}", f"{x['fld']['fld']:.2f}", faithful(x.get("faithfulness"))]
             for x in rep["results"]]
@@ -130,7 +154,8 @@ def _ghg(r: _Reader, figures: Path) -> list[str]:
     lines = ["## Fig. 5 — Gene Heredity Guidance", "",
              f"{r.ctx.loaded.cellular}, {sets[0]['images']} images per mode, {sc['sampler']} {sc['steps']} steps, "
              f"CFG {sc['guidance_scale']}; class-faithfulness is the domain classifier's accuracy on the requested "
-             "labels (chance in brackets).", "", f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
+             "labels (chance in brackets).", "", *_untrained(r, [r.ctx.loaded.cellular]),
+             f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
              *_table(["training", "GHG", "KID×10³ ↓", "faithful ↑ (chance)"], rows)]
     for h in trainings:
         kids = {round(results[s["name"]]["kid"]["mean"], 9) for s in sets if s.get("heredity", "off") == h}
@@ -161,7 +186,8 @@ def _nca_steps(r: _Reader, figures: Path) -> list[str]:
     ax.grid(alpha=0.3)
     return ["## Fig. 6 — M at sampling (undergrowth ↔ overgrowth)", "",
             f"{r.ctx.loaded.cellular}, trained with M = {trained}, sampled without retraining; "
-            f"{sets[0]['images']} images per M.", "", f"![M at sampling]({_save(fig, figures / 'fig6_m.png')})", "",
+            f"{sets[0]['images']} images per M.", "", *_untrained(r, [r.ctx.loaded.cellular]),
+            f"![M at sampling]({_save(fig, figures / 'fig6_m.png')})", "",
             *_table(["M", "KID×10³ ↓"], [[m, pm(v, 1e3)] for m, v in zip(ms, vals, strict=True)])]
 
 
@@ -192,7 +218,7 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
     ax.grid(alpha=0.3)
     return ["## Sampler cost", "", "KID against the number of denoiser calls (DDPM respaced, DDIM η = 0, "
             "DPM-Solver++(2M)); GMAC counts matmuls and convolutions of every call (both CFG halves); seconds are "
-            "wall time on the device of the sampler-cost stage.", "",
+            "wall time on the device of the sampler-cost stage.", "", *_untrained(r, list(curves)),
             f"![sampler cost]({_save(fig, figures / 'sampler_cost.png')})", "",
             *_table(["Generator", "Sampler", "Calls", "GMAC / image", "s / image", "KID×10³ ↓"], rows)]
 
@@ -201,7 +227,8 @@ def _classification(r: _Reader) -> list[str]:
     summary = json.loads((stage_dir(r.root, "classify") / r.ctx.outputs("classify")["results"]).read_text())
     text = markdown(summary).split("\n", 1)[1].strip("\n")  # its own title gives way to ours
     body = [re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 1) + " ", line) for line in text.splitlines()]
-    return ["## Table 2 — downstream classification", "", *body, ""]
+    return ["## Table 2 — downstream classification", "", *_untrained(r, [g.name for g in r.ctx.exp.generators]),
+            *body, ""]
 
 
 def _growth(r: _Reader, figures: Path) -> list[str]:
@@ -285,6 +312,9 @@ def to_html(markdown_text: str, base: Path, title: str) -> str:
         return f'src="data:{MIME[path.suffix]};base64,{base64.b64encode(path.read_bytes()).decode()}"'
 
     body = re.sub(r'src="(figures/[^"]+)"', inline, body)
+    body = re.sub(r'(<pre><code class="language-yaml">.*?</code></pre>)',
+                  lambda m: f"<details><summary>YAML ({m.group(1).count(chr(10))} lines)</summary>{m.group(1)}"
+                            "</details>", body, flags=re.S)
     return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>\n{body}</body></html>\n")
 

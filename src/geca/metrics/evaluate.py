@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
 from geca.metrics.features import FeatureExtractor, build_extractor, weights_path
 from geca.metrics.fld import fld
-from geca.metrics.kid import check_protocol, kid, kid_subset_size
+from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_subset_size
 from geca.metrics.report import real_vs_generated_grid
 from geca.utils.io import atomic_write_json
 
@@ -217,6 +218,10 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         gg_gen = kid_gen if same else features(gg_extractor, g.images)
         r = score_set(g, inputs.real, SetFeatures(kid_real, kid_gen, gg_train, gg_real, gg_gen), s.protocol, s.seed,
                       s.per_class_min, lpips_model, backbone, s.batch_size, s.device)
+        if r["kid"]["subset_size"] < NOISY_SUBSET:
+            warnings.warn(f"{name}: KID over subsets of {r['kid']['subset_size']} images is noisy (std "
+                          f"{r['kid']['std'] * 1e3:.1f}×10⁻³ across subsets); compare sets whose subsets hold ≥ "
+                          f"{NOISY_SUBSET} images", stacklevel=2)
         grid = out.with_name(f"{out.stem}_grid_{_safe(name)}.png")
         real_vs_generated_grid(inputs.real, g, grid, seed=s.seed, title=f"{':'.join(inputs.real_name)} vs {name}")
         results.append({"name": name, "dir": str(path), **r, "faithfulness": faithful(g), "grid": grid.name})

@@ -11,6 +11,9 @@ import torch
 PROTOCOLS = ("paper", "standard")
 KID_SUBSETS = 100
 STANDARD_SUBSET_SIZE = 1000
+# Below this subset size the estimate's spread across subsets usually exceeds the gaps between generators worth
+# telling apart, so evaluate warns.
+NOISY_SUBSET = 50
 KERNEL_ELEMENTS = 1 << 18  # kernel-matrix entries per batch of subsets: 2 MiB in float64, so batches stay in cache
 
 

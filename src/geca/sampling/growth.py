@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.errors import ConfigError
@@ -16,8 +17,9 @@ from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import Decoder, decoder, run_sampler
 from geca.sampling.labels import one_hot, resolve_class
 from geca.sampling.samplers import inherit, sample
-from geca.utils.images import grid, pil_image, to_uint8
+from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import atomic_write
+from geca.utils.plots import plot_strip
 
 
 @dataclass
@@ -93,29 +95,40 @@ def _common(top: np.ndarray, bottom: np.ndarray, min_size: int) -> tuple[np.ndar
     return tuple(np.repeat(_resize(f, size), channels // f.shape[-1], axis=-1) for f in (top, bottom))
 
 
-def write_gif(top: np.ndarray, bottom: np.ndarray, path: Path, ms_per_frame: int = 200) -> None:
-    """Each frame shows `top[i]` above `bottom[i]`; the last frame is held longer."""
+CAPTION_PX = 12
+
+
+def _captioned(frame: np.ndarray, caption: str) -> Image.Image:
+    """The frame under a black band carrying its caption (PIL's built-in bitmap font: no font files needed)."""
+    img = pil_image(frame).convert("RGB")
+    out = Image.new("RGB", (img.width, img.height + CAPTION_PX))
+    out.paste(img, (0, CAPTION_PX))
+    ImageDraw.Draw(out).text((2, 1), caption, fill=(255, 255, 255))
+    return out
+
+
+def write_gif(top: np.ndarray, bottom: np.ndarray, path: Path, captions: list[str], ms_per_frame: int = 200) -> None:
+    """Each frame shows `top[i]` above `bottom[i]` under `captions[i]`; the last frame is held longer."""
     pair = np.concatenate(_common(top, bottom, 128), axis=1)
-    images = [pil_image(f).convert("RGB") for f in pair]
+    images = [_captioned(f, c) for f, c in zip(pair, captions, strict=True)]
     durations = [ms_per_frame] * (len(images) - 1) + [ms_per_frame * 8]
     atomic_write(Path(path), lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
                                                      duration=durations, loop=0))
-
-
-def write_strip(top: np.ndarray, bottom: np.ndarray, path: Path) -> None:
-    """Two rows (top, bottom), one column per frame."""
-    strip = grid(np.concatenate(_common(top, bottom, 64)), nrow=len(top))
-    atomic_write(Path(path), lambda p: pil_image(strip).save(p, format="PNG"))
 
 
 def write_growth(g: Growth, out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     paths = {"growth_gif": out_dir / "growth.gif", "growth_png": out_dir / "growth.png",
              "denoise_gif": out_dir / "denoise.gif", "denoise_png": out_dir / "denoise.png"}
-    write_gif(g.nca_eps, g.nca_x0, paths["growth_gif"])
-    write_strip(g.nca_eps, g.nca_x0, paths["growth_png"])
-    write_gif(g.trajectory_xt, g.trajectory_x0, paths["denoise_gif"], ms_per_frame=120)
-    write_strip(g.trajectory_xt, g.trajectory_x0, paths["denoise_png"])
+    m = len(g.nca_eps)
+    nca = [f"NCA step {i}/{m}" for i in range(1, m + 1)]
+    write_gif(g.nca_eps, g.nca_x0, paths["growth_gif"], [f"{c}, t={g.nca_t}" for c in nca])
+    plot_strip(list(_common(g.nca_eps, g.nca_x0, 16)), ["ε (C_out)", "x̂₀"], [f"m={i}" for i in range(1, m + 1)],
+               paths["growth_png"], f"M NCA updates at t = {g.nca_t}, from one seed cell")
+    steps = [f"t={t}" for t in g.trajectory_t]
+    write_gif(g.trajectory_xt, g.trajectory_x0, paths["denoise_gif"], steps, ms_per_frame=120)
+    plot_strip(list(_common(g.trajectory_xt, g.trajectory_x0, 16)), ["x_t", "x̂₀"], steps, paths["denoise_png"],
+               "denoising trajectory")
     return paths
 
 

@@ -33,7 +33,7 @@ from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
 from geca.training.ema import EMA
 from geca.training.heredity import handed_over
-from geca.utils.hardware import resolve_precision
+from geca.utils.hardware import peak_memory_mib, resolve_precision
 from geca.utils.images import to_uint8
 from geca.utils.io import CsvLog, atomic_write_json
 from geca.utils.plots import plot_class_grid, plot_loss_curve
@@ -41,7 +41,7 @@ from geca.utils.seeding import derive_seed
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DIVERGED = 1e3  # the diffusion loss of a sane model is O(1); above this it has blown up
-LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "elapsed_min"]
+LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "peak_mem_mib", "elapsed_min"]
 
 
 class BatchStream:
@@ -121,7 +121,7 @@ def learning_rate(tc: Any, step: int) -> float:
     return tc.lr
 
 
-def _accelerator(config: RunConfig, cpu: bool = False) -> Accelerator:
+def _accelerator(config: RunConfig, run_dir: Path, cpu: bool = False) -> Accelerator:
     try:
         precision = ACCELERATE_PRECISION[resolve_precision(config.train.precision)]
     except ValueError as e:
@@ -129,7 +129,9 @@ def _accelerator(config: RunConfig, cpu: bool = False) -> Accelerator:
     # Accelerate keeps mixed precision in a process-wide singleton; reset it (not the process group) so that
     # several runs with different precisions can share one Python process.
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=precision, cpu=cpu or not torch.cuda.is_available())
+    tensorboard = config.train.logger == "tensorboard"
+    return Accelerator(mixed_precision=precision, cpu=cpu or not torch.cuda.is_available(),
+                       log_with="tensorboard" if tensorboard else None, project_dir=run_dir if tensorboard else None)
 
 
 def _latents(config: RunConfig, data: ImageSet, run_dir: Path, accelerator: Accelerator,
@@ -192,7 +194,7 @@ class Trainer:
         config.validate()
         check_run_dir(self.run_dir, resume)
         tc = config.train
-        self.accelerator = acc = _accelerator(config, cpu)
+        self.accelerator = acc = _accelerator(config, self.run_dir, cpu)
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
@@ -221,6 +223,8 @@ class Trainer:
         self.validator = self._validator(resume)  # loads the val split and features: fails before files are written
         if self.main:
             self._write_run_files(resume)
+        if tc.logger == "tensorboard":
+            acc.init_trackers("tensorboard")  # events in RUN/tensorboard, beside log.csv
         acc.wait_for_everyone()
         self.window = LossWindow()
 
@@ -317,9 +321,14 @@ class Trainer:
         tc = self.config.train
         row = self.window.row(self.step_count, tc.batch_size, self.state["images_seen"] / len(self.data.data),
                               learning_rate(tc, self.step_count - 1), self.elapsed_s())
-        self.bar.set_postfix(loss=row["loss"], img_s=row["images_per_s"])
+        peak = peak_memory_mib(self.device)
+        row["peak_mem_mib"] = "" if peak is None else f"{peak:.0f}"
+        self.shown = f"loss {row['loss']}, {row['images_per_s']} img/s"
+        self.bar.set_postfix_str(self._steps() + self.shown)
         if self.main:
             self.log.append(row)
+            self.accelerator.log({k: float(v) for k, v in row.items() if k not in ("step", "elapsed_min") and v != ""},
+                                 step=self.step_count)
             if self.bar.disable and self._plain_due():  # a log file: a plain line now and then
                 tqdm.write(f"step {self.step_count}/{tc.max_steps}: loss {row['loss']}, {row['images_per_s']} img/s, "
                            f"{row['elapsed_min']} min")
@@ -337,14 +346,18 @@ class Trainer:
             save_checkpoint(self.run_dir, self.step_count, self.accelerator.unwrap_model(self.model), self.ema.model,
                             self.optimizer, {**self.state, "elapsed_s": self.elapsed_s()})
 
-    def preview(self) -> None:
-        """A grid of EMA samples, per_class per class: what `geca sample --seed <train seed>` would draw now."""
+    def preview(self, final: bool = False) -> None:
+        """A grid of EMA samples, per_class per class: what `geca sample --seed <train seed>` would draw now. The
+        final one says so (with a bar on a terminal): on a CPU it can take minutes."""
         pc, spec = self.config.preview, self.spec
         labels = per_class_labels(spec.num_classes, pc.per_class, list(range(min(spec.num_classes, pc.max_classes))))
         sampler = pc.sampler.for_model(self.ema.model.has_cell_state, spec.latent is not None,
                                        ghg_default=self.ema.model.ghg_default)
+        if final:
+            tqdm.write(f"final preview: {len(labels)} EMA samples at step {self.step_count} ({sampler.sampler} "
+                       f"{sampler.steps} steps)")
         images = sample_images(self.ema.model, self.diffusion, labels, spec.shape, sampler, self.config.train.seed,
-                               len(labels), self.device, self.data.to_images)
+                               len(labels), self.device, self.data.to_images, progress=final and self.progress)
         names = spec.class_names[:min(spec.num_classes, pc.max_classes)]
         plot_class_grid(images, names, pc.per_class, self.run_dir / "samples" / f"step_{self.step_count:07d}.png",
                         title=f"EMA samples at step {self.step_count} ({sampler.sampler} {sampler.steps}, "
@@ -377,7 +390,7 @@ class Trainer:
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
         if self.main and tc.sample_every and step % tc.sample_every:
-            self.preview()
+            self.preview(final=True)
         if self.validator is not None and step % self.config.validation.every:
             self.validate()
 
@@ -402,20 +415,39 @@ class Trainer:
                 f" {s.num_classes} classes; from step {self.step_count} to {self.config.train.max_steps}"
                 + (f", at most {self.config.train.max_minutes:g} min" if self.config.train.max_minutes else ""))
 
+    def _bar(self) -> tqdm:
+        """Steps, or, under a time budget, the budget's seconds: its ETA is when the run ends (steps in the postfix)."""
+        tc, disable = self.config.train, not (self.progress and self.main)
+        self.timed = tc.max_minutes is not None
+        if not self.timed:
+            return tqdm(total=tc.max_steps, initial=self.step_count, desc="training", dynamic_ncols=True,
+                        disable=disable)
+        return tqdm(total=round(tc.max_minutes * 60), desc=f"training ({tc.max_minutes:g} min budget)", unit="s",
+                    dynamic_ncols=True, disable=disable, bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
+
+    def _advance(self) -> None:
+        if not self.timed:
+            self.bar.update(1)
+            return
+        self.bar.update(min(time.time() - self.t_start, self.bar.total) - self.bar.n)
+        self.bar.set_postfix_str(self._steps() + self.shown, refresh=False)
+
+    def _steps(self) -> str:
+        return f"step {self.step_count}/{self.config.train.max_steps}, " if self.timed else ""
+
     def run(self) -> dict[str, Any]:
         tc = self.config.train
         if self.main:
             tqdm.write(self.describe())
         self.t_start, self.reserve_s, self.step_s, self._last_plain = time.time(), 0.0, 0.0, 0.0
-        self.bar = tqdm(total=tc.max_steps, initial=self.step_count, desc="training", dynamic_ncols=True,
-                        disable=not (self.progress and self.main))
+        self.bar, self.shown = self._bar(), ""
         self.model.train()
         while self.step_count < tc.max_steps and not self.out_of_time():
             started = time.time()
             self.step()
             self.step_s = time.time() - started
-            self.bar.update(1)
             self.periodic()
+            self._advance()
         self.finish()
         checksum = _parameters_identical(self.accelerator, self.model) if self.world > 1 else None
         if self.main:
@@ -436,7 +468,8 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
                               "another --out")
     if resume and not has_ckpt:
         raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
-    own = {"model.json", "config.yaml", "samples", "log.csv", "checkpoints", "latents", "validation.csv", "loss.png"}
+    own = {"model.json", "config.yaml", "samples", "log.csv", "checkpoints", "latents", "validation.csv", "loss.png",
+           "tensorboard"}
     others = [p for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in own] \
         if run_dir.is_dir() else []
     if not resume and others:

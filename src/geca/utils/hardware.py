@@ -59,3 +59,18 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name!r} requested but no CUDA GPU is available")
     return device
+
+
+def peak_memory_mib(device: torch.device | str) -> float | None:
+    """Peak memory so far: tensors allocated on a CUDA device, or this process's resident set (Linux VmHWM)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
+

@@ -68,6 +68,31 @@ def plot_class_grid(images: np.ndarray, class_names: list[str], per_class: int, 
     return Path(out)
 
 
+def plot_strip(rows: list[np.ndarray], row_labels: list[str], col_labels: list[str], out: Path,
+               title: str = "") -> Path:
+    """Frames side by side, one row per (F, H, W, C) uint8 array, each column captioned (step, t)."""
+    cols = len(col_labels)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.8 + 1.0, len(rows) * 0.85 + 0.5), dpi=120,
+                             squeeze=False)
+    for r, frames in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            img = frames[c]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=6)
+        axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(out), lambda p: _save_rgb(fig, p))
+    plt.close(fig)
+    return Path(out)
+
+
 def plot_ghg_trace(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path:
     """Four panels against the reverse step, one line per GHG mode: |C_h|, |C_out|, predicted-ε std, x̂0 range."""
     modes = list(dict.fromkeys(r["ghg"] for r in rows))
