@@ -28,6 +28,7 @@ bench: install
 	$(PY) bench/attention.py
 	$(PY) bench/train_step.py
 	$(PY) bench/allocator.py
+	$(PY) bench/sample.py
 
 clean:
 	rm -rf runs .pytest_cache

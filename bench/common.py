@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import gc
+import time
+from pathlib import Path
 
 import torch
 
@@ -30,3 +33,46 @@ def device_of(args: argparse.Namespace) -> torch.device:
         keep_freed_memory()
     torch.set_num_threads(args.threads)
     return torch.device(args.device)
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's matmul throughput measured now (best of a few square products): MFU's denominator, taken in
+    the same run and under the same load as the model it divides."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
+
+
+def reset_peak_memory(device: torch.device) -> float:
+    """Start a peak-memory window; returns the memory held now (MiB): CUDA tensors, or this process's RSS."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**20
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+    return _status_mib("VmRSS")
+
+
+def peak_memory(device: torch.device) -> float:
+    """The peak (MiB) since `reset_peak_memory`: `torch.cuda.max_memory_allocated`, or Linux VmHWM on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _status_mib("VmHWM")
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)

@@ -1,89 +1,166 @@
-"""Benchmark sampling: seconds per image for named configs of every family, DDPM 250 and DDIM 50 steps.
+"""Benchmark sampling: cost per image of each sampler, and (with --run) what the fewer calls cost in quality.
 
-Each setting samples one batch through `geca.sampling.samplers.sample` (the path `geca sample` takes) with
+Speed (default): named configs of every family with fresh weights (speed does not depend on them), each sampler
+setting in a fresh process, one batch through `geca.sampling.samplers.sample` (the path `geca sample` takes) with
 classifier-free guidance 1.5, so every step is one doubled-batch denoiser call; GeCA uses Gene Heredity Guidance
-(hidden), the baselines none. Weights are freshly initialised (speed does not depend on them). GMACs per denoiser
-call are counted on a batch of 1 (attention's score and value products not counted, as `geca models` does).
+(hidden), the baselines none. Per setting: seconds per image, peak memory above what was held before sampling
+(CUDA: `max_memory_allocated`; CPU: Linux VmHWM), GMACs per image (attention's score and value products not
+counted, as `geca models` does) and the model-FLOP utilisation against the matmul throughput measured in this run.
+
+Quality (--run RUN --real SPEC:SPLIT): the trained run samples the same labels with the same seed under every
+setting (`geca sample`), then `geca evaluate` scores all sets together (domain features, standard protocol unless
+told otherwise): KID and class-faithfulness against denoiser calls, each as a ratio to the first setting (DDPM 250).
 
     .venv/bin/python bench/sample.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 4] [--resolution 32] [--channels 4]
                                      [--classes 11] [--device cpu] [--quick] [--json]
+    .venv/bin/python bench/sample.py --run runs/fundus --real synthetic-fundus:test --train synthetic-fundus:train
+                                     --per-class 40 --out runs/fundus/sampler-bench
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
-from common import device_of, model_parser
+from common import device_of, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
-from geca.models.build import build_model, count_parameters
-from geca.models.config import count_macs, named_model
+from geca.models.build import build_model, count_macs, count_parameters
+from geca.models.config import named_model
 from geca.sampling.config import SamplerConfig
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
 
-SETTINGS = (("ddpm", 250), ("ddim", 50))
+SETTINGS = (("ddpm", 250), ("ddim", 50), ("ddim", 25), ("dpm++", 20), ("dpm++", 10))
+QUICK = (("ddpm", 5), ("ddim", 2), ("dpm++", 2))
 
 
-def sampling_seconds(model: torch.nn.Module, diffusion: GaussianDiffusion, sampler: SamplerConfig, batch: int,
-                     shape: tuple[int, int, int], classes: int, device: torch.device) -> float:
-    labels = per_class_labels(classes, batch // classes + 1)[:batch].to(device)
+def sampling_cost(name: str, sampler: str, steps: int, cfg: float, batch: int, shape: tuple[int, int, int],
+                  classes: int, device: torch.device) -> tuple[float, float]:
+    """Seconds and extra peak memory (MiB) of sampling one batch, after an untimed two-step run of the same sampler
+    (one-off set-up: imports, allocator, kernels)."""
     torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    model = build_model(named_model(name), shape[0], classes, shape[1]).to(device).eval()
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+    ghg = "hidden" if model.has_cell_state else "none"
+    labels = per_class_labels(classes, batch // classes + 1)[:batch].to(device)
+    sample(model, diffusion, labels, shape, SamplerConfig(sampler=sampler, steps=2, guidance_scale=cfg, ghg=ghg))
+    held = reset_peak_memory(device)
     start = time.perf_counter()
-    sample(model, diffusion, labels, shape, sampler)
+    sample(model, diffusion, labels, shape, SamplerConfig(sampler=sampler, steps=steps, guidance_scale=cfg, ghg=ghg))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, peak_memory(device) - held
+
+
+def speed(args: argparse.Namespace, device: torch.device) -> dict:
+    shape = (args.channels, args.resolution, args.resolution)
+    peak = matmul_peak_tflops(device, torch.float32)
+    shared = [a for a in sys.argv[1:] if a != "--json"]
+    rows = []
+    for name in args.configs.split(","):
+        model = build_model(named_model(name), args.channels, args.classes, args.resolution)
+        gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
+        for sampler, steps in QUICK if args.quick else SETTINGS:
+            out = subprocess.run([sys.executable, __file__, *shared, "--worker", name, sampler, str(steps)],
+                                 check=True, capture_output=True, text=True).stdout
+            s, mib = json.loads(out.strip().splitlines()[-1])
+            calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
+            flops = 2 * gmacs * 1e9 * calls * args.batch
+            rows.append({"config": name, "family": named_model(name).family, "parameters": count_parameters(model),
+                         "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps,
+                         "seconds_per_image": round(s / args.batch, 4), "gmacs_per_image": round(gmacs * calls, 3),
+                         "peak_mib": round(mib, 1), "mfu": round(flops / s / 1e12 / peak, 4)})
+            if not args.json:
+                print(f"{name:8s} {sampler:5s} {steps:4d} steps {s / args.batch:9.3f} s/image {mib:8.1f} MiB",
+                      flush=True)
+    return {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
+            "matmul_peak_tflops_fp32": round(peak, 4), "rows": rows}
+
+
+def quality(args: argparse.Namespace) -> dict:
+    """Every setting through the geca command itself, so the numbers are what a user gets."""
+    geca = [sys.executable, "-m", "geca"]
+    out = Path(args.out)
+    sets = []
+    for sampler, steps in QUICK if args.quick else SETTINGS:
+        name = f"{sampler}{steps}"
+        chosen = ["--checkpoint", args.checkpoint] if args.checkpoint else []
+        subprocess.run([*geca, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
+                        str(args.per_class), "--sampler", sampler, "--steps", str(steps), "--cfg", str(args.cfg),
+                        "--seed", "0", "--overwrite", "--no-progress", "--threads", str(args.threads)], check=True)
+        sets.append(name)
+    metrics = out / "metrics.json"
+    subprocess.run([*geca, "evaluate", "--generated", *(f"{n}={out / n}" for n in sets), "--real", args.real,
+                    "--train", args.train, "--features", args.features, "--gg-features", args.features,
+                    "--protocol", "standard", "--no-lpips", "--out", str(metrics), "--no-progress"], check=True)
+    results = {r["name"]: r for r in json.loads(metrics.read_text())["results"]}
+    rows = []
+    for name in sets:
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        sc, r = manifest["sampling"], results[name]
+        rows.append({"setting": name, "calls": sc["steps"] * (2 if sc["guidance_scale"] != 1 else 1),
+                     "seconds_per_image": round(manifest["seconds"] / manifest["num_images"], 4),
+                     "kid": r["kid"]["mean"], "kid_std": r["kid"]["std"],
+                     "faithfulness": r["faithfulness"]["value"], "chance": r["faithfulness"]["chance"]})
+    base = rows[0]
+    for row in rows:
+        row["calls_vs_first"] = round(base["calls"] / row["calls"], 2)
+        row["kid_vs_first"] = round(row["kid"] / max(base["kid"], 1e-12), 3)
+        row["faithfulness_vs_first"] = round(row["faithfulness"] / max(base["faithfulness"], 1e-12), 3)
+    return {"run": args.run, "checkpoint": args.checkpoint or "latest", "real": args.real,
+            "per_class": args.per_class, "cfg": args.cfg, "rows": rows}
 
 
 def main() -> None:
-    ap = model_parser(__doc__, 4, "Images sampled together.")
+    ap = model_parser(__doc__, 4, "Images sampled together (speed).")
     ap.add_argument("--cfg", type=float, default=1.5, help="Classifier-free guidance scale.")
-    ap.add_argument("--quick", action="store_true", help="Smoke run: 5 DDPM and 2 DDIM steps instead of 250/50.")
+    ap.add_argument("--quick", action="store_true", help="Smoke run: DDPM 5, DDIM 2, DPM++ 2.")
+    ap.add_argument("--run", help="A trained run: measure quality against calls instead of speed.")
+    ap.add_argument("--real", help="SPEC:SPLIT of the real images KID compares with (with --run).")
+    ap.add_argument("--train", help="SPEC:SPLIT the domain classifier trains on (with --run).")
+    ap.add_argument("--features", default="domain", help="KID/faithfulness features (with --run).")
+    ap.add_argument("--checkpoint", help="Checkpoint step or path (with --run; default: the latest).")
+    ap.add_argument("--per-class", type=int, default=40, help="Images per class and setting (with --run).")
+    ap.add_argument("--out", default="sampler-bench", help="Where the sample sets go (with --run).")
+    ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "SAMPLER", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = device_of(args)
-    shape = (args.channels, args.resolution, args.resolution)
-    diffusion = GaussianDiffusion.from_config(DiffusionConfig())
-    settings = (("ddpm", 5), ("ddim", 2)) if args.quick else SETTINGS
-    rows = []
-    for name in args.configs.split(","):
-        config = named_model(name)
-        torch.manual_seed(0)
-        model = build_model(config, args.channels, args.classes, args.resolution).to(device).eval()
-        gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
-        ghg = "hidden" if model.has_cell_state else "none"
-        # One untimed step first, so that one-off setup (allocator, kernels) is not billed to the first setting.
-        sampling_seconds(model, diffusion, SamplerConfig(steps=1, guidance_scale=args.cfg, ghg=ghg), args.batch, shape,
-                         args.classes, device)
-        for sampler, steps in settings:
-            sc = SamplerConfig(sampler=sampler, steps=steps, guidance_scale=args.cfg, ghg=ghg)
-            s = sampling_seconds(model, diffusion, sc, args.batch, shape, args.classes, device)
-            calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
-            row = {"config": name, "family": config.family, "parameters": count_parameters(model),
-                   "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps, "ghg": ghg,
-                   "seconds_per_image": round(s / args.batch, 4),
-                   "gmacs_per_image": round(gmacs * calls, 3)}
-            rows.append(row)
-            if not args.json:
-                print(f"{name:8s} {sampler:4s} {steps:4d} steps {s / args.batch:9.3f} s/image", flush=True)
-    result = {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
-              "threads": args.threads, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-              platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
+    if args.worker:
+        name, sampler, steps = args.worker
+        print(json.dumps(sampling_cost(name, sampler, int(steps), args.cfg, args.batch,
+                                       (args.channels, args.resolution, args.resolution), args.classes, device)))
+        return
+    if args.run and not (args.real and args.train):
+        ap.error("--run needs --real and --train")
+    result = quality(args) if args.run else speed(args, device)
+    result.update({"threads": args.threads, "device": str(device), "torch": torch.__version__,
+                   "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                   platform.processor() or platform.machine()})
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':8s} {'s/image':>9s} "
-          f"{'GMAC/image':>10s}")
-    for r in rows:
-        print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['gmacs_per_call']:9.3f} "
-              f"{r['sampler'] + ' ' + str(r['steps']):8s} {r['seconds_per_image']:9.3f} {r['gmacs_per_image']:10.4g}")
+    if args.run:
+        print(f"\n{'setting':9s} {'calls':>5s} {'× fewer':>7s} {'s/image':>8s} {'KID×10³':>14s} {'× first':>7s} "
+              f"{'faithful':>8s} {'× first':>7s}")
+        for r in result["rows"]:
+            print(f"{r['setting']:9s} {r['calls']:5d} {r['calls_vs_first']:7.2f} {r['seconds_per_image']:8.3f} "
+                  f"{r['kid'] * 1e3:7.1f} ± {r['kid_std'] * 1e3:5.1f} {r['kid_vs_first']:7.2f} "
+                  f"{r['faithfulness']:8.2f} {r['faithfulness_vs_first']:7.2f}")
+    else:
+        print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':10s} {'s/image':>9s} "
+              f"{'GMAC/image':>10s} {'peak MiB':>9s} {'MFU':>6s}")
+        for r in result["rows"]:
+            print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['gmacs_per_call']:9.3f} "
+                  f"{r['sampler'] + ' ' + str(r['steps']):10s} {r['seconds_per_image']:9.3f} "
+                  f"{r['gmacs_per_image']:10.4g} {r['peak_mib']:9.1f} {r['mfu']:6.1%}")
     print(json.dumps(result))
 
 

@@ -1,8 +1,13 @@
 """Benchmark one training step (forward + backward + AdamW) for named configs of every family, in one table.
 
-Training images/s per config and precision, measured in one process so the ratios compare like with like. For
-GeCA configs the reference neighbourhood attention (the published 9×-copy gather) is measured beside the fast
-default; DiT and the UNet have no such choice (their rows show attention "-").
+Training images/s per config and precision, each setting in a fresh process (no setting inherits another's
+allocator pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference
+neighbourhood attention (the published 9×-copy gather) is measured beside the fast default; DiT and the UNet have
+no such choice (their rows show attention "-"). Each row also has the peak memory of the steps (the first
+included: activations, gradients, AdamW's state) above what was held before them (CUDA: `max_memory_allocated`;
+CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the forward MACs of the batch
+(forward + backward ≈ 3 forwards; attention's score and value products not counted) per second, over the matmul
+throughput measured in this run.
 
     .venv/bin/python bench/train_step.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 8] [--resolution 32]
                                          [--channels 4] [--classes 11] [--precisions fp32,bf16] [--device cpu] [--json]
@@ -10,31 +15,35 @@ default; DiT and the UNet have no such choice (their rows show attention "-").
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
-from common import device_of, model_parser
+from common import device_of, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
-from geca.models.build import build_model, count_parameters
+from geca.models.build import build_model, count_macs, count_parameters
 from geca.models.config import named_model
 
 NO_CHOICE = "-"
 
 
 def step_time(name: str, attention: str, precision: str, batch: int, channels: int, resolution: int,
-              classes: int, repeats: int, device: torch.device) -> float:
+              classes: int, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds per step and the extra peak memory (MiB) of the timed steps."""
     config = named_model(name)
     if attention != NO_CHOICE:
         config.attention = attention
     torch.manual_seed(0)
     model = build_model(config, channels, classes, resolution).to(device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as geca train
     x = torch.randn(batch, channels, resolution, resolution, device=device)
     y = torch.eye(classes, device=device)[torch.randint(0, classes, (batch,))]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -56,8 +65,18 @@ def step_time(name: str, attention: str, precision: str, batch: int, channels: i
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
+    held = reset_peak_memory(device)  # before the first step: it allocates the gradients and AdamW's state
     timed()
-    return statistics.median(timed() for _ in range(repeats))
+    seconds = statistics.median(timed() for _ in range(repeats))
+    return seconds, peak_memory(device) - held
+
+
+def isolated(argv: list[str], name: str, attention: str, precision: str) -> tuple[float, float]:
+    """One setting in a fresh process, so that no setting inherits another's allocator pools, caches or threads."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--worker", name, attention, precision], check=True,
+                         capture_output=True, text=True).stdout
+    seconds, mib = json.loads(out.strip().splitlines()[-1])
+    return seconds, mib
 
 
 def main() -> None:
@@ -65,43 +84,58 @@ def main() -> None:
     ap.add_argument("--attention", default="fast,reference", help="GeCA attention implementations to compare.")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
     ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
+    ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "ATTENTION", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = device_of(args)
+    if args.worker:
+        print(json.dumps(step_time(*args.worker, args.batch, args.channels, args.resolution, args.classes,
+                                   args.repeats, device)))
+        return
+    shared = [a for a in sys.argv[1:] if a != "--json"]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    peaks = {p: matmul_peak_tflops(device, dtypes[p]) for p in args.precisions.split(",")}
     rows = []
     for name in args.configs.split(","):
         config = named_model(name)
-        params = count_parameters(build_model(config, args.channels, args.classes, args.resolution))
+        model = build_model(config, args.channels, args.classes, args.resolution)
+        params = count_parameters(model)
+        flops = 6 * count_macs(model, args.channels, args.classes, args.resolution) * args.batch
         attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
         for precision in args.precisions.split(","):
             base = None
             for attention in attentions:
-                s = step_time(name, attention, precision, args.batch, args.channels, args.resolution,
-                              args.classes, args.repeats, device)
+                s, mib = isolated(shared, name, attention, precision)
                 row = {"config": name, "family": config.family, "parameters": params, "precision": precision,
                        "attention": attention, "seconds_per_step": round(s, 4),
-                       "images_per_s": round(args.batch / s, 2)}
+                       "images_per_s": round(args.batch / s, 2), "peak_mib": round(mib, 1),
+                       "model_tflops": round(flops / s / 1e12, 4), "mfu": round(flops / s / 1e12 / peaks[precision], 4)}
                 if attention == "reference":
                     base = row
                 rows.append(row)
                 if not args.json:
-                    print(f"{name:8s} {precision:5s} {attention:10s} {s:8.3f} s/step {args.batch / s:8.2f} img/s",
-                          flush=True)
+                    print(f"{name:8s} {precision:5s} {attention:10s} {s:8.3f} s/step {args.batch / s:8.2f} img/s "
+                          f"{mib:8.1f} MiB  MFU {row['mfu']:.1%}", flush=True)
             if base is not None:
                 for row in rows:
                     if row["config"] == name and row["precision"] == precision:
                         row["speedup_vs_reference"] = round(base["seconds_per_step"] / row["seconds_per_step"], 2)
+                        row["memory_vs_reference"] = round(row["peak_mib"] / max(base["peak_mib"], 1e-9), 2)
     result = {"batch": args.batch, "input": [args.channels, args.resolution, args.resolution],
               "classes": args.classes, "threads": args.threads, "device": str(device),
+              "matmul_peak_tflops": {p: round(v, 4) for p, v in peaks.items()},
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
               platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'prec':5s} {'attention':10s} {'img/s':>9s} {'× ref':>6s}")
+    print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'prec':5s} {'attention':10s} {'img/s':>9s} {'× ref':>6s} "
+          f"{'peak MiB':>9s} {'mem × ref':>9s} {'MFU':>6s}")
     for r in rows:
         ref = f"{r['speedup_vs_reference']:6.2f}" if "speedup_vs_reference" in r else f"{'':6s}"
+        mem = f"{r['memory_vs_reference']:9.2f}" if "memory_vs_reference" in r else f"{'':9s}"
         print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['precision']:5s} {r['attention']:10s} "
-              f"{r['images_per_s']:9.2f} {ref}")
+              f"{r['images_per_s']:9.2f} {ref} {r['peak_mib']:9.1f} {mem} {r['mfu']:6.1%}")
+    print("matmul peak measured now (TFLOP/s): " + ", ".join(f"{p} {v:.3f}" for p, v in peaks.items()))
     print(json.dumps(result))
 
 

@@ -229,6 +229,7 @@ def test_seeds_are_averaged_before_any_test() -> None:
     text = markdown(summary)
     assert "over 5 folds, each fold's value the mean of its 3 seed(s)" in text
     assert "the stars come from p (folds)" in text and "| p (folds) | p (test cases) |" in text
+    assert f"| {folds['stars']} ↑ ({folds['p']:.2g}) |" in text  # +syn gains in every fold: significantly above
     fixed = ProtocolResult("toy", [r for r in results if r.fold == 0], ["a", "b"], True, "fixed split",
                            [{"fold": None, "train": 10, "val": 5, "test": 60}])
     for r in fixed.results:

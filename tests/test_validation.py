@@ -30,9 +30,18 @@ def test_validation_logs_kid_keeps_best_and_resumes(blobs_npz: Path, tmp_path: P
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "cache"))  # the default domain features train once here
     run = tmp_path / "run"
-    train(validated_config(blobs_npz, 2), run, progress=False)
+    cfg = validated_config(blobs_npz, 2)
+    cfg.train.logger = "tensorboard"
+    train(cfg, run, progress=False)
     rows = list(csv.DictReader(open(run / "validation.csv")))
     assert [r["step"] for r in rows] == ["1", "2"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("validation/kid")] == \
+        [(int(r["step"]), pytest.approx(float(r["kid"]), rel=1e-5)) for r in rows]
     assert all(float(r["kid"]) == float(r["kid"]) and r["num_samples"] == "6" for r in rows)
     assert all(0 <= float(r["faithfulness"]) <= 1 for r in rows)
     best = json.loads((run / "checkpoints" / "best" / "state.json").read_text())

@@ -152,7 +152,11 @@ def _p_cell(summary: dict[str, Any], arm: str, level: str, which: str) -> str:
     if arm == summary["baseline"] or summary["baseline"] is None:
         return "—"
     sig = summary["arms"][arm]["significance"][level][which][summary["p_metric"]]
-    return sig["stars"] if sig["p"] is None else f"{sig['stars']} ({sig['p']:.2g})"
+    if sig["p"] is None:
+        return sig["stars"]
+    # Two-sided tests: a star alone would read as "better"; say which way a significant difference goes.
+    way = "" if sig["stars"] == "ns" or not sig.get("mean_diff") else (" ↑" if sig["mean_diff"] > 0 else " ↓")
+    return f"{sig['stars']}{way} ({sig['p']:.2g})"
 
 
 def _p_columns(summary: dict[str, Any]) -> list[str]:
@@ -190,7 +194,8 @@ def markdown(summary: dict[str, Any]) -> str:
                           "(each the mean of its seeds)"}
         lines += ["", f"Against `{summary['baseline']}`; the stars come from {names[columns[0]]}. "
                       + "; ".join(f"{names[c]}: {notes[c]}" for c in columns)
-                      + ". * < 0.05, ** < 0.01, *** < 0.001, **** < 0.0001, ns otherwise."]
+                      + ". * < 0.05, ** < 0.01, *** < 0.001, **** < 0.0001, ns otherwise; ↑/↓: significantly "
+                      "above/below the baseline."]
     return "\n".join(lines) + "\n"
 
 

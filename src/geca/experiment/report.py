@@ -74,12 +74,20 @@ class _Reader:
 # A generator whose images are classified this little above chance (as a fraction of the way from chance to real
 # images) has not learnt its classes yet: its numbers test the pipeline, they do not rank methods.
 UNTRAINED_FRACTION = 0.25
+# A judge that scores real images less than this above chance cannot tell whether a generator learnt its classes.
+WEAK_JUDGE_MARGIN = 0.1
 
 
 def _untrained(r: _Reader, names: list[str]) -> list[str]:
-    """A caveat line (or none) naming the generators among `names` that Table 1 found near chance."""
+    """A caveat line (or none) naming the generators among `names` that Table 1 found near chance, or saying that
+    the judge itself cannot tell classes apart."""
     rep = r.metrics("evaluate")
-    real = (rep["real"].get("faithfulness") or {}).get("value")
+    real_f = rep["real"].get("faithfulness") or {}
+    real = real_f.get("value")
+    if real is not None and real < real_f["chance"] + WEAK_JUDGE_MARGIN:
+        return [f"**The class-faithfulness judge scores real images {real:.2f} (chance {real_f['chance']:.2f}): it "
+                "cannot tell whether these generators learnt their classes, and the numbers below cannot show "
+                "whether they are trained enough to rank methods.**", ""]
     weak = []
     for x in rep["results"]:
         f = x.get("faithfulness") or {}
@@ -154,7 +162,7 @@ def _ghg(r: _Reader, figures: Path) -> list[str]:
     lines = ["## Fig. 5 — Gene Heredity Guidance", "",
              f"{r.ctx.loaded.cellular}, {sets[0]['images']} images per mode, {sc['sampler']} {sc['steps']} steps, "
              f"CFG {sc['guidance_scale']}; class-faithfulness is the domain classifier's accuracy on the requested "
-             "labels (chance in brackets).", "", *_untrained(r, [r.ctx.loaded.cellular]),
+             "labels (macro-AUC if multi-label; chance in brackets).", "", *_untrained(r, [r.ctx.loaded.cellular]),
              f"![GHG ablation]({_save(fig, figures / 'fig5_ghg.png')})", "",
              *_table(["training", "GHG", "KID×10³ ↓", "faithful ↑ (chance)"], rows)]
     for h in trainings:
@@ -192,35 +200,40 @@ def _nca_steps(r: _Reader, figures: Path) -> list[str]:
 
 
 def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
-    kid = r.kid("sampler_cost")
+    results = {x["name"]: x for x in r.metrics("sampler_cost")["results"]}
     rows, curves = [], {}
     for s in r.ctx.outputs("sampler_cost")["sets"]:
         sc, train = s["sampling"], r.train(s["generator"])
         calls = sc["steps"]
         # CFG doubles each call's batch
         gmac = calls * train["macs_per_call"] * (2 if sc["guidance_scale"] != 1 else 1) / 1e9
-        k = kid[s["name"]]
+        k, f = results[s["name"]]["kid"], results[s["name"]].get("faithfulness") or {}
         rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}", calls, f"{gmac:.2f}",
-                     f"{s['seconds'] / max(s['images'], 1):.3f}", pm(k, 1e3)])
-        curves.setdefault(s["generator"], []).append((calls, k["mean"] * 1e3, k["std"] * 1e3))
-    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=120)
+                     f"{s['seconds'] / max(s['images'], 1):.3f}", faithful(f), pm(k, 1e3)])
+        curves.setdefault(s["generator"], []).append((calls, k["mean"] * 1e3, k["std"] * 1e3, f.get("value")))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120)
+    calls = sorted({p[0] for pts in curves.values() for p in pts})
     for name, pts in curves.items():
         pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    label=name)
-    ax.set_xscale("log")
-    calls = sorted({p[0] for pts in curves.values() for p in pts})
-    ax.set_xticks(calls, [str(c) for c in calls])
-    ax.minorticks_off()
-    ax.set_xlabel("denoiser calls per image")
-    ax.set_ylabel("KID ×10³ ↓")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return ["## Sampler cost", "", "KID against the number of denoiser calls (DDPM respaced, DDIM η = 0, "
-            "DPM-Solver++(2M)); GMAC counts matmuls and convolutions of every call (both CFG halves); seconds are "
-            "wall time on the device of the sampler-cost stage.", "", *_untrained(r, list(curves)),
+        axes[0].errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                         label=name)
+        axes[1].plot([p[0] for p in pts if p[3] is not None], [p[3] for p in pts if p[3] is not None], marker="o",
+                     label=name)
+    for ax, label in zip(axes, ("KID ×10³ ↓", "class-faithfulness ↑"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xticks(calls, [str(c) for c in calls])
+        ax.minorticks_off()
+        ax.set_xlabel("denoiser calls per image")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    return ["## Sampler cost", "", "KID and class-faithfulness against the number of denoiser calls (DDPM respaced, "
+            "DDIM η = 0, DPM-Solver++(2M)); GMAC counts matmuls and convolutions of every call (both CFG halves); "
+            "seconds are wall time on the device of the sampler-cost stage.", "", *_untrained(r, list(curves)),
             f"![sampler cost]({_save(fig, figures / 'sampler_cost.png')})", "",
-            *_table(["Generator", "Sampler", "Calls", "GMAC / image", "s / image", "KID×10³ ↓"], rows)]
+            *_table(["Generator", "Sampler", "Calls", "GMAC / image", "s / image", "faithful ↑ (chance)",
+                     "KID×10³ ↓"], rows)]
 
 
 def _classification(r: _Reader) -> list[str]:

@@ -74,8 +74,9 @@ class Validator:
                              self.device, self.to_images)
 
     def __call__(self, step: int, model: torch.nn.Module, ema_model: torch.nn.Module,
-                 diffusion: GaussianDiffusion) -> float:
-        """Validate the EMA model at `step`; append to validation.csv; replace checkpoints/best if KID improved."""
+                 diffusion: GaussianDiffusion) -> dict[str, float]:
+        """Validate the EMA model at `step`; append to validation.csv; replace checkpoints/best if KID improved.
+        Returns the numbers (KID, its std, class-faithfulness where defined)."""
         t0 = time.time()
         images = self.generate(ema_model, diffusion)
         fake = self.extractor.extract(images, self.v.batch_size, self.device)
@@ -95,7 +96,7 @@ class Validator:
         self.log(f"validation at step {step}: KID×10³ {res.mean * 1e3:.2f} ± {res.std * 1e3:.2f}, class-faithfulness "
                  f"{'—' if faithful is None else f'{faithful:.3f}'}"
                  + (" (best so far)" if improved else f" (best {self.best * 1e3:.2f})"))
-        return res.mean
+        return {"kid": res.mean, "kid_std": res.std, **({} if faithful is None else {"faithfulness": faithful})}
 
     def _save_best(self, step: int, model: torch.nn.Module, ema_model: torch.nn.Module, value: float) -> None:
         """checkpoints/best/ holds the weights (no optimizer state) of the lowest-KID step, written whole."""
