@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from geca.utils import hardware
 from geca.utils.allocator import keep_freed_memory
 
 
@@ -57,22 +58,17 @@ def reset_peak_memory(device: torch.device) -> float:
     """Start a peak-memory window; returns the memory held now (MiB): CUDA tensors, or this process's RSS."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
-    return _status_mib("VmRSS")
+    hardware.reset_peak_memory(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
 
 
 def peak_memory(device: torch.device) -> float:
     """The peak (MiB) since `reset_peak_memory`: `torch.cuda.max_memory_allocated`, or Linux VmHWM on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return _status_mib("VmHWM")
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
+    peak = hardware.peak_memory_mib(device)
+    if peak is None:
+        raise RuntimeError("peak memory needs a CUDA device or Linux's /proc/self/status")
+    return peak

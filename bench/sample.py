@@ -8,8 +8,9 @@ classifier-free guidance 1.5, so every step is one doubled-batch denoiser call; 
 counted, as `geca models` does) and the model-FLOP utilisation against the matmul throughput measured in this run.
 
 Quality (--run RUN --real SPEC:SPLIT): the trained run samples the same labels with the same seed under every
-setting (`geca sample`), then `geca evaluate` scores all sets together (domain features, standard protocol unless
-told otherwise): KID and class-faithfulness against denoiser calls, each as a ratio to the first setting (DDPM 250).
+setting (`geca sample`), then `geca evaluate` scores all sets together (standard protocol; domain features unless
+--features says otherwise): KID and class-faithfulness against denoiser calls (one call per step, its CFG halves
+batched together, as the study's sampler-cost table counts them), each as a ratio to the first setting (DDPM 250).
 
     .venv/bin/python bench/sample.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 4] [--resolution 32] [--channels 4]
                                      [--classes 11] [--device cpu] [--quick] [--json]
@@ -106,10 +107,13 @@ def quality(args: argparse.Namespace) -> dict:
     for name in sets:
         manifest = json.loads((out / name / "manifest.json").read_text())
         sc, r = manifest["sampling"], results[name]
-        rows.append({"setting": name, "calls": sc["steps"] * (2 if sc["guidance_scale"] != 1 else 1),
+        faithful = r["faithfulness"]["value"]
+        if faithful is None:
+            raise SystemExit(f"{name}: class-faithfulness is undefined for these labels")
+        rows.append({"setting": name, "calls": sc["steps"],
                      "seconds_per_image": round(manifest["seconds"] / manifest["num_images"], 4),
                      "kid": r["kid"]["mean"], "kid_std": r["kid"]["std"],
-                     "faithfulness": r["faithfulness"]["value"], "chance": r["faithfulness"]["chance"]})
+                     "faithfulness": faithful, "chance": r["faithfulness"]["chance"]})
     base = rows[0]
     for row in rows:
         row["calls_vs_first"] = round(base["calls"] / row["calls"], 2)

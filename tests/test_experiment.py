@@ -161,6 +161,22 @@ def test_run_configs_take_the_study_data_and_dotted_overrides(tmp_path: Path) ->
     assert cv.run_config("DiT", 1).train.max_steps == 300 and cv.folds == [0, 1]
 
 
+def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
+    """Where training's numbers go (log.csv or TensorBoard) changes no result: no stage reruns for it."""
+    def params(edit: dict) -> dict[str, dict]:
+        raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
+        for g in raw["generators"]:
+            g.setdefault("overrides", {}).setdefault("train", {}).update(edit)
+        path = tmp_path / "edited.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        lx = load_experiment(path)
+        return {s.id: s.params for s in build_stages(Context(lx, tmp_path, torch.device("cpu"), log=lambda s: None))}
+
+    plain = params({})
+    assert params({"logger": "tensorboard"}) == plain
+    assert params({"max_steps": 7})["train.GeCA"] != plain["train.GeCA"]
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     ({"generatorz": []}, "unknown key"),
     ({"ghg": {"modes": ["hiden"]}}, "ghg.modes"),

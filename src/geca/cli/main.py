@@ -19,15 +19,14 @@ from geca.cli.sample import grow, sample
 from geca.cli.train import train
 from geca.utils.allocator import keep_freed_memory
 
-_type_label = typer.core.TyperOption.display_type_rich
+# typer 0.29 labels every on/off flag (even --help) "<bool>" in --help, as if it took a value; older typers, which
+# lack this hook, do not.
+_type_label = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _type_label is not None:
+    def _no_flag_label(self: typer.core.TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag else _type_label(self, ctx)
 
-
-def _no_flag_label(self: typer.core.TyperOption, ctx: object) -> str | None:
-    return None if self.is_flag else _type_label(self, ctx)
-
-
-# typer 0.29 with click >= 8.2 labels every on/off flag (even --help) "<bool>" in --help, as if it took a value.
-typer.core.TyperOption.display_type_rich = _no_flag_label  # type: ignore[method-assign]
+    typer.core.TyperOption.display_type_rich = _no_flag_label  # type: ignore[method-assign]
 
 app = typer.Typer(
     help="Generative Cellular Automata: train, sample and grow GeCA diffusion models on medical images.",

@@ -226,7 +226,8 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
         ax.set_xlabel("denoiser calls per image")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
+    if all(p[1] > 0 for pts in curves.values() for p in pts):  # unbiased KID can be ≤ 0; log would drop it
+        axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
     return ["## Sampler cost", "", "KID and class-faithfulness against the number of denoiser calls (DDPM respaced, "
             "DDIM η = 0, DPM-Solver++(2M)); GMAC counts matmuls and convolutions of every call (both CFG halves); "

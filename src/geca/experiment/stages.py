@@ -210,6 +210,14 @@ def report_stage(ctx: Context, out: Path, stage_ids: list[str]) -> dict[str, Any
 # ── the graph ─────────────────────────────────────────────────────────────────────────────────────────────────────
 
 
+def _hashed(run_config: Any) -> dict[str, Any]:
+    """A training stage's config as its key sees it: where the numbers go (train.logger) changes no result, so
+    choosing TensorBoard retrains nothing and studies finished before the option existed stay done."""
+    run = asdict(run_config)
+    run["train"].pop("logger", None)
+    return run
+
+
 def data_fingerprint(ctx: Context) -> dict[str, str]:
     """SHA-256 of the data files the study reads (dataset file, folds file), so that new data redoes the study."""
     name, _ = parse_spec(ctx.exp.data.spec)
@@ -235,7 +243,7 @@ def build_stages(ctx: Context) -> list[Stage]:
     names = [g.name for g in exp.generators]
     for name in names:
         for fold in lx.folds:
-            add(train_id(name, fold), train_stage, base, {"run": asdict(lx.run_config(name, fold))}, resumable=True,
+            add(train_id(name, fold), train_stage, base, {"run": _hashed(lx.run_config(name, fold))}, resumable=True,
                 name=name, fold=fold)
     real = []
     if exp.data.cv:
@@ -255,7 +263,7 @@ def build_stages(ctx: Context) -> list[Stage]:
             for h, stage in twins.items():
                 run_config = lx.run_config(lx.cellular, ctx.eval_fold)
                 run_config.model.heredity = h
-                add(stage, train_stage, base, {"run": asdict(run_config)}, resumable=True, name=lx.cellular,
+                add(stage, train_stage, base, {"run": _hashed(run_config)}, resumable=True, name=lx.cellular,
                     fold=ctx.eval_fold, heredity=h)
             add("ghg", ghg_stage, geca + list(twins.values()), {**sampling, **metric, "ghg": asdict(exp.ghg)})
         if exp.nca_steps.enabled:

@@ -33,7 +33,7 @@ from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
 from geca.training.ema import EMA
 from geca.training.heredity import handed_over
-from geca.utils.hardware import peak_memory_mib, resolve_precision
+from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
 from geca.utils.images import to_uint8
 from geca.utils.io import CsvLog, atomic_write_json
 from geca.utils.plots import plot_class_grid, plot_loss_curve
@@ -226,7 +226,9 @@ class Trainer:
         if self.main:
             self._write_run_files(resume)
         if tc.logger == "tensorboard":
-            acc.init_trackers("tensorboard")  # events in RUN/tensorboard, beside log.csv
+            # events in RUN/tensorboard, beside log.csv; on resume the steps after the checkpoint are dropped there
+            # as they are from log.csv
+            acc.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": self.step_count + 1}})
         acc.wait_for_everyone()
         self.window = LossWindow()
 
@@ -326,7 +328,7 @@ class Trainer:
         peak = peak_memory_mib(self.device)
         row["peak_mem_mib"] = "" if peak is None else f"{peak:.0f}"
         self.shown = f"loss {row['loss']}, {row['images_per_s']} img/s"
-        self.bar.set_postfix_str(self._steps() + self.shown)
+        self.bar.set_postfix_str(self._postfix())
         if self.main:
             self.log.append(row)
             self.accelerator.log({k: float(v) for k, v in row.items() if k not in ("step", "elapsed_min") and v != ""},
@@ -420,9 +422,9 @@ class Trainer:
                 + (f", at most {self.config.train.max_minutes:g} min" if self.config.train.max_minutes else ""))
 
     def _bar(self) -> tqdm:
-        """Steps, or, under a time budget, the budget's seconds: its ETA is when the run ends (steps in the postfix)."""
+        """Steps, or, under a time budget, the budget's seconds: its ETA is when the run ends at the latest (steps
+        in the postfix)."""
         tc, disable = self.config.train, not (self.progress and self.main)
-        self.timed = tc.max_minutes is not None
         if not self.timed:
             return tqdm(total=tc.max_steps, initial=self.step_count, desc="training", dynamic_ncols=True,
                         disable=disable)
@@ -434,17 +436,20 @@ class Trainer:
             self.bar.update(1)
             return
         self.bar.update(min(time.time() - self.t_start, self.bar.total) - self.bar.n)
-        self.bar.set_postfix_str(self._steps() + self.shown, refresh=False)
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
 
-    def _steps(self) -> str:
-        return f"step {self.step_count}/{self.config.train.max_steps}, " if self.timed else ""
+    def _postfix(self) -> str:
+        steps = [f"step {self.step_count}/{self.config.train.max_steps}"] if self.timed else []
+        return ", ".join(steps + ([self.shown] if self.shown else []))
 
     def run(self) -> dict[str, Any]:
         tc = self.config.train
         if self.main:
             tqdm.write(self.describe())
         self.t_start, self.reserve_s, self.step_s, self._last_plain = time.time(), 0.0, 0.0, 0.0
-        self.bar, self.shown = self._bar(), ""
+        self.timed, self.shown = tc.max_minutes is not None, ""
+        reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
+        self.bar = self._bar()
         self.model.train()
         while self.step_count < tc.max_steps and not self.out_of_time():
             started = time.time()

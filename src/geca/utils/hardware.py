@@ -61,8 +61,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak-memory window (CUDA's peak statistics, or Linux's VmHWM back to the current RSS)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then counts from the process's start
+
+
 def peak_memory_mib(device: torch.device | str) -> float | None:
-    """Peak memory so far: tensors allocated on a CUDA device, or this process's resident set (Linux VmHWM)."""
+    """Peak memory since `reset_peak_memory`: tensors allocated on a CUDA device, or this process's resident set
+    (Linux VmHWM)."""
     import torch
 
     device = torch.device(device)
@@ -73,4 +88,3 @@ def peak_memory_mib(device: torch.device | str) -> float | None:
     except OSError:
         return None
     return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
-
