@@ -371,7 +371,8 @@ def test_classify_end_to_end_writes_table_csv_json_and_roc(blobs_setup: dict[str
             assert p_cell == "—"
         else:
             sig = entry["significance"]["scan"]["cases"]["map"]
-            assert p_cell == f"{sig['stars']} ({sig['p']:.2g})" and sig["test"] == "paired bootstrap"
+            way = "" if sig["stars"] == "ns" else (" ↑" if sig["mean_diff"] > 0 else " ↓")
+            assert p_cell == f"{sig['stars']}{way} ({sig['p']:.2g})" and sig["test"] == "paired bootstrap"
     units = list(csv.DictReader(open(out / "units.csv")))
     assert len(units) == 6
     assert float(units[0]["auc"]) == pytest.approx(summary["arms"]["none"]["units"][0]["scan"]["macro"]["auc"])
