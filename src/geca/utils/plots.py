@@ -48,31 +48,21 @@ def _save_rgb(fig: Any, path: Path) -> None:
 def plot_class_grid(images: np.ndarray, class_names: list[str], per_class: int, out: Path,
                     title: str = "") -> Path:
     """One row per class of (N, H, W, C) uint8 images, rows labelled with the class name."""
-    rows = len(class_names)
-    fig, axes = plt.subplots(rows, per_class, figsize=(per_class * 0.9 + 1.2, rows * 0.9 + 0.4), dpi=120,
-                             squeeze=False)
-    for r in range(rows):
-        for c in range(per_class):
-            ax = axes[r][c]
-            img = images[r * per_class + c]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(class_names[r], rotation=0, ha="right", va="center", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    atomic_write(Path(out), lambda p: _save_rgb(fig, p))
-    plt.close(fig)
-    return Path(out)
+    rows = [images[r * per_class:(r + 1) * per_class] for r in range(len(class_names))]
+    return plot_image_rows(rows, class_names, out, title=title)
 
 
 def plot_strip(rows: list[np.ndarray], row_labels: list[str], col_labels: list[str], out: Path,
                title: str = "") -> Path:
     """Frames side by side, one row per (F, H, W, C) uint8 array, each column captioned (step, t)."""
-    cols = len(col_labels)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.8 + 1.0, len(rows) * 0.85 + 0.5), dpi=120,
+    return plot_image_rows(rows, row_labels, out, col_labels, title)
+
+
+def plot_image_rows(rows: list[np.ndarray], row_labels: list[str], out: Path, col_labels: list[str] | None = None,
+                    title: str = "") -> Path:
+    """A grid of uint8 images (one (N, H, W, C) array per row), rows labelled on the left, columns optionally on top."""
+    cols = len(rows[0])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.9 + 1.2, len(rows) * 0.9 + 0.4), dpi=120,
                              squeeze=False)
     for r, frames in enumerate(rows):
         for c in range(cols):
@@ -82,11 +72,11 @@ def plot_strip(rows: list[np.ndarray], row_labels: list[str], col_labels: list[s
                       interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            if r == 0:
+            if col_labels and r == 0:
                 ax.set_title(col_labels[c], fontsize=6)
-        axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=7)
+        axes[r][0].set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=8)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     atomic_write(Path(out), lambda p: _save_rgb(fig, p))
     plt.close(fig)
