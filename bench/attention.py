@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import json
 import os
 import statistics
@@ -23,7 +22,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 CONFIGS: dict[str, dict[str, int]] = {
     "geca-s": {"heads": 12, "head_dim": 64, "grid": 32},  # D=768 at 32×32 latents
@@ -33,13 +31,6 @@ EAGER_VARIANTS = ("reference", "fast", "sliced")
 COMPILED = "sliced+compile"
 MODES = ("time", "memory")
 WARMUPS, REPEATS = 1, 3  # enough on a quiet machine; keeps the full run to a few minutes
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _times_ms(step: Callable[[], None], name: str) -> dict[str, float]:
@@ -55,14 +46,15 @@ def _times_ms(step: Callable[[], None], name: str) -> dict[str, float]:
 
 
 def _extra_peak_mib(step: Callable[[], None]) -> float:
+    import torch
+    from common import peak_memory, reset_peak_memory
+
     step()
     peaks = []
     for _ in range(2):
-        gc.collect()
-        base = _status_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = reset_peak_memory(torch.device("cpu"))  # VmHWM restarts from the current RSS
         step()
-        peaks.append((_status_kib("VmHWM") - base) / 1024)
+        peaks.append(peak_memory(torch.device("cpu")) - base)
     return min(peaks)
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,15 +63,28 @@ def reset_peak_memory(device: torch.device) -> float:
         torch.cuda.synchronize(device)
     gc.collect()
     hardware.reset_peak_memory(device)
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    status = Path("/proc/self/status").read_text().splitlines()
-    return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _status("VmRSS")
 
 
 def peak_memory(device: torch.device) -> float:
     """The peak (MiB) since `reset_peak_memory`: `torch.cuda.max_memory_allocated`, or Linux VmHWM on a CPU."""
-    peak = hardware.peak_memory_mib(device)
-    if peak is None:
-        raise RuntimeError("peak memory needs a CUDA device or Linux's /proc/self/status")
-    return peak
+    return _known(hardware.peak_memory_mib(device))
+
+
+def _status(field: str) -> float:
+    return _known(hardware.proc_status_mib(field))
+
+
+def _known(mib: float | None) -> float:
+    if mib is None:
+        raise RuntimeError("CPU memory is measured through Linux's /proc/self/status, which this system lacks")
+    return mib
+
+
+def fresh_process(script: str, worker: list[str]) -> Any:
+    """Run `script --worker …` with this run's flags (less --json) in a new Python process, so that no setting
+    inherits another's allocator pools, caches or threads; returns the JSON it prints last."""
+    flags = [a for a in sys.argv[1:] if a != "--json"]
+    out = subprocess.run([sys.executable, script, *flags, "--worker", *worker], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

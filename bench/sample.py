@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_of, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
+from common import device_of, fresh_process, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
@@ -67,15 +67,12 @@ def sampling_cost(name: str, sampler: str, steps: int, cfg: float, batch: int, s
 def speed(args: argparse.Namespace, device: torch.device) -> dict:
     shape = (args.channels, args.resolution, args.resolution)
     peak = matmul_peak_tflops(device, torch.float32)
-    shared = [a for a in sys.argv[1:] if a != "--json"]
     rows = []
     for name in args.configs.split(","):
         model = build_model(named_model(name), args.channels, args.classes, args.resolution)
         gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
         for sampler, steps in QUICK if args.quick else SETTINGS:
-            out = subprocess.run([sys.executable, __file__, *shared, "--worker", name, sampler, str(steps)],
-                                 check=True, capture_output=True, text=True).stdout
-            s, mib = json.loads(out.strip().splitlines()[-1])
+            s, mib = fresh_process(__file__, [name, sampler, str(steps)])
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch
             rows.append({"config": name, "family": named_model(name).family, "parameters": count_parameters(model),

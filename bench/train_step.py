@@ -19,12 +19,10 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
-from common import device_of, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
+from common import device_of, fresh_process, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
@@ -71,14 +69,6 @@ def step_time(name: str, attention: str, precision: str, batch: int, channels: i
     return seconds, peak_memory(device) - held
 
 
-def isolated(argv: list[str], name: str, attention: str, precision: str) -> tuple[float, float]:
-    """One setting in a fresh process, so that no setting inherits another's allocator pools, caches or threads."""
-    out = subprocess.run([sys.executable, __file__, *argv, "--worker", name, attention, precision], check=True,
-                         capture_output=True, text=True).stdout
-    seconds, mib = json.loads(out.strip().splitlines()[-1])
-    return seconds, mib
-
-
 def main() -> None:
     ap = model_parser(__doc__, 8, "Batch size per step.")
     ap.add_argument("--attention", default="fast,reference", help="GeCA attention implementations to compare.")
@@ -91,7 +81,6 @@ def main() -> None:
         print(json.dumps(step_time(*args.worker, args.batch, args.channels, args.resolution, args.classes,
                                    args.repeats, device)))
         return
-    shared = [a for a in sys.argv[1:] if a != "--json"]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {p: matmul_peak_tflops(device, dtypes[p]) for p in args.precisions.split(",")}
     rows = []
@@ -104,7 +93,7 @@ def main() -> None:
         for precision in args.precisions.split(","):
             base = None
             for attention in attentions:
-                s, mib = isolated(shared, name, attention, precision)
+                s, mib = fresh_process(__file__, [name, attention, precision])
                 row = {"config": name, "family": config.family, "parameters": params, "precision": precision,
                        "attention": attention, "seconds_per_step": round(s, 4),
                        "images_per_s": round(args.batch / s, 2), "peak_mib": round(mib, 1),

@@ -83,8 +83,13 @@ def peak_memory_mib(device: torch.device | str) -> float | None:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return proc_status_mib("VmHWM")
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A memory field of Linux's /proc/self/status (VmRSS, VmHWM, …) in MiB; None where there is none."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith(field + ":")), None)
