@@ -57,12 +57,17 @@ class _Reader:
 
     def __init__(self, ctx: Context, stage_ids: list[str]) -> None:
         self.ctx, self.root, self.ids = ctx, ctx.root, stage_ids
+        self._metrics: dict[str, dict[str, Any]] = {}
 
     def done(self, stage_id: str) -> bool:
         return stage_id in self.ids
 
     def metrics(self, stage_id: str) -> dict[str, Any]:
-        return json.loads((stage_dir(self.root, stage_id) / self.ctx.outputs(stage_id)["metrics"]).read_text())
+        """A stage's metrics.json, read once (Table 1's is consulted by every section's caveat)."""
+        if stage_id not in self._metrics:
+            path = stage_dir(self.root, stage_id) / self.ctx.outputs(stage_id)["metrics"]
+            self._metrics[stage_id] = json.loads(path.read_text())
+        return self._metrics[stage_id]
 
     def kid(self, stage_id: str) -> dict[str, dict[str, float]]:
         return {r["name"]: r["kid"] for r in self.metrics(stage_id)["results"]}
@@ -84,14 +89,16 @@ def _untrained(r: _Reader, names: list[str]) -> list[str]:
     rep = r.metrics("evaluate")
     real_f = rep["real"].get("faithfulness") or {}
     real = real_f.get("value")
-    if real is not None and real < real_f["chance"] + WEAK_JUDGE_MARGIN:
+    if real is None:
+        return []
+    if real < real_f["chance"] + WEAK_JUDGE_MARGIN:
         return [f"**The class-faithfulness judge scores real images {real:.2f} (chance {real_f['chance']:.2f}): it "
                 "cannot tell whether these generators learnt their classes, and the numbers below cannot show "
                 "whether they are trained enough to rank methods.**", ""]
     weak = []
     for x in rep["results"]:
         f = x.get("faithfulness") or {}
-        if x["name"] in names and real is not None and f.get("value") is not None and \
+        if x["name"] in names and f.get("value") is not None and \
                 f["value"] <= f["chance"] + UNTRAINED_FRACTION * (real - f["chance"]):
             weak.append(f"{x['name']} ({f['value']:.2f}, chance {f['chance']:.2f}, "
                         f"{r.train(x['name'])['steps']} training steps)")

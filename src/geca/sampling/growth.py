@@ -19,7 +19,7 @@ from geca.sampling.labels import one_hot, resolve_class
 from geca.sampling.samplers import inherit, sample
 from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import atomic_write
-from geca.utils.plots import plot_strip
+from geca.utils.plots import plot_image_rows
 
 
 @dataclass
@@ -123,12 +123,12 @@ def write_growth(g: Growth, out_dir: Path) -> dict[str, Path]:
     m = len(g.nca_eps)
     nca = [f"NCA step {i}/{m}" for i in range(1, m + 1)]
     write_gif(g.nca_eps, g.nca_x0, paths["growth_gif"], [f"{c}, t={g.nca_t}" for c in nca])
-    plot_strip(list(_common(g.nca_eps, g.nca_x0, 16)), ["ε (C_out)", "x̂₀"], [f"m={i}" for i in range(1, m + 1)],
-               paths["growth_png"], f"M NCA updates at t = {g.nca_t}, from one seed cell")
+    plot_image_rows(list(_common(g.nca_eps, g.nca_x0, 16)), ["ε (C_out)", "x̂₀"], paths["growth_png"],
+                    [f"m={i}" for i in range(1, m + 1)], f"M NCA updates at t = {g.nca_t}, from one seed cell")
     steps = [f"t={t}" for t in g.trajectory_t]
     write_gif(g.trajectory_xt, g.trajectory_x0, paths["denoise_gif"], steps, ms_per_frame=120)
-    plot_strip(list(_common(g.trajectory_xt, g.trajectory_x0, 16)), ["x_t", "x̂₀"], steps, paths["denoise_png"],
-               "denoising trajectory")
+    plot_image_rows(list(_common(g.trajectory_xt, g.trajectory_x0, 16)), ["x_t", "x̂₀"], paths["denoise_png"], steps,
+                    "denoising trajectory")
     return paths
 
 

@@ -354,7 +354,8 @@ class Trainer:
         """A grid of EMA samples, per_class per class: what `geca sample --seed <train seed>` would draw now. The
         final one says so (with a bar on a terminal): on a CPU it can take minutes."""
         pc, spec = self.config.preview, self.spec
-        labels = per_class_labels(spec.num_classes, pc.per_class, list(range(min(spec.num_classes, pc.max_classes))))
+        shown = min(spec.num_classes, pc.max_classes)
+        labels = per_class_labels(spec.num_classes, pc.per_class, list(range(shown)))
         sampler = pc.sampler.for_model(self.ema.model.has_cell_state, spec.latent is not None,
                                        ghg_default=self.ema.model.ghg_default)
         if final:
@@ -362,8 +363,7 @@ class Trainer:
                        f"{sampler.steps} steps)")
         images = sample_images(self.ema.model, self.diffusion, labels, spec.shape, sampler, self.config.train.seed,
                                len(labels), self.device, self.data.to_images, progress=final and self.progress)
-        names = spec.class_names[:min(spec.num_classes, pc.max_classes)]
-        plot_class_grid(images, names, pc.per_class, self.run_dir / "samples" / f"step_{self.step_count:07d}.png",
+        plot_class_grid(images, spec.class_names[:shown], pc.per_class, self.run_dir / "samples" / f"step_{self.step_count:07d}.png",
                         title=f"EMA samples at step {self.step_count} ({sampler.sampler} {sampler.steps}, "
                               f"CFG {sampler.guidance_scale}, GHG {sampler.ghg})")
 

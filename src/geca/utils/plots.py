@@ -52,12 +52,6 @@ def plot_class_grid(images: np.ndarray, class_names: list[str], per_class: int, 
     return plot_image_rows(rows, class_names, out, title=title)
 
 
-def plot_strip(rows: list[np.ndarray], row_labels: list[str], col_labels: list[str], out: Path,
-               title: str = "") -> Path:
-    """Frames side by side, one row per (F, H, W, C) uint8 array, each column captioned (step, t)."""
-    return plot_image_rows(rows, row_labels, out, col_labels, title)
-
-
 def plot_image_rows(rows: list[np.ndarray], row_labels: list[str], out: Path, col_labels: list[str] | None = None,
                     title: str = "") -> Path:
     """A grid of uint8 images (one (N, H, W, C) array per row), rows labelled on the left, columns optionally on top."""
