@@ -363,7 +363,8 @@ class Trainer:
                        f"{sampler.steps} steps)")
         images = sample_images(self.ema.model, self.diffusion, labels, spec.shape, sampler, self.config.train.seed,
                                len(labels), self.device, self.data.to_images, progress=final and self.progress)
-        plot_class_grid(images, spec.class_names[:shown], pc.per_class, self.run_dir / "samples" / f"step_{self.step_count:07d}.png",
+        plot_class_grid(images, spec.class_names[:shown], pc.per_class,
+                        self.run_dir / "samples" / f"step_{self.step_count:07d}.png",
                         title=f"EMA samples at step {self.step_count} ({sampler.sampler} {sampler.steps}, "
                               f"CFG {sampler.guidance_scale}, GHG {sampler.ghg})")
 
