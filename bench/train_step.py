@@ -1,13 +1,13 @@
 """Benchmark one training step (forward + backward + AdamW) for named configs of every family, in one table.
 
-Training images/s per config and precision, each setting in a fresh process (no setting inherits another's
-allocator pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference
-neighbourhood attention (the published 9×-copy gather) is measured beside the fast default; DiT and the UNet have
-no such choice (their rows show attention "-"). Each row also has the peak memory of the steps (the first
-included: activations, gradients, AdamW's state) above what was held before them (CUDA: `max_memory_allocated`;
-CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the forward MACs of the batch
-(forward + backward ≈ 3 forwards; attention's score and value products not counted) per second, over the matmul
-throughput measured in this run.
+Training images/s per config and precision, each setting in a fresh process (no setting inherits another's allocator
+pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference
+neighbourhood attention (the published 9×-copy gather) is measured beside the fast default (and, on CUDA, the Triton
+kernels); DiT and the UNet have no such choice (their rows show attention "-"). Each row also has the peak memory of
+the steps (the first included: activations, gradients, AdamW's state) above what was held before them (CUDA:
+`max_memory_allocated`; CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the
+forward MACs of the batch (forward + backward ≈ 3 forwards; attention's score and value products not counted) per
+second, over the matmul throughput measured in this run.
 
     .venv/bin/python bench/train_step.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 8] [--resolution 32]
                                          [--channels 4] [--classes 11] [--precisions fp32,bf16] [--device cpu] [--json]
@@ -71,12 +71,14 @@ def step_time(name: str, attention: str, precision: str, batch: int, channels: i
 
 def main() -> None:
     ap = model_parser(__doc__, 8, "Batch size per step.")
-    ap.add_argument("--attention", default="fast,reference", help="GeCA attention implementations to compare.")
+    ap.add_argument("--attention", help="GeCA attention implementations to compare "
+                    "(default: fast,reference; on CUDA also triton).")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
     ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
     ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "ATTENTION", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = device_of(args)
+    args.attention = args.attention or ("fast,triton,reference" if device.type == "cuda" else "fast,reference")
     if args.worker:
         print(json.dumps(step_time(*args.worker, args.batch, args.channels, args.resolution, args.classes,
                                    args.repeats, device)))

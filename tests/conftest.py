@@ -13,6 +13,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter runs the `triton` attention kernels; it must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from geca.data.imageset import ImageSet  # noqa: E402
 from geca.models.config import GeCAConfig  # noqa: E402
 

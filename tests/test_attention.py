@@ -1,4 +1,7 @@
-"""3×3 neighbourhood attention: the three implementations against each other and a dense float64 oracle."""
+"""3×3 neighbourhood attention: the implementations against each other and a dense float64 oracle.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), the same kernel code.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geca.models.attention import IMPLEMENTATIONS, NeighbourhoodAttentionFunction, neighbourhood_attention
+from geca.models.attention_triton import triton
+
+IMPLEMENTATIONS = tuple(impl for impl in IMPLEMENTATIONS if impl != "triton" or triton is not None)
+# The Triton kernels compiled where there is a GPU, else interpreted on the CPU (conftest sets TRITON_INTERPRET).
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, impl: str) -> Tensor:
+    """neighbourhood_attention on CPU tensors, the Triton kernels running on TRITON_DEVICE (autograd follows)."""
+    if impl != "triton":
+        return neighbourhood_attention(q, k, v, impl=impl)
+    return neighbourhood_attention(*(x.to(TRITON_DEVICE) for x in (q, k, v)), impl=impl).cpu()
 
 # (B, heads, H, W, head_dim, value_dim): odd and non-square grids, a 1×1 grid, single rows/columns, dv != d.
 SHAPES = [
@@ -33,7 +48,7 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> tuple[
 
 def _run(impl: str, q: Tensor, k: Tensor, v: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
     """Output and gradients wrt q, k, v."""
-    out = neighbourhood_attention(q, k, v, impl=impl)
+    out = _attend(q, k, v, impl)
     return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
 
@@ -97,7 +112,7 @@ def test_dead_cells_enter_softmax_with_logit_zero() -> None:
     w_self = torch.exp((q * k).sum(-1, keepdim=True) / 2)
     expected = w_self * v / (w_self + 8)
     for impl in IMPLEMENTATIONS:
-        torch.testing.assert_close(neighbourhood_attention(q, k, v, impl), expected, rtol=0, atol=1e-14)
+        torch.testing.assert_close(_attend(q, k, v, impl), expected, rtol=0, atol=1e-14)
 
 
 def test_fast_function_gradcheck() -> None:
@@ -129,3 +144,62 @@ def test_bad_shapes_raise() -> None:
         neighbourhood_attention(q, torch.zeros(1, 1, 2, 3, 4), q)
     with pytest.raises(ValueError, match="expected q, k"):
         neighbourhood_attention(q.flatten(2, 3), q.flatten(2, 3), q.flatten(2, 3))
+
+
+needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
+
+
+@needs_triton
+def test_triton_backward_is_deterministic() -> None:
+    """The backward gathers (no atomics), so two runs give bit-identical gradients."""
+    q, k, v, grad = _inputs((2, 2, 5, 6, 8, 8), torch.float32, seed=4)
+    first, second = _run("triton", q, k, v, grad), _run("triton", q, k, v, grad)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+def test_triton_on_cpu_says_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.zeros(1, 1, 2, 2, 4)
+    with pytest.raises(ValueError, match="runs on CUDA, not cpu.*use 'fast'"):
+        neighbourhood_attention(q, q, q, impl="triton")
+
+
+@needs_triton
+def test_triton_run_falls_back_to_fast_off_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run trained with the Triton kernels on a GPU still samples on a CPU (same maths, the `fast` code)."""
+    from geca.models.attention import runnable
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert runnable("triton", torch.device("cpu")) == "fast"
+    assert runnable("triton", torch.device("cuda")) == "triton"
+    assert runnable("reference", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert runnable("triton", torch.device("cpu")) == "triton"
+
+
+@needs_triton
+def test_geca_with_triton_attention_matches_fast() -> None:
+    """The whole model, forward and backward, is the same with either attention (same weights and fire masks)."""
+    from geca.models.build import build_model
+    from geca.models.config import GeCAConfig
+
+    grads = {}
+    for impl in ("fast", "triton"):
+        torch.manual_seed(0)
+        model = build_model(GeCAConfig(hidden_size=16, heads=2, mlp_hidden=32, hidden_channels=4, nca_steps=3,
+                                       attention=impl), 3, 4, 6).to(TRITON_DEVICE)
+        with torch.no_grad():  # adaLN-Zero starts the block muted; random weights make attention matter
+            for param in model.parameters():
+                param.normal_(0, 0.3)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 3, 6, 6, generator=gen).to(TRITON_DEVICE)
+        y = torch.eye(4)[torch.tensor([0, 3])].to(TRITON_DEVICE)
+        torch.manual_seed(2)
+        out = model(x, torch.tensor([10, 500], device=TRITON_DEVICE), y).output
+        out.square().mean().backward()
+        grads[impl] = (out.detach(), *(p.grad for p in model.parameters() if p.grad is not None))
+    assert grads["fast"][0].abs().mean() > 0.1 and len(grads["fast"]) > 20
+    for a, b in zip(grads["triton"], grads["fast"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())

@@ -10,6 +10,7 @@ scale the logits by 1/sqrt(head_dim) of q. They agree to float rounding:
 - ``"reference"``: the published code's algorithm, materialising 9 copies of K and V with impulse filters.
 - ``"fast"``: nine shifted slices of zero-padded K/V with a hand-written backward; best in eager mode.
 - ``"sliced"``: the same nine-slice maths in plain autograd ops; put this one under ``torch.compile``.
+- ``"triton"``: fused forward and backward Triton kernels (CUDA; :mod:`geca.models.attention_triton`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-__all__ = ["IMPLEMENTATIONS", "NeighbourhoodAttentionFunction", "neighbourhood_attention"]
+__all__ = ["IMPLEMENTATIONS", "NeighbourhoodAttentionFunction", "neighbourhood_attention", "runnable"]
 
 _WINDOW = 3
 
@@ -138,12 +139,28 @@ def _reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("bhijn,bhijnd->bhijd", attn, gather(v))
 
 
+def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from geca.models.attention_triton import triton_neighbourhood_attention  # imports triton: only when asked
+
+    return triton_neighbourhood_attention(q, k, v)
+
+
 _IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "reference": _reference,
     "fast": _fast,
     "sliced": _sliced,
+    "triton": _triton,
 }
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLS)
+
+
+def runnable(impl: str, device: torch.device) -> str:
+    """``impl``, or ``"fast"`` (the same maths) where the Triton kernels cannot run: GPU-trained runs sample on CPU."""
+    if impl == "triton" and device.type != "cuda":
+        from geca.models.attention_triton import interpreting
+
+        return impl if interpreting() else "fast"
+    return impl
 
 
 def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "fast") -> Tensor:

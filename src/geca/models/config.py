@@ -10,7 +10,7 @@ from typing import Any
 from geca.errors import ConfigError
 from geca.utils.schema import Checks
 
-ATTENTIONS = ("fast", "sliced", "reference")
+ATTENTIONS = ("fast", "sliced", "reference", "triton")
 HEREDITY = ("off", "gated")  # geca.models.attention.IMPLEMENTATIONS (this module imports no torch)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from geca.models.attention import neighbourhood_attention
+from geca.models.attention import neighbourhood_attention, runnable
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.blocks import DIT_STYLE, GECA_STYLE, AdaLNBlock, BlockStyle, FinalLayer, adaln_zero_init
 from geca.models.config import HEREDITY
@@ -26,7 +26,7 @@ class NeighbourhoodBlock(AdaLNBlock):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, d = x.shape
         q, k, v = self.qkv(x).view(b, h, w, 3, self.heads, d // self.heads).permute(3, 0, 4, 1, 2, 5)  # (B,hd,H,W,d/hd)
-        out = neighbourhood_attention(q, k, v, impl=self.attention)  # (B, heads, H, W, D/heads)
+        out = neighbourhood_attention(q, k, v, impl=runnable(self.attention, x.device))  # (B, heads, H, W, D/heads)
         return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, d))  # (B, H, W, D)
 
 

@@ -1,0 +1,204 @@
+"""3×3 neighbourhood attention as two Triton kernels: one forward, one backward, no 9× copy of anything.
+
+The forward keeps an online softmax over the 9 window positions in float32 (float64 for float64 inputs) and saves
+only the output and one log-sum-exp per query. The backward recomputes the attention weights and gathers every
+gradient instead of scattering: a cell's dQ comes from its window, its dK and dV from the queries of the same 9
+cells (the window is symmetric), so no two programs write the same cell and the result is deterministic
+without atomics.
+
+Dead cells outside the grid are zero keys and values that still take part in the softmax with logit 0, as in
+:mod:`geca.models.attention`. Triton runs on CUDA; with ``TRITON_INTERPRET=1`` its interpreter runs the same
+kernels on CPU tensors (slowly), which is how the tests check them without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with torch's Linux wheels; elsewhere the other implementations remain.
+    triton = None
+
+
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter is asked for (read at each call: the tests switch it on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def check_available(device: torch.device) -> None:
+    """Raise ValueError saying why the Triton kernels cannot run on ``device``."""
+    if triton is None:
+        raise ValueError("attention 'triton' needs the triton package (it ships with torch's Linux wheels)")
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(f"attention 'triton' runs on CUDA, not {device.type} (set TRITON_INTERPRET=1 to check the "
+                         "kernels on CPU, slowly); use 'fast' there")
+
+
+def _neighbour_forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, height, width, head_dim, value_dim, scale,
+                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # noqa: N803
+                       ACC: tl.constexpr):  # noqa: N803
+    cells = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    grid_cells = height * width
+    live = cells < grid_cells
+    row = cells // width
+    col = cells % width
+    bh = tl.program_id(1).to(tl.int64)
+    qk_base = bh * grid_cells * head_dim
+    v_base = bh * grid_cells * value_dim
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    d_ok = d < head_dim
+    dv_ok = dv < value_dim
+
+    q = tl.load(q_ptr + qk_base + cells[:, None] * head_dim + d[None, :], mask=live[:, None] & d_ok[None, :],
+                other=0.0).to(ACC)
+    m = tl.full([BLOCK], float("-inf"), ACC)
+    denom = tl.zeros([BLOCK], ACC)
+    acc = tl.zeros([BLOCK, BLOCK_DV], ACC)
+    for n in tl.static_range(9):
+        r = row + (n // 3 - 1)
+        c = col + (n % 3 - 1)
+        inside = live & (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        nb = r * width + c
+        k = tl.load(k_ptr + qk_base + nb[:, None] * head_dim + d[None, :], mask=inside[:, None] & d_ok[None, :],
+                    other=0.0).to(ACC)
+        v = tl.load(v_ptr + v_base + nb[:, None] * value_dim + dv[None, :], mask=inside[:, None] & dv_ok[None, :],
+                    other=0.0).to(ACC)
+        s = tl.sum(q * k, axis=1) * scale
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        acc = acc * alpha[:, None] + p[:, None] * v
+        denom = denom * alpha + p
+        m = m_new
+    out = acc / denom[:, None]
+    tl.store(o_ptr + v_base + cells[:, None] * value_dim + dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=live[:, None] & dv_ok[None, :])
+    tl.store(lse_ptr + bh * grid_cells + cells, m + tl.log(denom), mask=live)
+
+
+def _neighbour_backward(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, delta_ptr, gq_ptr, gk_ptr, gv_ptr,
+                        height, width, head_dim, value_dim, scale,
+                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # noqa: N803
+                       ACC: tl.constexpr):  # noqa: N803
+    cells = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    grid_cells = height * width
+    live = cells < grid_cells
+    row = cells // width
+    col = cells % width
+    bh = tl.program_id(1).to(tl.int64)
+    qk_base = bh * grid_cells * head_dim
+    v_base = bh * grid_cells * value_dim
+    cell_base = bh * grid_cells
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    d_ok = d < head_dim
+    dv_ok = dv < value_dim
+    own_d = live[:, None] & d_ok[None, :]
+    own_dv = live[:, None] & dv_ok[None, :]
+
+    q = tl.load(q_ptr + qk_base + cells[:, None] * head_dim + d[None, :], mask=own_d, other=0.0).to(ACC)
+    k = tl.load(k_ptr + qk_base + cells[:, None] * head_dim + d[None, :], mask=own_d, other=0.0).to(ACC)
+    v = tl.load(v_ptr + v_base + cells[:, None] * value_dim + dv[None, :], mask=own_dv, other=0.0).to(ACC)
+    go = tl.load(go_ptr + v_base + cells[:, None] * value_dim + dv[None, :], mask=own_dv, other=0.0).to(ACC)
+    lse = tl.load(lse_ptr + cell_base + cells, mask=live, other=0.0)
+    delta = tl.load(delta_ptr + cell_base + cells, mask=live, other=0.0)
+    gq = tl.zeros([BLOCK, BLOCK_D], ACC)
+    gk = tl.zeros([BLOCK, BLOCK_D], ACC)
+    gv = tl.zeros([BLOCK, BLOCK_DV], ACC)
+    for n in tl.static_range(9):
+        # The window is symmetric: the queries whose windows hold this cell are its own 9 neighbours.
+        r = row + (n // 3 - 1)
+        c = col + (n % 3 - 1)
+        inside = live & (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        nb = r * width + c
+        # As a query: the neighbour's key and value (zero where that cell is dead).
+        kn = tl.load(k_ptr + qk_base + nb[:, None] * head_dim + d[None, :], mask=inside[:, None] & d_ok[None, :],
+                     other=0.0).to(ACC)
+        vn = tl.load(v_ptr + v_base + nb[:, None] * value_dim + dv[None, :], mask=inside[:, None] & dv_ok[None, :],
+                     other=0.0).to(ACC)
+        p = tl.exp(tl.sum(q * kn, axis=1) * scale - lse)
+        ds = p * (tl.sum(go * vn, axis=1) - delta)
+        gq += ds[:, None] * kn
+        # As a key and value: the neighbour's query weighs this cell (dead neighbours ask nothing).
+        qn = tl.load(q_ptr + qk_base + nb[:, None] * head_dim + d[None, :], mask=inside[:, None] & d_ok[None, :],
+                     other=0.0).to(ACC)
+        gon = tl.load(go_ptr + v_base + nb[:, None] * value_dim + dv[None, :], mask=inside[:, None] & dv_ok[None, :],
+                      other=0.0).to(ACC)
+        lse_n = tl.load(lse_ptr + cell_base + nb, mask=inside, other=0.0)
+        delta_n = tl.load(delta_ptr + cell_base + nb, mask=inside, other=0.0)
+        p = tl.where(inside, tl.exp(tl.sum(qn * k, axis=1) * scale - lse_n), 0.0)
+        ds = p * (tl.sum(gon * v, axis=1) - delta_n)
+        gk += ds[:, None] * qn
+        gv += p[:, None] * gon
+    tl.store(gq_ptr + qk_base + cells[:, None] * head_dim + d[None, :], (gq * scale).to(gq_ptr.dtype.element_ty),
+             mask=own_d)
+    tl.store(gk_ptr + qk_base + cells[:, None] * head_dim + d[None, :], (gk * scale).to(gk_ptr.dtype.element_ty),
+             mask=own_d)
+    tl.store(gv_ptr + v_base + cells[:, None] * value_dim + dv[None, :], gv.to(gv_ptr.dtype.element_ty),
+             mask=own_dv)
+
+
+@cache
+def _kernels() -> tuple:
+    """The two kernels, jitted on first use (this module imports without triton)."""
+    return triton.jit(_neighbour_forward), triton.jit(_neighbour_backward)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64} if triton is not None else {}
+
+
+def _launch_config(head_dim: int, value_dim: int, cells: int) -> tuple[int, int, int]:
+    block_d, block_dv = triton.next_power_of_2(head_dim), triton.next_power_of_2(value_dim)
+    # Enough cells per program to fill a warp's lanes, few enough that 3-4 (BLOCK × D) fp32 tiles fit registers.
+    block = max(16, min(128, 8192 // max(block_d, block_dv), triton.next_power_of_2(cells)))
+    return block, block_d, block_dv
+
+
+class TritonNeighbourhoodAttention(torch.autograd.Function):
+    """q, k: (B, heads, H, W, d); v: (B, heads, H, W, dv). Saves q, k, v, the output and one LSE per query."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        b, heads, h, w, d = q.shape
+        dv = v.shape[-1]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty_like(v)
+        acc = torch.promote_types(q.dtype, torch.float32)  # float64 inputs accumulate in float64
+        lse = torch.empty(b, heads, h, w, dtype=acc, device=q.device)
+        block, block_d, block_dv = _launch_config(d, dv, h * w)
+        forward, _ = _kernels()
+        forward[(triton.cdiv(h * w, block), b * heads)](q, k, v, out, lse, h, w, d, dv, d ** -0.5, BLOCK=block,
+                                                        BLOCK_D=block_d, BLOCK_DV=block_dv, ACC=_TL_DTYPES[acc])
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v, out, lse = ctx.saved_tensors
+        b, heads, h, w, d = q.shape
+        dv = v.shape[-1]
+        grad_out = grad_out.contiguous()
+        # Σ_n p_n dp_n per query, the softmax backward's shared term: (B, heads, H, W).
+        delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        block, block_d, block_dv = _launch_config(d, dv, h * w)
+        _, backward = _kernels()
+        backward[(triton.cdiv(h * w, block), b * heads)](q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v,
+                                                         h, w, d, dv, d ** -0.5,
+                                                         BLOCK=block, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                                                         ACC=_TL_DTYPES[lse.dtype])
+        return grad_q, grad_k, grad_v
+
+
+def triton_neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    check_available(q.device)
+    return TritonNeighbourhoodAttention.apply(q, k, v)
