@@ -87,8 +87,8 @@ def train(
     ema_decay: float | None = typer.Option(None, "--ema-decay", help="EMA decay of the weights."),
     nca_steps: int | None = typer.Option(None, "--nca-steps", help="NCA steps M per denoiser call (named so that "
                                          "torchrun does not take it for its own --m… options)."),
-    attention: str | None = typer.Option(None, "--attention", help="Neighbourhood attention: fast, sliced or "
-                                         "reference (the published 9×-copy gather)."),
+    attention: str | None = typer.Option(None, "--attention", help="Neighbourhood attention: fast, sliced, "
+                                         "reference (the published 9×-copy gather) or triton (CUDA kernels)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the GeCA block."),
     checkpointing: bool | None = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                               help="Recompute each NCA step in backward to save memory."),
