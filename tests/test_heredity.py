@@ -164,6 +164,10 @@ def test_sample_trace_cli_and_the_published_model_warning(blobs_npz: Path, tmp_p
                               "--per-class", "1", *fast])
     manifest = json.loads((tmp_path / "s3" / "manifest.json").read_text())
     assert manifest["sampling"]["ghg"] == "none"  # a published model's default: hidden turns it to noise
+    with pytest.warns(UserWarning, match="--ghg out: no training geca offers hands C_out"):
+        res = runner.invoke(app, ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s5"),
+                                  "--per-class", "1", "--ghg", "out", *fast])
+    assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s4"),
                               "--per-class", "1", "--trace", str(tmp_path / "t.txt"), *fast])
     assert res.exit_code == 2 and "--trace" in res.output

@@ -86,13 +86,17 @@ def decoder(run: LoadedRun, device: torch.device | str, batch_size: int = 16) ->
 
 def run_sampler(run: LoadedRun, sampler: SamplerConfig, strict: bool = False) -> SamplerConfig:
     """The settings `run` samples with (see SamplerConfig.for_model); `strict` (the commands) also warns when a
-    published-training GeCA is asked to inherit C_h."""
+    GeCA is asked to inherit what its training never handed over: C_h after published training, C_out after any."""
     resolved = sampler.for_model(run.model.has_cell_state, run.spec.latent is not None, strict,
                                  ghg_default=run.model.ghg_default)
     if strict and resolved.ghg in ("hidden", "both") and run.model.ghg_default == "none":
         warnings.warn(f"--ghg {resolved.ghg}: {run.run_dir} was trained without heredity (model.heredity: off), and "
                       "inheriting C_h turns such a model's samples to noise; use --ghg none, or train with --heredity",
                       stacklevel=2)
+    if strict and resolved.ghg in ("out", "both"):
+        warnings.warn(f"--ghg {resolved.ghg}: no training geca offers hands C_out from one call to the next "
+                      "(heredity-aware training carries C_h only), and inheriting it gave noise after either training "
+                      "(KID×10³ ≈ 220,000 in the synthetic-OCT study); use --ghg hidden or none", stacklevel=2)
     return resolved
 
 
