@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import subprocess
 import sys
@@ -86,6 +87,18 @@ def test_version_and_python_m() -> None:
     assert res.exit_code == 0 and res.output.strip() == f"geca {geca.__version__}"
     out = subprocess.run([sys.executable, "-m", "geca", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"geca {geca.__version__}"
+
+
+def test_compile_cache_persists_unless_the_user_chose_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from geca.cli.main import keep_compiled_kernels
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    keep_compiled_kernels()
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "geca" / "torchinductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    keep_compiled_kernels()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
 
 
 def test_presets_resolve_by_name_and_ship_in_the_wheel(tmp_path: Path) -> None:
