@@ -92,7 +92,9 @@ def test_matches_dense_oracle_float64(impl: str, shape: tuple[int, ...]) -> None
         _assert_close_by_region(a, e, 1e-12, f"{impl} {name}")
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 5, 7, 16, 16), (3, 2, 1, 1, 8, 8), (2, 3, 6, 6, 32, 32)])
+# The last grid spans several Triton programs per head (window rows cross program boundaries).
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7, 16, 16), (3, 2, 1, 1, 8, 8), (2, 3, 6, 6, 32, 32),
+                                   (1, 2, 12, 13, 64, 64)])
 def test_implementations_agree_float32(shape: tuple[int, ...]) -> None:
     b, heads, h, w, d, _ = shape
     # Non-contiguous views, as a model that splits one fused qkv projection would pass them.
