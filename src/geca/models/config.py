@@ -10,8 +10,8 @@ from typing import Any
 from geca.errors import ConfigError
 from geca.utils.schema import Checks
 
-ATTENTIONS = ("fast", "sliced", "reference", "triton")
-HEREDITY = ("off", "gated")  # geca.models.attention.IMPLEMENTATIONS (this module imports no torch)
+ATTENTIONS = ("fast", "sliced", "reference", "triton")  # geca.models.attention.IMPLEMENTATIONS (no torch here)
+HEREDITY = ("off", "gated")
 
 
 @dataclass
@@ -83,6 +83,9 @@ class GeCAConfig(TransformerConfig):
               self.pos_channels)
         check(0 < self.update_prob <= 1, "model.update_prob", "in (0, 1]", self.update_prob)
         check.choice(self.attention, "model.attention", ATTENTIONS)
+        # model.compile swaps in the plain-op `sliced` attention for inductor to fuse; triton is fused already.
+        check(not (self.compile and self.attention == "triton"), "model.attention",
+              "fast, sliced or reference with model.compile (the Triton kernels are compiled already)", self.attention)
         check.choice(self.block, "model.block", ("published", "v0.1"))
         check.choice(self.heredity, "model.heredity", HEREDITY)
 
