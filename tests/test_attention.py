@@ -5,6 +5,7 @@ Without a GPU the Triton kernels run in Triton's CPU interpreter (TRITON_INTERPR
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -13,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from geca.models.attention import IMPLEMENTATIONS, NeighbourhoodAttentionFunction, neighbourhood_attention
-from geca.models.attention_triton import triton
 
-IMPLEMENTATIONS = tuple(impl for impl in IMPLEMENTATIONS if impl != "triton" or triton is not None)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+IMPLEMENTATIONS = tuple(impl for impl in IMPLEMENTATIONS if impl != "triton" or HAS_TRITON)
 # The Triton kernels compiled where there is a GPU, else interpreted on the CPU (conftest sets TRITON_INTERPRET).
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -152,7 +153,7 @@ def test_bad_shapes_raise() -> None:
         neighbourhood_attention(q.flatten(2, 3), q.flatten(2, 3), q.flatten(2, 3))
 
 
-needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
 @needs_triton

@@ -15,6 +15,7 @@ scale the logits by 1/sqrt(head_dim) of q. They agree to float rounding:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -139,9 +140,20 @@ def _reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.einsum("bhijn,bhijnd->bhijd", attn, gather(v))
 
 
-def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    from geca.models.attention_triton import triton_neighbourhood_attention  # imports triton: only when asked
+def interpreting() -> bool:
+    """Whether Triton's CPU interpreter is asked for (it must be set before triton is imported, as tests/conftest.py
+    does; read at each call so that a test can say "not interpreting")."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
+
+def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if q.device.type != "cuda" and not interpreting():
+        raise ValueError(f"attention 'triton' runs on CUDA, not {q.device.type} (set TRITON_INTERPRET=1 to check the "
+                         "kernels on CPU, slowly); use 'fast' there")
+    try:
+        from geca.models.attention_triton import triton_neighbourhood_attention  # imports triton: only when asked
+    except ImportError:  # Triton ships with torch's Linux wheels; elsewhere the other implementations remain.
+        raise ValueError("attention 'triton' needs the triton package (it ships with torch's Linux wheels)") from None
     return triton_neighbourhood_attention(q, k, v)
 
 
@@ -156,11 +168,7 @@ IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLS)
 
 def runnable(impl: str, device: torch.device) -> str:
     """``impl``, or ``"fast"`` (the same maths) where the Triton kernels cannot run: GPU-trained runs sample on CPU."""
-    if impl == "triton" and device.type != "cuda":
-        from geca.models.attention_triton import interpreting
-
-        return impl if interpreting() else "fast"
-    return impl
+    return "fast" if impl == "triton" and device.type != "cuda" and not interpreting() else impl
 
 
 def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "fast") -> Tensor:

@@ -14,61 +14,54 @@ kernels on CPU tensors (slowly), which is how the tests check them without a GPU
 from __future__ import annotations
 
 import contextlib
-import os
-from functools import cache
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton ships with torch's Linux wheels; elsewhere the other implementations remain.
-    triton = None
+# Inputs q, k, v, dO are read through their strides, so GeCA's permuted views of one fused qkv projection are never
+# copied; outputs, LSE and delta are contiguous (B·heads, H·W[, width]). The grid is 1-D (CUDA caps its other axes
+# at 65,535): program p takes cell tile p % tiles of head-batch p // tiles.
+
+@triton.jit
+def _tile(height, width, BLOCK: tl.constexpr):  # noqa: N803
+    """This program's head-batch index and its BLOCK cells: flat index, in-grid mask, row, column."""
+    grid_cells = height * width
+    tiles = (grid_cells + BLOCK - 1) // BLOCK
+    pid = tl.program_id(0)
+    cells = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
+    return (pid // tiles).to(tl.int64), cells, cells < grid_cells, cells // width, cells % width
 
 
-def interpreting() -> bool:
-    """Whether Triton's CPU interpreter is asked for (it must be set before triton is imported, as tests/conftest.py
-    does; read at each call so that a test can say "not interpreting")."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+@triton.jit
+def _base(bh, heads, stride_b, stride_h):
+    """Offset of head-batch ``bh`` in a (B, heads, …) tensor with these batch and head strides."""
+    return (bh // heads) * stride_b + (bh % heads) * stride_h
 
 
-def check_available(device: torch.device) -> None:
-    """Raise ValueError saying why the Triton kernels cannot run on ``device``."""
-    if triton is None:
-        raise ValueError("attention 'triton' needs the triton package (it ships with torch's Linux wheels)")
-    if device.type != "cuda" and not interpreting():
-        raise ValueError(f"attention 'triton' runs on CUDA, not {device.type} (set TRITON_INTERPRET=1 to check the "
-                         "kernels on CPU, slowly); use 'fast' there")
+@triton.jit
+def _scale(head_dim, BLOCK: tl.constexpr, ACC: tl.constexpr):  # noqa: N803
+    """1/sqrt(head_dim) in the accumulation dtype: a Python float argument would be float32 even for float64."""
+    return 1.0 / tl.sqrt(tl.full([BLOCK], head_dim, ACC))
 
 
-# Shared by both kernels (inlined: a helper would have to be a module-level triton.jit function, and this module
-# imports without triton). Inputs q, k, v, dO are read through their strides, so GeCA's permuted views of one fused
-# qkv projection are never copied; outputs, LSE and delta are contiguous (B·heads, H·W[, width]). The grid is 1-D
-# (CUDA caps its other axes at 65,535): program p takes cell tile p % tiles of head-batch p // tiles.
-
+@triton.jit
 def _neighbour_forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, heads, height, width, head_dim, value_dim,
                        sq_b, sq_h, sq_r, sq_c, sk_b, sk_h, sk_r, sk_c, sv_b, sv_h, sv_r, sv_c,
                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # noqa: N803
                        ACC: tl.constexpr):  # noqa: N803
+    bh, cells, live, row, col = _tile(height, width, BLOCK)
     grid_cells = height * width
-    tiles = (grid_cells + BLOCK - 1) // BLOCK
-    pid = tl.program_id(0)
-    bh = (pid // tiles).to(tl.int64)
-    cells = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
-    live = cells < grid_cells
-    row = cells // width
-    col = cells % width
-    q_base = (bh // heads) * sq_b + (bh % heads) * sq_h
-    k_base = (bh // heads) * sk_b + (bh % heads) * sk_h
-    v_base = (bh // heads) * sv_b + (bh % heads) * sv_h
+    q_base = _base(bh, heads, sq_b, sq_h)
+    k_base = _base(bh, heads, sk_b, sk_h)
+    v_base = _base(bh, heads, sv_b, sv_h)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     d_ok = d < head_dim
     dv_ok = dv < value_dim
-    # In the accumulation dtype: a Python float argument would be float32 even for float64 inputs.
-    scale = 1.0 / tl.sqrt(tl.full([BLOCK], head_dim, ACC))
+    scale = _scale(head_dim, BLOCK, ACC)
 
     q = tl.load(q_ptr + q_base + (row * sq_r + col * sq_c)[:, None] + d[None, :],
                 mask=live[:, None] & d_ok[None, :], other=0.0).to(ACC)
@@ -96,24 +89,19 @@ def _neighbour_forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, heads, height, width
     tl.store(lse_ptr + bh * grid_cells + cells, m + tl.log(denom), mask=live)
 
 
+@triton.jit
 def _neighbour_backward(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, delta_ptr, gq_ptr, gk_ptr, gv_ptr,
                         heads, height, width, head_dim, value_dim,
                         sq_b, sq_h, sq_r, sq_c, sk_b, sk_h, sk_r, sk_c, sv_b, sv_h, sv_r, sv_c,
                         sg_b, sg_h, sg_r, sg_c,
                         BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # noqa: N803
                         ACC: tl.constexpr):  # noqa: N803
+    bh, cells, live, row, col = _tile(height, width, BLOCK)
     grid_cells = height * width
-    tiles = (grid_cells + BLOCK - 1) // BLOCK
-    pid = tl.program_id(0)
-    bh = (pid // tiles).to(tl.int64)
-    cells = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
-    live = cells < grid_cells
-    row = cells // width
-    col = cells % width
-    q_base = (bh // heads) * sq_b + (bh % heads) * sq_h
-    k_base = (bh // heads) * sk_b + (bh % heads) * sk_h
-    v_base = (bh // heads) * sv_b + (bh % heads) * sv_h
-    g_base = (bh // heads) * sg_b + (bh % heads) * sg_h
+    q_base = _base(bh, heads, sq_b, sq_h)
+    k_base = _base(bh, heads, sk_b, sk_h)
+    v_base = _base(bh, heads, sv_b, sv_h)
+    g_base = _base(bh, heads, sg_b, sg_h)
     cell_base = bh * grid_cells
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -121,7 +109,7 @@ def _neighbour_backward(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, delta_ptr, gq_ptr,
     dv_ok = dv < value_dim
     own_d = live[:, None] & d_ok[None, :]
     own_dv = live[:, None] & dv_ok[None, :]
-    scale = 1.0 / tl.sqrt(tl.full([BLOCK], head_dim, ACC))
+    scale = _scale(head_dim, BLOCK, ACC)
 
     q = tl.load(q_ptr + q_base + (row * sq_r + col * sq_c)[:, None] + d[None, :], mask=own_d, other=0.0).to(ACC)
     k = tl.load(k_ptr + k_base + (row * sk_r + col * sk_c)[:, None] + d[None, :], mask=own_d, other=0.0).to(ACC)
@@ -163,13 +151,7 @@ def _neighbour_backward(q_ptr, k_ptr, v_ptr, go_ptr, lse_ptr, delta_ptr, gq_ptr,
              gv.to(gv_ptr.dtype.element_ty), mask=own_dv)
 
 
-@cache
-def _kernels() -> tuple:
-    """The two kernels, jitted on first use (this module imports without triton)."""
-    return triton.jit(_neighbour_forward), triton.jit(_neighbour_backward)
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64} if triton is not None else {}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def _launch_config(head_dim: int, value_dim: int, cells: int, tile: int) -> tuple[int, int, int]:
@@ -208,9 +190,8 @@ class TritonNeighbourhoodAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)  # float64 inputs accumulate in float64
         lse = torch.empty(b, heads, h, w, dtype=acc, device=q.device)
         block, block_d, block_dv = _launch_config(d, dv, h * w, tile=4096)
-        forward, _ = _kernels()
         with _on_device(q):
-            forward[(triton.cdiv(h * w, block) * b * heads,)](
+            _neighbour_forward[(triton.cdiv(h * w, block) * b * heads,)](
                 q, k, v, out, lse, heads, h, w, d, dv, *_strides(q), *_strides(k), *_strides(v),
                 BLOCK=block, BLOCK_D=block_d, BLOCK_DV=block_dv, ACC=_TL_DTYPES[acc])
         ctx.save_for_backward(q, k, v, out, lse)
@@ -229,9 +210,8 @@ class TritonNeighbourhoodAttention(torch.autograd.Function):
         grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         block, block_d, block_dv = _launch_config(d, dv, h * w, tile=2048)
-        _, backward = _kernels()
         with _on_device(q):
-            backward[(triton.cdiv(h * w, block) * b * heads,)](
+            _neighbour_backward[(triton.cdiv(h * w, block) * b * heads,)](
                 q, k, v, grad_out, lse, delta, grad_q, grad_k, grad_v, heads, h, w, d, dv,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out),
                 BLOCK=block, BLOCK_D=block_d, BLOCK_DV=block_dv, ACC=_TL_DTYPES[lse.dtype])
@@ -239,5 +219,4 @@ class TritonNeighbourhoodAttention(torch.autograd.Function):
 
 
 def triton_neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    check_available(q.device)
     return TritonNeighbourhoodAttention.apply(q, k, v)
