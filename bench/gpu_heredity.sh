@@ -3,11 +3,12 @@
 # evaluate` import on CUDA): GHG `hidden` vs `none` after heredity-aware (`--heredity`) and published (`--no-heredity`)
 # training, on RetinaMNIST-28 at the GeCA CPU preset's budget (3,000 steps of 32) and on a ~1 M GeCA (hidden 208,
 # 4 heads, MLP 832) at 16×16 synthetic-fundus (2,000 steps of 64). The four trainings share the GPU (each is
-# launch-bound); then 200 images per training and mode (sampled side by side) (DDIM 50, CFG 1.5, seed 0), the `hidden` trace, and one
-# `geca evaluate` per dataset (KID on domain features, class-faithfulness). Files land in $OUT; logs stream.
+# launch-bound); then 200 images per training and mode, sampled side by side (DDIM 50, CFG 1.5, seed 0), the
+# `hidden` trace, and one `geca evaluate` per dataset (KID on domain features, class-faithfulness). Files land in $OUT.
 #     mkdir -p shared/data && cp ../shared/data/retinamnist.npz shared/data/   # here, once (shared/ travels)
 #     bash bench/gpu_heredity.sh                        # on the GPU machine, from the repository root
-#     DEVICE=cpu STEPS=4 PER_CLASS=2 SAMPLE_STEPS=2 OUT=/tmp/gh PYTHON=.venv/bin/python bash bench/gpu_heredity.sh
+#     DEVICE=cpu STEPS=2 PER_CLASS=2 SAMPLE_STEPS=2 OUT=/tmp/gh RETINA=../shared/data/retinamnist.npz \
+#         PYTHON=.venv/bin/python bash bench/gpu_heredity.sh                      # dry run here
 set -euo pipefail
 OUT=${OUT:-gpu-heredity}
 RETINA=${RETINA:-shared/data/retinamnist.npz}
@@ -39,7 +40,7 @@ wait
 echo "trained in $((SECONDS - start)) s"; tail -n 2 "$OUT"/train-*.log
 
 for arm in "${ARMS[@]}"; do
-    IFS='|' read -r name data size _ <<<"$arm"
+    IFS='|' read -r name data _ <<<"$arm"
     sets=()
     for h in heredity no-heredity; do
         for g in hidden none; do
@@ -51,8 +52,7 @@ for arm in "${ARMS[@]}"; do
         done
     done
     wait
-    real=$data; [ "$name" = retina ] && real="$RETINA"
-    geca evaluate --generated "${sets[@]}" --real "$real:test" --train "$real:train" --features domain \
+    geca evaluate --generated "${sets[@]}" --real "$data:test" --train "$data:train" --features domain \
         --gg-features domain --protocol standard --no-lpips --device "$DEVICE" --out "$OUT/metrics-$name.json" \
         --no-progress 2>&1 | tee "$OUT/evaluate-$name.log"
 done
