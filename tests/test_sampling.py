@@ -161,39 +161,56 @@ class _Oracle(Denoiser):
         return DenoiserOutput(output=((x.double() - ac.sqrt() * self.c) / (1 - ac).sqrt()).float())
 
 
+@pytest.mark.parametrize("sampler", ["dpm++", "dpm++sde"])
 @pytest.mark.parametrize("steps", [10, 20])
-def test_dpm_solver_lands_on_the_data_with_few_calls(diffusion, steps: int) -> None:
+def test_dpm_solver_lands_on_the_data_with_few_calls(diffusion, steps: int, sampler: str) -> None:
     oracle = _Oracle(GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False)), 0.3)
     d = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False))
     torch.manual_seed(0)
     x = sample(oracle, d, per_class_labels(4, 1), (3, 6, 6),
-               SamplerConfig(sampler="dpm++", steps=steps, guidance_scale=1.0, clip_x0=False))
+               SamplerConfig(sampler=sampler, steps=steps, guidance_scale=1.0, clip_x0=False))
     assert oracle.calls == steps
     torch.testing.assert_close(x, torch.full_like(x, 0.3), atol=2e-3, rtol=0)
 
 
-def test_dpm_solver_is_diffusers_scheduler_driven_by_our_loop(diffusion) -> None:
+@pytest.mark.parametrize(("sampler", "algorithm"), [("dpm++", "dpmsolver++"), ("dpm++sde", "sde-dpmsolver++")])
+def test_dpm_solver_is_diffusers_scheduler_driven_by_our_loop(diffusion, sampler: str, algorithm: str) -> None:
     from diffusers import DPMSolverMultistepScheduler
 
     model = ConvDenoiser(3, 4)
     labels, noise = per_class_labels(4, 1), torch.randn(4, 3, 6, 6)
-    ours = sample(model, diffusion, labels, (3, 6, 6), SamplerConfig(sampler="dpm++", steps=8, guidance_scale=1.0,
+    torch.manual_seed(1)
+    ours = sample(model, diffusion, labels, (3, 6, 6), SamplerConfig(sampler=sampler, steps=8, guidance_scale=1.0,
                                                                      clip_x0=False), noise=noise)
     sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                                        beta_end=0.02, algorithm_type="dpmsolver++", solver_order=2)
+                                        beta_end=0.02, algorithm_type=algorithm, solver_order=2)
     sched.set_timesteps(8)
     x = noise.clone()
+    torch.manual_seed(1)  # the SDE's noise: one draw of x's shape per step, from torch's global generator
     with torch.no_grad():
         for t in sched.timesteps:
             eps = model(x, torch.full((4,), int(t)), labels).output[:, :3]
-            x = sched.step(eps, t, x).prev_sample
+            step_noise = torch.randn_like(x) if algorithm.startswith("sde") else None
+            x = sched.step(eps, t, x, variance_noise=step_noise).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
 
 
-def test_dpm_solver_carries_the_cell_state(diffusion) -> None:
+def test_dpm_solver_sde_draws_fresh_noise_each_run(diffusion) -> None:
+    model, labels, noise = ConvDenoiser(3, 4), per_class_labels(4, 1), torch.randn(4, 3, 6, 6)
+    runs = {}
+    for sampler, seed in (("dpm++", 0), ("dpm++", 1), ("dpm++sde", 0), ("dpm++sde", 1)):
+        torch.manual_seed(seed)
+        runs[sampler, seed] = sample(model, diffusion, labels, (3, 6, 6), SamplerConfig(
+            sampler=sampler, steps=6, guidance_scale=1.0, clip_x0=False), noise=noise)
+    torch.testing.assert_close(runs["dpm++", 0], runs["dpm++", 1])
+    assert (runs["dpm++sde", 0] - runs["dpm++sde", 1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "dpm++sde"])
+def test_dpm_solver_carries_the_cell_state(diffusion, sampler: str) -> None:
     spy = Spy(_geca())
     sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6),
-           SamplerConfig(sampler="dpm++", steps=4, guidance_scale=1.5, ghg="hidden"))
+           SamplerConfig(sampler=sampler, steps=4, guidance_scale=1.5, ghg="hidden"))
     assert len(spy.calls) == 4 and spy.calls[0][0] is None
     for (carry, _), (_, previous) in zip(spy.calls[1:], spy.calls[:-1], strict=True):
         assert carry.hidden is previous.hidden and carry.out is None

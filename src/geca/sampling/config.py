@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from geca.errors import ConfigError
 from geca.utils.schema import Checks
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")  # dpm++: DPM-Solver++(2M), diffusers' scheduler
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # DPM-Solver++(2M), ODE and SDE: diffusers' scheduler
 # How the sampling commands spell each setting.
 FLAGS = {"sampler.sampler": "--sampler", "sampler.steps": "--steps", "sampler.guidance_scale": "--cfg",
          "sampler.ghg": "--ghg", "sampler.nca_steps": "--m", "sampler.eta": "eta"}

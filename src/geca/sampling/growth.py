@@ -48,7 +48,7 @@ def grow(model: Denoiser, diffusion: GaussianDiffusion, label: torch.Tensor, sha
     """
     if not model.has_cell_state:
         raise ValueError("growth needs a cellular model (GeCA); this denoiser has no cell state")
-    if sampler.sampler == "dpm++":
+    if sampler.sampler.startswith("dpm++"):
         raise ConfigError("geca grow replays a respaced DDPM/DDIM chain; use --sampler ddim or ddpm")
     spaced = diffusion.respaced(sampler.steps)
     record: dict[int, tuple[torch.Tensor, torch.Tensor, CellState | None]] = {}

@@ -1,4 +1,5 @@
-"""Ancestral DDPM, DDIM and DPM-Solver++(2M) sampling with classifier-free guidance and Gene Heredity Guidance."""
+"""Ancestral DDPM, DDIM and DPM-Solver++(2M) (ODE and SDE) sampling with classifier-free guidance and Gene Heredity
+Guidance."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
     device = labels.device
     b = labels.shape[0]
     x = torch.randn(b, *shape, device=device) if noise is None else noise.to(device)
-    if sampler.sampler == "dpm++":
+    if sampler.sampler.startswith("dpm++"):
         return _dpm_solver(model, diffusion, labels, x, sampler, callback, progress)
     spaced = diffusion.respaced(sampler.steps)
     state: CellState | None = None
@@ -79,14 +80,15 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
 def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, x: torch.Tensor,
                 sampler: SamplerConfig, callback: StepCallback | None, progress: bool) -> torch.Tensor:
     """DPM-Solver++(2M) through diffusers' scheduler, which takes ε; the loop stays ours so that each call inherits
-    the previous call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `callback` gets the model
-    timestep t (0…T−1)."""
+    the previous call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `dpm++sde` is its SDE form,
+    which adds fresh noise each step as DDPM does. `callback` gets the model timestep t (0…T−1)."""
     from diffusers import DPMSolverMultistepScheduler
 
     if diffusion.timestep_map != list(range(diffusion.num_timesteps)):
         raise ValueError("dpm++ needs the full (unrespaced) diffusion process")
+    algorithm = "sde-dpmsolver++" if sampler.sampler == "dpm++sde" else "dpmsolver++"
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=diffusion.num_timesteps,
-                                            trained_betas=diffusion.betas.tolist(), algorithm_type="dpmsolver++",
+                                            trained_betas=diffusion.betas.tolist(), algorithm_type=algorithm,
                                             solver_order=2, prediction_type="epsilon", lower_order_final=True)
     scheduler.set_timesteps(sampler.steps, device=x.device)
     b, state = labels.shape[0], None
@@ -99,7 +101,9 @@ def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Ten
         if callback is not None:
             callback(int(step_t), x, p, state)
         eps = diffusion.predict_eps(x, t, p["pred_x0"])  # ε of the (possibly clipped) x̂0, as DDIM does
-        x = scheduler.step(eps, step_t, x).prev_sample
+        # The SDE's noise from torch's global generator, so that `--seed` fixes it as it fixes DDPM's.
+        noise = torch.randn_like(x) if algorithm == "sde-dpmsolver++" else None
+        x = scheduler.step(eps, step_t, x, variance_noise=noise).prev_sample
     return x
 
 
