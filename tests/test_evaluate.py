@@ -66,7 +66,7 @@ def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
         res = runner.invoke(app, ["evaluate", "--generated", f"like={data['good']}", str(data["noise"]), "--real",
                                   f"{npz}:test", "--train", f"{npz}:train", "--out", str(out), *FAST])
     assert res.exit_code == 0, res.output
-    for text in ("KID×10³", "LPIPS", "GG", "FLD", "like", "noise", "per-class"):
+    for text in ("KID×10³", "s.e.", "LPIPS", "GG", "FLD", "like", "noise", "per-class"):
         assert text in res.output
     report = json.loads(out.read_text())
     assert report["protocol"] == "paper" and report["features"]["name"] == "random"
@@ -82,6 +82,8 @@ def test_evaluate_end_to_end(data: dict[str, Path], tmp_path: Path) -> None:
         assert set(r["fld"]) >= {"fld", "gg", "nll_train", "nll_test", "nll_baseline"}
         assert (out.parent / r["grid"]).stat().st_size > 0
     assert like["kid"]["mean"] < noise["kid"]["mean"]
+    # The two sets differ by far more than another draw of either would move KID.
+    assert noise["kid"]["mean"] - like["kid"]["mean"] > 5 * max(like["kid"]["se"], noise["kid"]["se"]) > 0
     for f in (like["faithfulness"], noise["faithfulness"], report["real"]["faithfulness"]):
         assert f["metric"] == "accuracy" and 0 <= f["value"] <= 1 and set(f["per_class"]) <= set(NAMES)
     assert "faithful" in res.output

@@ -16,7 +16,7 @@ from geca.metrics.diversity import load_lpips, lpips_diversity, lpips_pairs
 from geca.metrics.domain import load_domain_net, save_domain_net, train_domain_net
 from geca.metrics.features import DinoV2Features, build_extractor
 from geca.metrics.fld import fld
-from geca.metrics.kid import kid, kid_subset_size
+from geca.metrics.kid import kid, kid_standard_error, kid_subset_size, poly_mmd2
 from geca.utils.io import file_sha256 as sha256_of
 
 
@@ -53,6 +53,37 @@ def test_kid_of_a_set_with_itself_is_zero_and_grows_with_a_shift() -> None:
     # Subsets of one set share images, which biases the unbiased estimator slightly negative; still ≈ 0.
     assert abs(kid(x, x, 60, subsets=50).mean) < 0.1 * shifted.mean
     assert kid(x, y, 60, subsets=5, seed=1) == kid(x, y, 60, subsets=5, seed=1)
+
+
+def _mmd2_unequal(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased MMD² of sets of different sizes, written out term by term (the oracle for the jackknife)."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    m, n = len(x), len(y)
+    return ((kxx.sum() - kxx.trace()) / (m * (m - 1)) + (kyy.sum() - kyy.trace()) / (n * (n - 1))
+            - 2 * kxy.mean()).item()
+
+
+def test_kid_standard_error_is_the_delete_one_jackknife() -> None:
+    rng = np.random.default_rng(0)
+    x, y = torch.from_numpy(rng.normal(size=(30, 5))), torch.from_numpy(rng.normal(0.4, 1.0, size=(12, 5)))
+    assert _mmd2_unequal(x[:12], y) == pytest.approx(poly_mmd2(x[:12], y).item(), rel=1e-9)
+    left_out = np.array([_mmd2_unequal(x, torch.cat([y[:i], y[i + 1:]])) for i in range(12)])
+    expected = math.sqrt(11 / 12 * ((left_out - left_out.mean()) ** 2).sum())
+    assert kid_standard_error(x.numpy(), y.numpy(), block=5) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="3 generated"):
+        kid_standard_error(x.numpy(), y[:2].numpy())
+
+
+def test_kid_standard_error_matches_the_spread_over_fresh_generated_sets() -> None:
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(400, 8))
+    draws = [rng.normal(0.3, 1.2, size=(100, 8)) for _ in range(200)]
+    spread = np.std([_mmd2_unequal(torch.from_numpy(real), torch.from_numpy(y)) for y in draws])
+    se = np.mean([kid_standard_error(real, y) for y in draws[:40]])
+    assert 0.75 < se / spread < 1.33
+    # KID's ± over subsets cannot see it once each subset is the whole generated set: that spread is the real side's.
+    assert kid(real, draws[0], 100, subsets=50).std < 0.8 * spread
 
 
 def test_kid_protocol_subset_sizes_and_bad_input() -> None:

@@ -23,7 +23,7 @@ from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
 from geca.metrics.features import FeatureExtractor, build_extractor, weights_path
 from geca.metrics.fld import fld
-from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_subset_size
+from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_standard_error, kid_subset_size
 from geca.metrics.report import real_vs_generated_grid
 from geca.utils.io import atomic_write_json
 
@@ -133,7 +133,8 @@ def score_set(gen: ImageSet, real: ImageSet, feats: SetFeatures, protocol: str, 
     div = None
     if lpips_model is not None:
         div = lpips_diversity(gen.images, lpips_model, protocol, seed, batch_size, device, lpips_backbone).to_dict()
-    return {"n": len(gen), "kid": overall.to_dict(), "kid_per_class": per_class, "lpips": div,
+    return {"n": len(gen), "kid": {**overall.to_dict(), "se": kid_standard_error(real_f, gen_f)},
+            "kid_per_class": per_class, "lpips": div,
             "fld": fld(feats.gg_train, feats.gg_real, feats.gg_generated, seed).to_dict()}
 
 

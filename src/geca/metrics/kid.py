@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -82,3 +83,30 @@ def kid(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, subset
     scores = torch.cat([poly_mmd2(x[xi[s:s + chunk]], y[yi[s:s + chunk]]) for s in range(0, subsets, chunk)])
     return KIDResult(mean=scores.mean().item(), std=scores.std(unbiased=False).item(), subset_size=subset_size,
                      subsets=subsets)
+
+
+def kid_standard_error(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, block: int = 1024) -> float:
+    """Delete-one jackknife standard error of the unbiased MMD² between all real and all generated features, over
+    the generated images: how far KID would move with another draw of the same size from the same generator. Like
+    every jackknife variance it errs high (Efron–Stein), most where the two sets are close.
+
+    KID's ± (the spread over subsets, the field's convention) cannot say this once the subsets take every generated
+    image, and the real set is shared by all generators compared, so its own spread does not separate them. Kernel
+    sums go block by block: memory stays O(block · n) for any set size.
+    """
+    x = torch.as_tensor(np.asarray(real), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    m, n, d = len(x), len(y), y.shape[1]
+    if n < 3:
+        raise ValueError(f"KID's standard error needs ≥ 3 generated images, got {n}")
+
+    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b.T / d + 1.0) ** 3
+
+    # Per generated image i: its kernel sum with the other generated images, and with the real ones.
+    row_yy = torch.cat([k(y[s:s + block], y).sum(1) for s in range(0, n, block)]) - (y * y).sum(1).div(d).add(1) ** 3
+    row_xy = torch.cat([k(y[s:s + block], x).sum(1) for s in range(0, n, block)])
+    s_yy, s_xy = row_yy.sum(), row_xy.sum()
+    # The real-real term is the same for every deletion and drops out of the variance.
+    left_out = (s_yy - 2 * row_yy) / ((n - 1) * (n - 2)) - 2 * (s_xy - row_xy) / (m * (n - 1))
+    return math.sqrt((n - 1) / n * ((left_out - left_out.mean()) ** 2).sum().item())

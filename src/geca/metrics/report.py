@@ -22,16 +22,17 @@ def pm(d: dict[str, float] | None, scale: float = 1.0, digits: int = 2) -> str:
 
 
 def comparison_table(report: dict[str, Any]) -> Table:
-    """One row per generated set, in the layout of GeCA's Table 1 (KID×10³, LPIPS, GG) plus FLD."""
+    """One row per generated set, in the layout of GeCA's Table 1 (KID×10³, LPIPS, GG) plus FLD, KID's standard
+    error over generated sets and class-faithfulness."""
     real = report["real"]
     t = Table(title=f"{report['protocol']} protocol; KID on {report['features']['name']} features, GG and FLD on "
                     f"{report['gg_features']['name']}; real = {real['spec']}:{real['split']} ({real['n']} images; "
                     f"class-faithfulness {faithful(real.get('faithfulness'))})")
-    for col in ("generated", "N", "KID×10³ ↓", "LPIPS ↑", "GG ↑", "FLD ↓", "faithful ↑ (chance)"):
+    for col in ("generated", "N", "KID×10³ ↓", "KID s.e.", "LPIPS ↑", "GG ↑", "FLD ↓", "faithful ↑ (chance)"):
         t.add_column(col, justify="left" if col == "generated" else "right")
     for r in report["results"]:
-        t.add_row(r["name"], str(r["n"]), pm(r["kid"], 1e3), pm(r["lpips"], digits=4), f"{r['fld']['gg']:.2f}",
-                  f"{r['fld']['fld']:.2f}", faithful(r.get("faithfulness")))
+        t.add_row(r["name"], str(r["n"]), pm(r["kid"], 1e3), f"{r['kid']['se'] * 1e3:.1f}", pm(r["lpips"], digits=4),
+                  f"{r['fld']['gg']:.2f}", f"{r['fld']['fld']:.2f}", faithful(r.get("faithfulness")))
     return t
 
 
