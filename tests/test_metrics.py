@@ -69,8 +69,14 @@ def test_kid_standard_error_is_the_delete_one_jackknife() -> None:
     x, y = torch.from_numpy(rng.normal(size=(30, 5))), torch.from_numpy(rng.normal(0.4, 1.0, size=(12, 5)))
     assert _mmd2_unequal(x[:12], y) == pytest.approx(poly_mmd2(x[:12], y).item(), rel=1e-9)
     left_out = np.array([_mmd2_unequal(x, torch.cat([y[:i], y[i + 1:]])) for i in range(12)])
-    expected = math.sqrt(11 / 12 * ((left_out - left_out.mean()) ** 2).sum())
-    assert kid_standard_error(x.numpy(), y.numpy(), block=5) == pytest.approx(expected, rel=1e-9)
+    plain = math.sqrt(11 / 12 * ((left_out - left_out.mean()) ** 2).sum())
+    assert kid_standard_error(x.numpy(), y.numpy(), block=5) == pytest.approx(plain, rel=1e-9)
+    labels = np.eye(3)[[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]]  # one-hot rows; strata of 4, 3 and 5
+    stratified = math.sqrt(sum((len(g) - 1) / len(g) * ((g - g.mean()) ** 2).sum()
+                               for g in (left_out[:4], left_out[4:7], left_out[7:])))
+    assert kid_standard_error(x.numpy(), y.numpy(), labels, block=5) == pytest.approx(stratified, rel=1e-9)
+    lonely = np.eye(3)[[0] * 11 + [1]]  # a label with one image cannot be stratified: the plain jackknife
+    assert kid_standard_error(x.numpy(), y.numpy(), lonely) == pytest.approx(plain, rel=1e-9)
     with pytest.raises(ValueError, match="3 generated"):
         kid_standard_error(x.numpy(), y[:2].numpy())
 
@@ -78,10 +84,18 @@ def test_kid_standard_error_is_the_delete_one_jackknife() -> None:
 def test_kid_standard_error_matches_the_spread_over_fresh_generated_sets() -> None:
     rng = np.random.default_rng(1)
     real = rng.normal(size=(400, 8))
-    draws = [rng.normal(0.3, 1.2, size=(100, 8)) for _ in range(200)]
+    labels = np.repeat([0, 1], 50)
+    centres = (labels[:, None] == 1) * np.eye(8)[0] * 3.0  # class 0 as the real images, class 1 far off
+
+    def draw() -> np.ndarray:  # fresh images for the same labels
+        return centres + rng.normal(size=(100, 8))
+
+    draws = [draw() for _ in range(200)]
     spread = np.std([_mmd2_unequal(torch.from_numpy(real), torch.from_numpy(y)) for y in draws])
-    se = np.mean([kid_standard_error(real, y) for y in draws[:40]])
-    assert 0.75 < se / spread < 1.33
+    stratified = np.mean([kid_standard_error(real, y, labels) for y in draws[:40]])
+    assert 0.75 < stratified / spread < 1.33
+    # Ignoring the labels counts the classes' share as random too: larger than the spread with the labels fixed.
+    assert np.mean([kid_standard_error(real, y) for y in draws[:40]]) > 1.25 * spread
     # KID's ± over subsets cannot see it once each subset is the whole generated set: that spread is the real side's.
     assert kid(real, draws[0], 100, subsets=50).std < 0.8 * spread
 

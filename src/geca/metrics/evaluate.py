@@ -133,7 +133,7 @@ def score_set(gen: ImageSet, real: ImageSet, feats: SetFeatures, protocol: str, 
     div = None
     if lpips_model is not None:
         div = lpips_diversity(gen.images, lpips_model, protocol, seed, batch_size, device, lpips_backbone).to_dict()
-    return {"n": len(gen), "kid": {**overall.to_dict(), "se": kid_standard_error(real_f, gen_f)},
+    return {"n": len(gen), "kid": {**overall.to_dict(), "se": kid_standard_error(real_f, gen_f, gen.labels)},
             "kid_per_class": per_class, "lpips": div,
             "fld": fld(feats.gg_train, feats.gg_real, feats.gg_generated, seed).to_dict()}
 

@@ -85,14 +85,16 @@ def kid(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, subset
                      subsets=subsets)
 
 
-def kid_standard_error(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor, block: int = 1024) -> float:
+def kid_standard_error(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch.Tensor,
+                       labels: np.ndarray | None = None, block: int = 1024) -> float:
     """Delete-one jackknife standard error of the unbiased MMD² between all real and all generated features, over
-    the generated images: how far KID would move with another draw of the same size from the same generator. Like
-    every jackknife variance it errs high (Efron–Stein), most where the two sets are close.
+    the generated images: how far KID would move with another draw of as many images from the same generator.
 
     KID's ± (the spread over subsets, the field's convention) cannot say this once the subsets take every generated
-    image, and the real set is shared by all generators compared, so its own spread does not separate them. Kernel
-    sums go block by block: memory stays O(block · n) for any set size.
+    image, and the real set is shared by all generators compared, so its own spread does not separate them. With
+    `labels` (one row per generated image) the jackknife is stratified by label, for another draw *with the same
+    labels*, as every `geca sample` set is drawn; that needs ≥ 2 images per label, else it falls back to the plain
+    jackknife. Kernel sums go block by block: memory stays O(block · n) for any set size.
     """
     x = torch.as_tensor(np.asarray(real), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
@@ -109,4 +111,13 @@ def kid_standard_error(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch
     s_yy, s_xy = row_yy.sum(), row_xy.sum()
     # The real-real term is the same for every deletion and drops out of the variance.
     left_out = (s_yy - 2 * row_yy) / ((n - 1) * (n - 2)) - 2 * (s_xy - row_xy) / (m * (n - 1))
-    return math.sqrt((n - 1) / n * ((left_out - left_out.mean()) ** 2).sum().item())
+    strata = np.zeros(n, dtype=np.int64)
+    if labels is not None:
+        by_label = np.unique(np.asarray(labels).reshape(n, -1), axis=0, return_inverse=True)[1].reshape(-1)
+        if np.bincount(by_label).min() >= 2:
+            strata = by_label
+    variance = 0.0
+    for c in np.unique(strata):
+        group = left_out[torch.from_numpy(strata == c)]
+        variance += (len(group) - 1) / len(group) * ((group - group.mean()) ** 2).sum().item()
+    return math.sqrt(variance)
