@@ -9,20 +9,25 @@ counted, as `geca models` does) and the model-FLOP utilisation against the matmu
 
 Quality (--run RUN --real SPEC:SPLIT): the trained run samples the same labels with the same seed under every
 setting (`geca sample`), then `geca evaluate` scores all sets together (standard protocol; domain features unless
---features says otherwise): KID and class-faithfulness against denoiser calls (one call per step, its CFG halves
-batched together, as the study's sampler-cost table counts them), each as a ratio to the first setting (DDPM 250).
+--features says otherwise): KID (± its standard error over generated sets) and class-faithfulness against denoiser
+calls (one call per step, its CFG halves batched together, as the study's sampler-cost table counts them), each as
+a ratio to the first setting (DDPM 250).
 
     .venv/bin/python bench/sample.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 4] [--resolution 32] [--channels 4]
                                      [--classes 11] [--device cpu] [--quick] [--json]
     .venv/bin/python bench/sample.py --run runs/fundus --real synthetic-fundus:test --train synthetic-fundus:train
-                                     --per-class 40 --out runs/fundus/sampler-bench
+                                     --per-class 40 --out runs/fundus/sampler-bench [--settings ddpm:250,ddpm:25]
+                                     [--checkpoint STEP --reuse] [--split-check]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -39,8 +44,34 @@ from geca.sampling.config import SamplerConfig
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
 
-SETTINGS = (("ddpm", 250), ("ddim", 50), ("ddim", 25), ("dpm++", 20), ("dpm++", 10))
-QUICK = (("ddpm", 5), ("ddim", 2), ("dpm++", 2))
+SETTINGS = "ddpm:250,ddim:50,ddim:25,ddpm:25,dpm++sde:25,dpm++:20,dpm++sde:20,dpm++:10,dpm++sde:10"
+QUICK = "ddpm:5,ddim:2,dpm++:2,dpm++sde:2"
+
+
+def parse_settings(text: str) -> list[tuple[str, int]]:
+    """`SAMPLER:STEPS,…` as (sampler, steps) pairs, each checked as `geca sample` would."""
+    pairs = []
+    for item in text.split(","):
+        sampler, _, steps = item.strip().partition(":")
+        if not steps.isdigit():
+            raise ValueError(f"{item!r} is not SAMPLER:STEPS")
+        SamplerConfig(sampler=sampler, steps=int(steps)).validate()
+        pairs.append((sampler, int(steps)))
+    return pairs
+
+
+def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int) -> bool:
+    """Whether `directory` already holds this setting's set from this run, checkpoint, seed and labels."""
+    try:
+        m = json.loads((directory / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    same_checkpoint = (m["checkpoint_step"] == int(args.checkpoint) if args.checkpoint.isdigit()
+                       else Path(m["checkpoint"]).resolve() == Path(args.checkpoint).resolve())
+    return (Path(m["run"]).resolve() == Path(args.run).resolve() and m["seed"] == 0 and same_checkpoint
+            and m["labels"] == f"per-class {args.per_class}"
+            and (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
+            == (sampler, steps, args.cfg))
 
 
 def sampling_cost(name: str, sampler: str, steps: int, cfg: float, batch: int, shape: tuple[int, int, int],
@@ -53,7 +84,7 @@ def sampling_cost(name: str, sampler: str, steps: int, cfg: float, batch: int, s
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     ghg = "hidden" if model.has_cell_state else "none"
     labels = per_class_labels(classes, batch // classes + 1)[:batch].to(device)
-    if sampler == "dpm++":
+    if sampler.startswith("dpm++"):
         from diffusers import DPMSolverMultistepScheduler  # noqa: F401  -- the library is not sampling's memory
     held = reset_peak_memory(device)
     sample(model, diffusion, labels, shape, SamplerConfig(sampler=sampler, steps=2, guidance_scale=cfg, ghg=ghg))
@@ -71,7 +102,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     for name in args.configs.split(","):
         model = build_model(named_model(name), args.channels, args.classes, args.resolution)
         gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
-        for sampler, steps in QUICK if args.quick else SETTINGS:
+        for sampler, steps in args.pairs:
             s, mib = fresh_process(__file__, [name, sampler, str(steps)])
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch
@@ -80,7 +111,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
                          "seconds_per_image": round(s / args.batch, 4), "gmacs_per_image": round(gmacs * calls, 3),
                          "peak_mib": round(mib, 1), "mfu": round(flops / s / 1e12 / peak, 4)})
             if not args.json:
-                print(f"{name:8s} {sampler:5s} {steps:4d} steps {s / args.batch:9.3f} s/image {mib:8.1f} MiB",
+                print(f"{name:8s} {sampler:8s} {steps:4d} steps {s / args.batch:9.3f} s/image {mib:8.1f} MiB",
                       flush=True)
     return {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
             "matmul_peak_tflops_fp32": round(peak, 4), "rows": rows}
@@ -91,18 +122,17 @@ def quality(args: argparse.Namespace) -> dict:
     geca = [sys.executable, "-m", "geca"]
     out = Path(args.out)
     sets = []
-    for sampler, steps in QUICK if args.quick else SETTINGS:
+    for sampler, steps in args.pairs:
         name = f"{sampler}{steps}"
+        sets.append(name)
+        if args.reuse and finished(out / name, args, sampler, steps):
+            print(f"reusing {out / name}", flush=True)
+            continue
         chosen = ["--checkpoint", args.checkpoint] if args.checkpoint else []
         subprocess.run([*geca, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
                         str(args.per_class), "--sampler", sampler, "--steps", str(steps), "--cfg", str(args.cfg),
                         "--seed", "0", "--overwrite", "--no-progress", "--threads", str(args.threads)], check=True)
-        sets.append(name)
-    metrics = out / "metrics.json"
-    subprocess.run([*geca, "evaluate", "--generated", *(f"{n}={out / n}" for n in sets), "--real", args.real,
-                    "--train", args.train, "--features", args.features, "--gg-features", args.features,
-                    "--protocol", "standard", "--no-lpips", "--out", str(metrics), "--no-progress"], check=True)
-    results = {r["name"]: r for r in json.loads(metrics.read_text())["results"]}
+    results = evaluate(args, {n: out / n for n in sets}, out / "metrics.json")
     rows = []
     for name in sets:
         manifest = json.loads((out / name / "manifest.json").read_text())
@@ -112,21 +142,64 @@ def quality(args: argparse.Namespace) -> dict:
             raise SystemExit(f"{name}: class-faithfulness is undefined for these labels")
         rows.append({"setting": name, "calls": sc["steps"],
                      "seconds_per_image": round(manifest["seconds"] / manifest["num_images"], 4),
-                     "kid": r["kid"]["mean"], "kid_std": r["kid"]["std"],
+                     "kid": r["kid"]["mean"], "kid_std": r["kid"]["std"], "kid_se": r["kid"]["se"],
                      "faithfulness": faithful, "chance": r["faithfulness"]["chance"]})
     base = rows[0]
     for row in rows:
         row["calls_vs_first"] = round(base["calls"] / row["calls"], 2)
         row["kid_vs_first"] = round(row["kid"] / max(base["kid"], 1e-12), 3)
         row["faithfulness_vs_first"] = round(row["faithfulness"] / max(base["faithfulness"], 1e-12), 3)
-    return {"run": args.run, "checkpoint": args.checkpoint or "latest", "real": args.real,
-            "per_class": args.per_class, "cfg": args.cfg, "rows": rows}
+    result = {"run": args.run, "checkpoint": args.checkpoint or "latest", "real": args.real,
+              "per_class": args.per_class, "cfg": args.cfg, "rows": rows}
+    if args.split_check:
+        result["split_check"] = split_check(args, out, sets)
+    return result
+
+
+def evaluate(args: argparse.Namespace, sets: dict[str, Path], metrics: Path) -> dict[str, dict]:
+    subprocess.run([sys.executable, "-m", "geca", "evaluate", "--generated", *(f"{n}={d}" for n, d in sets.items()),
+                    "--real", args.real, "--train", args.train, "--features", args.features, "--gg-features",
+                    args.features, "--protocol", "standard", "--no-lpips", "--out", str(metrics), "--no-progress"],
+                   check=True)
+    return {r["name"]: r for r in json.loads(metrics.read_text())["results"]}
+
+
+def split_check(args: argparse.Namespace, out: Path, sets: list[str]) -> dict:
+    """Whether KID's standard error tells the truth here: each set split into two halves with the same labels
+    (alternate images of each label), both halves scored; over the settings, the root-mean-square gap between
+    halves against the one their standard errors predict (√(se_a² + se_b²))."""
+    halves = {}
+    for name in sets:
+        with open(out / name / "labels.csv", newline="") as f:
+            header, *rows = list(csv.reader(f))
+        seen: dict[tuple[str, ...], int] = {}
+        split: dict[str, list[list[str]]] = {"a": [], "b": []}
+        for row in rows:
+            key = tuple(row[1:])
+            split["ab"[seen.setdefault(key, 0) % 2]].append(row)
+            seen[key] += 1
+        for half, chosen in split.items():
+            directory = out / "split-check" / f"{name}-{half}"
+            shutil.rmtree(directory, ignore_errors=True)
+            (directory / "images").mkdir(parents=True)
+            for row in chosen:
+                shutil.copy(out / name / row[0], directory / row[0])
+            with open(directory / "labels.csv", "w", newline="") as f:
+                csv.writer(f).writerows([header, *chosen])
+            halves[f"{name}-{half}"] = directory
+    results = evaluate(args, halves, out / "split-check" / "metrics.json")
+    gaps = [results[f"{n}-a"]["kid"]["mean"] - results[f"{n}-b"]["kid"]["mean"] for n in sets]
+    predicted = [math.hypot(results[f"{n}-a"]["kid"]["se"], results[f"{n}-b"]["kid"]["se"]) for n in sets]
+    return {"sets": len(sets), "rms_gap": math.sqrt(sum(g * g for g in gaps) / len(gaps)),
+            "rms_predicted": math.sqrt(sum(p * p for p in predicted) / len(predicted)),
+            "gaps": dict(zip(sets, gaps, strict=True)), "predicted": dict(zip(sets, predicted, strict=True))}
 
 
 def main() -> None:
     ap = model_parser(__doc__, 4, "Images sampled together (speed).")
     ap.add_argument("--cfg", type=float, default=1.5, help="Classifier-free guidance scale.")
-    ap.add_argument("--quick", action="store_true", help="Smoke run: DDPM 5, DDIM 2, DPM++ 2.")
+    ap.add_argument("--settings", default=SETTINGS, help="SAMPLER:STEPS,… to compare; the first is the reference.")
+    ap.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
     ap.add_argument("--run", help="A trained run: measure quality against calls instead of speed.")
     ap.add_argument("--real", help="SPEC:SPLIT of the real images KID compares with (with --run).")
     ap.add_argument("--train", help="SPEC:SPLIT the domain classifier trains on (with --run).")
@@ -134,8 +207,16 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="Checkpoint step or path (with --run; default: the latest).")
     ap.add_argument("--per-class", type=int, default=40, help="Images per class and setting (with --run).")
     ap.add_argument("--out", default="sampler-bench", help="Where the sample sets go (with --run).")
+    ap.add_argument("--reuse", action="store_true",
+                    help="Keep a set already in --out from the same run, --checkpoint, setting and labels.")
+    ap.add_argument("--split-check", action="store_true",
+                    help="Also score two same-label halves of each set: does KID's standard error match their gap?")
     ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "SAMPLER", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    try:
+        args.pairs = parse_settings(QUICK if args.quick else args.settings)
+    except ValueError as e:
+        ap.error(f"--settings: {e}")
     device = device_of(args)
     if args.worker:
         name, sampler, steps = args.worker
@@ -144,6 +225,8 @@ def main() -> None:
         return
     if args.run and not (args.real and args.train):
         ap.error("--run needs --real and --train")
+    if args.reuse and not (args.run and args.checkpoint):
+        ap.error("--reuse needs --run and an explicit --checkpoint")
     result = quality(args) if args.run else speed(args, device)
     result.update({"threads": args.threads, "device": str(device), "torch": torch.__version__,
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -152,12 +235,16 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     if args.run:
-        print(f"\n{'setting':9s} {'calls':>5s} {'× fewer':>7s} {'s/image':>8s} {'KID×10³':>14s} {'× first':>7s} "
-              f"{'faithful':>8s} {'× first':>7s}")
+        print(f"\n{'setting':10s} {'calls':>5s} {'× fewer':>7s} {'s/image':>8s} {'KID×10³ ± s.e.':>16s} "
+              f"{'× first':>7s} {'faithful':>8s} {'× first':>7s}")
         for r in result["rows"]:
-            print(f"{r['setting']:9s} {r['calls']:5d} {r['calls_vs_first']:7.2f} {r['seconds_per_image']:8.3f} "
-                  f"{r['kid'] * 1e3:7.1f} ± {r['kid_std'] * 1e3:5.1f} {r['kid_vs_first']:7.2f} "
+            print(f"{r['setting']:10s} {r['calls']:5d} {r['calls_vs_first']:7.2f} {r['seconds_per_image']:8.3f} "
+                  f"{r['kid'] * 1e3:8.1f} ± {r['kid_se'] * 1e3:5.1f} {r['kid_vs_first']:7.2f} "
                   f"{r['faithfulness']:8.2f} {r['faithfulness_vs_first']:7.2f}")
+        if "split_check" in result:
+            c = result["split_check"]
+            print(f"split check over {c['sets']} sets: KID gap between same-label halves {c['rms_gap'] * 1e3:.1f}×10⁻³ "
+                  f"(root mean square), predicted by their standard errors {c['rms_predicted'] * 1e3:.1f}")
     else:
         print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':10s} {'s/image':>9s} "
               f"{'GMAC/image':>10s} {'peak MiB':>9s} {'MFU':>6s}")
