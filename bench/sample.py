@@ -64,14 +64,14 @@ def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int
     """Whether `directory` already holds this setting's set from this run, checkpoint, seed and labels."""
     try:
         m = json.loads((directory / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        same_checkpoint = (m["checkpoint_step"] == int(args.checkpoint) if args.checkpoint.isdigit()
+                           else Path(m["checkpoint"]).resolve() == Path(args.checkpoint).resolve())
+        return (Path(m["run"]).resolve() == Path(args.run).resolve() and m["seed"] == 0 and same_checkpoint
+                and m["labels"] == f"per-class {args.per_class}"
+                and (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
+                == (sampler, steps, args.cfg))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):  # no set there, or not one of ours
         return False
-    same_checkpoint = (m["checkpoint_step"] == int(args.checkpoint) if args.checkpoint.isdigit()
-                       else Path(m["checkpoint"]).resolve() == Path(args.checkpoint).resolve())
-    return (Path(m["run"]).resolve() == Path(args.run).resolve() and m["seed"] == 0 and same_checkpoint
-            and m["labels"] == f"per-class {args.per_class}"
-            and (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
-            == (sampler, steps, args.cfg))
 
 
 def sampling_cost(name: str, sampler: str, steps: int, cfg: float, batch: int, shape: tuple[int, int, int],
@@ -121,12 +121,13 @@ def quality(args: argparse.Namespace) -> dict:
     """Every setting through the geca command itself, so the numbers are what a user gets."""
     geca = [sys.executable, "-m", "geca"]
     out = Path(args.out)
-    sets = []
+    sets, reused = [], set()
     for sampler, steps in args.pairs:
         name = f"{sampler}{steps}"
         sets.append(name)
         if args.reuse and finished(out / name, args, sampler, steps):
             print(f"reusing {out / name}", flush=True)
+            reused.add(name)
             continue
         chosen = ["--checkpoint", args.checkpoint] if args.checkpoint else []
         subprocess.run([*geca, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
@@ -143,7 +144,9 @@ def quality(args: argparse.Namespace) -> dict:
         rows.append({"setting": name, "calls": sc["steps"],
                      "seconds_per_image": round(manifest["seconds"] / manifest["num_images"], 4),
                      "kid": r["kid"]["mean"], "kid_std": r["kid"]["std"], "kid_se": r["kid"]["se"],
-                     "faithfulness": faithful, "chance": r["faithfulness"]["chance"]})
+                     "faithfulness": faithful, "chance": r["faithfulness"]["chance"],
+                     # A reused set's seconds are from the run that sampled it, whatever --threads says now.
+                     "reused": name in reused})
     base = rows[0]
     for row in rows:
         row["calls_vs_first"] = round(base["calls"] / row["calls"], 2)
@@ -198,7 +201,7 @@ def split_check(args: argparse.Namespace, out: Path, sets: list[str]) -> dict:
 def main() -> None:
     ap = model_parser(__doc__, 4, "Images sampled together (speed).")
     ap.add_argument("--cfg", type=float, default=1.5, help="Classifier-free guidance scale.")
-    ap.add_argument("--settings", default=SETTINGS, help="SAMPLER:STEPS,… to compare; the first is the reference.")
+    ap.add_argument("--settings", help=f"SAMPLER:STEPS,… to compare; the first is the reference (default {SETTINGS}).")
     ap.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
     ap.add_argument("--run", help="A trained run: measure quality against calls instead of speed.")
     ap.add_argument("--real", help="SPEC:SPLIT of the real images KID compares with (with --run).")
@@ -213,8 +216,10 @@ def main() -> None:
                     help="Also score two same-label halves of each set: does KID's standard error match their gap?")
     ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "SAMPLER", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick and args.settings:
+        ap.error("--quick and --settings both choose the settings; give one")
     try:
-        args.pairs = parse_settings(QUICK if args.quick else args.settings)
+        args.pairs = parse_settings(QUICK if args.quick else args.settings or SETTINGS)
     except ValueError as e:
         ap.error(f"--settings: {e}")
     device = device_of(args)
