@@ -44,6 +44,7 @@ from geca.sampling.config import SamplerConfig
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
 
+GECA = [sys.executable, "-m", "geca"]  # every quality setting runs through the command a user runs
 SETTINGS = "ddpm:250,ddim:50,ddim:25,ddpm:25,dpm++sde:25,dpm++:20,dpm++sde:20,dpm++:10,dpm++sde:10"
 QUICK = "ddpm:5,ddim:2,dpm++:2,dpm++sde:2"
 
@@ -119,7 +120,6 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
 
 def quality(args: argparse.Namespace) -> dict:
     """Every setting through the geca command itself, so the numbers are what a user gets."""
-    geca = [sys.executable, "-m", "geca"]
     out = Path(args.out)
     sets, reused = [], set()
     for sampler, steps in args.pairs:
@@ -130,7 +130,7 @@ def quality(args: argparse.Namespace) -> dict:
             reused.add(name)
             continue
         chosen = ["--checkpoint", args.checkpoint] if args.checkpoint else []
-        subprocess.run([*geca, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
+        subprocess.run([*GECA, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
                         str(args.per_class), "--sampler", sampler, "--steps", str(steps), "--cfg", str(args.cfg),
                         "--seed", "0", "--overwrite", "--no-progress", "--threads", str(args.threads)], check=True)
     results = evaluate(args, {n: out / n for n in sets}, out / "metrics.json")
@@ -160,7 +160,7 @@ def quality(args: argparse.Namespace) -> dict:
 
 
 def evaluate(args: argparse.Namespace, sets: dict[str, Path], metrics: Path) -> dict[str, dict]:
-    subprocess.run([sys.executable, "-m", "geca", "evaluate", "--generated", *(f"{n}={d}" for n, d in sets.items()),
+    subprocess.run([*GECA, "evaluate", "--generated", *(f"{n}={d}" for n, d in sets.items()),
                     "--real", args.real, "--train", args.train, "--features", args.features, "--gg-features",
                     args.features, "--protocol", "standard", "--no-lpips", "--out", str(metrics), "--no-progress"],
                    check=True)

@@ -41,14 +41,15 @@ def kid_subset_size(protocol: str, n_real: int, n_fake: int) -> int:
     return min(size, n_real, n_fake)
 
 
+def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """KID's kernel k(a, b) = (a·b / d + 1)³ between the rows of (..., p, d) and (..., q, d): (..., p, q)."""
+    return (a @ b.transpose(-1, -2) / a.shape[-1] + 1.0) ** 3
+
+
 def poly_mmd2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Unbiased MMD² between equal-size feature sets (..., m, d) with k(a, b) = (a·b / d + 1)³; batched over (...)."""
-    m, d = x.shape[-2:]
-
-    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a @ b.transpose(-1, -2) / d + 1.0) ** 3
-
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    """Unbiased MMD² between equal-size feature sets (..., m, d) with `poly_kernel`; batched over (...)."""
+    m = x.shape[-2]
+    kxx, kyy, kxy = poly_kernel(x, x), poly_kernel(y, y), poly_kernel(x, y)
 
     def off_diagonal_sum(kk: torch.Tensor) -> torch.Tensor:
         return kk.sum((-2, -1)) - kk.diagonal(dim1=-2, dim2=-1).sum(-1)
@@ -98,16 +99,13 @@ def kid_standard_error(real: np.ndarray | torch.Tensor, fake: np.ndarray | torch
     """
     x = torch.as_tensor(np.asarray(real), dtype=torch.float64)
     y = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
-    m, n, d = len(x), len(y), y.shape[1]
+    m, n = len(x), len(y)
     if n < 3:
         raise ValueError(f"KID's standard error needs ≥ 3 generated images, got {n}")
-
-    def k(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a @ b.T / d + 1.0) ** 3
-
     # Per generated image i: its kernel sum with the other generated images, and with the real ones.
-    row_yy = torch.cat([k(y[s:s + block], y).sum(1) for s in range(0, n, block)]) - (y * y).sum(1).div(d).add(1) ** 3
-    row_xy = torch.cat([k(y[s:s + block], x).sum(1) for s in range(0, n, block)])
+    self_k = poly_kernel(y.unsqueeze(1), y.unsqueeze(1)).view(n)
+    row_yy = torch.cat([poly_kernel(y[s:s + block], y).sum(1) for s in range(0, n, block)]) - self_k
+    row_xy = torch.cat([poly_kernel(y[s:s + block], x).sum(1) for s in range(0, n, block)])
     s_yy, s_xy = row_yy.sum(), row_xy.sum()
     # The real-real term is the same for every deletion and drops out of the variance.
     left_out = (s_yy - 2 * row_yy) / ((n - 1) * (n - 2)) - 2 * (s_xy - row_xy) / (m * (n - 1))
