@@ -45,23 +45,30 @@ from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
 
 GECA = [sys.executable, "-m", "geca"]  # every quality setting runs through the command a user runs
-SETTINGS = "ddpm:250,ddim:50,ddim:25,ddpm:25,dpm++sde:25,dpm++:20,dpm++sde:20,dpm++:10,dpm++sde:10"
+SETTINGS = ("ddpm:250,ddim:50,ddim:25,ddpm:25,dpm++sde:25,dpm++sde:25:uniform,dpm++:25,dpm++:20,dpm++sde:20,dpm++:10,"
+            "dpm++sde:10")
 QUICK = "ddpm:5,ddim:2,dpm++:2,dpm++sde:2"
 
 
-def parse_settings(text: str) -> list[tuple[str, int]]:
-    """`SAMPLER:STEPS,…` as (sampler, steps) pairs, each checked as `geca sample` would."""
-    pairs = []
+def parse_settings(text: str) -> list[tuple[str, int, str | None]]:
+    """`SAMPLER:STEPS[:SCHEDULE],…` as (sampler, steps, schedule or None: the sampler's default), each checked as
+    `geca sample` would."""
+    settings = []
     for item in text.split(","):
-        sampler, _, steps = item.strip().partition(":")
-        if not steps.isdigit():
-            raise ValueError(f"{item!r} is not SAMPLER:STEPS")
-        SamplerConfig(sampler=sampler, steps=int(steps)).validate()
-        pairs.append((sampler, int(steps)))
-    return pairs
+        sampler, steps, *rest = item.strip().split(":")
+        if not steps.isdigit() or len(rest) > 1:
+            raise ValueError(f"{item!r} is not SAMPLER:STEPS[:SCHEDULE]")
+        schedule = rest[0] if rest else None
+        SamplerConfig(sampler=sampler, steps=int(steps), schedule=schedule).validate()
+        settings.append((sampler, int(steps), schedule))
+    return settings
 
 
-def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int) -> bool:
+def resolved_schedule(sampler: str, schedule: str | None) -> str:
+    return SamplerConfig(sampler=sampler, schedule=schedule).for_model(cellular=True, latent=False).schedule
+
+
+def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int, schedule: str | None) -> bool:
     """Whether `directory` already holds this setting's set from this run, checkpoint, seed and labels."""
     try:
         m = json.loads((directory / "manifest.json").read_text())
@@ -70,7 +77,9 @@ def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int
         return (Path(m["run"]).resolve() == Path(args.run).resolve() and m["seed"] == 0 and same_checkpoint
                 and m["labels"] == f"per-class {args.per_class}"
                 and (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
-                == (sampler, steps, args.cfg))
+                == (sampler, steps, args.cfg)
+                # Sets sampled before schedules existed were spaced evenly.
+                and m["sampling"].get("schedule", "uniform") == resolved_schedule(sampler, schedule))
     except (OSError, json.JSONDecodeError, KeyError, TypeError):  # no set there, or not one of ours
         return False
 
@@ -103,7 +112,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     for name in args.configs.split(","):
         model = build_model(named_model(name), args.channels, args.classes, args.resolution)
         gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
-        for sampler, steps in args.pairs:
+        for sampler, steps in dict.fromkeys((s, n) for s, n, _ in args.settings):  # the schedule costs nothing
             s, mib = fresh_process(__file__, [name, sampler, str(steps)])
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch
@@ -122,14 +131,15 @@ def quality(args: argparse.Namespace) -> dict:
     """Every setting through the geca command itself, so the numbers are what a user gets."""
     out = Path(args.out)
     sets, reused = [], set()
-    for sampler, steps in args.pairs:
-        name = f"{sampler}{steps}"
+    for sampler, steps, schedule in args.settings:
+        name = f"{sampler}{steps}{f'-{schedule}' if schedule else ''}"
         sets.append(name)
-        if args.reuse and finished(out / name, args, sampler, steps):
+        if args.reuse and finished(out / name, args, sampler, steps, schedule):
             print(f"reusing {out / name}", flush=True)
             reused.add(name)
             continue
         chosen = ["--checkpoint", args.checkpoint] if args.checkpoint else []
+        chosen += ["--schedule", schedule] if schedule else []
         subprocess.run([*GECA, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
                         str(args.per_class), "--sampler", sampler, "--steps", str(steps), "--cfg", str(args.cfg),
                         "--seed", "0", "--overwrite", "--no-progress", "--threads", str(args.threads)], check=True)
@@ -201,7 +211,8 @@ def split_check(args: argparse.Namespace, out: Path, sets: list[str]) -> dict:
 def main() -> None:
     ap = model_parser(__doc__, 4, "Images sampled together (speed).")
     ap.add_argument("--cfg", type=float, default=1.5, help="Classifier-free guidance scale.")
-    ap.add_argument("--settings", help=f"SAMPLER:STEPS,… to compare; the first is the reference (default {SETTINGS}).")
+    ap.add_argument("--settings", help="SAMPLER:STEPS[:SCHEDULE],… to compare; the first is the reference (default "
+                    f"{SETTINGS}; dpm++ and dpm++sde default to the lambda schedule).")
     ap.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
     ap.add_argument("--run", help="A trained run: measure quality against calls instead of speed.")
     ap.add_argument("--real", help="SPEC:SPLIT of the real images KID compares with (with --run).")
@@ -219,7 +230,7 @@ def main() -> None:
     if args.quick and args.settings:
         ap.error("--quick and --settings both choose the settings; give one")
     try:
-        args.pairs = parse_settings(QUICK if args.quick else args.settings or SETTINGS)
+        args.settings = parse_settings(QUICK if args.quick else args.settings or SETTINGS)
     except ValueError as e:
         ap.error(f"--settings: {e}")
     device = device_of(args)

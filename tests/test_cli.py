@@ -72,8 +72,7 @@ def test_sample_per_class_writes_images_labels_and_manifest(trained_run: Path, t
         assert img.size == (8, 8) and img.mode == "RGB"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampling"] == {"sampler": "ddim", "steps": 3, "guidance_scale": 2.0, "ghg": "both",
-                                    "nca_steps": 3,
-                                    "eta": 0.0, "clip_x0": True}
+                                    "nca_steps": 3, "eta": 0.0, "clip_x0": True, "schedule": "uniform"}
     assert manifest["seed"] == 5 and len(manifest["weights_sha256"]) == 64 and manifest["checkpoint_step"] == 2
 
 

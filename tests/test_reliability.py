@@ -137,6 +137,8 @@ def test_sample_and_grow_refuse_bad_values(run: Path, tmp_path: Path) -> None:
     refused(runner.invoke(app, [*base, "--batch-size", "0"]), "--batch-size")
     refused(runner.invoke(app, [*base, "--device", "bogus"]), "--device")
     refused(runner.invoke(app, [*base, "--cfg", "-1"]), "--cfg")
+    refused(runner.invoke(app, [*base, "--schedule", "cosine"]), "--schedule")
+    refused(runner.invoke(app, [*base, "--sampler", "ddim", "--schedule", "lambda"]), "--schedule")
     a_file = tmp_path / "file"
     a_file.write_text("x")
     refused(runner.invoke(app, ["sample", "--run", str(run), "--out", str(a_file), "--per-class", "1", *FAST]),

@@ -20,6 +20,8 @@ SAMPLER_HELP = {
     "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both (default: hidden for a GeCA trained "
            "with --heredity, none for one trained as published and for models without cell state).",
     "nca_steps": "NCA steps M per denoiser call (default: as trained; fewer = undergrowth, more = overgrowth).",
+    "schedule": "Where dpm++/dpm++sde put their steps: lambda (evenly in log-SNR, denser at low noise; default), "
+                "uniform (evenly in t) or karras. DDPM and DDIM respace evenly (uniform).",
 }
 
 # name: (annotation, default, flag names, help)
@@ -29,6 +31,7 @@ _OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
     "guidance_scale": (float, 1.5, ("--cfg", "--guidance-scale"), SAMPLER_HELP["guidance_scale"]),
     "ghg": (str | None, None, ("--ghg",), SAMPLER_HELP["ghg"]),
     "nca_steps": (int | None, None, ("--m", "--nca-steps"), SAMPLER_HELP["nca_steps"]),
+    "schedule": (str | None, None, ("--schedule",), SAMPLER_HELP["schedule"]),
     "clip_x0": (bool | None, None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
                 "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
     "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images)."),
@@ -48,7 +51,7 @@ GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "se
         "threads")
 
 
-SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0")
+SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "schedule")
 
 
 @dataclass

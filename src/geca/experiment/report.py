@@ -215,8 +215,9 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
         # CFG doubles each call's batch
         gmac = calls * train["macs_per_call"] * (2 if sc["guidance_scale"] != 1 else 1) / 1e9
         k, f = results[s["name"]]["kid"], results[s["name"]].get("faithfulness") or {}
-        rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}", calls, f"{gmac:.2f}",
-                     f"{s['seconds'] / max(s['images'], 1):.3f}", faithful(f), pm(k, 1e3)])
+        # Studies run before schedules existed spaced every sampler evenly.
+        rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}", sc.get("schedule", "uniform"), calls,
+                     f"{gmac:.2f}", f"{s['seconds'] / max(s['images'], 1):.3f}", faithful(f), pm(k, 1e3)])
         # Error bars: KID's standard error over generated sets (studies run before it existed: the subsets' spread).
         err = k.get("se", k["std"])
         curves.setdefault(s["generator"], []).append((calls, k["mean"] * 1e3, err * 1e3, f.get("value")))
@@ -239,11 +240,12 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
         axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
     return ["## Sampler cost", "", "KID and class-faithfulness against the number of denoiser calls (DDPM respaced, "
-            "DDIM η = 0, DPM-Solver++(2M) and its SDE form); error bars are KID's standard error over generated sets; "
-            "GMAC counts matmuls and convolutions of every call (both CFG halves); seconds are wall time on the "
-            "device of the sampler-cost stage.", "", *_untrained(r, list(curves)),
+            "DDIM η = 0, DPM-Solver++(2M) and its SDE form; the schedule says where the steps lie: evenly in t, in "
+            "log-SNR (lambda) or as Karras et al.'s); error bars are KID's standard error over generated sets; GMAC "
+            "counts matmuls and convolutions of every call (both CFG halves); seconds are wall time on the device of "
+            "the sampler-cost stage.", "", *_untrained(r, list(curves)),
             f"![sampler cost]({_save(fig, figures / 'sampler_cost.png')})", "",
-            *_table(["Generator", "Sampler", "Calls", "GMAC / image", "s / image", "faithful ↑ (chance)",
+            *_table(["Generator", "Sampler", "Schedule", "Calls", "GMAC / image", "s / image", "faithful ↑ (chance)",
                      "KID×10³ ↓"], rows)]
 
 

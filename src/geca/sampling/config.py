@@ -9,9 +9,13 @@ from geca.errors import ConfigError
 from geca.utils.schema import Checks
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # DPM-Solver++(2M), ODE and SDE: diffusers' scheduler
+# Where DPM-Solver++ puts its steps: evenly in t, evenly in log-SNR λ (denser at low noise, the DPM-Solver authors'
+# choice for small images), or Karras et al.'s σ^(1/7) spacing. DDPM and DDIM respace evenly in t.
+SCHEDULES = ("uniform", "lambda", "karras")
 # How the sampling commands spell each setting.
 FLAGS = {"sampler.sampler": "--sampler", "sampler.steps": "--steps", "sampler.guidance_scale": "--cfg",
-         "sampler.ghg": "--ghg", "sampler.nca_steps": "--m", "sampler.eta": "eta"}
+         "sampler.ghg": "--ghg", "sampler.nca_steps": "--m", "sampler.eta": "eta",
+         "sampler.schedule": "--schedule"}
 GHG_MODES = ("hidden", "none", "out", "both")
 
 
@@ -20,7 +24,8 @@ class SamplerConfig:
     """How to sample. `ghg` None means the model's default: `hidden` (the paper's) for a GeCA trained with heredity,
     `none` for one trained as published (whose samples `hidden` turns to noise) and for models without cell state;
     `nca_steps` None means the trained M; `clip_x0` None means clipping x̂₀ to [−1, 1] in pixel space and not for
-    latent runs (ours: the authors never clip, and sample in latent space)."""
+    latent runs (ours: the authors never clip, and sample in latent space); `schedule` None means `lambda` for the
+    DPM-Solver++ samplers (ours: with evenly spaced t they lose the subtlest class) and `uniform` for DDPM/DDIM."""
 
     sampler: str = "ddpm"
     steps: int = 250
@@ -29,6 +34,7 @@ class SamplerConfig:
     nca_steps: int | None = None
     eta: float = 0.0
     clip_x0: bool | None = None
+    schedule: str | None = None
 
     def validate(self, checks: Checks | None = None, prefix: str = "sampler") -> None:
         check = checks or Checks(FLAGS)
@@ -40,6 +46,10 @@ class SamplerConfig:
               "≥ 0 (1: conditional only)", self.guidance_scale)
         check(self.nca_steps is None or self.nca_steps >= 1, f"{prefix}.nca_steps", "≥ 1", self.nca_steps)
         check(math.isfinite(self.eta) and self.eta >= 0, f"{prefix}.eta", "≥ 0", self.eta)
+        if self.schedule is not None:
+            check.choice(self.schedule, f"{prefix}.schedule", SCHEDULES)
+            check(self.schedule == "uniform" or self.sampler.startswith("dpm++"), f"{prefix}.schedule",
+                  "uniform for ddpm and ddim (lambda and karras are DPM-Solver++ schedules)", self.schedule)
 
     def for_model(self, cellular: bool, latent: bool, strict: bool = False, ghg_default: str | None = None
                   ) -> SamplerConfig:
@@ -56,4 +66,6 @@ class SamplerConfig:
                                   "none)")
             ghg = "none"
         clip = (not latent) if self.clip_x0 is None else self.clip_x0
-        return replace(self, ghg=ghg, nca_steps=self.nca_steps if cellular else None, clip_x0=clip)
+        schedule = self.schedule or ("lambda" if self.sampler.startswith("dpm++") else "uniform")
+        return replace(self, ghg=ghg, nca_steps=self.nca_steps if cellular else None, clip_x0=clip,
+                       schedule=schedule)

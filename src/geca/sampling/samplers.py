@@ -54,7 +54,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
 
     `callback(t, x_t, p, state)` sees every reverse step (p holds pred_x0, eps, mean, log_variance).
     """
-    if sampler.ghg is None or sampler.clip_x0 is None:
+    if sampler.ghg is None or sampler.clip_x0 is None or sampler.schedule is None:
         sampler = sampler.for_model(model.has_cell_state, latent=False, ghg_default=model.ghg_default)
     sampler.validate()
     device = labels.device
@@ -79,17 +79,22 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
 
 def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, x: torch.Tensor,
                 sampler: SamplerConfig, callback: StepCallback | None, progress: bool) -> torch.Tensor:
-    """DPM-Solver++(2M) through diffusers' scheduler, which takes ε; the loop stays ours so that each call inherits
-    the previous call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `dpm++sde` is its SDE form,
-    which adds fresh noise each step as DDPM does. `callback` gets the model timestep t (0…T−1)."""
+    """DPM-Solver++(2M) through diffusers' scheduler; the loop stays ours so that each call inherits the previous
+    call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `dpm++sde` is its SDE form, which adds
+    fresh noise each step as DDPM does. `callback` gets the model timestep t (0…T−1)."""
     from diffusers import DPMSolverMultistepScheduler
 
     if diffusion.timestep_map != list(range(diffusion.num_timesteps)):
         raise ValueError("dpm++ needs the full (unrespaced) diffusion process")
     algorithm = "sde-dpmsolver++" if sampler.sampler == "dpm++sde" else "dpmsolver++"
+    # DPM-Solver++ steps on x̂0 alone, so it takes ours ("sample"): clipped or not, exactly what the other samplers
+    # use. Given ε it would re-derive x̂0 at its own σ, which for λ or Karras steps is not the σ of the integer t the
+    # model was called at.
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=diffusion.num_timesteps,
                                             trained_betas=diffusion.betas.tolist(), algorithm_type=algorithm,
-                                            solver_order=2, prediction_type="epsilon", lower_order_final=True)
+                                            solver_order=2, prediction_type="sample", lower_order_final=True,
+                                            use_lu_lambdas=sampler.schedule == "lambda",
+                                            use_karras_sigmas=sampler.schedule == "karras")
     scheduler.set_timesteps(sampler.steps, device=x.device)
     b, state = labels.shape[0], None
     for step_t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
@@ -100,10 +105,9 @@ def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Ten
         p = diffusion.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
         if callback is not None:
             callback(int(step_t), x, p, state)
-        eps = diffusion.predict_eps(x, t, p["pred_x0"])  # ε of the (possibly clipped) x̂0, as DDIM does
         # The SDE's noise from torch's global generator, so that `--seed` fixes it as it fixes DDPM's.
         noise = torch.randn_like(x) if algorithm == "sde-dpmsolver++" else None
-        x = scheduler.step(eps, step_t, x, variance_noise=noise).prev_sample
+        x = scheduler.step(p["pred_x0"], step_t, x, variance_noise=noise).prev_sample
     return x
 
 
