@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.build import build_model, count_macs, count_parameters
 from geca.models.config import named_model
-from geca.sampling.config import SamplerConfig
+from geca.sampling.config import SamplerConfig, default_schedule
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
 
@@ -64,10 +65,6 @@ def parse_settings(text: str) -> list[tuple[str, int, str | None]]:
     return settings
 
 
-def resolved_schedule(sampler: str, schedule: str | None) -> str:
-    return SamplerConfig(sampler=sampler, schedule=schedule).for_model(cellular=True, latent=False).schedule
-
-
 def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int, schedule: str | None) -> bool:
     """Whether `directory` already holds this setting's set from this run, checkpoint, seed and labels."""
     try:
@@ -79,13 +76,13 @@ def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int
                 and (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
                 == (sampler, steps, args.cfg)
                 # Sets sampled before schedules existed were spaced evenly.
-                and m["sampling"].get("schedule", "uniform") == resolved_schedule(sampler, schedule))
+                and m["sampling"].get("schedule", "uniform") == default_schedule(sampler, schedule))
     except (OSError, json.JSONDecodeError, KeyError, TypeError):  # no set there, or not one of ours
         return False
 
 
-def sampling_cost(name: str, sampler: str, steps: int, cfg: float, batch: int, shape: tuple[int, int, int],
-                  classes: int, device: torch.device) -> tuple[float, float]:
+def sampling_cost(name: str, sampler: str, steps: int, schedule: str, cfg: float, batch: int,
+                  shape: tuple[int, int, int], classes: int, device: torch.device) -> tuple[float, float]:
     """Seconds of sampling one batch, after an untimed two-step run of the same sampler (one-off set-up), and the
     peak memory (MiB) of both above what the model and inputs hold (the first run's allocations count: on a CPU
     the tuned allocator keeps them for the second)."""
@@ -97,9 +94,10 @@ def sampling_cost(name: str, sampler: str, steps: int, cfg: float, batch: int, s
     if sampler.startswith("dpm++"):
         from diffusers import DPMSolverMultistepScheduler  # noqa: F401  -- the library is not sampling's memory
     held = reset_peak_memory(device)
-    sample(model, diffusion, labels, shape, SamplerConfig(sampler=sampler, steps=2, guidance_scale=cfg, ghg=ghg))
+    setting = SamplerConfig(sampler=sampler, steps=steps, guidance_scale=cfg, ghg=ghg, schedule=schedule)
+    sample(model, diffusion, labels, shape, replace(setting, steps=2))
     start = time.perf_counter()
-    sample(model, diffusion, labels, shape, SamplerConfig(sampler=sampler, steps=steps, guidance_scale=cfg, ghg=ghg))
+    sample(model, diffusion, labels, shape, setting)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, peak_memory(device) - held
@@ -112,17 +110,18 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     for name in args.configs.split(","):
         model = build_model(named_model(name), args.channels, args.classes, args.resolution)
         gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
-        for sampler, steps in dict.fromkeys((s, n) for s, n, _ in args.settings):  # the schedule costs nothing
-            s, mib = fresh_process(__file__, [name, sampler, str(steps)])
+        for sampler, steps, schedule in args.settings:
+            schedule = default_schedule(sampler, schedule)
+            s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule])
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch
             rows.append({"config": name, "family": named_model(name).family, "parameters": count_parameters(model),
-                         "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps,
+                         "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps, "schedule": schedule,
                          "seconds_per_image": round(s / args.batch, 4), "gmacs_per_image": round(gmacs * calls, 3),
                          "peak_mib": round(mib, 1), "mfu": round(flops / s / 1e12 / peak, 4)})
             if not args.json:
-                print(f"{name:8s} {sampler:8s} {steps:4d} steps {s / args.batch:9.3f} s/image {mib:8.1f} MiB",
-                      flush=True)
+                print(f"{name:8s} {sampler:8s} {steps:4d} steps {schedule:7s} {s / args.batch:9.3f} s/image "
+                      f"{mib:8.1f} MiB", flush=True)
     return {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
             "matmul_peak_tflops_fp32": round(peak, 4), "rows": rows}
 
@@ -225,7 +224,7 @@ def main() -> None:
                     help="Keep a set already in --out from the same run, --checkpoint, setting and labels.")
     ap.add_argument("--split-check", action="store_true",
                     help="Also score two same-label halves of each set: does KID's standard error match their gap?")
-    ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "SAMPLER", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, metavar=("CONFIG", "SAMPLER", "STEPS", "SCHEDULE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick and args.settings:
         ap.error("--quick and --settings both choose the settings; give one")
@@ -235,8 +234,8 @@ def main() -> None:
         ap.error(f"--settings: {e}")
     device = device_of(args)
     if args.worker:
-        name, sampler, steps = args.worker
-        print(json.dumps(sampling_cost(name, sampler, int(steps), args.cfg, args.batch,
+        name, sampler, steps, schedule = args.worker
+        print(json.dumps(sampling_cost(name, sampler, int(steps), schedule, args.cfg, args.batch,
                                        (args.channels, args.resolution, args.resolution), args.classes, device)))
         return
     if args.run and not (args.real and args.train):
@@ -251,10 +250,10 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     if args.run:
-        print(f"\n{'setting':10s} {'calls':>5s} {'× fewer':>7s} {'s/image':>8s} {'KID×10³ ± s.e.':>16s} "
+        print(f"\n{'setting':18s} {'calls':>5s} {'× fewer':>7s} {'s/image':>8s} {'KID×10³ ± s.e.':>16s} "
               f"{'× first':>7s} {'faithful':>8s} {'× first':>7s}")
         for r in result["rows"]:
-            print(f"{r['setting']:10s} {r['calls']:5d} {r['calls_vs_first']:7.2f} {r['seconds_per_image']:8.3f} "
+            print(f"{r['setting']:18s} {r['calls']:5d} {r['calls_vs_first']:7.2f} {r['seconds_per_image']:8.3f} "
                   f"{r['kid'] * 1e3:8.1f} ± {r['kid_se'] * 1e3:5.1f} {r['kid_vs_first']:7.2f} "
                   f"{r['faithfulness']:8.2f} {r['faithfulness_vs_first']:7.2f}")
         if "split_check" in result:
@@ -262,11 +261,11 @@ def main() -> None:
             print(f"split check over {c['sets']} sets: KID gap between same-label halves {c['rms_gap'] * 1e3:.1f}×10⁻³ "
                   f"(root mean square), predicted by their standard errors {c['rms_predicted'] * 1e3:.1f}")
     else:
-        print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':10s} {'s/image':>9s} "
+        print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':18s} {'s/image':>9s} "
               f"{'GMAC/image':>10s} {'peak MiB':>9s} {'MFU':>6s}")
         for r in result["rows"]:
             print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['gmacs_per_call']:9.3f} "
-                  f"{r['sampler'] + ' ' + str(r['steps']):10s} {r['seconds_per_image']:9.3f} "
+                  f"{r['sampler'] + ' ' + str(r['steps']) + ' ' + r['schedule']:18s} {r['seconds_per_image']:9.3f} "
                   f"{r['gmacs_per_image']:10.4g} {r['peak_mib']:9.1f} {r['mfu']:6.1%}")
     print(json.dumps(result))
 

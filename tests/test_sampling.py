@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.build import build_model
-from geca.sampling.config import GHG_MODES, SamplerConfig
+from geca.sampling.config import GHG_MODES, SamplerConfig, settings_key
 from geca.sampling.labels import per_class_labels, replicate_labels
 from geca.sampling.samplers import guided_output, sample
 
@@ -235,6 +237,31 @@ def test_dpm_solver_schedules_are_diffusers_own(diffusion, sampler: str, algorit
             step_noise = torch.randn_like(x) if algorithm.startswith("sde") else None
             x = sched.step(x0, t, x, variance_noise=step_noise).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-3, rtol=1e-3)  # our x̂0 in float64 then float32; this one float32
+
+
+def test_dpm_solver_steps_in_log_snr_unless_told_otherwise(diffusion) -> None:
+    seen: dict[str | None, list[int]] = {}
+    for schedule in (None, "lambda", "uniform"):
+        seen[schedule] = []
+        sample(ConvDenoiser(3, 4), diffusion, per_class_labels(4, 1), (3, 6, 6),
+               SamplerConfig(sampler="dpm++", steps=10, guidance_scale=1.0, schedule=schedule),
+               callback=lambda t, x, p, state, k=schedule: seen[k].append(t))
+    assert seen[None] == seen["lambda"] != seen["uniform"]
+    assert seen["lambda"][-3:] == [22, 5, 0] and seen["uniform"][-1] == 100
+
+
+def test_keys_made_before_schedules_existed_stay_valid() -> None:
+    """Stage and resume keys: a uniform schedule (DDPM/DDIM's, and DPM-Solver++'s before `lambda`) adds nothing,
+    so finished work stays done; DPM-Solver++ by default now draws other images, so its keys change."""
+    def before(config: SamplerConfig) -> dict:
+        return {k: v for k, v in asdict(config).items() if k != "schedule"}
+
+    ddim, dpm = SamplerConfig(sampler="ddim", steps=50), SamplerConfig(sampler="dpm++", steps=20)
+    study = {"preview": {"per_class": 4, "sampler": asdict(ddim)}, "samplers": [asdict(ddim), asdict(dpm)]}
+    assert settings_key(study) == {"preview": {"per_class": 4, "sampler": before(ddim)},
+                                   "samplers": [before(ddim), {**before(dpm), "schedule": "lambda"}]}
+    assert settings_key(asdict(SamplerConfig(sampler="dpm++", schedule="uniform"))) == before(dpm) | {"steps": 250}
+    assert settings_key(asdict(ddim.for_model(True, False))) == before(ddim.for_model(True, False))
 
 
 def test_dpm_solver_sde_draws_fresh_noise_each_run(diffusion) -> None:

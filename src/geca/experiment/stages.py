@@ -21,7 +21,7 @@ from geca.experiment.report import write_report
 from geca.metrics.evaluate import EvalSettings, run_evaluation
 from geca.models.build import count_macs, count_parameters
 from geca.run import load_run
-from geca.sampling.config import SamplerConfig
+from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.expand import expand
 from geca.sampling.generate import run_sampler, write_images, write_sample_dir
 from geca.sampling.growth import grow_organism
@@ -235,7 +235,8 @@ def build_stages(ctx: Context) -> list[Stage]:
 
     def add(stage_id: str, fn: Callable[..., dict[str, Any]], deps: list[str], params: dict[str, Any],
             resumable: bool = False, **kwargs: Any) -> None:
-        stages.append(Stage(stage_id, partial(fn, ctx, **kwargs), tuple(deps), {"data": data, **params}, resumable))
+        stages.append(Stage(stage_id, partial(fn, ctx, **kwargs), tuple(deps), {"data": data, **settings_key(params)},
+                            resumable))
 
     base = []
     if exp.data.cv and not exp.data.folds_file:

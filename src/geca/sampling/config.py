@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from geca.errors import ConfigError
 from geca.utils.schema import Checks
@@ -55,8 +56,8 @@ class SamplerConfig:
                   ) -> SamplerConfig:
         """The settings a model samples with: the GHG default resolved (the model's `ghg_default`, else `hidden`; a
         model without cell state has no heredity and no M: always `none`, and with `strict` asking it for another
-        mode is an error), and by default x̂0 unclipped for latent models, as DiT does: latents have no [-1, 1]
-        range to clip to."""
+        mode is an error), by default x̂0 unclipped for latent models, as DiT does: latents have no [-1, 1]
+        range to clip to, and the step schedule resolved."""
         self.validate()
         default = (ghg_default or "hidden") if cellular else "none"
         ghg = self.ghg if self.ghg is not None else default
@@ -66,6 +67,25 @@ class SamplerConfig:
                                   "none)")
             ghg = "none"
         clip = (not latent) if self.clip_x0 is None else self.clip_x0
-        schedule = self.schedule or ("lambda" if self.sampler.startswith("dpm++") else "uniform")
         return replace(self, ghg=ghg, nca_steps=self.nca_steps if cellular else None, clip_x0=clip,
-                       schedule=schedule)
+                       schedule=default_schedule(self.sampler, self.schedule))
+
+
+def default_schedule(sampler: str, schedule: str | None = None) -> str:
+    return schedule or ("lambda" if sampler.startswith("dpm++") else "uniform")
+
+
+def settings_key(value: Any) -> Any:
+    """`value` (what `asdict` makes of a config) as stage and resume keys see it: every sampler's schedule resolved
+    and left out where it is `uniform`, the only one before schedules existed, so that DDPM/DDIM work finished then
+    stays done while DPM-Solver++ work, whose default moved to `lambda`, is redone."""
+    if isinstance(value, list):
+        return [settings_key(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: settings_key(v) for k, v in value.items()}
+    if "schedule" in out and isinstance(out.get("sampler"), str):
+        schedule = default_schedule(out["sampler"], out.pop("schedule"))
+        if schedule != "uniform":
+            out["schedule"] = schedule
+    return out

@@ -26,7 +26,7 @@ from geca.errors import ConfigError
 from geca.latent.codec import LatentCodec
 from geca.models.base import Denoiser
 from geca.run import LoadedRun
-from geca.sampling.config import SamplerConfig
+from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.samplers import sample
 from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, replace_dir
@@ -109,7 +109,7 @@ def generate(run: LoadedRun, labels: torch.Tensor, sampler: SamplerConfig, seed:
 
 def _work_key(weights_sha256: str, labels: torch.Tensor, sampler: SamplerConfig, seed: int, batch_size: int) -> str:
     """What makes a sample set's images: an unfinished one is resumed only under the same key."""
-    h = hashlib.sha256(json.dumps({"weights": weights_sha256, "sampling": asdict(sampler),
+    h = hashlib.sha256(json.dumps({"weights": weights_sha256, "sampling": settings_key(asdict(sampler)),
                                    "seed": seed, "batch_size": batch_size}, sort_keys=True).encode())
     h.update(labels.numpy().astype(np.float32).tobytes())
     return h.hexdigest()[:16]
