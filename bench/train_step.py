@@ -1,13 +1,14 @@
 """Benchmark one training step (forward + backward + AdamW) for named configs of every family, in one table.
 
 Training images/s per config and precision, each setting in a fresh process (no setting inherits another's allocator
-pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference
-neighbourhood attention (the published 9×-copy gather) is measured beside the fast default (and, on CUDA, the Triton
-kernels); DiT and the UNet have no such choice (their rows show attention "-"). Each row also has the peak memory of
-the steps (the first included: activations, gradients, AdamW's state) above what was held before them (CUDA:
-`max_memory_allocated`; CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the
-forward MACs of the batch (forward + backward ≈ 3 forwards; attention's score and value products not counted) per
-second, over the matmul throughput measured in this run.
+pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference neighbourhood
+attention (the published 9×-copy gather) is measured beside the fast default (and, on CUDA, the Triton kernels); a
+variant ending in `:dense` computes every cell's update, as published, where the default computes only the updates of
+the cells that fire. DiT and the UNet have no such choice (their rows show attention "-"). Each row also has the peak
+memory of the steps (the first included: activations, gradients, AdamW's state) above what was held before them (CUDA:
+`max_memory_allocated`; CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the forward
+MACs the variant executes on the batch (forward + backward ≈ 3 forwards; attention's score and value products not
+counted) per second, over the matmul throughput measured in this run.
 
     .venv/bin/python bench/train_step.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 8] [--resolution 32]
                                          [--channels 4] [--classes 11] [--precisions fp32,bf16] [--device cpu] [--json]
@@ -27,17 +28,28 @@ from common import device_of, fresh_process, matmul_peak_tflops, model_parser, p
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.build import build_model, count_macs, count_parameters
-from geca.models.config import named_model
+from geca.models.config import ModelConfig, named_model
 
 NO_CHOICE = "-"
 
 
-def step_time(name: str, attention: str, precision: str, batch: int, channels: int, resolution: int,
+def variant_config(name: str, variant: str) -> ModelConfig:
+    """The named config with a GeCA variant `ATTENTION[:dense]` applied."""
+    config = named_model(name)
+    if variant != NO_CHOICE:
+        attention, _, update = variant.partition(":")
+        if update not in ("", "dense"):
+            raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION or ATTENTION:dense)")
+        # "compiled" is model.compile's attention (sliced under torch.compile).
+        config.attention, config.compile = ("fast", True) if attention == "compiled" else (attention, False)
+        config.skip_idle = update != "dense"
+    return config
+
+
+def step_time(name: str, variant: str, precision: str, batch: int, channels: int, resolution: int,
               classes: int, repeats: int, device: torch.device) -> tuple[float, float]:
     """Median seconds per step and the extra peak memory (MiB) of the timed steps."""
-    config = named_model(name)
-    if attention != NO_CHOICE:
-        config.attention = attention
+    config = variant_config(name, variant)
     torch.manual_seed(0)
     model = build_model(config, channels, classes, resolution).to(device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
@@ -71,14 +83,16 @@ def step_time(name: str, attention: str, precision: str, batch: int, channels: i
 
 def main() -> None:
     ap = model_parser(__doc__, 8, "Batch size per step.")
-    ap.add_argument("--attention", help="GeCA attention implementations to compare "
-                    "(default: fast,reference; on CUDA also triton).")
+    ap.add_argument("--attention", help="GeCA variants to compare, ATTENTION or ATTENTION:dense (every cell's update "
+                    "computed, as published); ATTENTION is fast, sliced, reference, triton or compiled (model.compile) "
+                    "(default: compiled,fast,fast:dense,reference:dense; on CUDA also triton).")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
     ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
     ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "ATTENTION", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = device_of(args)
-    args.attention = args.attention or ("fast,triton,reference" if device.type == "cuda" else "fast,reference")
+    args.attention = args.attention or ("compiled,fast,fast:dense,triton,reference:dense" if device.type == "cuda"
+                                        else "compiled,fast,fast:dense,reference:dense")
     if args.worker:
         print(json.dumps(step_time(*args.worker, args.batch, args.channels, args.resolution, args.classes,
                                    args.repeats, device)))
@@ -88,10 +102,13 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         config = named_model(name)
-        model = build_model(config, args.channels, args.classes, args.resolution)
-        params = count_parameters(model)
-        flops = 6 * count_macs(model, args.channels, args.classes, args.resolution) * args.batch
         attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
+        flops = {}
+        for attention in attentions:
+            model = build_model(variant_config(name, attention), args.channels, args.classes, args.resolution)
+            params = count_parameters(model)
+            macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)
+            flops[attention] = 6 * macs * args.batch
         for precision in args.precisions.split(","):
             base = None
             for attention in attentions:
@@ -99,12 +116,13 @@ def main() -> None:
                 row = {"config": name, "family": config.family, "parameters": params, "precision": precision,
                        "attention": attention, "seconds_per_step": round(s, 4),
                        "images_per_s": round(args.batch / s, 2), "peak_mib": round(mib, 1),
-                       "model_tflops": round(flops / s / 1e12, 4), "mfu": round(flops / s / 1e12 / peaks[precision], 4)}
-                if attention == "reference":
+                       "model_tflops": round(flops[attention] / s / 1e12, 4),
+                       "mfu": round(flops[attention] / s / 1e12 / peaks[precision], 4)}
+                if attention.startswith("reference"):
                     base = row
                 rows.append(row)
                 if not args.json:
-                    print(f"{name:8s} {precision:5s} {attention:10s} {s:8.3f} s/step {args.batch / s:8.2f} img/s "
+                    print(f"{name:8s} {precision:5s} {attention:16s} {s:8.3f} s/step {args.batch / s:8.2f} img/s "
                           f"{mib:8.1f} MiB  MFU {row['mfu']:.1%}", flush=True)
             if base is not None:
                 for row in rows:
@@ -119,12 +137,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'prec':5s} {'attention':10s} {'img/s':>9s} {'× ref':>6s} "
+    print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'prec':5s} {'attention':16s} {'img/s':>9s} {'× ref':>6s} "
           f"{'peak MiB':>9s} {'mem × ref':>9s} {'MFU':>6s}")
     for r in rows:
         ref = f"{r['speedup_vs_reference']:6.2f}" if "speedup_vs_reference" in r else f"{'':6s}"
         mem = f"{r['memory_vs_reference']:9.2f}" if "memory_vs_reference" in r else f"{'':9s}"
-        print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['precision']:5s} {r['attention']:10s} "
+        print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['precision']:5s} {r['attention']:16s} "
               f"{r['images_per_s']:9.2f} {ref} {r['peak_mib']:9.1f} {mem} {r['mfu']:6.1%}")
     print("matmul peak measured now (TFLOP/s): " + ", ".join(f"{p} {v:.3f}" for p, v in peaks.items()))
     print(json.dumps(result))

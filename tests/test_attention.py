@@ -16,7 +16,8 @@ from torch import Tensor
 from geca.models.attention import IMPLEMENTATIONS, NeighbourhoodAttentionFunction, neighbourhood_attention
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-IMPLEMENTATIONS = tuple(impl for impl in IMPLEMENTATIONS if impl != "triton" or HAS_TRITON)
+# "compiled" is "sliced" under torch.compile (a compile per shape and dtype): one test of its own below.
+IMPLEMENTATIONS = tuple(impl for impl in IMPLEMENTATIONS if (impl != "triton" or HAS_TRITON) and impl != "compiled")
 # The Triton kernels compiled where there is a GPU, else interpreted on the CPU (conftest sets TRITON_INTERPRET).
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -111,6 +112,28 @@ def test_implementations_agree_float32(shape: tuple[int, ...]) -> None:
         for name, a, e in zip(("out", "dq", "dk", "dv"), results[impl], results["reference"], strict=True):
             # float32 rounding grows with the values' size (sums of 9 × head_dim products).
             _assert_close_by_region(a, e, 1e-5 * max(1.0, e.abs().max().item()), f"{impl} vs reference {name}")
+
+
+def test_compiled_attention_matches_the_oracle() -> None:
+    """`model.compile`'s attention (torch.compile of `sliced`): outputs and gradients on a non-contiguous qkv."""
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(2, 5, 6, 3, 2, 8, generator=gen, dtype=torch.float64)
+    q, k, v = (x.detach().requires_grad_() for x in qkv.permute(3, 0, 4, 1, 2, 5))
+    grad = torch.randn(2, 2, 5, 6, 8, generator=gen, dtype=torch.float64)
+    expected = (_dense_oracle(q, k, v), *torch.autograd.grad(_dense_oracle(q, k, v), (q, k, v), grad))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), _run("compiled", q, k, v, grad), expected, strict=True):
+        _assert_close_by_region(a, e, 1e-12, f"compiled {name}")
+
+
+def test_fast_attention_in_batch_chunks_is_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large batches go through in cache-sized chunks; chunk boundaries must not change outputs or gradients."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(5, 2, 4, 6, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(5, 2, 4, 6, 8, generator=gen, dtype=torch.float64)
+    whole = _run("fast", q, k, v, grad)
+    monkeypatch.setattr("geca.models.attention._CHUNK", 2 * q[0].numel())  # chunks of 2, 2 and 1 images
+    for name, a, e in zip(("out", "dq", "dk", "dv"), _run("fast", q, k, v, grad), whole, strict=True):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12, msg=f"chunked {name}")
 
 
 def test_dead_cells_enter_softmax_with_logit_zero() -> None:

@@ -190,6 +190,9 @@ def test_models_command_reports_every_family_and_shapes_that_do_not_fit() -> Non
     assert set(rows) == set(NAMED_MODELS)
     assert rows["GeCA-T"]["tokens"] == 144 and rows["DiT-T"]["tokens"] == 36 and rows["LDM-T"]["tokens"] is None
     assert all(rows[n]["gmacs"] > 0 and rows[n]["parameters"] > 0 for n in ("GeCA-T", "DiT-T", "LDM-T"))
+    # GeCA computes an update only where a cell fires; the baselines compute what they count.
+    assert rows["GeCA-T"]["gmacs_executed"] < 0.7 * rows["GeCA-T"]["gmacs"]
+    assert rows["DiT-T"]["gmacs_executed"] == rows["DiT-T"]["gmacs"]
     # 12 is not divisible by LDM-B's total downsampling (8): reported, not a crash.
     assert rows["LDM-B"]["parameters"] is None and "divisible by 8" in rows["LDM-B"]["error"]
     assert rows["LDM-B"]["input"] == [3, 12, 12] and rows["LDM-B"]["classes"] == 2

@@ -7,7 +7,7 @@ from conftest import tiny_model_config
 from torch import nn
 
 from geca.models.base import CellState
-from geca.models.build import build_model, count_parameters
+from geca.models.build import build_model, count_macs, count_parameters
 from geca.models.config import named_model
 from geca.models.embeddings import LabelEmbedder
 
@@ -85,6 +85,39 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         model(x, t, y, carry=carry).output.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_skipping_idle_cells_changes_nothing() -> None:
+    """Computing updates only where cells fire gives the published dense step's outputs, cell state and gradients."""
+    results = []
+    for skip, ckpt in ((False, False), (True, False), (True, True)):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config(skip_idle=skip, checkpointing=ckpt), 3, 4, 8)
+        _perturb(model)
+        x, t, y = _inputs(b=4, size=8)
+        carry = CellState(hidden=torch.randn(4, 8, 8, model.hidden_channels))
+        torch.manual_seed(7)
+        res = model(x, t, y, carry=carry)
+        res.output.square().mean().backward()
+        results.append((res.output, res.state.hidden, [p.grad for p in model.parameters()]))
+    dense = results[0]
+    assert torch.count_nonzero(dense[1] - carry.hidden) > 0
+    for out, hidden, grads in results[1:]:
+        torch.testing.assert_close(out, dense[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hidden, dense[1], rtol=1e-5, atol=1e-6)
+        for g, ref in zip(grads, dense[2], strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_executed_macs_leave_out_the_idle_cells_tail() -> None:
+    dim, mlp, hid, m, size, c = 32, 64, 8, 3, 8, 3
+    model = build_model(tiny_model_config(hidden_size=dim, mlp_hidden=mlp, hidden_channels=hid, nca_steps=m,
+                                          update_prob=0.25), c, 4, size)
+    dense, executed = count_macs(model, c, 4, size), count_macs(model, c, 4, size, executed=True)
+    tail = dim * dim + 2 * dim * mlp + dim * (2 * c + hid)  # projection, MLP, final layer of one cell
+    assert dense - executed == round(0.75 * size * size * m * tail)
+    model.skip_idle = False
+    assert count_macs(model, c, 4, size, executed=True) == dense
 
 
 def test_attention_implementations_agree_inside_the_model() -> None:

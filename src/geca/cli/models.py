@@ -40,9 +40,10 @@ def model_row(name: str, config: ModelConfig, channels: int, classes: int, resol
     try:
         model = build_model(config, channels, classes, resolution)
     except ValueError as e:
-        return {**row, "parameters": None, "gmacs": None, "tokens": None, "error": str(e)}
+        return {**row, "parameters": None, "gmacs": None, "gmacs_executed": None, "tokens": None, "error": str(e)}
     return {**row, "parameters": count_parameters(model),
             "gmacs": round(count_macs(model, channels, classes, resolution) / 1e9, 3),
+            "gmacs_executed": round(count_macs(model, channels, classes, resolution, executed=True) / 1e9, 3),
             "tokens": tokens(config, resolution)}
 
 
@@ -56,6 +57,7 @@ def models(
     """Parameters, GMACs per denoiser call and cells/tokens of every named config at a given input shape.
 
     GMACs count matmuls and convolutions on a batch of 1; attention's score and value products are left out.
+    "executed": what is computed on average, where GeCA computes an update only for the cells that fire.
     """
     from rich.console import Console
     from rich.table import Table
@@ -65,14 +67,15 @@ def models(
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"named models at {channels}×{resolution}×{resolution}, {classes} classes",
-                  caption="GMACs: one denoiser call at batch 1, attention's score and value products not counted")
-    for col in ("name", "family", "parameters", "GMACs", "cells/tokens", "layout"):
+                  caption="GMACs: one denoiser call at batch 1, attention's score and value products not counted; "
+                  "executed: GeCA's idle cells skipped")
+    for col in ("name", "family", "parameters", "GMACs", "executed", "cells/tokens", "layout"):
         table.add_column(col, justify="left" if col in ("name", "family", "layout") else "right")
     for r in rows:
         if r["parameters"] is None:
-            table.add_row(r["name"], r["family"], "—", "—", "—", f"[red]{r['error']}[/red]")
+            table.add_row(r["name"], r["family"], "—", "—", "—", "—", f"[red]{r['error']}[/red]")
             continue
-        table.add_row(r["name"], r["family"], f"{r['parameters']:,}", f"{r['gmacs']:.3g}",
+        table.add_row(r["name"], r["family"], f"{r['parameters']:,}", f"{r['gmacs']:.3g}", f"{r['gmacs_executed']:.3g}",
                       "—" if r["tokens"] is None else str(r["tokens"]), r["summary"])
     Console().print(table)
 

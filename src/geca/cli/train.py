@@ -89,7 +89,9 @@ def train(
                                          "torchrun does not take it for its own --m… options)."),
     attention: str | None = typer.Option(None, "--attention", help="Neighbourhood attention: fast, sliced, "
                                          "reference (the published 9×-copy gather) or triton (CUDA kernels)."),
-    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the GeCA block."),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the neighbourhood "
+                                        "attention (GeCA) or the blocks (DiT, UNet); only the first run pays for "
+                                        "compilation (kept in ~/.cache/geca/torchinductor)."),
     checkpointing: bool | None = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                               help="Recompute each NCA step in backward to save memory."),
     heredity: bool | None = typer.Option(None, "--heredity/--no-heredity", help="GeCA: heredity-aware training "

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from geca.models.base import Denoiser
@@ -30,14 +33,14 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolut
         update_prob=config.update_prob,
         learn_sigma=config.learn_sigma,
         label_dropout=config.label_dropout,
-        # Inductor fuses the plain-op "sliced" attention; the hand-written autograd.Function would stay opaque.
-        attention="sliced" if config.compile else config.attention,
+        # Compiling the attention alone is what pays: the rest of the step is matmuls already near peak, and a
+        # compiled block would compute every cell's update (a cell count per call would recompile).
+        attention="compiled" if config.compile else config.attention,
         checkpointing=config.checkpointing,
         block=config.block,
         heredity=config.heredity,
+        skip_idle=config.skip_idle,
     )
-    if config.compile:
-        model.block.compile()
     return model
 
 
@@ -69,12 +72,38 @@ def count_parameters(model: Denoiser) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: Denoiser, in_channels: int, num_classes: int, resolution: int) -> int:
+def count_macs(model: Denoiser, in_channels: int, num_classes: int, resolution: int, executed: bool = False) -> int:
     """Multiply-accumulates of one denoiser call on a batch of 1 (FLOPs / 2, torch's FlopCounterMode).
 
-    The counter sees matmuls and convolutions; on the CPU it does not see attention's score and value products
-    (SDPA's CPU kernel, GeCA's 3×3 window), which is the convention of the paper's 88 vs 5.4 GMAC.
+    By default the published algorithm's maths, every GeCA cell's update included; `executed`: what this model
+    computes on average, where a GeCA that skips idle cells computes p of an update. The counter sees matmuls and
+    convolutions; on the CPU it does not see attention's score and value products (SDPA's CPU kernel, GeCA's 3×3
+    window), which is the convention of the paper's 88 vs 5.4 GMAC.
     """
+    skips = getattr(model, "skip_idle", False)
+    with _set(model, skip_idle=False):
+        dense = _macs(model, in_channels, num_classes, resolution)
+    if not (executed and skips):
+        return dense
+    with _set(model, update_prob=0.0):  # no cell fires: what every cell computes whether it fires or not
+        shared = _macs(model, in_channels, num_classes, resolution)
+    return round(shared + model.update_prob * (dense - shared))
+
+
+@contextmanager
+def _set(model: Denoiser, **values: object) -> Iterator[None]:
+    """Attributes of `model` set for the duration, those it has not left alone."""
+    saved = {k: getattr(model, k) for k in values if hasattr(model, k)}
+    for k in saved:
+        setattr(model, k, values[k])
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(model, k, v)
+
+
+def _macs(model: Denoiser, in_channels: int, num_classes: int, resolution: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device

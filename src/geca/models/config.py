@@ -69,6 +69,9 @@ class GeCAConfig(TransformerConfig):
     update_prob: float = 0.5
     attention: str = "fast"
     checkpointing: bool = False
+    # Compute an NCA step's projection, MLP and final layer only for the cells that fire (the same result: an idle
+    # cell's update is discarded). False computes every cell's, as published.
+    skip_idle: bool = True
     block: str = "published"  # the authors' block; "v0.1": geca 0.1's DiT-style block (its runs load with it)
     # How a carried C_h enters the next call: "gated" (ours, the default: LayerNorm → zero-init Linear, added to the
     # seed, and trained on what GHG hands over) or "off" as published (raw, it replaces the zero seed, and training
@@ -83,7 +86,7 @@ class GeCAConfig(TransformerConfig):
               self.pos_channels)
         check(0 < self.update_prob <= 1, "model.update_prob", "in (0, 1]", self.update_prob)
         check.choice(self.attention, "model.attention", ATTENTIONS)
-        # model.compile swaps in the plain-op `sliced` attention for inductor to fuse; triton is fused already.
+        # model.compile compiles the plain-op `sliced` attention; triton is fused already.
         check(not (self.compile and self.attention == "triton"), "model.attention",
               "fast, sliced or reference with model.compile (the Triton kernels are compiled already)", self.attention)
         check.choice(self.block, "model.block", ("published", "v0.1"))

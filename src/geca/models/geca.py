@@ -6,12 +6,13 @@ from collections import deque
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from geca.models.attention import neighbourhood_attention, runnable
 from geca.models.base import CellState, Denoiser, DenoiserOutput
-from geca.models.blocks import DIT_STYLE, GECA_STYLE, AdaLNBlock, BlockStyle, FinalLayer, adaln_zero_init
+from geca.models.blocks import DIT_STYLE, GECA_STYLE, AdaLNBlock, BlockStyle, FinalLayer, adaln_zero_init, modulate
 from geca.models.config import HEREDITY
 from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
 
@@ -23,11 +24,28 @@ class NeighbourhoodBlock(AdaLNBlock):
         super().__init__(dim, heads, mlp_hidden, style)
         self.attention = attention
 
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's output before its projection, (B, H, W, D)."""
         b, h, w, d = x.shape
         q, k, v = self.qkv(x).view(b, h, w, 3, self.heads, d // self.heads).permute(3, 0, 4, 1, 2, 5)  # (B,hd,H,W,d/hd)
         out = neighbourhood_attention(q, k, v, impl=runnable(self.attention, x.device))  # (B, heads, H, W, D/heads)
-        return self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, h, w, d))  # (B, H, W, D)
+        return out.permute(0, 2, 3, 1, 4).reshape(b, h, w, d)  # (B, H, W, D)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.mix(x))
+
+    def at_cells(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], cells: torch.Tensor) -> torch.Tensor:
+        """The block's output at `cells` only (N flat indices into B·H·W), (N, D).
+
+        Every cell still gives its keys and values to its neighbours; the projection and the MLP — most of the
+        block's maths — run only where the result is used.
+        """
+        b, h, w, d = x.shape
+        batch = cells // (h * w)  # (N,)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (m.reshape(b, d).index_select(0, batch) for m in mod)
+        mixed = self.mix(modulate(self.norm1(x), *mod[:2])).reshape(-1, d).index_select(0, cells)  # (N, D)
+        x = x.reshape(-1, d).index_select(0, cells) + gate_a * self.proj(mixed)  # (N, D)
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (N, D)
 
 
 # The block as the authors published it, or as geca 0.1 built it (DiT's details), for runs trained with 0.1.
@@ -57,6 +75,7 @@ class GeCA(Denoiser):
         checkpointing: bool = False,
         block: str = "published",
         heredity: str = "off",
+        skip_idle: bool = True,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
@@ -71,6 +90,7 @@ class GeCA(Denoiser):
         self.nca_steps = nca_steps
         self.update_prob = update_prob
         self.checkpointing = checkpointing
+        self.skip_idle = skip_idle
         self.pos_channels = pos_channels
         self.register_buffer("pos", sincos_2d(resolution, resolution, pos_channels), persistent=False)
         cell_dim = in_channels + pos_channels + self.out_channels + hidden_channels
@@ -122,15 +142,21 @@ class GeCA(Denoiser):
             return self.pos
         return sincos_2d(height, width, self.pos_channels).to(self.pos.device)
 
-    def _step(self, fixed: torch.Tensor, out: torch.Tensor, hidden: torch.Tensor,
-              block_mod: tuple[torch.Tensor, ...], final_mod: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        tokens = self.embed(torch.cat([fixed, out, hidden], dim=-1))  # (B, H, W, D)
-        tokens = self.block(tokens, block_mod)  # (B, H, W, D)
-        update = self.final(tokens, *final_mod).float()  # (B, H, W, |C_out| + |C_h|)
+    def _step(self, fixed: torch.Tensor, state: torch.Tensor, block_mod: tuple[torch.Tensor, ...],
+              final_mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        b, h, w, s = state.shape
         # Stochastic update: each cell (all its channels together) fires with probability p.
-        fire = (torch.rand(*out.shape[:3], 1, device=out.device) < self.update_prob).to(update.dtype)  # (B,H,W,1)
-        update = update * fire
-        return out + update[..., : out.shape[-1]], hidden + update[..., out.shape[-1]:]
+        fire = torch.rand(b, h, w, 1, device=state.device) < self.update_prob  # (B, H, W, 1)
+        tokens = fixed + F.linear(state, self.embed.weight[:, -s:])  # (B, H, W, D)
+        if not self.skip_idle or torch.compiler.is_compiling():  # compiled: a cell count per call would recompile
+            update = self.final(self.block(tokens, block_mod), *final_mod).float()  # (B, H, W, |C_out| + |C_h|)
+            return state + update * fire
+        # An idle cell's update is discarded: compute it only where a cell fires (half the maths at p = 0.5).
+        cells = fire.flatten().nonzero().squeeze(1)  # (N,) flat indices into B·H·W
+        tokens = self.block.at_cells(tokens, block_mod, cells)  # (N, D)
+        shift, scale = (m.reshape(b, -1).index_select(0, cells // (h * w)) for m in final_mod)  # 2 × (N, D)
+        update = self.final(tokens, shift, scale).float()  # (N, |C_out| + |C_h|)
+        return state.reshape(-1, s).index_add(0, cells, update).view(b, h, w, s)
 
     def grow(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor | None = None,
              carry: CellState | None = None, nca_steps: int | None = None) -> Iterator[CellState]:
@@ -143,14 +169,16 @@ class GeCA(Denoiser):
         final_mod = tuple(m[:, None, None] for m in self.final.modulation(cond))  # 2 × (B, 1, 1, D)
         pos = self.positions(h, w).to(x.dtype).expand(b, h, w, -1)  # (B, H, W, |C_γ|)
         fixed = torch.cat([x.permute(0, 2, 3, 1), pos], dim=-1)  # C_in | C_γ: (B, H, W, C + |C_γ|)
-        state = self.inherit(self.seed(b, h, w, x.device), carry)
-        out, hidden = state.out, state.hidden  # (B, H, W, |C_out|), (B, H, W, |C_h|)
+        # C_in and C_γ never change: their share of the cell embedding is computed once per call, not per step.
+        fixed = F.linear(fixed, self.embed.weight[:, : fixed.shape[-1]], self.embed.bias)  # (B, H, W, D)
+        start = self.inherit(self.seed(b, h, w, x.device), carry)
+        state = torch.cat([start.out, start.hidden], dim=-1)  # C_out | C_h: (B, H, W, |C_out| + |C_h|)
         for _ in range(self.nca_steps if nca_steps is None else nca_steps):
             if self.checkpointing and torch.is_grad_enabled():
-                out, hidden = checkpoint(self._step, fixed, out, hidden, block_mod, final_mod, use_reentrant=False)
+                state = checkpoint(self._step, fixed, state, block_mod, final_mod, use_reentrant=False)
             else:
-                out, hidden = self._step(fixed, out, hidden, block_mod, final_mod)
-            yield CellState(out=out, hidden=hidden)
+                state = self._step(fixed, state, block_mod, final_mod)
+            yield CellState(out=state[..., : self.out_channels], hidden=state[..., self.out_channels :])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor | None = None,
                 carry: CellState | None = None, nca_steps: int | None = None) -> DenoiserOutput:
