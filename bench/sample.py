@@ -109,7 +109,7 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     rows = []
     for name in args.configs.split(","):
         model = build_model(named_model(name), args.channels, args.classes, args.resolution)
-        gmacs = count_macs(model, args.channels, args.classes, args.resolution) / 1e9
+        gmacs = count_macs(model, args.channels, args.classes, args.resolution, executed=True) / 1e9
         for sampler, steps, schedule in args.settings:
             schedule = default_schedule(sampler, schedule)
             s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule])

@@ -105,7 +105,9 @@ def main() -> None:
         attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
         flops = {}
         for attention in attentions:
-            model = build_model(variant_config(name, attention), args.channels, args.classes, args.resolution)
+            counted = variant_config(name, attention)
+            counted.compile = False  # the same maths; counting need not compile
+            model = build_model(counted, args.channels, args.classes, args.resolution)
             params = count_parameters(model)
             macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)
             flops[attention] = 6 * macs * args.batch

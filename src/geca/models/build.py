@@ -75,7 +75,7 @@ def count_parameters(model: Denoiser) -> int:
 def count_macs(model: Denoiser, in_channels: int, num_classes: int, resolution: int, executed: bool = False) -> int:
     """Multiply-accumulates of one denoiser call on a batch of 1 (FLOPs / 2, torch's FlopCounterMode).
 
-    By default the published algorithm's maths, every GeCA cell's update included; `executed`: what this model
+    By default every GeCA cell's update is counted, as the published code computes them; `executed`: what this model
     computes on average, where a GeCA that skips idle cells computes p of an update. The counter sees matmuls and
     convolutions; on the CPU it does not see attention's score and value products (SDPA's CPU kernel, GeCA's 3×3
     window), which is the convention of the paper's 88 vs 5.4 GMAC.

@@ -10,7 +10,8 @@ from typing import Any
 from geca.errors import ConfigError
 from geca.utils.schema import Checks
 
-ATTENTIONS = ("fast", "sliced", "reference", "triton")  # geca.models.attention.IMPLEMENTATIONS (no torch here)
+# geca.models.attention.IMPLEMENTATIONS (no torch here) but `compiled`, which model.compile selects.
+ATTENTIONS = ("fast", "sliced", "reference", "triton")
 HEREDITY = ("off", "gated")
 
 
