@@ -92,7 +92,7 @@ def count_macs(model: Denoiser, in_channels: int, num_classes: int, resolution: 
 
 @contextmanager
 def _set(model: Denoiser, **values: object) -> Iterator[None]:
-    """Attributes of `model` set for the duration, those it has not left alone."""
+    """Set `model`'s attributes for the duration; names the model does not have are ignored."""
     saved = {k: getattr(model, k) for k in values if hasattr(model, k)}
     for k in saved:
         setattr(model, k, values[k])

@@ -148,7 +148,7 @@ class GeCA(Denoiser):
         # Stochastic update: each cell (all its channels together) fires with probability p.
         fire = torch.rand(b, h, w, 1, device=state.device) < self.update_prob  # (B, H, W, 1)
         tokens = fixed + F.linear(state, self.embed.weight[:, -s:])  # (B, H, W, D)
-        if not self.skip_idle or torch.compiler.is_compiling():  # compiled: a cell count per call would recompile
+        if not self.skip_idle or torch.compiler.is_compiling():  # a user's compile: a cell count would recompile
             update = self.final(self.block(tokens, block_mod), *final_mod).float()  # (B, H, W, |C_out| + |C_h|)
             return state + update * fire
         # An idle cell's update is discarded: compute it only where a cell fires (half the maths at p = 0.5).
