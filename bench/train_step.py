@@ -33,25 +33,26 @@ from geca.models.config import ModelConfig, named_model
 NO_CHOICE = "-"
 
 
-def variant_config(name: str, variant: str) -> ModelConfig:
-    """The named config with a GeCA variant `ATTENTION[:dense]` applied."""
+def variant_config(name: str, variant: str) -> tuple[ModelConfig, bool]:
+    """The named config with a GeCA variant `ATTENTION[:dense]` applied, and whether it compiles."""
     config = named_model(name)
-    if variant != NO_CHOICE:
-        attention, _, update = variant.partition(":")
-        if update not in ("", "dense"):
-            raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION or ATTENTION:dense)")
-        # "compiled" is model.compile's attention (sliced under torch.compile).
-        config.attention, config.compile = ("fast", True) if attention == "compiled" else (attention, False)
-        config.skip_idle = update != "dense"
-    return config
+    if variant == NO_CHOICE:
+        return config, False
+    attention, _, update = variant.partition(":")
+    if update not in ("", "dense"):
+        raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION or ATTENTION:dense)")
+    # "compiled" is model.compile's attention (sliced under torch.compile).
+    config.attention = "fast" if attention == "compiled" else attention
+    config.skip_idle = update != "dense"
+    return config, attention == "compiled"
 
 
 def step_time(name: str, variant: str, precision: str, batch: int, channels: int, resolution: int,
               classes: int, repeats: int, device: torch.device) -> tuple[float, float]:
     """Median seconds per step and the extra peak memory (MiB) of the timed steps."""
-    config = variant_config(name, variant)
+    config, compile = variant_config(name, variant)
     torch.manual_seed(0)
-    model = build_model(config, channels, classes, resolution).to(device)
+    model = build_model(config, channels, classes, resolution, compile).to(device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as geca train
     x = torch.randn(batch, channels, resolution, resolution, device=device)
@@ -105,8 +106,7 @@ def main() -> None:
         attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
         flops = {}
         for attention in attentions:
-            counted = variant_config(name, attention)
-            counted.compile = False  # the same maths; counting need not compile
+            counted, _ = variant_config(name, attention)  # the same maths compiled or not: counting need not compile
             model = build_model(counted, args.channels, args.classes, args.resolution)
             params = count_parameters(model)
             macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)

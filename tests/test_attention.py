@@ -241,7 +241,7 @@ def test_triton_is_not_compiled_twice() -> None:
     from geca.models.config import GeCAConfig
 
     with pytest.raises(ConfigError, match="--attention must be fast, sliced or reference with model.compile"):
-        RunConfig(model=GeCAConfig(attention="triton", compile=True)).validate({"model.attention": "--attention"})
+        RunConfig(model=GeCAConfig(attention="triton", compile="true")).validate({"model.attention": "--attention"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's grid limits exist on a GPU only")

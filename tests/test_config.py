@@ -49,3 +49,19 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     cfg.preview.sampler.steps = 7
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_model_compile_reads_true_false_and_auto(tmp_path: Path) -> None:
+    """YAML booleans (and runs saved when model.compile was one) read as "true"/"false"; anything else is named."""
+    from geca.run import ModelSpec
+
+    for text, value in (("true", "true"), ("off", "false"), ("auto", "auto")):
+        (tmp_path / "c.yaml").write_text(f"model:\n  compile: {text}\n")
+        assert load_config(tmp_path / "c.yaml").model.compile == value
+    assert RunConfig().model.compile == "auto"
+    (tmp_path / "c.yaml").write_text("model:\n  compile: sometimes\n")
+    with pytest.raises(ConfigError, match="model.compile must be one of auto, true, false"):
+        load_config(tmp_path / "c.yaml").validate()
+    saved = {"model": {"family": "geca", "compile": False}, "diffusion": {}, "data": {}, "in_channels": 3,
+             "num_classes": 2, "resolution": 8, "class_names": ["a", "b"], "multilabel": False, "format": 2}
+    assert ModelSpec.from_dict(saved).model.compile == "false"

@@ -177,6 +177,9 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     plain = params({})
     assert params({"logger": "tensorboard"}) == plain
     assert params({"max_steps": 7})["train.GeCA"] != plain["train.GeCA"]
+    # keys as they were before model.skip_idle and model.compile's `auto` existed: finished studies stay done
+    model = plain["train.GeCA"]["run"]["model"]
+    assert "skip_idle" not in model and model["compile"] is False
 
 
 @pytest.mark.parametrize(("edit", "message"), [

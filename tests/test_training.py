@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import torch
 from conftest import blob_images, tiny_model_config
 from safetensors.torch import load_file
 
-from geca.config import RunConfig
-from geca.errors import CheckpointError, TrainingError
-from geca.models.config import named_model
-from geca.run import load_run
+from geca.config import RunConfig, TrainConfig
+from geca.data.config import DataConfig
+from geca.diffusion.config import DiffusionConfig
+from geca.errors import CheckpointError, ConfigError, TrainingError
+from geca.models.build import count_macs
+from geca.models.config import ModelConfig, named_model
+from geca.run import ModelSpec, load_run, read_spec
 from geca.training.trainer import train
 
 
@@ -101,6 +105,75 @@ def test_existing_run_needs_resume_and_resume_needs_the_same_setup(tmp_path: Pat
         train(changed, tmp_path / "run", resume=True, train_set=data, progress=False)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         train(tiny_config(2), tmp_path / "empty", resume=True, train_set=data, progress=False)
+
+
+def test_resume_may_change_how_the_model_runs(tmp_path: Path) -> None:
+    """Attention implementation, gradient checkpointing, idle-cell skipping and compilation leave the maths as it is:
+    a CPU run moved to a GPU resumes with `--attention triton` (a changed width is refused, above)."""
+    data = blob_images(n=8, size=8)
+    train(tiny_config(1), tmp_path / "run", train_set=data, progress=False)
+    changed = tiny_config(2)
+    changed.model.attention, changed.model.checkpointing, changed.model.skip_idle = "sliced", True, False
+    changed.model.compile = "false"
+    train(changed, tmp_path / "run", resume=True, train_set=data, progress=False)
+    assert read_spec(tmp_path / "run").model.attention == "sliced"
+    assert (tmp_path / "run/checkpoints/step_0000002/model.safetensors").is_file()
+
+
+def _spec(model: ModelConfig) -> ModelSpec:
+    return ModelSpec(model=model, diffusion=DiffusionConfig(), data=DataConfig(), in_channels=3, num_classes=5,
+                     resolution=28, class_names=list("abcde"), multilabel=False)
+
+
+def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GeCA-T at 28×28, batch 32: 3,000 steps are ≈ 430 TFLOP of model maths (a cold compile pays after ≈ 7),
+    100 steps ≈ 14, under the threshold; a time budget under 15 minutes, other families, a chosen attention, a GPU
+    (unmeasured) and a machine without a C++ compiler stay eager."""
+    from geca.training import compile as c
+
+    monkeypatch.setattr(c, "cpp_compiler", lambda: "g++")
+    cpu, long, short = torch.device("cpu"), TrainConfig(max_steps=3000), TrainConfig(max_steps=100)
+    geca = named_model("GeCA-T")
+    assert geca.compile == "auto"
+    assert c.compile_for_run(_spec(geca), long, cpu) == (
+        True, "compiled (model.compile: auto; the first run on this machine compiles for about a minute)")
+    assert not c.compile_for_run(_spec(geca), short, cpu)[0]
+    assert not c.compile_for_run(_spec(geca), TrainConfig(max_steps=3000, max_minutes=5), cpu)[0]  # the demo's
+    assert c.compile_for_run(_spec(geca), TrainConfig(max_steps=3000, max_minutes=20), cpu)[0]
+    assert not c.compile_for_run(_spec(geca), long, torch.device("cuda"))[0]
+    assert not c.compile_for_run(_spec(named_model("DiT-T")), long, cpu)[0]
+    assert not c.compile_for_run(_spec(dataclasses.replace(geca, attention="reference")), long, cpu)[0]
+    assert c.compile_for_run(_spec(dataclasses.replace(geca, compile="true")), short, cpu)[0]
+    assert not c.compile_for_run(_spec(dataclasses.replace(geca, compile="false")), long, cpu)[0]
+    monkeypatch.setattr(c, "cpp_compiler", lambda: None)
+    assert c.compile_for_run(_spec(geca), long, cpu) == (False, "not compiled (model.compile: auto; no C++ compiler)")
+    # the budget is counted on the meta device: the same multiply-accumulates as a real model's
+    assert c.dense_macs(_spec(geca)) == count_macs(_spec(geca).build(), 3, 5, 28)
+
+
+def test_compile_true_without_a_compiler_is_refused_before_the_run_starts(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    from geca.training import compile as c
+
+    monkeypatch.setattr(c, "can_compile", lambda device: False)
+    cfg = tiny_config(1)
+    cfg.model.compile = "true"
+    with pytest.raises(ConfigError, match="--compile .*needs a C\\+\\+ compiler"):
+        train(cfg, tmp_path / "run", train_set=blob_images(), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_compiles_builds_the_compiled_attention(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What compile_for_run decides reaches the model and the start-up line (no step is taken: nothing compiles)."""
+    from geca.training import trainer
+
+    monkeypatch.setattr(trainer, "compile_for_run", lambda spec, tc, device: (True, "compiled (a test)"))
+    run = trainer.Trainer(tiny_config(1), tmp_path / "run", resume=False, progress=False, train_set=blob_images())
+    assert run.accelerator.unwrap_model(run.model).block.attention == "compiled"
+    assert run.describe().endswith("; attention compiled (a test)")
+    monkeypatch.setattr(trainer, "compile_for_run", lambda spec, tc, device: (False, ""))
+    run = trainer.Trainer(tiny_config(1), tmp_path / "eager", resume=False, progress=False, train_set=blob_images())
+    assert run.accelerator.unwrap_model(run.model).block.attention == "fast"
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path: Path) -> None:

@@ -27,9 +27,12 @@ from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
+from geca.utils.hardware import can_compile
 from geca.utils.io import CsvLog, atomic_write_json, file_sha256, staged_dir
 from geca.utils.schema import from_dict
 
+# Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
+EXECUTION = ("compile", "attention", "checkpointing", "skip_idle")
 SPEC_FORMAT = 2  # 1: geca 0.1, whose model.json held every family's fields
 BEST = "best"
 
@@ -54,8 +57,8 @@ class ModelSpec:
         """(C, H, W) of what the denoiser generates: pixels, or latents for a latent run."""
         return self.in_channels, self.resolution, self.resolution
 
-    def build(self) -> Denoiser:
-        return build_model(self.model, self.in_channels, self.num_classes, self.resolution)
+    def build(self, compile: bool = False) -> Denoiser:
+        return build_model(self.model, self.in_channels, self.num_classes, self.resolution, compile)
 
     def diffusion_process(self) -> GaussianDiffusion:
         return GaussianDiffusion.from_config(self.diffusion)
@@ -64,8 +67,14 @@ class ModelSpec:
         return asdict(self)
 
     def same_setup(self, other: ModelSpec) -> bool:
-        """Whether two specs describe the same model, diffusion and data (whatever version wrote them)."""
-        return {**self.to_dict(), "format": 0} == {**other.to_dict(), "format": 0}
+        """Whether two specs describe the same model, diffusion and data (whatever version wrote them); how the
+        model is executed (EXECUTION) may differ: a run moved to a GPU resumes with `--attention triton`."""
+
+        def setup(spec: ModelSpec) -> dict[str, Any]:
+            d = spec.to_dict()
+            return {**d, "format": 0, "model": {k: v for k, v in d["model"].items() if k not in EXECUTION}}
+
+        return setup(self) == setup(other)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
@@ -231,7 +240,8 @@ def load_run(run_dir: Path, checkpoint: str | None = None, weights: str = "ema",
     spec = read_spec(run_dir)
     ckpt = find_checkpoint(run_dir, checkpoint)
     wfile = ckpt / f"{weights}.safetensors"
-    model = spec.build()
+    # Sampling compiles only when the run asked for it (model.compile true) and it can here; eager is the same maths.
+    model = spec.build(compile=spec.model.compile == "true" and can_compile(torch.device(device)))
     load_state_dict_into(model, wfile)
     return LoadedRun(model=model.to(device).eval(), spec=spec, diffusion=spec.diffusion_process(), checkpoint=ckpt,
                      weights_file=wfile, step=int(read_state(ckpt).get("step", -1)))

@@ -91,7 +91,9 @@ def train(
                                          "reference (the published 9×-copy gather) or triton (CUDA kernels)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the neighbourhood "
                                         "attention (GeCA) or the blocks (DiT, UNet); only the first run pays for "
-                                        "compilation (kept in ~/.cache/geca/torchinductor)."),
+                                        "compilation (kept in ~/.cache/geca/torchinductor). Default (model.compile: "
+                                        "auto): GeCA's attention is compiled on a CPU with a C++ compiler when the "
+                                        "step budget is long enough to earn it back."),
     checkpointing: bool | None = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                               help="Recompute each NCA step in backward to save memory."),
     heredity: bool | None = typer.Option(None, "--heredity/--no-heredity", help="GeCA: heredity-aware training "

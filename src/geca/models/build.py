@@ -11,11 +11,13 @@ from geca.models.base import Denoiser
 from geca.models.config import DiTConfig, GeCAConfig, ModelConfig, UNetConfig
 
 
-def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolution: int) -> Denoiser:
+def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolution: int,
+                compile: bool = False) -> Denoiser:
+    """The denoiser of `config`; `compile`: model.compile as resolved for the job (geca.training.compile)."""
     if isinstance(config, DiTConfig):
-        return _build_dit(config, in_channels, num_classes, resolution)
+        return _build_dit(config, in_channels, num_classes, resolution, compile)
     if isinstance(config, UNetConfig):
-        return _build_unet(config, in_channels, num_classes, resolution)
+        return _build_unet(config, in_channels, num_classes, resolution, compile)
     if not isinstance(config, GeCAConfig):
         raise TypeError(f"no model family for config {type(config).__name__}")
     from geca.models.geca import GeCA
@@ -35,7 +37,7 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolut
         label_dropout=config.label_dropout,
         # Compiling the attention alone is what pays: the rest of the step is matmuls already near peak, and a
         # compiled block would compute every cell's update (a cell count per call would recompile).
-        attention="compiled" if config.compile else config.attention,
+        attention="compiled" if compile else config.attention,
         checkpointing=config.checkpointing,
         block=config.block,
         heredity=config.heredity,
@@ -44,25 +46,26 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolut
     return model
 
 
-def _build_dit(config: DiTConfig, in_channels: int, num_classes: int, resolution: int) -> Denoiser:
+def _build_dit(config: DiTConfig, in_channels: int, num_classes: int, resolution: int, compile: bool) -> Denoiser:
     from geca.models.dit import DiT
 
     model = DiT(in_channels, num_classes, resolution, hidden_size=config.hidden_size, depth=config.depth,
                 heads=config.heads, mlp_hidden=config.mlp_hidden, patch_size=config.patch_size,
                 learn_sigma=config.learn_sigma, label_dropout=config.label_dropout)
-    if config.compile:
+    if compile:
         for block in model.blocks:
             block.compile()
     return model
 
 
-def _build_unet(config: UNetConfig, in_channels: int, num_classes: int, resolution: int) -> Denoiser:
+def _build_unet(config: UNetConfig, in_channels: int, num_classes: int, resolution: int, compile: bool
+                ) -> Denoiser:
     from geca.models.unet import UNet
 
     model = UNet(in_channels, num_classes, resolution, block_channels=list(config.block_channels),
                  layers_per_block=config.layers_per_block, attention_resolutions=list(config.attention_resolutions),
                  learn_sigma=config.learn_sigma, label_dropout=config.label_dropout)
-    if config.compile:
+    if compile:
         model.unet.compile()
     return model
 

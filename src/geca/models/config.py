@@ -13,6 +13,8 @@ from geca.utils.schema import Checks
 # geca.models.attention.IMPLEMENTATIONS (no torch here) but `compiled`, which model.compile selects.
 ATTENTIONS = ("fast", "sliced", "reference", "triton")
 HEREDITY = ("off", "gated")
+# true/false as set; auto: training compiles GeCA's attention where that was measured to win (geca.training.compile).
+COMPILE = ("auto", "true", "false")
 
 
 @dataclass
@@ -23,11 +25,12 @@ class ModelConfig:
     family: str = ""
     learn_sigma: bool = True
     label_dropout: float = 0.1
-    compile: bool = False
+    compile: str = "auto"
 
     def validate(self, check: Checks) -> None:
         """Every value of the config in range; the family's own checks extend these."""
         check(0 <= self.label_dropout < 1, "model.label_dropout", "in [0, 1)", self.label_dropout)
+        check.choice(self.compile, "model.compile", COMPILE)
 
     @classmethod
     def from_mapping(cls, value: Any, where: str) -> ModelConfig:
@@ -88,7 +91,7 @@ class GeCAConfig(TransformerConfig):
         check(0 < self.update_prob <= 1, "model.update_prob", "in (0, 1]", self.update_prob)
         check.choice(self.attention, "model.attention", ATTENTIONS)
         # model.compile compiles the plain-op `sliced` attention; triton is fused already.
-        check(not (self.compile and self.attention == "triton"), "model.attention",
+        check(not (self.compile == "true" and self.attention == "triton"), "model.attention",
               "fast, sliced or reference with model.compile (the Triton kernels are compiled already)", self.attention)
         check.choice(self.block, "model.block", ("published", "v0.1"))
         check.choice(self.heredity, "model.heredity", HEREDITY)

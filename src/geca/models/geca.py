@@ -34,15 +34,15 @@ class NeighbourhoodBlock(AdaLNBlock):
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mix(x))
 
-    def at_cells(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], cells: torch.Tensor) -> torch.Tensor:
-        """The block's output at `cells` only (N flat indices into B·H·W), (N, D).
+    def at_cells(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...], cells: torch.Tensor, images: torch.Tensor
+                 ) -> torch.Tensor:
+        """The block's output at `cells` only (N flat indices into B·H·W; `images`: each one's batch index), (N, D).
 
         Every cell still gives its keys and values to its neighbours; the projection and the MLP — most of the
         block's maths — run only where the result is used.
         """
-        b, h, w, d = x.shape
-        batch = cells // (h * w)  # (N,)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (m.reshape(b, d).index_select(0, batch) for m in mod)
+        b, d = x.shape[0], x.shape[-1]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (m.reshape(b, d).index_select(0, images) for m in mod)
         mixed = self.mix(modulate(self.norm1(x), *mod[:2])).reshape(-1, d).index_select(0, cells)  # (N, D)
         x = x.reshape(-1, d).index_select(0, cells) + gate_a * self.proj(mixed)  # (N, D)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (N, D)
@@ -153,8 +153,9 @@ class GeCA(Denoiser):
             return state + update * fire
         # An idle cell's update is discarded: compute it only where a cell fires (half the maths at p = 0.5).
         cells = fire.flatten().nonzero().squeeze(1)  # (N,) flat indices into B·H·W
-        tokens = self.block.at_cells(tokens, block_mod, cells)  # (N, D)
-        shift, scale = (m.reshape(b, -1).index_select(0, cells // (h * w)) for m in final_mod)  # 2 × (N, D)
+        images = cells // (h * w)  # (N,)
+        tokens = self.block.at_cells(tokens, block_mod, cells, images)  # (N, D)
+        shift, scale = (m.reshape(b, -1).index_select(0, images) for m in final_mod)  # 2 × (N, D)
         update = self.final(tokens, shift, scale).float()  # (N, |C_out| + |C_h|)
         return state.reshape(-1, s).index_add(0, cells, update).view(b, h, w, s)
 

@@ -31,6 +31,7 @@ from geca.models.build import count_parameters
 from geca.run import ModelSpec, find_checkpoint, load_state_dict_into, read_spec, read_state, save_checkpoint, verify
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
+from geca.training.compile import check_compile, compile_for_run
 from geca.training.ema import EMA
 from geca.training.heredity import handed_over
 from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
@@ -195,6 +196,7 @@ class Trainer:
         check_run_dir(self.run_dir, resume)
         tc = config.train
         self.accelerator = acc = _accelerator(config, self.run_dir, cpu)
+        check_compile(config.model, acc.device)
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
@@ -207,8 +209,9 @@ class Trainer:
         if resume and not read_spec(self.run_dir).same_setup(self.spec):
             raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data "
                                   "changed); resume needs the same setup")
+        compile, self.compile_note = compile_for_run(self.spec, tc, acc.device)
         torch.manual_seed(tc.seed)
-        model = self.spec.build()
+        model = self.spec.build(compile)
         self.diffusion = self.spec.diffusion_process()
         self.ema = EMA(model, tc.ema_decay, tc.ema_warmup)
         # fused: one kernel for the whole update instead of a few per tensor (CPU and CUDA); a small GeCA on a GPU
@@ -420,7 +423,8 @@ class Trainer:
                 f"precision {self.accelerator.mixed_precision if self.accelerator.mixed_precision != 'no' else 'fp32'}"
                 f" (asked: {self.config.train.precision}); {self.config.data.spec}: {len(d)} training images, {shape},"
                 f" {s.num_classes} classes; from step {self.step_count} to {self.config.train.max_steps}"
-                + (f", at most {self.config.train.max_minutes:g} min" if self.config.train.max_minutes else ""))
+                + (f", at most {self.config.train.max_minutes:g} min" if self.config.train.max_minutes else "")
+                + (f"; attention {self.compile_note}" if self.compile_note else ""))
 
     def _bar(self) -> tqdm:
         """Steps, or, under a time budget, the budget's seconds: its ETA is when the run ends at the latest (steps

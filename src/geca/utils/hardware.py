@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +24,22 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.cache
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile would build CPU kernels with, or None: without one it fails at the first call."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # inductor's own search (CXX, then g++, clang++)
+
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - none found (its error type is private), or torch moved the function
+        return next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for `device` (CUDA: Triton ships with torch's wheels)."""
+    return device.type == "cuda" or cpp_compiler() is not None
 
 
 def resolve_precision(name: str) -> str:

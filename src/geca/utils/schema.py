@@ -45,6 +45,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return tp(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML reads true/false (and on/off, yes/no) as booleans
+            return "true" if value else "false"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
