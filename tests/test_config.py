@@ -55,7 +55,7 @@ def test_model_compile_reads_true_false_and_auto(tmp_path: Path) -> None:
     """YAML booleans (and runs saved when model.compile was one) read as "true"/"false"; anything else is named."""
     from geca.run import ModelSpec
 
-    for text, value in (("true", "true"), ("off", "false"), ("auto", "auto")):
+    for text, value in (("true", "true"), ("false", "false"), ("auto", "auto")):
         (tmp_path / "c.yaml").write_text(f"model:\n  compile: {text}\n")
         assert load_config(tmp_path / "c.yaml").model.compile == value
     assert RunConfig().model.compile == "auto"
@@ -65,3 +65,20 @@ def test_model_compile_reads_true_false_and_auto(tmp_path: Path) -> None:
     saved = {"model": {"family": "geca", "compile": False}, "diffusion": {}, "data": {}, "in_channels": 3,
              "num_classes": 2, "resolution": 8, "class_names": ["a", "b"], "multilabel": False, "format": 2}
     assert ModelSpec.from_dict(saved).model.compile == "false"
+
+
+def test_on_off_yes_no_are_words_not_booleans(tmp_path: Path) -> None:
+    """YAML 1.2's booleans: `heredity: off` is the setting "off" (YAML 1.1 made it false, an invalid heredity)."""
+    from geca.cli.train import apply_set
+
+    (tmp_path / "c.yaml").write_text("model:\n  heredity: off\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.model.heredity == "off"
+    cfg.validate()
+    apply_set(cfg, ["model.heredity=gated", "data.flip=false"])
+    assert cfg.model.heredity == "gated" and cfg.data.flip is False
+    apply_set(cfg, ["model.heredity=off"])
+    assert cfg.model.heredity == "off"
+    (tmp_path / "c.yaml").write_text("data:\n  flip: no\n")
+    with pytest.raises(ConfigError, match="data.flip: expected true/false, got 'no'"):
+        load_config(tmp_path / "c.yaml")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,28 +129,95 @@ def _spec(model: ModelConfig) -> ModelSpec:
 
 def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     """GeCA-T at 28×28, batch 32: 3,000 steps are ≈ 430 TFLOP of model maths (a cold compile pays after ≈ 7),
-    100 steps ≈ 14, under the threshold; a time budget under 15 minutes, other families, a chosen attention, a GPU
-    (unmeasured) and a machine without a C++ compiler stay eager."""
+    100 steps left ≈ 14 (a resumed run near its end), under the threshold, as are 400 steps of 4 images per process;
+    a time budget under 15 minutes, other families, a chosen attention, a GPU (unmeasured) and a machine without a
+    C++ compiler stay eager."""
     from geca.training import compile as c
 
     monkeypatch.setattr(c, "cpp_compiler", lambda: "g++")
-    cpu, long, short = torch.device("cpu"), TrainConfig(max_steps=3000), TrainConfig(max_steps=100)
+    cpu, plain = torch.device("cpu"), TrainConfig()
     geca = named_model("GeCA-T")
-    assert geca.compile == "auto"
-    assert c.compile_for_run(_spec(geca), long, cpu) == (
-        True, "compiled (model.compile: auto; the first run on this machine compiles for about a minute)")
-    assert not c.compile_for_run(_spec(geca), short, cpu)[0]
-    assert not c.compile_for_run(_spec(geca), TrainConfig(max_steps=3000, max_minutes=5), cpu)[0]  # the demo's
-    assert c.compile_for_run(_spec(geca), TrainConfig(max_steps=3000, max_minutes=20), cpu)[0]
-    assert not c.compile_for_run(_spec(geca), long, torch.device("cuda"))[0]
-    assert not c.compile_for_run(_spec(named_model("DiT-T")), long, cpu)[0]
-    assert not c.compile_for_run(_spec(dataclasses.replace(geca, attention="reference")), long, cpu)[0]
-    assert c.compile_for_run(_spec(dataclasses.replace(geca, compile="true")), short, cpu)[0]
-    assert not c.compile_for_run(_spec(dataclasses.replace(geca, compile="false")), long, cpu)[0]
+    assert geca.compile == "auto" and plain.max_minutes is None
+    assert c.compile_for_run(_spec(geca), plain, cpu, 3000, 32) == (
+        True, "attention compiled (model.compile: auto; the first run on this machine compiles for about a minute)")
+    assert c.compile_for_run(_spec(dataclasses.replace(geca, attention="sliced")), plain, cpu, 3000, 32)[0]
+    assert not c.compile_for_run(_spec(geca), plain, cpu, 100, 32)[0]
+    assert c.compile_for_run(_spec(geca), plain, cpu, 400, 32)[0]  # ≈ 57 TFLOP
+    assert not c.compile_for_run(_spec(geca), plain, cpu, 400, 4)[0]  # a process of eight with batch 32: ≈ 7
+    assert not c.compile_for_run(_spec(geca), TrainConfig(max_minutes=5), cpu, 3000, 32)[0]  # the demo's budget
+    assert c.compile_for_run(_spec(geca), TrainConfig(max_minutes=20), cpu, 3000, 32)[0]
+    assert not c.compile_for_run(_spec(geca), plain, torch.device("cuda"), 3000, 32)[0]
+    assert not c.compile_for_run(_spec(named_model("DiT-T")), plain, cpu, 3000, 32)[0]
+    assert not c.compile_for_run(_spec(dataclasses.replace(geca, attention="reference")), plain, cpu, 3000, 32)[0]
+    assert c.compile_for_run(_spec(dataclasses.replace(geca, compile="true")), plain, cpu, 1, 1) == (
+        True, "attention compiled (model.compile: true)")
+    assert c.compile_for_run(_spec(dataclasses.replace(named_model("DiT-T"), compile="true")), plain, cpu, 1, 1) == (
+        True, "blocks compiled (model.compile: true)")
+    assert not c.compile_for_run(_spec(dataclasses.replace(geca, compile="false")), plain, cpu, 3000, 32)[0]
     monkeypatch.setattr(c, "cpp_compiler", lambda: None)
-    assert c.compile_for_run(_spec(geca), long, cpu) == (False, "not compiled (model.compile: auto; no C++ compiler)")
+    compiled, note = c.compile_for_run(_spec(geca), plain, cpu, 3000, 32)
+    assert not compiled and "no C++ compiler" in note
+    assert c.compile_for_run(_spec(geca), plain, cpu, 100, 32) == (False, "")  # would not have compiled anyway
     # the budget is counted on the meta device: the same multiply-accumulates as a real model's
     assert c.dense_macs(_spec(geca)) == count_macs(_spec(geca).build(), 3, 5, 28)
+
+
+def test_the_compiler_check_agrees_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's own search decides (it raises where none is found); without Python's headers nothing compiles."""
+    import sysconfig
+
+    from torch._inductor import cpp_builder
+
+    from geca.utils import hardware
+
+    def none_found() -> str:
+        raise RuntimeError("no compiler")
+
+    try:
+        monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "c++-of-torch")
+        hardware.cpp_compiler.cache_clear()
+        assert hardware.cpp_compiler() == "c++-of-torch"
+        monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
+        hardware.cpp_compiler.cache_clear()
+        assert hardware.cpp_compiler() is None and not hardware.can_compile(torch.device("cpu"))
+        assert hardware.can_compile(torch.device("cuda"))
+        monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "c++-of-torch")
+        monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": "/nonexistent"})
+        hardware.cpp_compiler.cache_clear()
+        assert hardware.cpp_compiler() is None
+    finally:
+        hardware.cpp_compiler.cache_clear()
+
+
+def test_a_resumed_run_counts_the_steps_it_has_left(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from geca.training import trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "compile_for_run", lambda spec, tc, device, left, batch: seen.append(left) or
+                        (False, ""))
+    data = blob_images(n=8, size=8)
+    train(tiny_config(2), tmp_path / "run", train_set=data, progress=False)
+    train(tiny_config(5), tmp_path / "run", resume=True, train_set=data, progress=False)
+    assert seen == [2, 3]
+
+
+def test_sampling_compiles_only_a_run_that_asks_for_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """load_run: `compile: true` compiles where it can (else eager, the same maths); `auto` samples eager."""
+    from geca import run as run_module
+
+    train(tiny_config(1), tmp_path / "auto", train_set=blob_images(n=8, size=8), progress=False)
+    shutil.copytree(tmp_path / "auto", tmp_path / "true")  # as if trained with --compile (which would compile)
+    spec = json.loads((tmp_path / "true/model.json").read_text())
+    spec["model"]["compile"] = "true"
+    (tmp_path / "true/model.json").write_text(json.dumps(spec))
+
+    def attention(name: str) -> str:
+        return load_run(tmp_path / name).model.block.attention
+
+    monkeypatch.setattr(run_module, "can_compile", lambda device: True)
+    assert (attention("auto"), attention("true")) == ("fast", "compiled")
+    monkeypatch.setattr(run_module, "can_compile", lambda device: False)
+    assert attention("true") == "fast"
 
 
 def test_compile_true_without_a_compiler_is_refused_before_the_run_starts(monkeypatch: pytest.MonkeyPatch,
@@ -167,11 +236,11 @@ def test_a_run_that_compiles_builds_the_compiled_attention(monkeypatch: pytest.M
     """What compile_for_run decides reaches the model and the start-up line (no step is taken: nothing compiles)."""
     from geca.training import trainer
 
-    monkeypatch.setattr(trainer, "compile_for_run", lambda spec, tc, device: (True, "compiled (a test)"))
+    monkeypatch.setattr(trainer, "compile_for_run", lambda *args: (True, "attention compiled (a test)"))
     run = trainer.Trainer(tiny_config(1), tmp_path / "run", resume=False, progress=False, train_set=blob_images())
     assert run.accelerator.unwrap_model(run.model).block.attention == "compiled"
     assert run.describe().endswith("; attention compiled (a test)")
-    monkeypatch.setattr(trainer, "compile_for_run", lambda spec, tc, device: (False, ""))
+    monkeypatch.setattr(trainer, "compile_for_run", lambda *args: (False, ""))
     run = trainer.Trainer(tiny_config(1), tmp_path / "eager", resume=False, progress=False, train_set=blob_images())
     assert run.accelerator.unwrap_model(run.model).block.attention == "fast"
 

@@ -26,13 +26,19 @@ FLAG_FIELDS = {
 }
 
 
+def flag_name(key: str, value: object) -> str:
+    """The flag as the user typed it: `--no-compile` for compile=False, `--grad-checkpointing` for checkpointing."""
+    name = "grad-checkpointing" if key == "checkpointing" else key.replace("_", "-")
+    return f"--no-{name}" if value is False else f"--{name}"
+
+
 def apply_overrides(config: Any, **overrides: object) -> Any:
     """CLI flags win over the YAML file; None means "not given". A flag the model family lacks is an error."""
     from geca.utils.schema import set_field
 
     for key, value in overrides.items():
         if value is not None:
-            set_field(config, FLAG_FIELDS[key], value, f"--{key.replace('_', '-')}")
+            set_field(config, FLAG_FIELDS[key], value, flag_name(key, value))
     return config
 
 
@@ -41,7 +47,7 @@ def apply_set(config: Any, items: list[str]) -> dict[str, str]:
     import yaml
 
     from geca.errors import ConfigError
-    from geca.utils.schema import set_field
+    from geca.utils.schema import load_yaml, set_field
 
     names = {}
     for item in items:
@@ -49,7 +55,7 @@ def apply_set(config: Any, items: list[str]) -> dict[str, str]:
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
         set_field(config, key, value, f"--set {key}")
@@ -153,7 +159,8 @@ def train(
                      logger=logger, heredity=None if heredity is None else ("gated" if heredity else "off"))
     apply_overrides(run_config, **overrides)
     # A bad value is named as the user wrote it: its flag, or its key in the config file.
-    names = {FLAG_FIELDS[k]: f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None}
+    names = {FLAG_FIELDS[k]: flag_name(k, heredity if k == "heredity" else v)
+             for k, v in overrides.items() if v is not None}
     names.update(apply_set(run_config, set_values or []))
     set_threads(threads)
     cpu = pick_device(device).type == "cpu"

@@ -209,9 +209,11 @@ class Trainer:
         if resume and not read_spec(self.run_dir).same_setup(self.spec):
             raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data "
                                   "changed); resume needs the same setup")
-        compile, self.compile_note = compile_for_run(self.spec, tc, acc.device)
+        start = read_state(find_checkpoint(self.run_dir)).get("step") if resume else 0  # checked by _resume below
+        compiled, self.compile_note = compile_for_run(
+            self.spec, tc, acc.device, tc.max_steps - (start if isinstance(start, int) else 0), self.local_batch)
         torch.manual_seed(tc.seed)
-        model = self.spec.build(compile)
+        model = self.spec.build(compiled)
         self.diffusion = self.spec.diffusion_process()
         self.ema = EMA(model, tc.ema_decay, tc.ema_warmup)
         # fused: one kernel for the whole update instead of a few per tensor (CPU and CUDA); a small GeCA on a GPU
@@ -424,7 +426,7 @@ class Trainer:
                 f" (asked: {self.config.train.precision}); {self.config.data.spec}: {len(d)} training images, {shape},"
                 f" {s.num_classes} classes; from step {self.step_count} to {self.config.train.max_steps}"
                 + (f", at most {self.config.train.max_minutes:g} min" if self.config.train.max_minutes else "")
-                + (f"; attention {self.compile_note}" if self.compile_note else ""))
+                + (f"; {self.compile_note}" if self.compile_note else ""))
 
     def _bar(self) -> tqdm:
         """Steps, or, under a time budget, the budget's seconds: its ETA is when the run ends at the latest (steps

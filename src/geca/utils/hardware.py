@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sysconfig
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,13 +29,18 @@ def cpu_has_native_bf16() -> bool:
 
 @functools.cache
 def cpp_compiler() -> str | None:
-    """The C++ compiler torch.compile would build CPU kernels with, or None: without one it fails at the first call."""
+    """The C++ compiler torch.compile would build CPU kernels with, or None where that would fail at the first call:
+    no compiler, or no Python.h to build against (slim images ship g++ without python3-dev)."""
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return None
     try:
-        from torch._inductor.cpp_builder import get_cpp_compiler  # inductor's own search (CXX, then g++, clang++)
-
-        return get_cpp_compiler()
-    except Exception:  # noqa: BLE001 - none found (its error type is private), or torch moved the function
-        return next((c for c in (os.environ.get("CXX"), "g++", "clang++") if c and shutil.which(c)), None)
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # torch moved it: look where inductor has always looked
+        return next((c for c in (os.environ.get("CXX"), "g++") if c and shutil.which(c)), None)
+    try:
+        return get_cpp_compiler()  # inductor's own search ($CXX, else g++ on Linux), so geca agrees with it
+    except Exception:  # its "none found" errors are private types
+        return None
 
 
 def can_compile(device: torch.device) -> bool:

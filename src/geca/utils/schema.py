@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -45,7 +46,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return tp(value)
     if tp is str:
-        if isinstance(value, bool):  # YAML reads true/false (and on/off, yes/no) as booleans
+        if isinstance(value, bool):  # `compile: true`, or a JSON file's true
             return "true" if value else "false"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
@@ -66,10 +67,27 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
         raise ConfigError(f"{where}: {e}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader with YAML 1.2's booleans, true and false only: 1.1 also reads on/off/yes/no as booleans,
+    which made `heredity: off` the boolean false."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document as geca reads every config and `--set` value (booleans: true and false only)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects are built
+
+
 def parse_yaml(text: str, where: str | Path) -> dict[str, Any]:
     """A YAML document whose top level is a mapping (empty → {})."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
