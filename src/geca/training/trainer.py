@@ -167,13 +167,18 @@ def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, pr
                         lambda x: codec().decode(x, latent.spec.image_channels))
 
 
-def _resume(run_dir: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer
-            ) -> tuple[int, dict[str, Any]]:
-    """Load the latest checkpoint into the model, its EMA and the optimizer; returns its step and state."""
+def _latest(run_dir: Path) -> tuple[Path, int, dict[str, Any]]:
+    """The latest checkpoint, its step and its state (elapsed time, images seen)."""
     ckpt = find_checkpoint(run_dir)
     state = read_state(ckpt)
     if not isinstance(state.get("step"), int):
         raise CheckpointError(f"{ckpt / 'state.json'}: missing or without a step; cannot resume from {ckpt}")
+    state.pop("files", None)
+    return ckpt, int(state.pop("step")), state
+
+
+def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> None:
+    """Load checkpoint `ckpt` into the model, its EMA and the optimizer."""
     load_state_dict_into(model, ckpt / "model.safetensors")
     load_state_dict_into(ema.model, ckpt / "ema.safetensors")
     opt_file = ckpt / "optimizer.pt"
@@ -182,8 +187,6 @@ def _resume(run_dir: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.op
         optimizer.load_state_dict(torch.load(opt_file, weights_only=True))
     except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"{opt_file}: unreadable optimizer state ({str(e).splitlines()[0]})") from None
-    state.pop("files", None)
-    return int(state.pop("step")), state
 
 
 class Trainer:
@@ -209,9 +212,10 @@ class Trainer:
         if resume and not read_spec(self.run_dir).same_setup(self.spec):
             raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data "
                                   "changed); resume needs the same setup")
-        start = read_state(find_checkpoint(self.run_dir)).get("step") if resume else 0  # checked by _resume below
-        compiled, self.compile_note = compile_for_run(
-            self.spec, tc, acc.device, tc.max_steps - (start if isinstance(start, int) else 0), self.local_batch)
+        ckpt, self.step_count, self.state = (_latest(self.run_dir) if resume else
+                                             (None, 0, {"elapsed_s": 0.0, "images_seen": 0}))
+        compiled, self.compile_note = compile_for_run(self.spec, tc, acc.device, tc.max_steps - self.step_count,
+                                                      self.local_batch)
         torch.manual_seed(tc.seed)
         model = self.spec.build(compiled)
         self.diffusion = self.spec.diffusion_process()
@@ -219,8 +223,8 @@ class Trainer:
         # fused: one kernel for the whole update instead of a few per tensor (CPU and CUDA); a small GeCA on a GPU
         # is launch-bound
         optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
-        self.step_count, self.state = (_resume(self.run_dir, model, self.ema, optimizer) if resume else
-                                       (0, {"elapsed_s": 0.0, "images_seen": 0}))
+        if ckpt is not None:
+            _resume(ckpt, model, self.ema, optimizer)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.device = acc.device
         self.ema.model.to(self.device)
