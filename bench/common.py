@@ -12,8 +12,11 @@ from typing import Any
 
 import torch
 
+from geca.errors import ConfigError
+from geca.models.config import ModelConfig, named_model
 from geca.utils import hardware
 from geca.utils.allocator import keep_freed_memory
+from geca.utils.schema import load_yaml, set_field
 
 
 def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.ArgumentParser:
@@ -28,8 +31,25 @@ def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.Argum
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
     ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                     help="tuned: glibc keeps freed memory, as the geca command does; default: glibc as it comes.")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="Change a model setting of every config that has it, e.g. --set hidden_size=192 (repeatable).")
     ap.add_argument("--json", action="store_true", help="Print JSON only.")
     return ap
+
+
+def model_config(name: str, args: argparse.Namespace) -> ModelConfig:
+    """The named config with the run's --set changes (values read as YAML, checked as a config file's are)."""
+    config = named_model(name)
+    for item in args.set:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. --set hidden_size=192")
+        if hasattr(config, key):
+            try:
+                set_field(config, key, load_yaml(text), f"--set {key}")
+            except ConfigError as e:
+                raise SystemExit(f"error: {e}") from None
+    return config
 
 
 def device_of(args: argparse.Namespace) -> torch.device:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 15 as one prepared call of a lent machine (its image has torch, triton, numpy, pyyaml,
 # pillow and pytest; nothing else of ours is needed): the Triton kernels against the other implementations on CUDA,
-# then a training step per config and attention implementation (img/s, peak memory, MFU). Files land in $OUT.
+# then a training step per config and attention implementation (img/s, peak memory, MFU; `compiled:dense` is the whole
+# NCA step under torch.compile). Files land in $OUT.
 #     bash bench/gpu.sh                      # on the GPU machine, from the repository root
-#     DEVICE=cpu CONFIGS=GeCA-T BATCH=2 RESOLUTION=8 PRECISIONS=fp32 OUT=/tmp/g bash bench/gpu.sh   # dry run here
+#     DEVICE=cpu CONFIGS=GeCA-T BATCH=2 RESOLUTION=8 BATCH_1M=2 RESOLUTION_1M=4 PRECISIONS=fp32 OUT=/tmp/g \
+#         bash bench/gpu.sh                  # dry run here
 set -euo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -11,7 +13,13 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 if [ "${DEVICE:-cuda}" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"; fi
 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention.py 2>&1 | tee "$OUT/attention-tests.txt"
+# Each table is written row by row as it is measured (its JSON is the last line), so a run cut short keeps its rows.
+# The launch-bound 1 M GeCA first (the issue's 1.03 M: 16×16×1, batch 64; goal ≥ 3× today's 986 img/s), then the
+# published sizes.
+"$PY" bench/train_step.py --device "${DEVICE:-cuda}" --configs GeCA-T --set hidden_size=208 --set heads=4 \
+    --set mlp_hidden=832 --batch "${BATCH_1M:-64}" --resolution "${RESOLUTION_1M:-16}" --channels 1 --classes 2 \
+    --precisions "${PRECISIONS:-bf16}" --attention "${ATTENTION_1M:-compiled:dense,compiled,fast,fast:dense}" \
+    | tee "$OUT/train_step_1m.txt"
 "$PY" bench/train_step.py --device "${DEVICE:-cuda}" --configs "${CONFIGS:-GeCA-S,DiT-S/2,LDM-B}" \
     --batch "${BATCH:-32}" --resolution "${RESOLUTION:-32}" --channels 4 --classes 11 \
-    --precisions "${PRECISIONS:-bf16}" --json > "$OUT/train_step.json"
-"$PY" -c "import json, sys; [print(r) for r in json.load(open(sys.argv[1]))['rows']]" "$OUT/train_step.json"
+    --precisions "${PRECISIONS:-bf16}" | tee "$OUT/train_step.txt"

@@ -35,12 +35,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import device_of, fresh_process, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
+from common import (
+    device_of,
+    fresh_process,
+    matmul_peak_tflops,
+    model_config,
+    model_parser,
+    peak_memory,
+    reset_peak_memory,
+)
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.build import build_model, count_macs, count_parameters
-from geca.models.config import named_model
+from geca.models.config import ModelConfig
 from geca.sampling.config import SamplerConfig, default_schedule
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
@@ -81,13 +89,13 @@ def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int
         return False
 
 
-def sampling_cost(name: str, sampler: str, steps: int, schedule: str, cfg: float, batch: int,
+def sampling_cost(config: ModelConfig, sampler: str, steps: int, schedule: str, cfg: float, batch: int,
                   shape: tuple[int, int, int], classes: int, device: torch.device) -> tuple[float, float]:
     """Seconds of sampling one batch, after an untimed two-step run of the same sampler (one-off set-up), and the
     peak memory (MiB) of both above what the model and inputs hold (the first run's allocations count: on a CPU
     the tuned allocator keeps them for the second)."""
     torch.manual_seed(0)
-    model = build_model(named_model(name), shape[0], classes, shape[1]).to(device).eval()
+    model = build_model(config, shape[0], classes, shape[1]).to(device).eval()
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     ghg = "hidden" if model.has_cell_state else "none"
     labels = per_class_labels(classes, batch // classes + 1)[:batch].to(device)
@@ -108,14 +116,15 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     peak = matmul_peak_tflops(device, torch.float32)
     rows = []
     for name in args.configs.split(","):
-        model = build_model(named_model(name), args.channels, args.classes, args.resolution)
+        config = model_config(name, args)
+        model = build_model(config, args.channels, args.classes, args.resolution)
         gmacs = count_macs(model, args.channels, args.classes, args.resolution, executed=True) / 1e9
         for sampler, steps, schedule in args.settings:
             schedule = default_schedule(sampler, schedule)
             s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule])
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch
-            rows.append({"config": name, "family": named_model(name).family, "parameters": count_parameters(model),
+            rows.append({"config": name, "family": config.family, "parameters": count_parameters(model),
                          "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps, "schedule": schedule,
                          "seconds_per_image": round(s / args.batch, 4), "gmacs_per_image": round(gmacs * calls, 3),
                          "peak_mib": round(mib, 1), "mfu": round(flops / s / 1e12 / peak, 4)})
@@ -235,7 +244,7 @@ def main() -> None:
     device = device_of(args)
     if args.worker:
         name, sampler, steps, schedule = args.worker
-        print(json.dumps(sampling_cost(name, sampler, int(steps), schedule, args.cfg, args.batch,
+        print(json.dumps(sampling_cost(model_config(name, args), sampler, int(steps), schedule, args.cfg, args.batch,
                                        (args.channels, args.resolution, args.resolution), args.classes, device)))
         return
     if args.run and not (args.real and args.train):

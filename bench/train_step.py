@@ -4,11 +4,13 @@ Training images/s per config and precision, each setting in a fresh process (no 
 pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference neighbourhood
 attention (the published 9×-copy gather) is measured beside the fast default (and, on CUDA, the Triton kernels); a
 variant ending in `:dense` computes every cell's update, as published, where the default computes only the updates of
-the cells that fire. DiT and the UNet have no such choice (their rows show attention "-"). Each row also has the peak
-memory of the steps (the first included: activations, gradients, AdamW's state) above what was held before them (CUDA:
-`max_memory_allocated`; CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the forward
-MACs the variant executes on the batch (forward + backward ≈ 3 forwards; attention's score and value products not
-counted) per second, over the matmul throughput measured in this run.
+the cells that fire; `compiled` is model.compile: the attention compiled where idle cells are skipped, the whole NCA
+step with `compiled:dense`. DiT and the UNet have no such choice (their rows show attention "-"). `--set KEY=VALUE`
+changes a model setting (a 1 M GeCA: --set hidden_size=208 --set heads=4 --set mlp_hidden=832). Each row also has the
+peak memory of the steps (the first included: activations, gradients, AdamW's state) above what was held before them
+(CUDA: `max_memory_allocated`; CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the
+forward MACs the variant executes on the batch (forward + backward ≈ 3 forwards; attention's score and value products
+not counted) per second, over the matmul throughput measured in this run.
 
     .venv/bin/python bench/train_step.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 8] [--resolution 32]
                                          [--channels 4] [--classes 11] [--precisions fp32,bf16] [--device cpu] [--json]
@@ -23,34 +25,42 @@ import statistics
 import time
 
 import torch
-from common import device_of, fresh_process, matmul_peak_tflops, model_parser, peak_memory, reset_peak_memory
+from common import (
+    device_of,
+    fresh_process,
+    matmul_peak_tflops,
+    model_config,
+    model_parser,
+    peak_memory,
+    reset_peak_memory,
+)
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.build import build_model, count_macs, count_parameters
-from geca.models.config import ModelConfig, named_model
+from geca.models.config import ModelConfig
 
 NO_CHOICE = "-"
 
 
-def variant_config(name: str, variant: str) -> tuple[ModelConfig, bool]:
-    """The named config with a GeCA variant `ATTENTION[:dense]` applied, and whether it compiles."""
-    config = named_model(name)
+def variant_config(config: ModelConfig, variant: str) -> tuple[ModelConfig, bool]:
+    """`config` with a GeCA variant `ATTENTION[:dense]` applied, and whether it compiles."""
     if variant == NO_CHOICE:
         return config, False
     attention, _, update = variant.partition(":")
     if update not in ("", "dense"):
         raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION or ATTENTION:dense)")
-    # "compiled" is model.compile's attention (sliced under torch.compile).
+    # "compiled" is model.compile: its attention (sliced under torch.compile) where idle cells are skipped, the
+    # whole NCA step with ":dense".
     config.attention = "fast" if attention == "compiled" else attention
     config.skip_idle = update != "dense"
     return config, attention == "compiled"
 
 
-def step_time(name: str, variant: str, precision: str, batch: int, channels: int, resolution: int,
+def step_time(config: ModelConfig, variant: str, precision: str, batch: int, channels: int, resolution: int,
               classes: int, repeats: int, device: torch.device) -> tuple[float, float]:
     """Median seconds per step and the extra peak memory (MiB) of the timed steps."""
-    config, compile = variant_config(name, variant)
+    config, compile = variant_config(config, variant)
     torch.manual_seed(0)
     model = build_model(config, channels, classes, resolution, compile).to(device)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
@@ -85,28 +95,31 @@ def step_time(name: str, variant: str, precision: str, batch: int, channels: int
 def main() -> None:
     ap = model_parser(__doc__, 8, "Batch size per step.")
     ap.add_argument("--attention", help="GeCA variants to compare, ATTENTION or ATTENTION:dense (every cell's update "
-                    "computed, as published); ATTENTION is fast, sliced, reference, triton or compiled (model.compile) "
-                    "(default: compiled,fast,fast:dense,reference:dense; on CUDA also triton).")
+                    "computed, as published); ATTENTION is fast, sliced, reference, triton or compiled (model.compile: "
+                    "its attention, or with :dense the whole NCA step) (default: compiled,fast,fast:dense,"
+                    "reference:dense; on CUDA also compiled:dense and triton).")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
     ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
     ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "ATTENTION", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = device_of(args)
-    args.attention = args.attention or ("compiled,fast,fast:dense,triton,reference:dense" if device.type == "cuda"
-                                        else "compiled,fast,fast:dense,reference:dense")
+    args.attention = args.attention or ("compiled,compiled:dense,fast,fast:dense,triton,reference:dense"
+                                        if device.type == "cuda" else "compiled,fast,fast:dense,reference:dense")
     if args.worker:
-        print(json.dumps(step_time(*args.worker, args.batch, args.channels, args.resolution, args.classes,
-                                   args.repeats, device)))
+        name, variant, precision = args.worker
+        print(json.dumps(step_time(model_config(name, args), variant, precision, args.batch, args.channels,
+                                   args.resolution, args.classes, args.repeats, device)))
         return
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {p: matmul_peak_tflops(device, dtypes[p]) for p in args.precisions.split(",")}
     rows = []
     for name in args.configs.split(","):
-        config = named_model(name)
+        config = model_config(name, args)
         attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
         flops = {}
         for attention in attentions:
-            counted, _ = variant_config(name, attention)  # the same maths compiled or not: counting need not compile
+            # The same maths compiled or not: counting need not compile.
+            counted, _ = variant_config(model_config(name, args), attention)
             model = build_model(counted, args.channels, args.classes, args.resolution)
             params = count_parameters(model)
             macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)

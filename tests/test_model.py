@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model_config
 from torch import nn
@@ -107,6 +108,34 @@ def test_skipping_idle_cells_changes_nothing() -> None:
         torch.testing.assert_close(hidden, dense[1], rtol=1e-5, atol=1e-6)
         for g, ref in zip(grads, dense[2], strict=True):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_nca_step_is_the_dense_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.compile with every cell's update computed compiles the whole NCA step (sliced attention inside): the
+    same outputs, cell state and gradients as the eager dense step, also recomputed under gradient checkpointing."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "fallback_random", True)  # the eager stream of random numbers: the same cells fire
+    results = []
+    for compile, ckpt in ((False, False), (True, False), (True, True)):
+        torch.manual_seed(0)
+        model = build_model(tiny_model_config(skip_idle=False, checkpointing=ckpt), 3, 4, 8, compile)
+        assert model.compile_step == compile and model.block.attention == ("sliced" if compile else "fast")
+        _perturb(model)
+        x, t, y = _inputs(b=4, size=8)
+        carry = CellState(hidden=torch.randn(4, 8, 8, model.hidden_channels))
+        torch.manual_seed(7)
+        res = model(x, t, y, carry=carry)
+        res.output.square().mean().backward()
+        results.append((res.output, res.state.hidden, [p.grad for p in model.parameters()]))
+    eager = results[0]
+    for out, hidden, grads in results[1:]:
+        torch.testing.assert_close(out, eager[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hidden, eager[1], rtol=1e-5, atol=1e-6)
+        for g, ref in zip(grads, eager[2], strict=True):
+            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    skipping = build_model(tiny_model_config(), 3, 4, 8, compile=True)  # skips idle cells: the attention compiles
+    assert not skipping.compile_step and skipping.block.attention == "compiled"
 
 
 def test_executed_macs_leave_out_the_idle_cells_tail() -> None:

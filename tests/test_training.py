@@ -130,8 +130,8 @@ def _spec(model: ModelConfig) -> ModelSpec:
 def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     """GeCA-T at 28×28, batch 32: 3,000 steps are ≈ 430 TFLOP of model maths (a cold compile pays after ≈ 7),
     100 steps left ≈ 14 (a resumed run near its end), under the threshold, as are 400 steps of 4 images per process;
-    a time budget under 15 minutes, other families, a chosen attention, a GPU (unmeasured) and a machine without a
-    C++ compiler stay eager."""
+    a time budget under 15 minutes, other families, a chosen attention, a dense GeCA, a GPU (unmeasured) and a machine
+    without a C++ compiler stay eager."""
     from geca.training import compile as c
 
     monkeypatch.setattr(c, "cpp_compiler", lambda: "g++")
@@ -153,6 +153,10 @@ def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.
         True, "attention compiled (model.compile: true)")
     assert c.compile_for_run(_spec(dataclasses.replace(named_model("DiT-T"), compile="true")), plain, cpu, 1, 1) == (
         True, "blocks compiled (model.compile: true)")
+    dense = dataclasses.replace(geca, skip_idle=False)  # the whole step would compile: longer, left to --compile
+    assert not c.compile_for_run(_spec(dense), plain, cpu, 3000, 32)[0]
+    assert c.compile_for_run(_spec(dataclasses.replace(dense, compile="true")), plain, cpu, 1, 1) == (
+        True, "NCA step compiled (model.compile: true)")
     assert not c.compile_for_run(_spec(dataclasses.replace(geca, compile="false")), plain, cpu, 3000, 32)[0]
     monkeypatch.setattr(c, "cpp_compiler", lambda: None)
     compiled, note = c.compile_for_run(_spec(geca), plain, cpu, 3000, 32)

@@ -17,7 +17,6 @@ scale the logits by 1/sqrt(head_dim) of q. They agree to float rounding:
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Callable, Iterator
 
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from geca.utils.hardware import quiet_compile
 
 __all__ = ["IMPLEMENTATIONS", "NeighbourhoodAttentionFunction", "neighbourhood_attention", "runnable"]
 
@@ -146,9 +147,7 @@ def _sliced(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 @functools.cache
 def _compiled_sliced() -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-    # Inductor's CPU build looks for a CUDA toolkit and warns on CPU-only machines that have one; nothing is wrong.
-    logging.getLogger("torch.utils.cpp_extension").addFilter(
-        lambda record: not record.getMessage().startswith("No CUDA runtime is found"))
+    quiet_compile()
     return torch.compile(_sliced)  # past torch's recompile limit (many shapes), dynamo falls back to eager
 
 

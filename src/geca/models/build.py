@@ -9,6 +9,7 @@ import torch
 
 from geca.models.base import Denoiser
 from geca.models.config import DiTConfig, GeCAConfig, ModelConfig, UNetConfig
+from geca.utils.hardware import quiet_compile
 
 
 def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolution: int,
@@ -22,6 +23,7 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolut
         raise TypeError(f"no model family for config {type(config).__name__}")
     from geca.models.geca import GeCA
 
+    whole_step = compile and not config.skip_idle
     model = GeCA(
         in_channels=in_channels,
         num_classes=num_classes,
@@ -35,13 +37,15 @@ def build_model(config: ModelConfig, in_channels: int, num_classes: int, resolut
         update_prob=config.update_prob,
         learn_sigma=config.learn_sigma,
         label_dropout=config.label_dropout,
-        # Compiling the attention alone is what pays: the rest of the step is matmuls already near peak, and a
-        # compiled block would compute every cell's update (a cell count per call would recompile).
-        attention="compiled" if compile else config.attention,
+        # With idle cells skipped only the attention compiles (a cell count per call would recompile the rest, which
+        # on a CPU is matmuls near peak anyway); with every cell's update computed the whole NCA step compiles,
+        # fusing the dozens of small kernels a GPU launches per step, and its attention is the plain-op `sliced`.
+        attention=("sliced" if whole_step else "compiled") if compile else config.attention,
         checkpointing=config.checkpointing,
         block=config.block,
         heredity=config.heredity,
         skip_idle=config.skip_idle,
+        compile_step=whole_step,
     )
     return model
 
@@ -53,6 +57,7 @@ def _build_dit(config: DiTConfig, in_channels: int, num_classes: int, resolution
                 heads=config.heads, mlp_hidden=config.mlp_hidden, patch_size=config.patch_size,
                 learn_sigma=config.learn_sigma, label_dropout=config.label_dropout)
     if compile:
+        quiet_compile()
         for block in model.blocks:
             block.compile()
     return model
@@ -66,6 +71,7 @@ def _build_unet(config: UNetConfig, in_channels: int, num_classes: int, resoluti
                  layers_per_block=config.layers_per_block, attention_resolutions=list(config.attention_resolutions),
                  learn_sigma=config.learn_sigma, label_dropout=config.label_dropout)
     if compile:
+        quiet_compile()
         model.unet.compile()
     return model
 

@@ -13,7 +13,8 @@ from geca.utils.schema import Checks
 # geca.models.attention.IMPLEMENTATIONS (no torch here) but `compiled`, which model.compile selects.
 ATTENTIONS = ("fast", "sliced", "reference", "triton")
 HEREDITY = ("off", "gated")
-# true/false as set; auto: training compiles GeCA's attention where that was measured to win (geca.training.compile).
+# true/false as set (GeCA: the attention where idle cells are skipped, else the whole NCA step); auto: training
+# compiles GeCA's attention where that was measured to win (geca.training.compile).
 COMPILE = ("auto", "true", "false")
 
 

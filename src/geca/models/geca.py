@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.blocks import DIT_STYLE, GECA_STYLE, AdaLNBlock, BlockStyle, FinalLayer, adaln_zero_init, modulate
 from geca.models.config import HEREDITY
 from geca.models.embeddings import LabelEmbedder, TimestepEmbedder, sincos_2d
+from geca.utils.hardware import quiet_compile
 
 
 class NeighbourhoodBlock(AdaLNBlock):
@@ -76,6 +78,7 @@ class GeCA(Denoiser):
         block: str = "published",
         heredity: str = "off",
         skip_idle: bool = True,
+        compile_step: bool = False,
     ) -> None:
         super().__init__()
         if block not in BLOCKS:
@@ -91,6 +94,7 @@ class GeCA(Denoiser):
         self.update_prob = update_prob
         self.checkpointing = checkpointing
         self.skip_idle = skip_idle
+        self.compile_step = compile_step
         self.pos_channels = pos_channels
         self.register_buffer("pos", sincos_2d(resolution, resolution, pos_channels), persistent=False)
         cell_dim = in_channels + pos_channels + self.out_channels + hidden_channels
@@ -148,7 +152,7 @@ class GeCA(Denoiser):
         # Stochastic update: each cell (all its channels together) fires with probability p.
         fire = torch.rand(b, h, w, 1, device=state.device) < self.update_prob  # (B, H, W, 1)
         tokens = fixed + F.linear(state, self.embed.weight[:, -s:])  # (B, H, W, D)
-        if not self.skip_idle or torch.compiler.is_compiling():  # a user's compile: a cell count would recompile
+        if not self.skip_idle or torch.compiler.is_compiling():  # compiled, a cell count per call would recompile
             update = self.final(self.block(tokens, block_mod), *final_mod).float()  # (B, H, W, |C_out| + |C_h|)
             return state + update * fire
         # An idle cell's update is discarded: compute it only where a cell fires (half the maths at p = 0.5).
@@ -174,11 +178,12 @@ class GeCA(Denoiser):
         fixed = F.linear(fixed, self.embed.weight[:, : fixed.shape[-1]], self.embed.bias)  # (B, H, W, D)
         start = self.inherit(self.seed(b, h, w, x.device), carry)
         state = torch.cat([start.out, start.hidden], dim=-1)  # C_out | C_h: (B, H, W, |C_out| + |C_h|)
+        step = functools.partial(_compiled_step(), self) if self.compile_step else self._step
         for _ in range(self.nca_steps if nca_steps is None else nca_steps):
             if self.checkpointing and torch.is_grad_enabled():
-                state = checkpoint(self._step, fixed, state, block_mod, final_mod, use_reentrant=False)
+                state = checkpoint(step, fixed, state, block_mod, final_mod, use_reentrant=False)
             else:
-                state = self._step(fixed, state, block_mod, final_mod)
+                state = step(fixed, state, block_mod, final_mod)
             yield CellState(out=state[..., : self.out_channels], hidden=state[..., self.out_channels :])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor | None = None,
@@ -187,3 +192,11 @@ class GeCA(Denoiser):
         if not last:
             raise ValueError("GeCA needs at least one NCA step")
         return DenoiserOutput(output=last[0].out.permute(0, 3, 1, 2), state=last[0])  # output (B, |C_out|, H, W)
+
+
+@functools.cache
+def _compiled_step() -> Callable[..., torch.Tensor]:
+    """One NCA step (every cell's update) under torch.compile: a few fused kernels instead of dozens of launches,
+    compiled once and reused by all M steps (dynamo guards on the model, so an EMA copy compiles its own)."""
+    quiet_compile()
+    return torch.compile(GeCA._step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sysconfig
@@ -46,6 +47,15 @@ def cpp_compiler() -> str | None:
 def can_compile(device: torch.device) -> bool:
     """Whether torch.compile can build kernels for `device` (CUDA: Triton ships with torch's wheels)."""
     return device.type == "cuda" or cpp_compiler() is not None
+
+
+def quiet_compile() -> None:
+    """Inductor's CPU build looks for a CUDA toolkit and warns on CPU-only machines that have one; nothing is wrong."""
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_not_no_cuda_runtime)
+
+
+def _not_no_cuda_runtime(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("No CUDA runtime is found")
 
 
 def resolve_precision(name: str) -> str:
