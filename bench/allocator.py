@@ -18,14 +18,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import device_of, model_parser
+from common import device_of, model_config, model_parser
 from sample import sampling_seconds
 from train_step import step_time
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.models.build import build_model
-from geca.models.config import named_model
 from geca.sampling.config import SamplerConfig
 
 
@@ -46,7 +45,7 @@ def child(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.configs.split(","):
         torch.manual_seed(0)
-        model = build_model(named_model(name), args.channels, args.classes, args.resolution).to(device).eval()
+        model = build_model(model_config(name, args), args.channels, args.classes, args.resolution).to(device).eval()
         sc = SamplerConfig(sampler="ddim", steps=args.steps, ghg="hidden" if model.has_cell_state else "none")
         sampling_seconds(model, diffusion, sc, args.batch, shape, args.classes, device)  # warm-up
         s = _counted(lambda: sampling_seconds(model, diffusion, sc, args.batch, shape, args.classes, device), 1)  # noqa: B023

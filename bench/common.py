@@ -16,7 +16,7 @@ from geca.errors import ConfigError
 from geca.models.config import ModelConfig, named_model
 from geca.utils import hardware
 from geca.utils.allocator import keep_freed_memory
-from geca.utils.schema import load_yaml, set_field
+from geca.utils.schema import Checks, load_yaml, set_field
 
 
 def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.ArgumentParser:
@@ -37,18 +37,32 @@ def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.Argum
     return ap
 
 
+# Chosen by --configs and each variant (train_step's --attention), not by --set.
+FIXED = ("name", "family", "attention", "skip_idle", "compile")
+
+
 def model_config(name: str, args: argparse.Namespace) -> ModelConfig:
-    """The named config with the run's --set changes (values read as YAML, checked as a config file's are)."""
+    """The named config with the run's --set changes (values read as YAML and checked as a config file's are; a
+    key that none of the chosen configs has is an error, one that only some have changes those)."""
     config = named_model(name)
     for item in args.set:
         key, eq, text = item.partition("=")
-        if not eq:
+        if not eq or not key:
             raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. --set hidden_size=192")
-        if hasattr(config, key):
-            try:
+        if key in FIXED:
+            raise SystemExit(f"error: --set {key}: chosen by --configs and the variants, not by --set")
+        if not any(hasattr(named_model(n), key) for n in args.configs.split(",")):
+            raise SystemExit(f"error: --set {key}: none of {args.configs} has that setting")
+        try:
+            if hasattr(config, key):
                 set_field(config, key, load_yaml(text), f"--set {key}")
-            except ConfigError as e:
-                raise SystemExit(f"error: {e}") from None
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
+    keys = [item.partition("=")[0] for item in args.set]
+    try:
+        config.validate(Checks({f"model.{key}": f"--set {key}" for key in keys}))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     return config
 
 

@@ -249,10 +249,12 @@ def main() -> None:
         return
     if args.run and not (args.real and args.train):
         ap.error("--run needs --real and --train")
+    if args.run and args.set:
+        ap.error("--set changes the named configs of the speed table; --run samples a trained run as it is")
     if args.reuse and not (args.run and args.checkpoint):
         ap.error("--reuse needs --run and an explicit --checkpoint")
     result = quality(args) if args.run else speed(args, device)
-    result.update({"threads": args.threads, "device": str(device), "torch": torch.__version__,
+    result.update({"set": args.set, "threads": args.threads, "device": str(device), "torch": torch.__version__,
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
                    platform.processor() or platform.machine()})
     if args.json:

@@ -22,6 +22,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import time
 
 import torch
@@ -127,7 +128,13 @@ def main() -> None:
         for precision in args.precisions.split(","):
             base = None
             for attention in attentions:
-                s, mib = fresh_process(__file__, [name, attention, precision])
+                try:
+                    s, mib = fresh_process(__file__, [name, attention, precision])
+                except subprocess.CalledProcessError as e:  # one failing variant must not cost the others (GPU time)
+                    why = (e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"]
+                    rows.append({"config": name, "precision": precision, "attention": attention, "error": why[0]})
+                    print(f"{name:8s} {precision:5s} {attention:16s} failed: {why[0]}", flush=True)
+                    continue
                 row = {"config": name, "family": config.family, "parameters": params, "precision": precision,
                        "attention": attention, "seconds_per_step": round(s, 4),
                        "images_per_s": round(args.batch / s, 2), "peak_mib": round(mib, 1),
@@ -141,10 +148,10 @@ def main() -> None:
                           f"{mib:8.1f} MiB  MFU {row['mfu']:.1%}", flush=True)
             if base is not None:
                 for row in rows:
-                    if row["config"] == name and row["precision"] == precision:
+                    if row["config"] == name and row["precision"] == precision and "error" not in row:
                         row["speedup_vs_reference"] = round(base["seconds_per_step"] / row["seconds_per_step"], 2)
                         row["memory_vs_reference"] = round(row["peak_mib"] / max(base["peak_mib"], 1e-9), 2)
-    result = {"batch": args.batch, "input": [args.channels, args.resolution, args.resolution],
+    result = {"set": args.set, "batch": args.batch, "input": [args.channels, args.resolution, args.resolution],
               "classes": args.classes, "threads": args.threads, "device": str(device),
               "matmul_peak_tflops": {p: round(v, 4) for p, v in peaks.items()},
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -155,6 +162,9 @@ def main() -> None:
     print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'prec':5s} {'attention':16s} {'img/s':>9s} {'× ref':>6s} "
           f"{'peak MiB':>9s} {'mem × ref':>9s} {'MFU':>6s}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['config']:8s} {'':6s} {'':11s} {r['precision']:5s} {r['attention']:16s} failed: {r['error']}")
+            continue
         ref = f"{r['speedup_vs_reference']:6.2f}" if "speedup_vs_reference" in r else f"{'':6s}"
         mem = f"{r['memory_vs_reference']:9.2f}" if "memory_vs_reference" in r else f"{'':9s}"
         print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['precision']:5s} {r['attention']:16s} "

@@ -146,11 +146,9 @@ class GeCA(Denoiser):
             return self.pos
         return sincos_2d(height, width, self.pos_channels).to(self.pos.device)
 
-    def _step(self, fixed: torch.Tensor, state: torch.Tensor, block_mod: tuple[torch.Tensor, ...],
+    def _step(self, fixed: torch.Tensor, state: torch.Tensor, fire: torch.Tensor, block_mod: tuple[torch.Tensor, ...],
               final_mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
         b, h, w, s = state.shape
-        # Stochastic update: each cell (all its channels together) fires with probability p.
-        fire = torch.rand(b, h, w, 1, device=state.device) < self.update_prob  # (B, H, W, 1)
         tokens = fixed + F.linear(state, self.embed.weight[:, -s:])  # (B, H, W, D)
         if not self.skip_idle or torch.compiler.is_compiling():  # compiled, a cell count per call would recompile
             update = self.final(self.block(tokens, block_mod), *final_mod).float()  # (B, H, W, |C_out| + |C_h|)
@@ -180,10 +178,13 @@ class GeCA(Denoiser):
         state = torch.cat([start.out, start.hidden], dim=-1)  # C_out | C_h: (B, H, W, |C_out| + |C_h|)
         step = functools.partial(_compiled_step(), self) if self.compile_step else self._step
         for _ in range(self.nca_steps if nca_steps is None else nca_steps):
+            # Stochastic update: each cell (all its channels together) fires with probability p. Drawn outside the
+            # step so that a compiled step fires the same cells as an eager one (inductor has its own random stream).
+            fire = torch.rand(b, h, w, 1, device=x.device) < self.update_prob  # (B, H, W, 1)
             if self.checkpointing and torch.is_grad_enabled():
-                state = checkpoint(step, fixed, state, block_mod, final_mod, use_reentrant=False)
+                state = checkpoint(step, fixed, state, fire, block_mod, final_mod, use_reentrant=False)
             else:
-                state = step(fixed, state, block_mod, final_mod)
+                state = step(fixed, state, fire, block_mod, final_mod)
             yield CellState(out=state[..., : self.out_channels], hidden=state[..., self.out_channels :])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, null: torch.Tensor | None = None,
@@ -197,6 +198,7 @@ class GeCA(Denoiser):
 @functools.cache
 def _compiled_step() -> Callable[..., torch.Tensor]:
     """One NCA step (every cell's update) under torch.compile: a few fused kernels instead of dozens of launches,
-    compiled once and reused by all M steps (dynamo guards on the model, so an EMA copy compiles its own)."""
+    reused by all M steps. Dynamo compiles a graph per kind of call (the first step, whose state needs no gradient;
+    the EMA copy's frozen weights; no-grad sampling; a new batch size); past its limit of 8 it runs eagerly."""
     quiet_compile()
     return torch.compile(GeCA._step)
