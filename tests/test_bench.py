@@ -1,0 +1,37 @@
+"""The benchmark scripts' own argument handling (their timings are not tested: wall-clock is never asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import model_config  # noqa: E402
+
+
+def _args(*sets: str, configs: str = "GeCA-T,DiT-T") -> argparse.Namespace:
+    return argparse.Namespace(set=list(sets), configs=configs)
+
+
+def test_set_changes_the_configs_that_have_the_setting() -> None:
+    """The issue's 1.03 M GeCA from GeCA-T; a key only GeCA has leaves DiT as it is; order of keys does not matter
+    (208 is not a multiple of GeCA-T's 3 heads until heads=4 is set)."""
+    geca = model_config("GeCA-T", _args("hidden_size=208", "heads=4", "mlp_hidden=832", "nca_steps=6"))
+    assert (geca.hidden_size, geca.heads, geca.mlp_hidden, geca.nca_steps) == (208, 4, 832, 6)
+    dit = model_config("DiT-T", _args("nca_steps=6"))
+    assert not hasattr(dit, "nca_steps") and dit.hidden_size == 48
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["hiden_size=208"], "--set hiden_size: none of GeCA-T,DiT-T has that setting"),
+    (["heads=5"], "must be a positive multiple of the 5 heads"),
+    (["nca_steps=-1"], "--set nca_steps must be ≥ 1, got -1"),
+    (["attention=reference"], "--set attention: chosen by --configs and the variants"),
+    (["heads"], "expected KEY=VALUE"),
+])
+def test_set_refuses_what_would_make_a_table_lie(sets: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        model_config("GeCA-T", _args(*sets))
