@@ -16,7 +16,7 @@ from geca.errors import ConfigError
 from geca.models.config import ModelConfig, named_model
 from geca.utils import hardware
 from geca.utils.allocator import keep_freed_memory
-from geca.utils.schema import Checks, load_yaml, set_field
+from geca.utils.schema import Checks, apply_set
 
 
 def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.ArgumentParser:
@@ -45,22 +45,19 @@ def model_config(name: str, args: argparse.Namespace) -> ModelConfig:
     """The named config with the run's --set changes (values read as YAML and checked as a config file's are; a
     key that none of the chosen configs has is an error, one that only some have changes those)."""
     config = named_model(name)
+    chosen = [named_model(n) for n in args.configs.split(",")]
+    own = []
     for item in args.set:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. --set hidden_size=192")
+        key = item.partition("=")[0]
         if key in FIXED:
             raise SystemExit(f"error: --set {key}: chosen by --configs and the variants, not by --set")
-        if not any(hasattr(named_model(n), key) for n in args.configs.split(",")):
+        if key and not any(hasattr(c, key) for c in chosen):
             raise SystemExit(f"error: --set {key}: none of {args.configs} has that setting")
-        try:
-            if hasattr(config, key):
-                set_field(config, key, load_yaml(text), f"--set {key}")
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
-    keys = [item.partition("=")[0] for item in args.set]
+        if not key or hasattr(config, key):  # a malformed item is named by apply_set
+            own.append(item)
     try:
-        config.validate(Checks({f"model.{key}": f"--set {key}" for key in keys}))
+        names = apply_set(config, own)
+        config.validate(Checks({f"model.{key}": flag for key, flag in names.items()}))
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     return config

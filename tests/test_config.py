@@ -67,9 +67,21 @@ def test_model_compile_reads_true_false_and_auto(tmp_path: Path) -> None:
     assert ModelSpec.from_dict(saved).model.compile == "false"
 
 
+def test_invalid_yaml_is_one_error_line(tmp_path: Path) -> None:
+    """PyYAML's messages span lines (a caret under the column); geca's errors are one line, in a file or --set."""
+    from geca.utils.schema import apply_set
+
+    (tmp_path / "c.yaml").write_text("train: [\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML \(while parsing") as bad_file:
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"--set 'train.lr=\[': the value is not valid YAML") as bad_set:
+        apply_set(load_config(None), ["train.lr=["])
+    assert "\n" not in str(bad_file.value) and "\n" not in str(bad_set.value)
+
+
 def test_on_off_yes_no_are_words_not_booleans(tmp_path: Path) -> None:
     """YAML 1.2's booleans: `heredity: off` is the setting "off" (YAML 1.1 made it false, an invalid heredity)."""
-    from geca.cli.train import apply_set
+    from geca.utils.schema import apply_set
 
     (tmp_path / "c.yaml").write_text("model:\n  heredity: off\n")
     cfg = load_config(tmp_path / "c.yaml")

@@ -87,12 +87,11 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
 
 
-def test_skipping_idle_cells_changes_nothing() -> None:
-    """Computing updates only where cells fire gives the published dense step's outputs, cell state and gradients."""
+def _assert_same_step(models: list[nn.Module]) -> None:
+    """Each model, given the same weights, inputs, carried C_h and firing cells, agrees with the first: outputs, cell
+    state and gradients (and the call does change the carried C_h)."""
     results = []
-    for skip, ckpt in ((False, False), (True, False), (True, True)):
-        torch.manual_seed(0)
-        model = build_model(tiny_model_config(skip_idle=skip, checkpointing=ckpt), 3, 4, 8)
+    for model in models:
         _perturb(model)
         x, t, y = _inputs(b=4, size=8)
         carry = CellState(hidden=torch.randn(4, 8, 8, model.hidden_channels))
@@ -100,13 +99,19 @@ def test_skipping_idle_cells_changes_nothing() -> None:
         res = model(x, t, y, carry=carry)
         res.output.square().mean().backward()
         results.append((res.output, res.state.hidden, [p.grad for p in model.parameters()]))
-    dense = results[0]
-    assert torch.count_nonzero(dense[1] - carry.hidden) > 0
+    first = results[0]
+    assert torch.count_nonzero(first[1] - carry.hidden) > 0
     for out, hidden, grads in results[1:]:
-        torch.testing.assert_close(out, dense[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(hidden, dense[1], rtol=1e-5, atol=1e-6)
-        for g, ref in zip(grads, dense[2], strict=True):
+        torch.testing.assert_close(out, first[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hidden, first[1], rtol=1e-5, atol=1e-6)
+        for g, ref in zip(grads, first[2], strict=True):
             torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_skipping_idle_cells_changes_nothing() -> None:
+    """Computing updates only where cells fire gives the published dense step's outputs, cell state and gradients."""
+    _assert_same_step([build_model(tiny_model_config(skip_idle=skip, checkpointing=ckpt), 3, 4, 8)
+                       for skip, ckpt in ((False, False), (True, False), (True, True))])
 
 
 def test_compiled_nca_step_is_the_dense_step() -> None:
@@ -116,25 +121,13 @@ def test_compiled_nca_step_is_the_dense_step() -> None:
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
-    results = []
-    for compile, ckpt in ((False, False), (True, False), (True, True)):
-        torch.manual_seed(0)
-        model = build_model(tiny_model_config(skip_idle=False, checkpointing=ckpt), 3, 4, 8, compile)
+    variants = ((False, False), (True, False), (True, True))
+    models = [build_model(tiny_model_config(skip_idle=False, checkpointing=ckpt), 3, 4, 8, compile)
+              for compile, ckpt in variants]
+    for model, (compile, _) in zip(models, variants, strict=True):
         assert model.compile_step == compile and model.block.attention == ("sliced" if compile else "fast")
-        _perturb(model)
-        x, t, y = _inputs(b=4, size=8)
-        carry = CellState(hidden=torch.randn(4, 8, 8, model.hidden_channels))
-        torch.manual_seed(7)
-        res = model(x, t, y, carry=carry)
-        res.output.square().mean().backward()
-        results.append((res.output, res.state.hidden, [p.grad for p in model.parameters()]))
+    _assert_same_step(models)
     assert counters["stats"]["unique_graphs"] > graphs  # it did compile
-    eager = results[0]
-    for out, hidden, grads in results[1:]:
-        torch.testing.assert_close(out, eager[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(hidden, eager[1], rtol=1e-5, atol=1e-6)
-        for g, ref in zip(grads, eager[2], strict=True):
-            torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
     skipping = build_model(tiny_model_config(), 3, 4, 8, compile=True)  # skips idle cells: the attention compiles
     assert not skipping.compile_step and skipping.block.attention == "compiled"
 

@@ -42,27 +42,6 @@ def apply_overrides(config: Any, **overrides: object) -> Any:
     return config
 
 
-def apply_set(config: Any, items: list[str]) -> dict[str, str]:
-    """`--set KEY=VALUE` overrides (values read as YAML); returns key → how the user spelt it."""
-    import yaml
-
-    from geca.errors import ConfigError
-    from geca.utils.schema import load_yaml, set_field
-
-    names = {}
-    for item in items:
-        key, eq, text = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
-        try:
-            value = load_yaml(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
-        set_field(config, key, value, f"--set {key}")
-        names[key] = f"--set {key}"
-    return names
-
-
 @guarded
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML run config, or a shipped preset's name "
@@ -96,7 +75,8 @@ def train(
     attention: str | None = typer.Option(None, "--attention", help="Neighbourhood attention: fast, sliced, "
                                          "reference (the published 9×-copy gather) or triton (CUDA kernels)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the neighbourhood "
-                                        "attention (GeCA) or the blocks (DiT, UNet); only the first run pays for "
+                                        "attention (GeCA; the whole NCA step with model.skip_idle false) or the "
+                                        "blocks (DiT, UNet); only the first run pays for "
                                         "compilation (kept in ~/.cache/geca/torchinductor). Default (model.compile: "
                                         "auto): GeCA's attention is compiled on a CPU with a C++ compiler when the "
                                         "step budget is long enough to earn it back."),
@@ -135,7 +115,7 @@ def train(
     from geca.models.config import named_model
     from geca.presets import resolve_config
     from geca.training.trainer import train as run_training
-    from geca.utils.schema import get_field
+    from geca.utils.schema import apply_set, get_field
 
     if config is not None:
         config = resolve_config(config, "run")

@@ -84,12 +84,17 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects are built
 
 
+def _one_line(e: yaml.YAMLError) -> str:
+    """PyYAML's message, which spans lines (with a caret under the column), as one line: errors are one line."""
+    return " ".join(str(e).split())
+
+
 def parse_yaml(text: str, where: str | Path) -> dict[str, Any]:
     """A YAML document whose top level is a mapping (empty → {})."""
     try:
         raw = load_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({e})") from None
+        raise ConfigError(f"{where}: not valid YAML ({_one_line(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping")
     return raw
@@ -137,6 +142,23 @@ def set_field(obj: Any, path: str, value: Any, where: str) -> None:
         what = f"{obj.name} ({obj.family})" if hasattr(obj, "family") else type(obj).__name__
         raise ConfigError(f"{where}: {what} has no setting {name!r}; it has {', '.join(sorted(names))}")
     setattr(obj, name, _coerce(typing.get_type_hints(type(obj))[name], value, where))
+
+
+def apply_set(config: Any, items: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` overrides (values read as YAML) of dotted fields of `config`; returns key → how the user
+    spelt it."""
+    names = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        try:
+            value = load_yaml(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({_one_line(e)})") from None
+        set_field(config, key, value, f"--set {key}")
+        names[key] = f"--set {key}"
+    return names
 
 
 def get_field(obj: Any, path: str) -> Any:
