@@ -27,7 +27,9 @@ CONFIGS: dict[str, dict[str, int]] = {
     "geca-s": {"heads": 12, "head_dim": 64, "grid": 32},  # D=768 at 32×32 latents
     "cpu": {"heads": 4, "head_dim": 32, "grid": 28},  # a model that trains on this CPU, 28×28 pixels
 }
-EAGER_VARIANTS = ("reference", "fast", "sliced")
+# "cpu" (the C kernels) here includes packing q, k, v into one tensor, which a model's qkv projection gives for free
+# (bench/train_step.py times it inside the model).
+EAGER_VARIANTS = ("reference", "fast", "sliced", "cpu")
 COMPILED = "compiled"  # model.compile's attention: `sliced` under torch.compile
 MODES = ("time", "memory")
 WARMUPS, REPEATS = 1, 3  # enough on a quiet machine; keeps the full run to a few minutes

@@ -2,7 +2,8 @@
 
 Training images/s per config and precision, each setting in a fresh process (no setting inherits another's allocator
 pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference neighbourhood
-attention (the published 9×-copy gather) is measured beside the fast default (and, on CUDA, the Triton kernels); a
+attention (the published 9×-copy gather) is measured beside `fast` and, on a CPU, the C kernels (`cpu`, what the
+default `auto` runs there) or, on CUDA, the Triton kernels; a
 variant ending in `:dense` computes every cell's update, as published, where the default computes only the updates of
 the cells that fire; `compiled` is model.compile: the attention compiled where idle cells are skipped, the whole NCA
 step with `compiled:dense`. DiT and the UNet have no such choice (their rows show attention "-"). `--set KEY=VALUE`
@@ -97,15 +98,17 @@ def main() -> None:
     ap = model_parser(__doc__, 8, "Batch size per step.")
     ap.add_argument("--attention", help="GeCA variants to compare, ATTENTION or ATTENTION:dense (every cell's update "
                     "computed, as published); ATTENTION is fast, sliced, reference, triton or compiled (model.compile: "
-                    "its attention, or with :dense the whole NCA step) (default: compiled,fast,fast:dense,"
-                    "reference:dense; on CUDA also compiled:dense and triton).")
+                    "its attention, or with :dense the whole NCA step) or cpu (the C kernels) (default: cpu,cpu:dense,"
+                    "compiled,fast,fast:dense,reference:dense; on CUDA compiled,compiled:dense,fast,fast:dense,triton,"
+                    "reference:dense).")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
     ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
     ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "ATTENTION", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = device_of(args)
     args.attention = args.attention or ("compiled,compiled:dense,fast,fast:dense,triton,reference:dense"
-                                        if device.type == "cuda" else "compiled,fast,fast:dense,reference:dense")
+                                        if device.type == "cuda" else
+                                        "cpu,cpu:dense,compiled,fast,fast:dense,reference:dense")
     if args.worker:
         name, variant, precision = args.worker
         print(json.dumps(step_time(model_config(name, args), variant, precision, args.batch, args.channels,

@@ -8,6 +8,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests see no weights the machine happens to have in torch's hub cache.
 os.environ["TORCH_HOME"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "geca-tests-no-torch-home")
+# Built kernels and cached features go to a folder of the tests' own, not the user's ~/.cache/geca.
+os.environ.setdefault("GECA_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "geca-tests-cache"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

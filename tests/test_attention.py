@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from geca.models.attention import IMPLEMENTATIONS, NeighbourhoodAttentionFunction, neighbourhood_attention
+from geca.models.attention import (
+    IMPLEMENTATIONS,
+    NeighbourhoodAttentionFunction,
+    neighbourhood_attention,
+    packed_attention,
+    runnable,
+)
+from geca.models.attention_cpu import kernels
+from geca.utils.hardware import c_compiler
+from geca.utils.pretrained import cache_dir
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # "compiled" is "sliced" under torch.compile (a compile per shape and dtype): one test of its own below.
@@ -150,6 +160,106 @@ def test_fast_function_gradcheck() -> None:
     assert torch.autograd.gradcheck(NeighbourhoodAttentionFunction.apply, (q, k, v))
 
 
+needs_cc = pytest.mark.skipif(c_compiler() is None, reason="no C compiler to build the CPU kernels")
+
+
+@needs_cc
+def test_cpu_kernels_are_built_and_used(recwarn: pytest.WarningsRecorder) -> None:
+    """The C kernels build here (so the tests above ran them, not their `fast` fallback), into the cache."""
+    assert kernels(8, 8) is not None
+    assert list((cache_dir() / "kernels").glob("attention_cpu-8-8-*.so"))
+    assert not [w for w in recwarn if "not available" in str(w.message)]
+
+
+@needs_cc
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_kernels_at_some_cells(dtype: torch.dtype) -> None:
+    """From the packed projection, only at the cells asked for (a GeCA's firing cells), as `fast` then a gather:
+    outputs, and qkv's gradient, whose queries are zero at cells not asked for while keys and values are not."""
+    gen = torch.Generator().manual_seed(6)
+    qkv = (2 * torch.randn(3, 5, 7, 3 * 2 * 12, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    fire = torch.rand(3 * 5 * 7, generator=gen) < 0.5
+    cells = fire.nonzero().squeeze(1)
+    grad = torch.randn(cells.numel(), 2 * 12, generator=gen, dtype=torch.float64).to(dtype)
+    results = {}
+    for impl in ("cpu", "fast"):
+        out = packed_attention(qkv, 2, impl, cells)
+        results[impl] = (out, *torch.autograd.grad(out, qkv, grad))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, e in zip(results["cpu"], results["fast"], strict=True):
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol)
+    dqkv = results["cpu"][1].view(-1, 3, 24)
+    assert dqkv[~fire, 0].abs().max() == 0 and dqkv[~fire, 1:].abs().max() > 0
+
+
+@needs_cc
+def test_cpu_kernels_do_not_depend_on_the_thread_count() -> None:
+    """The backward gathers rather than scatters: 1 and 3 threads give bit-identical gradients."""
+    q, k, v, grad = _inputs((3, 2, 6, 5, 8, 8), torch.float32, seed=7)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run("cpu", q, k, v, grad)
+        torch.set_num_threads(3)
+        three = _run("cpu", q, k, v, grad)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_cc
+def test_cpu_kernel_gradcheck() -> None:
+    q, k, v, _ = _inputs((1, 2, 3, 4, 3, 5), torch.float64, seed=8)
+    assert torch.autograd.gradcheck(lambda *x: neighbourhood_attention(*x, impl="cpu"), (q, k, v))
+
+
+def test_cpu_kernels_fall_back_to_fast_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler: one warning, and `fast`'s numbers."""
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setenv("PATH", "")
+    kernels.cache_clear()
+    try:
+        q, k, v, grad = _inputs((2, 2, 3, 4, 5, 5), torch.float64, seed=9)
+        with pytest.warns(UserWarning, match="no C compiler found.*using 'fast'"):
+            got = _run("cpu", q, k, v, grad)
+        for a, e in zip(got, _run("fast", q, k, v, grad), strict=True):
+            assert torch.equal(a, e)
+    finally:
+        kernels.cache_clear()
+
+
+@needs_cc
+def test_cpu_kernel_build_is_cached_and_clears_a_dead_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Built once per machine and dimensions (a later process loads it), through a temporary name: a build killed
+    half-way leaves a temporary that the next build removes (not one whose process still runs), never a half-written
+    library."""
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path))
+    kernels.cache_clear()
+    try:
+        assert kernels(3, 3) is not None
+        (built,) = (tmp_path / "kernels").glob("attention_cpu-3-3-*.so")
+        stamp = built.stat().st_mtime_ns
+        kernels.cache_clear()
+        assert kernels(3, 3) is not None and built.stat().st_mtime_ns == stamp
+        built.unlink()
+        stale, running = built.with_name(f"{built.name}.999999999.tmp"), built.with_name(f"{built.name}.1.tmp")
+        for tmp in (stale, running):
+            tmp.write_bytes(b"half a library")
+        kernels.cache_clear()
+        assert kernels(3, 3) is not None and built.is_file() and not stale.exists()
+        assert running.exists()  # process 1 is alive: its build is under way
+    finally:
+        kernels.cache_clear()
+
+
+def test_auto_attention_is_the_cpu_kernels_on_a_cpu() -> None:
+    assert runnable("auto", torch.device("cpu")) == "cpu"
+    assert runnable("auto", torch.device("cuda")) == "fast"
+    assert runnable("cpu", torch.device("cuda")) == "fast"  # a CPU-trained run samples on a GPU
+    assert runnable("fast", torch.device("cpu")) == "fast"
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_bfloat16_close_to_float32(impl: str) -> None:
     q, k, v, grad = _inputs((2, 4, 5, 6, 16, 16), torch.bfloat16, seed=3)
@@ -235,13 +345,14 @@ def test_geca_with_triton_attention_matches_fast() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
-def test_triton_is_not_compiled_twice() -> None:
+def test_fused_kernels_are_not_compiled_twice() -> None:
     from geca.config import RunConfig
     from geca.errors import ConfigError
     from geca.models.config import GeCAConfig
 
-    with pytest.raises(ConfigError, match="--attention must be fast, sliced or reference with model.compile"):
-        RunConfig(model=GeCAConfig(attention="triton", compile="true")).validate({"model.attention": "--attention"})
+    for kernels_ in ("triton", "cpu"):
+        with pytest.raises(ConfigError, match="--attention must be auto, fast, sliced or reference with model.compile"):
+            RunConfig(model=GeCAConfig(attention=kernels_, compile="true")).validate({"model.attention": "--attention"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's grid limits exist on a GPU only")

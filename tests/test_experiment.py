@@ -177,9 +177,10 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     plain = params({})
     assert params({"logger": "tensorboard"}) == plain
     assert params({"max_steps": 7})["train.GeCA"] != plain["train.GeCA"]
-    # keys as they were before model.skip_idle and model.compile's `auto` existed: finished studies stay done
+    # keys as they were before model.skip_idle, model.compile's `auto` and the C attention kernels (the default
+    # attention `auto` keys as `fast`, the old default) existed: finished studies stay done
     model = plain["train.GeCA"]["run"]["model"]
-    assert "skip_idle" not in model and model["compile"] is False
+    assert "skip_idle" not in model and model["compile"] is False and model["attention"] == "fast"
 
 
 @pytest.mark.parametrize(("edit", "message"), [

@@ -131,12 +131,14 @@ def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.
     """GeCA-T at 28×28, batch 32: 3,000 steps are ≈ 430 TFLOP of model maths (a cold compile pays after ≈ 7),
     100 steps left ≈ 14 (a resumed run near its end), under the threshold, as are 400 steps of 4 images per process;
     a time budget under 15 minutes, other families, a chosen attention, a dense GeCA, a GPU (unmeasured) and a machine
-    without a C++ compiler stay eager."""
+    without a C++ compiler stay eager. The default attention (`auto`: the C kernels on a CPU) is never compiled."""
     from geca.training import compile as c
 
     monkeypatch.setattr(c, "cpp_compiler", lambda: "g++")
     cpu, plain = torch.device("cpu"), TrainConfig()
-    geca = named_model("GeCA-T")
+    assert named_model("GeCA-T").attention == "auto"
+    assert c.compile_for_run(_spec(named_model("GeCA-T")), plain, cpu, 3000, 32) == (False, "")
+    geca = dataclasses.replace(named_model("GeCA-T"), attention="fast")
     assert geca.compile == "auto" and plain.max_minutes is None
     assert c.compile_for_run(_spec(geca), plain, cpu, 3000, 32) == (
         True, "attention compiled (model.compile: auto; the first run on this machine compiles for about a minute)")
@@ -219,9 +221,9 @@ def test_sampling_compiles_only_a_run_that_asks_for_it(monkeypatch: pytest.Monke
         return load_run(tmp_path / name).model.block.attention
 
     monkeypatch.setattr(run_module, "can_compile", lambda device: True)
-    assert (attention("auto"), attention("true")) == ("fast", "compiled")
+    assert (attention("auto"), attention("true")) == ("auto", "compiled")
     monkeypatch.setattr(run_module, "can_compile", lambda device: False)
-    assert attention("true") == "fast"
+    assert attention("true") == "auto"
 
 
 def test_compile_true_without_a_compiler_is_refused_before_the_run_starts(monkeypatch: pytest.MonkeyPatch,
@@ -236,6 +238,22 @@ def test_compile_true_without_a_compiler_is_refused_before_the_run_starts(monkey
     assert not (tmp_path / "run").exists()
 
 
+def test_cpu_attention_without_a_c_compiler_is_refused_before_the_run_starts(monkeypatch: pytest.MonkeyPatch,
+                                                                             tmp_path: Path) -> None:
+    """An explicit `--attention cpu` needs its compiler (`auto` would fall back to `fast` with a warning)."""
+    from geca.training import compile as c
+
+    monkeypatch.setattr(c, "c_compiler", lambda: None)
+    cfg = tiny_config(1)
+    cfg.model.attention = "cpu"
+    with pytest.raises(ConfigError, match="--attention cpu .*needs a C compiler"):
+        train(cfg, tmp_path / "run", train_set=blob_images(), progress=False)
+    assert not (tmp_path / "run").exists()
+    cfg.model.attention = "auto"
+    train(cfg, tmp_path / "run", train_set=blob_images(), progress=False)  # the same machine: auto trains
+    assert (tmp_path / "run" / "checkpoints").is_dir()
+
+
 def test_a_run_that_compiles_builds_the_compiled_attention(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What compile_for_run decides reaches the model and the start-up line (no step is taken: nothing compiles)."""
     from geca.training import trainer
@@ -246,7 +264,7 @@ def test_a_run_that_compiles_builds_the_compiled_attention(monkeypatch: pytest.M
     assert run.describe().endswith("; attention compiled (a test)")
     monkeypatch.setattr(trainer, "compile_for_run", lambda *args: (False, ""))
     run = trainer.Trainer(tiny_config(1), tmp_path / "eager", resume=False, progress=False, train_set=blob_images())
-    assert run.accelerator.unwrap_model(run.model).block.attention == "fast"
+    assert run.accelerator.unwrap_model(run.model).block.attention == "auto"
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def test_compile_cache_persists_unless_the_user_chose_one(monkeypatch: pytest.Mo
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
 
 
-def test_presets_resolve_by_name_and_ship_in_the_wheel(tmp_path: Path) -> None:
+def test_presets_and_kernel_source_ship_in_the_wheel(tmp_path: Path) -> None:
     import zipfile
 
     from geca.errors import ConfigError
@@ -125,6 +125,7 @@ def test_presets_resolve_by_name_and_ship_in_the_wheel(tmp_path: Path) -> None:
         for name in entries:
             sub = "experiments/" if kind == "experiment" else ""
             assert f"geca/configs/{sub}{name}.yaml" in names
+    assert "geca/models/attention_cpu.c" in names  # the CPU attention kernels are built from it on the user's machine
 
 
 def _images(d: Path) -> np.ndarray:

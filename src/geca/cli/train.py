@@ -72,14 +72,17 @@ def train(
     ema_decay: float | None = typer.Option(None, "--ema-decay", help="EMA decay of the weights."),
     nca_steps: int | None = typer.Option(None, "--nca-steps", help="NCA steps M per denoiser call (named so that "
                                          "torchrun does not take it for its own --m… options)."),
-    attention: str | None = typer.Option(None, "--attention", help="Neighbourhood attention: fast, sliced, "
-                                         "reference (the published 9×-copy gather) or triton (CUDA kernels)."),
+    attention: str | None = typer.Option(None, "--attention", help="Neighbourhood attention: auto (the default: "
+                                         "cpu on a CPU, fast elsewhere), cpu (C kernels, built once with the "
+                                         "system C compiler), fast, sliced, reference (the published 9×-copy "
+                                         "gather) or triton (CUDA kernels)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the neighbourhood "
                                         "attention (GeCA; the whole NCA step with model.skip_idle false) or the "
                                         "blocks (DiT, UNet); only the first run pays for "
                                         "compilation (kept in ~/.cache/geca/torchinductor). Default (model.compile: "
-                                        "auto): GeCA's attention is compiled on a CPU with a C++ compiler when the "
-                                        "step budget is long enough to earn it back."),
+                                        "auto): GeCA's fast or sliced attention is compiled on a CPU with a C++ "
+                                        "compiler when the step budget is long enough to earn it back; the default "
+                                        "attention (auto: the C kernels on a CPU, faster still) is not."),
     checkpointing: bool | None = typer.Option(None, "--grad-checkpointing/--no-grad-checkpointing",
                                               help="Recompute each NCA step in backward to save memory."),
     heredity: bool | None = typer.Option(None, "--heredity/--no-heredity", help="GeCA: heredity-aware training "

@@ -214,12 +214,15 @@ def report_stage(ctx: Context, out: Path, stage_ids: list[str]) -> dict[str, Any
 def _hashed(run_config: Any) -> dict[str, Any]:
     """A training stage's config as its key sees it: where the numbers go (train.logger) and whether idle cells are
     skipped (model.skip_idle) change no result, so neither retrains anything and studies finished before the options
-    existed stay done; model.compile keys as the boolean it was before `auto` (keyed as false, the old default).
-    The attention implementation and checkpointing stay in the key as they always were: changing them retrains."""
+    existed stay done; model.compile keys as the boolean it was before `auto` (keyed as false, the old default), and
+    GeCA's attention `auto` and `cpu` as `fast`, the old default (the same maths). Other attention implementations and
+    checkpointing stay in the key as they always were: changing them retrains."""
     run = asdict(run_config)
     run["train"].pop("logger", None)
     run["model"].pop("skip_idle", None)
     run["model"]["compile"] = run["model"]["compile"] == "true"
+    if run["model"].get("attention") in ("auto", "cpu"):
+        run["model"]["attention"] = "fast"
     return run
 
 

@@ -12,6 +12,10 @@ scale the logits by 1/sqrt(head_dim) of q. They agree to float rounding:
 - ``"sliced"``: the same nine-slice maths in plain autograd ops.
 - ``"compiled"``: ``"sliced"`` under ``torch.compile``: one fused kernel each way (``model.compile``).
 - ``"triton"``: fused forward and backward Triton kernels (CUDA; :mod:`geca.models.attention_triton`).
+- ``"cpu"``: fused forward and backward C kernels (CPU; :mod:`geca.models.attention_cpu`), ``"fast"`` where no C
+  compiler builds them.
+
+A model passes its packed qkv projection to :func:`packed_attention`, which the C kernels read in place.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from geca.utils.hardware import quiet_compile
 
-__all__ = ["IMPLEMENTATIONS", "NeighbourhoodAttentionFunction", "neighbourhood_attention", "runnable"]
+__all__ = ["IMPLEMENTATIONS", "NeighbourhoodAttentionFunction", "neighbourhood_attention", "packed_attention",
+           "runnable"]
 
 _WINDOW = 3
 
@@ -188,19 +193,35 @@ def _triton(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return triton_neighbourhood_attention(q, k, v)
 
 
+def _cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    if q.device.type != "cpu":
+        raise ValueError(f"attention 'cpu' runs on the CPU, not {q.device.type}; use 'fast' there")
+    from geca.models.attention_cpu import cpu_attention
+
+    out = cpu_attention(q, k, v)
+    return _fast(q, k, v) if out is None else out
+
+
 _IMPLS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     "reference": _reference,
     "fast": _fast,
     "sliced": _sliced,
     "compiled": _compiled,
     "triton": _triton,
+    "cpu": _cpu,
 }
 IMPLEMENTATIONS: tuple[str, ...] = tuple(_IMPLS)
 
 
 def runnable(impl: str, device: torch.device) -> str:
-    """``impl``, or ``"fast"`` (the same maths) where the Triton kernels cannot run: GPU-trained runs sample on CPU."""
-    return "fast" if impl == "triton" and device.type != "cuda" and not interpreting() else impl
+    """The implementation `impl` (or model.attention's ``"auto"``) runs as on `device`: ``"auto"`` is the C kernels on
+    a CPU and ``"fast"`` elsewhere; kernels for another device fall back to ``"fast"`` (the same maths), so a run
+    trained on a GPU samples on a CPU and the other way round."""
+    if impl == "auto":
+        return "cpu" if device.type == "cpu" else "fast"
+    if impl == "triton" and device.type != "cuda" and not interpreting() or impl == "cpu" and device.type != "cpu":
+        return "fast"
+    return impl
 
 
 def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "fast") -> Tensor:
@@ -223,3 +244,20 @@ def neighbourhood_attention(q: Tensor, k: Tensor, v: Tensor, impl: str = "fast")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     return _IMPLS[impl](q, k, v)
+
+
+def packed_attention(qkv: Tensor, heads: int, impl: str, cells: Tensor | None = None) -> Tensor:
+    """Attention from a packed projection qkv (B, H, W, 3·D), each cell's queries, keys and values head after head:
+    (B, H, W, D), or (N, D) at `cells` (N flat indices into B·H·W), computed there alone by the C kernels."""
+    b, h, w, width = qkv.shape
+    d = width // 3
+    if impl == "cpu" and qkv.device.type == "cpu":
+        from geca.models.attention_cpu import packed_cpu_attention
+
+        out = packed_cpu_attention(qkv, heads, d // heads, cells)
+        if out is not None:
+            return out
+        impl = "fast"
+    q, k, v = qkv.view(b, h, w, 3, heads, d // heads).permute(3, 0, 4, 1, 2, 5)  # 3 × (B, heads, H, W, D/heads)
+    out = neighbourhood_attention(q, k, v, impl).permute(0, 2, 3, 1, 4).reshape(b, h, w, d)  # (B, H, W, D)
+    return out if cells is None else out.reshape(-1, d).index_select(0, cells)  # (N, D)

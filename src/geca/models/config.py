@@ -10,8 +10,9 @@ from typing import Any
 from geca.errors import ConfigError
 from geca.utils.schema import Checks
 
-# geca.models.attention.IMPLEMENTATIONS (no torch here) but `compiled`, which model.compile selects.
-ATTENTIONS = ("fast", "sliced", "reference", "triton")
+# geca.models.attention.IMPLEMENTATIONS (no torch here) but `compiled`, which model.compile selects, and `auto`: the
+# C kernels on a CPU, `fast` elsewhere (geca.models.attention.runnable).
+ATTENTIONS = ("auto", "fast", "sliced", "reference", "triton", "cpu")
 HEREDITY = ("off", "gated")
 # true/false as set (GeCA: the attention where idle cells are skipped, else the whole NCA step); auto: training
 # compiles GeCA's attention where that was measured to win (geca.training.compile).
@@ -72,7 +73,7 @@ class GeCAConfig(TransformerConfig):
     nca_steps: int = 8
     pos_channels: int = 16
     update_prob: float = 0.5
-    attention: str = "fast"
+    attention: str = "auto"
     checkpointing: bool = False
     # Compute an NCA step's projection, MLP and final layer only for the cells that fire (the same result: an idle
     # cell's update is discarded). False computes every cell's, as published.
@@ -91,9 +92,10 @@ class GeCAConfig(TransformerConfig):
               self.pos_channels)
         check(0 < self.update_prob <= 1, "model.update_prob", "in (0, 1]", self.update_prob)
         check.choice(self.attention, "model.attention", ATTENTIONS)
-        # model.compile compiles the plain-op `sliced` attention; triton is fused already.
-        check(not (self.compile == "true" and self.attention == "triton"), "model.attention",
-              "fast, sliced or reference with model.compile (the Triton kernels are compiled already)", self.attention)
+        # model.compile compiles the plain-op `sliced` attention; the Triton and C kernels are fused already.
+        check(not (self.compile == "true" and self.attention in ("triton", "cpu")), "model.attention",
+              "auto, fast, sliced or reference with model.compile (the Triton and C kernels are compiled already)",
+              self.attention)
         check.choice(self.block, "model.block", ("published", "v0.1"))
         check.choice(self.heredity, "model.heredity", HEREDITY)
 

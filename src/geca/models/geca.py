@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from geca.models.attention import neighbourhood_attention, runnable
+from geca.models.attention import packed_attention, runnable
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.blocks import DIT_STYLE, GECA_STYLE, AdaLNBlock, BlockStyle, FinalLayer, adaln_zero_init, modulate
 from geca.models.config import HEREDITY
@@ -26,12 +26,9 @@ class NeighbourhoodBlock(AdaLNBlock):
         super().__init__(dim, heads, mlp_hidden, style)
         self.attention = attention
 
-    def mix(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention's output before its projection, (B, H, W, D)."""
-        b, h, w, d = x.shape
-        q, k, v = self.qkv(x).view(b, h, w, 3, self.heads, d // self.heads).permute(3, 0, 4, 1, 2, 5)  # (B,hd,H,W,d/hd)
-        out = neighbourhood_attention(q, k, v, impl=runnable(self.attention, x.device))  # (B, heads, H, W, D/heads)
-        return out.permute(0, 2, 3, 1, 4).reshape(b, h, w, d)  # (B, H, W, D)
+    def mix(self, x: torch.Tensor, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention's output before its projection: (B, H, W, D), or (N, D) at `cells` (flat into B·H·W)."""
+        return packed_attention(self.qkv(x), self.heads, runnable(self.attention, x.device), cells)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mix(x))
@@ -44,8 +41,9 @@ class NeighbourhoodBlock(AdaLNBlock):
         block's maths — run only where the result is used.
         """
         b, d = x.shape[0], x.shape[-1]
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (m.reshape(b, d).index_select(0, images) for m in mod)
-        mixed = self.mix(modulate(self.norm1(x), *mod[:2])).reshape(-1, d).index_select(0, cells)  # (N, D)
+        # Per image, gathered per cell; the attention's shift and scale apply to every cell (their keys and values).
+        gate_a, shift_m, scale_m, gate_m = (m.reshape(b, d).index_select(0, images) for m in mod[2:])  # 4 × (N, D)
+        mixed = self.mix(modulate(self.norm1(x), *mod[:2]), cells)  # (N, D)
         x = x.reshape(-1, d).index_select(0, cells) + gate_a * self.proj(mixed)  # (N, D)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))  # (N, D)
 
@@ -73,7 +71,7 @@ class GeCA(Denoiser):
         update_prob: float = 0.5,
         learn_sigma: bool = True,
         label_dropout: float = 0.1,
-        attention: str = "fast",
+        attention: str = "auto",
         checkpointing: bool = False,
         block: str = "published",
         heredity: str = "off",

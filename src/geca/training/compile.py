@@ -9,7 +9,7 @@ from geca.errors import ConfigError
 from geca.models.build import count_macs
 from geca.models.config import GeCAConfig, ModelConfig
 from geca.run import ModelSpec
-from geca.utils.hardware import can_compile, cpp_compiler
+from geca.utils.hardware import c_compiler, can_compile, cpp_compiler
 
 # The model maths (6 × the forward's multiply-accumulates per image, every cell counted) of the steps a process has
 # left above which `auto` compiles on a CPU. Measured on a 2-core AVX2 EPYC, GeCA-T at 28×28, batch 32: a cold compile
@@ -20,11 +20,15 @@ AUTO_MIN_TFLOP = 20.0
 AUTO_MIN_MINUTES = 15.0
 
 
-def check_compile(config: ModelConfig, device: torch.device) -> None:
-    """`model.compile: true` where nothing can compile is refused before a run starts (it fails at the first call)."""
+def check_toolchain(config: ModelConfig, device: torch.device) -> None:
+    """`model.compile: true`, or `model.attention: cpu` on a CPU, where nothing can build them is refused before a run
+    starts (`auto` falls back to `fast` with a warning instead)."""
     if config.compile == "true" and not can_compile(device):
         raise ConfigError("--compile (model.compile: true) needs a C++ compiler and Python's headers on a CPU, and "
                           "they were not found (install g++ and python3-dev, or set CXX), or use --no-compile")
+    if getattr(config, "attention", None) == "cpu" and device.type == "cpu" and c_compiler() is None:
+        raise ConfigError("--attention cpu (model.attention: cpu) needs a C compiler, and none was found (install "
+                          "gcc or clang, or set CC), or use --attention fast")
 
 
 def compile_for_run(spec: ModelSpec, train: TrainConfig, device: torch.device, steps_left: int, batch: int
@@ -38,9 +42,10 @@ def compile_for_run(spec: ModelSpec, train: TrainConfig, device: torch.device, s
         compiled = config.compile == "true"
         return compiled, f"{what} compiled (model.compile: true)" if compiled else ""
     if not geca or config.attention not in ("fast", "sliced") or not config.skip_idle:
-        # DiT's and the UNet's blocks, reference and triton: not measured to win. The whole dense NCA step (skip_idle
-        # off) compiled was 1.27× eager for GeCA-T at 28×28, batch 32, on a CPU, but its cold compile takes ≈ 75 s
-        # (the attention's ≈ 35 s) and skipping idle cells is faster still: left to --compile.
+        # GeCA's default attention `auto` is the C kernels on a CPU, faster than the compiled attention with no
+        # compile to wait for. DiT's and the UNet's blocks, reference and triton: not measured to win. The whole dense
+        # NCA step (skip_idle off) compiled was 1.27× eager for GeCA-T at 28×28, batch 32, on a CPU, but its cold
+        # compile takes ≈ 75 s (the attention's ≈ 35 s) and skipping idle cells is faster still: left to --compile.
         return False, ""
     if device.type != "cpu":
         return False, ""  # unmeasured on GPUs (bench/gpu.sh compares compiled, fast and triton)

@@ -31,7 +31,7 @@ from geca.models.build import count_parameters
 from geca.run import ModelSpec, find_checkpoint, load_state_dict_into, read_spec, read_state, save_checkpoint, verify
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
-from geca.training.compile import check_compile, compile_for_run
+from geca.training.compile import check_toolchain, compile_for_run
 from geca.training.ema import EMA
 from geca.training.heredity import handed_over
 from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
@@ -199,7 +199,7 @@ class Trainer:
         check_run_dir(self.run_dir, resume)
         tc = config.train
         self.accelerator = acc = _accelerator(config, self.run_dir, cpu)
-        check_compile(config.model, acc.device)
+        check_toolchain(config.model, acc.device)
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")

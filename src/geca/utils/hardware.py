@@ -44,6 +44,11 @@ def cpp_compiler() -> str | None:
         return None
 
 
+def c_compiler() -> str | None:
+    """The C compiler the CPU attention kernels are built with: $CC, else cc, gcc or clang on the PATH."""
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+
+
 def can_compile(device: torch.device) -> bool:
     """Whether torch.compile can build kernels for `device` (CUDA: Triton ships with torch's wheels)."""
     return device.type == "cuda" or cpp_compiler() is not None

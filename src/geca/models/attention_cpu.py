@@ -1,0 +1,174 @@
+"""3×3 neighbourhood attention as two C kernels for the CPU, built at first use with the system C compiler.
+
+Written by hand because on a CPU neither torch's eager ops (nine passes over memory per direction) nor inductor's
+code for the same maths (a horizontal reduction per neighbour, a permuted copy of q, k, v each way) come near what
+the arithmetic needs. These kernels read the qkv projection where it lies, keep a window's nine dot products in
+vector registers, compute only the cells asked for (GeCA's firing cells), and write each gradient in its input's
+layout; the backward gathers keys' and values' gradients rather than scattering them, so threads never race and the
+result does not depend on their number. Float32 and float64 run natively; other dtypes are computed in float32.
+
+The shared library is built once per (head dim, value dim) with ``-O3 -march=native`` into the geca cache
+($GECA_CACHE_DIR, else ~/.cache/geca), keyed by the source, the compiler and the CPU; ``$CC`` picks the compiler.
+Where no compiler builds it, :func:`kernels` says so once and returns None, and callers use ``fast``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from geca.utils.hardware import c_compiler
+from geca.utils.pretrained import cache_dir
+
+__all__ = ["cpu_attention", "kernels", "packed_cpu_attention"]
+
+_SOURCE = Path(__file__).with_suffix(".c")
+# Tried in order: without OpenMP the kernels run single-threaded, without -march=native they are portable.
+_FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_NATIVE = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+
+
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and flags (a shared home may serve several machines)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+        return "\n".join(dict.fromkeys(lines))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(cc: str, head_dim: int, value_dim: int) -> Path:
+    """The shared library for these dimensions, compiled into the cache unless it is there already."""
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
+                                    (source, cc, version, _machine(), f"{head_dim},{value_dim}"))).hexdigest()[:16]
+    folder = cache_dir() / "kernels"
+    target = folder / f"attention_cpu-{head_dim}-{value_dim}-{key}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f"{target.name}.*.tmp"):
+        if not _alive(stale.suffixes[-2].lstrip(".")):  # a build killed half-way, not one still running
+            stale.unlink(missing_ok=True)
+    tmp = folder / f"{target.name}.{os.getpid()}.tmp"
+    errors = ""
+    for flags in _FLAG_SETS:
+        done = subprocess.run([cc, *flags, "-shared", "-fPIC", f"-DHD={head_dim}", f"-DDV={value_dim}",
+                               "-o", str(tmp), str(_SOURCE), "-lm"], capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
+            return target
+        errors = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+    tmp.unlink(missing_ok=True)
+    raise OSError(f"{cc} could not build {_SOURCE.name}: {errors}")
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@functools.cache
+def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
+    """The compiled kernels for these dimensions, or None (with one warning) where they cannot be built."""
+    cc = c_compiler()
+    try:
+        if cc is None:
+            raise OSError("no C compiler found (set CC, or install gcc or clang)")
+        lib = ctypes.CDLL(str(_build(cc, head_dim, value_dim)))
+    except OSError as e:
+        warnings.warn(f"the CPU attention kernels are not available ({e}); using 'fast' instead", stacklevel=2)
+        return None
+    for suffix, scalar in _NATIVE.values():
+        getattr(lib, f"na_forward_{suffix}").argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I,
+                                                         scalar, ctypes.c_int]
+        getattr(lib, f"na_backward_{suffix}").argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P,
+                                                          _P, _P, _I, _I, _I, _I, _I, _I, _I, scalar, ctypes.c_int]
+    return lib
+
+
+class CPUNeighbourhoodAttention(torch.autograd.Function):
+    """Attention at `cells` (N flat indices into B·H·W) from the packed projection qkv (B, H, W, heads·(2·HD + DV)):
+    each cell's queries, then keys, then values, head after head. Out (N, heads·DV); the gradient has qkv's layout."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, qkv: Tensor, heads: int, value_dim: int, cells: Tensor, lib: ctypes.CDLL
+                ) -> Tensor:
+        b, h, w, width = qkv.shape
+        head_dim = (width // heads - value_dim) // 2
+        suffix, _ = _NATIVE[qkv.dtype]
+        dead = qkv.new_zeros(heads * max(head_dim, value_dim))
+        out = qkv.new_empty(cells.numel(), heads * value_dim)
+        attn = qkv.new_empty(cells.numel(), heads, 9)
+        getattr(lib, f"na_forward_{suffix}")(*_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(),
+                                             cells.data_ptr(), cells.numel(), out.data_ptr(), attn.data_ptr(), h, w,
+                                             heads, head_dim ** -0.5, torch.get_num_threads())
+        ctx.save_for_backward(qkv, cells, attn, dead)
+        ctx.heads, ctx.head_dim, ctx.lib = heads, head_dim, lib
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        qkv, cells, attn, dead = ctx.saved_tensors
+        heads, head_dim, lib = ctx.heads, ctx.head_dim, ctx.lib
+        b, h, w, width = qkv.shape
+        row_of = torch.full((b * h * w,), -1, dtype=torch.int64)
+        row_of[cells] = torch.arange(cells.numel())
+        # Every buffer the kernel touches is held by a name until it returns: a pointer outlives no tensor.
+        grad_out, grad, scratch = grad_out.contiguous(), torch.empty_like(qkv), torch.empty_like(attn)
+        suffix, _ = _NATIVE[qkv.dtype]
+        getattr(lib, f"na_backward_{suffix}")(
+            *_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(), cells.data_ptr(), row_of.data_ptr(),
+            cells.numel(), attn.data_ptr(), grad_out.data_ptr(), scratch.data_ptr(), *_split(grad, heads * head_dim),
+            width, width, width, b * h * w, h, w, heads, head_dim ** -0.5, torch.get_num_threads())
+        return grad, None, None, None, None
+
+
+def _split(packed: Tensor, qk_width: int) -> tuple[int, int, int]:
+    """Addresses of the queries, keys and values of the first cell of a contiguous packed tensor."""
+    base, size = packed.data_ptr(), packed.element_size()
+    return base, base + qk_width * size, base + 2 * qk_width * size
+
+
+def packed_cpu_attention(qkv: Tensor, heads: int, value_dim: int, cells: Tensor | None = None) -> Tensor | None:
+    """Neighbourhood attention from the packed projection (see :class:`CPUNeighbourhoodAttention`) at `cells`, or
+    every cell as (B, H, W, heads·DV); None where the kernels cannot be built (use ``fast``)."""
+    b, h, w, width = qkv.shape
+    head_dim = (width // heads - value_dim) // 2
+    lib = kernels(head_dim, value_dim)
+    if lib is None:
+        return None
+    dtype = qkv.dtype
+    packed = qkv.contiguous() if dtype in _NATIVE else qkv.float().contiguous()
+    every = cells is None
+    cells = torch.arange(b * h * w) if every else cells.to(torch.int64).contiguous()  # the kernels read int64 rows
+    out = CPUNeighbourhoodAttention.apply(packed, heads, value_dim, cells, lib).to(dtype)
+    return out.view(b, h, w, -1) if every else out
+
+
+def cpu_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    """The kernels on q, k (B, heads, H, W, HD) and v (B, heads, H, W, DV), packed by a copy (the model passes its
+    projection packed already); None where they cannot be built."""
+    b, heads, h, w, _ = q.shape
+    packed = torch.cat([x.permute(0, 2, 3, 1, 4).flatten(3) for x in (q, k, v)], dim=-1)  # (B, H, W, heads·(2HD+DV))
+    out = packed_cpu_attention(packed, heads, v.shape[-1])
+    return None if out is None else out.view(b, h, w, heads, -1).permute(0, 3, 1, 2, 4)
