@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import socket
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,15 @@ def test_cpu_kernels_at_some_cells(dtype: torch.dtype) -> None:
 
 
 @needs_cc
+def test_cpu_kernels_refuse_cells_outside_the_grid_or_repeated() -> None:
+    """The kernels index memory with the cells unchecked: out-of-range or repeated cells are refused first."""
+    qkv = torch.randn(2, 4, 5, 3 * 2 * 4)
+    for cells in ([40], [-1], [7, 7, 3]):
+        with pytest.raises(ValueError, match="distinct flat indices into the 40 cells"):
+            packed_attention(qkv, 2, "cpu", torch.tensor(cells))
+
+
+@needs_cc
 def test_cpu_kernels_do_not_depend_on_the_thread_count() -> None:
     """The backward gathers rather than scatters: 1 and 3 threads give bit-identical gradients."""
     q, k, v, grad = _inputs((3, 2, 6, 5, 8, 8), torch.float32, seed=7)
@@ -243,7 +253,9 @@ def test_cpu_kernel_build_is_cached_and_clears_a_dead_build(monkeypatch: pytest.
         kernels.cache_clear()
         assert kernels(3, 3) is not None and built.stat().st_mtime_ns == stamp
         built.unlink()
-        stale, running = built.with_name(f"{built.name}.999999999.tmp"), built.with_name(f"{built.name}.1.tmp")
+        host = socket.gethostname()
+        stale = built.with_name(f"{built.name}.{host}-999999999.tmp")
+        running = built.with_name(f"{built.name}.{host}-1.tmp")
         for tmp in (stale, running):
             tmp.write_bytes(b"half a library")
         kernels.cache_clear()

@@ -19,6 +19,7 @@ import functools
 import hashlib
 import os
 import platform
+import socket
 import subprocess
 import warnings
 from pathlib import Path
@@ -54,16 +55,18 @@ def _build(cc: str, head_dim: int, value_dim: int) -> Path:
     source = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
-                                    (source, cc, version, _machine(), f"{head_dim},{value_dim}"))).hexdigest()[:16]
+                                    (source, Path(__file__).read_bytes(), cc, version, _machine(),
+                                     f"{head_dim},{value_dim}"))).hexdigest()[:16]
     folder = cache_dir() / "kernels"
     target = folder / f"attention_cpu-{head_dim}-{value_dim}-{key}.so"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f"{target.name}.*.tmp"):
-        if not _alive(stale.suffixes[-2].lstrip(".")):  # a build killed half-way, not one still running
+    host = socket.gethostname()  # a shared home serves several hosts, whose process numbers are their own
+    for stale in folder.glob(f"{target.name}.{host}-*.tmp"):
+        if not _alive(stale.suffixes[-2].rpartition("-")[2]):  # a build killed half-way, not one still running
             stale.unlink(missing_ok=True)
-    tmp = folder / f"{target.name}.{os.getpid()}.tmp"
+    tmp = folder / f"{target.name}.{host}-{os.getpid()}.tmp"
     errors = ""
     for flags in _FLAG_SETS:
         done = subprocess.run([cc, *flags, "-shared", "-fPIC", f"-DHD={head_dim}", f"-DDV={value_dim}",
@@ -161,6 +164,10 @@ def packed_cpu_attention(qkv: Tensor, heads: int, value_dim: int, cells: Tensor 
     packed = qkv.contiguous() if dtype in _NATIVE else qkv.float().contiguous()
     every = cells is None
     cells = torch.arange(b * h * w) if every else cells.to(torch.int64).contiguous()  # the kernels read int64 rows
+    if not every and cells.numel() and (cells.min() < 0 or cells.max() >= b * h * w
+                                        or torch.unique(cells).numel() != cells.numel()):
+        # The kernels index memory with them unchecked, and the backward keeps one row per cell.
+        raise ValueError(f"cells must be distinct flat indices into the {b * h * w} cells of the grid")
     out = CPUNeighbourhoodAttention.apply(packed, heads, value_dim, cells, lib).to(dtype)
     return out.view(b, h, w, -1) if every else out
 
