@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from geca.models import attention_cpu
 from geca.models.attention import (
     IMPLEMENTATIONS,
     NeighbourhoodAttentionFunction,
@@ -261,6 +262,26 @@ def test_cpu_kernel_build_is_cached_and_clears_a_dead_build(monkeypatch: pytest.
         kernels.cache_clear()
         assert kernels(3, 3) is not None and built.is_file() and not stale.exists()
         assert running.exists()  # process 1 is alive: its build is under way
+    finally:
+        kernels.cache_clear()
+
+
+@needs_cc
+def test_a_build_with_fewer_flags_is_not_reused_once_the_full_flags_build(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """A fallback build (without OpenMP, say) is cached under its own flags: when the full flags work again, they
+    are built rather than the degraded library loaded."""
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path))
+    full = attention_cpu._FLAG_SETS
+    monkeypatch.setattr(attention_cpu, "_FLAG_SETS", (("-O3", "--no-such-flag-geca"), *full[1:]))
+    kernels.cache_clear()
+    try:
+        assert kernels(3, 3) is not None
+        (degraded,) = (tmp_path / "kernels").glob("attention_cpu-3-3-*.so")
+        monkeypatch.setattr(attention_cpu, "_FLAG_SETS", full)
+        kernels.cache_clear()
+        assert kernels(3, 3) is not None
+        assert {p.name for p in (tmp_path / "kernels").glob("attention_cpu-3-3-*.so")} - {degraded.name}
     finally:
         kernels.cache_clear()
 

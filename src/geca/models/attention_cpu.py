@@ -21,6 +21,7 @@ import os
 import platform
 import socket
 import subprocess
+import threading
 import warnings
 from pathlib import Path
 
@@ -51,31 +52,32 @@ def _machine() -> str:
 
 
 def _build(cc: str, head_dim: int, value_dim: int) -> Path:
-    """The shared library for these dimensions, compiled into the cache unless it is there already."""
+    """The shared library for these dimensions, compiled into the cache unless it is there already. Each flag set
+    is its own cache entry, so a library built without OpenMP (say) is not reused once the full flags build."""
     source = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
-                                    (source, Path(__file__).read_bytes(), cc, version, _machine(),
-                                     f"{head_dim},{value_dim}"))).hexdigest()[:16]
     folder = cache_dir() / "kernels"
-    target = folder / f"attention_cpu-{head_dim}-{value_dim}-{key}.so"
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
     host = socket.gethostname()  # a shared home serves several hosts, whose process numbers are their own
-    for stale in folder.glob(f"{target.name}.{host}-*.tmp"):
-        if not _alive(stale.suffixes[-2].rpartition("-")[2]):  # a build killed half-way, not one still running
-            stale.unlink(missing_ok=True)
-    tmp = folder / f"{target.name}.{host}-{os.getpid()}.tmp"
     errors = ""
     for flags in _FLAG_SETS:
+        key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
+                                        (source, Path(__file__).read_bytes(), cc, version, _machine(),
+                                         f"{head_dim},{value_dim}", " ".join(flags)))).hexdigest()[:16]
+        target = folder / f"attention_cpu-{head_dim}-{value_dim}-{key}.so"
+        if target.is_file():
+            return target
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{target.name}.{host}-*.tmp"):
+            if not _alive(stale.suffixes[-2].rpartition("-")[2]):  # a build killed half-way, not one still running
+                stale.unlink(missing_ok=True)
+        tmp = folder / f"{target.name}.{host}-{os.getpid()}.tmp"
         done = subprocess.run([cc, *flags, "-shared", "-fPIC", f"-DHD={head_dim}", f"-DDV={value_dim}",
                                "-o", str(tmp), str(_SOURCE), "-lm"], capture_output=True, text=True, check=False)
         if done.returncode == 0:
             os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
             return target
+        tmp.unlink(missing_ok=True)
         errors = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
-    tmp.unlink(missing_ok=True)
     raise OSError(f"{cc} could not build {_SOURCE.name}: {errors}")
 
 
@@ -89,6 +91,9 @@ def _alive(pid: str) -> bool:
     return True
 
 
+_BUILDING = threading.Lock()  # threads of one process would share a temporary file name
+
+
 @functools.cache
 def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
     """The compiled kernels for these dimensions, or None (with one warning) where they cannot be built."""
@@ -96,7 +101,9 @@ def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
     try:
         if cc is None:
             raise OSError("no C compiler found (set CC, or install gcc or clang)")
-        lib = ctypes.CDLL(str(_build(cc, head_dim, value_dim)))
+        with _BUILDING:
+            built = _build(cc, head_dim, value_dim)
+        lib = ctypes.CDLL(str(built))
     except OSError as e:
         warnings.warn(f"the CPU attention kernels are not available ({e}); using 'fast' instead", stacklevel=2)
         return None
