@@ -566,6 +566,17 @@ def test_an_npz_names_its_own_classes(tmp_path: Path) -> None:
     assert medmnist_npz.load_npz(beside, "train").class_names == ["class 0", "class 1", "class 2"]
     (tmp_path / "beside.json").write_text('{"class_names": ["a", "b", "c"]}')
     assert medmnist_npz.load_npz(beside, "test").class_names == ["a", "b", "c"]
+    # The names set the class count: a label beyond them is named, in whichever split it is
     (tmp_path / "beside.json").write_text('{"class_names": ["a", "b"]}')
-    with pytest.raises(DataError, match="beside.json: class_names must be 3 distinct"):
+    with pytest.raises(DataError, match=r"train_labels\[2\] = 2 is out of range for 2 classes"):
         medmnist_npz.load_npz(beside, "test")
+    (tmp_path / "beside.json").write_text('{"class_names": ["a", "b", "c", "unseen"]}')
+    assert medmnist_npz.load_npz(beside, "val").labels.shape == (6, 4)
+    (tmp_path / "beside.json").write_text('{"class_names": ["a", "a", "b"]}')
+    with pytest.raises(DataError, match="beside.json: class_names must be the distinct"):
+        medmnist_npz.load_npz(beside, "test")
+    # Without names, a stray large label makes classes no image has: said, not silently trained
+    arrays["val_labels"][0] = 5
+    np.savez(tmp_path / "stray.npz", **arrays)
+    with pytest.warns(UserWarning, match="class.es. 3, 4 have no image in any split"):
+        assert medmnist_npz.load_npz(tmp_path / "stray.npz", "train").labels.shape == (6, 6)

@@ -133,6 +133,8 @@ def test_trace_follows_every_mode_from_the_same_noise() -> None:
     rows = ghg_trace(model, diffusion, torch.eye(2), (3, 8, 8), sampler, seed=0)
     assert [r["ghg"] for r in rows] == ["hidden"] * 3 + ["none"] * 3 + ["out"] * 3 + ["both"] * 3
     assert set(rows[0]) == set(FIELDS) and [r["step"] for r in rows[:3]] == [1, 2, 3]
+    # t is the model's timestep, not the respaced step's index
+    assert [r["t"] for r in rows[:3]] == diffusion.respaced(3).timestep_map[::-1] == [999, 500, 0]
     # the first call of every mode starts from the same noise and a fresh seed: identical rows
     first = [{k: v for k, v in r.items() if k not in ("ghg", "hidden_mean", "hidden_max", "out_mean", "out_max")}
              for r in rows[::3]]

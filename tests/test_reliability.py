@@ -65,7 +65,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-4"], "--batch-size"),
     (["--log-every", "0"], "--log-every"), (["--ema-decay", "2"], "--ema-decay"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--lr", "-1"], "--lr"),
-    (["--precision", "fp64"], "--precision"),
+    (["--precision", "fp64"], "--precision"), (["--seed", "-1"], "--seed"), (["--batch-size", "abc"], "--batch-size"),
+    (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_train_refuses_bad_values_before_creating_anything(data: Path, tmp_path: Path, flags: list[str],
                                                            flag: str) -> None:
@@ -149,6 +150,86 @@ def test_sample_and_grow_refuse_bad_values(run: Path, tmp_path: Path) -> None:
     refused(runner.invoke(app, [*grow, "--t", "-1"]), "--t")
     refused(runner.invoke(app, [*grow, "--frames", "0"]), "--frames")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["models", "--resolution", "0"], "--resolution"), (["models", "--classes", "0"], "--classes"),
+    (["models", "--channels", "-1"], "--channels"),
+    (["classify", "--data", "x.npz", "--out", "OUT", "--image-size", "0"], "--image-size"),
+    (["classify", "--data", "x.npz", "--out", "OUT", "--epochs", "0"], "--epochs"),
+    (["classify", "--data", "x.npz", "--out", "OUT", "--bootstrap", "10"], "--bootstrap"),
+    (["evaluate", "--generated", "g", "--real", "x:test", "--train", "x:train", "--out", "OUT/m.json",
+      "--batch-size", "0"], "--batch-size"),
+    (["runs", "NOWHERE"], "NOWHERE"),
+])
+def test_click_and_range_errors_are_one_line_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
+    out = tmp_path / "out"
+    args = [a.replace("OUT", str(out)).replace("NOWHERE", str(tmp_path / "nowhere")) for a in args]
+    refused(runner.invoke(app, args), flag.replace("NOWHERE", str(tmp_path / "nowhere")))
+    assert not out.exists()
+
+
+def test_classify_refuses_a_fold_test_without_folds_before_training(data: Path, tmp_path: Path) -> None:
+    refused(runner.invoke(app, ["classify", "--data", str(data), "--out", str(tmp_path / "t"), "--test", "ttest",
+                                "--epochs", "1", "--seeds", "1", "--no-progress"]), "--test ttest", "--folds-file")
+    assert not (tmp_path / "t").exists()
+
+
+def test_sample_grow_and_resume_refuse_what_they_would_ignore_or_overwrite(run: Path, data: Path,
+                                                                          tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    base = ["sample", "--run", str(run), "--out", str(out), "--per-class", "1", *FAST]
+    refused(runner.invoke(app, [*base, "--ratio", "3"]), "--ratio", "--labels-from")
+    assert not out.exists()
+    assert runner.invoke(app, base).exit_code == 0
+    refused(runner.invoke(app, [*base, "--resume"]), "--resume", "finished")
+    g = tmp_path / "g"
+    grow = ["grow", "--run", str(run), "--steps", "2", "--frames", "2"]
+    assert runner.invoke(app, [*grow, "--out", str(g)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in g.iterdir()}
+    refused(runner.invoke(app, [*grow, "--out", str(g), "--seed", "1"]), str(g), "--overwrite")
+    assert {p.name: p.read_bytes() for p in g.iterdir()} == before
+    assert runner.invoke(app, [*grow, "--out", str(g), "--seed", "1", "--overwrite"]).exit_code == 0
+    refused(runner.invoke(app, [*grow, "--out", str(data)]), str(data))
+    # A finished run resumed to its own step trains nothing and rewrites nothing (not even the preview).
+    copy = copy_run(run, tmp_path)
+    stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    res = runner.invoke(app, ["train", "--out", str(copy), "--resume", "--max-steps", "2", "--no-progress"])
+    assert res.exit_code == 0 and "nothing to train" in res.output, res.output
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # What a resume changes is said only once the resume checked out
+    res = runner.invoke(app, ["train", "--out", str(copy), "--resume", "--max-steps", "3", "--image-size", "16",
+                              "--no-progress"])
+    refused(res, "model.json")
+    assert "resume:" not in res.output
+
+
+def test_evaluate_refuses_what_it_cannot_score_before_any_network_runs(run: Path, data: Path,
+                                                                       tmp_path: Path) -> None:
+    samples = tmp_path / "s"
+    assert runner.invoke(app, ["sample", "--run", str(run), "--out", str(samples), "--per-class", "2",
+                               *FAST]).exit_code == 0
+    out = tmp_path / "m.json"
+    base = ["evaluate", "--generated", str(samples), "--out", str(out), "--features", "random", "--gg-features",
+            "random", "--no-lpips"]
+    real, train = ["--real", f"{data}:test"], ["--train", f"{data}:train"]
+    refused(runner.invoke(app, [*base, *real, "--train", f"{data}:test"]), "--real", "--train")
+    refused(runner.invoke(app, [*base, *real, *train, "--fold", "1"]), "--fold", "--folds-file")
+    refused(runner.invoke(app, [*base, *real, *train, "--cv-val", "next-fold"]), "--cv-val", "--folds-file")
+    # 4 images: KID subsets of 4 // 4 = 1 under the paper's protocol
+    refused(runner.invoke(app, [*base, *real, *train, "--protocol", "paper"]), "4 generated", "paper")
+    assert not out.exists()
+
+
+def test_the_api_takes_a_step_number_and_refuses_labels_it_would_misread(run: Path) -> None:
+    import geca
+
+    loaded = geca.load_run(run, checkpoint=1, device="cpu")
+    assert loaded.step == 1
+    with pytest.raises(TypeError, match=r"pass \['class 0'\]"):
+        loaded.sample("class 0", sampler="ddim", steps=2)
+    with pytest.raises(ValueError, match="no labels"):
+        loaded.sample([], sampler="ddim", steps=2)
 
 
 def test_evaluate_refuses_a_directory_as_out_and_writes_nothing(run: Path, data: Path, tmp_path: Path) -> None:

@@ -233,9 +233,9 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
     starts = []
     run = Trainer.run
 
-    def timed_run(self):
+    def timed_run(self, *args):
         starts.append(Clock.now)
-        return run(self)
+        return run(self, *args)
 
     monkeypatch.setattr(Trainer, "run", timed_run)
     bars = []

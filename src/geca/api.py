@@ -50,6 +50,10 @@ class Run:
     def labels(self, labels: Sequence[str | int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """Label vectors (N, K) from class names or indices (one-hot), or label vectors passed through."""
         k = len(self.class_names)
+        if isinstance(labels, (str, int)):
+            raise TypeError(f"labels must be a sequence (one image per entry): pass [{labels!r}], not {labels!r}")
+        if len(labels) == 0:
+            raise ValueError("no labels given: pass one class name, index or label vector per image")
         if isinstance(labels, (np.ndarray, torch.Tensor)) and np.ndim(labels) == 2:
             y = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
             if y.shape[1] != k:
@@ -85,7 +89,8 @@ def sampler_config(**sampling: Any) -> SamplerConfig:
     return SamplerConfig(**sampling)
 
 
-def load_run(run_dir: str | Path, checkpoint: str | None = None, weights: str = "ema", device: str = "auto") -> Run:
+def load_run(run_dir: str | Path, checkpoint: str | int | None = None, weights: str = "ema",
+             device: str = "auto") -> Run:
     """A trained run directory (from `geca train`): its EMA weights of the latest checkpoint by default
     (`checkpoint`: "best", a step number or a directory)."""
     dev = resolve_device(device)

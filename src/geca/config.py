@@ -48,6 +48,7 @@ class TrainConfig:
 
     def validate(self, check: Checks) -> None:
         check(self.max_steps >= 1, "train.max_steps", "≥ 1", self.max_steps)
+        check(0 <= self.seed < 2**32, "train.seed", "in [0, 2³²)", self.seed)
         check.choice(self.logger, "train.logger", LOGGERS)
         check(self.logger != "tensorboard" or importlib.util.find_spec("tensorboard") is not None, "train.logger",
               "csv, or tensorboard once its package is installed (pip install 'geca[tensorboard]')", self.logger)
@@ -100,6 +101,7 @@ class ValidationConfig:
         check(self.every >= 0, "validation.every", "≥ 0 (0: off)", self.every)
         check(self.num_samples >= 2, "validation.num_samples", "≥ 2", self.num_samples)
         check(self.batch_size >= 1, "validation.batch_size", "≥ 1", self.batch_size)
+        check(0 <= self.seed < 2**32, "validation.seed", "in [0, 2³²)", self.seed)
         check(self.split != "test", "validation.split", "val (or train), never 'test': selecting checkpoints on "
               "the split you report would bias the final evaluation", self.split)
         self.sampler.validate(check, "validation.sampler")

@@ -142,9 +142,9 @@ def verify(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupt (its SHA-256 differs from the one recorded when it was saved)")
 
 
-def find_checkpoint(run_dir: Path, which: str | None = None) -> Path:
+def find_checkpoint(run_dir: Path, which: str | int | Path | None = None) -> Path:
     """`which`: None/'latest', 'best' (lowest validation KID), a step number, or a checkpoint directory path."""
-    run_dir = Path(run_dir)
+    run_dir, which = Path(run_dir), None if which is None else str(which)
     if which and Path(which).is_dir():
         return Path(which)
     root = checkpoint_dir(run_dir)
@@ -232,7 +232,7 @@ class LoadedRun:
         return self.checkpoint.parent.parent
 
 
-def load_run(run_dir: Path, checkpoint: str | None = None, weights: str = "ema",
+def load_run(run_dir: Path, checkpoint: str | int | None = None, weights: str = "ema",
              device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild a run's denoiser from model.json and a checkpoint's EMA (default) or raw weights."""
     if weights not in ("ema", "model"):

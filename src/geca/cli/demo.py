@@ -28,8 +28,8 @@ def demo(
     minutes: float | None = typer.Option(None, "--minutes", help="Training time budget (default: the preset's)."),
     data: str | None = typer.Option(None, "--data", help="Dataset spec (default: retinamnist if found, else "
                                     "synthetic-fundus)."),
-    per_class: int = typer.Option(6, "--per-class", help="Samples per grade in the grid."),
-    steps: int = typer.Option(25, "--steps", help="DDIM steps for the samples and the growth GIFs."),
+    per_class: int = typer.Option(6, "--per-class", min=1, help="Samples per grade in the grid."),
+    steps: int = typer.Option(25, "--steps", min=1, help="DDIM steps for the samples and the growth GIFs."),
     ghg: str = typer.Option("none", "--ghg", help="Gene Heredity Guidance for the demo samples (none: a "
                             "minutes-old model has barely trained its heredity gate; hidden suits trained models)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
@@ -54,6 +54,11 @@ def demo(
     config.data.spec = data
     if minutes is not None:
         config.train.max_minutes = minutes
+    config.validate({"train.max_minutes": "--minutes", "data.spec": "--data"})
+    # GHG inherits C_h across reverse steps; after minutes of training the heredity gate has barely learnt what to
+    # take from it, so the demo shows the model's plain output (--ghg hidden to compare).
+    sampler = SamplerConfig(sampler="ddim", steps=steps, guidance_scale=1.5, ghg=ghg)
+    sampler.validate()
     if out.exists():
         if not (out / "model.json").exists():
             raise FileExistsError(f"{out} exists and is not a demo run; choose another --out")
@@ -63,9 +68,6 @@ def demo(
                f"({resolve_precision(config.train.precision)}) …")
     train(config, out, progress=show_progress(None))
     run = load_run(out, device=dev)
-    # GHG inherits C_h across reverse steps; after minutes of training the heredity gate has barely learnt what to
-    # take from it, so the demo shows the model's plain output (--ghg hidden to compare).
-    sampler = SamplerConfig(sampler="ddim", steps=steps, guidance_scale=1.5, ghg=ghg)
     labels = per_class_labels(run.spec.num_classes, per_class)
     typer.echo(f"sampling {len(labels)} images (DDIM {steps}, CFG 1.5, GHG {ghg}) …")
     manifest, images = write_sample_dir(out / "generated", run, labels, sampler, seed=0, batch_size=64, device=dev,

@@ -23,7 +23,7 @@ def expand(
                                     "the run's own, with its folds file and fold); must have the run's classes."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds` (default: the "
                                           "run's when --data is not given)."),
-    fold: int | None = typer.Option(None, "--fold", help="Test fold whose training split to replicate (default: "
+    fold: int | None = typer.Option(None, "--fold", min=0, help="Test fold whose training split to replicate (default: "
                                     "the run's)."),
     limit: int | None = typer.Option(None, "--limit", help="Sample only the first N images of the expansion (a "
                                      "quick look, or a budget; --resume with the same N continues it)."),
@@ -74,7 +74,8 @@ def classify(
                                                  "ImageNet weights (resnet34-b627a593.pth) to start from."),
     folds_file: Path | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds`: patient-level "
                                            "CV with test = fold k (validation: --cv-val)."),
-    folds: int | None = typer.Option(None, "--folds", help="With --folds-file: run folds 0..K-1 (default: all)."),
+    folds: int | None = typer.Option(None, "--folds", min=1, help="With --folds-file: run folds 0..K-1 (default: "
+                                     "all)."),
     cv_val: str = typer.Option("slice", "--cv-val", help=CV_VAL_HELP),
     eye_agg: str = typer.Option("max", "--eye-agg", help="Eye-level score of an eye's scans: max or mean "
                                 "(labels are OR-ed); used when the data has eye ids."),
@@ -83,7 +84,7 @@ def classify(
                              "seeds averaged per fold; needs --folds-file). Both are reported under CV."),
     p_metric: str = typer.Option("map", "--p-metric", help="Metric of the table's p column: sen, spe, auc, f1, "
                                  "f1_sen_spe, map or acc."),
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates (p from Δ / sd of the "
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap replicates, at least 100 (p from Δ / sd of the "
                                   "replicates, as pROC's bootstrap test)."),
     equal_steps: bool = typer.Option(True, "--equal-steps/--full-epochs", help="Give every arm the optimizer "
                                      "steps of the real set alone (default), or let epochs cover real + synthetic."),

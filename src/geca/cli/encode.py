@@ -18,14 +18,15 @@ def encode(
     data: str = typer.Option(..., "--data", help="Dataset: an .npz/.csv path, a MedMNIST name, or "
                              "synthetic-fundus / synthetic-oct[@key=value,...]."),
     out: Path = typer.Option(..., "--out", help="Cache directory (one subdirectory per split)."),
-    size: int = typer.Option(256, "--size", help="Centre-crop and resize images to this side before encoding."),
+    size: int = typer.Option(256, "--size", min=8, help="Centre-crop and resize images to this side before "
+                             "encoding."),
     mean: bool = typer.Option(False, "--mean", help="Cache the posterior means instead of posterior samples."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per VAE forward pass."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per VAE forward pass."),
     splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to encode."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Resize at load time, as `geca train "
+    image_size: int | None = typer.Option(None, "--image-size", min=2, help="Resize at load time, as `geca train "
                                           "--image-size` does (so that training finds this cache)."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds`."),
-    fold: int = typer.Option(0, "--fold", help="With --folds-file: which fold is the test fold."),
+    fold: int = typer.Option(0, "--fold", min=0, help="With --folds-file: which fold is the test fold."),
     cv_val: str = typer.Option("slice", "--cv-val", help=CV_VAL_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -38,8 +39,6 @@ def encode(
     names = [s.strip() for s in splits.split(",") if s.strip()]
     if not names:
         raise ConfigError("--splits is empty; give e.g. train,val,test")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
     for split in names:

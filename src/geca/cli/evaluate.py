@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from geca.cli.common import CV_VAL_HELP, guarded, pick_device
+from geca.errors import ConfigError
 
 features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
                            add_completion=False, pretty_exceptions_enable=False)
@@ -41,18 +42,18 @@ def evaluate(
                                  "the n−1 consecutive pairs of a shuffle (GeCA's Table 1); standard: KID subsets "
                                  "of min(1000, n_real, n_generated), LPIPS over 2,000 random distinct pairs."),
     out: Path = typer.Option(..., "--out", help="Metrics JSON to write; grids PNGs are written beside it."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every random choice (subsets, pairs, FLD splits)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of every random choice (subsets, pairs, FLD splits)."),
     lpips: bool = typer.Option(True, "--lpips/--no-lpips", help="Compute LPIPS diversity (needs AlexNet weights)."),
     lpips_weights: str | None = typer.Option(None, "--lpips-weights", help="torchvision AlexNet weights "
                                              "alexnet-owt-7be5be79.pth (default: in $GECA_WEIGHTS_DIR); 'random' "
                                              "for a seeded random backbone (tests only)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images per feature-network batch."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per feature-network batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV (`geca folds`) that defines the "
                                           "splits of --real and --train for folder+CSV data."),
-    fold: int = typer.Option(0, "--fold", help="With --folds-file: the test fold."),
-    cv_val: str = typer.Option("slice", "--cv-val", help=CV_VAL_HELP),
+    fold: int | None = typer.Option(None, "--fold", min=0, help="With --folds-file: the test fold (default 0)."),
+    cv_val: str | None = typer.Option(None, "--cv-val", help=CV_VAL_HELP + " Default: slice."),
 ) -> None:
     """Score generated sets against real data: KID, LPIPS diversity, FLD and the generalization gap (GG)."""
     from rich.console import Console
@@ -60,12 +61,15 @@ def evaluate(
     from geca.metrics.evaluate import EvalSettings, parse_generated, run_evaluation
     from geca.metrics.report import comparison_table, per_class_table
 
+    if folds_file is None and (fold is not None or cv_val is not None):
+        raise ConfigError(f"{'--fold' if fold is not None else '--cv-val'} chooses splits of a folds file: it needs "
+                          "--folds-file")
     settings = EvalSettings(
         generated=[parse_generated(a) for a in [*generated, *(more or [])]], real=real, train=train,
         features=features, features_file=features_file, protocol=protocol, seed=seed, lpips=lpips,
         gg_features=gg_features, gg_features_file=gg_features_file,
         lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress,
-        folds_file=folds_file, fold=fold, cv_val=cv_val)
+        folds_file=folds_file, fold=fold or 0, cv_val=cv_val or "slice")
     report = run_evaluation(settings, out, log=typer.echo)
     console = Console()
     console.print(comparison_table(report))
@@ -82,10 +86,10 @@ def features_train(
                              "synthetic-fundus / synthetic-oct[@key=value,...])."),
     out: Path = typer.Option(..., "--out", help="Weights file to write (.safetensors)."),
     split: str = typer.Option("train", "--split", help="Split to train on (never the test split you evaluate on)."),
-    image_size: int | None = typer.Option(None, "--image-size", help="Resize images to this size (use the size "
+    image_size: int | None = typer.Option(None, "--image-size", min=2, help="Resize images to this size (use the size "
                                           "of the generated images)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for initialisation and batch order."),
-    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (default: the domain network's "
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for initialisation and batch order."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the domain network's "
                                       "own, 10)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:

@@ -14,7 +14,7 @@ def folds(
     data: str = typer.Option(..., "--data", help="Dataset spec: a folder+CSV .csv file (or any spec with an "
                              "'all' split)."),
     k: int = typer.Option(5, "--k", min=3, help="Number of folds (at least 3: test, val and train folds)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for breaking ties between equally good folds."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed for breaking ties between equally good folds."),
     out: Path = typer.Option(..., "--out", help="Folds CSV to write (filename,patient_id,fold)."),
 ) -> None:
     """Assign patients to k label-stratified folds and write the folds CSV."""

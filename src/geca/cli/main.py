@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import typer
 import typer.core
@@ -21,6 +23,13 @@ from geca.cli.sample import grow, sample
 from geca.cli.train import train
 from geca.utils.allocator import keep_freed_memory
 
+try:  # typer ≥ 0.24 raises the errors of its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+# click < 8.2 prints the help of a bare `geca` and exits without raising this
+NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())
+
 # typer 0.29 labels every on/off flag (even --help) "<bool>" in --help, as if it took a value; older typers, which
 # lack this hook, do not.
 _type_label = getattr(typer.core.TyperOption, "display_type_rich", None)
@@ -30,7 +39,33 @@ if _type_label is not None:
 
     typer.core.TyperOption.display_type_rich = _no_flag_label  # type: ignore[method-assign]
 
+
+
+class OneLineErrors(typer.core.TyperGroup):
+    """Click's own errors (a value that is not a number or out of its range, an unknown flag) as one `error:` line
+    naming the flag and exit 2, like every other error of ours, instead of a framed box after the usage."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NO_ARGS_IS_HELP as e:  # `geca` alone: its help, which typer printed already
+            sys.exit(e.exit_code)
+        except click_errors.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"error: {' '.join(e.format_message().split())}{hint}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print("error: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Generative Cellular Automata: train, sample and grow GeCA diffusion models on medical images.",
     no_args_is_help=True,
     add_completion=False,

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from geca.cli.common import guarded
+from geca.errors import ConfigError
 from geca.models.config import NAMED_MODELS, DiTConfig, ModelConfig, UNetConfig
 
 
@@ -49,9 +50,9 @@ def model_row(name: str, config: ModelConfig, channels: int, classes: int, resol
 
 @guarded
 def models(
-    resolution: int = typer.Option(32, "--resolution", help="Grid size (a 256² image's SD-VAE latent is 32)."),
-    channels: int = typer.Option(4, "--channels", help="Input channels (4 for SD-VAE latents)."),
-    classes: int = typer.Option(11, "--classes", help="Number of label entries (11 for OCT-ML)."),
+    resolution: int = typer.Option(32, "--resolution", min=1, help="Grid size (a 256² image's SD-VAE latent is 32)."),
+    channels: int = typer.Option(4, "--channels", min=1, help="Input channels (4 for SD-VAE latents)."),
+    classes: int = typer.Option(11, "--classes", min=1, help="Number of label entries (11 for OCT-ML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Parameters, GMACs per denoiser call and cells/tokens of every named config at a given input shape.
@@ -114,6 +115,8 @@ def runs(
 
     from geca.run import summarize_run
 
+    if not root.is_dir():
+        raise ConfigError(f"{root}: no such folder (pass the folder that holds your run directories)")
     rows = [summarize_run(p.parent) for p in sorted(Path(root).rglob("model.json"))
             if (p.parent / "checkpoints").is_dir()]
     if as_json:

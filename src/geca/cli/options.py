@@ -24,8 +24,8 @@ SAMPLER_HELP = {
                 "uniform (evenly in t) or karras. DDPM and DDIM respace evenly (uniform).",
 }
 
-# name: (annotation, default, flag names, help)
-_OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
+# name: (annotation, default, flag names, help[, typer.Option's other settings])
+_OPTIONS: dict[str, tuple[Any, ...]] = {
     "sampler": (str, "ddpm", ("--sampler",), SAMPLER_HELP["sampler"]),
     "steps": (int, 250, ("--steps",), SAMPLER_HELP["steps"]),
     "guidance_scale": (float, 1.5, ("--cfg", "--guidance-scale"), SAMPLER_HELP["guidance_scale"]),
@@ -34,13 +34,13 @@ _OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
     "schedule": (str | None, None, ("--schedule",), SAMPLER_HELP["schedule"]),
     "clip_x0": (bool | None, None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
                 "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
-    "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images)."),
-    "batch_size": (int, 64, ("--batch-size",), "Images per sampling batch."),
+    "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images).", {"min": 0}),
+    "batch_size": (int, 64, ("--batch-size",), "Images per sampling batch.", {"min": 1}),
     "checkpoint": (str | None, None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, "
                    "or a directory."),
     "weights": (str, "ema", ("--weights",), "ema (default) or model (raw) weights."),
     "device": (str, "auto", ("--device",), "auto, cpu or cuda[:N]."),
-    "overwrite": (bool, False, ("--overwrite",), "Replace a non-empty --out once sampling is done."),
+    "overwrite": (bool, False, ("--overwrite",), "Replace what an earlier run wrote in --out once sampling is done."),
     "resume": (bool, False, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
                "finished (same run, settings and seed give the same images)."),
     "threads": (int | None, None, ("--threads",), "CPU threads (default: one per core)."),
@@ -48,7 +48,7 @@ _OPTIONS: dict[str, tuple[Any, Any, tuple[str, ...], str]] = {
                  "a log file)."),
 }
 GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "seed", "checkpoint", "device",
-        "threads")
+        "threads", "overwrite")
 
 
 SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "schedule")
@@ -78,8 +78,8 @@ def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), **defaults: Any) ->
         own = [p for p in signature.parameters.values() if p.name != "flags"]
         added = []
         for name in names:
-            annotation, default, flags, help_text = _OPTIONS[name]
-            option = typer.Option(defaults.get(name, default), *flags, help=help_text)
+            annotation, default, flags, help_text, *settings = _OPTIONS[name]
+            option = typer.Option(defaults.get(name, default), *flags, help=help_text, **(settings or [{}])[0])
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                            annotation=annotation))
 

@@ -16,10 +16,11 @@ from geca.errors import ConfigError
 def sample(
     run: Path = typer.Option(..., "--run", help="Run directory written by `geca train`."),
     out: Path = typer.Option(..., "--out", help="Output directory (images/, labels.csv, manifest.json)."),
-    per_class: int | None = typer.Option(None, "--per-class", help="Images per class (one-hot label vectors)."),
+    per_class: int | None = typer.Option(None, "--per-class", min=1, help="Images per class (one-hot label vectors)."),
     labels_from: str | None = typer.Option(None, "--labels-from", help="Replicate the label vectors of this "
                                            "split of the run's dataset: train, val or test."),
-    ratio: int = typer.Option(1, "--ratio", help="With --labels-from: each label vector exactly this many times."),
+    ratio: int | None = typer.Option(None, "--ratio", min=1, help="With --labels-from: each label vector exactly "
+                                     "this many times (default 1)."),
     trace: Path | None = typer.Option(None, "--trace", help="GeCA: also write FILE.csv (and FILE.png) tracing, per "
                                       "reverse step and GHG mode, mean/max |C_h| and |C_out|, the predicted-ε std and "
                                       "the x̂0 range, on one image per class from the same noise."),
@@ -34,6 +35,8 @@ def sample(
 
     if (per_class is None) == (labels_from is None):
         raise ConfigError("give exactly one of --per-class N or --labels-from SPLIT")
+    if ratio is not None and labels_from is None:
+        raise ConfigError("--ratio replicates the label vectors of --labels-from SPLIT; with --per-class, raise N")
     if trace is not None and trace.suffix != ".csv":
         raise ConfigError(f"--trace {trace}: expected a .csv file name")
     device = pick_device(flags.device)
@@ -42,15 +45,13 @@ def sample(
         raise ConfigError(f"--trace: {run} is not a GeCA (it has no cell state to trace)")
     sampler = run_sampler(loaded, flags.sampling, strict=True)
     if per_class is not None:
-        if per_class < 1:
-            raise ConfigError(f"--per-class must be ≥ 1, got {per_class}")
         labels = per_class_labels(loaded.spec.num_classes, per_class)
         source = {"labels": f"per-class {per_class}"}
     else:
         d = loaded.spec.data
         split = run_split(loaded, d.spec, labels_from, d.folds_file, d.fold)
-        labels = replicate_labels(split.labels, ratio)
-        source = {"labels": f"{d.spec}:{labels_from} x{ratio}"}
+        labels = replicate_labels(split.labels, ratio or 1)
+        source = {"labels": f"{d.spec}:{labels_from} x{ratio or 1}"}
     manifest, _ = write_sample_dir(out, loaded, labels, sampler, flags.seed, flags.batch_size, device, source,
                                    flags.overwrite, flags.progress, flags.resume)
     typer.echo(f"wrote {manifest['num_images']} images to {out} in {manifest['seconds']} s")
@@ -65,8 +66,9 @@ def grow(
     run: Path = typer.Option(..., "--run", help="Run directory of a GeCA."),
     out: Path = typer.Option(..., "--out", help="Directory for growth.gif/png and denoise.gif/png."),
     label: str = typer.Option("0", "--label", help="Class name or index of the organism."),
-    at_t: int = typer.Option(500, "--t", help="Noise level t (0–T) at which to show the M NCA updates."),
-    frames: int = typer.Option(25, "--frames", help="Frames of the denoising trajectory."),
+    at_t: int = typer.Option(500, "--t", help="Noise level t (0 to T−1, T the run's diffusion steps: 0…999 by "
+                             "default) at which to show the M NCA updates."),
+    frames: int = typer.Option(25, "--frames", min=1, help="Frames of the denoising trajectory."),
     *,
     flags: SamplingFlags,
 ) -> None:
@@ -78,7 +80,7 @@ def grow(
     device = pick_device(flags.device)
     loaded = load_run(run, flags.checkpoint, "ema", device)
     sampler = run_sampler(loaded, flags.sampling, strict=True)
-    organism = grow_organism(loaded, label, at_t, sampler, frames, flags.seed, device, out)
+    organism = grow_organism(loaded, label, at_t, sampler, frames, flags.seed, device, out, flags.overwrite)
     nearest = "" if organism.t == at_t else f" (the reverse step nearest --t {at_t} with {sampler.steps} steps)"
     typer.echo(f"organism of class {organism.label!r}, M updates shown at t={organism.t}{nearest}:")
     for p in organism.paths.values():

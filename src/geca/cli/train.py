@@ -103,8 +103,9 @@ def train(
     warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Linear LR warm-up over this many steps."),
     lr_schedule: str | None = typer.Option(None, "--lr-schedule", help="constant (the paper's) or cosine (to 0 at "
                                            "--max-steps, after the warm-up)."),
+    # "\\[" keeps Rich from reading [tensorboard] as markup and dropping it from --help
     logger: str | None = typer.Option(None, "--logger", help="csv (log.csv, always written) or tensorboard (also "
-                                      "TensorBoard events in RUN/tensorboard; pip install 'geca[tensorboard]')."),
+                                      "TensorBoard events in RUN/tensorboard; pip install 'geca\\[tensorboard]')."),
     set_values: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE for any config field, dotted "
                                                 "(--set model.hidden_channels=64 --set train.grad_clip=1.0); the "
                                                 "value is read as YAML; repeatable."),
@@ -148,12 +149,11 @@ def train(
     set_threads(threads)
     cpu = pick_device(device).type == "cpu"
     run_config.validate(names, where=config)
-    if before is not None:
-        for key, flag in names.items():
-            old, new = get_field(before, key), get_field(run_config, key)
-            if old != new:
-                typer.echo(f"resume: {key} {old!r} → {new!r} ({flag})")
-    summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), cpu=cpu)
+    changes = [] if before is None else [
+        f"resume: {key} {get_field(before, key)!r} → {get_field(run_config, key)!r} ({flag})"
+        for key, flag in names.items() if get_field(before, key) != get_field(run_config, key)]
+    summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), cpu=cpu,
+                           changes=changes)
     if summary["parameter_checksum"] is not None:
         typer.echo(f"parameters identical across {summary['processes']} processes "
                    f"(checksum {summary['parameter_checksum']:.10g})")

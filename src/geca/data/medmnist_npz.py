@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,9 +185,9 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _class_names(path: Path, arrays: dict[str, np.ndarray], k: int) -> list[str] | None:
+def _class_names(path: Path, arrays: dict[str, np.ndarray], k: int | None) -> list[str] | None:
     """The file's own class names: a `class_names` string array in the npz, or a sidecar NAME.json holding
-    {"class_names": [...]}; None when it has neither."""
+    {"class_names": [...]}; None when it has neither. `k`: how many there must be (None: any number)."""
     names: Any = None
     where = path
     if "class_names" in arrays:
@@ -199,9 +200,9 @@ def _class_names(path: Path, arrays: dict[str, np.ndarray], k: int) -> list[str]
             raise DataError(f"{sidecar}: not a JSON object with class_names ({e})") from None
     if names is None:
         return None
-    if not isinstance(names, list) or len(names) != k or not all(isinstance(n, str) and n for n in names) \
-            or len(set(names)) != k:
-        raise DataError(f"{where}: class_names must be {k} distinct non-empty strings, got {names!r}")
+    if not isinstance(names, list) or not names or len(names) != (k or len(names)) \
+            or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise DataError(f"{where}: class_names must be {k or 'the'} distinct non-empty strings, got {names!r}")
     return names
 
 
@@ -233,6 +234,7 @@ def load_npz(
     labels = arrays[f"{split}_labels"].astype(np.int64)
     if multilabel:
         k = width
+        own = _class_names(path, arrays, k)
         if known is not None and k != len(known.class_names):
             raise DataError(f"{path}: {path.stem} has {len(known.class_names)} labels, got {k} columns")
         bad = np.argwhere((labels != 0) & (labels != 1))
@@ -243,15 +245,22 @@ def load_npz(
         onehot = labels
     else:
         all_idx = np.concatenate([arrays[f"{s}_labels"][:, 0].astype(np.int64) for s in SPLITS])
-        k = len(known.class_names) if known is not None else int(all_idx.max(initial=0)) + 1
-        bad = np.flatnonzero((labels[:, 0] < 0) | (labels[:, 0] >= k))
-        if len(bad):
-            row = bad[0]
-            raise DataError(f"{path}: {split}_labels[{row}] = {labels[row, 0]} is out of range "
-                            f"for {k} classes (expected 0..{k - 1})")
+        own = _class_names(path, arrays, None if known is None else len(known.class_names))
+        k = len(known.class_names) if known is not None else len(own) if own else int(all_idx.max(initial=0)) + 1
+        for s in SPLITS:  # every split, so that a bad label is found whichever split is loaded first
+            idx = arrays[f"{s}_labels"][:, 0].astype(np.int64)
+            bad = np.flatnonzero((idx < 0) | (idx >= k))
+            if len(bad):
+                row = bad[0]
+                raise DataError(f"{path}: {s}_labels[{row}] = {idx[row]} is out of range for {k} classes "
+                                f"(expected 0..{k - 1})")
+        empty = np.flatnonzero(np.bincount(all_idx, minlength=k) == 0)
+        if known is None and own is None and len(empty):
+            warnings.warn(f"{path}: class(es) {', '.join(map(str, empty))} have no image in any split; the class "
+                          f"count is read as the largest label + 1 = {k} (give the file class_names to set it)",
+                          stacklevel=2)
         onehot = np.eye(k, dtype=np.float32)[labels[:, 0]]
-    class_names = _class_names(path, arrays, k) or (list(known.class_names) if known is not None else
-                                                    [f"class {i}" for i in range(k)])
+    class_names = own or (list(known.class_names) if known is not None else [f"class {i}" for i in range(k)])
 
     images = arrays[f"{split}_images"]
     h, w = images.shape[1:3]

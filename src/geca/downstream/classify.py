@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ from geca.downstream.classifier import ClassifierConfig
 from geca.downstream.metrics import AGGREGATIONS, MACRO
 from geca.downstream.protocol import ProtocolConfig, Splits, parse_arms, run_protocol
 from geca.downstream.report import summarise, write_report
-from geca.downstream.significance import TESTS
+from geca.downstream.significance import FOLD_TESTS, TESTS
 from geca.errors import ConfigError
+
+MIN_IMAGE_SIZE = 8
 
 
 @dataclass
@@ -43,6 +46,14 @@ class TableSettings:
             raise ConfigError(f"--p-metric must be one of {', '.join(MACRO)}, got {self.p_metric!r}")
         if self.bootstrap < 100:
             raise ConfigError(f"--bootstrap needs at least 100 replicates, got {self.bootstrap}")
+        for flag, value in (("--seeds", self.seeds), ("--epochs", self.epochs), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be ≥ 1, got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
+            # ResNet-34 halves an ImageNet-stem input five times: below 8 pixels nothing is left to classify.
+            raise ConfigError(f"--image-size must be ≥ {MIN_IMAGE_SIZE}, got {self.image_size}")
 
 
 def classify(data: str, synthetic: dict[str, str], arms: str | None, settings: TableSettings, out: Path,
@@ -53,6 +64,9 @@ def classify(data: str, synthetic: dict[str, str], arms: str | None, settings: T
     settings.validate()
     if cv_val not in CV_VAL:
         raise ConfigError(f"--cv-val must be one of {', '.join(CV_VAL)}, got {cv_val!r}")
+    if settings.test in FOLD_TESTS and (folds_file is None or (folds is not None and folds < 2)):
+        raise ConfigError(f"--test {settings.test} pairs the arms over folds: it needs --folds-file and at least 2 "
+                          "--folds (--test bootstrap, or auto, pairs them over test cases instead)")
     arm_list = parse_arms(arms, synthetic)
     s = settings
     weights = Path(s.imagenet_weights) if s.imagenet_weights else None

@@ -164,12 +164,30 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
         raise DataError(f"generated sets have different resolutions {sorted(sizes)}; evaluate them separately")
     size = sizes.pop()
     real_name, train_name = parse_split(s.real, "--real"), parse_split(s.train, "--train")
+    if real_name == train_name:
+        raise DataError(f"--real and --train are both {s.real}: the generator's training images would be scored "
+                        "as held-out data (FLD and GG compare the two); give --real a held-out split, e.g. SPEC:test")
     real = load_split(*real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")
     _check_compatible(":".join(train_name), train, real, "real")
+    _check_sizes(gens, real, train, s.protocol)
     return EvalInputs(gens, real, train, real_name, train_name, size)
+
+
+def _check_sizes(gens: list[tuple[str, Path, ImageSet]], real: ImageSet, train: ImageSet, protocol: str) -> None:
+    """Sets too small for a metric are refused before the feature networks are trained or run (minutes)."""
+    if len(real) < 2:
+        raise DataError(f"--real holds {len(real)} image(s); KID and FLD need at least 2")
+    if len(train) < 4:
+        raise DataError(f"--train holds {len(train)} image(s); FLD's baseline needs at least 4")
+    for name, _, g in gens:
+        subset = kid_subset_size(protocol, len(real), len(g))
+        if len(g) < 3 or subset < 2:
+            hint = " (KID subsets are n//4 under --protocol paper)" if protocol == "paper" else ""
+            raise DataError(f"{name}: {len(g)} generated image(s) give KID subsets of {subset}{hint}; sample at "
+                            f"least {8 if protocol == 'paper' else 3}")
 
 
 def _network(extractor: FeatureExtractor) -> dict[str, Any]:

@@ -163,6 +163,9 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out}: is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
+        if resume and (out / "manifest.json").is_file():
+            raise FileExistsError(f"--resume: {out} is a finished sample set already (its manifest.json is written); "
+                                  "nothing is left to resume (--overwrite samples it afresh)")
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     if len(labels) == 0:
         raise ConfigError("no label vectors to sample")

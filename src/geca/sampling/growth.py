@@ -51,10 +51,11 @@ def grow(model: Denoiser, diffusion: GaussianDiffusion, label: torch.Tensor, sha
     if sampler.sampler.startswith("dpm++"):
         raise ConfigError("geca grow replays a respaced DDPM/DDIM chain; use --sampler ddim or ddpm")
     spaced = diffusion.respaced(sampler.steps)
-    record: dict[int, tuple[torch.Tensor, torch.Tensor, CellState | None]] = {}
+    record: dict[int, tuple[torch.Tensor, torch.Tensor, CellState | None]] = {}  # by respaced step
+    step_of = {t: i for i, t in enumerate(spaced.timestep_map)}
 
-    def keep(i: int, xt: torch.Tensor, p: dict[str, torch.Tensor], state: CellState | None) -> None:
-        record[i] = (xt.clone(), p["pred_x0"].clone(), state)
+    def keep(t: int, xt: torch.Tensor, p: dict[str, torch.Tensor], state: CellState | None) -> None:
+        record[step_of[t]] = (xt.clone(), p["pred_x0"].clone(), state)
 
     sample(model, diffusion, label, shape, sampler, callback=keep)
     order = sorted(record, reverse=True)
@@ -116,10 +117,14 @@ def write_gif(top: np.ndarray, bottom: np.ndarray, path: Path, captions: list[st
                                                      duration=durations, loop=0))
 
 
+def growth_paths(out_dir: Path) -> dict[str, Path]:
+    names = {"growth_gif": "growth.gif", "growth_png": "growth.png", "denoise_gif": "denoise.gif",
+             "denoise_png": "denoise.png"}
+    return {key: Path(out_dir) / name for key, name in names.items()}
+
+
 def write_growth(g: Growth, out_dir: Path) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    paths = {"growth_gif": out_dir / "growth.gif", "growth_png": out_dir / "growth.png",
-             "denoise_gif": out_dir / "denoise.gif", "denoise_png": out_dir / "denoise.png"}
+    paths = growth_paths(out_dir)
     m = len(g.nca_eps)
     nca = [f"NCA step {i}/{m}" for i in range(1, m + 1)]
     write_gif(g.nca_eps, g.nca_x0, paths["growth_gif"], [f"{c}, t={g.nca_t}" for c in nca])
@@ -142,8 +147,15 @@ class Organism:
 
 
 def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig, frames: int, seed: int,
-                  device: torch.device | str, out: Path) -> Organism:
-    """Grow one organism of class `label` (name or index) from a loaded GeCA and write its GIFs and strips."""
+                  device: torch.device | str, out: Path, overwrite: bool = False) -> Organism:
+    """Grow one organism of class `label` (name or index) from a loaded GeCA and write its GIFs and strips into
+    `out`; files an earlier growth wrote there are replaced only with `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; growth writes a folder")
+    earlier = [p.name for p in growth_paths(out).values() if p.exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(earlier)}; pass --overwrite or choose another --out")
     if not run.model.has_cell_state:
         raise ConfigError(f"{run.spec.model.name} is not a cellular model; growth needs a GeCA")
     steps = run.diffusion.num_timesteps

@@ -52,7 +52,8 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
            progress: bool = False) -> torch.Tensor:
     """Generate one image per label vector; returns x_0 of shape (B, *shape).
 
-    `callback(t, x_t, p, state)` sees every reverse step (p holds pred_x0, eps, mean, log_variance).
+    `callback(t, x_t, p, state)` sees every reverse step, t the model timestep (0…T−1) for every sampler (p holds
+    pred_x0, eps, mean, log_variance).
     """
     if sampler.ghg is None or sampler.clip_x0 is None or sampler.schedule is None:
         sampler = sampler.for_model(model.has_cell_state, latent=False, ghg_default=model.ghg_default)
@@ -72,7 +73,7 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
         state = res.state
         p = spaced.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
         if callback is not None:
-            callback(i, x, p, state)
+            callback(spaced.timestep_map[i], x, p, state)
         x = _ddpm_step(x, t, p) if sampler.sampler == "ddpm" else _ddim_step(spaced, x, t, p, sampler.eta)
     return x
 
@@ -81,7 +82,7 @@ def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Ten
                 sampler: SamplerConfig, callback: StepCallback | None, progress: bool) -> torch.Tensor:
     """DPM-Solver++(2M) through diffusers' scheduler; the loop stays ours so that each call inherits the previous
     call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `dpm++sde` is its SDE form, which adds
-    fresh noise each step as DDPM does. `callback` gets the model timestep t (0…T−1)."""
+    fresh noise each step as DDPM does."""
     from diffusers import DPMSolverMultistepScheduler
 
     if diffusion.timestep_map != list(range(diffusion.num_timesteps)):

@@ -232,7 +232,7 @@ class Trainer:
         self.stream = BatchStream(len(self.data.data), tc.seed)
         self.log = CsvLog(self.run_dir / "log.csv", LOG_FIELDS)
         self.validator = self._validator(resume)  # loads the val split and features: fails before files are written
-        if self.main:
+        if self.main and self.step_count < tc.max_steps:  # a finished run resumed to its step is left as it is
             self._write_run_files(resume)
         if tc.logger == "tensorboard":
             # events in RUN/tensorboard, beside log.csv; on resume the steps after the checkpoint are dropped there
@@ -453,10 +453,18 @@ class Trainer:
         steps = [f"step {self.step_count}/{self.config.train.max_steps}"] if self.timed else []
         return ", ".join(steps + ([self.shown] if self.shown else []))
 
-    def run(self) -> dict[str, Any]:
+    def run(self, changes: list[str] | None = None) -> dict[str, Any]:
+        """Train to max_steps; `changes` (what a resume changed) are printed once everything checked out."""
         tc = self.config.train
         if self.main:
-            tqdm.write(self.describe())
+            for line in [self.describe(), *(changes or [])]:
+                tqdm.write(line)
+        if self.step_count >= tc.max_steps:  # a resumed run that is done: its files stay as they are
+            if self.main:
+                tqdm.write(f"nothing to train: the run is at step {self.step_count} and --max-steps is "
+                           f"{tc.max_steps}")
+            self.accelerator.end_training()
+            return self._summary(None)
         self.t_start, self.reserve_s, self.step_s, self._last_plain = time.time(), 0.0, 0.0, 0.0
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
@@ -474,6 +482,9 @@ class Trainer:
             plot_loss_curve(self.log.path, self.run_dir / "loss.png")
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        return self._summary(checksum)
+
+    def _summary(self, checksum: float | None) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "step": self.step_count, "processes": self.world,
                 "parameter_checksum": checksum, "config": asdict(self.config)}
 
@@ -498,10 +509,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-          train_set: ImageSet | None = None, cpu: bool = False) -> dict[str, Any]:
+          train_set: ImageSet | None = None, cpu: bool = False, changes: list[str] | None = None) -> dict[str, Any]:
     """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes.
-    `cpu` keeps a GPU machine's GPU idle."""
-    return Trainer(config, run_dir, resume, progress, train_set, cpu).run()
+    `cpu` keeps a GPU machine's GPU idle; `changes` are lines saying what a resume changed."""
+    return Trainer(config, run_dir, resume, progress, train_set, cpu).run(changes)
 
 
 def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:
