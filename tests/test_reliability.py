@@ -136,6 +136,8 @@ def test_sample_and_grow_refuse_bad_values(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "s"
     base = ["sample", "--run", str(run), "--out", str(out), "--per-class", "1", *FAST]
     refused(runner.invoke(app, [*base, "--batch-size", "0"]), "--batch-size")
+    refused(runner.invoke(app, [*base, "--weights", "raw"]), "--weights")
+    refused(runner.invoke(app, [*base, "--steps", "5000"]), "--steps", "1000")
     refused(runner.invoke(app, [*base, "--device", "bogus"]), "--device")
     refused(runner.invoke(app, [*base, "--cfg", "-1"]), "--cfg")
     refused(runner.invoke(app, [*base, "--schedule", "cosine"]), "--schedule")

@@ -21,7 +21,7 @@ def per_class_labels(num_classes: int, per_class: int, classes: list[int] | None
 def replicate_labels(labels: np.ndarray, ratio: int) -> torch.Tensor:
     """Every label vector of a split exactly `ratio` times (Eq. 8: the joint label distribution is preserved)."""
     if ratio < 1:
-        raise ConfigError(f"ratio must be ≥ 1, got {ratio}")
+        raise ConfigError(f"--ratio must be ≥ 1, got {ratio}")
     return torch.from_numpy(np.repeat(np.asarray(labels, dtype=np.float32), ratio, axis=0))
 
 
