@@ -236,7 +236,7 @@ def load_run(run_dir: Path, checkpoint: str | int | None = None, weights: str = 
              device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild a run's denoiser from model.json and a checkpoint's EMA (default) or raw weights."""
     if weights not in ("ema", "model"):
-        raise CheckpointError(f"weights must be 'ema' or 'model', got {weights!r}")
+        raise CheckpointError(f"--weights must be 'ema' or 'model', got {weights!r}")
     spec = read_spec(run_dir)
     ckpt = find_checkpoint(run_dir, checkpoint)
     wfile = ckpt / f"{weights}.safetensors"

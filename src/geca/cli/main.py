@@ -40,7 +40,6 @@ if _type_label is not None:
     typer.core.TyperOption.display_type_rich = _no_flag_label  # type: ignore[method-assign]
 
 
-
 class OneLineErrors(typer.core.TyperGroup):
     """Click's own errors (a value that is not a number or out of its range, an unknown flag) as one `error:` line
     naming the flag and exit 2, like every other error of ours, instead of a framed box after the usage."""

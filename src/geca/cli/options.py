@@ -10,7 +10,6 @@ from typing import Any
 
 import typer
 
-from geca.errors import ConfigError
 from geca.sampling.config import SamplerConfig
 
 SAMPLER_HELP = {
@@ -52,7 +51,6 @@ GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "se
         "threads", "overwrite")
 
 
-WEIGHTS = ("ema", "model")
 SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "schedule")
 
 
@@ -91,8 +89,6 @@ def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), **defaults: Any) ->
 
             given = {name: kwargs.pop(name) for name in names}
             sampling = SamplerConfig(**{k: given.pop(k) for k in SAMPLER_FIELDS if k in given})
-            if given.get("weights", "ema") not in WEIGHTS:
-                raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS)}, got {given['weights']!r}")
             flags = SamplingFlags(sampling, **given)
             flags.progress = show_progress(flags.progress)
             set_threads(flags.threads)

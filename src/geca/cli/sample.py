@@ -37,6 +37,7 @@ def sample(
         raise ConfigError("give exactly one of --per-class N or --labels-from SPLIT")
     if ratio is not None and labels_from is None:
         raise ConfigError("--ratio replicates the label vectors of --labels-from SPLIT; with --per-class, raise N")
+    ratio = ratio or 1
     if trace is not None and trace.suffix != ".csv":
         raise ConfigError(f"--trace {trace}: expected a .csv file name")
     device = pick_device(flags.device)
@@ -50,8 +51,8 @@ def sample(
     else:
         d = loaded.spec.data
         split = run_split(loaded, d.spec, labels_from, d.folds_file, d.fold)
-        labels = replicate_labels(split.labels, ratio or 1)
-        source = {"labels": f"{d.spec}:{labels_from} x{ratio or 1}"}
+        labels = replicate_labels(split.labels, ratio)
+        source = {"labels": f"{d.spec}:{labels_from} x{ratio}"}
     manifest, _ = write_sample_dir(out, loaded, labels, sampler, flags.seed, flags.batch_size, device, source,
                                    flags.overwrite, flags.progress, flags.resume)
     typer.echo(f"wrote {manifest['num_images']} images to {out} in {manifest['seconds']} s")

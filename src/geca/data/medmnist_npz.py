@@ -244,11 +244,11 @@ def load_npz(
                             "multi-hot values must be 0 or 1")
         onehot = labels
     else:
-        all_idx = np.concatenate([arrays[f"{s}_labels"][:, 0].astype(np.int64) for s in SPLITS])
+        indices = {s: arrays[f"{s}_labels"][:, 0].astype(np.int64) for s in SPLITS}
+        all_idx = np.concatenate(list(indices.values()))
         own = _class_names(path, arrays, None if known is None else len(known.class_names))
         k = len(known.class_names) if known is not None else len(own) if own else int(all_idx.max(initial=0)) + 1
-        for s in SPLITS:  # every split, so that a bad label is found whichever split is loaded first
-            idx = arrays[f"{s}_labels"][:, 0].astype(np.int64)
+        for s, idx in indices.items():  # every split, so that a bad label is found whichever split is loaded first
             bad = np.flatnonzero((idx < 0) | (idx >= k))
             if len(bad):
                 row = bad[0]

@@ -54,16 +54,17 @@ def _machine() -> str:
 def _build(cc: str, head_dim: int, value_dim: int) -> Path:
     """The shared library for these dimensions, compiled into the cache unless it is there already. Each flag set
     is its own cache entry, so a library built without OpenMP (say) is not reused once the full flags build."""
-    source = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    common = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
+                                       (_SOURCE.read_bytes(), Path(__file__).read_bytes(), cc, version, _machine(),
+                                        f"{head_dim},{value_dim}")))
     folder = cache_dir() / "kernels"
     host = socket.gethostname()  # a shared home serves several hosts, whose process numbers are their own
     errors = ""
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
-                                        (source, Path(__file__).read_bytes(), cc, version, _machine(),
-                                         f"{head_dim},{value_dim}", " ".join(flags)))).hexdigest()[:16]
-        target = folder / f"attention_cpu-{head_dim}-{value_dim}-{key}.so"
+        entry = common.copy()  # the flags join the key: each flag set is its own cache entry
+        entry.update(b"\0" + " ".join(flags).encode())
+        target = folder / f"attention_cpu-{head_dim}-{value_dim}-{entry.hexdigest()[:16]}.so"
         if target.is_file():
             return target
         folder.mkdir(parents=True, exist_ok=True)
