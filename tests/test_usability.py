@@ -193,7 +193,9 @@ def test_set_flip_threads_device_and_lr_schedule(blobs_npz: Path, tmp_path: Path
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == lrs[2] == pytest.approx(1e-3) and lrs[3] < lrs[2]
     for bad, word in ((["--set", "train.lr=fast"], "--set train.lr"), (["--set", "train.nope=1"], "nope"),
                       (["--set", "model.hidden_channels=0"], "--set model.hidden_channels"),
-                      (["--lr-schedule", "linear"], "--lr-schedule"), (["--threads", "0"], "--threads")):
+                      (["--lr-schedule", "linear"], "--lr-schedule"), (["--threads", "0"], "--threads"),
+                      (["--lr", "1e-3", "--set", "train.lr=2e-3"], "--set train.lr and --lr both set train.lr"),
+                      (["--set", "train.lr=1e-3", "--set", "train.lr=2e-3"], "--set train.lr is given twice")):
         res = runner.invoke(app, [*base[:4], str(tmp_path / "bad"), *base[5:], *bad])
         assert res.exit_code == 2 and word in res.output, (bad, res.output)
     res = runner.invoke(app, ["runs", str(tmp_path), "--json"])

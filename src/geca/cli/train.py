@@ -108,7 +108,8 @@ def train(
                                       "TensorBoard events in RUN/tensorboard; pip install 'geca\\[tensorboard]')."),
     set_values: list[str] | None = typer.Option(None, "--set", help="KEY=VALUE for any config field, dotted "
                                                 "(--set model.hidden_channels=64 --set train.grad_clip=1.0); the "
-                                                "value is read as YAML; repeatable."),
+                                                "value is read as YAML; repeatable, once per key, and not for a key "
+                                                "a flag given too sets."),
     device: str = typer.Option("auto", "--device", help="auto (the GPU where there is one), cpu or cuda (several "
                                "GPUs: launch with torchrun)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: one per core)."),
@@ -145,7 +146,7 @@ def train(
     # A bad value is named as the user wrote it: its flag, or its key in the config file.
     names = {FLAG_FIELDS[k]: flag_name(k, heredity if k == "heredity" else v)
              for k, v in overrides.items() if v is not None}
-    names.update(apply_set(run_config, set_values or []))
+    names.update(apply_set(run_config, set_values or [], names))
     set_threads(threads)
     cpu = pick_device(device).type == "cpu"
     run_config.validate(names, where=config)

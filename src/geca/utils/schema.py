@@ -144,14 +144,20 @@ def set_field(obj: Any, path: str, value: Any, where: str) -> None:
     setattr(obj, name, _coerce(typing.get_type_hints(type(obj))[name], value, where))
 
 
-def apply_set(config: Any, items: list[str]) -> dict[str, str]:
+def apply_set(config: Any, items: list[str], flags: dict[str, str] | None = None) -> dict[str, str]:
     """`--set KEY=VALUE` overrides (values read as YAML) of dotted fields of `config`; returns key → how the user
-    spelt it."""
-    names = {}
+    spelt it. A key that one of `flags` (key → flag) or an earlier --set already set is refused: which one should
+    win is not for us to guess."""
+    names: dict[str, str] = {}
+    flags = flags or {}
     for item in items:
         key, eq, text = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=3e-4")
+        if key in names:
+            raise ConfigError(f"--set {key} is given twice; give it once")
+        if key in flags:
+            raise ConfigError(f"--set {key} and {flags[key]} both set {key}; give one of them")
         try:
             value = load_yaml(text)
         except yaml.YAMLError as e:
