@@ -225,6 +225,39 @@ def test_cpu_kernel_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda *x: neighbourhood_attention(*x, impl="cpu"), (q, k, v))
 
 
+@needs_cc
+def test_cpu_kernel_operators_pass_torch_opcheck() -> None:
+    """Registered as torch operators: schema, fake (meta) shapes and the autograd formula agree with the kernels."""
+    gen = torch.Generator().manual_seed(10)
+    qkv = torch.randn(2, 3, 4, 3 * 2 * 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    for cells in (torch.arange(24), torch.tensor([0, 5, 17, 23])):
+        torch.library.opcheck(attention_cpu._attend, (qkv, cells, 2, 4))
+
+
+@needs_cc
+def test_torch_compile_keeps_the_cpu_kernels_in_one_graph() -> None:
+    """A user's torch.compile of a GeCA whose attention is the C kernels traces one graph (no break at each NCA
+    step's kernel call) and gives the eager model's output and gradients."""
+    from geca.models.geca import GeCA
+
+    torch.manual_seed(0)
+    model = GeCA(in_channels=3, num_classes=4, resolution=6, hidden_size=16, heads=2, mlp_hidden=32,
+                 hidden_channels=4, nca_steps=3, attention="cpu", heredity="gated")
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # adaLN-zero would leave the attention's gradient zero
+    x, t, y = torch.randn(2, 3, 6, 6), torch.tensor([3, 700]), torch.eye(4)[[1, 2]]
+    explained = torch._dynamo.explain(model)(x, t, y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    results = []
+    for run in (model, torch.compile(model, backend="aot_eager")):  # autograd traced through the fake kernels
+        torch.manual_seed(1)
+        out = run(x, t, y).output
+        grads = torch.autograd.grad(out.square().sum(), [model.block.qkv.weight, model.embed.weight])
+        results.append((out, *grads))
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_kernels_fall_back_to_fast_without_a_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
     """No C compiler: one warning, and `fast`'s numbers."""
     monkeypatch.setenv("CC", "")

@@ -24,15 +24,15 @@ import subprocess
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
 from geca.utils.hardware import c_compiler
 from geca.utils.pretrained import cache_dir
 
-__all__ = ["cpu_attention", "kernels", "packed_cpu_attention"]
+__all__ = ["available", "cpu_attention", "kernels", "packed_cpu_attention"]
 
 _SOURCE = Path(__file__).with_suffix(".c")
 # Tried in order: without OpenMP the kernels run single-threaded, without -march=native they are portable.
@@ -116,42 +116,84 @@ def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
     return lib
 
 
-class CPUNeighbourhoodAttention(torch.autograd.Function):
+# Registered as operators rather than an autograd.Function around ctypes calls: torch.compile then keeps them in its
+# graph as opaque calls, where it would otherwise break the graph at every one (once per NCA step).
+@torch.library.custom_op("geca::cpu_neighbourhood_attention", mutates_args=())
+def _attend(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
     """Attention at `cells` (N flat indices into B·H·W) from the packed projection qkv (B, H, W, heads·(2·HD + DV)):
-    each cell's queries, then keys, then values, head after head. Out (N, heads·DV); the gradient has qkv's layout."""
+    each cell's queries, then keys, then values, head after head. Out (N, heads·DV) and the softmax weights
+    (N, heads, 9) that the backward reuses."""
+    b, h, w, width = qkv.shape
+    head_dim = (width // heads - value_dim) // 2
+    if cells.numel() and (cells.min() < 0 or cells.max() >= b * h * w or torch.unique(cells).numel() != cells.numel()):
+        # The kernels index memory with them unchecked, and the backward keeps one row per cell.
+        raise ValueError(f"cells must be distinct flat indices into the {b * h * w} cells of the grid")
+    lib = _loaded(head_dim, value_dim)
+    suffix, _ = _NATIVE[qkv.dtype]
+    dead = qkv.new_zeros(heads * max(head_dim, value_dim))
+    out = qkv.new_empty(cells.numel(), heads * value_dim)
+    attn = qkv.new_empty(cells.numel(), heads, 9)
+    getattr(lib, f"na_forward_{suffix}")(*_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(),
+                                         cells.data_ptr(), cells.numel(), out.data_ptr(), attn.data_ptr(), h, w,
+                                         heads, head_dim ** -0.5, torch.get_num_threads())
+    return out, attn
 
-    @staticmethod
-    def forward(ctx: FunctionCtx, qkv: Tensor, heads: int, value_dim: int, cells: Tensor, lib: ctypes.CDLL
-                ) -> Tensor:
-        b, h, w, width = qkv.shape
-        head_dim = (width // heads - value_dim) // 2
-        suffix, _ = _NATIVE[qkv.dtype]
-        dead = qkv.new_zeros(heads * max(head_dim, value_dim))
-        out = qkv.new_empty(cells.numel(), heads * value_dim)
-        attn = qkv.new_empty(cells.numel(), heads, 9)
-        getattr(lib, f"na_forward_{suffix}")(*_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(),
-                                             cells.data_ptr(), cells.numel(), out.data_ptr(), attn.data_ptr(), h, w,
-                                             heads, head_dim ** -0.5, torch.get_num_threads())
-        ctx.save_for_backward(qkv, cells, attn, dead)
-        ctx.heads, ctx.head_dim, ctx.lib = heads, head_dim, lib
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        qkv, cells, attn, dead = ctx.saved_tensors
-        heads, head_dim, lib = ctx.heads, ctx.head_dim, ctx.lib
-        b, h, w, width = qkv.shape
-        row_of = torch.full((b * h * w,), -1, dtype=torch.int64)
-        row_of[cells] = torch.arange(cells.numel())
-        # Every buffer the kernel touches is held by a name until it returns: a pointer outlives no tensor.
-        grad_out, grad, scratch = grad_out.contiguous(), torch.empty_like(qkv), torch.empty_like(attn)
-        suffix, _ = _NATIVE[qkv.dtype]
-        getattr(lib, f"na_backward_{suffix}")(
-            *_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(), cells.data_ptr(), row_of.data_ptr(),
-            cells.numel(), attn.data_ptr(), grad_out.data_ptr(), scratch.data_ptr(), *_split(grad, heads * head_dim),
-            width, width, width, b * h * w, h, w, heads, head_dim ** -0.5, torch.get_num_threads())
-        return grad, None, None, None, None
+@_attend.register_fake
+def _(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
+    return qkv.new_empty(cells.shape[0], heads * value_dim), qkv.new_empty(cells.shape[0], heads, 9)
+
+
+@torch.library.custom_op("geca::cpu_neighbourhood_attention_backward", mutates_args=())
+def _attend_backward(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor, heads: int, value_dim: int
+                     ) -> Tensor:
+    """The gradient of :func:`_attend`'s output with respect to qkv, in qkv's layout."""
+    b, h, w, width = qkv.shape
+    head_dim = (width // heads - value_dim) // 2
+    lib = _loaded(head_dim, value_dim)
+    row_of = torch.full((b * h * w,), -1, dtype=torch.int64)
+    row_of[cells] = torch.arange(cells.numel())
+    # Every buffer the kernel touches is held by a name until it returns: a pointer outlives no tensor.
+    grad_out, grad, scratch = grad_out.contiguous(), torch.empty_like(qkv), torch.empty_like(attn)
+    dead = qkv.new_zeros(heads * max(head_dim, value_dim))
+    suffix, _ = _NATIVE[qkv.dtype]
+    getattr(lib, f"na_backward_{suffix}")(
+        *_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(), cells.data_ptr(), row_of.data_ptr(),
+        cells.numel(), attn.data_ptr(), grad_out.data_ptr(), scratch.data_ptr(), *_split(grad, heads * head_dim),
+        width, width, width, b * h * w, h, w, heads, head_dim ** -0.5, torch.get_num_threads())
+    return grad
+
+
+@_attend_backward.register_fake
+def _(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor, heads: int, value_dim: int) -> Tensor:
+    return torch.empty_like(qkv)
+
+
+def _keep_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    qkv, cells, heads, value_dim = inputs
+    ctx.save_for_backward(qkv, cells, output[1])
+    ctx.heads, ctx.value_dim = heads, value_dim
+
+
+def _gradient(ctx: Any, grad_out: Tensor, _grad_attn: Tensor | None) -> tuple[Tensor | None, None, None, None]:
+    qkv, cells, attn = ctx.saved_tensors
+    return _attend_backward(grad_out, qkv, cells, attn, ctx.heads, ctx.value_dim), None, None, None
+
+
+_attend.register_autograd(_gradient, setup_context=_keep_for_backward)
+
+
+def _loaded(head_dim: int, value_dim: int) -> ctypes.CDLL:
+    lib = kernels(head_dim, value_dim)
+    if lib is None:
+        raise RuntimeError("the CPU attention kernels are not available (see the warning above)")
+    return lib
+
+
+@torch.compiler.assume_constant_result  # torch.compile asks once, when it traces, instead of breaking its graph
+def available(head_dim: int, value_dim: int) -> bool:
+    """Whether the kernels for these dimensions build here (one warning where they do not)."""
+    return kernels(head_dim, value_dim) is not None
 
 
 def _split(packed: Tensor, qk_width: int) -> tuple[int, int, int]:
@@ -161,22 +203,16 @@ def _split(packed: Tensor, qk_width: int) -> tuple[int, int, int]:
 
 
 def packed_cpu_attention(qkv: Tensor, heads: int, value_dim: int, cells: Tensor | None = None) -> Tensor | None:
-    """Neighbourhood attention from the packed projection (see :class:`CPUNeighbourhoodAttention`) at `cells`, or
-    every cell as (B, H, W, heads·DV); None where the kernels cannot be built (use ``fast``)."""
+    """Neighbourhood attention from the packed projection (see :func:`_attend`) at `cells`, or every cell as
+    (B, H, W, heads·DV); None where the kernels cannot be built (use ``fast``)."""
     b, h, w, width = qkv.shape
-    head_dim = (width // heads - value_dim) // 2
-    lib = kernels(head_dim, value_dim)
-    if lib is None:
+    if not available((width // heads - value_dim) // 2, value_dim):
         return None
     dtype = qkv.dtype
     packed = qkv.contiguous() if dtype in _NATIVE else qkv.float().contiguous()
     every = cells is None
     cells = torch.arange(b * h * w) if every else cells.to(torch.int64).contiguous()  # the kernels read int64 rows
-    if not every and cells.numel() and (cells.min() < 0 or cells.max() >= b * h * w
-                                        or torch.unique(cells).numel() != cells.numel()):
-        # The kernels index memory with them unchecked, and the backward keeps one row per cell.
-        raise ValueError(f"cells must be distinct flat indices into the {b * h * w} cells of the grid")
-    out = CPUNeighbourhoodAttention.apply(packed, heads, value_dim, cells, lib).to(dtype)
+    out = _attend(packed, cells, heads, value_dim)[0].to(dtype)
     return out.view(b, h, w, -1) if every else out
 
 
