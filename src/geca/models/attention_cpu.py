@@ -122,12 +122,10 @@ def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
 def _attend(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
     """Attention at `cells` (N flat indices into B·H·W) from the packed projection qkv (B, H, W, heads·(2·HD + DV)):
     each cell's queries, then keys, then values, head after head. Out (N, heads·DV) and the softmax weights
-    (N, heads, 9) that the backward reuses."""
+    (N, heads, 9) that the backward reuses. Called through :func:`packed_cpu_attention`, which checks the cells
+    (distinct, in range) and makes qkv contiguous in a native dtype: the kernels rely on both unchecked."""
     b, h, w, width = qkv.shape
     head_dim = (width // heads - value_dim) // 2
-    if cells.numel() and (cells.min() < 0 or cells.max() >= b * h * w or torch.unique(cells).numel() != cells.numel()):
-        # The kernels index memory with them unchecked, and the backward keeps one row per cell.
-        raise ValueError(f"cells must be distinct flat indices into the {b * h * w} cells of the grid")
     lib = _loaded(head_dim, value_dim)
     suffix, _ = _NATIVE[qkv.dtype]
     dead = qkv.new_zeros(heads * max(head_dim, value_dim))
@@ -212,6 +210,10 @@ def packed_cpu_attention(qkv: Tensor, heads: int, value_dim: int, cells: Tensor 
     packed = qkv.contiguous() if dtype in _NATIVE else qkv.float().contiguous()
     every = cells is None
     cells = torch.arange(b * h * w) if every else cells.to(torch.int64).contiguous()  # the kernels read int64 rows
+    if not every and cells.numel() and (cells.min() < 0 or cells.max() >= b * h * w
+                                        or torch.unique(cells).numel() != cells.numel()):
+        # The kernels index memory with them unchecked, and the backward keeps one row per cell.
+        raise ValueError(f"cells must be distinct flat indices into the {b * h * w} cells of the grid")
     out = _attend(packed, cells, heads, value_dim)[0].to(dtype)
     return out.view(b, h, w, -1) if every else out
 
