@@ -152,7 +152,7 @@ def _hot(value: int) -> dict[str, np.ndarray]:
 
 # case: (file name, how to write it, what the message must say)
 BAD_NPZ = {
-    "not a zip": ("text.npz", _text_file, "not a valid npz"),
+    "not a zip": ("text.npz", _text_file, "not an npz file (it is not a zip archive)"),
     "single array": ("single.npz", _single_array, "not an npz archive"),
     "missing key": ("nokey.npz", lambda p: _npz(p, val_labels=None), "missing key(s) val_labels"),
     "float images": ("float.npz", lambda p: _npz(p, train_images=np.zeros((6, 5, 5, 3))), "uint8"),

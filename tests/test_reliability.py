@@ -121,6 +121,30 @@ def test_bad_data_files(tmp_path: Path, data: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+def test_outputs_and_inputs_of_the_other_commands_are_checked_before_any_work(data: Path, tmp_path: Path) -> None:
+    """features train, folds, encode and experiment: an output path of the wrong kind, an unknown split, a folder
+    given as a config and a file that is no npz are refused up front, each naming its flag or file."""
+    a_file, folder = tmp_path / "file", tmp_path / "folder"
+    a_file.write_text("x")
+    folder.mkdir()
+    for out in (folder, tmp_path / "w.pt", a_file / "w.safetensors"):
+        refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", str(out)]), "--out", str(out))
+    for out in (folder, tmp_path / "folds.txt"):
+        refused(runner.invoke(app, ["folds", "--data", "synthetic-oct", "--out", str(out)]), "--out", ".csv")
+    refused(runner.invoke(app, ["folds", "--data", str(data), "--out", str(tmp_path / "f.csv")]), str(data), "'all'")
+    encode = ["encode", "--vae", str(tmp_path / "no-vae"), "--data", str(data)]
+    refused(runner.invoke(app, [*encode, "--out", str(tmp_path / "e"), "--splits", "train,bogus"]), "--splits", "bogus")
+    refused(runner.invoke(app, [*encode, "--out", str(a_file)]), "--out", "is a file")
+    refused(runner.invoke(app, ["experiment", str(folder)]), str(folder), "is a directory")
+    refused(runner.invoke(app, ["train", "-c", str(folder), "--out", str(tmp_path / "r")]), str(folder))
+    text = tmp_path / "text.npz"
+    text.write_text("not an archive")
+    res = runner.invoke(app, ["features", "train", "--data", str(text), "--out", str(tmp_path / "w.safetensors")])
+    refused(res, str(text), "not an npz file")
+    assert "allow_pickle" not in res.output  # numpy's advice to unpickle is never passed on
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "text.npz"]
+
+
 def test_out_must_be_a_new_or_empty_folder(data: Path, tmp_path: Path) -> None:
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -251,8 +275,9 @@ def test_flipped_bytes_in_weights_are_found(run: Path, tmp_path: Path) -> None:
     raw = bytearray(weights.read_bytes())
     raw[-5] ^= 0xFF  # inside the tensor data: the file still parses
     weights.write_bytes(bytes(raw))
-    refused(runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1",
-                                *FAST]), str(weights), "SHA-256")
+    res = runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1", *FAST])
+    refused(res, str(weights), "SHA-256")
+    assert "do not fit" not in res.output  # corrupt, not the wrong model's
     assert not (tmp_path / "s").exists()
 
 

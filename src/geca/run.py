@@ -200,8 +200,9 @@ def _upgrade_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_state_dict_into(model: torch.nn.Module, path: Path) -> None:
     """Load the safetensors file `path` into `model`, strictly: every key, every shape."""
+    weights = _upgrade_keys(load_weights(path))  # its own errors (missing, corrupt, diverged) say so themselves
     try:
-        model.load_state_dict(_upgrade_keys(load_weights(path)))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
 

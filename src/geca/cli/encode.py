@@ -32,13 +32,18 @@ def encode(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Encode images to scaled VAE latents and cache them; reused while data, VAE and settings are unchanged."""
-    from geca.data.registry import load_split
+    from geca.data.registry import SPLITS, load_split
     from geca.latent.cache import ensure_latents
     from geca.latent.codec import LatentCodec
 
     names = [s.strip() for s in splits.split(",") if s.strip()]
     if not names:
         raise ConfigError("--splits is empty; give e.g. train,val,test")
+    unknown = [name for name in names if name not in SPLITS]
+    if unknown:  # before the first split is encoded, not after
+        raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a directory")
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
     for split in names:

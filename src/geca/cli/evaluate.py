@@ -97,7 +97,9 @@ def features_train(
     from geca.data.registry import load_split
     from geca.errors import DataError
     from geca.metrics.domain import TRAINING, save_domain_net, train_domain_net
+    from geca.utils.io import output_file
 
+    output_file(out, "--out", ".safetensors")
     train_set = load_split(data, split, image_size=image_size)
     try:
         val = load_split(data, "val", image_size=image_size) if split != "val" else None

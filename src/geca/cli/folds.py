@@ -24,7 +24,9 @@ def folds(
     from rich.table import Table
 
     from geca.data.groups import make_folds
+    from geca.utils.io import output_file
 
+    output_file(out, "--out", ".csv")
     groups, fold_of = make_folds(data, k, seed, out)
     if groups.warning:
         Console(stderr=True).print(f"warning: {groups.warning}", style="yellow", markup=False, highlight=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from geca.data.config import CV_VAL
 from geca.errors import DataError
+from geca.utils.io import atomic_write
 
 FOLDS_COLUMNS = ("filename", "patient_id", "fold")
 
@@ -78,16 +78,14 @@ def write_folds(
     if not len(filenames) == len(patient_ids) == len(folds):
         raise DataError(f"{path}: got {len(filenames)} filenames, {len(patient_ids)} patient ids and "
                         f"{len(folds)} folds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(FOLDS_COLUMNS)
             writer.writerows(zip(filenames, patient_ids, (int(x) for x in folds), strict=True))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(path, write)
 
 
 def _preview(names: list[str]) -> str:

@@ -140,8 +140,16 @@ def resolve_npz(name_or_path: str | Path, *, download: bool = False) -> Path:
     raise DataError(f"{text}.npz not found in {where}{hint}")
 
 
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(6)
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     keys = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
+    if path.is_file() and not _head(path).startswith((b"PK", b"\x93NUMPY")):
+        # numpy would try it as a pickle and suggest allow_pickle, which we never set
+        raise DataError(f"{path}: not an npz file (it is not a zip archive)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
@@ -214,6 +222,9 @@ def load_npz(
     Labels ``(N,1)`` are class indices (K from the known-dataset table, else the largest label over all
     splits + 1), stored one-hot; labels ``(N,K)`` with K > 1 are 0/1 multi-hot (``multilabel=True``).
     """
+    if split == "all":
+        raise DataError(f"{name_or_path}: an npz dataset has no split 'all' (valid: {', '.join(SPLITS)}), the one "
+                        "cross-validation folds are made from; a folder+CSV dataset or synthetic-oct has it")
     if split not in SPLITS:
         raise DataError(f"unknown split '{split}' for an npz dataset; valid: {', '.join(SPLITS)}")
     path = resolve_npz(name_or_path, download=download)

@@ -16,7 +16,7 @@ from geca.errors import ConfigError
 from geca.metrics.features import FEATURES
 from geca.metrics.kid import PROTOCOLS
 from geca.sampling.config import GHG_MODES, SamplerConfig
-from geca.utils.schema import from_dict, merge, nest, parse_yaml, read_yaml
+from geca.utils.schema import from_dict, merge, nest, parse_yaml, read_text, read_yaml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Where the folds stage writes its folds CSV, relative to the experiment directory (so that the stage hashes
@@ -273,10 +273,7 @@ def _validate(exp: Experiment, path: Path) -> None:
 def load_experiment(path: str | Path) -> LoadedExperiment:
     """Read and check an experiment file, including every generator's run config (on each fold)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment config not found") from None
+    text = read_text(path, "experiment config")
     raw = parse_yaml(text, path)
     exp = from_dict(Experiment, raw, str(path))
     _validate(exp, path)

@@ -25,7 +25,7 @@ from geca.metrics.features import FeatureExtractor, build_extractor, weights_pat
 from geca.metrics.fld import fld
 from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_standard_error, kid_subset_size
 from geca.metrics.report import real_vs_generated_grid
-from geca.utils.io import atomic_write_json
+from geca.utils.io import atomic_write_json, output_file
 
 PER_CLASS_MIN = 50
 
@@ -197,11 +197,7 @@ def _network(extractor: FeatureExtractor) -> dict[str, Any]:
 def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it."""
     t0 = time.time()
-    out = Path(out)
-    if out.is_dir() or out.suffix != ".json":
-        raise DataError(f"--out {out}: expected a .json file name (the grids are written beside it)")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise DataError(f"--out {out}: {out.parent} is a file, not a directory")
+    out = output_file(out, "--out", ".json")
     gg_name, gg_file = s.gg_network()
     # Every weights file is looked for before any slow work (loading images, training domain features).
     weights_path(s.features, s.features_file)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from geca.errors import GecaError
+from geca.errors import ConfigError, GecaError
 
 
 def _umask() -> int:
@@ -80,6 +80,17 @@ def staged_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def output_file(path: Path, flag: str, suffix: str) -> Path:
+    """`path` checked as a file to write, before any work: not a folder, named `suffix`, under no file."""
+    path = Path(path)
+    if path.is_dir() or path.suffix.lower() != suffix:
+        raise ConfigError(f"{flag} {path}: expected a {suffix} file name")
+    folder = next(p for p in path.parents if p.exists())  # the nearest existing one; the rest are created
+    if not folder.is_dir():
+        raise ConfigError(f"{flag} {path}: {folder} is a file, not a directory")
+    return path
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:

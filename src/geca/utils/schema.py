@@ -100,13 +100,20 @@ def parse_yaml(text: str, where: str | Path) -> dict[str, Any]:
     return raw
 
 
-def read_yaml(path: Path, what: str) -> dict[str, Any]:
+def read_text(path: Path, what: str) -> str:
+    """The text of the YAML file `path`; a missing, binary or folder path is a ConfigError naming `what` it is."""
     try:
-        return parse_yaml(Path(path).read_text(), path)
+        return Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, where the {what} (a YAML file) was expected") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: {what} is not a text (YAML) file") from None
+
+
+def read_yaml(path: Path, what: str) -> dict[str, Any]:
+    return parse_yaml(read_text(path, what), path)
 
 
 def nest(mapping: dict[str, Any]) -> dict[str, Any]:
