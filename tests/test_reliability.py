@@ -135,6 +135,14 @@ def test_outputs_and_inputs_of_the_other_commands_are_checked_before_any_work(da
     encode = ["encode", "--vae", str(tmp_path / "no-vae"), "--data", str(data)]
     refused(runner.invoke(app, [*encode, "--out", str(tmp_path / "e"), "--splits", "train,bogus"]), "--splits", "bogus")
     refused(runner.invoke(app, [*encode, "--out", str(a_file)]), "--out", "is a file")
+    refused(runner.invoke(app, ["classify", "--data", str(data), "--out", str(a_file / "r")]), "--out", "is a file")
+    junk_weights = tmp_path / "resnet.pth"
+    junk_weights.write_bytes(b"not weights")
+    res = runner.invoke(app, ["classify", "--data", str(data), "--out", str(tmp_path / "r"), "--imagenet-weights",
+                              str(junk_weights)])
+    refused(res, str(junk_weights))
+    assert "classifiers" not in res.output  # refused before the first classifier starts
+    junk_weights.unlink()
     refused(runner.invoke(app, ["experiment", str(folder)]), str(folder), "is a directory")
     refused(runner.invoke(app, ["train", "-c", str(folder), "--out", str(tmp_path / "r")]), str(folder))
     text = tmp_path / "text.npz"

@@ -35,6 +35,7 @@ def encode(
     from geca.data.registry import SPLITS, load_split
     from geca.latent.cache import ensure_latents
     from geca.latent.codec import LatentCodec
+    from geca.utils.io import output_dir
 
     names = [s.strip() for s in splits.split(",") if s.strip()]
     if not names:
@@ -42,8 +43,7 @@ def encode(
     unknown = [name for name in names if name not in SPLITS]
     if unknown:  # before the first split is encoded, not after
         raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: is a file, not a directory")
+    output_dir(out)
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
     for split in names:

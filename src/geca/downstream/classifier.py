@@ -43,11 +43,11 @@ class ClassifierConfig:
         if self.epochs < 1 or self.batch_size < 2 or not self.lr > 0:
             raise ConfigError(f"need epochs ≥ 1, batch size ≥ 2 and lr > 0; got {self.epochs}, {self.batch_size}, "
                               f"{self.lr}")
-        if self.imagenet_weights is not None and not Path(self.imagenet_weights).is_file():
-            raise _missing_weights(Path(self.imagenet_weights))
         if self.imagenet_weights is not None and self.stem == "cifar":
             raise ConfigError("ImageNet weights need the ImageNet stem (--stem imagenet): the cifar stem's 3×3 "
                               "first convolution has no pretrained counterpart")
+        if self.imagenet_weights is not None:
+            build_resnet34(2, 3, self.stem, self.imagenet_weights)  # a file that is no ResNet-34 fails before training
 
 
 def _missing_weights(path: Path) -> ConfigError:

@@ -29,7 +29,7 @@ from geca.run import LoadedRun
 from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.samplers import sample
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, replace_dir
+from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, output_dir, replace_dir
 from geca.utils.seeding import derive_seed
 
 Decoder = Callable[[torch.Tensor], np.ndarray]
@@ -162,9 +162,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
                      ) -> tuple[dict[str, Any], np.ndarray]:
     """Sample into a hidden sibling directory, one batch of PNGs at a time, and move it into place only when whole;
     returns (manifest, images). An interrupted run leaves its finished batches there for `resume`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out}: is a file, not a directory")
+    out = output_dir(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         if resume and (out / "manifest.json").is_file():
             raise FileExistsError(f"--resume: {out} is a finished sample set already (its manifest.json is written); "

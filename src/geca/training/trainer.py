@@ -36,7 +36,7 @@ from geca.training.ema import EMA
 from geca.training.heredity import handed_over
 from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
 from geca.utils.images import to_uint8
-from geca.utils.io import CsvLog, atomic_write_json
+from geca.utils.io import CsvLog, atomic_write_json, output_dir
 from geca.utils.plots import plot_class_grid, plot_loss_curve
 from geca.utils.seeding import derive_seed
 
@@ -492,8 +492,7 @@ class Trainer:
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     """A new run goes into a new or empty folder; --resume needs a run with a checkpoint."""
     has_ckpt = (run_dir / "checkpoints" / "latest.json").exists()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir}: is a file, not a directory")
+    output_dir(run_dir)
     if has_ckpt and not resume:
         raise CheckpointError(f"{run_dir} already holds a trained run; pass --resume to continue it or choose "
                               "another --out")

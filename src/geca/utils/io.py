@@ -87,10 +87,22 @@ def output_file(path: Path, flag: str, suffix: str) -> Path:
     path = Path(path)
     if path.is_dir() or path.suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: expected a {suffix} file name")
-    folder = next(p for p in path.parents if p.exists())  # the nearest existing one; the rest are created
-    if not folder.is_dir():
-        raise ConfigError(f"{flag} {path}: {folder} is a file, not a directory")
+    _under_no_file(path.parent, flag, path)
     return path
+
+
+def output_dir(path: Path, flag: str = "--out") -> Path:
+    """`path` checked as a folder to write into, before any work: neither it nor a folder above it is a file."""
+    path = Path(path)
+    _under_no_file(path, flag, path)
+    return path
+
+
+def _under_no_file(folder: Path, flag: str, path: Path) -> None:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # the nearest; the rest are created
+    if not existing.is_dir():
+        where = "" if existing == path else f" {existing}"
+        raise ConfigError(f"{flag} {path}:{where} is a file, not a directory")
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
