@@ -102,7 +102,8 @@ def classify(
     from geca.downstream.protocol import parse_synthetic
     from geca.utils.io import output_dir
 
-    if output_dir(out).exists() and any(out.iterdir()) and not overwrite:
+    output_dir(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     settings = TableSettings(seeds, epochs, batch_size, lr, image_size, stem,
                              None if imagenet_weights is None else str(imagenet_weights), equal_steps, eye_agg, test,

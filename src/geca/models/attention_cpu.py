@@ -125,7 +125,7 @@ def _attend(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Ten
     (N, heads, 9) that the backward reuses. Called through :func:`packed_cpu_attention`, which checks the cells
     (distinct, in range) and makes qkv contiguous in a native dtype: the kernels rely on both unchecked."""
     b, h, w, width = qkv.shape
-    head_dim = (width // heads - value_dim) // 2
+    head_dim = _head_dim(width, heads, value_dim)
     lib = _loaded(head_dim, value_dim)
     suffix, _ = _NATIVE[qkv.dtype]
     dead = qkv.new_zeros(heads * max(head_dim, value_dim))
@@ -147,7 +147,7 @@ def _attend_backward(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor,
                      ) -> Tensor:
     """The gradient of :func:`_attend`'s output with respect to qkv, in qkv's layout."""
     b, h, w, width = qkv.shape
-    head_dim = (width // heads - value_dim) // 2
+    head_dim = _head_dim(width, heads, value_dim)
     lib = _loaded(head_dim, value_dim)
     row_of = torch.full((b * h * w,), -1, dtype=torch.int64)
     row_of[cells] = torch.arange(cells.numel())
@@ -181,6 +181,11 @@ def _gradient(ctx: Any, grad_out: Tensor, _grad_attn: Tensor | None) -> tuple[Te
 _attend.register_autograd(_gradient, setup_context=_keep_for_backward)
 
 
+def _head_dim(width: int, heads: int, value_dim: int) -> int:
+    """The query/key size per head of a packed projection `width` wide."""
+    return (width // heads - value_dim) // 2
+
+
 def _loaded(head_dim: int, value_dim: int) -> ctypes.CDLL:
     lib = kernels(head_dim, value_dim)
     if lib is None:
@@ -204,7 +209,7 @@ def packed_cpu_attention(qkv: Tensor, heads: int, value_dim: int, cells: Tensor 
     """Neighbourhood attention from the packed projection (see :func:`_attend`) at `cells`, or every cell as
     (B, H, W, heads·DV); None where the kernels cannot be built (use ``fast``)."""
     b, h, w, width = qkv.shape
-    if not available((width // heads - value_dim) // 2, value_dim):
+    if not available(_head_dim(width, heads, value_dim), value_dim):
         return None
     dtype = qkv.dtype
     packed = qkv.contiguous() if dtype in _NATIVE else qkv.float().contiguous()

@@ -18,7 +18,7 @@ from geca.sampling.generate import Decoder, decoder, run_sampler
 from geca.sampling.labels import one_hot, resolve_class
 from geca.sampling.samplers import inherit, sample
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write
+from geca.utils.io import atomic_write, output_dir
 from geca.utils.plots import plot_image_rows
 
 
@@ -150,9 +150,7 @@ def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig,
                   device: torch.device | str, out: Path, overwrite: bool = False) -> Organism:
     """Grow one organism of class `label` (name or index) from a loaded GeCA and write its GIFs and strips into
     `out`; files an earlier growth wrote there are replaced only with `overwrite`."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; growth writes a folder")
+    out = output_dir(out)
     earlier = [p.name for p in growth_paths(out).values() if p.exists()]
     if earlier and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(earlier)}; pass --overwrite or choose another --out")
