@@ -94,3 +94,19 @@ def test_on_off_yes_no_are_words_not_booleans(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("data:\n  flip: no\n")
     with pytest.raises(ConfigError, match="data.flip: expected true/false, got 'no'"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_values_that_would_break_sampling_or_gated_training_are_refused() -> None:
+    """DDIM with η > 1 takes the square root of a negative number (NaN images); a gated model trained with no
+    inheriting calls leaves its gate without gradients (DDP stops on it)."""
+    from geca.sampling.config import SamplerConfig
+
+    SamplerConfig(sampler="ddim", eta=1.0).validate()
+    with pytest.raises(ConfigError, match=r"eta must be in \[0, 1\], got 1.5"):
+        SamplerConfig(sampler="ddim", eta=1.5).validate()
+    cfg = RunConfig()
+    cfg.model.heredity, cfg.train.heredity_prob = "gated", 0.0
+    with pytest.raises(ConfigError, match="train.heredity_prob must be > 0 for a model with heredity: gated"):
+        cfg.validate()
+    cfg.model.heredity = "off"
+    cfg.validate()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import blob_images
 
 from geca.errors import DataError, MissingWeightsError
 from geca.metrics import diversity, features
@@ -314,3 +315,13 @@ def test_fld_matches_the_reference_algorithm_on_fixed_features() -> None:
     base = IsotropicMixture(tr[:60])
     assert len(base.fit(tr[60:], torch.Generator().manual_seed(0))) == 18
     assert base.nll(te).mean().item() == pytest.approx(2.09064102, abs=3e-5)
+
+
+def test_the_cached_domain_network_is_keyed_on_data_seed_and_device() -> None:
+    from geca.metrics.domain import data_digest
+
+    data = blob_images(n=8, size=8)
+    key = data_digest(data, 0)
+    assert key == data_digest(blob_images(n=8, size=8), 0, "cpu")
+    other = blob_images(n=8, seed=3, size=8)
+    assert len({key, data_digest(data, 1), data_digest(data, 0, "cuda"), data_digest(other, 0)}) == 4

@@ -40,3 +40,30 @@ def test_a_geca_0_1_run_loads_with_its_own_block(tmp_path: Path) -> None:
     expected = old.eval()(x, t, y).output
     torch.manual_seed(1)
     torch.testing.assert_close(run.model(x, t, y).output, expected)
+
+
+def test_checkpoint_names_are_names_and_the_pointer_stays_in_the_run(tmp_path: Path, monkeypatch) -> None:
+    """`--checkpoint best` or `3` means the run's own checkpoint even where the working directory holds a folder of
+    that name; a folder path works; latest.json naming a folder outside checkpoints/ is corrupt."""
+    import pytest
+
+    from geca.errors import CheckpointError
+    from geca.run import find_checkpoint
+
+    run = tmp_path / "run"
+    for name in ("step_0000003", "best"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "path": "step_0000003"}))
+    (tmp_path / "3").mkdir()
+    (tmp_path / "best").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert find_checkpoint(run, 3) == run / "checkpoints" / "step_0000003"
+    assert find_checkpoint(run, "best") == run / "checkpoints" / "best"
+    assert find_checkpoint(run) == run / "checkpoints" / "step_0000003"
+    assert find_checkpoint(run, tmp_path / "3") == tmp_path / "3"
+    with pytest.raises(CheckpointError, match="--checkpoint 'abc': neither"):
+        find_checkpoint(run, "abc")
+    for outside in ("../../best", "/etc", 3):
+        (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "path": outside}))
+        with pytest.raises(CheckpointError, match="latest.json: corrupt pointer file"):
+            find_checkpoint(run)

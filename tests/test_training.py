@@ -120,6 +120,14 @@ def test_resume_may_change_how_the_model_runs(tmp_path: Path) -> None:
     train(changed, tmp_path / "run", resume=True, train_set=data, progress=False)
     assert read_spec(tmp_path / "run").model.attention == "sliced"
     assert (tmp_path / "run/checkpoints/step_0000002/model.safetensors").is_file()
+    # where the data comes from and whether it is flipped are not the setup either
+    moved = tiny_config(3)
+    moved.data.download, moved.data.latent_cache, moved.data.flip = True, str(tmp_path / "cache"), False
+    train(moved, tmp_path / "run", resume=True, train_set=data, progress=False)
+    assert read_spec(tmp_path / "run").data.flip is False
+    moved.data.image_size = 6
+    with pytest.raises(CheckpointError, match="differs"):
+        train(moved, tmp_path / "run", resume=True, train_set=data, progress=False)
 
 
 def _spec(model: ModelConfig) -> ModelSpec:
@@ -301,6 +309,47 @@ def test_two_processes_keep_identical_parameters(tmp_path: Path, blobs_npz: Path
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("parameters identical across 2 processes")]
     assert len(lines) == 2 and lines[0] == lines[1], proc.stdout
     assert (tmp_path / "ddp/checkpoints/step_0000004/model.safetensors").exists()
+
+
+POISONED_RANK = """
+import os, sys
+from geca.cli.main import main
+from geca.diffusion.gaussian import GaussianDiffusion
+
+losses = GaussianDiffusion.training_losses
+
+def poisoned(self, *args, **kwargs):
+    terms = losses(self, *args, **kwargs)
+    if os.environ["RANK"] == "1":
+        terms["loss"] = terms["loss"] * float("nan")
+    return terms
+
+GaussianDiffusion.training_losses = poisoned
+sys.argv = ["geca", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_one_diverging_process_stops_every_process(tmp_path: Path, blobs_npz: Path) -> None:
+    """Two ranks without torchrun's agent (which would kill the survivor): the NaN of rank 1 stops rank 0 too, with
+    the same error, instead of leaving it waiting for rank 1's gradients."""
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISONED_RANK)
+    args = [sys.executable, str(script), "train", "--data", str(blobs_npz), "--out", str(tmp_path / "ddp"),
+            "--model", "GeCA-T", "--nca-steps", "1", "--max-steps", "3", "--batch-size", "4", "--sample-every", "0",
+            "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 2 and "error: loss became nan at step 0" in err, err[-2000:]
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch) -> None:

@@ -127,6 +127,10 @@ class RunConfig:
         self.model.validate(check)
         self.diffusion.validate(check)
         self.train.validate(check)
+        # the inherit gate learns only from calls that inherit; without any its parameters get no gradient (and DDP,
+        # which expects one for every parameter, stops)
+        check(getattr(self.model, "heredity", "off") != "gated" or self.train.heredity_prob > 0,
+              "train.heredity_prob", "> 0 for a model with heredity: gated", self.train.heredity_prob)
         self.preview.validate(check)
         self.validation.validate(check)
 

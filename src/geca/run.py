@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ from geca.utils.schema import from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
 EXECUTION = ("compile", "attention", "checkpointing", "skip_idle")
+# Data keys that change where the data comes from or how it is augmented, not what the model is trained on: a resume
+# may change them (the command prints what changed).
+LOGISTICS = ("download", "latent_cache", "flip")
 SPEC_FORMAT = 2  # 1: geca 0.1, whose model.json held every family's fields
 BEST = "best"
 
@@ -68,11 +72,13 @@ class ModelSpec:
 
     def same_setup(self, other: ModelSpec) -> bool:
         """Whether two specs describe the same model, diffusion and data (whatever version wrote them); how the
-        model is executed (EXECUTION) may differ: a run moved to a GPU resumes with `--attention triton`."""
+        model is executed (EXECUTION) and where its data comes from (LOGISTICS) may differ: a run moved to a GPU
+        resumes with `--attention triton`."""
 
         def setup(spec: ModelSpec) -> dict[str, Any]:
             d = spec.to_dict()
-            return {**d, "format": 0, "model": {k: v for k, v in d["model"].items() if k not in EXECUTION}}
+            return {**d, "format": 0, "model": {k: v for k, v in d["model"].items() if k not in EXECUTION},
+                    "data": {k: v for k, v in d["data"].items() if k not in LOGISTICS}}
 
         return setup(self) == setup(other)
 
@@ -145,26 +151,30 @@ def verify(path: Path) -> None:
 def find_checkpoint(run_dir: Path, which: str | int | Path | None = None) -> Path:
     """`which`: None/'latest', 'best' (lowest validation KID), a step number, or a checkpoint directory path."""
     run_dir, which = Path(run_dir), None if which is None else str(which)
-    if which and Path(which).is_dir():
-        return Path(which)
     root = checkpoint_dir(run_dir)
     if which in (None, "latest"):
         latest = root / "latest.json"
         if not latest.exists():
             raise CheckpointError(f"{run_dir}: no checkpoint found (expected {latest}); has this run been trained?")
         try:
-            path = root / json.loads(latest.read_text())["path"]
+            name = json.loads(latest.read_text())["path"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{latest}: corrupt pointer file ({e})") from None
+        if not (isinstance(name, str) and re.fullmatch(r"step_\d{7,}", name)):
+            raise CheckpointError(f"{latest}: corrupt pointer file (path {name!r} is not a step_NNNNNNN folder of "
+                                  "this run)")
+        path = root / name
     elif which == BEST:
         path = root / BEST
         if not path.is_dir():
             raise CheckpointError(f"{path}: no best checkpoint; it is kept only when training validates "
                                   "(validation.every > 0 or --validate-every)")
-    else:
-        if not str(which).isdigit():
-            raise CheckpointError(f"checkpoint {which!r} is neither 'latest', 'best', a step number nor a directory")
+    elif which.isdigit():  # a name is a name even where a folder of that name is in the working directory
         path = root / f"step_{int(which):07d}"
+    elif Path(which).is_dir():
+        return Path(which)
+    else:
+        raise CheckpointError(f"--checkpoint {which!r}: neither 'latest', 'best', a step number nor a directory")
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory missing")
     return path

@@ -167,10 +167,12 @@ def load_domain_net(path: Path) -> DomainNet:
     return net.eval().requires_grad_(False)
 
 
-def data_digest(data: ImageSet, seed: int) -> str:
-    """A key for the cached network: the training images and labels, the seed and the training settings."""
+def data_digest(data: ImageSet, seed: int, device: torch.device | str = "cpu") -> str:
+    """A key for the cached network: the training images and labels, the seed, the training settings and the kind
+    of device (from the same seed, a GPU trains a different network from a CPU)."""
     h = hashlib.sha256()
-    for part in (ARCH, str(data.images.shape), json.dumps(TRAINING, sort_keys=True), str(seed), str(data.class_names)):
+    for part in (ARCH, str(data.images.shape), json.dumps(TRAINING, sort_keys=True), str(seed), str(data.class_names),
+                 torch.device(device).type):
         h.update(part.encode())
     h.update(np.ascontiguousarray(data.images).tobytes())
     h.update(np.ascontiguousarray(data.labels).tobytes())

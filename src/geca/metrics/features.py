@@ -150,7 +150,7 @@ def domain_features(file: str | Path | None, train: ImageSet | Callable[[], Imag
         raise DataError("domain features need --features-file FILE (from `geca features train`) or a training "
                         "split to train them on")
     data = train() if callable(train) else train
-    path = cache_dir() / "features" / f"domain-{data_digest(data, seed)}.safetensors"
+    path = cache_dir() / "features" / f"domain-{data_digest(data, seed, device)}.safetensors"
     if path.is_file():
         log(f"domain features: cached network {path}")
         return DomainFeatures(load_domain_net(path), "domain", str(path))

@@ -46,7 +46,8 @@ class SamplerConfig:
         check(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, f"{prefix}.guidance_scale",
               "≥ 0 (1: conditional only)", self.guidance_scale)
         check(self.nca_steps is None or self.nca_steps >= 1, f"{prefix}.nca_steps", "≥ 1", self.nca_steps)
-        check(math.isfinite(self.eta) and self.eta >= 0, f"{prefix}.eta", "≥ 0", self.eta)
+        # above 1 DDIM's noise outgrows 1 − ᾱ_prev and the direction term's square root is of a negative number
+        check(math.isfinite(self.eta) and 0 <= self.eta <= 1, f"{prefix}.eta", "in [0, 1]", self.eta)
         if self.schedule is not None:
             check.choice(self.schedule, f"{prefix}.schedule", SCHEDULES)
             check(self.schedule == "uniform" or self.sampler.startswith("dpm++"), f"{prefix}.schedule",

@@ -30,7 +30,7 @@ from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.samplers import sample
 from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, output_dir, replace_dir
-from geca.utils.seeding import derive_seed
+from geca.utils.seeding import derive_seed, kept_random_state
 
 Decoder = Callable[[torch.Tensor], np.ndarray]
 
@@ -50,8 +50,7 @@ def sample_batches(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.
 def _batches(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],
              sampler: SamplerConfig, seed: int, batch_size: int, device: torch.device | str, decode: Decoder,
              progress: bool, skip: Collection[int]) -> Iterator[tuple[int, np.ndarray]]:
-    rng = torch.get_rng_state()
-    try:
+    with kept_random_state(device):
         batches = labels.split(batch_size)
         bar = tqdm(total=len(batches), initial=len(set(skip)), desc="batches", disable=not progress)
         for b, y in enumerate(batches):
@@ -62,8 +61,6 @@ def _batches(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor
             bar.update(1)
             yield b, images
         bar.close()
-    finally:
-        torch.set_rng_state(rng)
 
 
 def sample_images(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, shape: tuple[int, int, int],

@@ -22,7 +22,7 @@ from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import sample
 from geca.utils.io import atomic_write_text
 from geca.utils.plots import plot_ghg_trace
-from geca.utils.seeding import derive_seed
+from geca.utils.seeding import derive_seed, kept_random_state
 
 FIELDS = ["ghg", "step", "t", "hidden_mean", "hidden_max", "out_mean", "out_max", "eps_std", "x0_min", "x0_max"]
 
@@ -39,8 +39,7 @@ def ghg_trace(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tenso
     if not model.has_cell_state:
         raise ValueError("a GHG trace needs a cellular model (GeCA); this one has no cell state")
     rows: list[dict[str, Any]] = []
-    rng = torch.get_rng_state()
-    try:
+    with kept_random_state(labels.device):
         for mode in modes:
             calls = [0]
 
@@ -56,8 +55,6 @@ def ghg_trace(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tenso
 
             torch.manual_seed(derive_seed(seed, 0, 0))
             sample(model, diffusion, labels, shape, replace(sampler, ghg=mode), callback=record)
-    finally:
-        torch.set_rng_state(rng)
     return rows
 
 

@@ -12,6 +12,7 @@ import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from geca.config import RunConfig, save_config
@@ -42,6 +44,9 @@ from geca.utils.seeding import derive_seed
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DIVERGED = 1e3  # the diffusion loss of a sane model is O(1); above this it has blown up
+# While the main process alone builds the latent cache, validates or draws the final preview, the others wait in a
+# collective; NCCL's default 10 minutes is shorter than that work on a large dataset.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "peak_mem_mib", "elapsed_min"]
 
 
@@ -132,7 +137,8 @@ def _accelerator(config: RunConfig, run_dir: Path, cpu: bool = False) -> Acceler
     AcceleratorState._reset_state(reset_partial_state=False)
     tensorboard = config.train.logger == "tensorboard"
     return Accelerator(mixed_precision=precision, cpu=cpu or not torch.cuda.is_available(),
-                       log_with="tensorboard" if tensorboard else None, project_dir=run_dir if tensorboard else None)
+                       log_with="tensorboard" if tensorboard else None, project_dir=run_dir if tensorboard else None,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
 
 def _latents(config: RunConfig, data: ImageSet, run_dir: Path, accelerator: Accelerator,
@@ -155,9 +161,12 @@ def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, pr
                   train_set: ImageSet | None = None) -> TrainingData:
     """The training split, as pixels or (with a VAE) as cached latents."""
     d = config.data
-    data = train_set if train_set is not None else load_split(
-        d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold, cv_val=d.cv_val,
-        download=d.download and accelerator.is_main_process)
+    if train_set is not None:
+        data = train_set
+    else:
+        with accelerator.main_process_first():  # the others read what the main process downloaded
+            data = load_split(d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
+                              cv_val=d.cv_val, download=d.download and accelerator.is_main_process)
     if not d.vae:
         images, labels = data.tensors()
         return TrainingData(data, images, None, labels, None, to_uint8)
@@ -174,19 +183,30 @@ def _latest(run_dir: Path) -> tuple[Path, int, dict[str, Any]]:
     if not isinstance(state.get("step"), int):
         raise CheckpointError(f"{ckpt / 'state.json'}: missing or without a step; cannot resume from {ckpt}")
     state.pop("files", None)
+    state.pop("grad_scaler", None)  # the scaler's own state, read by _resume
     return ckpt, int(state.pop("step")), state
 
 
-def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer) -> None:
-    """Load checkpoint `ckpt` into the model, its EMA and the optimizer."""
+def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None) -> None:
+    """Load checkpoint `ckpt` into the model, its EMA, the optimizer and fp16's loss scaler."""
     load_state_dict_into(model, ckpt / "model.safetensors")
     load_state_dict_into(ema.model, ckpt / "ema.safetensors")
     opt_file = ckpt / "optimizer.pt"
     verify(opt_file)
     try:
-        optimizer.load_state_dict(torch.load(opt_file, weights_only=True))
-    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        # on the CPU first: a run trained on a GPU resumes on a machine without one
+        optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, which would run whatever the file holds: never pass that on
+        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
+        raise CheckpointError(f"{opt_file}: corrupt or not an optimizer state written by geca ("
+                              f"{reason[0] if reason else 'not a torch file'})") from None
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{opt_file}: unreadable optimizer state ({str(e).splitlines()[0]})") from None
+    saved = read_state(ckpt).get("grad_scaler")
+    if scaler is not None and isinstance(saved, dict):
+        scaler.load_state_dict(saved)
 
 
 class Trainer:
@@ -224,7 +244,7 @@ class Trainer:
         # is launch-bound
         optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         if ckpt is not None:
-            _resume(ckpt, model, self.ema, optimizer)
+            _resume(ckpt, model, self.ema, optimizer, acc.scaler)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.device = acc.device
         self.ema.model.to(self.device)
@@ -278,7 +298,7 @@ class Trainer:
         with acc.autocast():
             terms = self.diffusion.training_losses(self._denoiser(x0, t, y, noise), x0, t, noise)
         loss = terms["loss"].mean()
-        if not math.isfinite(value := loss.item()) or value > DIVERGED:
+        if not math.isfinite(value := self._worst(loss)) or value > DIVERGED:
             self._diverged(value)
         acc.backward(loss)
         if tc.grad_clip:
@@ -287,11 +307,21 @@ class Trainer:
             group["lr"] = learning_rate(tc, self.step_count)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(acc.unwrap_model(self.model), self.step_count)
+        if not acc.optimizer_step_was_skipped:  # fp16: the scaler skipped a step with inf/NaN gradients
+            self.ema.update(acc.unwrap_model(self.model), self.step_count)
         self.step_count += 1
         self.state["images_seen"] += tc.batch_size
         self.window.add(terms)
         return terms
+
+    def _worst(self, loss: torch.Tensor) -> float:
+        """The loss's value, the worst over processes: one diverging process must stop them all, or the others wait
+        for its gradients in the all-reduce until the collective times out."""
+        if self.world == 1:
+            return loss.item()
+        v = loss.detach().float().reshape(1)
+        worst = self.accelerator.reduce(torch.cat([v.isnan().float(), v.masked_fill(v.isnan(), 0)]), "max")  # (2,)
+        return math.nan if worst[0] > 0 else worst[1].item()
 
     def _denoiser(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor
                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -356,8 +386,10 @@ class Trainer:
 
     def checkpoint(self) -> None:
         if self.main:
+            scaler = self.accelerator.scaler  # fp16 only: its loss scale is part of an exact resume
             save_checkpoint(self.run_dir, self.step_count, self.accelerator.unwrap_model(self.model), self.ema.model,
-                            self.optimizer, {**self.state, "elapsed_s": self.elapsed_s()})
+                            self.optimizer, {**self.state, "elapsed_s": self.elapsed_s(),
+                                             **({"grad_scaler": scaler.state_dict()} if scaler else {})})
 
     def preview(self, final: bool = False) -> None:
         """A grid of EMA samples, per_class per class: what `geca sample --seed <train seed>` would draw now. The
