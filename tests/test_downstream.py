@@ -325,6 +325,20 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     # A generator trained on fold 1 has seen fold 2's test patients.
     res = invoke("expand", "--run", tmp_path / "run", "--fold", 2, "--out", tmp_path / "leak", *FAST_SAMPLING)
     assert res.exit_code == 2 and "leak" in res.output and not (tmp_path / "leak").exists()
+    # Nor does the fixed split of the same data: its test images are some of fold 1's training patients.
+    res = invoke("expand", "--run", tmp_path / "run", "--data", data, "--out", tmp_path / "leak", *FAST_SAMPLING)
+    assert res.exit_code == 2 and "leak the test images of the fixed split" in res.output
+    # classify checks where an expanded set came from (its manifest), also from a copy of the folds file.
+    from geca.downstream.protocol import check_lineage
+    from geca.errors import DataError
+
+    copied = tmp_path / "copy.csv"
+    copied.write_bytes(folds_csv.read_bytes())
+    check_lineage(tmp_path / "syn", copied, 1)
+    for folds_file, fold in ((folds_csv, 2), (None, None)):
+        with pytest.raises(DataError, match="expanded from fold 1 of .*folds.csv"):
+            check_lineage(tmp_path / "syn", folds_file, fold)
+    check_lineage(tmp_path / "run", None, None)  # no manifest: nothing to check
 
 
 def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tmp_path: Path) -> None:

@@ -316,6 +316,24 @@ def test_resume_from_damaged_files_names_the_file(run: Path, data: Path, tmp_pat
                                 "--checkpoint-every", "1", *TINY]), name)
 
 
+class Payload:
+    """Stands for a crafted object: unpickling it would run its module's code."""
+
+
+def test_an_optimizer_state_that_would_unpickle_code_is_refused_without_advice_to(run: Path, data: Path,
+                                                                                  tmp_path: Path) -> None:
+    """With no recorded hash to catch it, torch's own message would suggest weights_only=False: never passed on."""
+    copy = copy_run(run, tmp_path)
+    ckpt = copy / "checkpoints" / "step_0000002"
+    torch.save({"state": Payload()}, ckpt / "optimizer.pt")
+    state = json.loads((ckpt / "state.json").read_text())
+    state.pop("files")
+    (ckpt / "state.json").write_text(json.dumps(state))
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(copy), "--max-steps", "3", "--resume", *TINY])
+    refused(res, "optimizer.pt: corrupt or not an optimizer state written by geca", "Payload")
+    assert "weights_only" not in res.output
+
+
 def test_stale_staging_folders_are_cleaned_on_the_next_write(run: Path, data: Path, tmp_path: Path) -> None:
     copy = copy_run(run, tmp_path)
     ckpts = copy / "checkpoints"

@@ -10,7 +10,7 @@ import numpy as np
 
 from geca.data.config import CV_VAL
 from geca.errors import DataError
-from geca.utils.io import atomic_write
+from geca.utils.io import atomic_write, same_source
 
 FOLDS_COLUMNS = ("filename", "patient_id", "fold")
 
@@ -182,3 +182,16 @@ def fold_split_rows(folds: np.ndarray, split: str, fold: int, folds_file: str | 
         val[rest[part == 0]] = True
     rows = {"test": test, "val": val, "train": ~test & ~val}[split]
     return np.flatnonzero(rows)
+
+
+def same_split(folds_file: str | Path | None, fold: int | None, other_file: str | Path | None,
+               other_fold: int | None) -> bool:
+    """Whether two (folds file, fold) pairs name the same training split of one dataset: both the fixed split, or
+    the same fold of the same folds file."""
+    if folds_file is None or other_file is None:
+        return folds_file is None and other_file is None
+    return same_source(folds_file, other_file) and fold == other_fold
+
+
+def split_name(folds_file: str | Path | None, fold: int | None) -> str:
+    return "the fixed split" if folds_file is None else f"fold {fold} of {folds_file}"

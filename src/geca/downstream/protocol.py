@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from geca.data.folder_csv import load_folder_csv, read_table
-from geca.data.folds import fold_split_rows, group_ids, read_folds
+from geca.data.folds import fold_split_rows, group_ids, read_folds, same_split, split_name
 from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
@@ -86,6 +87,24 @@ def check_synthetic(directory: Path, class_names: list[str]) -> Path:
         raise DataError(f"{csv_path}: class columns {table.class_names} do not match the data's classes "
                         f"{list(class_names)}")
     return csv_path
+
+
+def check_lineage(directory: Path, folds_file: Path | None, fold: int | None) -> None:
+    """A set written by `geca expand` (its manifest says from which split) must come from the split this arm trains
+    on: a generator trained on another fold, or on the fixed split under cross-validation, has seen this fold's test
+    images, and so would the classifier. A set without that record (`geca sample`, another tool) is taken as is."""
+    try:
+        origin = json.loads((directory / "manifest.json").read_text()).get("expansion")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(origin, dict):
+        return
+    their_folds, their_fold = origin.get("folds_file"), origin.get("fold")
+    if not same_split(folds_file, fold, their_folds, their_fold):
+        target = split_name(folds_file, fold)
+        raise DataError(f"{directory}: expanded from {split_name(their_folds, their_fold)} (its manifest.json), but "
+                        f"this arm is trained for {target}; its generator may have seen that split's test images. "
+                        f"Expand from a run trained on {target}")
 
 
 def load_synthetic(directory: Path, real: ImageSet) -> ImageSet:
@@ -210,7 +229,9 @@ def check_inputs(protocol: ProtocolConfig, class_names: list[str], folds: list[i
                           f"(add {', '.join('+' + n for n in unused)} to --arms)")
     for name in sorted(used):
         for fold in folds:
-            check_synthetic(synthetic_dir(protocol.synthetic[name], fold), class_names)
+            directory = synthetic_dir(protocol.synthetic[name], fold)
+            check_synthetic(directory, class_names)
+            check_lineage(directory, protocol.folds_file, fold)
 
 
 def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:

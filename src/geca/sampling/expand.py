@@ -7,15 +7,13 @@ from typing import Any
 
 import torch
 
+from geca.data.folds import same_split, split_name
 from geca.errors import ConfigError
 from geca.run import LoadedRun, run_split
 from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import write_sample_dir
 from geca.sampling.labels import replicate_labels
-
-
-def _same_file(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+from geca.utils.io import same_source
 
 
 def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: int, batch_size: int,
@@ -36,14 +34,17 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
     if folds is None and fold is not None:
         raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
     k = fold if fold is not None else (own.fold if data_spec is None else 0)
-    # A generator trained on another fold's training split has seen this fold's test patients.
-    if spec == own.spec and _same_file(folds, own.folds_file) and k != own.fold:
-        raise ConfigError(f"the run was trained on fold {own.fold} of {own.folds_file}; its images would leak "
-                          f"fold {k}'s test patients into fold {k}'s training set. Use the run trained on fold {k}")
+    # On the same data, any other split (another fold; the fixed split for a run trained on a fold, or the other
+    # way round) holds test images the generator trained on.
+    if same_source(spec, own.spec) and not same_split(folds, k if folds else None, own.folds_file, own.fold):
+        mine, theirs = split_name(own.folds_file, own.fold), split_name(folds, k)
+        raise ConfigError(f"the run was trained on {mine}; its images would leak the test images of {theirs} into "
+                          f"its training set. Use a run trained on {theirs}")
     train = run_split(run, spec, "train", folds, k)
     labels = replicate_labels(train.labels, ratio)
     extra = {"labels": f"{spec}:train x{ratio}",
-             "expansion": {"data": spec, "folds_file": folds, "fold": k if folds else None, "ratio": ratio,
+             "expansion": {"data": spec, "folds_file": folds and str(Path(folds).expanduser().resolve()),
+                           "fold": k if folds else None, "ratio": ratio,
                            "train_images": len(train), "limit": limit, "complete": limit is None or
                            limit >= len(labels)}}
     manifest, _ = write_sample_dir(out, run, labels[:limit], sampler, seed, batch_size, device, extra, overwrite,

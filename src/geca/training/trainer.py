@@ -202,7 +202,9 @@ def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim
         reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
         raise CheckpointError(f"{opt_file}: corrupt or not an optimizer state written by geca ("
                               f"{reason[0] if reason else 'not a torch file'})") from None
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except KeyError as e:
+        raise CheckpointError(f"{opt_file}: not an optimizer state (no {e})") from None
+    except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"{opt_file}: unreadable optimizer state ({str(e).splitlines()[0]})") from None
     saved = read_state(ckpt).get("grad_scaler")
     if scaler is not None and isinstance(saved, dict):

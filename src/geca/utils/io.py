@@ -32,6 +32,19 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def same_source(a: str | Path | None, b: str | Path | None) -> bool:
+    """Whether two dataset specs or folds files name the same data: the same text, the same file or folder however
+    the path is written, or files with the same bytes (a copied folds CSV)."""
+    if a is None or b is None:
+        return False
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.exists() and pb.exists()):
+        return False
+    return pa.resolve() == pb.resolve() or (pa.is_file() and pb.is_file() and file_sha256(pa) == file_sha256(pb))
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
