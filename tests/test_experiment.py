@@ -190,6 +190,8 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     ({"generators": [{"name": "A", "config": "missing.yaml"}]}, "missing.yaml"),
     ({"generators": [{"name": "A", "overrides": {"train.max_stepz": 3}}]}, "max_stepz"),
     ({"data": {"spec": "x", "run_folds": 2}}, "run_folds"),
+    ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.hidden_size": 0}}]},
+     "bad.yaml: generator 'A': model.hidden_size must be a positive multiple"),
 ])
 def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
@@ -198,6 +200,21 @@ def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path:
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_experiment(path)
+
+
+def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) -> None:
+    raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
+    raw["data"]["spec"] = str(tmp_path / "missing.npz")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study")])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {path}: data.spec: {tmp_path / 'missing.npz'}: npz"), \
+        res.output
+    assert not (tmp_path / "study").exists()
+    raw["data"]["spec"] = "synthetic-oct@patients=9,colour=2"
+    path.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study")])
+    assert res.exit_code == 2 and "unknown option 'colour'" in res.output and not (tmp_path / "study").exists()
 
 
 # ── the smoke study, end to end ───────────────────────────────────────────────────────────────────────────────────

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,41 @@ def test_outputs_and_inputs_of_the_other_commands_are_checked_before_any_work(da
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "text.npz"]
 
 
+def test_files_are_not_replaced_unasked_and_fold_flags_need_a_folds_file(data: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """features train and folds keep an existing --out without --overwrite; --fold and --cv-val without a folds
+    file, or a --cv-val that is none, are refused before the work; a folder that takes no files is found first."""
+    out = tmp_path / "folds.csv"
+    out.write_text("mine")
+    refused(runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(out)]),
+            "--out", "exists; pass --overwrite")
+    weights = tmp_path / "w.safetensors"
+    weights.write_text("mine")
+    refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", str(weights)]), "--overwrite")
+    assert out.read_text() == weights.read_text() == "mine"
+    res = runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(out), "--k", "3",
+                              "--overwrite"])
+    assert res.exit_code == 0 and out.read_text().startswith("filename"), res.output
+    new = str(tmp_path / "new.safetensors")
+    res = runner.invoke(app, ["features", "train", "--data", "synthetic-oct@patients=9,size=8", "--folds-file",
+                              str(out), "--fold", "1", "--epochs", "1", "--out", str(tmp_path / "fold1.safetensors")])
+    assert res.exit_code == 0 and "trained domain features" in res.output, res.output
+    refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", new, "--cv-val", "next-fold"]),
+            "--cv-val", "needs --folds-file")
+    refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", new, "--folds-file", str(out),
+                                "--cv-val", "banana"]), "--cv-val must be one of")
+    encode = ["encode", "--vae", str(tmp_path / "no-vae"), "--data", str(data), "--out", str(tmp_path / "e")]
+    refused(runner.invoke(app, [*encode, "--fold", "1"]), "--fold", "needs --folds-file")
+
+    def read_only(**kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("geca.utils.io.tempfile.TemporaryFile", read_only)
+    refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", new]), "--out",
+            f"cannot write in {tmp_path} (Permission denied)")
+    assert not (tmp_path / "e").exists() and not Path(new).exists()
+
+
 def test_out_must_be_a_new_or_empty_folder(data: Path, tmp_path: Path) -> None:
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -287,6 +323,35 @@ def test_flipped_bytes_in_weights_are_found(run: Path, tmp_path: Path) -> None:
     refused(res, str(weights), "SHA-256")
     assert "do not fit" not in res.output  # corrupt, not the wrong model's
     assert not (tmp_path / "s").exists()
+
+
+def test_weights_of_another_shape_name_the_first_tensor_that_does_not_fit(run: Path, tmp_path: Path) -> None:
+    copy = copy_run(run, tmp_path)
+    spec = json.loads((copy / "model.json").read_text())
+    spec["model"]["hidden_channels"] += 4
+    (copy / "model.json").write_text(json.dumps(spec))
+    refused(runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1",
+                                *FAST]), "ema.safetensors: weights do not fit the model (size mismatch for ")
+
+
+def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
+    """A damaged or missing weights file, a damaged model.json and a run without a checkpoint are listed as such."""
+    root = tmp_path / "all"
+    for name in ("good", "flipped", "no-ema", "bad-spec", "untrained"):
+        shutil.copytree(run, root / name)
+    weights = root / "flipped/checkpoints/step_0000002/model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 1
+    weights.write_bytes(bytes(raw))
+    (root / "no-ema/checkpoints/step_0000002/ema.safetensors").unlink()
+    (root / "bad-spec/model.json").write_text("{")
+    shutil.rmtree(root / "untrained/checkpoints")
+    res = runner.invoke(app, ["runs", str(root), "--json"])
+    assert res.exit_code == 0, res.output
+    status = {Path(r["run"]).name: r["status"] for r in json.loads(res.output)}
+    assert status == {"good": "ok", "flipped": "damaged model.safetensors", "no-ema": "missing ema.safetensors",
+                      "bad-spec": "damaged model.json", "untrained": "no checkpoint"}
+    refused(runner.invoke(app, ["runs", str(weights)]), "a file, not a folder")
 
 
 def test_non_finite_weights_are_refused(run: Path, tmp_path: Path) -> None:

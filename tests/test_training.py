@@ -130,6 +130,37 @@ def test_resume_may_change_how_the_model_runs(tmp_path: Path) -> None:
         train(moved, tmp_path / "run", resume=True, train_set=data, progress=False)
 
 
+def test_a_resume_that_moves_the_learning_rate_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cosine schedule ends at max_steps: more steps on resume raise the lr of the step it continues from."""
+    data = blob_images(n=8, size=8)
+    for schedule in ("constant", "cosine"):
+        train(tiny_config(2, lr_schedule=schedule), tmp_path / schedule, train_set=data, progress=False)
+        capsys.readouterr()
+        train(tiny_config(4, lr_schedule=schedule), tmp_path / schedule, resume=True, train_set=data, progress=False)
+        said = [line for line in capsys.readouterr().out.splitlines() if "learning rate at step" in line]
+        expected = [] if schedule == "constant" else \
+            ["resume: the learning rate at step 2 is now 0.0008536 (it was 0.0005): the schedule follows train.lr, "
+             "warmup_steps, lr_schedule and max_steps"]
+        assert said == expected
+
+
+def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_path: Path) -> None:
+    """Before the first preview the budget keeps back an estimate of one (a step is about three forward passes of
+    its batch; the preview makes `steps` calls, twice under CFG); then what each kind of work took."""
+    from geca.training.trainer import Trainer
+
+    cfg = tiny_config(5, sample_every=100, max_minutes=10)
+    trainer = Trainer(cfg, tmp_path / "run", resume=False, progress=False, train_set=blob_images(n=8, size=8))
+    trainer.step_s, trainer.work_s = 1.2, {}
+    shown, sampler = trainer.spec.num_classes * cfg.preview.per_class, cfg.preview.sampler
+    assert sampler.guidance_scale != 1
+    assert trainer.final_work_s() == pytest.approx(1.2 / (3 * 4) * shown * sampler.steps * 2)
+    trainer.work_s = {"checkpoint": 2.0, "preview": 7.0}
+    assert trainer.final_work_s() == pytest.approx(9.0)
+    cfg.train.sample_every = 0
+    assert trainer.final_work_s() == pytest.approx(2.0)
+
+
 def _spec(model: ModelConfig) -> ModelSpec:
     return ModelSpec(model=model, diffusion=DiffusionConfig(), data=DataConfig(), in_channels=3, num_classes=5,
                      resolution=28, class_names=list("abcde"), multilabel=False)

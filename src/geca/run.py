@@ -214,7 +214,11 @@ def load_state_dict_into(model: torch.nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
+        # torch's first line names only the model class; the first of its reasons says what does not fit
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[1] if len(lines) > 1 else lines[0] if lines else "no reason given"
+        reason = reason if len(reason) <= 300 else reason[:300] + " …"
+        raise CheckpointError(f"{path}: weights do not fit the model ({reason})") from None
 
 
 def read_spec(run_dir: Path) -> ModelSpec:
@@ -268,20 +272,45 @@ def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None
     return images
 
 
+def checkpoint_health(checkpoint: Path) -> str:
+    """'ok', or what keeps the checkpoint from loading: a missing weights file, or a file whose SHA-256 differs from
+    the one recorded at save time (read, not loaded)."""
+    for name in ("model.safetensors", "ema.safetensors"):
+        if not (checkpoint / name).is_file():
+            return f"missing {name}"
+    try:
+        recorded = read_state(checkpoint).get("files", {})
+    except CheckpointError:
+        return "damaged state.json"
+    for name in recorded if isinstance(recorded, dict) else ():
+        try:
+            verify(checkpoint / name)
+        except CheckpointError:
+            return f"damaged {name}"
+        if not (checkpoint / name).is_file():
+            return f"missing {name}"
+    return "ok"
+
+
 def summarize_run(run_dir: Path) -> dict[str, Any]:
-    """One line about a run directory, read from its files without loading any weights (a damaged part is "?")."""
+    """One line about a run directory, read from its files without loading any weights (a damaged part is "?"); its
+    status is the latest checkpoint's health, or what is missing."""
     run_dir = Path(run_dir)
-    row: dict[str, Any] = {"run": str(run_dir), "step": None, "model": "?", "data": "?", "heredity": None,
-                           "loss": None, "best_kid": None, "best_step": None}
+    row: dict[str, Any] = {"run": str(run_dir), "status": "ok", "step": None, "model": "?", "data": "?",
+                           "heredity": None, "loss": None, "best_kid": None, "best_step": None}
     try:
         spec = read_spec(run_dir)
         row.update(model=spec.model.name, data=spec.data.spec, heredity=getattr(spec.model, "heredity", None))
     except CheckpointError:
-        pass
+        row["status"] = "damaged model.json"
     try:
-        row["step"] = read_state(find_checkpoint(run_dir)).get("step")
+        ckpt = find_checkpoint(run_dir)
+        row["step"] = read_state(ckpt).get("step")
+        if row["status"] == "ok":
+            row["status"] = checkpoint_health(ckpt)
     except CheckpointError:
-        pass
+        row["status"] = "no checkpoint" if not (checkpoint_dir(run_dir) / "latest.json").exists() else \
+            "damaged checkpoint"
     try:
         rows = CsvLog(run_dir / "log.csv", []).rows()
     except (csv.Error, UnicodeDecodeError):

@@ -21,6 +21,19 @@ CV_VAL_HELP = ("With a folds file, each fold's validation split: slice (a patien
 USER_ERRORS = (GecaError, ValueError)
 
 
+def split_flags(folds_file: str | None, fold: int | None, cv_val: str | None) -> tuple[int, str]:
+    """(fold, cv_val) for `load_split`: --fold and --cv-val choose splits of a folds file, so without one they are
+    refused rather than ignored; --cv-val is checked before any work."""
+    from geca.data.config import CV_VAL
+
+    if folds_file is None and (fold is not None or cv_val is not None):
+        raise ConfigError(f"{'--fold' if fold is not None else '--cv-val'} chooses splits of a folds file: it needs "
+                          "--folds-file")
+    if cv_val is not None and cv_val not in CV_VAL:
+        raise ConfigError(f"--cv-val must be one of {', '.join(CV_VAL)}, got {cv_val!r}")
+    return fold or 0, cv_val or "slice"
+
+
 def describe(error: BaseException) -> str:
     """One line for the user: an OS error as `FILE: what went wrong` (a full disk, a file where a folder should be)."""
     if isinstance(error, OSError) and error.strerror:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, guarded, pick_device
+from geca.cli.common import CV_VAL_HELP, guarded, pick_device, split_flags
 from geca.errors import ConfigError
 
 
@@ -26,8 +26,9 @@ def encode(
     image_size: int | None = typer.Option(None, "--image-size", min=2, help="Resize at load time, as `geca train "
                                           "--image-size` does (so that training finds this cache)."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds`."),
-    fold: int = typer.Option(0, "--fold", min=0, help="With --folds-file: which fold is the test fold."),
-    cv_val: str = typer.Option("slice", "--cv-val", help=CV_VAL_HELP),
+    fold: int | None = typer.Option(None, "--fold", min=0, help="With --folds-file: which fold is the test fold "
+                                    "(default 0)."),
+    cv_val: str | None = typer.Option(None, "--cv-val", help=CV_VAL_HELP + " Default: slice."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -43,6 +44,7 @@ def encode(
     unknown = [name for name in names if name not in SPLITS]
     if unknown:  # before the first split is encoded, not after
         raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
+    fold, cv_val = split_flags(folds_file, fold, cv_val)
     output_dir(out)
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, guarded, pick_device
-from geca.errors import ConfigError
+from geca.cli.common import CV_VAL_HELP, guarded, pick_device, split_flags
 
 features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
                            add_completion=False, pretty_exceptions_enable=False)
@@ -61,15 +60,13 @@ def evaluate(
     from geca.metrics.evaluate import EvalSettings, parse_generated, run_evaluation
     from geca.metrics.report import comparison_table, per_class_table
 
-    if folds_file is None and (fold is not None or cv_val is not None):
-        raise ConfigError(f"{'--fold' if fold is not None else '--cv-val'} chooses splits of a folds file: it needs "
-                          "--folds-file")
+    fold, cv_val = split_flags(folds_file, fold, cv_val)
     settings = EvalSettings(
         generated=[parse_generated(a) for a in [*generated, *(more or [])]], real=real, train=train,
         features=features, features_file=features_file, protocol=protocol, seed=seed, lpips=lpips,
         gg_features=gg_features, gg_features_file=gg_features_file,
         lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress,
-        folds_file=folds_file, fold=fold or 0, cv_val=cv_val or "slice")
+        folds_file=folds_file, fold=fold, cv_val=cv_val)
     report = run_evaluation(settings, out, log=typer.echo)
     console = Console()
     console.print(comparison_table(report))
@@ -92,6 +89,12 @@ def features_train(
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the domain network's "
                                       "own, 10)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV (`geca folds`) that defines the "
+                                          "splits of folder+CSV data."),
+    fold: int | None = typer.Option(None, "--fold", min=0, help="With --folds-file: the test fold (default 0); "
+                                    "train on the split of the fold whose test set you evaluate on."),
+    cv_val: str | None = typer.Option(None, "--cv-val", help=CV_VAL_HELP + " Default: slice."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Train the `domain` feature network: a small classifier whose penultimate layer gives the features."""
     from geca.data.registry import load_split
@@ -99,10 +102,12 @@ def features_train(
     from geca.metrics.domain import TRAINING, save_domain_net, train_domain_net
     from geca.utils.io import output_file
 
-    output_file(out, "--out", ".safetensors")
-    train_set = load_split(data, split, image_size=image_size)
+    fold, cv_val = split_flags(folds_file, fold, cv_val)
+    output_file(out, "--out", ".safetensors", overwrite)
+    splits = dict(image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
+    train_set = load_split(data, split, **splits)
     try:
-        val = load_split(data, "val", image_size=image_size) if split != "val" else None
+        val = load_split(data, "val", **splits) if split != "val" else None
     except DataError:
         val = None  # sources without a val split are fine; the accuracy check is only a sanity line
     net = train_domain_net(train_set, seed=seed, epochs=TRAINING["epochs"] if epochs is None else epochs, val=val,

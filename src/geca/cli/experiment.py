@@ -42,6 +42,7 @@ def experiment(
         for step in plan(stages, root, force, only):
             typer.echo(f"{step.action:4s} {step.stage.id:24s} {step.reason}")
         return
+    loaded.check_data()
     steps = execute(stages, root, force, only, log=typer.echo)
     ran = sum(s.action == "run" for s in steps)
     typer.echo(f"{ran} stage(s) run, {len(steps) - ran} skipped; experiment directory: {root}")

@@ -16,6 +16,8 @@ def folds(
     k: int = typer.Option(5, "--k", min=3, help="Number of folds (at least 3: test, val and train folds)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for breaking ties between equally good folds."),
     out: Path = typer.Option(..., "--out", help="Folds CSV to write (filename,patient_id,fold)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (runs and synthetic "
+                                   "sets made with the old folds no longer match it)."),
 ) -> None:
     """Assign patients to k label-stratified folds and write the folds CSV."""
     import numpy as np
@@ -26,7 +28,7 @@ def folds(
     from geca.data.groups import make_folds
     from geca.utils.io import output_file
 
-    output_file(out, "--out", ".csv")
+    output_file(out, "--out", ".csv", overwrite)
     groups, fold_of = make_folds(data, k, seed, out)
     if groups.warning:
         Console(stderr=True).print(f"warning: {groups.warning}", style="yellow", markup=False, highlight=False)

@@ -109,24 +109,25 @@ def runs(
     root: Path = typer.Argument(Path("runs"), help="Folder to search (recursively) for run directories."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List the training runs under a folder: step, model, data, heredity, last loss and best validation KID."""
+    """List the training runs under a folder: status (the latest checkpoint checked against its recorded hashes),
+    step, model, data, heredity, last loss and best validation KID."""
     from rich.console import Console
     from rich.table import Table
 
     from geca.run import summarize_run
 
     if not root.is_dir():
-        raise ConfigError(f"{root}: no such folder (pass the folder that holds your run directories)")
-    rows = [summarize_run(p.parent) for p in sorted(Path(root).rglob("model.json"))
-            if (p.parent / "checkpoints").is_dir()]
+        what = "a file, not a folder" if root.exists() else "no such folder"
+        raise ConfigError(f"{root}: {what} (pass the folder that holds your run directories)")
+    rows = [summarize_run(p.parent) for p in sorted(Path(root).rglob("model.json"))]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{len(rows)} run(s) under {root}")
-    for col in ("run", "step", "model", "data", "heredity", "loss", "best KID×10³"):
-        table.add_column(col, justify="left" if col in ("run", "model", "data", "heredity") else "right")
+    for col in ("run", "status", "step", "model", "data", "heredity", "loss", "best KID×10³"):
+        table.add_column(col, justify="right" if col in ("step", "loss", "best KID×10³") else "left")
     for r in rows:
         kid = "—" if r["best_kid"] is None else f"{r['best_kid'] * 1e3:.2f} (step {r['best_step']})"
-        table.add_row(r["run"], str(r["step"] if r["step"] is not None else "—"), r["model"], r["data"],
-                      r["heredity"] or "—", r["loss"] or "—", kid)
+        table.add_row(r["run"], r["status"], str(r["step"] if r["step"] is not None else "—"), r["model"], r["data"],
+                      r["heredity"] or "—", r["loss"] or "—", kid, style=None if r["status"] == "ok" else "red")
     Console(width=160).print(table)

@@ -11,10 +11,10 @@ import inspect
 import os
 from pathlib import Path
 
-from geca.data.folder_csv import load_folder_csv
+from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
-from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz
+from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz, resolve_npz
 from geca.data.procedural import PROCEDURAL
 from geca.errors import DataError
 
@@ -47,7 +47,7 @@ def _check_split(split: str, valid: tuple[str, ...], what: str) -> None:
         raise DataError(f"unknown split {split!r} for {what}; valid: {', '.join(valid)}")
 
 
-def _load_procedural(name: str, split: str, options: dict[str, str], image_size: int | None) -> ImageSet:
+def _procedural_kwargs(name: str, options: dict[str, str], image_size: int | None) -> dict[str, int]:
     if name not in PROCEDURAL:
         raise DataError(f"unknown procedural dataset {name!r}; valid: {', '.join(PROCEDURAL)}")
     fn = PROCEDURAL[name]
@@ -65,8 +65,41 @@ def _load_procedural(name: str, split: str, options: dict[str, str], image_size:
         if "size" in kwargs and kwargs["size"] != image_size:
             raise DataError(f"{name}: option size={kwargs['size']} contradicts image_size={image_size}")
         kwargs["size"] = image_size
-    # Each generator validates the split itself: whether it offers "all" is its own business.
-    return fn(split, **kwargs)
+    return kwargs
+
+
+def _source(spec: str) -> tuple[str, str, dict[str, str]]:
+    """(kind, name or path, options) of a spec: kind is procedural, csv or npz; a name that is none is refused."""
+    name, options = parse_spec(spec)
+    if not name:
+        raise DataError(f"empty dataset spec {spec!r}")
+    is_path = name.lower().endswith((".npz", ".csv")) or "/" in name or os.sep in name
+    if not is_path and name.startswith("synthetic-"):
+        return "procedural", name, options
+    if options:
+        raise DataError(f"{spec!r}: options after '@' apply only to procedural datasets "
+                        "(synthetic-fundus, synthetic-oct); valid here: none")
+    if name.lower().endswith(".csv"):
+        return "csv", name, options
+    if not is_path and name not in KNOWN_DATASETS and find_npz(name) is None:
+        raise DataError(
+            f"unknown dataset {name!r}: expected a .npz or .csv path, a procedural set (synthetic-fundus, "
+            f"synthetic-oct), a MedMNIST name ({', '.join(KNOWN_DATASETS)}), or NAME.npz in "
+            f"{', '.join(str(d) for d in data_dirs())}"
+        )
+    return "npz", name, options
+
+
+def check_spec(spec: str, download: bool = False) -> None:
+    """Refuse a spec that names nothing loadable (an unknown name or option, a missing file, a CSV without its
+    columns) without decoding any image: for commands that check everything before they create anything."""
+    kind, name, options = _source(spec)
+    if kind == "procedural":
+        _procedural_kwargs(name, options, None)
+    elif kind == "csv":
+        read_table(Path(name).expanduser())
+    elif not download:
+        resolve_npz(name)
 
 
 def load_split(
@@ -93,23 +126,13 @@ def load_split(
         folds = read_folds(folds_file, full.ids, full.patient_ids)
         groups, _ = group_ids(full.ids, full.patient_ids, full.eye_ids)
         return full.subset(fold_split_rows(folds, split, fold, folds_file, full.labels, groups, cv_val))
-    if not name:
-        raise DataError(f"empty dataset spec {spec!r}")
+    kind, name, options = _source(spec)
     _check_split(split, SPLITS, repr(spec))
-    is_path = name.lower().endswith((".npz", ".csv")) or "/" in name or os.sep in name
-    if not is_path and name.startswith("synthetic-"):
-        return _load_procedural(name, split, options, image_size)
-    if options:
-        raise DataError(f"{spec!r}: options after '@' apply only to procedural datasets "
-                        "(synthetic-fundus, synthetic-oct); valid here: none")
-    if name.lower().endswith(".csv"):
+    if kind == "procedural":
+        # Each generator validates the split itself: whether it offers "all" is its own business.
+        return PROCEDURAL[name](split, **_procedural_kwargs(name, options, image_size))
+    if kind == "csv":
         return load_folder_csv(
             Path(name).expanduser(), split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val
-        )
-    if not is_path and name not in KNOWN_DATASETS and find_npz(name) is None:
-        raise DataError(
-            f"unknown dataset {name!r}: expected a .npz or .csv path, a procedural set (synthetic-fundus, "
-            f"synthetic-oct), a MedMNIST name ({', '.join(KNOWN_DATASETS)}), or NAME.npz in "
-            f"{', '.join(str(d) for d in data_dirs())}"
         )
     return load_npz(name, split, image_size=image_size, download=download)

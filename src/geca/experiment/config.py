@@ -10,9 +10,10 @@ from typing import Any
 
 from geca.config import RunConfig, resolve_run_config
 from geca.data.folds import CV_VAL, read_folds
+from geca.data.registry import check_spec
 from geca.downstream.classifier import STEMS
 from geca.downstream.classify import TableSettings
-from geca.errors import ConfigError
+from geca.errors import ConfigError, DataError
 from geca.metrics.features import FEATURES
 from geca.metrics.kid import PROTOCOLS
 from geca.sampling.config import GHG_MODES, SamplerConfig
@@ -188,6 +189,14 @@ class LoadedExperiment:
         d = self.exp.data
         return None if not d.cv else d.folds_file or GENERATED_FOLDS
 
+    def check_data(self) -> None:
+        """Refuse data that cannot load before any stage folder exists (no image is decoded)."""
+        download = any(self.run_config(g.name, self.folds[0]).data.download for g in self.exp.generators)
+        try:
+            check_spec(self.exp.data.spec, download=download)
+        except DataError as e:
+            raise DataError(f"{self.path}: data.spec: {e}") from None
+
     def run_config(self, name: str, fold: int | None) -> RunConfig:
         """Generator `name`'s run config on `fold` (a generated folds file is given relative to the root)."""
         g = next(g for g in self.exp.generators if g.name == name)
@@ -278,7 +287,10 @@ def load_experiment(path: str | Path) -> LoadedExperiment:
     exp = from_dict(Experiment, raw, str(path))
     _validate(exp, path)
     loaded = LoadedExperiment(exp=exp, path=path, text=text, cellular=None)
-    families = {g.name: loaded.run_config(g.name, loaded.folds[0]).model.family for g in exp.generators}
+    configs = {(g.name, fold): loaded.run_config(g.name, fold) for g in exp.generators for fold in loaded.folds}
+    for (name, _), config in configs.items():
+        config.validate(where=f"{path}: generator {name!r}")
+    families = {g.name: configs[g.name, loaded.folds[0]].model.family for g in exp.generators}
     cellular = [n for n, f in families.items() if f == "geca"]
     if exp.geca_generator is not None and exp.geca_generator not in cellular:
         raise ConfigError(f"{path}: geca_generator {exp.geca_generator!r} is not a GeCA generator; GeCA "

@@ -236,6 +236,7 @@ class Trainer:
                                   "changed); resume needs the same setup")
         ckpt, self.step_count, self.state = (_latest(self.run_dir) if resume else
                                              (None, 0, {"elapsed_s": 0.0, "images_seen": 0}))
+        self.saved_lr = self.state.pop("lr", None)  # the last step's, as checkpointed
         compiled, self.compile_note = compile_for_run(self.spec, tc, acc.device, tc.max_steps - self.step_count,
                                                       self.local_batch)
         torch.manual_seed(tc.seed)
@@ -391,6 +392,7 @@ class Trainer:
             scaler = self.accelerator.scaler  # fp16 only: its loss scale is part of an exact resume
             save_checkpoint(self.run_dir, self.step_count, self.accelerator.unwrap_model(self.model), self.ema.model,
                             self.optimizer, {**self.state, "elapsed_s": self.elapsed_s(),
+                                             "lr": learning_rate(self.config.train, self.step_count - 1),
                                              **({"grad_scaler": scaler.state_dict()} if scaler else {})})
 
     def preview(self, final: bool = False) -> None:
@@ -422,14 +424,36 @@ class Trainer:
         if step % tc.log_every == 0:
             self.log_row()
         if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-            self.checkpoint()
-        started = time.time()
+            self._timed("checkpoint", self.checkpoint)
         if self.main and tc.sample_every and step % tc.sample_every == 0:
-            self.preview()
+            self._timed("preview", self.preview)
         if self.validator is not None and step % self.config.validation.every == 0:
-            self.validate()
-        # The final preview and validation must fit in the budget too: keep back the longest one seen so far.
-        self.reserve_s = max(self.reserve_s, time.time() - started)
+            self._timed("validation", self.validate)
+
+    def _timed(self, work: str, run: Callable[[], None]) -> None:
+        """Run periodic work, keeping the longest time it took: its final turn must fit in the budget too."""
+        started = time.time()
+        run()
+        self.work_s[work] = max(self.work_s.get(work, 0.0), time.time() - started)
+
+    def final_work_s(self) -> float:
+        """What the final checkpoint, preview and validation will take: the longest of each seen so far or, before
+        the first, an estimate from the step time (a training step costs about three forward passes of its batch;
+        a sampler makes `steps` calls on twice the images under CFG)."""
+        per_image = self.step_s / (3 * self.local_batch)
+
+        def sampling_s(images: int, sampler: Any) -> float:
+            return per_image * images * sampler.steps * (1 if sampler.guidance_scale == 1 else 2)
+
+        need = self.work_s.get("checkpoint", 0.0)
+        if self.main and self.config.train.sample_every:
+            pc = self.config.preview
+            shown = min(self.spec.num_classes, pc.max_classes) * pc.per_class
+            need += self.work_s.get("preview", sampling_s(shown, pc.sampler))
+        if self.validator is not None:
+            v = self.config.validation
+            need += self.work_s.get("validation", sampling_s(v.num_samples, v.sampler))
+        return need
 
     def finish(self) -> None:
         """The last step's log row, checkpoint, preview and validation, where the loop did not just write them."""
@@ -445,13 +469,12 @@ class Trainer:
             self.validate()
 
     def out_of_time(self) -> bool:
-        """max_minutes is this invocation's budget (a resumed run gets it afresh), the next step and the final
-        preview and validation included (timed as the last step and the longest periodic one); all processes stop
-        at once."""
+        """max_minutes is this invocation's budget (a resumed run gets it afresh), the next step (timed as the last
+        one) and the final work (`final_work_s`) included; all processes stop at once."""
         budget = self.config.train.max_minutes
         if budget is None:
             return False
-        need = time.time() - self.t_start + self.step_s + self.reserve_s  # after one more step and the final work
+        need = time.time() - self.t_start + self.step_s + self.final_work_s()  # one more step, then the final work
         over = torch.tensor([float(need > budget * 60)], device=self.device)
         return self.accelerator.reduce(over, "max").item() > 0
 
@@ -491,7 +514,7 @@ class Trainer:
         """Train to max_steps; `changes` (what a resume changed) are printed once everything checked out."""
         tc = self.config.train
         if self.main:
-            for line in [self.describe(), *(changes or [])]:
+            for line in [self.describe(), *(changes or []), *self._schedule_change()]:
                 tqdm.write(line)
         if self.step_count >= tc.max_steps:  # a resumed run that is done: its files stay as they are
             if self.main:
@@ -499,7 +522,8 @@ class Trainer:
                            f"{tc.max_steps}")
             self.accelerator.end_training()
             return self._summary(None)
-        self.t_start, self.reserve_s, self.step_s, self._last_plain = time.time(), 0.0, 0.0, 0.0
+        self.t_start, self.step_s, self._last_plain = time.time(), 0.0, 0.0
+        self.work_s: dict[str, float] = {}
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
         self.bar = self._bar()
@@ -517,6 +541,17 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self._summary(checksum)
+
+    def _schedule_change(self) -> list[str]:
+        """A resume that changes max_steps under a cosine schedule (or the lr, warm-up or schedule) moves the lr of
+        the step it continues from: said, as the user may not expect a jump."""
+        if self.saved_lr is None or not self.step_count:
+            return []
+        now = learning_rate(self.config.train, self.step_count - 1)
+        if math.isclose(now, self.saved_lr, rel_tol=1e-9, abs_tol=1e-15):
+            return []
+        return [f"resume: the learning rate at step {self.step_count} is now {now:.4g} (it was {self.saved_lr:.4g}): "
+                "the schedule follows train.lr, warmup_steps, lr_schedule and max_steps"]
 
     def _summary(self, checksum: float | None) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "step": self.step_count, "processes": self.world,

@@ -95,11 +95,14 @@ def staged_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def output_file(path: Path, flag: str, suffix: str) -> Path:
-    """`path` checked as a file to write, before any work: not a folder, named `suffix`, under no file."""
+def output_file(path: Path, flag: str, suffix: str, overwrite: bool = True) -> Path:
+    """`path` checked as a file to write, before any work: not a folder, named `suffix`, under no file, in a
+    folder that takes files, and (unless `overwrite`) not there yet."""
     path = Path(path)
     if path.is_dir() or path.suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: expected a {suffix} file name")
+    if not overwrite and path.exists():
+        raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it or choose another {flag}")
     _under_no_file(path.parent, flag, path)
     return path
 
@@ -112,10 +115,17 @@ def output_dir(path: Path, flag: str = "--out") -> Path:
 
 
 def _under_no_file(folder: Path, flag: str, path: Path) -> None:
+    """Neither `folder` nor one above it is a file, and the nearest that exists takes new files (a read-only folder
+    is found now, not after the work, under a temporary name)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())  # the nearest; the rest are created
     if not existing.is_dir():
         where = "" if existing == path else f" {existing}"
         raise ConfigError(f"{flag} {path}:{where} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
