@@ -151,6 +151,11 @@ def test_outputs_and_inputs_of_the_other_commands_are_checked_before_any_work(da
     res = runner.invoke(app, ["features", "train", "--data", str(text), "--out", str(tmp_path / "w.safetensors")])
     refused(res, str(text), "not an npz file")
     assert "allow_pickle" not in res.output  # numpy's advice to unpickle is never passed on
+    refused(runner.invoke(app, ["encode", "--vae", str(a_file), "--data", str(data), "--out", str(tmp_path / "e")]),
+            str(a_file), "a file, not a VAE directory")
+    refused(runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--k", "10", "--out",
+                                str(tmp_path / "f.csv")]), "--k 10", "has 9 patients/groups")
+    refused(runner.invoke(app, ["experiment", "smoke", "--out", str(a_file)]), "--out", "is a file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder", "text.npz"]
 
 
@@ -332,6 +337,11 @@ def test_weights_of_another_shape_name_the_first_tensor_that_does_not_fit(run: P
     (copy / "model.json").write_text(json.dumps(spec))
     refused(runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1",
                                 *FAST]), "ema.safetensors: weights do not fit the model (size mismatch for ")
+    for text, words in (("[]", "expected a mapping of keys to values, got list"),
+                        (json.dumps({"model": spec["model"]}), "missing key(s) diffusion, data, in_channels")):
+        (copy / "model.json").write_text(text)
+        refused(runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1",
+                                    *FAST]), "model.json: invalid", words)
 
 
 def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:

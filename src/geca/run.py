@@ -84,6 +84,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        if not isinstance(d, dict):
+            return from_dict(cls, d, "model.json")  # its own message: not a mapping
         if "format" not in d and isinstance(d.get("model"), dict):
             d = {**d, "model": from_geca_0_1(d["model"]), "format": 1}
         model = d.get("model")

@@ -32,6 +32,7 @@ def experiment(
     from geca.experiment.graph import execute, plan
     from geca.experiment.stages import Context, build_stages
     from geca.presets import resolve_config
+    from geca.utils.io import output_dir
 
     loaded = load_experiment(resolve_config(config, "experiment"))
     root = out if out is not None else Path("runs") / loaded.exp.name
@@ -42,6 +43,7 @@ def experiment(
         for step in plan(stages, root, force, only):
             typer.echo(f"{step.action:4s} {step.stage.id:24s} {step.reason}")
         return
+    output_dir(root)
     loaded.check_data()
     steps = execute(stages, root, force, only, log=typer.echo)
     ran = sum(s.action == "run" for s in steps)

@@ -33,7 +33,8 @@ from geca.utils.io import file_sha256
 
 def folds_stage(ctx: Context, out: Path) -> dict[str, Any]:
     """Patient-level, label-stratified folds of the data's `all` split (by eye, or image, without patient ids)."""
-    groups, _ = make_folds(ctx.exp.data.spec, ctx.exp.data.folds, ctx.exp.seed, out / "folds.csv")
+    groups, _ = make_folds(ctx.exp.data.spec, ctx.exp.data.folds, ctx.exp.seed, out / "folds.csv",
+                           f"{ctx.loaded.path}: data.folds")
     return {"folds_file": "folds.csv", "k": ctx.exp.data.folds, "images": len(groups.names), "grouped_by": groups.by}
 
 

@@ -32,6 +32,9 @@ def resolve_vae(name: str) -> Path:
         except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError, HFValidationError a ValueError
             raise LatentError(f"VAE {name!r} not found: no such directory, and not in the local Hugging Face "
                               f"cache; {HOW_TO_GET}") from None
+    elif path.is_file():
+        raise LatentError(f"{path}: a file, not a VAE directory (a diffusers AutoencoderKL folder holding config.json "
+                          f"and its weights); {HOW_TO_GET}")
     else:
         raise LatentError(f"VAE directory {path} not found; {HOW_TO_GET}")
     if not (root / "config.json").is_file():
