@@ -102,7 +102,7 @@ def sampling_cost(config: ModelConfig, sampler: str, steps: int, schedule: str, 
     if sampler.startswith("dpm++"):
         from diffusers import DPMSolverMultistepScheduler  # noqa: F401  -- the library is not sampling's memory
     held = reset_peak_memory(device)
-    setting = SamplerConfig(sampler=sampler, steps=steps, guidance_scale=cfg, ghg=ghg, schedule=schedule)
+    setting = SamplerConfig(sampler=sampler, steps=steps, guidance_scale=cfg, ghg=ghg, schedule=schedule, clip_x0=True)
     sample(model, diffusion, labels, shape, replace(setting, steps=2))
     start = time.perf_counter()
     sample(model, diffusion, labels, shape, setting)

@@ -441,3 +441,20 @@ def test_divergence_stops_before_a_checkpoint_and_says_where_the_last_good_one_i
         assert all(torch.isfinite(v).all() for v in weights.values())
     else:
         assert "no checkpoint was written" in res.output
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["exchange", "two-renames"])
+def test_a_replaced_folder_is_whole_and_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             swap: bool) -> None:
+    """The atomic swap (renameat2), and the two renames where a file system cannot swap."""
+    from geca.utils import io
+
+    if not swap:
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    final, new = tmp_path / "set", tmp_path / ".set.partial"
+    final.mkdir()
+    (final / "old.png").write_text("old")
+    new.mkdir()
+    (new / "new.png").write_text("new")
+    io.replace_dir(new, final)
+    assert [p.name for p in final.iterdir()] == ["new.png"] and sorted(p.name for p in tmp_path.iterdir()) == ["set"]

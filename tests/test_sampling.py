@@ -71,7 +71,7 @@ def test_each_ghg_mode_carries_exactly_the_intended_tensors(diffusion, mode: str
     spy = Spy(_geca())
     labels = per_class_labels(4, 1)
     sample(spy, diffusion, labels, (3, 6, 6),
-           SamplerConfig(sampler="ddpm", steps=5, guidance_scale=cfg_scale, ghg=mode))
+           SamplerConfig(sampler="ddpm", steps=5, guidance_scale=cfg_scale, ghg=mode, clip_x0=True))
     assert len(spy.calls) == 5
     assert spy.calls[0][0] is None, "the first step (t=T) has nothing to inherit: the training seed is used"
     for (carry, _), (_, previous) in zip(spy.calls[1:], spy.calls[:-1], strict=True):
@@ -88,7 +88,7 @@ def test_ghg_changes_the_samples(diffusion) -> None:
     outs = {}
     for mode in ("none", "hidden"):
         torch.manual_seed(3)
-        outs[mode] = sample(_geca(), diffusion, labels, (3, 6, 6), SamplerConfig(steps=4, ghg=mode))
+        outs[mode] = sample(_geca(), diffusion, labels, (3, 6, 6), SamplerConfig(steps=4, ghg=mode, clip_x0=True))
     assert not torch.allclose(outs["none"], outs["hidden"])
 
 
@@ -112,14 +112,15 @@ def test_a_denoiser_without_cell_state_uses_the_same_samplers(diffusion, sampler
     torch.manual_seed(0)
     model = ConvDenoiser(3, 4)
     out = sample(model, diffusion, per_class_labels(4, 2), (3, 6, 6),
-                 SamplerConfig(sampler=sampler, steps=6, guidance_scale=2.0, ghg="hidden"))
+                 SamplerConfig(sampler=sampler, steps=6, guidance_scale=2.0, ghg="hidden",
+                                                  clip_x0=True))
     assert out.shape == (8, 3, 6, 6) and torch.isfinite(out).all()
 
 
 def test_ddim_eta0_is_deterministic_given_the_noise(diffusion) -> None:
     model = ConvDenoiser(3, 4)
     noise = torch.randn(4, 3, 6, 6)
-    cfg = SamplerConfig(sampler="ddim", steps=7, guidance_scale=1.5, ghg="none")
+    cfg = SamplerConfig(sampler="ddim", steps=7, guidance_scale=1.5, ghg="none", clip_x0=True)
     a = sample(model, diffusion, per_class_labels(4, 1), (3, 6, 6), cfg, noise=noise)
     b = sample(model, diffusion, per_class_labels(4, 1), (3, 6, 6), cfg, noise=noise)
     assert torch.equal(a, b)
@@ -127,7 +128,8 @@ def test_ddim_eta0_is_deterministic_given_the_noise(diffusion) -> None:
 
 def test_m_at_sampling_reaches_the_model(diffusion) -> None:
     spy = Spy(_geca())
-    sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6), SamplerConfig(steps=2, nca_steps=9, guidance_scale=1.0))
+    sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6), SamplerConfig(steps=2, nca_steps=9, guidance_scale=1.0,
+                                                                                clip_x0=True))
     model = spy.inner
     x, t, y = torch.randn(1, 3, 6, 6), torch.tensor([10]), per_class_labels(4, 1)[:1]
     assert len(list(model.grow(x, t, y, nca_steps=9))) == 9
@@ -244,7 +246,7 @@ def test_dpm_solver_steps_in_log_snr_unless_told_otherwise(diffusion) -> None:
     for schedule in (None, "lambda", "uniform"):
         seen[schedule] = []
         sample(ConvDenoiser(3, 4), diffusion, per_class_labels(4, 1), (3, 6, 6),
-               SamplerConfig(sampler="dpm++", steps=10, guidance_scale=1.0, schedule=schedule),
+               SamplerConfig(sampler="dpm++", steps=10, guidance_scale=1.0, schedule=schedule, clip_x0=True),
                callback=lambda t, x, p, state, k=schedule: seen[k].append(t))
     assert seen[None] == seen["lambda"] != seen["uniform"]
     assert seen["lambda"][-3:] == [22, 5, 0] and seen["uniform"][-1] == 100
@@ -279,7 +281,16 @@ def test_dpm_solver_sde_draws_fresh_noise_each_run(diffusion) -> None:
 def test_dpm_solver_carries_the_cell_state(diffusion, sampler: str) -> None:
     spy = Spy(_geca())
     sample(spy, diffusion, per_class_labels(4, 1), (3, 6, 6),
-           SamplerConfig(sampler=sampler, steps=4, guidance_scale=1.5, ghg="hidden"))
+           SamplerConfig(sampler=sampler, steps=4, guidance_scale=1.5, ghg="hidden", clip_x0=True))
     assert len(spy.calls) == 4 and spy.calls[0][0] is None
     for (carry, _), (_, previous) in zip(spy.calls[1:], spy.calls[:-1], strict=True):
         assert carry.hidden is previous.hidden and carry.out is None
+
+
+def test_sampling_does_not_guess_whether_the_model_works_on_latents(diffusion) -> None:
+    """Clipping x̂0 to [-1, 1] is right for pixels and wrong for latents; only the caller knows which it has."""
+    with pytest.raises(ValueError, match="clip_x0 is unset"):
+        sample(ConvDenoiser(3, 4), diffusion, per_class_labels(4, 1), (3, 6, 6), SamplerConfig(steps=2))
+    latent = SamplerConfig(steps=2).for_model(cellular=False, latent=True)
+    assert latent.clip_x0 is False and sample(ConvDenoiser(3, 4), diffusion, per_class_labels(4, 1), (3, 6, 6),
+                                              latent).shape == (4, 3, 6, 6)

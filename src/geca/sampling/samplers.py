@@ -55,7 +55,11 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
     `callback(t, x_t, p, state)` sees every reverse step, t the model timestep (0…T−1) for every sampler (p holds
     pred_x0, eps, mean, log_variance).
     """
-    if sampler.ghg is None or sampler.clip_x0 is None or sampler.schedule is None:
+    if sampler.clip_x0 is None:
+        # only the caller knows whether the model works on latents, which have no [-1, 1] range to clip to
+        raise ValueError("sampler.clip_x0 is unset: set it, or resolve the settings with "
+                         "SamplerConfig.for_model(cellular, latent) (latents are not clipped)")
+    if sampler.ghg is None or sampler.schedule is None:  # neither depends on pixels or latents
         sampler = sampler.for_model(model.has_cell_state, latent=False, ghg_default=model.ghg_default)
     sampler.validate()
     device = labels.device

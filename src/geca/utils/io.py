@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
 import glob
 import hashlib
 import io
@@ -158,14 +159,28 @@ def replace_dir(tmp_dir: Path, final: Path) -> None:
     for f in Path(tmp_dir).rglob("*"):  # safetensors writes owner-only files
         if f.is_file():
             f.chmod(mode)
-    if final.exists():
+    if not final.exists():
+        os.replace(tmp_dir, final)
+    elif _exchange(Path(tmp_dir), final):  # one step: `final` is never missing, not even for a moment
+        shutil.rmtree(tmp_dir)
+    else:
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp_dir, final)
         shutil.rmtree(old)
-    else:
-        os.replace(tmp_dir, final)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux's renameat2 with RENAME_EXCHANGE; Python has no call for it); False where
+    the system or its file system cannot, and the caller falls back to two renames."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
 
 
 class CsvLog:
