@@ -78,21 +78,23 @@ class LossWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.started = time.time()
 
     def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """Summed on the device: read back once per log row, not three times a step (each a GPU sync)."""
         self.steps += 1
         for k in ("loss", "mse", "vb"):
             if k in terms:
-                self.sums[k] = self.sums.get(k, 0.0) + terms[k].mean().item()
+                mean = terms[k].detach().float().mean()
+                self.sums[k] = self.sums[k] + mean if k in self.sums else mean
 
     def row(self, step: int, batch_size: int, epoch: float, lr: float, elapsed_s: float) -> dict[str, object]:
         ips = self.steps * batch_size / max(time.time() - self.started, 1e-9)
         row: dict[str, object] = {"step": step, "epoch": f"{epoch:.3f}", "lr": lr, "images_per_s": f"{ips:.2f}",
                                   "elapsed_min": f"{elapsed_s / 60:.3f}"}
-        row.update({k: f"{v / self.steps:.6g}" for k, v in self.sums.items()})
+        row.update({k: f"{v.item() / self.steps:.6g}" for k, v in self.sums.items()})
         self.reset()
         return row
 
