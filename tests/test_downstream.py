@@ -307,7 +307,8 @@ def test_expand_replicates_every_training_label_vector(blobs_setup: dict[str, Pa
     assert len(list((blobs_setup["syn"] / "images").glob("*.png"))) == 16
 
 
-def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_path: Path) -> None:
+def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     data, folds_csv = "synthetic-oct@patients=9,size=8", tmp_path / "folds.csv"
     assert invoke("folds", "--data", data, "--k", 3, "--out", folds_csv).exit_code == 0
     res = invoke("train", "--data", data, "--folds-file", folds_csv, "--fold", 1, "--out", tmp_path / "run",
@@ -339,6 +340,21 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
         with pytest.raises(DataError, match="expanded from fold 1 of .*folds.csv"):
             check_lineage(tmp_path / "syn", folds_file, fold)
     check_lineage(tmp_path / "run", None, None)  # no manifest: nothing to check
+    # A run records its folds file as typed: relative to where it was trained. There, another spelling of the same
+    # file is the same split; from elsewhere it cannot be checked, and is refused rather than called a leak.
+    spec_file = tmp_path / "run" / "model.json"
+    spec = json.loads(spec_file.read_text())
+    spec["data"]["folds_file"] = "folds.csv"
+    spec_file.write_text(json.dumps(spec))
+    monkeypatch.chdir(tmp_path)
+    res = invoke("expand", "--run", tmp_path / "run", "--folds-file", folds_csv, "--fold", 1, "--limit", 1, "--out",
+                 tmp_path / "same", *FAST_SAMPLING)
+    assert res.exit_code == 0, res.output
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = invoke("expand", "--run", tmp_path / "run", "--folds-file", folds_csv, "--fold", 1, "--out",
+                 tmp_path / "unchecked", *FAST_SAMPLING)
+    assert res.exit_code == 2 and "folds file 'folds.csv' (as given when it was trained) is not found" in res.output
 
 
 def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tmp_path: Path) -> None:

@@ -192,6 +192,9 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     ({"data": {"spec": "x", "run_folds": 2}}, "run_folds"),
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.hidden_size": 0}}]},
      "bad.yaml: generator 'A': model.hidden_size must be a positive multiple"),
+    ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.heredity": "off",
+                                                 "train.heredity_prob": 0}}]},
+     "generator 'A' (its GHG twin, heredity gated): train.heredity_prob must be > 0"),
 ])
 def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())

@@ -347,7 +347,7 @@ def test_weights_of_another_shape_name_the_first_tensor_that_does_not_fit(run: P
 def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     """A damaged or missing weights file, a damaged model.json and a run without a checkpoint are listed as such."""
     root = tmp_path / "all"
-    for name in ("good", "flipped", "no-ema", "bad-spec", "untrained"):
+    for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state"):
         shutil.copytree(run, root / name)
     weights = root / "flipped/checkpoints/step_0000002/model.safetensors"
     raw = bytearray(weights.read_bytes())
@@ -356,11 +356,12 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     (root / "no-ema/checkpoints/step_0000002/ema.safetensors").unlink()
     (root / "bad-spec/model.json").write_text("{")
     shutil.rmtree(root / "untrained/checkpoints")
+    (root / "bad-state/checkpoints/step_0000002/state.json").write_text("{")
     res = runner.invoke(app, ["runs", str(root), "--json"])
     assert res.exit_code == 0, res.output
     status = {Path(r["run"]).name: r["status"] for r in json.loads(res.output)}
     assert status == {"good": "ok", "flipped": "damaged model.safetensors", "no-ema": "missing ema.safetensors",
-                      "bad-spec": "damaged model.json", "untrained": "no checkpoint"}
+                      "bad-spec": "damaged model.json", "untrained": "no checkpoint", "bad-state": "damaged state.json"}
     refused(runner.invoke(app, ["runs", str(weights)]), "a file, not a folder")
 
 
@@ -381,12 +382,23 @@ def test_non_finite_weights_are_refused(run: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage, name", [
     (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "optimizer.pt"),
     (lambda c: (c / "optimizer.pt").write_bytes(os.urandom(4000)), "optimizer.pt"),
+    (lambda c: (c / "optimizer.pt").write_bytes(b""), "optimizer.pt"),
+    (lambda c: (c / "optimizer.pt").write_bytes(b"hello world"), "optimizer.pt"),
+    (lambda c: torch.save(torch.zeros(3), c / "optimizer.pt"), "optimizer.pt"),
+    (lambda c: torch.save([1, 2], c / "optimizer.pt"), "optimizer.pt"),
+    (lambda c: torch.save({"state": {}, "param_groups": [{"params": [0]}]}, c / "optimizer.pt"), "optimizer.pt"),
     (lambda c: (c / "state.json").write_text("{not json"), "state.json"),
     (lambda c: (c.parent.parent / "log.csv").write_bytes(b"\xff\xfe garbage\n1,2\n"), "log.csv"),
 ])
 def test_resume_from_damaged_files_names_the_file(run: Path, data: Path, tmp_path: Path, damage, name: str) -> None:
+    """Also where no hash was recorded to catch the damage first (torch's own reader sees the file)."""
     copy = copy_run(run, tmp_path)
-    damage(copy / "checkpoints" / "step_0000002")
+    ckpt = copy / "checkpoints" / "step_0000002"
+    damage(ckpt)
+    state = json.loads((ckpt / "state.json").read_text()) if name != "state.json" else None
+    if state is not None:
+        state.pop("files")
+        (ckpt / "state.json").write_text(json.dumps(state))
     refused(runner.invoke(app, ["train", "--data", str(data), "--out", str(copy), "--max-steps", "3", "--resume",
                                 "--checkpoint-every", "1", *TINY]), name)
 

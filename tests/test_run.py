@@ -63,6 +63,8 @@ def test_checkpoint_names_are_names_and_the_pointer_stays_in_the_run(tmp_path: P
     assert find_checkpoint(run, tmp_path / "3") == tmp_path / "3"
     with pytest.raises(CheckpointError, match="--checkpoint 'abc': neither"):
         find_checkpoint(run, "abc")
+    with pytest.raises(CheckpointError, match="--checkpoint is empty"):
+        find_checkpoint(run, "")  # Path("") is the working directory
     for outside in ("../../best", "/etc", 3):
         (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 3, "path": outside}))
         with pytest.raises(CheckpointError, match="latest.json: corrupt pointer file"):

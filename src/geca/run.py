@@ -153,6 +153,8 @@ def verify(path: Path) -> None:
 def find_checkpoint(run_dir: Path, which: str | int | Path | None = None) -> Path:
     """`which`: None/'latest', 'best' (lowest validation KID), a step number, or a checkpoint directory path."""
     run_dir, which = Path(run_dir), None if which is None else str(which)
+    if which is not None and not which.strip():
+        raise CheckpointError("--checkpoint is empty; give 'latest', 'best', a step number or a directory")
     root = checkpoint_dir(run_dir)
     if which in (None, "latest"):
         latest = root / "latest.json"
@@ -307,12 +309,17 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         row["status"] = "damaged model.json"
     try:
         ckpt = find_checkpoint(run_dir)
-        row["step"] = read_state(ckpt).get("step")
+    except CheckpointError:
+        ckpt = None
+        row["status"] = "no checkpoint" if not (checkpoint_dir(run_dir) / "latest.json").exists() else \
+            "damaged latest.json"
+    if ckpt is not None:
         if row["status"] == "ok":
             row["status"] = checkpoint_health(ckpt)
-    except CheckpointError:
-        row["status"] = "no checkpoint" if not (checkpoint_dir(run_dir) / "latest.json").exists() else \
-            "damaged checkpoint"
+        try:
+            row["step"] = read_state(ckpt).get("step")
+        except CheckpointError:
+            pass
     try:
         rows = CsvLog(run_dir / "log.csv", []).rows()
     except (csv.Error, UnicodeDecodeError):

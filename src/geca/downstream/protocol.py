@@ -100,6 +100,11 @@ def check_lineage(directory: Path, folds_file: Path | None, fold: int | None) ->
     if not isinstance(origin, dict):
         return
     their_folds, their_fold = origin.get("folds_file"), origin.get("fold")
+    if folds_file is not None and their_folds is not None and str(their_folds) != str(folds_file) and \
+            not Path(their_folds).expanduser().exists():
+        raise DataError(f"{directory}: its manifest.json says it was expanded with folds file {their_folds}, which "
+                        f"is not found from {Path.cwd()}; whether it matches {folds_file} cannot be checked (run from "
+                        "the folder it was expanded in)")
     if not same_split(folds_file, fold, their_folds, their_fold):
         target = split_name(folds_file, fold)
         raise DataError(f"{directory}: expanded from {split_name(their_folds, their_fold)} (its manifest.json), but "

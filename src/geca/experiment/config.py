@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import re
 from dataclasses import dataclass, field
@@ -296,4 +297,8 @@ def load_experiment(path: str | Path) -> LoadedExperiment:
         raise ConfigError(f"{path}: geca_generator {exp.geca_generator!r} is not a GeCA generator; GeCA "
                           f"generators: {cellular or 'none'}")
     loaded.cellular = exp.geca_generator or (cellular[0] if cellular else None)
+    if loaded.cellular is not None and exp.ghg.both_trainings:  # the GHG stage trains a twin with the other heredity
+        twin = copy.deepcopy(configs[loaded.cellular, loaded.folds[0]])
+        twin.model.heredity = "off" if twin.model.heredity == "gated" else "gated"
+        twin.validate(where=f"{path}: generator {loaded.cellular!r} (its GHG twin, heredity {twin.model.heredity})")
     return loaded

@@ -16,6 +16,16 @@ from geca.sampling.labels import replicate_labels
 from geca.utils.io import same_source
 
 
+def _check_comparable(recorded: str | None, given: str | None, what: str, is_path: bool) -> None:
+    """A run records paths as they were typed; from another folder a relative one is not found, and another spelling
+    of the same file could not be told from another file: refused rather than guessed either way."""
+    if recorded is None or given is None or given == recorded or not is_path or Path(recorded).expanduser().exists():
+        return
+    raise ConfigError(f"the run's {what} {recorded!r} (as given when it was trained) is not found from {Path.cwd()}, "
+                      f"so whether {given!r} holds images it trained on cannot be checked; run geca expand from the "
+                      "folder the run was trained in")
+
+
 def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: int, batch_size: int,
            device: torch.device | str, data_spec: str | None = None, folds_file: str | None = None,
            fold: int | None = None, overwrite: bool = False, progress: bool = True, limit: int | None = None,
@@ -34,6 +44,8 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
     if folds is None and fold is not None:
         raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
     k = fold if fold is not None else (own.fold if data_spec is None else 0)
+    _check_comparable(own.spec, spec, "data", "/" in own.spec or own.spec.lower().endswith((".npz", ".csv")))
+    _check_comparable(own.folds_file, folds, "folds file", True)
     # On the same data, any other split (another fold; the fixed split for a run trained on a fold, or the other
     # way round) holds test images the generator trained on.
     if same_source(spec, own.spec) and not same_split(folds, k if folds else None, own.folds_file, own.fold):

@@ -196,18 +196,23 @@ def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim
     load_state_dict_into(ema.model, ckpt / "ema.safetensors")
     opt_file = ckpt / "optimizer.pt"
     verify(opt_file)
+    corrupt = f"{opt_file}: corrupt or not an optimizer state written by geca"
     try:
         # on the CPU first: a run trained on a GPU resumes on a machine without one
-        optimizer.load_state_dict(torch.load(opt_file, map_location="cpu", weights_only=True))
+        saved = torch.load(opt_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's message advises weights_only=False, which would run whatever the file holds: never pass that on
         reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
-        raise CheckpointError(f"{opt_file}: corrupt or not an optimizer state written by geca ("
-                              f"{reason[0] if reason else 'not a torch file'})") from None
-    except KeyError as e:
-        raise CheckpointError(f"{opt_file}: not an optimizer state (no {e})") from None
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"{opt_file}: unreadable optimizer state ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{corrupt} ({reason[0] if reason else 'not a torch file'})") from None
+    except (EOFError, KeyError, RuntimeError, ValueError) as e:  # torch's reader on a truncated or foreign file
+        raise CheckpointError(f"{corrupt} (torch.load: {type(e).__name__})") from None
+    if not (isinstance(saved, dict) and {"state", "param_groups"} <= saved.keys()):
+        raise CheckpointError(f"{corrupt} (a {type(saved).__name__} without state and param_groups)")
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{opt_file}: does not fit this model's optimizer ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
     saved = read_state(ckpt).get("grad_scaler")
     if scaler is not None and isinstance(saved, dict):
         scaler.load_state_dict(saved)
@@ -325,7 +330,7 @@ class Trainer:
         if self.world == 1:
             return loss.item()
         v = loss.detach().float().reshape(1)
-        worst = self.accelerator.reduce(torch.cat([v.isnan().float(), v.masked_fill(v.isnan(), 0)]), "max")  # (2,)
+        worst = _max_over_processes(torch.cat([v.isnan().float(), v.masked_fill(v.isnan(), 0)]))  # (2,)
         return math.nan if worst[0] > 0 else worst[1].item()
 
     def _denoiser(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor
@@ -440,9 +445,9 @@ class Trainer:
 
     def final_work_s(self) -> float:
         """What the final checkpoint, preview and validation will take: the longest of each seen so far or, before
-        the first, an estimate from the step time (a training step costs about three forward passes of its batch;
-        a sampler makes `steps` calls on twice the images under CFG)."""
-        per_image = self.step_s / (3 * self.local_batch)
+        the first, an estimate from the fastest step after the first (which compiles and warms up): a training step
+        costs about three forward passes of its batch; a sampler makes `steps` calls on twice the images under CFG."""
+        per_image = self.fastest_step_s / (3 * self.local_batch) if math.isfinite(self.fastest_step_s) else 0.0
 
         def sampling_s(images: int, sampler: Any) -> float:
             return per_image * images * sampler.steps * (1 if sampler.guidance_scale == 1 else 2)
@@ -478,7 +483,7 @@ class Trainer:
             return False
         need = time.time() - self.t_start + self.step_s + self.final_work_s()  # one more step, then the final work
         over = torch.tensor([float(need > budget * 60)], device=self.device)
-        return self.accelerator.reduce(over, "max").item() > 0
+        return _max_over_processes(over).item() > 0
 
     def describe(self) -> str:
         """The start-up line: what trains, on what, from where."""
@@ -525,6 +530,7 @@ class Trainer:
             self.accelerator.end_training()
             return self._summary(None)
         self.t_start, self.step_s, self._last_plain = time.time(), 0.0, 0.0
+        self.fastest_step_s, first = math.inf, self.step_count
         self.work_s: dict[str, float] = {}
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
@@ -534,6 +540,8 @@ class Trainer:
             started = time.time()
             self.step()
             self.step_s = time.time() - started
+            if self.step_count > first + 1:
+                self.fastest_step_s = min(self.fastest_step_s, self.step_s)
             self.periodic()
             self._advance()
         self.finish()
@@ -583,6 +591,14 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool
     """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes.
     `cpu` keeps a GPU machine's GPU idle; `changes` are lines saying what a resume changed."""
     return Trainer(config, run_dir, resume, progress, train_set, cpu).run(changes)
+
+
+def _max_over_processes(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise max over processes, in place. torch.distributed itself: accelerate's reduce does a max only
+    since 2026 (older releases, which pyproject allows, sum anything but "mean")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
 
 
 def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:

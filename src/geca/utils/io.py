@@ -122,11 +122,13 @@ def _under_no_file(folder: Path, flag: str, path: Path) -> None:
     if not existing.is_dir():
         where = "" if existing == path else f" {existing}"
         raise ConfigError(f"{flag} {path}:{where} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
+    # an existing output folder is written into, or replaced by a sibling built beside it (staged_dir)
+    for where in (existing, existing.parent) if existing == path else (existing,):
+        try:
+            with tempfile.TemporaryFile(dir=where):
+                pass
+        except OSError as e:
+            raise ConfigError(f"{flag} {path}: cannot write in {where} ({e.strerror or e})") from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
