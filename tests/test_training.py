@@ -145,13 +145,14 @@ def test_a_resume_that_moves_the_learning_rate_says_so(tmp_path: Path, capsys: p
 
 
 def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_path: Path) -> None:
-    """Before the first preview the budget keeps back an estimate of one (a step is about three forward passes of
-    its batch; the preview makes `steps` calls, twice under CFG); then what each kind of work took."""
+    """Before the first preview the budget keeps back an estimate of one (the fastest step after the first is about
+    three forward passes of its batch; the preview makes `steps` calls, twice under CFG); then what each kind of work
+    took."""
     from geca.training.trainer import Trainer
 
     cfg = tiny_config(5, sample_every=100, max_minutes=10)
     trainer = Trainer(cfg, tmp_path / "run", resume=False, progress=False, train_set=blob_images(n=8, size=8))
-    trainer.step_s, trainer.work_s = 1.2, {}
+    trainer.fastest_step_s, trainer.work_s = 1.2, {}
     shown, sampler = trainer.spec.num_classes * cfg.preview.per_class, cfg.preview.sampler
     assert sampler.guidance_scale != 1
     assert trainer.final_work_s() == pytest.approx(1.2 / (3 * 4) * shown * sampler.steps * 2)
