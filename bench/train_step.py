@@ -6,7 +6,8 @@ attention (the published 9×-copy gather) is measured beside `fast` and, on a CP
 default `auto` runs there) or, on CUDA, the Triton kernels; a
 variant ending in `:dense` computes every cell's update, as published, where the default computes only the updates of
 the cells that fire; `compiled` is model.compile: the attention compiled where idle cells are skipped, the whole NCA
-step with `compiled:dense`. DiT and the UNet have no such choice (their rows show attention "-"). `--set KEY=VALUE`
+step with `compiled:dense`; `cpu+compile` wraps the whole model in torch.compile with the C kernels inside its graph,
+as a user's own compile does. DiT and the UNet have no such choice (their rows show attention "-"). `--set KEY=VALUE`
 changes a model setting (a 1 M GeCA: --set hidden_size=208 --set heads=4 --set mlp_hidden=832). Each row also has the
 peak memory of the steps (the first included: activations, gradients, AdamW's state) above what was held before them
 (CUDA: `max_memory_allocated`; CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the
@@ -45,26 +46,29 @@ from geca.models.config import ModelConfig
 NO_CHOICE = "-"
 
 
-def variant_config(config: ModelConfig, variant: str) -> tuple[ModelConfig, bool]:
-    """`config` with a GeCA variant `ATTENTION[:dense]` applied, and whether it compiles."""
+def variant_config(config: ModelConfig, variant: str) -> tuple[ModelConfig, bool, bool]:
+    """`config` with a GeCA variant `ATTENTION[+compile][:dense]` applied, whether model.compile is on, and whether
+    the whole model is wrapped in torch.compile as a user would (`cpu+compile`: the C kernels inside the graph)."""
     if variant == NO_CHOICE:
-        return config, False
+        return config, False, False
     attention, _, update = variant.partition(":")
-    if update not in ("", "dense"):
-        raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION or ATTENTION:dense)")
+    attention, plus, wrap = attention.partition("+")
+    if update not in ("", "dense") or (plus and wrap != "compile"):
+        raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION[+compile][:dense])")
     # "compiled" is model.compile: its attention (sliced under torch.compile) where idle cells are skipped, the
     # whole NCA step with ":dense".
     config.attention = "fast" if attention == "compiled" else attention
     config.skip_idle = update != "dense"
-    return config, attention == "compiled"
+    return config, attention == "compiled", bool(plus)
 
 
 def step_time(config: ModelConfig, variant: str, precision: str, batch: int, channels: int, resolution: int,
               classes: int, repeats: int, device: torch.device) -> tuple[float, float]:
     """Median seconds per step and the extra peak memory (MiB) of the timed steps."""
-    config, compile = variant_config(config, variant)
+    config, compile, wrap = variant_config(config, variant)
     torch.manual_seed(0)
     model = build_model(config, channels, classes, resolution, compile).to(device)
+    call = torch.compile(model) if wrap else model
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as geca train
     x = torch.randn(batch, channels, resolution, resolution, device=device)
@@ -74,7 +78,7 @@ def step_time(config: ModelConfig, variant: str, precision: str, batch: int, cha
     def step() -> None:
         t = torch.randint(0, 1000, (batch,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = diffusion.training_losses(lambda xt, tt: model(xt, tt, y).output, x, t, torch.randn_like(x))
+            loss = diffusion.training_losses(lambda xt, tt: call(xt, tt, y).output, x, t, torch.randn_like(x))
         loss["loss"].mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -98,7 +102,8 @@ def main() -> None:
     ap = model_parser(__doc__, 8, "Batch size per step.")
     ap.add_argument("--attention", help="GeCA variants to compare, ATTENTION or ATTENTION:dense (every cell's update "
                     "computed, as published); ATTENTION is fast, sliced, reference, triton or compiled (model.compile: "
-                    "its attention, or with :dense the whole NCA step) or cpu (the C kernels) (default: cpu,cpu:dense,"
+                    "its attention, or with :dense the whole NCA step) or cpu (the C kernels); ATTENTION+compile "
+                    "wraps the whole model in torch.compile as a user would (default: cpu,cpu:dense,"
                     "compiled,fast,fast:dense,reference:dense; on CUDA compiled,compiled:dense,fast,fast:dense,triton,"
                     "reference:dense).")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
@@ -123,7 +128,7 @@ def main() -> None:
         flops = {}
         for attention in attentions:
             # The same maths compiled or not: counting need not compile.
-            counted, _ = variant_config(model_config(name, args), attention)
+            counted, _, _ = variant_config(model_config(name, args), attention)
             model = build_model(counted, args.channels, args.classes, args.resolution)
             params = count_parameters(model)
             macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)

@@ -35,3 +35,18 @@ def test_set_changes_the_configs_that_have_the_setting() -> None:
 def test_set_refuses_what_would_make_a_table_lie(sets: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         model_config("GeCA-T", _args(*sets))
+
+
+def test_train_step_variants_say_what_they_run() -> None:
+    """ATTENTION[+compile][:dense]: model.compile for `compiled`, a user's whole-model torch.compile for `+compile`."""
+    from train_step import variant_config
+
+    from geca.models.config import named_model
+
+    config, compiled, wrapped = variant_config(named_model("GeCA-T"), "cpu+compile:dense")
+    assert (config.attention, config.skip_idle, compiled, wrapped) == ("cpu", False, False, True)
+    config, compiled, wrapped = variant_config(named_model("GeCA-T"), "compiled")
+    assert (config.attention, config.skip_idle, compiled, wrapped) == ("fast", True, True, False)
+    for bad in ("cpu+jit", "cpu:sparse"):
+        with pytest.raises(SystemExit, match="unknown variant"):
+            variant_config(named_model("GeCA-T"), bad)
