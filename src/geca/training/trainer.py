@@ -213,9 +213,9 @@ def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         raise CheckpointError(f"{opt_file}: does not fit this model's optimizer ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    saved = read_state(ckpt).get("grad_scaler")
-    if scaler is not None and isinstance(saved, dict):
-        scaler.load_state_dict(saved)
+    scale = read_state(ckpt).get("grad_scaler")
+    if scaler is not None and isinstance(scale, dict):
+        scaler.load_state_dict(scale)
 
 
 class Trainer:
