@@ -340,6 +340,11 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
         with pytest.raises(DataError, match="expanded from fold 1 of .*folds.csv"):
             check_lineage(tmp_path / "syn", folds_file, fold)
     check_lineage(tmp_path / "run", None, None)  # no manifest: nothing to check
+    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    manifest["expansion"]["complete"] = False  # as `geca expand --limit` writes it
+    (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="a partial expansion"):
+        check_lineage(tmp_path / "syn", folds_csv, 1)
     # A run records its folds file as typed: relative to where it was trained. There, another spelling of the same
     # file is the same split; from elsewhere it cannot be checked, and is refused rather than called a leak.
     spec_file = tmp_path / "run" / "model.json"

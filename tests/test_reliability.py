@@ -194,6 +194,15 @@ def test_files_are_not_replaced_unasked_and_fold_flags_need_a_folds_file(data: P
     assert not (tmp_path / "e").exists() and not Path(new).exists()
 
 
+def test_an_empty_validation_split_is_refused_before_training(tmp_path: Path) -> None:
+    """Nine patients in three folds leave fold 1 no validation patient under --cv-val slice."""
+    data, folds = "synthetic-oct@patients=9,size=8", tmp_path / "f.csv"
+    assert runner.invoke(app, ["folds", "--data", data, "--k", "3", "--out", str(folds)]).exit_code == 0
+    refused(runner.invoke(app, ["train", "--data", data, "--folds-file", str(folds), "--fold", "1", "--validate-every",
+                                "1", "--out", str(tmp_path / "run"), *TINY]), "fold 1 of", "holds 0 image(s)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_out_must_be_a_new_or_empty_folder(data: Path, tmp_path: Path) -> None:
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -363,6 +372,10 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     assert status == {"good": "ok", "flipped": "damaged model.safetensors", "no-ema": "missing ema.safetensors",
                       "bad-spec": "damaged model.json", "untrained": "no checkpoint", "bad-state": "damaged state.json"}
     refused(runner.invoke(app, ["runs", str(weights)]), "a file, not a folder")
+    # Another run's checkpoint would pass as this run's (its model.json, its folds for expand's leakage check)
+    refused(runner.invoke(app, ["sample", "--run", str(root / "no-ema"), "--checkpoint",
+                                str(root / "good/checkpoints/step_0000002"), "--out", str(tmp_path / "s"),
+                                "--per-class", "1", *FAST]), "not a checkpoint of --run")
 
 
 def test_non_finite_weights_are_refused(run: Path, tmp_path: Path) -> None:

@@ -258,6 +258,10 @@ def load_run(run_dir: Path, checkpoint: str | int | None = None, weights: str = 
         raise CheckpointError(f"--weights must be 'ema' or 'model', got {weights!r}")
     spec = read_spec(run_dir)
     ckpt = find_checkpoint(run_dir, checkpoint)
+    if ckpt.resolve().parent.parent != Path(run_dir).resolve():
+        # model.json and the lineage checks (expand's folds) are the run's: another run's weights would pass as its
+        raise CheckpointError(f"--checkpoint {ckpt}: not a checkpoint of --run {run_dir}; pass that checkpoint's own "
+                              "run as --run")
     wfile = ckpt / f"{weights}.safetensors"
     # Sampling compiles only when the run asked for it (model.compile true) and it can here; eager is the same maths.
     model = spec.build(compile=spec.model.compile == "true" and can_compile(torch.device(device)))
@@ -309,10 +313,10 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         row["status"] = "damaged model.json"
     try:
         ckpt = find_checkpoint(run_dir)
-    except CheckpointError:
+    except CheckpointError as e:
         ckpt = None
         row["status"] = "no checkpoint" if not (checkpoint_dir(run_dir) / "latest.json").exists() else \
-            "damaged latest.json"
+            "missing checkpoint folder" if "checkpoint directory missing" in str(e) else "damaged latest.json"
     if ckpt is not None:
         if row["status"] == "ok":
             row["status"] = checkpoint_health(ckpt)

@@ -99,6 +99,9 @@ def check_lineage(directory: Path, folds_file: Path | None, fold: int | None) ->
         return
     if not isinstance(origin, dict):
         return
+    if origin.get("complete") is False:
+        raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
+                        "false); an arm needs every training label vector ×ratio, run expand without --limit")
     their_folds, their_fold = origin.get("folds_file"), origin.get("fold")
     if folds_file is not None and their_folds is not None and str(their_folds) != str(folds_file) and \
             not Path(their_folds).expanduser().exists():

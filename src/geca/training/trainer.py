@@ -557,11 +557,13 @@ class Trainer:
         the step it continues from: said, as the user may not expect a jump."""
         if self.saved_lr is None or not self.step_count:
             return []
-        now = learning_rate(self.config.train, self.step_count - 1)
+        tc = self.config.train
+        now = learning_rate(tc, self.step_count - 1)
         if math.isclose(now, self.saved_lr, rel_tol=1e-9, abs_tol=1e-15):
             return []
-        return [f"resume: the learning rate at step {self.step_count} is now {now:.4g} (it was {self.saved_lr:.4g}): "
-                "the schedule follows train.lr, warmup_steps, lr_schedule and max_steps"]
+        return [f"resume: the learning-rate schedule moved (it follows train.lr, warmup_steps, lr_schedule and "
+                f"max_steps): step {self.step_count} trained at {self.saved_lr:.4g}, which the new schedule gives "
+                f"{now:.4g}; step {self.step_count + 1} trains at {learning_rate(tc, self.step_count):.4g}"]
 
     def _summary(self, checksum: float | None) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "step": self.step_count, "processes": self.world,

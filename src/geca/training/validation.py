@@ -44,6 +44,10 @@ class Validator:
         d = config.data
         real = load_split(d.spec, self.v.split, image_size=size, folds_file=d.folds_file, fold=d.fold,
                           cv_val=d.cv_val)
+        if len(real) < 2:
+            where = f" (fold {d.fold} of {d.folds_file}, cv_val {d.cv_val})" if d.folds_file else ""
+            raise ConfigError(f"validation split {d.spec}:{self.v.split}{where} holds {len(real)} image(s); validating "
+                              "needs at least 2 (with few patients per fold try --cv-val next-fold or fewer folds)")
         if real.class_names != spec.class_names:
             raise ConfigError(f"validation split {d.spec}:{self.v.split} has classes {real.class_names}, the run "
                               f"trains on {spec.class_names}")
