@@ -16,7 +16,7 @@ FOLDS_COLUMNS = ("filename", "patient_id", "fold")
 
 
 def patient_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
-                  shares: list[float] | None = None) -> np.ndarray:
+                  shares: list[float] | None = None, name: str = "k") -> np.ndarray:
     """Fold index (N,) in [0, k): no group (patient) spans two folds, and label prevalence is balanced.
 
     Iterative stratification (Sechidis et al., 2011) over groups: each group carries the sum of its images'
@@ -24,6 +24,7 @@ def patient_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
     every unassigned group holding it, largest first, in the fold still missing most of that label; ties go
     to the fold missing most images, then to a seeded random choice. Groups without positives fill the folds
     missing most images. `shares` (default equal) sets each fold's fraction of the images and of every label.
+    `name` is how the user gave k (a flag or a config key), for the error when there are fewer groups than folds.
     """
     labels = np.asarray(labels, dtype=np.float64)
     groups = np.asarray(groups)
@@ -35,7 +36,8 @@ def patient_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int,
     _, group_of = np.unique(groups.astype(str), return_inverse=True)
     n_groups = int(group_of.max(initial=-1)) + 1
     if n_groups < k:
-        raise DataError(f"cannot make {k} folds from {n_groups} patients/groups")
+        raise DataError(f"{name} {k}: cannot make {k} folds from {n_groups} patients/groups (the data has "
+                        f"{n_groups} patients/groups; no patient may span two folds)")
     rng = np.random.default_rng(seed)
     group_labels = np.zeros((n_groups, labels.shape[1]))
     np.add.at(group_labels, group_of, labels)

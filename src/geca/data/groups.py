@@ -10,7 +10,6 @@ import numpy as np
 from geca.data.folder_csv import read_table
 from geca.data.folds import group_ids, patient_folds, write_folds
 from geca.data.registry import load_split
-from geca.errors import DataError
 
 _WARNINGS = {
     "eye": "no patient_id column: grouping by eye_id, so a patient's two eyes may span folds",
@@ -53,10 +52,6 @@ def make_folds(spec: str, k: int, seed: int, out: Path, name: str = "--k") -> tu
     """Assign `spec`'s groups to k label-stratified folds, write the folds CSV to `out`; returns groups and folds.
     `name` is how the user gave k (a flag, or a config key), for the error when there are fewer groups."""
     groups = dataset_groups(spec)
-    count = len(np.unique(groups.groups.astype(str)))
-    if count < k:
-        raise DataError(f"{name} {k}: {spec} has {count} patients/groups, fewer than the folds (no patient may span "
-                        "two folds)")
-    fold_of = patient_folds(groups.labels, groups.groups, k, seed)
+    fold_of = patient_folds(groups.labels, groups.groups, k, seed, name=name)
     write_folds(out, groups.names, [str(g) for g in groups.groups], fold_of)
     return groups, fold_of

@@ -68,20 +68,24 @@ def _procedural_kwargs(name: str, options: dict[str, str], image_size: int | Non
     return kwargs
 
 
+def is_path(name: str) -> bool:
+    """Whether a spec's name is a file path (an .npz or .csv, or anything with a folder in it) rather than a name."""
+    return name.lower().endswith((".npz", ".csv")) or "/" in name or os.sep in name
+
+
 def _source(spec: str) -> tuple[str, str, dict[str, str]]:
     """(kind, name or path, options) of a spec: kind is procedural, csv or npz; a name that is none is refused."""
     name, options = parse_spec(spec)
     if not name:
         raise DataError(f"empty dataset spec {spec!r}")
-    is_path = name.lower().endswith((".npz", ".csv")) or "/" in name or os.sep in name
-    if not is_path and name.startswith("synthetic-"):
+    if not is_path(name) and name.startswith("synthetic-"):
         return "procedural", name, options
     if options:
         raise DataError(f"{spec!r}: options after '@' apply only to procedural datasets "
                         "(synthetic-fundus, synthetic-oct); valid here: none")
     if name.lower().endswith(".csv"):
         return "csv", name, options
-    if not is_path and name not in KNOWN_DATASETS and find_npz(name) is None:
+    if not is_path(name) and name not in KNOWN_DATASETS and find_npz(name) is None:
         raise DataError(
             f"unknown dataset {name!r}: expected a .npz or .csv path, a procedural set (synthetic-fundus, "
             f"synthetic-oct), a MedMNIST name ({', '.join(KNOWN_DATASETS)}), or NAME.npz in "

@@ -17,6 +17,7 @@ from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
 from geca.errors import ConfigError, DataError
+from geca.utils.io import unfindable
 from geca.utils.seeding import derive_seed
 
 BASELINE = "geometric"
@@ -103,8 +104,7 @@ def check_lineage(directory: Path, folds_file: Path | None, fold: int | None) ->
         raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
                         "false); an arm needs every training label vector ×ratio, run expand without --limit")
     their_folds, their_fold = origin.get("folds_file"), origin.get("fold")
-    if folds_file is not None and their_folds is not None and str(their_folds) != str(folds_file) and \
-            not Path(their_folds).expanduser().exists():
+    if unfindable(their_folds, folds_file):
         raise DataError(f"{directory}: its manifest.json says it was expanded with folds file {their_folds}, which "
                         f"is not found from {Path.cwd()}; whether it matches {folds_file} cannot be checked (run from "
                         "the folder it was expanded in)")

@@ -8,18 +8,19 @@ from typing import Any
 import torch
 
 from geca.data.folds import same_split, split_name
+from geca.data.registry import is_path, parse_spec
 from geca.errors import ConfigError
 from geca.run import LoadedRun, run_split
 from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import write_sample_dir
 from geca.sampling.labels import replicate_labels
-from geca.utils.io import same_source
+from geca.utils.io import same_source, unfindable
 
 
-def _check_comparable(recorded: str | None, given: str | None, what: str, is_path: bool) -> None:
+def _check_comparable(recorded: str | None, given: str | None, what: str) -> None:
     """A run records paths as they were typed; from another folder a relative one is not found, and another spelling
     of the same file could not be told from another file: refused rather than guessed either way."""
-    if recorded is None or given is None or given == recorded or not is_path or Path(recorded).expanduser().exists():
+    if not unfindable(recorded, given):
         return
     raise ConfigError(f"the run's {what} {recorded!r} (as given when it was trained) is not found from {Path.cwd()}, "
                       f"so whether {given!r} holds images it trained on cannot be checked; run geca expand from the "
@@ -44,8 +45,9 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
     if folds is None and fold is not None:
         raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
     k = fold if fold is not None else (own.fold if data_spec is None else 0)
-    _check_comparable(own.spec, spec, "data", "/" in own.spec or own.spec.lower().endswith((".npz", ".csv")))
-    _check_comparable(own.folds_file, folds, "folds file", True)
+    if is_path(parse_spec(own.spec)[0]):  # a dataset name is found from anywhere
+        _check_comparable(own.spec, spec, "data")
+    _check_comparable(own.folds_file, folds, "folds file")
     # On the same data, any other split (another fold; the fixed split for a run trained on a fold, or the other
     # way round) holds test images the generator trained on.
     if same_source(spec, own.spec) and not same_split(folds, k if folds else None, own.folds_file, own.fold):

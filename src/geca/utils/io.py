@@ -46,6 +46,13 @@ def same_source(a: str | Path | None, b: str | Path | None) -> bool:
     return pa.resolve() == pb.resolve() or (pa.is_file() and pb.is_file() and file_sha256(pa) == file_sha256(pb))
 
 
+def unfindable(recorded: str | Path | None, given: str | Path | None) -> bool:
+    """Whether `given` cannot be compared with a path `recorded` elsewhere (a run's or a manifest's, relative to where
+    it was written): spelt otherwise, and `recorded` is not found from here."""
+    return recorded is not None and given is not None and str(given) != str(recorded) and \
+        not Path(recorded).expanduser().exists()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
