@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 from geca.cli.downstream import classify, expand
 from geca.cli.folds import folds
+from geca.cli.sample import sample
 from geca.cli.train import train
 from geca.data.procedural import OCT_CLASSES
 from geca.downstream.classifier import build_resnet34, geometric_augment
@@ -39,7 +40,8 @@ from geca.sampling.labels import replicate_labels
 
 runner = CliRunner()
 app = typer.Typer(pretty_exceptions_enable=False)
-for name, command in (("train", train), ("folds", folds), ("expand", expand), ("classify", classify)):
+for name, command in (("train", train), ("folds", folds), ("expand", expand), ("classify", classify),
+                      ("sample", sample)):
     app.command(name)(command)
 
 TINY_TRAIN = ["--model", "GeCA-T", "--nca-steps", "1", "--max-steps", "1", "--batch-size", "4", "--sample-every", "0",
@@ -345,10 +347,12 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="a partial expansion"):
         check_lineage(tmp_path / "syn", folds_csv, 1)
-    # A run records its folds file as typed: relative to where it was trained. There, another spelling of the same
-    # file is the same split; from elsewhere it cannot be checked, and is refused rather than called a leak.
+    # A run from before geca recorded its folds' SHA-256 has its folds file as typed: relative to where it was
+    # trained. There, another spelling of the same file is the same split; from elsewhere it cannot be checked, and
+    # is refused rather than called a leak.
     spec_file = tmp_path / "run" / "model.json"
     spec = json.loads(spec_file.read_text())
+    assert spec["data"]["folds_file"] == str(folds_csv.resolve()) and spec.pop("folds_sha256")
     spec["data"]["folds_file"] = "folds.csv"
     spec_file.write_text(json.dumps(spec))
     monkeypatch.chdir(tmp_path)
@@ -360,6 +364,46 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     res = invoke("expand", "--run", tmp_path / "run", "--folds-file", folds_csv, "--fold", 1, "--out",
                  tmp_path / "unchecked", *FAST_SAMPLING)
     assert res.exit_code == 2 and "folds file 'folds.csv' (as given when it was trained) is not found" in res.output
+
+
+def test_a_run_whose_folds_file_was_rewritten_is_not_given_the_new_folds(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run records its folds file's absolute path and SHA-256: new folds written under that name (folds
+    --overwrite) are another split, whose test patients the run may have trained on; a copy of the original, wherever
+    it lies, is the same split."""
+    data, folds_csv, original = "synthetic-oct@patients=9,size=8", tmp_path / "folds.csv", tmp_path / "kept/orig.csv"
+    assert invoke("folds", "--data", data, "--k", 3, "--out", folds_csv).exit_code == 0
+    original.parent.mkdir()
+    original.write_bytes(folds_csv.read_bytes())
+    run = tmp_path / "run"
+    assert invoke("train", "--data", data, "--folds-file", folds_csv, "--fold", 1, "--out", run,
+                  *TINY_TRAIN).exit_code == 0
+    res = invoke("folds", "--data", data, "--k", 3, "--seed", 7, "--out", folds_csv, "--overwrite")
+    assert res.exit_code == 0 and folds_csv.read_bytes() != original.read_bytes()
+    changed = "the run's folds file (model.json data.folds_file) has changed since the run was trained"
+    for args in (["expand", "--ratio", 1, "--out", tmp_path / "syn"],
+                 ["expand", "--folds-file", folds_csv, "--fold", 1, "--out", tmp_path / "syn"],
+                 ["sample", "--labels-from", "train", "--ratio", 1, "--out", tmp_path / "syn"]):
+        res = invoke(*args[:1], "--run", run, *args[1:], *FAST_SAMPLING)
+        assert res.exit_code == 2 and changed in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "syn").exists()
+    res = invoke("train", "--data", data, "--folds-file", folds_csv, "--fold", 1, "--out", run, "--resume",
+                 *TINY_TRAIN[:5], "2", *TINY_TRAIN[6:])
+    assert res.exit_code == 2 and "differs from this config at data.folds_file" in res.output, res.output
+    # the original folds, from another folder and under another name, are the run's split
+    monkeypatch.chdir(original.parent)
+    res = invoke("expand", "--run", run, "--folds-file", "orig.csv", "--fold", 1, "--limit", 1, "--out",
+                 tmp_path / "syn", *FAST_SAMPLING)
+    assert res.exit_code == 0, res.output
+    expansion = json.loads((tmp_path / "syn/manifest.json").read_text())["expansion"]
+    assert expansion["folds_file"] == str(original.resolve()) and expansion["fold"] == 1
+    res = invoke("train", "--data", data, "--folds-file", "orig.csv", "--fold", 2, "--out", run, "--resume",
+                 *TINY_TRAIN[:5], "2", *TINY_TRAIN[6:])
+    assert res.exit_code == 2 and "differs from this config at data.fold: 1 → 2" in res.output, res.output
+    res = invoke("train", "--data", data, "--folds-file", "orig.csv", "--fold", 1, "--out", run, "--resume",
+                 *TINY_TRAIN[:5], "2", *TINY_TRAIN[6:])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "model.json").read_text())["data"]["folds_file"] == str(original.resolve())
 
 
 def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tmp_path: Path) -> None:

@@ -218,6 +218,13 @@ def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) 
     path.write_text(yaml.safe_dump(raw))
     res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study")])
     assert res.exit_code == 2 and "unknown option 'colour'" in res.output and not (tmp_path / "study").exists()
+    # the generator's own ranges too, also for --dry-run
+    raw["data"]["spec"] = "synthetic-oct@patients=4"
+    path.write_text(yaml.safe_dump(raw))
+    for dry in ([], ["--dry-run"]):
+        res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), *dry])
+        assert res.exit_code == 2 and "patients must be at least 5" in res.output, res.output
+        assert not (tmp_path / "study").exists()
 
 
 # ── the smoke study, end to end ───────────────────────────────────────────────────────────────────────────────────

@@ -195,12 +195,21 @@ def test_files_are_not_replaced_unasked_and_fold_flags_need_a_folds_file(data: P
 
 
 def test_an_empty_validation_split_is_refused_before_training(tmp_path: Path) -> None:
-    """Nine patients in three folds leave fold 1 no validation patient under --cv-val slice."""
+    """Nine patients in three folds leave fold 1 no validation patient under --cv-val slice: each command names the
+    fold before it trains."""
     data, folds = "synthetic-oct@patients=9,size=8", tmp_path / "f.csv"
     assert runner.invoke(app, ["folds", "--data", data, "--k", "3", "--out", str(folds)]).exit_code == 0
     refused(runner.invoke(app, ["train", "--data", data, "--folds-file", str(folds), "--fold", "1", "--validate-every",
-                                "1", "--out", str(tmp_path / "run"), *TINY]), "fold 1 of", "holds 0 image(s)")
+                                "1", "--out", str(tmp_path / "run"), *TINY]), "fold 1 of", "its val split is empty")
     assert not (tmp_path / "run").exists()
+    # the same split is as empty for the domain network and the downstream classifier
+    refused(runner.invoke(app, ["features", "train", "--data", data, "--folds-file", str(folds), "--fold", "1",
+                                "--split", "val", "--out", str(tmp_path / "w.safetensors")]), "fold 1 of",
+            "its val split is empty")
+    refused(runner.invoke(app, ["classify", "--data", data, "--folds-file", str(folds), "--arms", "geometric",
+                                "--epochs", "1", "--out", str(tmp_path / "table")]), "fold 1 of",
+            "its val split is empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.csv"]
 
 
 def test_out_must_be_a_new_or_empty_folder(data: Path, tmp_path: Path) -> None:
@@ -356,8 +365,18 @@ def test_weights_of_another_shape_name_the_first_tensor_that_does_not_fit(run: P
 def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     """A damaged or missing weights file, a damaged model.json and a run without a checkpoint are listed as such."""
     root = tmp_path / "all"
-    for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state"):
+    for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state", "bad-best", "new-folds",
+                 "no-folds"):
         shutil.copytree(run, root / name)
+    shutil.copytree(root / "bad-best/checkpoints/step_0000002", root / "bad-best/checkpoints/best")
+    (root / "bad-best/checkpoints/best/ema.safetensors").write_bytes(b"not the saved weights")
+    folds = tmp_path / "folds.csv"
+    folds.write_text("filename,patient_id,fold\n")
+    for name, recorded in (("new-folds", "0" * 64), ("no-folds", None)):
+        spec = json.loads((root / name / "model.json").read_text())
+        spec["data"].update(folds_file=str(folds if recorded else tmp_path / "gone.csv"), fold=3)
+        spec["folds_sha256"] = recorded or "0" * 64
+        (root / name / "model.json").write_text(json.dumps(spec))
     weights = root / "flipped/checkpoints/step_0000002/model.safetensors"
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 1
@@ -368,9 +387,16 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     (root / "bad-state/checkpoints/step_0000002/state.json").write_text("{")
     res = runner.invoke(app, ["runs", str(root), "--json"])
     assert res.exit_code == 0, res.output
-    status = {Path(r["run"]).name: r["status"] for r in json.loads(res.output)}
-    assert status == {"good": "ok", "flipped": "damaged model.safetensors", "no-ema": "missing ema.safetensors",
-                      "bad-spec": "damaged model.json", "untrained": "no checkpoint", "bad-state": "damaged state.json"}
+    rows = {Path(r["run"]).name: r for r in json.loads(res.output)}
+    assert {name: r["status"] for name, r in rows.items()} == {
+        "good": "ok", "flipped": "damaged model.safetensors", "no-ema": "missing ema.safetensors",
+        "bad-spec": "damaged model.json", "untrained": "no checkpoint", "bad-state": "damaged state.json",
+        "bad-best": "best: damaged ema.safetensors", "new-folds": "folds file changed",
+        "no-folds": "folds file missing"}
+    assert (rows["new-folds"]["folds_file"], rows["new-folds"]["fold"]) == (str(folds), 3)
+    assert rows["good"]["folds_file"] is None
+    res = runner.invoke(app, ["runs", str(root)])
+    assert res.exit_code == 0 and "fold 3 of folds.csv" in res.output, res.output
     refused(runner.invoke(app, ["runs", str(weights)]), "a file, not a folder")
     # Another run's checkpoint would pass as this run's (its model.json, its folds for expand's leakage check)
     refused(runner.invoke(app, ["sample", "--run", str(root / "no-ema"), "--checkpoint",

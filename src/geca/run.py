@@ -29,7 +29,7 @@ from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.hardware import can_compile
-from geca.utils.io import CsvLog, atomic_write_json, file_sha256, staged_dir
+from geca.utils.io import CsvLog, atomic_write_json, file_sha256, same_source, staged_dir
 from geca.utils.schema import from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
@@ -54,6 +54,9 @@ class ModelSpec:
     class_names: list[str]
     multilabel: bool
     latent: LatentSpec | None = None  # set when the denoiser works on VAE latents (in_channels/resolution are theirs)
+    # The folds file's SHA-256 when the run was trained on a fold (data.folds_file is then its absolute path): the
+    # name alone would let a rewritten file (geca folds --overwrite) pass for the split the run trained on.
+    folds_sha256: str | None = None
     format: int = SPEC_FORMAT
 
     @property
@@ -70,17 +73,37 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def same_setup(self, other: ModelSpec) -> bool:
-        """Whether two specs describe the same model, diffusion and data (whatever version wrote them); how the
-        model is executed (EXECUTION) and where its data comes from (LOGISTICS) may differ: a run moved to a GPU
-        resumes with `--attention triton`."""
+    def differences(self, other: ModelSpec) -> list[str]:
+        """Where `other` describes another model, diffusion or data than this spec (whatever version wrote them), as
+        'key: this → other' lines. How the model is executed (EXECUTION) and where its data comes from (LOGISTICS)
+        may differ: a run moved to a GPU resumes with `--attention triton`; so may the folds file's path, not its
+        folds."""
 
         def setup(spec: ModelSpec) -> dict[str, Any]:
             d = spec.to_dict()
-            return {**d, "format": 0, "model": {k: v for k, v in d["model"].items() if k not in EXECUTION},
-                    "data": {k: v for k, v in d["data"].items() if k not in LOGISTICS}}
+            return {**d, "format": 0, "folds_sha256": None,
+                    "model": {k: v for k, v in d["model"].items() if k not in EXECUTION},
+                    "data": {k: v for k, v in d["data"].items() if k not in (*LOGISTICS, "folds_file")}}
 
-        return setup(self) == setup(other)
+        mine, theirs = setup(self), setup(other)
+        found = []
+        for key in mine.keys() | theirs.keys():
+            a, b = mine.get(key), theirs.get(key)
+            pairs = ({f"{key}.{k}": (a.get(k), b.get(k)) for k in a.keys() | b.keys()}
+                     if isinstance(a, dict) and isinstance(b, dict) else {key: (a, b)})
+            found += [f"{k}: {x!r} → {y!r}" for k, (x, y) in pairs.items() if x != y]
+        if not self._same_folds(other):
+            found.append(f"data.folds_file: {self.data.folds_file!r} → {other.data.folds_file!r}" +
+                         (" (other folds)" if self.data.folds_file and other.data.folds_file else ""))
+        return sorted(found)
+
+    def _same_folds(self, other: ModelSpec) -> bool:
+        a, b = self.data.folds_file, other.data.folds_file
+        if a is None or b is None:
+            return a is None and b is None
+        if self.folds_sha256 and other.folds_sha256:
+            return self.folds_sha256 == other.folds_sha256
+        return same_source(a, b)  # a run from before the SHA-256 was recorded
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
@@ -270,6 +293,22 @@ def load_run(run_dir: Path, checkpoint: str | int | None = None, weights: str = 
                      weights_file=wfile, step=int(read_state(ckpt).get("step", -1)))
 
 
+def run_folds(spec: ModelSpec) -> str | None:
+    """The run's folds file, checked to hold the folds it was trained on (a run from before geca recorded their
+    SHA-256 is taken at its word)."""
+    path = spec.data.folds_file
+    if path is None or spec.folds_sha256 is None:
+        return path
+    where = f"{path}: the run's folds file (model.json data.folds_file)"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} is missing; restore the file the run was trained with")
+    if file_sha256(Path(path)) != spec.folds_sha256:
+        raise ConfigError(f"{where} has changed since the run was trained (its SHA-256 differs from model.json's "
+                          "folds_sha256): other folds are another split, whose test patients the run may have "
+                          "trained on; restore the file the run was trained with")
+    return path
+
+
 def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None, fold: int) -> ImageSet:
     """A split of dataset `data_spec` (at the run's image size) whose classes must be the run's."""
     d = run.spec.data
@@ -305,12 +344,18 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     status is the latest checkpoint's health, or what is missing."""
     run_dir = Path(run_dir)
     row: dict[str, Any] = {"run": str(run_dir), "status": "ok", "step": None, "model": "?", "data": "?",
-                           "heredity": None, "loss": None, "best_kid": None, "best_step": None}
+                           "folds_file": None, "fold": None, "heredity": None, "loss": None, "best_kid": None,
+                           "best_step": None}
     try:
         spec = read_spec(run_dir)
         row.update(model=spec.model.name, data=spec.data.spec, heredity=getattr(spec.model, "heredity", None))
+        if spec.data.folds_file is not None:
+            row.update(folds_file=spec.data.folds_file, fold=spec.data.fold)
+            run_folds(spec)
     except CheckpointError:
         row["status"] = "damaged model.json"
+    except ConfigError as e:  # from run_folds
+        row["status"] = "folds file missing" if "is missing" in str(e) else "folds file changed"
     try:
         ckpt = find_checkpoint(run_dir)
     except CheckpointError as e:
@@ -329,9 +374,12 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
     except (csv.Error, UnicodeDecodeError):
         rows = []
     row["loss"] = rows[-1].get("loss") if rows else None
+    best = checkpoint_dir(run_dir) / BEST
     try:
-        best = read_state(run_dir / "checkpoints" / BEST)
-        row.update(best_kid=best.get("kid"), best_step=best.get("step"))
+        state = read_state(best)
+        row.update(best_kid=state.get("kid"), best_step=state.get("step"))
     except CheckpointError:
         pass
+    if best.is_dir() and row["status"] == "ok" and (health := checkpoint_health(best)) != "ok":
+        row["status"] = f"best: {health}"
     return row

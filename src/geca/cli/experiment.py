@@ -39,12 +39,12 @@ def experiment(
     ctx = Context(loaded=loaded, root=root, device=pick_device(device), log=typer.echo,
                   progress=sys.stderr.isatty() if progress is None else progress)
     stages = build_stages(ctx)
+    loaded.check_data()  # a plan on data that cannot load would be a false promise
     if dry_run:
         for step in plan(stages, root, force, only):
             typer.echo(f"{step.action:4s} {step.stage.id:24s} {step.reason}")
         return
     output_dir(root)
-    loaded.check_data()
     steps = execute(stages, root, force, only, log=typer.echo)
     ran = sum(s.action == "run" for s in steps)
     typer.echo(f"{ran} stage(s) run, {len(steps) - ran} skipped; experiment directory: {root}")

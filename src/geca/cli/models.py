@@ -109,8 +109,8 @@ def runs(
     root: Path = typer.Argument(Path("runs"), help="Folder to search (recursively) for run directories."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List the training runs under a folder: status (the latest checkpoint checked against its recorded hashes),
-    step, model, data, heredity, last loss and best validation KID."""
+    """List the training runs under a folder: status (the latest and best checkpoints and the folds file checked
+    against their recorded hashes), step, model, data (and fold), heredity, last loss and best validation KID."""
     from rich.console import Console
     from rich.table import Table
 
@@ -128,6 +128,7 @@ def runs(
         table.add_column(col, justify="right" if col in ("step", "loss", "best KID×10³") else "left")
     for r in rows:
         kid = "—" if r["best_kid"] is None else f"{r['best_kid'] * 1e3:.2f} (step {r['best_step']})"
-        table.add_row(r["run"], r["status"], str(r["step"] if r["step"] is not None else "—"), r["model"], r["data"],
+        data = r["data"] if r["folds_file"] is None else f"{r['data']} fold {r['fold']} of {Path(r['folds_file']).name}"
+        table.add_row(r["run"], r["status"], str(r["step"] if r["step"] is not None else "—"), r["model"], data,
                       r["heredity"] or "—", r["loss"] or "—", kid, style=None if r["status"] == "ok" else "red")
     Console(width=160).print(table)

@@ -28,7 +28,7 @@ def sample(
     flags: SamplingFlags,
 ) -> None:
     """Sample labelled images from a trained run."""
-    from geca.run import load_run, run_split
+    from geca.run import load_run, run_folds, run_split
     from geca.sampling.generate import run_sampler, write_sample_dir
     from geca.sampling.labels import per_class_labels, replicate_labels
     from geca.sampling.trace import write_trace
@@ -50,7 +50,7 @@ def sample(
         source = {"labels": f"per-class {per_class}"}
     else:
         d = loaded.spec.data
-        split = run_split(loaded, d.spec, labels_from, d.folds_file, d.fold)
+        split = run_split(loaded, d.spec, labels_from, run_folds(loaded.spec), d.fold)
         labels = replicate_labels(split.labels, ratio)
         source = {"labels": f"{d.spec}:{labels_from} x{ratio}"}
     manifest, _ = write_sample_dir(out, loaded, labels, sampler, flags.seed, flags.batch_size, device, source,

@@ -10,7 +10,7 @@ import numpy as np
 
 from geca.data.config import CV_VAL
 from geca.errors import DataError
-from geca.utils.io import atomic_write, same_source
+from geca.utils.io import atomic_write, file_sha256, same_source
 
 FOLDS_COLUMNS = ("filename", "patient_id", "fold")
 
@@ -182,16 +182,25 @@ def fold_split_rows(folds: np.ndarray, split: str, fold: int, folds_file: str | 
                              shares=[VAL_FRACTION, 1 - VAL_FRACTION])
         val = np.zeros(len(folds), dtype=bool)
         val[rest[part == 0]] = True
-    rows = {"test": test, "val": val, "train": ~test & ~val}[split]
-    return np.flatnonzero(rows)
+    rows = np.flatnonzero({"test": test, "val": val, "train": ~test & ~val}[split])
+    if not len(rows):  # every user of a split scores or trains on it; say which fold before it fails there
+        patients = len(np.unique(np.asarray(groups)[~test].astype(str)))
+        raise DataError(f"fold {fold} of {folds_file}: its {split} split is empty (--cv-val {cv_val}, {patients} "
+                        "patients outside the test fold); with few patients per fold try --cv-val next-fold or fewer "
+                        "folds")
+    return rows
 
 
 def same_split(folds_file: str | Path | None, fold: int | None, other_file: str | Path | None,
-               other_fold: int | None) -> bool:
+               other_fold: int | None, other_sha256: str | None = None) -> bool:
     """Whether two (folds file, fold) pairs name the same training split of one dataset: both the fixed split, or
-    the same fold of the same folds file."""
+    the same fold of the same folds. Given `other_sha256` (other_file's SHA-256 when it was recorded), the folds are
+    the same when the bytes are, wherever the file lies and whatever has since been written at other_file."""
     if folds_file is None or other_file is None:
         return folds_file is None and other_file is None
+    if other_sha256 is not None:
+        path = Path(folds_file).expanduser()
+        return fold == other_fold and path.is_file() and file_sha256(path) == other_sha256
     return same_source(folds_file, other_file) and fold == other_fold
 
 

@@ -7,6 +7,7 @@ Both draw at a supersampled resolution and box-filter down, so small images are 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -52,6 +53,19 @@ def _check_common(name: str, size: int, seed: int) -> None:
         raise DataError(f"{name}: size must be at least 8, got {size}")
     if seed < 0:
         raise DataError(f"{name}: seed must be non-negative, got {seed}")
+
+
+def _check_fundus(size: int, n: int | None, seed: int) -> None:
+    _check_common("synthetic-fundus", size, seed)
+    if n is not None and n < 1:
+        raise DataError(f"synthetic-fundus: n must be at least 1, got {n}")
+
+
+def _check_oct(size: int, patients: int, seed: int) -> None:
+    _check_common("synthetic-oct", size, seed)
+    if patients < 5:
+        raise DataError(f"synthetic-oct: patients must be at least 5 (one per split and more for training), "
+                        f"got {patients}")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -321,11 +335,9 @@ def synthetic_fundus(split: str, *, size: int = 28, n: int | None = None, seed: 
     name = "synthetic-fundus"
     if split not in _FUNDUS_SPLITS:
         raise DataError(f"{name}: unknown split {split!r}; valid: {', '.join(_FUNDUS_SPLITS)}")
-    _check_common(name, size, seed)
+    _check_fundus(size, n, seed)
     if n is None:
         n = _FUNDUS_SPLITS[split]
-    if n < 1:
-        raise DataError(f"{name}: n must be at least 1, got {n}")
     grades = _grade_sequence(seed, split, n)
     split_key = list(_FUNDUS_SPLITS).index(split)
     images = np.stack([_fundus_image(int(g), size, _rng(seed, _TAG_FUNDUS, split_key, 0, i))
@@ -531,10 +543,7 @@ def synthetic_oct(split: str, *, size: int = 32, patients: int = 200, seed: int 
     name = "synthetic-oct"
     if split not in _OCT_SPLITS:
         raise DataError(f"{name}: unknown split {split!r}; valid: {', '.join(_OCT_SPLITS)}")
-    _check_common(name, size, seed)
-    if patients < 5:
-        raise DataError(f"{name}: patients must be at least 5 (one per split and more for training), "
-                        f"got {patients}")
+    _check_oct(size, patients, seed)
     split_of = _oct_split_of(seed, patients)
     digits = max(4, len(str(patients - 1)))
     images, labels, ids, patient_ids, eye_ids = [], [], [], [], []
@@ -565,3 +574,12 @@ PROCEDURAL: dict[str, Callable[..., ImageSet]] = {
     "synthetic-fundus": synthetic_fundus,
     "synthetic-oct": synthetic_oct,
 }
+_CHECKS: dict[str, Callable[..., None]] = {"synthetic-fundus": _check_fundus, "synthetic-oct": _check_oct}
+
+
+def check_options(name: str, **options: int) -> None:
+    """A generator's own range checks on its options (its defaults filled in), without drawing an image: for commands
+    that check everything before they create anything."""
+    bound = inspect.signature(PROCEDURAL[name]).bind("train", **options)
+    bound.apply_defaults()
+    _CHECKS[name](**{k: v for k, v in bound.arguments.items() if k != "split"})

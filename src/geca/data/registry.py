@@ -15,7 +15,7 @@ from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz, resolve_npz
-from geca.data.procedural import PROCEDURAL
+from geca.data.procedural import PROCEDURAL, check_options
 from geca.errors import DataError
 
 SPLITS = ("train", "val", "test", "all")
@@ -99,7 +99,7 @@ def check_spec(spec: str, download: bool = False) -> None:
     columns) without decoding any image: for commands that check everything before they create anything."""
     kind, name, options = _source(spec)
     if kind == "procedural":
-        _procedural_kwargs(name, options, None)
+        check_options(name, **_procedural_kwargs(name, options, None))
     elif kind == "csv":
         read_table(Path(name).expanduser())
     elif not download:

@@ -103,12 +103,12 @@ def check_lineage(directory: Path, folds_file: Path | None, fold: int | None) ->
     if origin.get("complete") is False:
         raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
                         "false); an arm needs every training label vector ×ratio, run expand without --limit")
-    their_folds, their_fold = origin.get("folds_file"), origin.get("fold")
-    if unfindable(their_folds, folds_file):
+    their_folds, their_fold, their_sha = origin.get("folds_file"), origin.get("fold"), origin.get("folds_sha256")
+    if their_sha is None and unfindable(their_folds, folds_file):
         raise DataError(f"{directory}: its manifest.json says it was expanded with folds file {their_folds}, which "
                         f"is not found from {Path.cwd()}; whether it matches {folds_file} cannot be checked (run from "
                         "the folder it was expanded in)")
-    if not same_split(folds_file, fold, their_folds, their_fold):
+    if not same_split(folds_file, fold, their_folds, their_fold, their_sha):
         target = split_name(folds_file, fold)
         raise DataError(f"{directory}: expanded from {split_name(their_folds, their_fold)} (its manifest.json), but "
                         f"this arm is trained for {target}; its generator may have seen that split's test images. "
@@ -152,6 +152,10 @@ class Splits:
             if folds is not None:
                 raise ConfigError("--folds needs --folds-file (create one with `geca folds`)")
             self._fixed = {s: load_split(data, s, image_size=image_size) for s in ("train", "val", "test")}
+            for name, split in self._fixed.items():
+                if not len(split):
+                    raise DataError(f"{data}: its {name} split is empty; a classifier arm trains, selects and "
+                                    "tests on three")
             self.folds: list[int | None] = [None]
             self.reference = self._fixed["train"]
             return
@@ -162,6 +166,10 @@ class Splits:
         if not 1 <= count <= k:
             raise ConfigError(f"--folds {folds}: {folds_file} has {k} folds")
         self.folds = list(range(count))
+        groups, _ = group_ids(self.reference.ids, self.reference.patient_ids, self.reference.eye_ids)
+        # every fold's rows now: a fold that cannot be split fails before the first classifier trains
+        self._rows = {fold: {s: fold_split_rows(self._fold_of, s, fold, folds_file, self.reference.labels, groups,
+                                                cv_val) for s in ("train", "val", "test")} for fold in self.folds}
 
     @property
     def protocol(self) -> str:
@@ -173,11 +181,7 @@ class Splits:
     def get(self, fold: int | None) -> Split:
         if fold is None:
             return Split(None, **self._fixed)
-        ref = self.reference
-        groups, _ = group_ids(ref.ids, ref.patient_ids, ref.eye_ids)
-        rows = {s: fold_split_rows(self._fold_of, s, fold, self.folds_file, ref.labels, groups, self.cv_val)
-                for s in ("train", "val", "test")}
-        return Split(fold, **{s: self.reference.subset(r) for s, r in rows.items()})
+        return Split(fold, **{s: self.reference.subset(r) for s, r in self._rows[fold].items()})
 
 
 def unit_seed(seed: int, fold: int | None) -> int:

@@ -11,7 +11,7 @@ import math
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from geca.training.ema import EMA
 from geca.training.heredity import handed_over
 from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
 from geca.utils.images import to_uint8
-from geca.utils.io import CsvLog, atomic_write_json, output_dir
+from geca.utils.io import CsvLog, atomic_write_json, file_sha256, output_dir
 from geca.utils.plots import plot_class_grid, plot_loss_curve
 from geca.utils.seeding import derive_seed
 
@@ -112,8 +112,11 @@ class TrainingData:
     to_images: Callable[[torch.Tensor], np.ndarray]
 
     def spec(self, config: RunConfig) -> ModelSpec:
-        d = self.data
-        return ModelSpec(model=config.model, diffusion=config.diffusion, data=config.data,
+        d, folds = self.data, config.data.folds_file
+        where = None if folds is None else Path(folds).expanduser().resolve()
+        return ModelSpec(model=config.model, diffusion=config.diffusion,
+                         data=config.data if where is None else replace(config.data, folds_file=str(where)),
+                         folds_sha256=None if where is None else file_sha256(where),
                          in_channels=self.images.shape[1], num_classes=d.num_classes, resolution=self.images.shape[-1],
                          class_names=d.class_names, multilabel=d.multilabel,
                          latent=None if self.latent is None else self.latent.spec)
@@ -238,9 +241,10 @@ class Trainer:
         if len(self.data.data) == 0:
             raise ConfigError(f"{config.data.spec}: the training split is empty")
         self.spec = self.data.spec(config)
-        if resume and not read_spec(self.run_dir).same_setup(self.spec):
-            raise CheckpointError(f"{run_dir}/model.json differs from this config (model, diffusion or data "
-                                  "changed); resume needs the same setup")
+        changed = read_spec(self.run_dir).differences(self.spec) if resume else []
+        if changed:
+            raise CheckpointError(f"{run_dir}/model.json differs from this config at {'; '.join(changed)}; resume "
+                                  "needs the same model, diffusion and data")
         ckpt, self.step_count, self.state = (_latest(self.run_dir) if resume else
                                              (None, 0, {"elapsed_s": 0.0, "images_seen": 0}))
         self.saved_lr = self.state.pop("lr", None)  # the last step's, as checkpointed
