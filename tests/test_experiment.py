@@ -159,6 +159,12 @@ def test_run_configs_take_the_study_data_and_dotted_overrides(tmp_path: Path) ->
     cv = load_experiment(PRESETS / "synthetic-oct-cpu.yaml")
     assert cv.run_config("DiT", 1).model.name == "DiT-T" and cv.run_config("DiT", 1).data.fold == 1
     assert cv.run_config("DiT", 1).train.max_steps == 300 and cv.folds == [0, 1]
+    # a generator's config may name a run preset instead of a file beside the experiment file
+    raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
+    raw["generators"] = [{"name": "A", "config": "retinamnist-28-dit-cpu", "overrides": {"train.max_steps": 3}}]
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_experiment(tmp_path / "preset.yaml").run_config("A", None)
+    assert cfg.model.name == "DiT-T" and cfg.train.max_steps == 3
 
 
 def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
@@ -187,7 +193,14 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     ({"generatorz": []}, "unknown key"),
     ({"ghg": {"modes": ["hiden"]}}, "ghg.modes"),
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T"}}] * 2}, "distinct"),
-    ({"generators": [{"name": "A", "config": "missing.yaml"}]}, "missing.yaml"),
+    ({"generators": [{"name": "A", "config": "missing.yaml"}]},
+     "bad.yaml: generator 'A': config 'missing.yaml': no file"),
+    ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "train.lr": "fast"}}]},
+     "bad.yaml: generator 'A'.train.lr: expected float"),
+    ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-Q"}}]},
+     "bad.yaml: generator 'A': unknown model 'GeCA-Q'"),
+    ({"data": {"spec": "synthetic-oct@patients=9,size=8", "folds_file": "nowhere.csv"}},
+     "bad.yaml: data.folds_file: nowhere.csv: not readable"),
     ({"generators": [{"name": "A", "overrides": {"train.max_stepz": 3}}]}, "max_stepz"),
     ({"data": {"spec": "x", "run_folds": 2}}, "run_folds"),
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.hidden_size": 0}}]},

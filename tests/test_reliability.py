@@ -130,8 +130,8 @@ def test_outputs_and_inputs_of_the_other_commands_are_checked_before_any_work(da
     folder.mkdir()
     for out in (folder, tmp_path / "w.pt", a_file / "w.safetensors"):
         refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", str(out)]), "--out", str(out))
-    for out in (folder, tmp_path / "folds.txt"):
-        refused(runner.invoke(app, ["folds", "--data", "synthetic-oct", "--out", str(out)]), "--out", ".csv")
+    for out, words in ((folder, "a folder; give a .csv file name"), (tmp_path / "folds.txt", "expected a .csv")):
+        refused(runner.invoke(app, ["folds", "--data", "synthetic-oct", "--out", str(out)]), "--out", words)
     refused(runner.invoke(app, ["folds", "--data", str(data), "--out", str(tmp_path / "f.csv")]), str(data), "'all'")
     encode = ["encode", "--vae", str(tmp_path / "no-vae"), "--data", str(data)]
     refused(runner.invoke(app, [*encode, "--out", str(tmp_path / "e"), "--splits", "train,bogus"]), "--splits", "bogus")
@@ -178,6 +178,7 @@ def test_files_are_not_replaced_unasked_and_fold_flags_need_a_folds_file(data: P
     res = runner.invoke(app, ["features", "train", "--data", "synthetic-oct@patients=9,size=8", "--folds-file",
                               str(out), "--fold", "1", "--epochs", "1", "--out", str(tmp_path / "fold1.safetensors")])
     assert res.exit_code == 0 and "trained domain features" in res.output, res.output
+    assert f"train of fold 1 of {out} (--cv-val slice)" in " ".join(res.output.split())
     refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", new, "--cv-val", "next-fold"]),
             "--cv-val", "needs --folds-file")
     refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", new, "--folds-file", str(out),
@@ -254,6 +255,8 @@ def test_sample_and_grow_refuse_bad_values(run: Path, tmp_path: Path) -> None:
     (["evaluate", "--generated", "g", "--real", "x:test", "--train", "x:train", "--out", "OUT/m.json",
       "--batch-size", "0"], "--batch-size"),
     (["runs", "NOWHERE"], "NOWHERE"),
+    (["train", "--data", "synthetic-oct@patients=9,size=8", "--download", "--out", "OUT"], "--download"),
+    (["train", "--data", "NOWHERE.npz", "--download", "--out", "OUT"], "--download"),
 ])
 def test_click_and_range_errors_are_one_line_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     out = tmp_path / "out"

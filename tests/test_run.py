@@ -61,6 +61,9 @@ def test_checkpoint_names_are_names_and_the_pointer_stays_in_the_run(tmp_path: P
     assert find_checkpoint(run, "best") == run / "checkpoints" / "best"
     assert find_checkpoint(run) == run / "checkpoints" / "step_0000003"
     assert find_checkpoint(run, tmp_path / "3") == tmp_path / "3"
+    assert find_checkpoint(run, "step_0000003") == run / "checkpoints" / "step_0000003"  # the folder's own name
+    with pytest.raises(CheckpointError, match="has no checkpoint of step 99; it has 3$"):
+        find_checkpoint(run, 99)
     with pytest.raises(CheckpointError, match="--checkpoint 'abc': neither"):
         find_checkpoint(run, "abc")
     with pytest.raises(CheckpointError, match="--checkpoint is empty"):

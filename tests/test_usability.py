@@ -206,13 +206,17 @@ def test_set_flip_threads_device_and_lr_schedule(blobs_npz: Path, tmp_path: Path
     assert row["step"] == 4 and row["model"] == "GeCA-T" and row["heredity"] == "gated" and row["loss"]
 
 
-@pytest.mark.parametrize("sample_every, first_step_s", [(25, 2), (1000, 2), (1000, 100)])
+@pytest.mark.parametrize("sample_every, first_step_s, checkpoint_s", [(25, 2, 0), (1000, 2, 0), (1000, 100, 0),
+                                                                      (1000, 2, 120)])
 def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                    sample_every: int, first_step_s: float) -> None:
+                                                    sample_every: int, first_step_s: float,
+                                                    checkpoint_s: float) -> None:
     """On a fake clock (a step takes 2 s, a preview 60 s), 5 minutes end with the final preview inside them: timed
     at the previews every 25 steps, or, with none before the final one, estimated from the step time (133 s), not
-    from a first step that compiles and warms up (100 s)."""
+    from a first step that compiles and warms up (100 s); and the final checkpoint, never timed before,
+    from its size (120 s here)."""
     import geca.training.trainer as trainer_module
+    from geca.models.build import count_parameters
     from geca.training.trainer import Trainer
 
     class Clock:
@@ -235,11 +239,21 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
 
     monkeypatch.setattr(Trainer, "step", slow_step)
     monkeypatch.setattr(Trainer, "preview", slow_preview)
+    checkpoint = Trainer.checkpoint
+
+    def slow_checkpoint(self):
+        Clock.now += checkpoint_s
+        return checkpoint(self)
+
+    monkeypatch.setattr(Trainer, "checkpoint", slow_checkpoint)
     starts = []
     run = Trainer.run
 
     def timed_run(self, *args):
         starts.append(Clock.now)
+        if checkpoint_s:  # a disk at which this model's checkpoint takes checkpoint_s
+            disk = 16 * count_parameters(self.ema.model) / checkpoint_s
+            monkeypatch.setattr(trainer_module, "SLOW_DISK_BYTES_PER_S", disk)
         return run(self, *args)
 
     monkeypatch.setattr(Trainer, "run", timed_run)
@@ -259,7 +273,7 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
     assert Clock.now - starts[0] <= 5 * 60, Clock.now - starts[0]
     # The bar counts the budget's seconds (its ETA is the end of the run), the steps in its postfix.
     (bar,) = bars
-    kept_back = 70 if sample_every == 25 else 140
+    kept_back = (70 if sample_every == 25 else 140) + checkpoint_s
     if sample_every == 1000:  # no preview until the final one: the steps fill the rest of the budget
         assert int(re.search(r"trained to step (\d+)", res.output)[1]) >= (300 - first_step_s - kept_back) // 2 - 1
     assert bar.total == 300 and 300 - kept_back <= bar.n <= 300 and "5 min budget" in bar.desc

@@ -196,8 +196,13 @@ def find_checkpoint(run_dir: Path, which: str | int | Path | None = None) -> Pat
         if not path.is_dir():
             raise CheckpointError(f"{path}: no best checkpoint; it is kept only when training validates "
                                   "(validation.every > 0 or --validate-every)")
-    elif which.isdigit():  # a name is a name even where a folder of that name is in the working directory
-        path = root / f"step_{int(which):07d}"
+    elif (step := re.fullmatch(r"(?:step_)?(\d+)", which)) is not None:
+        # a name is a name even where a folder of that name is in the working directory
+        path = root / f"step_{int(step[1]):07d}"
+        if not path.is_dir():
+            steps = sorted(int(p.name[5:]) for p in root.glob("step_*") if re.fullmatch(r"step_\d{7,}", p.name))
+            raise CheckpointError(f"--checkpoint {which}: {run_dir} has no checkpoint of step {int(step[1])}; it has "
+                                  f"{', '.join(map(str, steps)) if steps else 'none'}")
     elif Path(which).is_dir():
         return Path(which)
     else:

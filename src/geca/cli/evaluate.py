@@ -115,4 +115,5 @@ def features_train(
                            device=pick_device(device))
     save_domain_net(net, out)
     acc = "" if net.meta.val_accuracy is None else f"; val accuracy {net.meta.val_accuracy:.3f}"
-    typer.echo(f"trained domain features on {data}:{split} ({len(train_set)} images{acc}); wrote {out}")
+    where = f"{data}:{split}" + (f" of fold {fold} of {folds_file} (--cv-val {cv_val})" if folds_file else "")
+    typer.echo(f"trained domain features on {where} ({len(train_set)} images{acc}); wrote {out}")

@@ -94,10 +94,18 @@ def _source(spec: str) -> tuple[str, str, dict[str, str]]:
     return "npz", name, options
 
 
+def _check_download(download: bool, kind: str, name: str, spec: str) -> None:
+    if download and (kind != "npz" or is_path(name)):
+        what = "a procedural set, drawn here" if kind == "procedural" else "a file path"
+        raise DataError(f"--download (data.download) fetches a MedMNIST set given by name ({', '.join(KNOWN_DATASETS)})"
+                        f"; {spec!r} is {what}: there is nothing to fetch")
+
+
 def check_spec(spec: str, download: bool = False) -> None:
     """Refuse a spec that names nothing loadable (an unknown name or option, a missing file, a CSV without its
     columns) without decoding any image: for commands that check everything before they create anything."""
     kind, name, options = _source(spec)
+    _check_download(download, kind, name, spec)
     if kind == "procedural":
         check_options(name, **_procedural_kwargs(name, options, None))
     elif kind == "csv":
@@ -131,6 +139,7 @@ def load_split(
         groups, _ = group_ids(full.ids, full.patient_ids, full.eye_ids)
         return full.subset(fold_split_rows(folds, split, fold, folds_file, full.labels, groups, cv_val))
     kind, name, options = _source(spec)
+    _check_download(download, kind, name, spec)
     _check_split(split, SPLITS, repr(spec))
     if kind == "procedural":
         # Each generator validates the split itself: whether it offers "all" is its own business.

@@ -17,6 +17,7 @@ from geca.downstream.classify import TableSettings
 from geca.errors import ConfigError, DataError
 from geca.metrics.features import FEATURES
 from geca.metrics.kid import PROTOCOLS
+from geca.presets import presets
 from geca.sampling.config import GHG_MODES, SamplerConfig
 from geca.utils.schema import from_dict, merge, nest, parse_yaml, read_text, read_yaml
 
@@ -54,8 +55,9 @@ class StudyData:
 
 @dataclass
 class GeneratorSettings:
-    """A run config: `config` (a YAML path, relative to the experiment file) with `overrides` (nested or dotted keys)
-    applied over it; without `config`, `overrides` is the whole inline run config."""
+    """A run config: `config` (a YAML path relative to the experiment file's folder, or a run preset's name) with
+    `overrides` (nested or dotted keys) applied over it; without `config`, `overrides` is the whole inline run
+    config."""
 
     name: str = ""
     config: str | None = None
@@ -181,8 +183,12 @@ class LoadedExperiment:
             with open(d.folds_file, newline="", encoding="utf-8-sig") as f:
                 names = [row.get("filename", "") for row in csv.DictReader(f)]
         except OSError as e:
-            raise ConfigError(f"{d.folds_file}: folds file not readable ({e}); create it with `geca folds`") from None
-        return int(read_folds(d.folds_file, names).max(initial=-1)) + 1
+            raise ConfigError(f"{self.path}: data.folds_file: {d.folds_file}: not readable ({e.strerror}); create it "
+                              "with `geca folds` (a relative path starts from the working directory)") from None
+        try:
+            return int(read_folds(d.folds_file, names).max(initial=-1)) + 1
+        except DataError as e:
+            raise DataError(f"{self.path}: data.folds_file: {e}") from None
 
     @property
     def folds_file(self) -> str | None:
@@ -201,16 +207,30 @@ class LoadedExperiment:
     def run_config(self, name: str, fold: int | None) -> RunConfig:
         """Generator `name`'s run config on `fold` (a generated folds file is given relative to the root)."""
         g = next(g for g in self.exp.generators if g.name == name)
-        return _run_config(g, self.exp.data, self.path.parent, fold, self.folds_file)
+        return _run_config(g, self.exp.data, self.path, fold, self.folds_file)
 
 
-def _run_config(g: GeneratorSettings, data: StudyData, base: Path, fold: int | None,
+def _generator_config(value: str, base: Path, where: str) -> Path:
+    """A generator's `config`: a YAML path (relative to the experiment file's folder `base`), or a run preset's
+    name."""
+    path = Path(value).expanduser()
+    local = path if path.is_absolute() else base / path
+    if local.exists():
+        return local
+    found = presets("run")
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if path.parent == Path(".") and name in found:
+        return found[name]
+    raise ConfigError(f"{where}: config {value!r}: no file {local} (a relative path starts from the experiment "
+                      f"file's folder) and no run preset of that name; presets: {', '.join(found)}")
+
+
+def _run_config(g: GeneratorSettings, data: StudyData, experiment: Path, fold: int | None,
                 folds_file: str | None) -> RunConfig:
-    where = f"generator {g.name!r}"
+    where = f"{experiment}: generator {g.name!r}"
     raw = {}
     if g.config is not None:
-        path = Path(g.config).expanduser()
-        raw = read_yaml(path if path.is_absolute() else base / path, f"{where}: run config")
+        raw = read_yaml(_generator_config(g.config, experiment.parent, where), f"{where}: run config")
     if not isinstance(g.overrides, dict):
         raise ConfigError(f"{where}: overrides must be a mapping, got {g.overrides!r}")
     raw = merge(raw, nest(g.overrides))

@@ -47,6 +47,9 @@ DIVERGED = 1e3  # the diffusion loss of a sane model is O(1); above this it has 
 # While the main process alone builds the latent cache, validates or draws the final preview, the others wait in a
 # collective; NCCL's default 10 minutes is shorter than that work on a large dataset.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+# Until a checkpoint has been timed, writing one (fp32 weights, their EMA and AdamW's two moments, then hashing them)
+# is guessed at a slow disk's speed.
+CHECKPOINT_BYTES_PER_PARAMETER, SLOW_DISK_BYTES_PER_S = 16, 100e6
 LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "peak_mem_mib", "elapsed_min"]
 
 
@@ -449,14 +452,15 @@ class Trainer:
 
     def final_work_s(self) -> float:
         """What the final checkpoint, preview and validation will take: the longest of each seen so far or, before
-        the first, an estimate from the fastest step after the first (which compiles and warms up): a training step
-        costs about three forward passes of its batch; a sampler makes `steps` calls on twice the images under CFG."""
+        the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling from the fastest step after the
+        first (which compiles and warms up): a training step costs about three forward passes of its batch, a sampler
+        makes `steps` calls on twice the images under CFG."""
         per_image = self.fastest_step_s / (3 * self.local_batch) if math.isfinite(self.fastest_step_s) else 0.0
 
         def sampling_s(images: int, sampler: Any) -> float:
             return per_image * images * sampler.steps * (1 if sampler.guidance_scale == 1 else 2)
 
-        need = self.work_s.get("checkpoint", 0.0)
+        need = self.work_s.get("checkpoint", self.checkpoint_guess_s)
         if self.main and self.config.train.sample_every:
             pc = self.config.preview
             shown = min(self.spec.num_classes, pc.max_classes) * pc.per_class
@@ -536,6 +540,8 @@ class Trainer:
         self.t_start, self.step_s, self._last_plain = time.time(), 0.0, 0.0
         self.fastest_step_s, first = math.inf, self.step_count
         self.work_s: dict[str, float] = {}
+        self.checkpoint_guess_s = (CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(self.ema.model) /
+                                   SLOW_DISK_BYTES_PER_S)
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
         self.bar = self._bar()

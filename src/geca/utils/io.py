@@ -107,7 +107,9 @@ def output_file(path: Path, flag: str, suffix: str, overwrite: bool = True) -> P
     """`path` checked as a file to write, before any work: not a folder, named `suffix`, under no file, in a
     folder that takes files, and (unless `overwrite`) not there yet."""
     path = Path(path)
-    if path.is_dir() or path.suffix.lower() != suffix:
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: a folder; give a {suffix} file name (e.g. {path / ('out' + suffix)})")
+    if path.suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: expected a {suffix} file name")
     if not overwrite and path.exists():
         raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it or choose another {flag}")
