@@ -324,33 +324,39 @@ def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None
     return images
 
 
-def checkpoint_health(checkpoint: Path) -> str:
-    """'ok', or what keeps the checkpoint from loading: a missing weights file, or a file whose SHA-256 differs from
-    the one recorded at save time (read, not loaded)."""
+def checkpoint_health(checkpoint: Path, hashes: bool = True, state_expected: bool = True) -> str:
+    """'ok', or what keeps the checkpoint from loading: a missing file, or (with `hashes`) a file whose SHA-256
+    differs from the one recorded at save time (read, not loaded). geca 0.1 wrote no state.json
+    (`state_expected` False)."""
     for name in ("model.safetensors", "ema.safetensors"):
         if not (checkpoint / name).is_file():
             return f"missing {name}"
+    if state_expected and not (checkpoint / "state.json").is_file():
+        return "missing state.json"
     try:
         recorded = read_state(checkpoint).get("files", {})
     except CheckpointError:
         return "damaged state.json"
     for name in recorded if isinstance(recorded, dict) else ():
-        try:
-            verify(checkpoint / name)
-        except CheckpointError:
-            return f"damaged {name}"
         if not (checkpoint / name).is_file():
             return f"missing {name}"
+        if hashes:
+            try:
+                verify(checkpoint / name)
+            except CheckpointError:
+                return f"damaged {name}"
     return "ok"
 
 
-def summarize_run(run_dir: Path) -> dict[str, Any]:
+def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
     """One line about a run directory, read from its files without loading any weights (a damaged part is "?"); its
-    status is the latest checkpoint's health, or what is missing."""
+    status is the latest and best checkpoints' health (their files hashed unless `hashes` is False), or what is
+    missing."""
     run_dir = Path(run_dir)
     row: dict[str, Any] = {"run": str(run_dir), "status": "ok", "step": None, "model": "?", "data": "?",
                            "folds_file": None, "fold": None, "heredity": None, "loss": None, "best_kid": None,
                            "best_step": None}
+    spec = None
     try:
         spec = read_spec(run_dir)
         row.update(model=spec.model.name, data=spec.data.spec, heredity=getattr(spec.model, "heredity", None))
@@ -361,6 +367,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         row["status"] = "damaged model.json"
     except ConfigError as e:  # from run_folds
         row["status"] = "folds file missing" if "is missing" in str(e) else "folds file changed"
+    state_expected = spec is not None and spec.format >= 2  # geca 0.1 (format 1) wrote no state.json
     try:
         ckpt = find_checkpoint(run_dir)
     except CheckpointError as e:
@@ -369,7 +376,7 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
             "missing checkpoint folder" if "checkpoint directory missing" in str(e) else "damaged latest.json"
     if ckpt is not None:
         if row["status"] == "ok":
-            row["status"] = checkpoint_health(ckpt)
+            row["status"] = checkpoint_health(ckpt, hashes, state_expected)
         try:
             row["step"] = read_state(ckpt).get("step")
         except CheckpointError:
@@ -385,6 +392,6 @@ def summarize_run(run_dir: Path) -> dict[str, Any]:
         row.update(best_kid=state.get("kid"), best_step=state.get("step"))
     except CheckpointError:
         pass
-    if best.is_dir() and row["status"] == "ok" and (health := checkpoint_health(best)) != "ok":
+    if best.is_dir() and row["status"] == "ok" and (health := checkpoint_health(best, hashes, state_expected)) != "ok":
         row["status"] = f"best: {health}"
     return row

@@ -54,6 +54,8 @@ def models(
     channels: int = typer.Option(4, "--channels", min=1, help="Input channels (4 for SD-VAE latents)."),
     classes: int = typer.Option(11, "--classes", min=1, help="Number of label entries (11 for OCT-ML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    quick: bool = typer.Option(False, "--quick", help="Check that each checkpoint's files are there without hashing "
+                               "them (fast over many large runs; a changed file is not found)."),
 ) -> None:
     """Parameters, GMACs per denoiser call and cells/tokens of every named config at a given input shape.
 
@@ -108,6 +110,8 @@ def configs(
 def runs(
     root: Path = typer.Argument(Path("runs"), help="Folder to search (recursively) for run directories."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    quick: bool = typer.Option(False, "--quick", help="Check that each checkpoint's files are there without hashing "
+                               "them (fast over many large runs; a changed file is not found)."),
 ) -> None:
     """List the training runs under a folder: status (the latest and best checkpoints and the folds file checked
     against their recorded hashes), step, model, data (and fold), heredity, last loss and best validation KID."""
@@ -119,7 +123,7 @@ def runs(
     if not root.is_dir():
         what = "a file, not a folder" if root.exists() else "no such folder"
         raise ConfigError(f"{root}: {what} (pass the folder that holds your run directories)")
-    rows = [summarize_run(p.parent) for p in sorted(Path(root).rglob("model.json"))]
+    rows = [summarize_run(p.parent, hashes=not quick) for p in sorted(Path(root).rglob("model.json"))]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
