@@ -337,16 +337,16 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
 
     copied = tmp_path / "copy.csv"
     copied.write_bytes(folds_csv.read_bytes())
-    check_lineage(tmp_path / "syn", copied, 1)
+    check_lineage(tmp_path / "syn", data, copied, 1)
     for folds_file, fold in ((folds_csv, 2), (None, None)):
-        with pytest.raises(DataError, match="expanded from fold 1 of .*folds.csv"):
-            check_lineage(tmp_path / "syn", folds_file, fold)
-    check_lineage(tmp_path / "run", None, None)  # no manifest: nothing to check
+        with pytest.raises(DataError, match="its generator was trained on fold 1 of .*folds.csv"):
+            check_lineage(tmp_path / "syn", data, folds_file, fold)
+    check_lineage(tmp_path / "run", data, None, None)  # no manifest: nothing to check
     manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
     manifest["expansion"]["complete"] = False  # as `geca expand --limit` writes it
     (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="a partial expansion"):
-        check_lineage(tmp_path / "syn", folds_csv, 1)
+        check_lineage(tmp_path / "syn", data, folds_csv, 1)
     # A run from before geca recorded its folds' SHA-256 has its folds file as typed: relative to where it was
     # trained. There, another spelling of the same file is the same split; from elsewhere it cannot be checked, and
     # is refused rather than called a leak.
@@ -359,6 +359,10 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     res = invoke("expand", "--run", tmp_path / "run", "--folds-file", folds_csv, "--fold", 1, "--limit", 1, "--out",
                  tmp_path / "same", *FAST_SAMPLING)
     assert res.exit_code == 0, res.output
+    res = invoke("train", "--data", data, "--folds-file", "folds.csv", "--fold", 1, "--out", tmp_path / "run",
+                 "--resume", *TINY_TRAIN[:5], "2", *TINY_TRAIN[6:])
+    assert res.exit_code == 0 and "holds no SHA-256 of its folds file; recording that of" in res.output, res.output
+    spec_file.write_text(json.dumps(spec))  # as the older geca left it, for what follows
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     res = invoke("expand", "--run", tmp_path / "run", "--folds-file", folds_csv, "--fold", 1, "--out",
@@ -378,8 +382,28 @@ def test_a_run_whose_folds_file_was_rewritten_is_not_given_the_new_folds(tmp_pat
     run = tmp_path / "run"
     assert invoke("train", "--data", data, "--folds-file", folds_csv, "--fold", 1, "--out", run,
                   *TINY_TRAIN).exit_code == 0
+    for args in (["expand", "--ratio", 1, "--out", tmp_path / "x1"], ["sample", "--per-class", 1, "--out",
+                                                                      tmp_path / "s1"]):
+        assert invoke(*args[:1], "--run", run, *args[1:], *FAST_SAMPLING).exit_code == 0
     res = invoke("folds", "--data", data, "--k", 3, "--seed", 7, "--out", folds_csv, "--overwrite")
     assert res.exit_code == 0 and folds_csv.read_bytes() != original.read_bytes()
+    # classify: a set made before the rewrite is not for fold 1 of the new folds; nor is any set of the run (sample
+    # or expand) for a fold whose test patients it trained on, however the data is spelt
+    from geca.downstream.protocol import check_lineage
+    from geca.errors import DataError
+
+    with pytest.raises(DataError, match="the file has changed since"):
+        check_lineage(tmp_path / "x1", data, folds_csv, 1)
+    for other in (data, "synthetic-oct@size=8,patients=9", "synthetic-oct@patients=12,size=16"):
+        with pytest.raises(DataError, match="its generator was trained on fold 1 of .*folds.csv"):
+            check_lineage(tmp_path / "s1", other, folds_csv, 0)
+    check_lineage(tmp_path / "s1", data, original, 1)
+    check_lineage(tmp_path / "s1", "synthetic-oct@seed=3,patients=9", folds_csv, 0)  # other patients altogether
+    other = tmp_path / "other.csv"  # the new folds under another name: not the run's file, not its folds
+    other.write_bytes(folds_csv.read_bytes())
+    res = invoke("expand", "--run", run, "--data", "synthetic-oct@size=8,patients=9", "--folds-file", other,
+                 "--fold", 0, "--out", tmp_path / "syn", *FAST_SAMPLING)
+    assert res.exit_code == 2 and "would leak the test images of fold 0" in res.output, res.output
     changed = "the run's folds file (model.json data.folds_file) has changed since the run was trained"
     for args in (["expand", "--ratio", 1, "--out", tmp_path / "syn"],
                  ["expand", "--folds-file", folds_csv, "--fold", 1, "--out", tmp_path / "syn"],

@@ -231,13 +231,19 @@ def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) 
     path.write_text(yaml.safe_dump(raw))
     res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study")])
     assert res.exit_code == 2 and "unknown option 'colour'" in res.output and not (tmp_path / "study").exists()
-    # the generator's own ranges too, also for --dry-run
+    # the generator's own ranges too, also for --dry-run; and a generator that asks to download drawn data
     raw["data"]["spec"] = "synthetic-oct@patients=4"
     path.write_text(yaml.safe_dump(raw))
+    name = raw["generators"][0]["name"]
     for dry in ([], ["--dry-run"]):
         res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), *dry])
         assert res.exit_code == 2 and "patients must be at least 5" in res.output, res.output
         assert not (tmp_path / "study").exists()
+    raw["data"]["spec"] = "synthetic-oct@patients=9,size=8"
+    raw["generators"][0].setdefault("overrides", {})["data.download"] = True
+    path.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), "--dry-run"])
+    assert res.exit_code == 2 and f"generator {name!r} (its run config): --download (data.download)" in res.output
 
 
 # ── the smoke study, end to end ───────────────────────────────────────────────────────────────────────────────────

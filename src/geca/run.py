@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from geca.data.config import DataConfig
+from geca.data.folds import folds_status
 from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.diffusion.config import DiffusionConfig
@@ -96,6 +97,12 @@ class ModelSpec:
             found.append(f"data.folds_file: {self.data.folds_file!r} → {other.data.folds_file!r}" +
                          (" (other folds)" if self.data.folds_file and other.data.folds_file else ""))
         return sorted(found)
+
+    def training_split(self) -> dict[str, Any]:
+        """The split the run trained on, as a synthetic set's manifest records it for classify's leakage check."""
+        d = self.data
+        return {"data": d.spec, "folds_file": d.folds_file, "folds_sha256": self.folds_sha256,
+                "fold": None if d.folds_file is None else d.fold, "cv_val": d.cv_val}
 
     def _same_folds(self, other: ModelSpec) -> bool:
         a, b = self.data.folds_file, other.data.folds_file
@@ -304,10 +311,11 @@ def run_folds(spec: ModelSpec) -> str | None:
     path = spec.data.folds_file
     if path is None or spec.folds_sha256 is None:
         return path
+    status = folds_status(path, spec.folds_sha256)
     where = f"{path}: the run's folds file (model.json data.folds_file)"
-    if not Path(path).is_file():
+    if status == "missing":
         raise ConfigError(f"{where} is missing; restore the file the run was trained with")
-    if file_sha256(Path(path)) != spec.folds_sha256:
+    if status == "changed":
         raise ConfigError(f"{where} has changed since the run was trained (its SHA-256 differs from model.json's "
                           "folds_sha256): other folds are another split, whose test patients the run may have "
                           "trained on; restore the file the run was trained with")
@@ -362,11 +370,11 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
         row.update(model=spec.model.name, data=spec.data.spec, heredity=getattr(spec.model, "heredity", None))
         if spec.data.folds_file is not None:
             row.update(folds_file=spec.data.folds_file, fold=spec.data.fold)
-            run_folds(spec)
+            if spec.folds_sha256 is not None and (status := folds_status(spec.data.folds_file,
+                                                                          spec.folds_sha256)) != "ok":
+                row["status"] = f"folds file {status}"
     except CheckpointError:
         row["status"] = "damaged model.json"
-    except ConfigError as e:  # from run_folds
-        row["status"] = "folds file missing" if "is missing" in str(e) else "folds file changed"
     state_expected = spec is not None and spec.format >= 2  # geca 0.1 (format 1) wrote no state.json
     try:
         ckpt = find_checkpoint(run_dir)

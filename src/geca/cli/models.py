@@ -54,8 +54,6 @@ def models(
     channels: int = typer.Option(4, "--channels", min=1, help="Input channels (4 for SD-VAE latents)."),
     classes: int = typer.Option(11, "--classes", min=1, help="Number of label entries (11 for OCT-ML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    quick: bool = typer.Option(False, "--quick", help="Check that each checkpoint's files are there without hashing "
-                               "them (fast over many large runs; a changed file is not found)."),
 ) -> None:
     """Parameters, GMACs per denoiser call and cells/tokens of every named config at a given input shape.
 
@@ -111,7 +109,8 @@ def runs(
     root: Path = typer.Argument(Path("runs"), help="Folder to search (recursively) for run directories."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     quick: bool = typer.Option(False, "--quick", help="Check that each checkpoint's files are there without hashing "
-                               "them (fast over many large runs; a changed file is not found)."),
+                               "them (fast over many large runs; a changed weights file is not found; the small "
+                               "folds file is still hashed)."),
 ) -> None:
     """List the training runs under a folder: status (the latest and best checkpoints and the folds file checked
     against their recorded hashes), step, model, data (and fold), heredity, last loss and best validation KID."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,7 @@ def read_folds(
 ) -> np.ndarray:
     """Fold index per entry of ``filenames``, validated: every filename listed exactly once, no unknown ones,
     folds numbered 0..K-1 with none empty, and (when given) the patient ids matching the dataset's."""
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -185,10 +186,31 @@ def fold_split_rows(folds: np.ndarray, split: str, fold: int, folds_file: str | 
     rows = np.flatnonzero({"test": test, "val": val, "train": ~test & ~val}[split])
     if not len(rows):  # every user of a split scores or trains on it; say which fold before it fails there
         patients = len(np.unique(np.asarray(groups)[~test].astype(str)))
-        raise DataError(f"fold {fold} of {folds_file}: its {split} split is empty (--cv-val {cv_val}, {patients} "
-                        "patients outside the test fold); with few patients per fold try --cv-val next-fold or fewer "
-                        "folds")
+        raise DataError(f"fold {fold} of {folds_file}: its {split} split is empty (cv_val {cv_val}, {patients} "
+                        "patients/groups outside the test fold); with few patients per fold try cv_val next-fold "
+                        "(--cv-val) or fewer folds")
     return rows
+
+
+def folds_digest(path: str | Path) -> str:
+    """A folds file's SHA-256: what a run or a synthetic set records of the folds it came from."""
+    return file_sha256(Path(path).expanduser())
+
+
+def folds_status(path: str | Path, sha256: str) -> str:
+    """'ok' when the folds file at `path` holds the folds recorded as `sha256`, else 'missing' or 'changed'."""
+    where = Path(path).expanduser()
+    return "missing" if not where.is_file() else "ok" if folds_digest(where) == sha256 else "changed"
+
+
+@contextmanager
+def stable_folds(path: str | Path | None) -> Iterator[str | None]:
+    """The folds file's SHA-256 around reading it: a file rewritten meanwhile would make the recorded hash describe
+    other folds than those read."""
+    digest = None if path is None else folds_digest(path)
+    yield digest
+    if digest is not None and folds_digest(path) != digest:
+        raise DataError(f"{path}: the folds file changed while it was being read; run the command again")
 
 
 def same_split(folds_file: str | Path | None, fold: int | None, other_file: str | Path | None,
@@ -199,8 +221,7 @@ def same_split(folds_file: str | Path | None, fold: int | None, other_file: str 
     if folds_file is None or other_file is None:
         return folds_file is None and other_file is None
     if other_sha256 is not None:
-        path = Path(folds_file).expanduser()
-        return fold == other_fold and path.is_file() and file_sha256(path) == other_sha256
+        return fold == other_fold and folds_status(folds_file, other_sha256) == "ok"
     return same_source(folds_file, other_file) and fold == other_fold
 
 

@@ -582,4 +582,6 @@ def check_options(name: str, **options: int) -> None:
     that check everything before they create anything."""
     bound = inspect.signature(PROCEDURAL[name]).bind("train", **options)
     bound.apply_defaults()
-    _CHECKS[name](**{k: v for k, v in bound.arguments.items() if k != "split"})
+    check = _CHECKS[name]
+    checked = inspect.signature(check).parameters
+    check(**{k: v for k, v in bound.arguments.items() if k in checked})

@@ -16,7 +16,8 @@ from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz, resolve_npz
 from geca.data.procedural import PROCEDURAL, check_options
-from geca.errors import DataError
+from geca.errors import ConfigError, DataError
+from geca.utils.io import same_source
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -68,6 +69,31 @@ def _procedural_kwargs(name: str, options: dict[str, str], image_size: int | Non
     return kwargs
 
 
+def _source_key(spec: str) -> str:
+    """What names a dataset's images for the leakage checks: a procedural set's name and seed (its other options draw
+    the same first patients or images at another size or count), or the file a name or path stands for."""
+    kind, name, options = _source(spec)
+    if kind == "procedural":
+        seed = _procedural_kwargs(name, options, None).get(
+            "seed", inspect.signature(PROCEDURAL[name]).parameters["seed"].default)
+        return f"{name}@seed={seed}"
+    path = Path(name).expanduser() if is_path(name) else find_npz(name)
+    return str(path.resolve()) if path is not None and path.exists() else name
+
+
+def same_data(a: str | None, b: str | None) -> bool:
+    """Whether two dataset specs hold the same images, however they are written (`synthetic-oct@size=8,patients=9`
+    and `synthetic-oct@patients=9,size=8`; a MedMNIST name and its file; a copied file)."""
+    if a is None or b is None:
+        return False
+    try:
+        if _source_key(a) == _source_key(b):
+            return True
+    except DataError:
+        pass  # a spec that names nothing loadable here is compared as written
+    return same_source(a, b)
+
+
 def is_path(name: str) -> bool:
     """Whether a spec's name is a file path (an .npz or .csv, or anything with a folder in it) rather than a name."""
     return name.lower().endswith((".npz", ".csv")) or "/" in name or os.sep in name
@@ -94,18 +120,21 @@ def _source(spec: str) -> tuple[str, str, dict[str, str]]:
     return "npz", name, options
 
 
-def _check_download(download: bool, kind: str, name: str, spec: str) -> None:
-    if download and (kind != "npz" or is_path(name)):
+def check_download(spec: str) -> None:
+    """--download (data.download) fetches a MedMNIST set named by name; anything else is a config error."""
+    kind, name, _ = _source(spec)
+    if kind != "npz" or is_path(name):
         what = "a procedural set, drawn here" if kind == "procedural" else "a file path"
-        raise DataError(f"--download (data.download) fetches a MedMNIST set given by name ({', '.join(KNOWN_DATASETS)})"
-                        f"; {spec!r} is {what}: there is nothing to fetch")
+        raise ConfigError(f"--download (data.download) fetches a MedMNIST set given by name "
+                          f"({', '.join(KNOWN_DATASETS)}); {spec!r} is {what}: there is nothing to fetch")
 
 
 def check_spec(spec: str, download: bool = False) -> None:
     """Refuse a spec that names nothing loadable (an unknown name or option, a missing file, a CSV without its
     columns) without decoding any image: for commands that check everything before they create anything."""
     kind, name, options = _source(spec)
-    _check_download(download, kind, name, spec)
+    if download:
+        check_download(spec)
     if kind == "procedural":
         check_options(name, **_procedural_kwargs(name, options, None))
     elif kind == "csv":
@@ -139,7 +168,8 @@ def load_split(
         groups, _ = group_ids(full.ids, full.patient_ids, full.eye_ids)
         return full.subset(fold_split_rows(folds, split, fold, folds_file, full.labels, groups, cv_val))
     kind, name, options = _source(spec)
-    _check_download(download, kind, name, spec)
+    if download:
+        check_download(spec)
     _check_split(split, SPLITS, repr(spec))
     if kind == "procedural":
         # Each generator validates the split itself: whether it offers "all" is its own business.

@@ -6,6 +6,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,10 +15,10 @@ from tqdm.auto import tqdm
 from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds, same_split, split_name
 from geca.data.imageset import ImageSet
-from geca.data.registry import load_split
+from geca.data.registry import load_split, same_data
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
 from geca.errors import ConfigError, DataError
-from geca.utils.io import unfindable
+from geca.utils.io import same_path, unfindable
 from geca.utils.seeding import derive_seed
 
 BASELINE = "geometric"
@@ -90,29 +91,47 @@ def check_synthetic(directory: Path, class_names: list[str]) -> Path:
     return csv_path
 
 
-def check_lineage(directory: Path, folds_file: Path | None, fold: int | None) -> None:
-    """A set written by `geca expand` (its manifest says from which split) must come from the split this arm trains
-    on: a generator trained on another fold, or on the fixed split under cross-validation, has seen this fold's test
-    images, and so would the classifier. A set without that record (`geca sample`, another tool) is taken as is."""
+def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int | None) -> None:
+    """A synthetic set must not come from a generator that saw this arm's test images. Its manifest records the split
+    its generator trained on (`trained_on`, in every set `geca sample` and `geca expand` write) and, for an expansion,
+    the split whose labels it replicates (`expansion`): on the same data each must be the split this arm trains on,
+    and an expansion must be complete. A set without a manifest (another tool's) is taken as is."""
     try:
-        origin = json.loads((directory / "manifest.json").read_text()).get("expansion")
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
         return
-    if not isinstance(origin, dict):
+    if not isinstance(manifest, dict):
         return
-    if origin.get("complete") is False:
-        raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
-                        "false); an arm needs every training label vector ×ratio, run expand without --limit")
-    their_folds, their_fold, their_sha = origin.get("folds_file"), origin.get("fold"), origin.get("folds_sha256")
+    trained = manifest.get("trained_on")
+    if isinstance(trained, dict) and same_data(trained.get("data"), data):
+        _check_split(directory, "its generator was trained on", trained, folds_file, fold)
+    origin = manifest.get("expansion")
+    if isinstance(origin, dict):
+        if origin.get("complete") is False:
+            raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
+                            "false); an arm needs every training label vector ×ratio, run expand without --limit")
+        _check_split(directory, "expanded from", origin, folds_file, fold)
+
+
+def _check_split(directory: Path, what: str, record: dict[str, Any], folds_file: Path | None,
+                 fold: int | None) -> None:
+    """The split a manifest `record`s (folds_file, fold, folds_sha256) must be (folds_file, fold)."""
+    their_folds, their_fold, their_sha = record.get("folds_file"), record.get("fold"), record.get("folds_sha256")
     if their_sha is None and unfindable(their_folds, folds_file):
-        raise DataError(f"{directory}: its manifest.json says it was expanded with folds file {their_folds}, which "
-                        f"is not found from {Path.cwd()}; whether it matches {folds_file} cannot be checked (run from "
-                        "the folder it was expanded in)")
-    if not same_split(folds_file, fold, their_folds, their_fold, their_sha):
-        target = split_name(folds_file, fold)
-        raise DataError(f"{directory}: expanded from {split_name(their_folds, their_fold)} (its manifest.json), but "
-                        f"this arm is trained for {target}; its generator may have seen that split's test images. "
-                        f"Expand from a run trained on {target}")
+        raise DataError(f"{directory}: its manifest.json says {what} folds file {their_folds}, which is not found "
+                        f"from {Path.cwd()}; whether it matches {folds_file} cannot be checked (run from the folder "
+                        "it was made in)")
+    if same_split(folds_file, fold, their_folds, their_fold, their_sha):
+        return
+    target = split_name(folds_file, fold)
+    if their_sha is not None and folds_file is not None and their_folds is not None and their_fold == fold and \
+            same_path(folds_file, their_folds):
+        raise DataError(f"{directory}: {what} fold {fold} of {folds_file} as it was then (its manifest.json); the "
+                        "file has changed since (its SHA-256 differs), so this arm's split is another. Restore the "
+                        "folds file, or make the set again from a run trained on the new folds")
+    raise DataError(f"{directory}: {what} {split_name(their_folds, their_fold)} (its manifest.json), but this arm is "
+                    f"trained for {target}; the generator may have seen that split's test images. Use a set from a "
+                    f"run trained on {target}")
 
 
 def load_synthetic(directory: Path, real: ImageSet) -> ImageSet:
@@ -243,7 +262,7 @@ def check_inputs(protocol: ProtocolConfig, class_names: list[str], folds: list[i
         for fold in folds:
             directory = synthetic_dir(protocol.synthetic[name], fold)
             check_synthetic(directory, class_names)
-            check_lineage(directory, protocol.folds_file, fold)
+            check_lineage(directory, protocol.data, protocol.folds_file, fold)
 
 
 def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:

@@ -198,11 +198,13 @@ class LoadedExperiment:
 
     def check_data(self) -> None:
         """Refuse data that cannot load before any stage folder exists (no image is decoded)."""
-        download = any(self.run_config(g.name, self.folds[0]).data.download for g in self.exp.generators)
+        download = [g.name for g in self.exp.generators if self.run_config(g.name, self.folds[0]).data.download]
         try:
-            check_spec(self.exp.data.spec, download=download)
+            check_spec(self.exp.data.spec, download=bool(download))
         except DataError as e:
             raise DataError(f"{self.path}: data.spec: {e}") from None
+        except ConfigError as e:  # a download of data that is not downloaded: whose config asked for it
+            raise ConfigError(f"{self.path}: generator {download[0]!r} (its run config): {e}") from None
 
     def run_config(self, name: str, fold: int | None) -> RunConfig:
         """Generator `name`'s run config on `fold` (a generated folds file is given relative to the root)."""

@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from geca.data.folds import same_split, split_name
-from geca.data.registry import is_path, parse_spec
+from geca.data.folds import same_split, split_name, stable_folds
+from geca.data.registry import is_path, parse_spec, same_data
 from geca.errors import ConfigError
 from geca.run import LoadedRun, run_folds, run_split
 from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import write_sample_dir
 from geca.sampling.labels import replicate_labels
-from geca.utils.io import file_sha256, same_source, unfindable
+from geca.utils.io import same_path, unfindable
 
 
 def _check_comparable(recorded: str | None, given: str | None, what: str) -> None:
@@ -42,7 +42,7 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
     own, recorded = run.spec.data, run.spec.folds_sha256
     spec = data_spec or own.spec
     folds = folds_file if folds_file is not None or data_spec is not None else own.folds_file
-    if folds is not None and own.folds_file is not None and same_source(folds, own.folds_file):
+    if folds is not None and own.folds_file is not None and same_path(folds, own.folds_file):
         run_folds(run.spec)  # the run's own file, which must still hold the folds it trained on
     if folds is None and fold is not None:
         raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
@@ -51,19 +51,19 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
         _check_comparable(own.spec, spec, "data")
     if recorded is None:  # a run from before geca recorded its folds' SHA-256 has only a path to compare
         _check_comparable(own.folds_file, folds, "folds file")
-    # On the same data, any other split (another fold; the fixed split for a run trained on a fold, or the other
-    # way round) holds test images the generator trained on.
-    if same_source(spec, own.spec) and not same_split(folds, k if folds else None, own.folds_file, own.fold,
-                                                       recorded):
-        mine, theirs = split_name(own.folds_file, own.fold), split_name(folds, k)
-        raise ConfigError(f"the run was trained on {mine}; its images would leak the test images of {theirs} into "
-                          f"its training set. Use a run trained on {theirs}")
-    train = run_split(run, spec, "train", folds, k)
+    with stable_folds(folds) as digest:
+        # On the same data, any other split (another fold; the fixed split for a run trained on a fold, or the other
+        # way round) holds test images the generator trained on.
+        if same_data(spec, own.spec) and not same_split(folds, k if folds else None, own.folds_file, own.fold,
+                                                        recorded):
+            mine, theirs = split_name(own.folds_file, own.fold), split_name(folds, k)
+            raise ConfigError(f"the run was trained on {mine}; its images would leak the test images of {theirs} "
+                              f"into its training set. Use a run trained on {theirs}")
+        train = run_split(run, spec, "train", folds, k)
     labels = replicate_labels(train.labels, ratio)
     extra = {"labels": f"{spec}:train x{ratio}",
              "expansion": {"data": spec, "folds_file": folds and str(Path(folds).expanduser().resolve()),
-                           "folds_sha256": folds and file_sha256(Path(folds).expanduser()),
-                           "fold": k if folds else None, "ratio": ratio,
+                           "folds_sha256": digest, "fold": k if folds else None, "ratio": ratio,
                            "train_images": len(train), "limit": limit, "complete": limit is None or
                            limit >= len(labels)}}
     manifest, _ = write_sample_dir(out, run, labels[:limit], sampler, seed, batch_size, device, extra, overwrite,

@@ -195,6 +195,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
         "weights_file": run.weights_file.name,
         "weights_sha256": weights_sha256,
         "model": run.spec.model.name,
+        "trained_on": run.spec.training_split(),  # classify refuses a set whose generator saw its test patients
         "sampling": asdict(sampler),
         "seed": seed,
         "batch_size": batch_size,

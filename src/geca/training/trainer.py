@@ -24,6 +24,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from geca.config import RunConfig, save_config
+from geca.data.folds import folds_digest, stable_folds
 from geca.data.imageset import ImageSet
 from geca.data.registry import load_split
 from geca.errors import CheckpointError, ConfigError, TrainingError
@@ -38,7 +39,7 @@ from geca.training.ema import EMA
 from geca.training.heredity import handed_over
 from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
 from geca.utils.images import to_uint8
-from geca.utils.io import CsvLog, atomic_write_json, file_sha256, output_dir
+from geca.utils.io import CsvLog, atomic_write_json, output_dir
 from geca.utils.plots import plot_class_grid, plot_loss_curve
 from geca.utils.seeding import derive_seed
 
@@ -113,13 +114,14 @@ class TrainingData:
     labels: torch.Tensor
     latent: LatentSet | None
     to_images: Callable[[torch.Tensor], np.ndarray]
+    folds_sha256: str | None  # of the folds file the split was read from
 
     def spec(self, config: RunConfig) -> ModelSpec:
         d, folds = self.data, config.data.folds_file
         where = None if folds is None else Path(folds).expanduser().resolve()
         return ModelSpec(model=config.model, diffusion=config.diffusion,
                          data=config.data if where is None else replace(config.data, folds_file=str(where)),
-                         folds_sha256=None if where is None else file_sha256(where),
+                         folds_sha256=self.folds_sha256,
                          in_channels=self.images.shape[1], num_classes=d.num_classes, resolution=self.images.shape[-1],
                          class_names=d.class_names, multilabel=d.multilabel,
                          latent=None if self.latent is None else self.latent.spec)
@@ -170,18 +172,19 @@ def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, pr
     """The training split, as pixels or (with a VAE) as cached latents."""
     d = config.data
     if train_set is not None:
-        data = train_set
+        data, digest = train_set, None if d.folds_file is None else folds_digest(d.folds_file)
     else:
-        with accelerator.main_process_first():  # the others read what the main process downloaded
+        # the others read what the main process downloaded
+        with accelerator.main_process_first(), stable_folds(d.folds_file) as digest:
             data = load_split(d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
                               cv_val=d.cv_val, download=d.download and accelerator.is_main_process)
     if not d.vae:
         images, labels = data.tensors()
-        return TrainingData(data, images, None, labels, None, to_uint8)
+        return TrainingData(data, images, None, labels, None, to_uint8, digest)
     codec = functools.cache(lambda: LatentCodec.load(d.vae, d.latent_size, accelerator.device))
     latent = _latents(config, data, run_dir, accelerator, codec, progress)
     return TrainingData(data, latent.latents, latent.flipped.to(accelerator.device), latent.labels, latent,
-                        lambda x: codec().decode(x, latent.spec.image_channels))
+                        lambda x: codec().decode(x, latent.spec.image_channels), digest)
 
 
 def _latest(run_dir: Path) -> tuple[Path, int, dict[str, Any]]:
@@ -244,7 +247,12 @@ class Trainer:
         if len(self.data.data) == 0:
             raise ConfigError(f"{config.data.spec}: the training split is empty")
         self.spec = self.data.spec(config)
-        changed = read_spec(self.run_dir).differences(self.spec) if resume else []
+        before = read_spec(self.run_dir) if resume else None
+        changed = before.differences(self.spec) if before is not None else []
+        self.notes = [] if before is None or before.folds_sha256 or not before.data.folds_file else [
+            f"resume: model.json, written by an older geca, holds no SHA-256 of its folds file; recording that of "
+            f"{self.spec.data.folds_file} as it is now (if the file was rewritten since the run began, the run's "
+            "split has changed with it)"]
         if changed:
             raise CheckpointError(f"{run_dir}/model.json differs from this config at {'; '.join(changed)}; resume "
                                   "needs the same model, diffusion and data")
@@ -529,7 +537,7 @@ class Trainer:
         """Train to max_steps; `changes` (what a resume changed) are printed once everything checked out."""
         tc = self.config.train
         if self.main:
-            for line in [self.describe(), *(changes or []), *self._schedule_change()]:
+            for line in [self.describe(), *(changes or []), *self.notes, *self._schedule_change()]:
                 tqdm.write(line)
         if self.step_count >= tc.max_steps:  # a resumed run that is done: its files stay as they are
             if self.main:

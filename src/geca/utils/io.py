@@ -33,6 +33,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one place, however written (`~`, relative, symlinks)."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
 def same_source(a: str | Path | None, b: str | Path | None) -> bool:
     """Whether two dataset specs or folds files name the same data: the same text, the same file or folder however
     the path is written, or files with the same bytes (a copied folds CSV)."""
@@ -43,7 +48,7 @@ def same_source(a: str | Path | None, b: str | Path | None) -> bool:
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if not (pa.exists() and pb.exists()):
         return False
-    return pa.resolve() == pb.resolve() or (pa.is_file() and pb.is_file() and file_sha256(pa) == file_sha256(pb))
+    return same_path(pa, pb) or (pa.is_file() and pb.is_file() and file_sha256(pa) == file_sha256(pb))
 
 
 def unfindable(recorded: str | Path | None, given: str | Path | None) -> bool:
