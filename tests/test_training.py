@@ -146,8 +146,8 @@ def test_a_resume_that_moves_the_learning_rate_says_so(tmp_path: Path, capsys: p
 
 def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_path: Path) -> None:
     """Before the first preview the budget keeps back an estimate of one (the fastest step after the first is about
-    three forward passes of its batch; the preview makes `steps` calls, twice under CFG); then what each kind of work
-    took."""
+    three forward passes of its batch; the preview makes `steps` calls, twice under CFG) and of a checkpoint (its
+    bytes at a slow disk's speed); then what each kind of work took."""
     from geca.training.trainer import Trainer
 
     cfg = tiny_config(5, sample_every=100, max_minutes=10)
@@ -155,7 +155,10 @@ def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_
     trainer.fastest_step_s, trainer.work_s = 1.2, {}
     shown, sampler = trainer.spec.num_classes * cfg.preview.per_class, cfg.preview.sampler
     assert sampler.guidance_scale != 1
-    assert trainer.final_work_s() == pytest.approx(1.2 / (3 * 4) * shown * sampler.steps * 2)
+    params = sum(p.numel() for p in trainer.ema.model.parameters())
+    assert trainer.checkpoint_guess_s == pytest.approx(16 * params / 100e6)  # fp32 weights, EMA, AdamW's 2 moments
+    assert trainer.final_work_s() == pytest.approx(1.2 / (3 * 4) * shown * sampler.steps * 2 +
+                                                   trainer.checkpoint_guess_s)
     trainer.work_s = {"checkpoint": 2.0, "preview": 7.0}
     assert trainer.final_work_s() == pytest.approx(9.0)
     cfg.train.sample_every = 0

@@ -265,6 +265,7 @@ class Trainer:
         model = self.spec.build(compiled)
         self.diffusion = self.spec.diffusion_process()
         self.ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+        self.checkpoint_guess_s = CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(model) / SLOW_DISK_BYTES_PER_S
         # fused: one kernel for the whole update instead of a few per tensor (CPU and CUDA); a small GeCA on a GPU
         # is launch-bound
         optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
@@ -548,8 +549,6 @@ class Trainer:
         self.t_start, self.step_s, self._last_plain = time.time(), 0.0, 0.0
         self.fastest_step_s, first = math.inf, self.step_count
         self.work_s: dict[str, float] = {}
-        self.checkpoint_guess_s = (CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(self.ema.model) /
-                                   SLOW_DISK_BYTES_PER_S)
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
         self.bar = self._bar()
