@@ -265,7 +265,7 @@ class Trainer:
         model = self.spec.build(compiled)
         self.diffusion = self.spec.diffusion_process()
         self.ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-        self.checkpoint_guess_s = CHECKPOINT_BYTES_PER_PARAMETER * count_parameters(model) / SLOW_DISK_BYTES_PER_S
+        self.n_parameters = count_parameters(model)
         # fused: one kernel for the whole update instead of a few per tensor (CPU and CUDA); a small GeCA on a GPU
         # is launch-bound
         optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
@@ -458,6 +458,10 @@ class Trainer:
         started = time.time()
         run()
         self.work_s[work] = max(self.work_s.get(work, 0.0), time.time() - started)
+
+    @property
+    def checkpoint_guess_s(self) -> float:
+        return CHECKPOINT_BYTES_PER_PARAMETER * self.n_parameters / SLOW_DISK_BYTES_PER_S
 
     def final_work_s(self) -> float:
         """What the final checkpoint, preview and validation will take: the longest of each seen so far or, before
