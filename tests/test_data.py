@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,32 @@ def test_folder_csv_grey(tmp_path):
     assert ds.labels[:, 0].tolist() == [1, 0, 0, 1, 0, 0] and ds.class_names == ["a", "b"]
     assert ds.patient_ids.tolist() == ["p0", "p0", "p1", "p1", "p2", "p2"]
     assert ds.eye_ids.tolist() == [f"e{i}" for i in range(6)]
+
+
+def test_a_dataset_is_the_same_however_it_is_written_moved_or_resaved(tmp_path, monkeypatch):
+    """The leakage checks compare what a spec holds: a moved CSV set re-saved with CRLF line endings and its rows in
+    another order is the same set, another patient makes another; procedural options other than the seed draw the
+    same first patients; a MedMNIST name is its file."""
+    from geca.data.registry import same_data, source_key
+
+    ds = _folder(tmp_path)
+    moved = tmp_path / "moved" / "labels.csv"
+    moved.parent.mkdir()
+    shutil.copytree(ds.parent / "img", moved.parent / "img")
+    header, *lines = ds.read_text().splitlines()
+    moved.write_bytes(("\r\n".join([header, *reversed(lines)]) + "\r\n").encode())
+    assert moved.read_bytes() != ds.read_bytes() and same_data(str(moved), str(ds))
+    other = tmp_path / "other.csv"
+    other.write_text(ds.read_text().replace("p2", "p9"))
+    assert not same_data(str(other), str(ds))
+    assert same_data(str(moved), "anything/recorded/elsewhere.csv", b_key=source_key(str(ds)))
+    assert same_data("synthetic-oct@size=8,patients=9", "synthetic-oct@patients=12")
+    assert not same_data("synthetic-oct@seed=1", "synthetic-oct")
+    npz = tmp_path / "data" / "retinamnist.npz"
+    npz.parent.mkdir()
+    npz.write_bytes(b"not read")
+    monkeypatch.setenv("GECA_DATA_DIR", str(npz.parent))
+    assert same_data("retinamnist", str(npz)) and not same_data("retinamnist", "synthetic-fundus")
 
 
 def test_folder_csv_one_rgb_image_makes_the_set_rgb(tmp_path):

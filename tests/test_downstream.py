@@ -398,6 +398,11 @@ def test_a_run_whose_folds_file_was_rewritten_is_not_given_the_new_folds(tmp_pat
         with pytest.raises(DataError, match="its generator was trained on fold 1 of .*folds.csv"):
             check_lineage(tmp_path / "s1", other, folds_csv, 0)
     check_lineage(tmp_path / "s1", data, original, 1)
+    manifest = json.loads((tmp_path / "s1/manifest.json").read_text())
+    del manifest["trained_on"]  # as sets were written before manifests recorded it: the run tells
+    (tmp_path / "s1/manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="its generator was trained on fold 1 of .*folds.csv"):
+        check_lineage(tmp_path / "s1", data, folds_csv, 0)
     check_lineage(tmp_path / "s1", "synthetic-oct@seed=3,patients=9", folds_csv, 0)  # other patients altogether
     other = tmp_path / "other.csv"  # the new folds under another name: not the run's file, not its folds
     other.write_bytes(folds_csv.read_bytes())
@@ -413,7 +418,8 @@ def test_a_run_whose_folds_file_was_rewritten_is_not_given_the_new_folds(tmp_pat
         assert not (tmp_path / "syn").exists()
     res = invoke("train", "--data", data, "--folds-file", folds_csv, "--fold", 1, "--out", run, "--resume",
                  *TINY_TRAIN[:5], "2", *TINY_TRAIN[6:])
-    assert res.exit_code == 2 and "differs from this config at data.folds_file" in res.output, res.output
+    assert res.exit_code == 2 and "differs from this config at data.folds_file: " in res.output, res.output
+    assert "has changed since the run was trained" in " ".join(res.output.split())
     # the original folds, from another folder and under another name, are the run's split
     monkeypatch.chdir(original.parent)
     res = invoke("expand", "--run", run, "--folds-file", "orig.csv", "--fold", 1, "--limit", 1, "--out",
@@ -428,6 +434,10 @@ def test_a_run_whose_folds_file_was_rewritten_is_not_given_the_new_folds(tmp_pat
                  *TINY_TRAIN[:5], "2", *TINY_TRAIN[6:])
     assert res.exit_code == 0, res.output
     assert json.loads((run / "model.json").read_text())["data"]["folds_file"] == str(original.resolve())
+    # config.yaml holds the absolute path too: a resume from any folder finds the folds
+    monkeypatch.chdir(tmp_path)
+    res = invoke("train", "--out", run, "--resume", "--max-steps", 3, "--no-progress")
+    assert res.exit_code == 0 and "trained to step 3" in res.output, res.output
 
 
 def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tmp_path: Path) -> None:

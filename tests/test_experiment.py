@@ -203,6 +203,7 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
      "bad.yaml: data.folds_file: nowhere.csv: not readable"),
     ({"generators": [{"name": "A", "overrides": {"train.max_stepz": 3}}]}, "max_stepz"),
     ({"data": {"spec": "x", "run_folds": 2}}, "run_folds"),
+    ({"ghg": {"num_samples": 4}}, "bad.yaml: ghg.num_samples must be ≥ 8 (KID under evaluation.protocol paper)"),
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.hidden_size": 0}}]},
      "bad.yaml: generator 'A': model.hidden_size must be a positive multiple"),
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.heredity": "off",

@@ -257,6 +257,9 @@ def test_sample_and_grow_refuse_bad_values(run: Path, tmp_path: Path) -> None:
     (["runs", "NOWHERE"], "NOWHERE"),
     (["train", "--data", "synthetic-oct@patients=9,size=8", "--download", "--out", "OUT"], "--download"),
     (["train", "--data", "NOWHERE.npz", "--download", "--out", "OUT"], "--download"),
+    (["train", "--data", "synthetic-oct@patients=9,size=8", "--fold", "1", "--out", "OUT"], "--fold"),
+    (["train", "--data", "synthetic-oct@patients=9,size=8", "--folds-file", "NOWHERE.csv", "--out", "OUT"],
+     "--folds-file"),
 ])
 def test_click_and_range_errors_are_one_line_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     out = tmp_path / "out"

@@ -170,6 +170,15 @@ def _spec(model: ModelConfig) -> ModelSpec:
                      resolution=28, class_names=list("abcde"), multilabel=False)
 
 
+def test_a_resume_compares_what_the_data_is_not_how_it_is_spelt() -> None:
+    a, b = _spec(named_model("GeCA-T")), _spec(named_model("GeCA-T"))
+    a.data = DataConfig(spec="synthetic-oct@size=8,patients=9")
+    b.data = DataConfig(spec="synthetic-oct@patients=9,size=8")
+    assert a.differences(b) == []
+    b.data = DataConfig(spec="synthetic-oct@patients=9,size=8,seed=1")
+    assert [d.split(":")[0] for d in a.differences(b)] == ["data.spec"]
+
+
 def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
     """GeCA-T at 28×28, batch 32: 3,000 steps are ≈ 430 TFLOP of model maths (a cold compile pays after ≈ 7),
     100 steps left ≈ 14 (a resumed run near its end), under the threshold, as are 400 steps of 4 images per process;

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from geca.data.config import DataConfig
 from geca.data.folds import folds_status
 from geca.data.imageset import ImageSet
-from geca.data.registry import load_split
+from geca.data.registry import canonical_spec, load_split
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.errors import CheckpointError, ConfigError
@@ -30,7 +30,7 @@ from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.hardware import can_compile
-from geca.utils.io import CsvLog, atomic_write_json, file_sha256, same_source, staged_dir
+from geca.utils.io import CsvLog, atomic_write_json, file_sha256, same_path, same_source, staged_dir
 from geca.utils.schema import from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
@@ -58,6 +58,7 @@ class ModelSpec:
     # The folds file's SHA-256 when the run was trained on a fold (data.folds_file is then its absolute path): the
     # name alone would let a rewritten file (geca folds --overwrite) pass for the split the run trained on.
     folds_sha256: str | None = None
+    data_key: str | None = None  # what names the training images (geca.data.registry.source_key), for leakage checks
     format: int = SPEC_FORMAT
 
     @property
@@ -82,9 +83,10 @@ class ModelSpec:
 
         def setup(spec: ModelSpec) -> dict[str, Any]:
             d = spec.to_dict()
-            return {**d, "format": 0, "folds_sha256": None,
+            data = {k: v for k, v in d["data"].items() if k not in (*LOGISTICS, "folds_file")}
+            return {**d, "format": 0, "folds_sha256": None, "data_key": None,
                     "model": {k: v for k, v in d["model"].items() if k not in EXECUTION},
-                    "data": {k: v for k, v in d["data"].items() if k not in (*LOGISTICS, "folds_file")}}
+                    "data": {**data, "spec": canonical_spec(data["spec"])}}
 
         mine, theirs = setup(self), setup(other)
         found = []
@@ -93,16 +95,19 @@ class ModelSpec:
             pairs = ({f"{key}.{k}": (a.get(k), b.get(k)) for k in a.keys() | b.keys()}
                      if isinstance(a, dict) and isinstance(b, dict) else {key: (a, b)})
             found += [f"{k}: {x!r} → {y!r}" for k, (x, y) in pairs.items() if x != y]
+        a, b = self.data.folds_file, other.data.folds_file
         if not self._same_folds(other):
-            found.append(f"data.folds_file: {self.data.folds_file!r} → {other.data.folds_file!r}" +
-                         (" (other folds)" if self.data.folds_file and other.data.folds_file else ""))
+            found.append(f"data.folds_file: {a} has changed since the run was trained (its SHA-256 differs from "
+                         "model.json's folds_sha256; restore the file)" if a and b and same_path(a, b) else
+                         f"data.folds_file: {a!r} → {b!r}" + (" (other folds)" if a and b else ""))
         return sorted(found)
 
     def training_split(self) -> dict[str, Any]:
         """The split the run trained on, as a synthetic set's manifest records it for classify's leakage check."""
         d = self.data
-        return {"data": d.spec, "folds_file": d.folds_file, "folds_sha256": self.folds_sha256,
-                "fold": None if d.folds_file is None else d.fold, "cv_val": d.cv_val}
+        return {"data": d.spec, "data_key": self.data_key, "folds_file": d.folds_file,
+                "folds_sha256": self.folds_sha256, "fold": None if d.folds_file is None else d.fold,
+                "cv_val": d.cv_val}
 
     def _same_folds(self, other: ModelSpec) -> bool:
         a, b = self.data.folds_file, other.data.folds_file

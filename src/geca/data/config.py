@@ -30,4 +30,9 @@ class DataConfig:
         check(self.image_size is None or self.image_size >= 2, "data.image_size", "≥ 2", self.image_size)
         check(self.fold >= 0, "data.fold", "≥ 0", self.fold)
         check.choice(self.cv_val, "data.cv_val", CV_VAL)
+        # without a folds file the data's fixed split is used: a fold would be ignored, silently
+        check(self.folds_file is not None or self.fold == 0, "data.fold", "0 without a folds file (--folds-file)",
+              self.fold)
+        check(self.folds_file is not None or self.cv_val == "slice", "data.cv_val",
+              "left at slice without a folds file (--folds-file)", self.cv_val)
         check(self.latent_size >= 8, "data.latent_size", "≥ 8", self.latent_size)

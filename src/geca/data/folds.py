@@ -194,7 +194,10 @@ def fold_split_rows(folds: np.ndarray, split: str, fold: int, folds_file: str | 
 
 def folds_digest(path: str | Path) -> str:
     """A folds file's SHA-256: what a run or a synthetic set records of the folds it came from."""
-    return file_sha256(Path(path).expanduser())
+    where = Path(path).expanduser()
+    if not where.is_file():
+        raise DataError(f"{path}: folds file not found (--folds-file, data.folds_file); create it with `geca folds`")
+    return file_sha256(where)
 
 
 def folds_status(path: str | Path, sha256: str) -> str:

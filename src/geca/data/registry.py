@@ -7,6 +7,7 @@ A spec is a path to a MedMNIST ``.npz``, a path to a folder + CSV ``.csv``, a Me
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from pathlib import Path
@@ -69,29 +70,51 @@ def _procedural_kwargs(name: str, options: dict[str, str], image_size: int | Non
     return kwargs
 
 
-def _source_key(spec: str) -> str:
-    """What names a dataset's images for the leakage checks: a procedural set's name and seed (its other options draw
-    the same first patients or images at another size or count), or the file a name or path stands for."""
+def source_key(spec: str) -> str:
+    """What names a dataset's images for the leakage checks, however the spec is written: a procedural set's name and
+    seed (its other options draw the same first patients or images at another size or count), a folder + CSV set's
+    filenames and patient ids (a moved or re-saved CSV is the same set), or the file an npz name or path stands for."""
     kind, name, options = _source(spec)
     if kind == "procedural":
         seed = _procedural_kwargs(name, options, None).get(
             "seed", inspect.signature(PROCEDURAL[name]).parameters["seed"].default)
         return f"{name}@seed={seed}"
+    if kind == "csv":
+        table = read_table(Path(name).expanduser())
+        patients = table.patient_ids if table.patient_ids is not None else [""] * len(table.filenames)
+        rows = sorted(f"{f}\t{p}" for f, p in zip(table.filenames, patients, strict=True))
+        return "csv:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
     path = Path(name).expanduser() if is_path(name) else find_npz(name)
     return str(path.resolve()) if path is not None and path.exists() else name
 
 
-def same_data(a: str | None, b: str | None) -> bool:
+def canonical_spec(spec: str) -> str:
+    """One spelling per dataset spec: a procedural set's options sorted, its defaults written out
+    (`synthetic-oct@size=8,patients=9` → `synthetic-oct@patients=9,seed=0,size=8`); other specs as given."""
+    try:
+        kind, name, options = _source(spec)
+        if kind != "procedural":
+            return spec
+        bound = inspect.signature(PROCEDURAL[name]).bind("all", **_procedural_kwargs(name, options, None))
+    except (DataError, TypeError):
+        return spec
+    bound.apply_defaults()
+    given = {k: v for k, v in bound.arguments.items() if k != "split"}
+    return f"{name}@" + ",".join(f"{k}={v}" for k, v in sorted(given.items()))
+
+
+def same_data(a: str | None, b: str | None, b_key: str | None = None) -> bool:
     """Whether two dataset specs hold the same images, however they are written (`synthetic-oct@size=8,patients=9`
-    and `synthetic-oct@patients=9,size=8`; a MedMNIST name and its file; a copied file)."""
-    if a is None or b is None:
+    and `synthetic-oct@patients=9,size=8`; a MedMNIST name and its file; a copied, moved or re-saved CSV). `b_key`
+    is b's `source_key` as recorded where b was loaded (a relative path there may not be found from here)."""
+    if a is None or (b is None and b_key is None):
         return False
     try:
-        if _source_key(a) == _source_key(b):
+        if source_key(a) == (b_key or source_key(b)):
             return True
     except DataError:
         pass  # a spec that names nothing loadable here is compared as written
-    return same_source(a, b)
+    return b is not None and same_source(a, b)
 
 
 def is_path(name: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from geca.data.folds import fold_split_rows, group_ids, read_folds, same_split, 
 from geca.data.imageset import ImageSet
 from geca.data.registry import load_split, same_data
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
-from geca.errors import ConfigError, DataError
+from geca.errors import CheckpointError, ConfigError, DataError
+from geca.run import read_spec
 from geca.utils.io import same_path, unfindable
 from geca.utils.seeding import derive_seed
 
@@ -103,7 +105,13 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
     if not isinstance(manifest, dict):
         return
     trained = manifest.get("trained_on")
-    if isinstance(trained, dict) and same_data(trained.get("data"), data):
+    if not isinstance(trained, dict) and isinstance(manifest.get("run"), str):
+        try:  # a set written before manifests recorded it: its run says
+            trained = read_spec(Path(manifest["run"])).training_split()
+        except CheckpointError:
+            warnings.warn(f"{directory}: which split its generator trained on is not recorded and its run "
+                          f"{manifest['run']} cannot be read; the set is used unchecked", stacklevel=2)
+    if isinstance(trained, dict) and same_data(data, trained.get("data"), trained.get("data_key")):
         _check_split(directory, "its generator was trained on", trained, folds_file, fold)
     origin = manifest.get("expansion")
     if isinstance(origin, dict):

@@ -16,7 +16,7 @@ from geca.downstream.classifier import STEMS
 from geca.downstream.classify import TableSettings
 from geca.errors import ConfigError, DataError
 from geca.metrics.features import FEATURES
-from geca.metrics.kid import PROTOCOLS
+from geca.metrics.kid import PROTOCOLS, min_generated
 from geca.presets import presets
 from geca.sampling.config import GHG_MODES, SamplerConfig
 from geca.utils.schema import from_dict, merge, nest, parse_yaml, read_text, read_yaml
@@ -281,10 +281,13 @@ def _validate(exp: Experiment, path: Path) -> None:
         _check_choice(mode, GHG_MODES, f"{path}: ghg.modes")
     if any(m < 1 for m in exp.nca_steps.values):
         raise ConfigError(f"{path}: nca_steps.values must be ≥ 1, got {exp.nca_steps.values}")
+    _check_choice(exp.evaluation.protocol, PROTOCOLS, f"{path}: evaluation.protocol")
+    least = min_generated(exp.evaluation.protocol)  # every stage's KID follows evaluation.protocol
     for where, n in (("evaluation", exp.evaluation.num_samples), ("ghg", exp.ghg.num_samples),
                      ("nca_steps", exp.nca_steps.num_samples), ("sampler_cost", exp.sampler_cost.num_samples)):
-        if n is not None and n < 2:
-            raise ConfigError(f"{path}: {where}.num_samples must be ≥ 2, got {n}")
+        if n is not None and n < least:
+            raise ConfigError(f"{path}: {where}.num_samples must be ≥ {least} (KID under evaluation.protocol "
+                              f"{exp.evaluation.protocol}), got {n}")
     unknown = sorted(set(exp.sampler_cost.generators or []) - set(names))
     if unknown:
         raise ConfigError(f"{path}: sampler_cost.generators: unknown generator(s) {unknown}; have {names}")
@@ -292,7 +295,6 @@ def _validate(exp: Experiment, path: Path) -> None:
     _check_choice(ev.features, FEATURES, f"{path}: evaluation.features")
     if ev.gg_features is not None:
         _check_choice(ev.gg_features, FEATURES, f"{path}: evaluation.gg_features")
-    _check_choice(ev.protocol, PROTOCOLS, f"{path}: evaluation.protocol")
     _check_choice(cl.stem, STEMS, f"{path}: classification.stem")
     try:
         cl.validate()

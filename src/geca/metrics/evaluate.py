@@ -23,7 +23,7 @@ from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
 from geca.metrics.features import FeatureExtractor, build_extractor, weights_path
 from geca.metrics.fld import fld
-from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_standard_error, kid_subset_size
+from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_standard_error, kid_subset_size, min_generated
 from geca.metrics.report import real_vs_generated_grid
 from geca.utils.io import atomic_write_json, output_file
 
@@ -184,10 +184,10 @@ def _check_sizes(gens: list[tuple[str, Path, ImageSet]], real: ImageSet, train: 
         raise DataError(f"--train holds {len(train)} image(s); FLD's baseline needs at least 4")
     for name, _, g in gens:
         subset = kid_subset_size(protocol, len(real), len(g))
-        if len(g) < 3 or subset < 2:
+        if len(g) < min_generated(protocol) or subset < 2:
             hint = " (KID subsets are n//4 under --protocol paper)" if protocol == "paper" else ""
             raise DataError(f"{name}: {len(g)} generated image(s) give KID subsets of {subset}{hint}; sample at "
-                            f"least {8 if protocol == 'paper' else 3}")
+                            f"least {min_generated(protocol)}")
 
 
 def _network(extractor: FeatureExtractor) -> dict[str, Any]:

@@ -41,6 +41,12 @@ def kid_subset_size(protocol: str, n_real: int, n_fake: int) -> int:
     return min(size, n_real, n_fake)
 
 
+def min_generated(protocol: str) -> int:
+    """The fewest generated images whose KID subsets hold 2 (n // 4 under paper) and that leave 3 for FLD."""
+    check_protocol(protocol)
+    return 8 if protocol == "paper" else 3
+
+
 def poly_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """KID's kernel k(a, b) = (a·b / d + 1)³ between the rows of (..., p, d) and (..., q, d): (..., p, q)."""
     return (a @ b.transpose(-1, -2) / a.shape[-1] + 1.0) ** 3

@@ -47,15 +47,15 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
     if folds is None and fold is not None:
         raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
     k = fold if fold is not None else (own.fold if data_spec is None else 0)
-    if is_path(parse_spec(own.spec)[0]):  # a dataset name is found from anywhere
+    if run.spec.data_key is None and is_path(parse_spec(own.spec)[0]):  # a name is found from anywhere
         _check_comparable(own.spec, spec, "data")
     if recorded is None:  # a run from before geca recorded its folds' SHA-256 has only a path to compare
         _check_comparable(own.folds_file, folds, "folds file")
     with stable_folds(folds) as digest:
         # On the same data, any other split (another fold; the fixed split for a run trained on a fold, or the other
         # way round) holds test images the generator trained on.
-        if same_data(spec, own.spec) and not same_split(folds, k if folds else None, own.folds_file, own.fold,
-                                                        recorded):
+        other_split = not same_split(folds, k if folds else None, own.folds_file, own.fold, recorded)
+        if other_split and same_data(spec, own.spec, run.spec.data_key):
             mine, theirs = split_name(own.folds_file, own.fold), split_name(folds, k)
             raise ConfigError(f"the run was trained on {mine}; its images would leak the test images of {theirs} "
                               f"into its training set. Use a run trained on {theirs}")

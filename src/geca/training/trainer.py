@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from geca.config import RunConfig, save_config
 from geca.data.folds import folds_digest, stable_folds
 from geca.data.imageset import ImageSet
-from geca.data.registry import load_split
-from geca.errors import CheckpointError, ConfigError, TrainingError
+from geca.data.registry import load_split, source_key
+from geca.errors import CheckpointError, ConfigError, DataError, TrainingError
 from geca.latent.cache import LatentSet, ensure_latents
 from geca.latent.codec import LatentCodec
 from geca.models.build import count_parameters
@@ -115,13 +115,14 @@ class TrainingData:
     latent: LatentSet | None
     to_images: Callable[[torch.Tensor], np.ndarray]
     folds_sha256: str | None  # of the folds file the split was read from
+    data_key: str | None  # geca.data.registry.source_key of the data spec
 
     def spec(self, config: RunConfig) -> ModelSpec:
         d, folds = self.data, config.data.folds_file
         where = None if folds is None else Path(folds).expanduser().resolve()
         return ModelSpec(model=config.model, diffusion=config.diffusion,
                          data=config.data if where is None else replace(config.data, folds_file=str(where)),
-                         folds_sha256=self.folds_sha256,
+                         folds_sha256=self.folds_sha256, data_key=self.data_key,
                          in_channels=self.images.shape[1], num_classes=d.num_classes, resolution=self.images.shape[-1],
                          class_names=d.class_names, multilabel=d.multilabel,
                          latent=None if self.latent is None else self.latent.spec)
@@ -178,13 +179,17 @@ def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, pr
         with accelerator.main_process_first(), stable_folds(d.folds_file) as digest:
             data = load_split(d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
                               cv_val=d.cv_val, download=d.download and accelerator.is_main_process)
+    try:
+        key = source_key(d.spec)
+    except DataError:  # a split handed in by a caller, under a spec that names nothing loadable
+        key = None
     if not d.vae:
         images, labels = data.tensors()
-        return TrainingData(data, images, None, labels, None, to_uint8, digest)
+        return TrainingData(data, images, None, labels, None, to_uint8, digest, key)
     codec = functools.cache(lambda: LatentCodec.load(d.vae, d.latent_size, accelerator.device))
     latent = _latents(config, data, run_dir, accelerator, codec, progress)
     return TrainingData(data, latent.latents, latent.flipped.to(accelerator.device), latent.labels, latent,
-                        lambda x: codec().decode(x, latent.spec.image_channels), digest)
+                        lambda x: codec().decode(x, latent.spec.image_channels), digest, key)
 
 
 def _latest(run_dir: Path) -> tuple[Path, int, dict[str, Any]]:
@@ -289,7 +294,8 @@ class Trainer:
 
     def _write_run_files(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
+        # the folds file by its absolute path (as model.json has it): a resume from another folder finds it
+        save_config(replace(self.config, data=self.spec.data), self.run_dir / "config.yaml")
         atomic_write_json(self.run_dir / "model.json", self.spec.to_dict())
         if resume:
             self.log.keep_until(self.step_count)
