@@ -118,6 +118,30 @@ def test_interrupted_resumable_stage_keeps_its_work_and_a_corrupt_marker_is_redo
     assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is False  # new key: started afresh
 
 
+def test_a_failed_redo_keeps_the_old_results_and_a_changed_recorded_output_stops_the_plan(tmp_path: Path) -> None:
+    """A redone stage is built beside its old results, which stay when it fails; a file a stage recorded with its
+    SHA-256 (the folds CSV) that changed since is an error naming --force, not a silent skip."""
+    from geca.utils.io import file_sha256
+
+    calls: list[str] = []
+    execute(toy(calls), tmp_path, log=lambda s: None)
+    before = read_marker(tmp_path, "b.y")
+    with pytest.raises(RuntimeError, match="b.y interrupted"):
+        execute(toy(calls, fail={"b.y"}), tmp_path, force=["b.y"], log=lambda s: None)
+    assert read_marker(tmp_path, "b.y") == before and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["x", "y"]
+
+    def folds(d: Path) -> dict:
+        (d / "f.csv").write_text("filename,fold\n")
+        return {"sha256": {"f.csv": file_sha256(d / "f.csv")}}
+
+    stages = [Stage("f", folds), Stage("g", lambda d: {}, ("f",))]
+    execute(stages, tmp_path, log=lambda s: None)
+    (stage_dir(tmp_path, "f") / "f.csv").write_text("filename,fold\nother\n")
+    with pytest.raises(StageError, match="f.csv: changed since stage f wrote it.*--force f"):
+        plan(stages, tmp_path)
+    assert [s.action for s in execute(stages, tmp_path, force=["f"], log=lambda s: None)] == ["run", "run"]
+
+
 def test_every_option_has_help() -> None:
     import inspect
 

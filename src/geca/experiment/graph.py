@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from geca.errors import StageError
-from geca.utils.io import atomic_write_json
+from geca.utils.io import atomic_write_json, file_sha256, staged_dir
 
 MARKER = "done.json"
 PENDING = ".pending.json"  # hidden: a training run may start in the folder
@@ -122,6 +122,7 @@ def plan(stages: list[Stage], root: Path, force: list[str] | None = None,
         elif s.id in forced:
             reason = "forced"
         else:
+            _check_outputs(root, s.id, marker)
             done.add(s.id)
             markers[s.id] = marker
             if s.id in chosen:
@@ -153,30 +154,50 @@ def execute(stages: list[Stage], root: Path, force: list[str] | None = None, onl
         s = step.stage
         key = stage_key(s, markers)
         d = stage_dir(root, s.id)
-        if s.id in forced and d.exists():
-            shutil.rmtree(d)  # forced: start afresh, even a resumable stage
-        _prepare(d, key, s.resumable)
         log(f"── {s.id} ({step.reason})")
-        t0, started = time.time(), time.strftime("%Y-%m-%d %H:%M:%S")
-        outputs = s.perform(d)
-        marker = {"stage": s.id, "key": key, "run_id": uuid.uuid4().hex, "params": s.params,
-                  "deps": {dep: markers[dep]["run_id"] for dep in s.deps}, "started": started,
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - t0, 2),
-                  "env": environment(), "outputs": outputs}
-        atomic_write_json(d / MARKER, marker)
-        (d / PENDING).unlink(missing_ok=True)
-        markers[s.id] = marker
-        log(f"   {s.id} done in {marker['seconds']:.1f} s")
+        started = time.time()
+        if s.resumable:  # works in place, so that an interrupted training resumes
+            if s.id in forced and d.exists():
+                shutil.rmtree(d)  # forced: start afresh
+            _prepare_resumable(d, key)
+            markers[s.id] = _write_marker(d, s, key, markers, started, s.perform(d))
+            (d / PENDING).unlink(missing_ok=True)
+        else:  # built beside the old results, which stay until the new ones are whole (a failed redo loses nothing)
+            with staged_dir(d) as tmp:
+                markers[s.id] = _write_marker(tmp, s, key, markers, started, s.perform(tmp))
+        log(f"   {s.id} done in {markers[s.id]['seconds']:.1f} s")
     return steps
 
 
-def _prepare(d: Path, key: str, resumable: bool) -> None:
-    """Empty the stage's directory, unless a resumable stage left work there under the same key (then it goes on)."""
+def _write_marker(directory: Path, s: Stage, key: str, markers: dict[str, dict[str, Any]], started: float,
+                  outputs: dict[str, Any]) -> dict[str, Any]:
+    """The done-marker, written last: what ran, from which inputs, where, and what it made."""
+    marker = {"stage": s.id, "key": key, "run_id": uuid.uuid4().hex, "params": s.params,
+              "deps": {dep: markers[dep]["run_id"] for dep in s.deps},
+              "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(time.time() - started, 2),
+              "env": environment(), "outputs": outputs}
+    atomic_write_json(directory / MARKER, marker)
+    return marker
+
+
+def _prepare_resumable(d: Path, key: str) -> None:
+    """Empty the stage's directory, unless it left work there under the same key (then it goes on)."""
     (d / MARKER).unlink(missing_ok=True)
     pending = d / PENDING
-    keep = resumable and pending.exists() and json.loads(pending.read_text()).get("key") == key
-    if not keep and d.exists():
+    if d.exists() and not (pending.exists() and json.loads(pending.read_text()).get("key") == key):
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    if resumable:
-        atomic_write_json(pending, {"key": key})
+    atomic_write_json(pending, {"key": key})
+
+
+def _check_outputs(root: Path, stage_id: str, marker: dict[str, Any]) -> None:
+    """Files a stage recorded with their SHA-256 (`outputs.sha256`, e.g. the folds CSV) must be as it wrote them:
+    what depends on them was made from those bytes."""
+    recorded = marker.get("outputs", {}).get("sha256", {})
+    for name, digest in recorded.items() if isinstance(recorded, dict) else ():
+        path = stage_dir(root, stage_id) / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise StageError(f"{path}: {'missing' if not path.is_file() else 'changed'} since stage {stage_id} "
+                             f"wrote it, and the stages after it were made from it; restore it, or redo {stage_id} "
+                             f"and everything after it with --force {stage_id}")

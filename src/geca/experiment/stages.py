@@ -35,7 +35,8 @@ def folds_stage(ctx: Context, out: Path) -> dict[str, Any]:
     """Patient-level, label-stratified folds of the data's `all` split (by eye, or image, without patient ids)."""
     groups, _ = make_folds(ctx.exp.data.spec, ctx.exp.data.folds, ctx.exp.seed, out / "folds.csv",
                            f"{ctx.loaded.path}: data.folds")
-    return {"folds_file": "folds.csv", "k": ctx.exp.data.folds, "images": len(groups.names), "grouped_by": groups.by}
+    return {"folds_file": "folds.csv", "k": ctx.exp.data.folds, "images": len(groups.names), "grouped_by": groups.by,
+            "sha256": {"folds.csv": file_sha256(out / "folds.csv")}}
 
 
 def train_stage(ctx: Context, out: Path, name: str, fold: int | None, heredity: str | None = None
