@@ -55,7 +55,8 @@ def classify(
     out: Path = typer.Option(..., "--out", help="Report directory: table.md, table.csv, units.csv, results.json, "
                              "roc_<arm>.png."),
     synthetic: list[str] | None = typer.Option(None, "--synthetic", help="NAME=DIR: a `geca sample`/`geca expand` "
-                                               "directory used by arm +NAME (repeatable). Under CV, DIR holds "
+                                               "directory used by arm +NAME (repeat the flag for several: "
+                                               "--synthetic a=X --synthetic b=Y). Under CV, DIR holds "
                                                "{fold}, replaced by the fold index."),
     arms: str | None = typer.Option(None, "--arms", help="Comma-separated arms: none (no augmentation), geometric "
                                     "(horizontal flip + small affine: the baseline), +NAME (geometric on real + "

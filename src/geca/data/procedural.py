@@ -333,6 +333,9 @@ def synthetic_fundus(split: str, *, size: int = 28, n: int | None = None, seed: 
     depends only on (seed, split, i).
     """
     name = "synthetic-fundus"
+    if split == "all":
+        raise DataError(f"{name} has no split 'all' (valid: {', '.join(_FUNDUS_SPLITS)}), the one cross-validation "
+                        "folds are made from: it has no patients; a folder+CSV dataset or synthetic-oct has it")
     if split not in _FUNDUS_SPLITS:
         raise DataError(f"{name}: unknown split {split!r}; valid: {', '.join(_FUNDUS_SPLITS)}")
     _check_fundus(size, n, seed)
