@@ -167,7 +167,8 @@ def test_oct_scans_show_layers(oct_small: dict[str, ImageSet]) -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: synthetic_fundus("all"), "unknown split"),
+        (lambda: synthetic_fundus("all"), "has no split 'all'.*synthetic-oct has it"),
+        (lambda: synthetic_fundus("holdout"), "unknown split"),
         (lambda: synthetic_fundus("train", size=7), "size"),
         (lambda: synthetic_fundus("train", n=0), "n must"),
         (lambda: synthetic_oct("holdout"), "unknown split"),
