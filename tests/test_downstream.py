@@ -403,6 +403,10 @@ def test_a_run_whose_folds_file_was_rewritten_is_not_given_the_new_folds(tmp_pat
     (tmp_path / "s1/manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="its generator was trained on fold 1 of .*folds.csv"):
         check_lineage(tmp_path / "s1", data, folds_csv, 0)
+    manifest["weights_sha256"] = "0" * 64  # the run's folder holds other weights now: its model.json is not trusted
+    (tmp_path / "s1/manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="used unchecked"):
+        check_lineage(tmp_path / "s1", data, folds_csv, 0)
     check_lineage(tmp_path / "s1", "synthetic-oct@seed=3,patients=9", folds_csv, 0)  # other patients altogether
     other = tmp_path / "other.csv"  # the new folds under another name: not the run's file, not its folds
     other.write_bytes(folds_csv.read_bytes())

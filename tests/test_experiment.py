@@ -130,6 +130,14 @@ def test_a_failed_redo_keeps_the_old_results_and_a_changed_recorded_output_stops
         execute(toy(calls, fail={"b.y"}), tmp_path, force=["b.y"], log=lambda s: None)
     assert read_marker(tmp_path, "b.y") == before and sorted(p.name for p in (tmp_path / "b").iterdir()) == ["x", "y"]
 
+    def writer(d: Path) -> dict:  # as geca sample does: its work folder beside its target
+        (d.with_name(f".{d.name}.unfinished")).mkdir()
+        raise RuntimeError("killed while sampling")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        execute([Stage("w", writer)], tmp_path, log=lambda s: None)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
     def folds(d: Path) -> dict:
         (d / "f.csv").write_text("filename,fold\n")
         return {"sha256": {"f.csv": file_sha256(d / "f.csv")}}
@@ -187,6 +195,8 @@ def test_run_configs_take_the_study_data_and_dotted_overrides(tmp_path: Path) ->
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
     raw["generators"] = [{"name": "A", "config": "retinamnist-28-dit-cpu", "overrides": {"train.max_steps": 3}}]
     (tmp_path / "preset.yaml").write_text(yaml.safe_dump(raw))
+    raw["nca_steps"] = {"enabled": False, "num_samples": 4}  # a disabled stage's settings are not checked
+    (tmp_path / "preset.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_experiment(tmp_path / "preset.yaml").run_config("A", None)
     assert cfg.model.name == "DiT-T" and cfg.train.max_steps == 3
 
@@ -228,6 +238,7 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     ({"generators": [{"name": "A", "overrides": {"train.max_stepz": 3}}]}, "max_stepz"),
     ({"data": {"spec": "x", "run_folds": 2}}, "run_folds"),
     ({"ghg": {"num_samples": 4}}, "bad.yaml: ghg.num_samples must be ≥ 8 (KID under evaluation.protocol paper)"),
+    ({"data": {"spec": "synthetic-fundus", "cv_val": "next-fold"}}, "bad.yaml: data.cv_val next-fold needs cross"),
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.hidden_size": 0}}]},
      "bad.yaml: generator 'A': model.hidden_size must be a positive multiple"),
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.heredity": "off",

@@ -380,6 +380,8 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
                 row["status"] = f"folds file {status}"
     except CheckpointError:
         row["status"] = "damaged model.json"
+    except OSError as e:  # a folds file that cannot be read here
+        row["status"] = f"folds file unreadable ({e.strerror})"
     state_expected = spec is not None and spec.format >= 2  # geca 0.1 (format 1) wrote no state.json
     try:
         ckpt = find_checkpoint(run_dir)

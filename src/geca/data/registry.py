@@ -7,6 +7,8 @@ A spec is a path to a MedMNIST ``.npz``, a path to a folder + CSV ``.csv``, a Me
 
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
 import inspect
 import os
@@ -80,10 +82,12 @@ def source_key(spec: str) -> str:
             "seed", inspect.signature(PROCEDURAL[name]).parameters["seed"].default)
         return f"{name}@seed={seed}"
     if kind == "csv":
-        table = read_table(Path(name).expanduser())
-        patients = table.patient_ids if table.patient_ids is not None else [""] * len(table.filenames)
-        rows = sorted(f"{f}\t{p}" for f, p in zip(table.filenames, patients, strict=True))
-        return "csv:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
+        path = Path(name).expanduser()
+        try:
+            stat = path.resolve().stat()
+        except OSError as e:
+            raise DataError(f"{path}: CSV file not readable ({e.strerror})") from None
+        return _csv_key(path.resolve(), stat.st_mtime_ns, stat.st_size)
     path = Path(name).expanduser() if is_path(name) else find_npz(name)
     return str(path.resolve()) if path is not None and path.exists() else name
 
@@ -103,12 +107,29 @@ def canonical_spec(spec: str) -> str:
     return f"{name}@" + ",".join(f"{k}={v}" for k, v in sorted(given.items()))
 
 
+@functools.lru_cache(maxsize=16)
+def _csv_key(path: Path, mtime_ns: int, size: int) -> str:
+    """A folder + CSV set's filenames and patient ids, hashed: its table's rows, not their order or line endings.
+    Cached per file version (classify checks every synthetic set of every fold against the same data)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+            rows = sorted(f"{(r.get('filename') or '').strip()}\t{(r.get('patient_id') or '').strip()}"
+                          for r in reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: unreadable CSV: {e}") from None
+    return "csv:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
 def same_data(a: str | None, b: str | None, b_key: str | None = None) -> bool:
     """Whether two dataset specs hold the same images, however they are written (`synthetic-oct@size=8,patients=9`
     and `synthetic-oct@patients=9,size=8`; a MedMNIST name and its file; a copied, moved or re-saved CSV). `b_key`
     is b's `source_key` as recorded where b was loaded (a relative path there may not be found from here)."""
     if a is None or (b is None and b_key is None):
         return False
+    if b_key is None and b is not None and a.strip() == b.strip():  # a recorded key outranks the text
+        return True
     try:
         if source_key(a) == (b_key or source_key(b)):
             return True

@@ -20,7 +20,7 @@ from geca.data.registry import load_split, same_data
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
 from geca.errors import CheckpointError, ConfigError, DataError
 from geca.run import read_spec
-from geca.utils.io import same_path, unfindable
+from geca.utils.io import file_sha256, same_path, unfindable
 from geca.utils.seeding import derive_seed
 
 BASELINE = "geometric"
@@ -106,11 +106,11 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
         return
     trained = manifest.get("trained_on")
     if not isinstance(trained, dict) and isinstance(manifest.get("run"), str):
-        try:  # a set written before manifests recorded it: its run says
-            trained = read_spec(Path(manifest["run"])).training_split()
-        except CheckpointError:
-            warnings.warn(f"{directory}: which split its generator trained on is not recorded and its run "
-                          f"{manifest['run']} cannot be read; the set is used unchecked", stacklevel=2)
+        trained = _run_split(manifest)
+        if trained is None:
+            warnings.warn(f"{directory}: which split its generator trained on is not recorded, and its run "
+                          f"{manifest['run']} is gone or holds other weights now; the set is used unchecked",
+                          stacklevel=2)
     if isinstance(trained, dict) and same_data(data, trained.get("data"), trained.get("data_key")):
         _check_split(directory, "its generator was trained on", trained, folds_file, fold)
     origin = manifest.get("expansion")
@@ -119,6 +119,21 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
             raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
                             "false); an arm needs every training label vector ×ratio, run expand without --limit")
         _check_split(directory, "expanded from", origin, folds_file, fold)
+
+
+def _run_split(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """For a set written before manifests recorded `trained_on`: the split its run trained on, if the run's folder
+    still holds the very weights the set was sampled with (its model.json may have been rewritten since)."""
+    checkpoint, name, sha = (manifest.get(k) for k in ("checkpoint", "weights_file", "weights_sha256"))
+    if not all(isinstance(v, str) for v in (checkpoint, name, sha)):
+        return None
+    weights = Path(checkpoint) / name
+    try:
+        if not weights.is_file() or file_sha256(weights) != sha:
+            return None
+        return read_spec(Path(manifest["run"])).training_split()
+    except (CheckpointError, OSError):
+        return None
 
 
 def _check_split(directory: Path, what: str, record: dict[str, Any], folds_file: Path | None,

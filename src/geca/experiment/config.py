@@ -255,6 +255,9 @@ def _validate(exp: Experiment, path: Path) -> None:
         raise ConfigError(f"{path}: data.spec is required (a dataset spec, as for `geca train --data`)")
     d = exp.data
     _check_choice(d.cv_val, CV_VAL, f"{path}: data.cv_val")
+    if d.cv_val != "slice" and not d.cv:
+        raise ConfigError(f"{path}: data.cv_val {d.cv_val} needs cross-validation (data.folds or data.folds_file); "
+                          "the fixed split has its own validation set")
     if d.folds is not None and d.folds < 3:
         raise ConfigError(f"{path}: data.folds must be ≥ 3 (test, val and training folds), got {d.folds}")
     if d.run_folds is not None and (d.run_folds < 1 or not d.cv or (d.folds and d.run_folds > d.folds)):
@@ -283,9 +286,11 @@ def _validate(exp: Experiment, path: Path) -> None:
         raise ConfigError(f"{path}: nca_steps.values must be ≥ 1, got {exp.nca_steps.values}")
     _check_choice(exp.evaluation.protocol, PROTOCOLS, f"{path}: evaluation.protocol")
     least = min_generated(exp.evaluation.protocol)  # every stage's KID follows evaluation.protocol
-    for where, n in (("evaluation", exp.evaluation.num_samples), ("ghg", exp.ghg.num_samples),
-                     ("nca_steps", exp.nca_steps.num_samples), ("sampler_cost", exp.sampler_cost.num_samples)):
-        if n is not None and n < least:
+    for where, n, used in (("evaluation", exp.evaluation.num_samples, True),
+                           ("ghg", exp.ghg.num_samples, exp.ghg.enabled),
+                           ("nca_steps", exp.nca_steps.num_samples, exp.nca_steps.enabled),
+                           ("sampler_cost", exp.sampler_cost.num_samples, exp.sampler_cost.enabled)):
+        if used and n is not None and n < least:
             raise ConfigError(f"{path}: {where}.num_samples must be ≥ {least} (KID under evaluation.protocol "
                               f"{exp.evaluation.protocol}), got {n}")
     unknown = sorted(set(exp.sampler_cost.generators or []) - set(names))

@@ -239,7 +239,10 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
                           f"{NOISY_SUBSET} images", stacklevel=2)
         grid = out.with_name(f"{out.stem}_grid_{_safe(name)}.png")
         real_vs_generated_grid(inputs.real, g, grid, seed=s.seed, title=f"{':'.join(inputs.real_name)} vs {name}")
-        results.append({"name": name, "dir": str(path), **r, "faithfulness": faithful(g), "grid": grid.name})
+        # a set inside the report's folder by its relative path: the folder may be built elsewhere and moved
+        here = out.parent.resolve()
+        shown = path.resolve().relative_to(here) if path.resolve().is_relative_to(here) else path
+        results.append({"name": name, "dir": str(shown), **r, "faithfulness": faithful(g), "grid": grid.name})
     report = {
         "protocol": s.protocol,
         "seed": s.seed,

@@ -294,7 +294,8 @@ class Trainer:
 
     def _write_run_files(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # the folds file by its absolute path (as model.json has it): a resume from another folder finds it
+        # the folds file by its absolute path (as model.json has it): a resume from another folder finds the folds
+        # (a relative data.spec path is kept as typed)
         save_config(replace(self.config, data=self.spec.data), self.run_dir / "config.yaml")
         atomic_write_json(self.run_dir / "model.json", self.spec.to_dict())
         if resume:

@@ -69,15 +69,16 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale_staging(final: Path) -> list[Path]:
-    """Delete the staging folders of `final` left by killed processes (their pid, in the name, no longer runs)."""
+    """Delete the staging folders of `final` left by killed processes (their pid, in the name, no longer runs), and
+    the work folders a writer kept beside such a staging folder (`..NAME.partial-PID-….unfinished`)."""
     final = Path(final)
     removed = []
-    prefix = f".{final.name}.partial-"
-    for p in final.parent.glob(f"{glob.escape(prefix)}*") if final.parent.is_dir() else []:
-        pid = p.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or (int(pid) != os.getpid() and not _alive(int(pid))):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+    for prefix in (f".{final.name}.partial-", f"..{final.name}.partial-"):
+        for p in final.parent.glob(f"{glob.escape(prefix)}*") if final.parent.is_dir() else []:
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if not pid.isdigit() or (int(pid) != os.getpid() and not _alive(int(pid))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
     return removed
 
 
@@ -105,6 +106,8 @@ def staged_dir(final: Path) -> Iterator[Path]:
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for work in tmp.parent.glob(f"{glob.escape('.' + tmp.name)}*"):  # what a writer kept beside it
+            shutil.rmtree(work, ignore_errors=True)
         raise
 
 
