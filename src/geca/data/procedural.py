@@ -580,11 +580,17 @@ PROCEDURAL: dict[str, Callable[..., ImageSet]] = {
 _CHECKS: dict[str, Callable[..., None]] = {"synthetic-fundus": _check_fundus, "synthetic-oct": _check_oct}
 
 
+def resolved_options(name: str, **options: int) -> dict[str, int | None]:
+    """A generator's options with its own defaults filled in (size, n or patients, seed); an unknown one is a
+    TypeError."""
+    bound = inspect.signature(PROCEDURAL[name]).bind("train", **options)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if k != "split"}
+
+
 def check_options(name: str, **options: int) -> None:
     """A generator's own range checks on its options (its defaults filled in), without drawing an image: for commands
     that check everything before they create anything."""
-    bound = inspect.signature(PROCEDURAL[name]).bind("train", **options)
-    bound.apply_defaults()
     check = _CHECKS[name]
     checked = inspect.signature(check).parameters
-    check(**{k: v for k, v in bound.arguments.items() if k in checked})
+    check(**{k: v for k, v in resolved_options(name, **options).items() if k in checked})

@@ -18,7 +18,7 @@ from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz, resolve_npz
-from geca.data.procedural import PROCEDURAL, check_options
+from geca.data.procedural import PROCEDURAL, check_options, resolved_options
 from geca.errors import ConfigError, DataError
 from geca.utils.io import same_source
 
@@ -78,9 +78,7 @@ def source_key(spec: str) -> str:
     filenames and patient ids (a moved or re-saved CSV is the same set), or the file an npz name or path stands for."""
     kind, name, options = _source(spec)
     if kind == "procedural":
-        seed = _procedural_kwargs(name, options, None).get(
-            "seed", inspect.signature(PROCEDURAL[name]).parameters["seed"].default)
-        return f"{name}@seed={seed}"
+        return f"{name}@seed={resolved_options(name, **_procedural_kwargs(name, options, None))['seed']}"
     if kind == "csv":
         path = Path(name).expanduser()
         try:
@@ -99,11 +97,9 @@ def canonical_spec(spec: str) -> str:
         kind, name, options = _source(spec)
         if kind != "procedural":
             return spec
-        bound = inspect.signature(PROCEDURAL[name]).bind("all", **_procedural_kwargs(name, options, None))
+        given = resolved_options(name, **_procedural_kwargs(name, options, None))
     except (DataError, TypeError):
         return spec
-    bound.apply_defaults()
-    given = {k: v for k, v in bound.arguments.items() if k != "split"}
     return f"{name}@" + ",".join(f"{k}={v}" for k, v in sorted(given.items()))
 
 
