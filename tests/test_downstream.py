@@ -338,11 +338,20 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     copied = tmp_path / "copy.csv"
     copied.write_bytes(folds_csv.read_bytes())
     check_lineage(tmp_path / "syn", data, copied, 1)
+    # The generator (cv_val slice) trained on some of the patients that next-fold validates on: model selection leaks.
+    with pytest.raises(DataError, match="fold 1 of .*folds.csv with cv_val slice .*this arm uses cv_val next-fold"):
+        check_lineage(tmp_path / "syn", data, folds_csv, 1, "next-fold")
+    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
+    assert manifest["expansion"]["cv_val"] == manifest["trained_on"]["cv_val"] == "slice"
+    manifest["trained_on"]["cv_val"] = "next-fold"  # its labels still replicate the slice training split
+    (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="expanded from fold 1 of .*with cv_val slice"):
+        check_lineage(tmp_path / "syn", data, folds_csv, 1, "next-fold")
+    manifest["trained_on"]["cv_val"] = "slice"
     for folds_file, fold in ((folds_csv, 2), (None, None)):
         with pytest.raises(DataError, match="its generator was trained on fold 1 of .*folds.csv"):
             check_lineage(tmp_path / "syn", data, folds_file, fold)
     check_lineage(tmp_path / "run", data, None, None)  # no manifest: nothing to check
-    manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
     manifest["expansion"]["complete"] = False  # as `geca expand --limit` writes it
     (tmp_path / "syn" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="a partial expansion"):

@@ -93,11 +93,13 @@ def check_synthetic(directory: Path, class_names: list[str]) -> Path:
     return csv_path
 
 
-def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int | None) -> None:
-    """A synthetic set must not come from a generator that saw this arm's test images. Its manifest records the split
-    its generator trained on (`trained_on`, in every set `geca sample` and `geca expand` write) and, for an expansion,
-    the split whose labels it replicates (`expansion`): on the same data each must be the split this arm trains on,
-    and an expansion must be complete. A set without a manifest (another tool's) is taken as is."""
+def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int | None,
+                  cv_val: str = "slice") -> None:
+    """A synthetic set must not come from a generator that saw this arm's test or validation images. Its manifest
+    records the split its generator trained on (`trained_on`, in every set `geca sample` and `geca expand` write)
+    and, for an expansion, the split whose labels it replicates (`expansion`): on the same data each must be the
+    split this arm trains on (under cross-validation with the same `cv_val`), and an expansion must be complete. A
+    set without a manifest (another tool's) is taken as is."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -112,13 +114,13 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
                           f"{manifest['run']} is gone or holds other weights now; the set is used unchecked",
                           stacklevel=2)
     if isinstance(trained, dict) and same_data(data, trained.get("data"), trained.get("data_key")):
-        _check_split(directory, "its generator was trained on", trained, folds_file, fold)
+        _check_split(directory, "its generator was trained on", trained, folds_file, fold, cv_val)
     origin = manifest.get("expansion")
     if isinstance(origin, dict):
         if origin.get("complete") is False:
             raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
                             "false); an arm needs every training label vector ×ratio, run expand without --limit")
-        _check_split(directory, "expanded from", origin, folds_file, fold)
+        _check_split(directory, "expanded from", origin, folds_file, fold, cv_val)
 
 
 def _run_split(manifest: dict[str, Any]) -> dict[str, Any] | None:
@@ -137,14 +139,22 @@ def _run_split(manifest: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _check_split(directory: Path, what: str, record: dict[str, Any], folds_file: Path | None,
-                 fold: int | None) -> None:
-    """The split a manifest `record`s (folds_file, fold, folds_sha256) must be (folds_file, fold)."""
+                 fold: int | None, cv_val: str) -> None:
+    """The split a manifest `record`s (folds_file, fold, folds_sha256, cv_val) must be (folds_file, fold, cv_val)."""
     their_folds, their_fold, their_sha = record.get("folds_file"), record.get("fold"), record.get("folds_sha256")
     if their_sha is None and unfindable(their_folds, folds_file):
         raise DataError(f"{directory}: its manifest.json says {what} folds file {their_folds}, which is not found "
                         f"from {Path.cwd()}; whether it matches {folds_file} cannot be checked (run from the folder "
                         "it was made in)")
     if same_split(folds_file, fold, their_folds, their_fold, their_sha):
+        theirs = record.get("cv_val")
+        # Either way round, one cv_val's training patients include some of the other's validation patients: model
+        # selection would then score the classifier on images its generator learned (a record without it predates it).
+        if folds_file is not None and theirs is not None and theirs != cv_val:
+            raise DataError(f"{directory}: {what} {split_name(folds_file, fold)} with cv_val {theirs} (its "
+                            f"manifest.json), but this arm uses cv_val {cv_val}, whose validation patients that "
+                            f"generator trained on. Use --cv-val {theirs}, or a set from a run trained with "
+                            f"--cv-val {cv_val}")
         return
     target = split_name(folds_file, fold)
     if their_sha is not None and folds_file is not None and their_folds is not None and their_fold == fold and \
@@ -285,7 +295,7 @@ def check_inputs(protocol: ProtocolConfig, class_names: list[str], folds: list[i
         for fold in folds:
             directory = synthetic_dir(protocol.synthetic[name], fold)
             check_synthetic(directory, class_names)
-            check_lineage(directory, protocol.data, protocol.folds_file, fold)
+            check_lineage(directory, protocol.data, protocol.folds_file, fold, protocol.cv_val)
 
 
 def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:

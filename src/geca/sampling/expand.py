@@ -63,7 +63,8 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
     labels = replicate_labels(train.labels, ratio)
     extra = {"labels": f"{spec}:train x{ratio}",
              "expansion": {"data": spec, "folds_file": folds and str(Path(folds).expanduser().resolve()),
-                           "folds_sha256": digest, "fold": k if folds else None, "ratio": ratio,
+                           "folds_sha256": digest, "fold": k if folds else None,
+                           "cv_val": own.cv_val if folds else None, "ratio": ratio,
                            "train_images": len(train), "limit": limit, "complete": limit is None or
                            limit >= len(labels)}}
     manifest, _ = write_sample_dir(out, run, labels[:limit], sampler, seed, batch_size, device, extra, overwrite,
