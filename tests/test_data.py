@@ -233,7 +233,7 @@ def test_folder_csv_grey(tmp_path):
 def test_a_dataset_is_the_same_however_it_is_written_moved_or_resaved(tmp_path, monkeypatch):
     """The leakage checks compare what a spec holds: a moved CSV set re-saved with CRLF line endings and its rows in
     another order is the same set, another patient makes another; procedural options other than the seed draw the
-    same first patients; a MedMNIST name is its file."""
+    same first patients; a MedMNIST name is its file, and an npz re-saved with the same arrays the same set."""
     from geca.data.registry import same_data, source_key
 
     ds = _folder(tmp_path)
@@ -251,9 +251,19 @@ def test_a_dataset_is_the_same_however_it_is_written_moved_or_resaved(tmp_path, 
     assert not same_data("synthetic-oct@seed=1", "synthetic-oct")
     npz = tmp_path / "data" / "retinamnist.npz"
     npz.parent.mkdir()
-    npz.write_bytes(b"not read")
+    arrays = {"train_images": np.arange(24, dtype=np.uint8).reshape(6, 2, 2), "train_labels": np.arange(6)[:, None]}
+    np.savez(npz, **arrays)
     monkeypatch.setenv("GECA_DATA_DIR", str(npz.parent))
     assert same_data("retinamnist", str(npz)) and not same_data("retinamnist", "synthetic-fundus")
+    resaved, changed = tmp_path / "resaved.npz", tmp_path / "changed.npz"
+    np.savez_compressed(resaved, **dict(reversed(arrays.items())))
+    np.savez(changed, **{**arrays, "train_labels": arrays["train_labels"][::-1]})
+    assert resaved.read_bytes() != npz.read_bytes()
+    assert same_data(str(resaved), "retinamnist", b_key=source_key("retinamnist"))
+    assert not same_data(str(changed), "retinamnist", b_key=source_key("retinamnist"))
+    # geca recorded an npz's path as its key before keys were by content
+    assert same_data("retinamnist", "x.npz", b_key=str(npz.resolve())) and not same_data(str(changed), "x.npz",
+                                                                                             b_key=str(npz.resolve()))
 
 
 def test_folder_csv_one_rgb_image_makes_the_set_rgb(tmp_path):

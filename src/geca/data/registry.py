@@ -12,7 +12,10 @@ import functools
 import hashlib
 import inspect
 import os
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds
@@ -75,19 +78,19 @@ def _procedural_kwargs(name: str, options: dict[str, str], image_size: int | Non
 def source_key(spec: str) -> str:
     """What names a dataset's images for the leakage checks, however the spec is written: a procedural set's name and
     seed (its other options draw the same first patients or images at another size or count), a folder + CSV set's
-    filenames and patient ids (a moved or re-saved CSV is the same set), or the file an npz name or path stands for."""
+    filenames and patient ids (a moved or re-saved CSV is the same set), or an npz's arrays (a copied or re-saved
+    npz is the same set; an npz name not found here stands for itself)."""
     kind, name, options = _source(spec)
     if kind == "procedural":
         return f"{name}@seed={resolved_options(name, **_procedural_kwargs(name, options, None))['seed']}"
-    if kind == "csv":
-        path = Path(name).expanduser()
-        try:
-            stat = path.resolve().stat()
-        except OSError as e:
-            raise DataError(f"{path}: CSV file not readable ({e.strerror})") from None
-        return _csv_key(path.resolve(), stat.st_mtime_ns, stat.st_size)
-    path = Path(name).expanduser() if is_path(name) else find_npz(name)
-    return str(path.resolve()) if path is not None and path.exists() else name
+    path = _npz_file(name) if kind == "npz" else Path(name).expanduser().resolve()
+    if path is None:
+        return name
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise DataError(f"{path}: {kind} file not readable ({e.strerror})") from None
+    return (_csv_key if kind == "csv" else _npz_key)(path, stat.st_mtime_ns, stat.st_size)
 
 
 def canonical_spec(spec: str) -> str:
@@ -118,6 +121,31 @@ def _csv_key(path: Path, mtime_ns: int, size: int) -> str:
     return "csv:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=16)
+def _npz_key(path: Path, mtime_ns: int, size: int) -> str:
+    """An npz's arrays (names, dtypes, shapes and values) hashed, not its bytes: compression and member order vary.
+    Cached per file version like `_csv_key`."""
+    h = hashlib.sha256()
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("not an npz archive")
+        with archive:
+            for member in sorted(archive.files):
+                array = np.ascontiguousarray(archive[member])
+                h.update(f"{member}\t{array.dtype.str}\t{array.shape}\n".encode())
+                h.update(array.reshape(-1).view(np.uint8))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: unreadable npz: {e}") from None
+    return "npz:" + h.hexdigest()
+
+
+def _npz_file(name: str) -> Path | None:
+    """The file an npz name or path stands for here, or None where there is none."""
+    path = Path(name).expanduser() if is_path(name) else find_npz(name)
+    return path.resolve() if path is not None and path.is_file() else None
+
+
 def same_data(a: str | None, b: str | None, b_key: str | None = None) -> bool:
     """Whether two dataset specs hold the same images, however they are written (`synthetic-oct@size=8,patients=9`
     and `synthetic-oct@patients=9,size=8`; a MedMNIST name and its file; a copied, moved or re-saved CSV). `b_key`
@@ -129,6 +157,8 @@ def same_data(a: str | None, b: str | None, b_key: str | None = None) -> bool:
     try:
         if source_key(a) == (b_key or source_key(b)):
             return True
+        if b_key is not None and Path(b_key).is_absolute() and same_source(_npz_file(parse_spec(a)[0]), b_key):
+            return True  # an npz's key as geca recorded it before keys were by content: its path
     except DataError:
         pass  # a spec that names nothing loadable here is compared as written
     return b is not None and same_source(a, b)
