@@ -539,6 +539,19 @@ def test_folds_cli_missing_csv_exits_2_without_traceback(tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "f.csv").exists()
 
 
+def test_a_tilde_the_shell_left_in_a_flag_is_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out=~/x` (bash expands no `~` there) and a quoted '~/x' write under the home folder, not into `./~`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    csv_path = _folder(tmp_path, n=6)
+    for flags in (["--data", "~/../ds/labels.csv", "--out=~/f.csv"], ["--data", str(csv_path), "--out", "~/g.csv"]):
+        (tmp_path / "home").mkdir(exist_ok=True)
+        result = CliRunner().invoke(_cli(), ["folds", "--k", "3", *flags])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["f.csv", "g.csv"]
+    assert not (tmp_path / "~").exists()
+
+
 def test_cross_validation_trains_on_four_fifths_with_a_stratified_validation_slice(tmp_path: Path) -> None:
     from geca.data.folds import patient_folds
     from geca.downstream.protocol import Splits

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
@@ -42,14 +44,24 @@ def describe(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
+def at_home(value: Any) -> Any:
+    """A flag's `~` where the shell left it (`--out=~/x`, a quoted '~/x') is the home folder, as a shell would make it:
+    a path of `~` would otherwise create a folder named `~` in the working directory."""
+    if isinstance(value, Path):
+        return Path(os.path.expanduser(value))
+    if isinstance(value, str) and value.startswith("~"):
+        return os.path.expanduser(value)
+    return [at_home(v) for v in value] if isinstance(value, list) else value
+
+
 def guarded(fn: F) -> F:
-    """Known user errors, and the machine's (a full disk, a missing folder), print one `error:` line on stderr and
-    exit 2 instead of a traceback."""
+    """Every command's flags with `~` expanded (`at_home`); known user errors, and the machine's (a full disk, a
+    missing folder), print one `error:` line on stderr and exit 2 instead of a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, **{name: at_home(value) for name, value in kwargs.items()})
         except (*USER_ERRORS, OSError) as e:
             print(f"error: {describe(e)}", file=sys.stderr)
             raise typer.Exit(2) from None
