@@ -244,6 +244,8 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     ({"generators": [{"name": "A", "overrides": {"model.name": "GeCA-T", "model.heredity": "off",
                                                  "train.heredity_prob": 0}}]},
      "generator 'A' (its GHG twin, heredity gated): train.heredity_prob must be > 0"),
+    ({"classification": {"epochs": 0}}, "bad.yaml: classification.epochs must be ≥ 1, got 0"),
+    ({"classification": {"p_metric": "auroc"}}, "bad.yaml: classification.p_metric must be one of"),
 ])
 def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,23 +38,21 @@ class TableSettings:
     p_metric: str = "map"
     bootstrap: int = 1000
 
-    def validate(self) -> None:
-        if self.eye_agg not in AGGREGATIONS:
-            raise ConfigError(f"--eye-agg must be one of {', '.join(AGGREGATIONS)}, got {self.eye_agg!r}")
-        if self.test not in TESTS:
-            raise ConfigError(f"--test must be one of {', '.join(TESTS)}, got {self.test!r}")
-        if self.p_metric not in MACRO:
-            raise ConfigError(f"--p-metric must be one of {', '.join(MACRO)}, got {self.p_metric!r}")
+    def validate(self, name: Callable[[str], str] = lambda key: "--" + key.replace("_", "-")) -> None:
+        """Refuse values out of range; `name(field)` is how the user gave that field (a flag, or a YAML key)."""
+        for key, valid in (("eye_agg", AGGREGATIONS), ("test", TESTS), ("p_metric", MACRO)):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"{name(key)} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
         if self.bootstrap < 100:
-            raise ConfigError(f"--bootstrap needs at least 100 replicates, got {self.bootstrap}")
-        for flag, value in (("--seeds", self.seeds), ("--epochs", self.epochs), ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be ≥ 1, got {value}")
+            raise ConfigError(f"{name('bootstrap')} needs at least 100 replicates, got {self.bootstrap}")
+        for key in ("seeds", "epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{name(key)} must be ≥ 1, got {getattr(self, key)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+            raise ConfigError(f"{name('lr')} must be > 0, got {self.lr}")
         if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
             # ResNet-34 halves an ImageNet-stem input five times: below 8 pixels nothing is left to classify.
-            raise ConfigError(f"--image-size must be ≥ {MIN_IMAGE_SIZE}, got {self.image_size}")
+            raise ConfigError(f"{name('image_size')} must be ≥ {MIN_IMAGE_SIZE}, got {self.image_size}")
 
 
 def classify(data: str, synthetic: dict[str, str], arms: str | None, settings: TableSettings, out: Path,

@@ -301,10 +301,7 @@ def _validate(exp: Experiment, path: Path) -> None:
     if ev.gg_features is not None:
         _check_choice(ev.gg_features, FEATURES, f"{path}: evaluation.gg_features")
     _check_choice(cl.stem, STEMS, f"{path}: classification.stem")
-    try:
-        cl.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{path}: classification: {e}") from None
+    cl.validate(lambda key: f"{path}: classification.{key}")
     if exp.expansion.ratio < 1:
         raise ConfigError(f"{path}: expansion.ratio must be ≥ 1, got {exp.expansion.ratio}")
 
