@@ -453,6 +453,26 @@ def test_a_run_whose_folds_file_was_rewritten_is_not_given_the_new_folds(tmp_pat
     assert res.exit_code == 0 and "trained to step 3" in res.output, res.output
 
 
+def test_a_run_on_a_relative_data_path_resumes_and_samples_from_any_folder(blobs_npz: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative --data path is recorded absolute (config.yaml, model.json): resume and expand find the data from
+    another folder, and the recorded run is still the same data as typed from where it was trained."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert invoke("train", "--data", "blobs.npz", "--out", run, *TINY_TRAIN).exit_code == 0
+    assert json.loads((run / "model.json").read_text())["data"]["spec"] == str(blobs_npz.resolve())
+    res = invoke("train", "--data", "blobs.npz", "--out", run, "--resume", "--max-steps", 2, "--no-progress")
+    assert res.exit_code == 0 and "trained to step 2" in res.output, res.output
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = invoke("train", "--out", run, "--resume", "--max-steps", 3, "--no-progress")
+    assert res.exit_code == 0 and "trained to step 3" in res.output, res.output
+    res = invoke("expand", "--run", run, "--ratio", 1, "--limit", 2, "--out", tmp_path / "syn", *FAST_SAMPLING)
+    assert res.exit_code == 0, res.output
+    res = invoke("train", "--data", "blobs.npz", "--out", run, "--resume", "--max-steps", 4, "--no-progress")
+    assert res.exit_code == 2 and "blobs.npz" in res.output  # another file, from here
+
+
 def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tmp_path: Path) -> None:
     res = invoke("expand", "--run", blobs_setup["run"], "--data", "synthetic-fundus@n=8,size=8",
                  "--out", tmp_path / "x", *FAST_SAMPLING)

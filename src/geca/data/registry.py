@@ -95,15 +95,24 @@ def source_key(spec: str) -> str:
 
 def canonical_spec(spec: str) -> str:
     """One spelling per dataset spec: a procedural set's options sorted, its defaults written out
-    (`synthetic-oct@size=8,patients=9` → `synthetic-oct@patients=9,seed=0,size=8`); other specs as given."""
+    (`synthetic-oct@size=8,patients=9` → `synthetic-oct@patients=9,seed=0,size=8`); a file as `located_spec`."""
     try:
         kind, name, options = _source(spec)
         if kind != "procedural":
-            return spec
+            return located_spec(spec)
         given = resolved_options(name, **_procedural_kwargs(name, options, None))
     except (DataError, TypeError):
         return spec
     return f"{name}@" + ",".join(f"{k}={v}" for k, v in sorted(given.items()))
+
+
+def located_spec(spec: str) -> str:
+    """A spec naming a file by a relative path, made absolute (what a run records, so that it resumes and samples
+    from any folder); names and procedural sets as given."""
+    name, options = parse_spec(spec)
+    if options or not is_path(name) or name.startswith("synthetic-"):
+        return spec
+    return str(Path(name).expanduser().resolve())
 
 
 @functools.lru_cache(maxsize=16)

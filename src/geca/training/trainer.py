@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from geca.config import RunConfig, save_config
 from geca.data.folds import folds_digest, stable_folds
 from geca.data.imageset import ImageSet
-from geca.data.registry import load_split, source_key
+from geca.data.registry import load_split, located_spec, source_key
 from geca.errors import CheckpointError, ConfigError, DataError, TrainingError
 from geca.latent.cache import LatentSet, ensure_latents
 from geca.latent.codec import LatentCodec
@@ -119,9 +119,9 @@ class TrainingData:
 
     def spec(self, config: RunConfig) -> ModelSpec:
         d, folds = self.data, config.data.folds_file
-        where = None if folds is None else Path(folds).expanduser().resolve()
+        where = None if folds is None else str(Path(folds).expanduser().resolve())
         return ModelSpec(model=config.model, diffusion=config.diffusion,
-                         data=config.data if where is None else replace(config.data, folds_file=str(where)),
+                         data=replace(config.data, spec=located_spec(config.data.spec), folds_file=where),
                          folds_sha256=self.folds_sha256, data_key=self.data_key,
                          in_channels=self.images.shape[1], num_classes=d.num_classes, resolution=self.images.shape[-1],
                          class_names=d.class_names, multilabel=d.multilabel,
@@ -294,8 +294,7 @@ class Trainer:
 
     def _write_run_files(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # the folds file by its absolute path (as model.json has it): a resume from another folder finds the folds
-        # (a relative data.spec path is kept as typed)
+        # files by their absolute paths (as model.json has them): a resume from another folder finds the data and folds
         save_config(replace(self.config, data=self.spec.data), self.run_dir / "config.yaml")
         atomic_write_json(self.run_dir / "model.json", self.spec.to_dict())
         if resume:
