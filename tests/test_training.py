@@ -374,15 +374,14 @@ main()
 """
 
 
-@pytest.mark.slow
-def test_one_diverging_process_stops_every_process(tmp_path: Path, blobs_npz: Path) -> None:
-    """Two ranks without torchrun's agent (which would kill the survivor): the NaN of rank 1 stops rank 0 too, with
-    the same error, instead of leaving it waiting for rank 1's gradients."""
-    script = tmp_path / "poisoned.py"
-    script.write_text(POISONED_RANK)
-    args = [sys.executable, str(script), "train", "--data", str(blobs_npz), "--out", str(tmp_path / "ddp"),
+def _two_ranks_without_agent(script: str, tmp_path: Path, blobs_npz: Path, *flags: str) -> list[tuple[int, str]]:
+    """(exit code, stderr) of the two ranks of a tiny `geca train` run by `script`, without torchrun's agent (which
+    would kill the survivor of a failed rank)."""
+    path = tmp_path / "rank.py"
+    path.write_text(script)
+    args = [sys.executable, str(path), "train", "--data", str(blobs_npz), "--out", str(tmp_path / "ddp"),
             "--model", "GeCA-T", "--nca-steps", "1", "--max-steps", "3", "--batch-size", "4", "--sample-every", "0",
-            "--no-progress"]
+            "--no-progress", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(29500 + os.getpid() % 1000)}
     procs = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
@@ -392,8 +391,45 @@ def test_one_diverging_process_stops_every_process(tmp_path: Path, blobs_npz: Pa
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, results, strict=True):
-        assert p.returncode == 2 and "error: loss became nan at step 0" in err, err[-2000:]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, results, strict=True)]
+
+
+@pytest.mark.slow
+def test_one_diverging_process_stops_every_process(tmp_path: Path, blobs_npz: Path) -> None:
+    """The NaN of rank 1 stops rank 0 too, with the same error, instead of leaving it waiting for rank 1's
+    gradients."""
+    for code, err in _two_ranks_without_agent(POISONED_RANK, tmp_path, blobs_npz):
+        assert code == 2 and "error: loss became nan at step 0" in err, err[-2000:]
+
+
+UNREADABLE_ON_RANK_0 = """
+import os, sys
+from geca.cli.main import main
+from geca.errors import DataError
+from geca.training import trainer
+
+load_split = trainer.load_split
+
+def unreadable(*args, **kwargs):
+    if os.environ["RANK"] == "0":
+        raise DataError("blobs.npz: unreadable on rank 0")
+    return load_split(*args, **kwargs)
+
+trainer.load_split = unreadable
+sys.argv = ["geca", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_data_the_main_process_cannot_load_stops_every_process(tmp_path: Path, blobs_npz: Path) -> None:
+    """The main process loads (and downloads) first; where it fails, the others stop at once with a pointer to its
+    error instead of waiting for it at accelerate's barrier until the collective timeout."""
+    (main_code, main_err), (other_code, other_err) = _two_ranks_without_agent(UNREADABLE_ON_RANK_0, tmp_path,
+                                                                              blobs_npz)
+    assert main_code == 2 and "error: blobs.npz: unreadable on rank 0" in main_err, main_err[-2000:]
+    assert other_code == 2 and "error: another process failed loading the training data" in other_err, \
+        other_err[-2000:]
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch) -> None:

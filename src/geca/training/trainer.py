@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import InitProcessGroupKwargs, broadcast
 from tqdm.auto import tqdm
 
 from geca.config import RunConfig, save_config
@@ -48,6 +48,7 @@ DIVERGED = 1e3  # the diffusion loss of a sane model is O(1); above this it has 
 # While the main process alone builds the latent cache, validates or draws the final preview, the others wait in a
 # collective; NCCL's default 10 minutes is shorter than that work on a large dataset.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
+T = TypeVar("T")
 # Until a checkpoint has been timed, writing one (fp32 weights, their EMA and AdamW's two moments, then hashing them)
 # is guessed at a slow disk's speed.
 CHECKPOINT_BYTES_PER_PARAMETER, SLOW_DISK_BYTES_PER_S = 16, 100e6
@@ -158,14 +159,14 @@ def _latents(config: RunConfig, data: ImageSet, run_dir: Path, accelerator: Acce
     d = config.data
     cache = Path(d.latent_cache).expanduser() if d.latent_cache else run_dir / "latents"
     kwargs: dict[str, Any] = dict(size=d.latent_size, mean=d.latent_mean, get_codec=codec)
-    result = None
-    if accelerator.is_main_process:
-        result, status = ensure_latents(d.vae, data, "train", cache, progress=progress, **kwargs)
-        tqdm.write(f"latents of the training images: {status} ({cache / 'train'})")
-    accelerator.wait_for_everyone()
-    if result is None:
-        result, _ = ensure_latents(d.vae, data, "train", cache, build=False, **kwargs)
-    return result
+
+    def build(main: bool) -> LatentSet:
+        result, status = ensure_latents(d.vae, data, "train", cache, progress=progress and main, build=main, **kwargs)
+        if main:
+            tqdm.write(f"latents of the training images: {status} ({cache / 'train'})")
+        return result
+
+    return _main_first(accelerator, build, "building the latent cache")
 
 
 def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: bool,
@@ -175,10 +176,13 @@ def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, pr
     if train_set is not None:
         data, digest = train_set, None if d.folds_file is None else folds_digest(d.folds_file)
     else:
-        # the others read what the main process downloaded
-        with accelerator.main_process_first(), stable_folds(d.folds_file) as digest:
-            data = load_split(d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
-                              cv_val=d.cv_val, download=d.download and accelerator.is_main_process)
+        def load(main: bool) -> tuple[ImageSet, str | None]:
+            with stable_folds(d.folds_file) as digest:  # the others read what the main process downloaded
+                return load_split(d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
+                                  cv_val=d.cv_val, download=d.download and main), digest
+
+        data, digest = _main_first(accelerator, load, "loading the training data")
+        _same_folds_everywhere(accelerator, d.folds_file, digest)
     try:
         key = source_key(d.spec)
     except DataError:  # a split handed in by a caller, under a spec that names nothing loadable
@@ -190,6 +194,43 @@ def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, pr
     latent = _latents(config, data, run_dir, accelerator, codec, progress)
     return TrainingData(data, latent.latents, latent.flipped.to(accelerator.device), latent.labels, latent,
                         lambda x: codec().decode(x, latent.spec.image_channels), digest, key)
+
+
+def _main_first(accelerator: Accelerator, work: Callable[[bool], T], what: str) -> T:
+    """`work(True)` on the main process, then `work(False)` on the others (which read what it downloaded or built).
+    Unlike accelerate's main_process_first, a failure on any process stops them all: without torchrun's agent the
+    others would wait at the next collective until its timeout."""
+    result = None
+    for main in (True, False):
+        error = None
+        if accelerator.is_main_process == main:
+            try:
+                result = work(main)
+            except Exception as e:
+                error = e
+        _fail_together(accelerator, error is not None, what)
+        if error is not None:
+            raise error
+    return result  # type: ignore[return-value]
+
+
+def _same_folds_everywhere(accelerator: Accelerator, folds_file: str | None, digest: str | None) -> None:
+    """Every process must have read the main process's folds (a file rewritten between their reads is refused)."""
+    if digest is None or accelerator.num_processes == 1:
+        return
+    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=accelerator.device)
+    other = mine.ne(broadcast(mine.clone(), from_process=0)).any().item()
+    _fail_together(accelerator, other, "reading the folds file")
+    if other:
+        raise DataError(f"{folds_file}: this process read other folds than the main process (the file changed while "
+                        "the processes started); rerun")
+
+
+def _fail_together(accelerator: Accelerator, failed: bool, what: str) -> None:
+    """A collective every process reaches: where any process failed, the others raise too."""
+    flag = _max_over_processes(torch.tensor([float(failed)], device=accelerator.device))
+    if flag.item() and not failed:
+        raise TrainingError(f"another process failed {what}; see its error")
 
 
 def _latest(run_dir: Path) -> tuple[Path, int, dict[str, Any]]:
