@@ -216,6 +216,8 @@ def test_each_family_trains_and_samples_through_the_cli(tmp_path: Path, blobs_np
         return
     res = runner.invoke(app, [*sample, "--out", str(tmp_path / "ghg"), "--ghg", "hidden"])
     assert res.exit_code == 2 and "--ghg hidden needs a cellular model" in res.output
+    res = runner.invoke(app, [*sample, "--out", str(tmp_path / "ghg"), "--m", "4"])
+    assert res.exit_code == 2 and "--m 4: NCA steps are a cellular model's" in res.output
     res = runner.invoke(app, ["grow", "--run", str(run), "--out", str(tmp_path / "grow")])
     assert res.exit_code == 2 and "not a cellular model" in res.output
     assert not (tmp_path / "ghg").exists() and not (tmp_path / "grow").exists()

@@ -110,3 +110,16 @@ def test_values_that_would_break_sampling_or_gated_training_are_refused() -> Non
         cfg.validate()
     cfg.model.heredity = "off"
     cfg.validate()
+    # the model sizes its output by its learn_sigma, the diffusion splits it by its own
+    cfg.model.learn_sigma = False
+    with pytest.raises(ConfigError, match=r"diffusion.learn_sigma must be equal to model.learn_sigma \(False\)"):
+        cfg.validate()
+    cfg.diffusion.learn_sigma = False
+    cfg.validate()
+    # a preview or validation sampler with more steps than the diffusion has would stop training at its first use
+    cfg.diffusion.timesteps = 10
+    with pytest.raises(ConfigError, match=r"preview.sampler.steps must be ≤ diffusion.timesteps \(10\)"):
+        cfg.validate()
+    cfg.preview.sampler.steps = 10
+    with pytest.raises(ConfigError, match=r"validation.sampler.steps must be ≤ diffusion.timesteps"):
+        cfg.validate()

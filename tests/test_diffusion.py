@@ -114,3 +114,15 @@ def test_respacing_follows_dits_space_timesteps() -> None:
     assert spaced_timesteps(1000, 7) == [0, 166, 333, 500, 666, 832, 999]
     fifty = spaced_timesteps(1000, 50)
     assert len(fifty) == 50 and fifty[:5] == [0, 20, 41, 61, 82] and fifty[-3:] == [958, 979, 999]
+
+
+def test_a_model_output_of_another_width_than_the_diffusion_splits_is_refused() -> None:
+    """With learned σ the model outputs 2C channels; a model and diffusion that disagree fail with a message, not a
+    broadcast that trains 1-channel data on the wrong tensor."""
+    x0, t = torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    fixed = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False))
+    with pytest.raises(ValueError, match="the model outputs 2 channels for 1-channel images.*expects 1"):
+        fixed.training_losses(lambda x, s: torch.zeros(2, 2, 4, 4), x0, t, torch.randn_like(x0))
+    learned = GaussianDiffusion.from_config(DiffusionConfig())
+    with pytest.raises(ValueError, match="outputs 1 channels for 1-channel images.*expects 2"):
+        learned.p_mean_variance(torch.zeros(2, 1, 4, 4), x0, t)

@@ -173,6 +173,11 @@ def test_sample_trace_cli_and_the_published_model_warning(blobs_npz: Path, tmp_p
     res = runner.invoke(app, ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s4"),
                               "--per-class", "1", "--trace", str(tmp_path / "t.txt"), *fast])
     assert res.exit_code == 2 and "--trace" in res.output
+    (tmp_path / "afile").write_text("")
+    res = runner.invoke(app, ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s6"),
+                              "--per-class", "1", "--trace", str(tmp_path / "afile/t.csv"), *fast])
+    assert res.exit_code == 2 and "--trace" in res.output and "is a file" in res.output
+    assert not (tmp_path / "s6").exists()  # refused before sampling
 
 
 def test_faithfulness_is_high_on_real_images_and_chance_when_labels_are_shuffled() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -184,6 +185,19 @@ def test_dpm_solver_lands_on_the_data_with_few_calls(diffusion, steps: int, sche
                SamplerConfig(sampler=sampler, steps=steps, guidance_scale=1.0, clip_x0=False, schedule=schedule))
     assert oracle.calls == steps
     torch.testing.assert_close(x, torch.full_like(x, 0.3), atol=2e-3, rtol=0)
+
+
+def test_dpm_solver_says_when_its_steps_repeat_a_timestep() -> None:
+    """Past ~30 λ-spaced steps of a 1000-step diffusion, diffusers rounds several low-noise steps to one integer t."""
+    d = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False))
+    for steps, schedule, repeats in ((30, "lambda", False), (40, "lambda", True), (60, "uniform", False)):
+        oracle = _Oracle(d, 0.3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sample(oracle, d, per_class_labels(4, 1), (3, 2, 2),
+                   SamplerConfig(sampler="dpm++", steps=steps, guidance_scale=1.0, clip_x0=False, schedule=schedule))
+        said = [str(w.message) for w in caught if "repeat an integer timestep" in str(w.message)]
+        assert bool(said) == repeats and oracle.calls == steps, (steps, schedule, said)
 
 
 @pytest.mark.parametrize(("sampler", "algorithm"), [("dpm++", "dpmsolver++"), ("dpm++sde", "sde-dpmsolver++")])

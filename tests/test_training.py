@@ -445,3 +445,10 @@ def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
         assert hardware.resolve_precision("bf16") == "bf16"
     with pytest.raises(ValueError, match="one of"):
         hardware.resolve_precision("fp8")
+    # on a GPU machine told to train on its CPU (--device cpu), the CPU decides
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert hardware.resolve_precision("auto") == "bf16" and hardware.resolve_precision("fp16") == "fp16"
+    assert hardware.resolve_precision("auto", cuda=False) == "fp32"
+    with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU"):
+        hardware.resolve_precision("fp16", cuda=False)

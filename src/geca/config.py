@@ -126,6 +126,9 @@ class RunConfig:
         self.data.validate(check)
         self.model.validate(check)
         self.diffusion.validate(check)
+        # the model sizes its output by its own learn_sigma, the diffusion splits it by this one
+        check(self.diffusion.learn_sigma == self.model.learn_sigma, "diffusion.learn_sigma",
+              f"equal to model.learn_sigma ({self.model.learn_sigma})", self.diffusion.learn_sigma)
         self.train.validate(check)
         # the inherit gate learns only from calls that inherit; without any its parameters get no gradient (and DDP,
         # which expects one for every parameter, stops)
@@ -133,6 +136,9 @@ class RunConfig:
               "train.heredity_prob", "> 0 for a model with heredity: gated", self.train.heredity_prob)
         self.preview.validate(check)
         self.validation.validate(check)
+        for key, sampler in (("preview", self.preview.sampler), ("validation", self.validation.sampler)):
+            check(sampler.steps <= self.diffusion.timesteps, f"{key}.sampler.steps",
+                  f"≤ diffusion.timesteps ({self.diffusion.timesteps}), the most a sampler can take", sampler.steps)
 
 
 def resolve_run_config(raw: dict[str, Any], where: str) -> RunConfig:

@@ -65,8 +65,8 @@ def demo(
         shutil.rmtree(out)
     dev = pick_device(device)
     typer.echo(f"training GeCA-T on {data} for {config.train.max_minutes} min "
-               f"({resolve_precision(config.train.precision)}) …")
-    train(config, out, progress=show_progress(None))
+               f"({resolve_precision(config.train.precision, cuda=dev.type == 'cuda')}) …")
+    train(config, out, progress=show_progress(None), cpu=dev.type == "cpu")
     run = load_run(out, device=dev)
     labels = per_class_labels(run.spec.num_classes, per_class)
     typer.echo(f"sampling {len(labels)} images (DDIM {steps}, CFG 1.5, GHG {ghg}) …")

@@ -21,7 +21,8 @@ SAMPLER_HELP = {
            "with --heredity, none for one trained as published and for models without cell state).",
     "nca_steps": "NCA steps M per denoiser call (default: as trained; fewer = undergrowth, more = overgrowth).",
     "schedule": "Where dpm++/dpm++sde put their steps: lambda (evenly in log-SNR, denser at low noise; default), "
-                "uniform (evenly in t) or karras. DDPM and DDIM respace evenly (uniform).",
+                "uniform (evenly in t) or karras. lambda suits up to 30 steps and karras 70 of a 1000-step "
+                "diffusion (more repeat integer timesteps). DDPM and DDIM respace evenly (uniform).",
 }
 
 # name: (annotation, default, flag names, help[, typer.Option's other settings])

@@ -9,6 +9,7 @@ import typer
 from geca.cli.common import guarded, pick_device
 from geca.cli.options import GROW, SamplingFlags, sampling_flags
 from geca.errors import ConfigError
+from geca.utils.io import output_file
 
 
 @guarded
@@ -38,8 +39,8 @@ def sample(
     if ratio is not None and labels_from is None:
         raise ConfigError("--ratio replicates the label vectors of --labels-from SPLIT; with --per-class, raise N")
     ratio = ratio or 1
-    if trace is not None and trace.suffix != ".csv":
-        raise ConfigError(f"--trace {trace}: expected a .csv file name")
+    if trace is not None:
+        output_file(trace, "--trace", ".csv")
     device = pick_device(flags.device)
     loaded = load_run(run, flags.checkpoint, flags.weights, device)
     if trace is not None and not loaded.model.has_cell_state:

@@ -123,7 +123,12 @@ class GaussianDiffusion:
         return ((_extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
                 / _extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
 
-    def split_output(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def split_output(self, output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ε, variance values or None) of a model output for `channels`-channel images."""
+        if output.shape[1] != channels * (2 if self.learn_sigma else 1):
+            raise ValueError(f"the model outputs {output.shape[1]} channels for {channels}-channel images, but the "
+                             f"diffusion (learn_sigma {self.learn_sigma}) expects {channels * (1 + self.learn_sigma)}: "
+                             "model.learn_sigma and diffusion.learn_sigma must agree")
         if not self.learn_sigma:
             return output, None
         return output.chunk(2, dim=1)
@@ -131,7 +136,7 @@ class GaussianDiffusion:
     def p_mean_variance(self, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                         clip_x0: bool = False) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from a model output; the learned variance interpolates log β_t and log β̃_t."""
-        eps, var_values = self.split_output(output.float())
+        eps, var_values = self.split_output(output.float(), xt.shape[1])
         if var_values is None:
             log_var = _extract(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, xt.ndim)
         else:
@@ -149,7 +154,7 @@ class GaussianDiffusion:
         """ε-MSE plus (with learned σ) the variational-bound term on the variance channels, mean detached."""
         xt = self.q_sample(x0, t, noise)
         output = model_fn(xt, self.model_timesteps(t)).float()
-        eps, var_values = self.split_output(output)
+        eps, var_values = self.split_output(output, x0.shape[1])
         mse = ((noise - eps) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         terms = {"mse": mse}
         if var_values is not None:

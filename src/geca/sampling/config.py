@@ -57,7 +57,7 @@ class SamplerConfig:
                   ) -> SamplerConfig:
         """The settings a model samples with: the GHG default resolved (the model's `ghg_default`, else `hidden`; a
         model without cell state has no heredity and no M: always `none`, and with `strict` asking it for another
-        mode is an error), by default x̂0 unclipped for latent models, as DiT does: latents have no [-1, 1]
+        mode or an M is an error), by default x̂0 unclipped for latent models, as DiT does: latents have no [-1, 1]
         range to clip to, and the step schedule resolved."""
         self.validate()
         default = (ghg_default or "hidden") if cellular else "none"
@@ -67,6 +67,8 @@ class SamplerConfig:
                 raise ConfigError(f"--ghg {ghg} needs a cellular model (GeCA); this one has no cell state (use --ghg "
                                   "none)")
             ghg = "none"
+        if strict and not cellular and self.nca_steps is not None:
+            raise ConfigError(f"--m {self.nca_steps}: NCA steps are a cellular model's (GeCA); this one has none")
         clip = (not latent) if self.clip_x0 is None else self.clip_x0
         return replace(self, ghg=ghg, nca_steps=self.nca_steps if cellular else None, clip_x0=clip,
                        schedule=default_schedule(self.sampler, self.schedule))

@@ -66,11 +66,11 @@ def grow(model: Denoiser, diffusion: GaussianDiffusion, label: torch.Tensor, sha
         carry = carry.chunk2()[0]
     t = spaced.model_timesteps(torch.tensor([pick], device=xt.device))
     eps_frames, x0_frames = [], []
+    step = torch.tensor([pick], device=xt.device)
     for state in model.grow(xt, t, label, carry=carry, nca_steps=sampler.nca_steps):
-        eps = state.out.permute(0, 3, 1, 2)[:, : model.in_channels]
-        eps_frames.append(eps)
-        x0 = spaced.predict_x0(xt, torch.tensor([pick], device=xt.device), eps)
-        x0_frames.append(x0.clamp(-1, 1) if sampler.clip_x0 else x0)
+        p = spaced.p_mean_variance(state.out.permute(0, 3, 1, 2), xt, step, clip_x0=sampler.clip_x0)
+        eps_frames.append(p["eps"])
+        x0_frames.append(p["pred_x0"])
     keep_idx = np.unique(np.linspace(0, len(order) - 1, min(frames, len(order))).round().astype(int))
     chosen = [order[i] for i in keep_idx]
     return Growth(

@@ -3,6 +3,7 @@ Guidance."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -101,6 +102,11 @@ def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Ten
                                             use_lu_lambdas=sampler.schedule == "lambda",
                                             use_karras_sigmas=sampler.schedule == "karras")
     scheduler.set_timesteps(sampler.steps, device=x.device)
+    repeated = sampler.steps - len(set(scheduler.timesteps.tolist()))
+    if repeated:  # diffusers rounds λ- or Karras-spaced steps to integer t: dense steps at low noise share one
+        warnings.warn(f"--steps {sampler.steps} on the {sampler.schedule} schedule: {repeated} of the steps repeat "
+                      "an integer timestep, where the model is told another noise level than its input has; "
+                      "DPM-Solver++ needs 10-25 steps (for more, --schedule uniform)", stacklevel=2)
     b, state = labels.shape[0], None
     for step_t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         t = torch.full((b,), int(step_t), device=x.device, dtype=torch.long)

@@ -1,1 +1,2 @@
-"""Training: the loop (`trainer.py`), EMA, and validation during training (`validation.py`)."""
+"""Training: the loop (`trainer.py`), EMA (`ema.py`), heredity-aware training's hand-over of cell state
+(`heredity.py`), compiling the model for a run (`compile.py`) and validation during training (`validation.py`)."""

@@ -140,15 +140,16 @@ def learning_rate(tc: Any, step: int) -> float:
 
 
 def _accelerator(config: RunConfig, run_dir: Path, cpu: bool = False) -> Accelerator:
+    on_gpu = not cpu and torch.cuda.is_available()
     try:
-        precision = ACCELERATE_PRECISION[resolve_precision(config.train.precision)]
+        precision = ACCELERATE_PRECISION[resolve_precision(config.train.precision, cuda=on_gpu)]
     except ValueError as e:
         raise ConfigError(str(e)) from None
     # Accelerate keeps mixed precision in a process-wide singleton; reset it (not the process group) so that
     # several runs with different precisions can share one Python process.
     AcceleratorState._reset_state(reset_partial_state=False)
     tensorboard = config.train.logger == "tensorboard"
-    return Accelerator(mixed_precision=precision, cpu=cpu or not torch.cuda.is_available(),
+    return Accelerator(mixed_precision=precision, cpu=not on_gpu,
                        log_with="tensorboard" if tensorboard else None, project_dir=run_dir if tensorboard else None,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
@@ -259,7 +260,7 @@ def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim
         # torch's message advises weights_only=False, which would run whatever the file holds: never pass that on
         reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
         raise CheckpointError(f"{corrupt} ({reason[0] if reason else 'not a torch file'})") from None
-    except (EOFError, KeyError, RuntimeError, ValueError) as e:  # torch's reader on a truncated or foreign file
+    except Exception as e:  # torch's reader raises whatever its parser hits in truncated or foreign bytes
         raise CheckpointError(f"{corrupt} (torch.load: {type(e).__name__})") from None
     if not (isinstance(saved, dict) and {"state", "param_groups"} <= saved.keys()):
         raise CheckpointError(f"{corrupt} (a {type(saved).__name__} without state and param_groups)")
@@ -425,7 +426,7 @@ class Trainer:
         kept = f"the latest checkpoint ({find_checkpoint(self.run_dir)}) is kept" if latest.exists() else \
             "no checkpoint was written"
         hints = ["a lower --lr", "a gradient clip (train.grad_clip)"]
-        if resolve_precision(tc.precision) != "fp32":
+        if self.accelerator.mixed_precision != "no":
             hints.append("--precision fp32")
         raise TrainingError(f"loss became {value:.4g} at step {self.step_count} (lr {tc.lr}, precision "
                             f"{tc.precision}): training diverged; {kept}. Try {' or '.join(hints)}.")

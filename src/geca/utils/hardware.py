@@ -63,13 +63,14 @@ def _not_no_cuda_runtime(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("No CUDA runtime is found")
 
 
-def resolve_precision(name: str) -> str:
-    """`auto` is bf16 where the hardware runs it natively (CUDA with bf16, or a bf16-capable CPU), else fp32."""
+def resolve_precision(name: str, cuda: bool | None = None) -> str:
+    """`auto` is bf16 where the hardware runs it natively (CUDA with bf16, or a bf16-capable CPU), else fp32. `cuda`
+    says whether the work runs on the GPU (default: wherever there is one)."""
     import torch
 
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if name == "auto":
         native = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
         return "bf16" if native else "fp32"
