@@ -338,6 +338,12 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     copied = tmp_path / "copy.csv"
     copied.write_bytes(folds_csv.read_bytes())
     check_lineage(tmp_path / "syn", data, copied, 1)
+    # labels replicating the held-out cases' (a rare label combination names a test scan) are no training set
+    res = invoke("sample", "--run", tmp_path / "run", "--labels-from", "test", "--out", tmp_path / "held",
+                 *FAST_SAMPLING)
+    assert res.exit_code == 0, res.output
+    with pytest.raises(DataError, match="its label vectors replicate the test split of this arm's data"):
+        check_lineage(tmp_path / "held", data, folds_csv, 1)
     # The generator (cv_val slice) trained on some of the patients that next-fold validates on: model selection leaks.
     with pytest.raises(DataError, match="fold 1 of .*folds.csv with cv_val slice .*this arm uses cv_val next-fold"):
         check_lineage(tmp_path / "syn", data, folds_csv, 1, "next-fold")

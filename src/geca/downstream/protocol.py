@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds, same_split, split_name
 from geca.data.imageset import ImageSet
-from geca.data.registry import load_split, same_data
+from geca.data.registry import SPLITS, load_split, same_data
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
 from geca.errors import CheckpointError, ConfigError, DataError
 from geca.run import read_spec
@@ -98,8 +98,8 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
     """A synthetic set must not come from a generator that saw this arm's test or validation images. Its manifest
     records the split its generator trained on (`trained_on`, in every set `geca sample` and `geca expand` write)
     and, for an expansion, the split whose labels it replicates (`expansion`): on the same data each must be the
-    split this arm trains on (under cross-validation with the same `cv_val`), and an expansion must be complete. A
-    set without a manifest (another tool's) is taken as is."""
+    split this arm trains on (under cross-validation with the same `cv_val`), an expansion must be complete, and no
+    set may replicate the label vectors of held-out cases. A set without a manifest (another tool's) is taken as is."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError):
@@ -115,12 +115,27 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
                           stacklevel=2)
     if isinstance(trained, dict) and same_data(data, trained.get("data"), trained.get("data_key")):
         _check_split(directory, "its generator was trained on", trained, folds_file, fold, cv_val)
+        split = _labels_split(manifest.get("labels"))
+        if split in ("val", "test", "all"):  # the held-out cases' label vectors (a rare combination names one)
+            raise DataError(f"{directory}: its label vectors replicate the {split} split of this arm's data (its "
+                            f"manifest.json: labels {manifest['labels']!r}); an arm trains on sets labelled like "
+                            "its training split (geca expand, or geca sample --labels-from train or --per-class)")
     origin = manifest.get("expansion")
     if isinstance(origin, dict):
         if origin.get("complete") is False:
             raise DataError(f"{directory}: a partial expansion (geca expand --limit; its manifest.json says complete: "
                             "false); an arm needs every training label vector ×ratio, run expand without --limit")
         _check_split(directory, "expanded from", origin, folds_file, fold, cv_val)
+
+
+def _labels_split(labels: Any) -> str | None:
+    """The split whose label vectors a set replicates, from its manifest's `labels` ('SPEC:SPLIT xR', as `geca
+    sample --labels-from` and `geca expand` write it), or None (`per-class N`)."""
+    if not isinstance(labels, str):
+        return None
+    head, _, ratio = labels.rpartition(" x")
+    split = head.rpartition(":")[2]
+    return split if ratio.isdigit() and split in SPLITS else None
 
 
 def _run_split(manifest: dict[str, Any]) -> dict[str, Any] | None:
