@@ -2,17 +2,18 @@
 
 Training images/s per config and precision, each setting in a fresh process (no setting inherits another's allocator
 pools, caches or threads), one run, so the ratios compare like with like. For GeCA configs the reference neighbourhood
-attention (the published 9×-copy gather) is measured beside `fast` and, on a CPU, the C kernels (`cpu`, what the
-default `auto` runs there) or, on CUDA, the Triton kernels; a
-variant ending in `:dense` computes every cell's update, as published, where the default computes only the updates of
-the cells that fire; `compiled` is model.compile: the attention compiled where idle cells are skipped, the whole NCA
-step with `compiled:dense`; `cpu+compile` wraps the whole model in torch.compile with the C kernels inside its graph,
-as a user's own compile does. DiT and the UNet have no such choice (their rows show attention "-"). `--set KEY=VALUE`
-changes a model setting (a 1 M GeCA: --set hidden_size=208 --set heads=4 --set mlp_hidden=832). Each row also has the
-peak memory of the steps (the first included: activations, gradients, AdamW's state) above what was held before them
-(CUDA: `max_memory_allocated`; CPU: Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the
-forward MACs the variant executes on the batch (forward + backward ≈ 3 forwards; attention's score and value products
-not counted) per second, over the matmul throughput measured in this run.
+attention (the published 9×-copy gather) is measured beside `fast` and, on a CPU, the C kernels (`cpu`, what the default
+`auto` runs there) or, on CUDA, the Triton kernels; a variant ending in `:dense` computes every cell's update, as
+published, where the default computes only the updates of the cells that fire; `compiled` is model.compile: the
+attention compiled where idle cells are skipped, the whole NCA step with `compiled:dense`; `cpu+compile` wraps the whole
+model in torch.compile with the C kernels inside its graph, as a user's own compile does, and `fast+graphs:dense` in its
+CUDA-graph mode (reduce-overhead: a small model's launches replayed as one graph; on a CPU plain torch.compile). DiT and
+the UNet have no such choice (their rows show attention "-"). `--set KEY=VALUE` changes a model setting (a 1 M GeCA:
+--set hidden_size=208 --set heads=4 --set mlp_hidden=832). Each row also has the peak memory of the steps (the first
+included: activations, gradients, AdamW's state) above what was held before them (CUDA: `max_memory_allocated`; CPU:
+Linux VmHWM, the process's resident set), and the model-FLOP utilisation: 6 × the forward MACs the variant executes on
+the batch (forward + backward ≈ 3 forwards; attention's score and value products not counted) per second, over the
+matmul throughput measured in this run.
 
     .venv/bin/python bench/train_step.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 8] [--resolution 32]
                                          [--channels 4] [--classes 11] [--precisions fp32,bf16] [--device cpu] [--json]
@@ -46,20 +47,24 @@ from geca.models.config import ModelConfig
 NO_CHOICE = "-"
 
 
-def variant_config(config: ModelConfig, variant: str) -> tuple[ModelConfig, bool, bool]:
-    """`config` with a GeCA variant `ATTENTION[+compile][:dense]` applied, whether model.compile is on, and whether
-    the whole model is wrapped in torch.compile as a user would (`cpu+compile`: the C kernels inside the graph)."""
+WRAPS = {"compile": "default", "graphs": "reduce-overhead"}  # torch.compile modes; reduce-overhead: CUDA graphs
+
+
+def variant_config(config: ModelConfig, variant: str) -> tuple[ModelConfig, bool, str | None]:
+    """`config` with a GeCA variant `ATTENTION[+compile|+graphs][:dense]` applied, whether model.compile is on, and
+    the torch.compile mode the whole model is wrapped in as a user would (`cpu+compile`: the C kernels inside the
+    graph; `+graphs`: replayed as CUDA graphs, which skips the launches of a small model), or None."""
     if variant == NO_CHOICE:
-        return config, False, False
+        return config, False, None
     attention, _, update = variant.partition(":")
     attention, plus, wrap = attention.partition("+")
-    if update not in ("", "dense") or (plus and wrap != "compile"):
-        raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION[+compile][:dense])")
+    if update not in ("", "dense") or (plus and wrap not in WRAPS):
+        raise SystemExit(f"error: --attention: unknown variant {variant!r} (ATTENTION[+compile|+graphs][:dense])")
     # "compiled" is model.compile: its attention (sliced under torch.compile) where idle cells are skipped, the
     # whole NCA step with ":dense".
     config.attention = "fast" if attention == "compiled" else attention
     config.skip_idle = update != "dense"
-    return config, attention == "compiled", bool(plus)
+    return config, attention == "compiled", WRAPS[wrap] if plus else None
 
 
 def step_time(config: ModelConfig, variant: str, precision: str, batch: int, channels: int, resolution: int,
@@ -68,7 +73,7 @@ def step_time(config: ModelConfig, variant: str, precision: str, batch: int, cha
     config, compile, wrap = variant_config(config, variant)
     torch.manual_seed(0)
     model = build_model(config, channels, classes, resolution, compile).to(device)
-    call = torch.compile(model) if wrap else model
+    call = torch.compile(model, mode=wrap) if wrap else model
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as geca train
     x = torch.randn(batch, channels, resolution, resolution, device=device)
@@ -76,6 +81,8 @@ def step_time(config: ModelConfig, variant: str, precision: str, batch: int, cha
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def step() -> None:
+        if wrap == "reduce-overhead":  # a new step: the graphs' outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         t = torch.randint(0, 1000, (batch,), device=device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = diffusion.training_losses(lambda xt, tt: call(xt, tt, y).output, x, t, torch.randn_like(x))
@@ -103,7 +110,9 @@ def main() -> None:
     ap.add_argument("--attention", help="GeCA variants to compare, ATTENTION or ATTENTION:dense (every cell's update "
                     "computed, as published); ATTENTION is fast, sliced, reference, triton or compiled (model.compile: "
                     "its attention, or with :dense the whole NCA step) or cpu (the C kernels); ATTENTION+compile "
-                    "wraps the whole model in torch.compile as a user would (default: cpu,cpu:dense,"
+                    "wraps the whole model in torch.compile as a user would, ATTENTION+graphs in its CUDA-graph "
+                    "mode (reduce-overhead; with :dense, as skipping idle cells syncs with the host) (default: "
+                    "cpu,cpu:dense,"
                     "compiled,fast,fast:dense,reference:dense; on CUDA compiled,compiled:dense,fast,fast:dense,triton,"
                     "reference:dense).")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")

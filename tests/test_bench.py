@@ -38,15 +38,18 @@ def test_set_refuses_what_would_make_a_table_lie(sets: list[str], message: str) 
 
 
 def test_train_step_variants_say_what_they_run() -> None:
-    """ATTENTION[+compile][:dense]: model.compile for `compiled`, a user's whole-model torch.compile for `+compile`."""
+    """ATTENTION[+compile|+graphs][:dense]: model.compile for `compiled`, a user's whole-model torch.compile for
+    `+compile`, its CUDA-graph mode for `+graphs`."""
     from train_step import variant_config
 
     from geca.models.config import named_model
 
     config, compiled, wrapped = variant_config(named_model("GeCA-T"), "cpu+compile:dense")
-    assert (config.attention, config.skip_idle, compiled, wrapped) == ("cpu", False, False, True)
+    assert (config.attention, config.skip_idle, compiled, wrapped) == ("cpu", False, False, "default")
+    config, compiled, wrapped = variant_config(named_model("GeCA-T"), "fast+graphs:dense")
+    assert (config.attention, config.skip_idle, compiled, wrapped) == ("fast", False, False, "reduce-overhead")
     config, compiled, wrapped = variant_config(named_model("GeCA-T"), "compiled")
-    assert (config.attention, config.skip_idle, compiled, wrapped) == ("fast", True, True, False)
+    assert (config.attention, config.skip_idle, compiled, wrapped) == ("fast", True, True, None)
     for bad in ("cpu+jit", "cpu:sparse"):
         with pytest.raises(SystemExit, match="unknown variant"):
             variant_config(named_model("GeCA-T"), bad)
