@@ -341,10 +341,13 @@ def test_bf16_autocast_trains(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_keep_identical_parameters(tmp_path: Path, blobs_npz: Path) -> None:
-    """torchrun + gloo: accelerate wraps the model in DDP; the trainer compares the ranks' weights at the end."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(sys.executable).parent / "geca"), "train", "--data", str(blobs_npz), "--out", str(tmp_path / "ddp"),
+def test_two_processes_keep_identical_parameters(tmp_path: Path) -> None:
+    """torchrun + gloo: accelerate wraps the model in DDP; the trainer compares the ranks' weights at the end (and the
+    folds each rank read with the main process's)."""
+    geca, data, folds = str(Path(sys.executable).parent / "geca"), "synthetic-oct@patients=9,size=8", tmp_path / "f.csv"
+    subprocess.run([geca, "folds", "--data", data, "--k", "3", "--out", str(folds)], check=True, capture_output=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", geca, "train",
+           "--data", data, "--folds-file", str(folds), "--fold", "1", "--out", str(tmp_path / "ddp"),
            "--model", "GeCA-T", "--nca-steps", "2", "--max-steps", "4", "--batch-size", "4", "--sample-every", "0",
            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
