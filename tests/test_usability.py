@@ -161,6 +161,24 @@ def test_sampling_resumes_to_identical_images_after_sigterm(custom_run: Path, tm
     assert not list(tmp_path.glob(".*unfinished*"))
 
 
+def test_overwrite_replaces_a_sample_set_never_the_run_or_other_files(custom_run: Path, tmp_path: Path) -> None:
+    base = ["sample", "--run", str(custom_run), "--per-class", "1", "--sampler", "ddim", "--steps", "2",
+            "--no-progress", "--overwrite"]
+    for out in (custom_run, custom_run.parent):
+        res = runner.invoke(app, [*base, "--out", str(out)])
+        assert res.exit_code == 2 and "holds the run" in res.output, res.output
+    assert (custom_run / "model.json").is_file() and (custom_run / "checkpoints").is_dir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    res = runner.invoke(app, [*base, "--out", str(mine)])
+    assert res.exit_code == 2 and "replaces an earlier sample set" in res.output
+    assert (mine / "notes.txt").read_text() == "keep"
+    for _ in range(2):  # a sample set is replaced
+        res = runner.invoke(app, [*base, "--out", str(tmp_path / "s")])
+        assert res.exit_code == 0, res.output
+
+
 def test_expand_limit(custom_run: Path, tmp_path: Path) -> None:
     import json
 

@@ -41,7 +41,8 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
                    "or a directory."),
     "weights": (str, "ema", ("--weights",), "ema (default) or model (raw) weights."),
     "device": (str, "auto", ("--device",), "auto, cpu or cuda[:N]."),
-    "overwrite": (bool, False, ("--overwrite",), "Replace what an earlier run wrote in --out once sampling is done."),
+    "overwrite": (bool, False, ("--overwrite",), "Replace what an earlier run of this command wrote in --out once "
+                  "sampling is done (sample and expand: only a sample set, a folder with manifest.json)."),
     "resume": (bool, False, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
                "finished (same run, settings and seed give the same images)."),
     "threads": (int | None, None, ("--threads",), "CPU threads (default: one per core)."),

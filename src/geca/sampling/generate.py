@@ -160,6 +160,13 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
     """Sample into a hidden sibling directory, one batch of PNGs at a time, and move it into place only when whole;
     returns (manifest, images). An interrupted run leaves its finished batches there for `resume`."""
     out = output_dir(out)
+    run_dir = run.run_dir.resolve()
+    if out.resolve() == run_dir or out.resolve() in run_dir.parents:
+        raise ConfigError(f"--out {out}: holds the run {run.run_dir}, which writing the set there would delete; "
+                          "choose another --out")
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise FileExistsError(f"--overwrite replaces an earlier sample set (a folder with manifest.json); {out} holds "
+                              "other files: choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         if resume and (out / "manifest.json").is_file():
             raise FileExistsError(f"--resume: {out} is a finished sample set already (its manifest.json is written); "
