@@ -30,6 +30,8 @@ def test_model_name_fills_the_named_config_and_file_keys_win(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("text, where", [
     ("train:\n  batch_size: 3.5\n", "train.batch_size"),
+    ("train:\n  max_steps: .inf\n", "train.max_steps: expected int, got inf"),
+    ("train:\n  seed: .nan\n", "train.seed: expected int, got nan"),
     ("train:\n  ema_warmup: 'yes'\n", "train.ema_warmup"),
     ("model:\n  name: GeCA-Q\n", "GeCA-Q"),
     ("data: [1, 2]\n", "data"),

@@ -361,8 +361,13 @@ def test_weights_of_another_shape_name_the_first_tensor_that_does_not_fit(run: P
     (copy / "model.json").write_text(json.dumps(spec))
     refused(runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1",
                                 *FAST]), "ema.safetensors: weights do not fit the model (size mismatch for ")
+    spec["model"]["hidden_channels"] -= 4
+    edited = [({**spec, "model": {**spec["model"], "heads": 0}}, "model.heads must be ≥ 1, got 0"),
+              ({**spec, "resolution": -8}, "resolution must be ≥ 1, got -8"),
+              ({**spec, "format": 99}, "format must be ≤ 2 (a newer geca wrote it), got 99")]
     for text, words in (("[]", "expected a mapping of keys to values, got list"),
-                        (json.dumps({"model": spec["model"]}), "missing key(s) diffusion, data, in_channels")):
+                        (json.dumps({"model": spec["model"]}), "missing key(s) diffusion, data, in_channels"),
+                        *((json.dumps(d), w) for d, w in edited)):
         (copy / "model.json").write_text(text)
         refused(runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1",
                                     *FAST]), "model.json: invalid", words)

@@ -31,7 +31,7 @@ from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.hardware import can_compile
 from geca.utils.io import CsvLog, atomic_write_json, file_sha256, same_path, same_source, staged_dir
-from geca.utils.schema import from_dict
+from geca.utils.schema import Checks, from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
 EXECUTION = ("compile", "attention", "checkpointing", "skip_idle")
@@ -270,7 +270,17 @@ def read_spec(run_dir: Path) -> ModelSpec:
     if not path.exists():
         raise CheckpointError(f"{path}: missing; {run_dir} is not a geca run directory")
     try:
-        return ModelSpec.from_dict(json.loads(path.read_text()))
+        spec = ModelSpec.from_dict(json.loads(path.read_text()))
+        # an edited or damaged model.json gets the checks a config gets, before any model is built from it
+        check = Checks()
+        check(spec.format <= SPEC_FORMAT, "format", f"≤ {SPEC_FORMAT} (a newer geca wrote it)", spec.format)
+        spec.model.validate(check)
+        spec.diffusion.validate(check)
+        for key in ("in_channels", "num_classes", "resolution"):
+            check(getattr(spec, key) >= 1, key, "≥ 1", getattr(spec, key))
+        check(len(spec.class_names) == spec.num_classes, "class_names", f"{spec.num_classes} names (num_classes)",
+              spec.class_names)
+        return spec
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: invalid ({e})") from None
 

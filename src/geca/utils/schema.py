@@ -42,7 +42,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and value != int(value)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                tp is int and isinstance(value, float) and not value.is_integer()):  # also inf and nan
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return tp(value)
     if tp is str:
