@@ -433,6 +433,18 @@ def test_non_finite_weights_are_refused(run: Path, tmp_path: Path) -> None:
                                 *FAST]), "NaN", "ema.safetensors")
 
 
+def test_integer_weights_are_refused(run: Path, tmp_path: Path) -> None:
+    """torch's load_state_dict would cast them into the float model without a word."""
+    copy = copy_run(run, tmp_path)
+    ckpt = copy / "checkpoints" / "step_0000002"
+    save_file({k: v.to(torch.int32) for k, v in load_file(ckpt / "ema.safetensors").items()}, ckpt / "ema.safetensors")
+    state = json.loads((ckpt / "state.json").read_text())
+    state.pop("files")  # as a checkpoint written before hashes were recorded
+    (ckpt / "state.json").write_text(json.dumps(state))
+    refused(runner.invoke(app, ["sample", "--run", str(copy), "--out", str(tmp_path / "s"), "--per-class", "1",
+                                *FAST]), "ema.safetensors: weights do not fit the model", "holds torch.int32")
+
+
 @pytest.mark.parametrize("damage, name", [
     (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "optimizer.pt"),
     (lambda c: (c / "optimizer.pt").write_bytes(os.urandom(4000)), "optimizer.pt"),

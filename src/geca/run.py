@@ -255,6 +255,11 @@ def _upgrade_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_state_dict_into(model: torch.nn.Module, path: Path) -> None:
     """Load the safetensors file `path` into `model`, strictly: every key, every shape."""
     weights = _upgrade_keys(load_weights(path))  # its own errors (missing, corrupt, diverged) say so themselves
+    own = model.state_dict()
+    for key, tensor in weights.items():  # load_state_dict would cast integers into float weights without a word
+        if key in own and tensor.dtype.is_floating_point != own[key].dtype.is_floating_point:
+            raise CheckpointError(f"{path}: weights do not fit the model ({key} holds {tensor.dtype}, the model's "
+                                  f"{own[key].dtype})")
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
