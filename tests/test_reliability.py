@@ -455,6 +455,8 @@ def test_integer_weights_are_refused(run: Path, tmp_path: Path) -> None:
     (lambda c: torch.save({"state": {}, "param_groups": [{"params": [0]}]}, c / "optimizer.pt"), "optimizer.pt"),
     (lambda c: (c / "state.json").write_text("{not json"), "state.json"),
     (lambda c: (c.parent.parent / "log.csv").write_bytes(b"\xff\xfe garbage\n1,2\n"), "log.csv"),
+    (lambda c: (c.parent.parent / "config.yaml").unlink(), "config.yaml: missing"),
+    (lambda c: (c.parent.parent / "config.yaml").write_text(""), "config.yaml: empty"),
 ])
 def test_resume_from_damaged_files_names_the_file(run: Path, data: Path, tmp_path: Path, damage, name: str) -> None:
     """Also where no hash was recorded to catch the damage first (torch's own reader sees the file)."""

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from geca.cli.common import CV_VAL_HELP, PROGRESS_HELP, guarded, pick_device, set_threads, show_progress
+from geca.errors import ConfigError
 from geca.models.config import NAMED_MODELS
 
 # flag → the config field it sets
@@ -124,8 +125,11 @@ def train(
 
     if config is not None:
         config = resolve_config(config, "run")
-    elif resume and (out / "config.yaml").is_file():
+    elif resume and (out / "model.json").is_file():
         config = out / "config.yaml"  # the run goes on as it was configured; flags below override it, logged
+        if not config.is_file() or not config.read_text(errors="replace").strip():
+            raise ConfigError(f"{config}: {'empty' if config.is_file() else 'missing'}; --resume continues a run "
+                              "with its own config (give the config it was trained with as -c CONFIG)")
     run_config = load_config(config)
     if resume and config == out / "config.yaml" and hasattr(run_config.model, "heredity"):
         from geca.run import read_spec
