@@ -308,3 +308,13 @@ def test_sampling_does_not_guess_whether_the_model_works_on_latents(diffusion) -
     latent = SamplerConfig(steps=2).for_model(cellular=False, latent=True)
     assert latent.clip_x0 is False and sample(ConvDenoiser(3, 4), diffusion, per_class_labels(4, 1), (3, 6, 6),
                                               latent).shape == (4, 3, 6, 6)
+
+
+def test_a_set_no_machine_holds_is_refused_before_its_labels_are_allocated() -> None:
+    from geca.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--per-class 10000000 asks for 20,000,000 images; a set holds at most"):
+        per_class_labels(2, 10_000_000)
+    with pytest.raises(ConfigError, match="--ratio 5000000 asks for 20,000,000 images"):
+        replicate_labels(np.zeros((4, 2)), 5_000_000)
+    assert len(replicate_labels(np.zeros((4, 2)), 3)) == 12
