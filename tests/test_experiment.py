@@ -256,6 +256,22 @@ def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path:
         load_experiment(path)
 
 
+def test_missing_feature_weights_are_refused_before_any_stage_runs(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A study scored on Inception or with LPIPS finds out that the weights are missing before it trains, also in a
+    dry run (the tests' torch hub cache holds none)."""
+    monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)
+    raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
+    path = tmp_path / "bad.yaml"
+    for edit, key in (({"features": "inception"}, "evaluation.features_file"),
+                      ({"lpips_weights": None}, "evaluation.lpips_weights")):
+        path.write_text(yaml.safe_dump({**raw, "evaluation": {**raw["evaluation"], **edit}}))
+        for dry in (["--dry-run"], []):
+            res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), *dry])
+            assert res.exit_code == 2 and f"then set {key} (in {path}) to /path/to/" in " ".join(res.output.split())
+            assert not (tmp_path / "study").exists()
+
+
 def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) -> None:
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
     raw["data"]["spec"] = str(tmp_path / "missing.npz")

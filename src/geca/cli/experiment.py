@@ -39,7 +39,8 @@ def experiment(
     ctx = Context(loaded=loaded, root=root, device=pick_device(device), log=typer.echo,
                   progress=sys.stderr.isatty() if progress is None else progress)
     stages = build_stages(ctx)
-    loaded.check_data()  # a plan on data that cannot load would be a false promise
+    loaded.check_data()  # a plan on data that cannot load, or scores without their weights, would be a false promise
+    loaded.check_weights()
     if dry_run:
         for step in plan(stages, root, force, only):
             typer.echo(f"{step.action:4s} {step.stage.id:24s} {step.reason}")

@@ -15,6 +15,7 @@ from geca.data.registry import check_spec
 from geca.downstream.classifier import STEMS
 from geca.downstream.classify import TableSettings
 from geca.errors import ConfigError, DataError
+from geca.metrics.evaluate import EvalSettings
 from geca.metrics.features import FEATURES
 from geca.metrics.kid import PROTOCOLS, min_generated
 from geca.presets import presets
@@ -205,6 +206,15 @@ class LoadedExperiment:
             raise DataError(f"{self.path}: data.spec: {e}") from None
         except ConfigError as e:  # a download of data that is not downloaded: whose config asked for it
             raise ConfigError(f"{self.path}: generator {download[0]!r} (its run config): {e}") from None
+
+    def check_weights(self) -> None:
+        """Refuse a study whose scores need pretrained weights that are not here, before hours of training."""
+        ev = self.exp.evaluation
+        keys = ("features_file", "gg_features_file", "lpips_weights")
+        EvalSettings([], "", "", features=ev.features, features_file=ev.features_file, protocol=ev.protocol,
+                     gg_features=ev.gg_features, gg_features_file=ev.gg_features_file, lpips=ev.lpips,
+                     lpips_weights=ev.lpips_weights).find_weights(
+            tuple(f"evaluation.{key} (in {self.path})" for key in keys))  # type: ignore[arg-type]
 
     def run_config(self, name: str, fold: int | None) -> RunConfig:
         """Generator `name`'s run config on `fold` (a generated folds file is given relative to the root)."""

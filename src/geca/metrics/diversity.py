@@ -36,12 +36,12 @@ class LPIPSResult:
         return asdict(self)
 
 
-def alexnet_weights(weights: str | Path | None) -> Path | None:
+def alexnet_weights(weights: str | Path | None, flag: str = "--lpips-weights") -> Path | None:
     """The AlexNet backbone file to use (`weights`, else $GECA_WEIGHTS_DIR/alexnet-owt-7be5be79.pth);
-    None for "random"."""
+    None for "random". `flag` is how the user names the file (in the message when it is missing)."""
     if weights == "random":
         return None
-    return resolve_weights(weights, ALEXNET_FILE, "LPIPS AlexNet backbone", ALEXNET_URL, "--lpips-weights")
+    return resolve_weights(weights, ALEXNET_FILE, "LPIPS AlexNet backbone", ALEXNET_URL, flag)
 
 
 def load_lpips(weights: str | Path | None, seed: int = 0) -> torch.nn.Module:

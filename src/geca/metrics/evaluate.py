@@ -99,6 +99,15 @@ class EvalSettings:
             return "dinov2", self.gg_features_file
         return self.features, self.gg_features_file or self.features_file
 
+    def find_weights(self, flags: tuple[str, str, str] = ("--features-file", "--gg-features-file",
+                                                          "--lpips-weights")) -> Path | None:
+        """Look for every pretrained file the scores need (a MissingWeightsError names the first missing one by its
+        entry in `flags`); returns LPIPS's AlexNet backbone, None where LPIPS is off or random."""
+        gg_name, gg_file = self.gg_network()
+        weights_path(self.features, self.features_file, flags[0])
+        weights_path(gg_name, gg_file, flags[1])
+        return alexnet_weights(self.lpips_weights, flags[2]) if self.lpips else None
+
 
 @dataclass
 class SetFeatures:
@@ -199,10 +208,7 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     t0 = time.time()
     out = output_file(out, "--out", ".json")
     gg_name, gg_file = s.gg_network()
-    # Every weights file is looked for before any slow work (loading images, training domain features).
-    weights_path(s.features, s.features_file)
-    weights_path(gg_name, gg_file, "--gg-features-file")
-    alexnet = alexnet_weights(s.lpips_weights) if s.lpips else None
+    alexnet = s.find_weights()  # before any slow work (loading images, training domain features)
     inputs = load_inputs(s)
     extractor = build_extractor(s.features, s.features_file, seed=s.seed, train=inputs.train, log=log,
                                 device=s.device)

@@ -38,10 +38,12 @@ def resolve_weights(explicit: str | Path | None, filename: str, what: str, url: 
             return path
     looked = ", ".join(str(p) for p in candidates)
     unset = "" if explicit is not None or os.environ.get(WEIGHTS_DIR_ENV) else f"; ${WEIGHTS_DIR_ENV} is unset"
+    # `flag` is a command's flag, or a config key (with its file) a study sets
+    give = f"pass {flag} /path/to/{filename}" if flag.startswith("-") else f"set {flag} to /path/to/{filename}"
     raise MissingWeightsError(
         f"{what} weights not found (looked for {looked}{unset}). This machine never downloads: fetch {filename} from "
-        f"{url} on a machine with internet, then pass {flag} /path/to/{filename} or put it in the folder named by "
-        f"${WEIGHTS_DIR_ENV} (or torch's hub cache)."
+        f"{url} on a machine with internet, then {give} or put it in the folder named by ${WEIGHTS_DIR_ENV} (or "
+        "torch's hub cache)."
     )
 
 
