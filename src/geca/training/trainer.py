@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +40,7 @@ from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_prec
 from geca.utils.images import to_uint8
 from geca.utils.io import CsvLog, atomic_write_json, output_dir
 from geca.utils.plots import plot_class_grid, plot_loss_curve
+from geca.utils.pretrained import load_torch_file
 from geca.utils.seeding import derive_seed
 
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -254,12 +254,9 @@ def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim
     verify(opt_file)
     corrupt = f"{opt_file}: corrupt or not an optimizer state written by geca"
     try:
-        # on the CPU first: a run trained on a GPU resumes on a machine without one
-        saved = torch.load(opt_file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message advises weights_only=False, which would run whatever the file holds: never pass that on
-        reason = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
-        raise CheckpointError(f"{corrupt} ({reason[0] if reason else 'not a torch file'})") from None
+        saved = load_torch_file(opt_file)  # on the CPU first: a run trained on a GPU resumes on one without
+    except ValueError as e:
+        raise CheckpointError(f"{corrupt} ({e})") from None
     except Exception as e:  # torch's reader raises whatever its parser hits in truncated or foreign bytes
         raise CheckpointError(f"{corrupt} (torch.load: {type(e).__name__})") from None
     if not (isinstance(saved, dict) and {"state", "param_groups"} <= saved.keys()):

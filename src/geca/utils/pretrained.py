@@ -61,6 +61,22 @@ def check_published(path: Path, prefix: str, published_name: str, what: str) -> 
     return digest
 
 
+def load_torch_file(path: Path) -> object:
+    """`torch.load(weights_only=True)` on the CPU: tensors and plain containers only. A file holding anything else is
+    a ValueError that says so (torch's own message advises `weights_only=False`, which would run a crafted file's
+    code: never passed on), and torch's warnings about the pickle protocol stay unprinted."""
+    import pickle
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = str(e).partition("WeightsUnpickler error:")[2].strip().split(". ")[0].splitlines()
+            raise ValueError("holds objects other than tensors, or is no torch file; refusing to unpickle it"
+                             + (f" ({found[0]})" if found else "")) from None
+
+
 def load_state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A flat {name: tensor} state dict from safetensors or from a torch file read with `weights_only=True`.
 
@@ -73,7 +89,7 @@ def load_state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
 
             state = load_file(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_torch_file(path)
     except Exception as e:  # torch.load and safetensors raise many unrelated types for a bad or hostile file
         raise DataError(f"{path}: not a readable {what} weights file ({type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
