@@ -99,6 +99,7 @@ def test_failed_sampling_leaves_nothing_half_written(trained_run: Path, tmp_path
     out = tmp_path / "samples"
     out.mkdir()
     (out / "keep.txt").write_text("earlier work")
+    (out / "manifest.json").write_text("{}")  # an earlier sample set: what --overwrite may replace
     import geca.sampling.generate as gen
 
     calls = {"n": 0}
@@ -115,7 +116,7 @@ def test_failed_sampling_leaves_nothing_half_written(trained_run: Path, tmp_path
                 *FAST_SAMPLING]
     res = runner.invoke(app, gen_args, catch_exceptions=False)
     assert res.exit_code == 2 and "error: No space left on device" in res.output, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "manifest.json"]
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 
