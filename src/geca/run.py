@@ -359,6 +359,8 @@ def checkpoint_health(checkpoint: Path, hashes: bool = True, state_expected: boo
     for name in ("model.safetensors", "ema.safetensors"):
         if not (checkpoint / name).is_file():
             return f"missing {name}"
+        if (checkpoint / name).stat().st_size == 0:  # found without hashing (--quick): no weights file is empty
+            return f"empty {name}"
     if state_expected and not (checkpoint / "state.json").is_file():
         return "missing state.json"
     try:
@@ -415,7 +417,10 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
         rows = CsvLog(run_dir / "log.csv", []).rows()
     except (csv.Error, UnicodeDecodeError):
         rows = []
-    row["loss"] = rows[-1].get("loss") if rows else None
+    try:
+        row["loss"] = float(rows[-1]["loss"]) if rows else None
+    except (KeyError, TypeError, ValueError):  # a damaged last row
+        row["loss"] = None
     best = checkpoint_dir(run_dir) / BEST
     try:
         state = read_state(best)

@@ -133,5 +133,6 @@ def runs(
         kid = "—" if r["best_kid"] is None else f"{r['best_kid'] * 1e3:.2f} (step {r['best_step']})"
         data = r["data"] if r["folds_file"] is None else f"{r['data']} fold {r['fold']} of {Path(r['folds_file']).name}"
         table.add_row(r["run"], r["status"], str(r["step"] if r["step"] is not None else "—"), r["model"], data,
-                      r["heredity"] or "—", r["loss"] or "—", kid, style=None if r["status"] == "ok" else "red")
+                      r["heredity"] or "—", "—" if r["loss"] is None else f"{r['loss']:.6g}", kid,
+                      style=None if r["status"] == "ok" else "red")
     Console(width=160).print(table)
