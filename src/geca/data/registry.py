@@ -110,7 +110,7 @@ def located_spec(spec: str) -> str:
     """A spec naming a file by a relative path, made absolute (what a run records, so that it resumes and samples
     from any folder); names and procedural sets as given."""
     name, options = parse_spec(spec)
-    if options or not is_path(name) or name.startswith("synthetic-"):
+    if options or not is_path(name):  # a name, or a procedural set (never a path: see _source)
         return spec
     return str(Path(name).expanduser().resolve())
 

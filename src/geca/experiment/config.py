@@ -209,12 +209,17 @@ class LoadedExperiment:
 
     def check_weights(self) -> None:
         """Refuse a study whose scores need pretrained weights that are not here, before hours of training."""
-        ev = self.exp.evaluation
         keys = ("features_file", "gg_features_file", "lpips_weights")
-        EvalSettings([], "", "", features=ev.features, features_file=ev.features_file, protocol=ev.protocol,
-                     gg_features=ev.gg_features, gg_features_file=ev.gg_features_file, lpips=ev.lpips,
-                     lpips_weights=ev.lpips_weights).find_weights(
+        self.eval_settings([], "", "").find_weights(
             tuple(f"evaluation.{key} (in {self.path})" for key in keys))  # type: ignore[arg-type]
+
+    def eval_settings(self, generated: list[tuple[str, Path]], real: str, train: str, **more: Any) -> EvalSettings:
+        """The metrics' settings for scoring `generated` against `real`, as the study's evaluation section says."""
+        ev = self.exp.evaluation
+        return EvalSettings(generated, real, train, features=ev.features, features_file=ev.features_file,
+                            protocol=ev.protocol, gg_features=ev.gg_features, gg_features_file=ev.gg_features_file,
+                            lpips=ev.lpips, lpips_weights=ev.lpips_weights, batch_size=ev.batch_size,
+                            per_class_min=ev.per_class_min, cv_val=self.exp.data.cv_val, seed=self.exp.seed, **more)
 
     def run_config(self, name: str, fold: int | None) -> RunConfig:
         """Generator `name`'s run config on `fold` (a generated folds file is given relative to the root)."""

@@ -18,7 +18,7 @@ from geca.downstream.classify import classify
 from geca.experiment.context import Context, expand_id, train_id
 from geca.experiment.graph import Stage, stage_dir
 from geca.experiment.report import write_report
-from geca.metrics.evaluate import EvalSettings, run_evaluation
+from geca.metrics.evaluate import run_evaluation
 from geca.models.build import count_macs, count_parameters
 from geca.run import load_run
 from geca.sampling.config import SamplerConfig, settings_key
@@ -94,14 +94,8 @@ def sample_stage(ctx: Context, out: Path, name: str) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, sets: list[tuple[str, Path]], out: Path) -> dict[str, Any]:
-    ev = ctx.exp.evaluation
-    settings = EvalSettings(generated=sets, real=ctx.real_spec("test"), train=ctx.real_spec("train"),
-                            features=ev.features, features_file=ev.features_file, protocol=ev.protocol,
-                            gg_features=ev.gg_features, gg_features_file=ev.gg_features_file,
-                            cv_val=ctx.exp.data.cv_val,
-                            seed=ctx.exp.seed, lpips=ev.lpips, lpips_weights=ev.lpips_weights,
-                            batch_size=ev.batch_size, device=str(ctx.device), per_class_min=ev.per_class_min,
-                            progress=ctx.progress)
+    settings = ctx.loaded.eval_settings(sets, ctx.real_spec("test"), ctx.real_spec("train"), device=str(ctx.device),
+                                        progress=ctx.progress)
     return run_evaluation(settings, out / "metrics.json", log=ctx.log)
 
 

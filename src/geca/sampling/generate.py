@@ -164,10 +164,11 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
     if out.resolve() == run_dir or out.resolve() in run_dir.parents:
         raise ConfigError(f"--out {out}: holds the run {run.run_dir}, which writing the set there would delete; "
                           "choose another --out")
-    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+    filled = out.is_dir() and any(out.iterdir())
+    if filled and overwrite and not (out / "manifest.json").is_file():
         raise FileExistsError(f"--overwrite replaces an earlier sample set (a folder with manifest.json); {out} holds "
                               "other files: choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if filled and not overwrite:
         if resume and (out / "manifest.json").is_file():
             raise FileExistsError(f"--resume: {out} is a finished sample set already (its manifest.json is written); "
                                   "nothing is left to resume (--overwrite samples it afresh)")
