@@ -122,6 +122,34 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "m.json").exists()
 
 
+def test_an_existing_report_is_replaced_only_with_overwrite(data: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    npz = str(data["npz"])
+    args = ["evaluate", "--real", f"{npz}:test", "--train", f"{npz}:train", "--out", str(out), "--no-lpips",
+            "--protocol", "standard", "--features", "random", "--gg-features", "random"]
+    res = runner.invoke(app, [*args, "--generated", f"like={data['good']}", str(data["noise"])])
+    assert res.exit_code == 0, res.output
+    first = out.read_text()
+    assert {p.name for p in tmp_path.glob("m_grid_*.png")} == {"m_grid_like.png", "m_grid_noise.png"}
+    # without --overwrite the earlier report stays as it was
+    res = runner.invoke(app, [*args, "--generated", f"like={data['good']}"])
+    assert res.exit_code == 2 and "exists" in res.output and "--overwrite" in res.output, res.output
+    assert out.read_text() == first
+    # a rerun that fails leaves the earlier report and its grids
+    other = blob_images(n=4, size=12, classes=3)
+    wrong = write_sample_dir(tmp_path / "wrong", other.images, other.labels, [*NAMES, "class 2"])
+    res = runner.invoke(app, [*args, "--overwrite", "--generated", str(data["good"]), str(wrong)])
+    assert res.exit_code == 2 and "differ from real classes" in res.output, res.output
+    assert out.read_text() == first and (tmp_path / "m_grid_noise.png").exists()
+    # replacing it removes the grid of the set the new report no longer lists, and nothing else
+    keep = tmp_path / "m_grid_mine.png"
+    keep.write_bytes(b"the user's own file")
+    res = runner.invoke(app, [*args, "--overwrite", "--generated", f"like={data['good']}"])
+    assert res.exit_code == 0, res.output
+    assert [r["name"] for r in json.loads(out.read_text())["results"]] == ["like"]
+    assert {p.name for p in tmp_path.glob("m_grid_*.png")} == {"m_grid_like.png", "m_grid_mine.png"}
+
+
 def test_gg_and_fld_use_dinov2_under_the_paper_protocol(data: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)

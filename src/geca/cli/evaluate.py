@@ -53,6 +53,8 @@ def evaluate(
                                           "splits of --real and --train for folder+CSV data."),
     fold: int | None = typer.Option(None, "--fold", min=0, help="With --folds-file: the test fold (default 0)."),
     cv_val: str | None = typer.Option(None, "--cv-val", help=CV_VAL_HELP + " Default: slice."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out report (and remove the "
+                                   "grids it listed that the new one does not)."),
 ) -> None:
     """Score generated sets against real data: KID, LPIPS diversity, FLD and the generalization gap (GG)."""
     from rich.console import Console
@@ -67,7 +69,7 @@ def evaluate(
         gg_features=gg_features, gg_features_file=gg_features_file,
         lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress,
         folds_file=folds_file, fold=fold, cv_val=cv_val)
-    report = run_evaluation(settings, out, log=typer.echo)
+    report = run_evaluation(settings, out, log=typer.echo, overwrite=overwrite)
     console = Console()
     console.print(comparison_table(report))
     table = per_class_table(report)

@@ -203,10 +203,12 @@ def _network(extractor: FeatureExtractor) -> dict[str, Any]:
     return {"name": extractor.name, "source": extractor.source, "dim": extractor.dim}
 
 
-def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it."""
+def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it.
+    Replacing an earlier report also removes the grids it listed that this one does not."""
     t0 = time.time()
-    out = output_file(out, "--out", ".json")
+    out = output_file(out, "--out", ".json", overwrite)
     gg_name, gg_file = s.gg_network()
     alexnet = s.find_weights()  # before any slow work (loading images, training domain features)
     inputs = load_inputs(s)
@@ -243,12 +245,11 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
             warnings.warn(f"{name}: KID over subsets of {r['kid']['subset_size']} images is noisy (std "
                           f"{r['kid']['std'] * 1e3:.1f}×10⁻³ across subsets); compare sets whose subsets hold ≥ "
                           f"{NOISY_SUBSET} images", stacklevel=2)
-        grid = out.with_name(f"{out.stem}_grid_{_safe(name)}.png")
-        real_vs_generated_grid(inputs.real, g, grid, seed=s.seed, title=f"{':'.join(inputs.real_name)} vs {name}")
         # a set inside the report's folder by its relative path: the folder may be built elsewhere and moved
         here = out.parent.resolve()
         shown = path.resolve().relative_to(here) if path.resolve().is_relative_to(here) else path
-        results.append({"name": name, "dir": str(shown), **r, "faithfulness": faithful(g), "grid": grid.name})
+        results.append({"name": name, "dir": str(shown), **r, "faithfulness": faithful(g),
+                        "grid": f"{out.stem}_grid_{_safe(name)}.png"})
     report = {
         "protocol": s.protocol,
         "seed": s.seed,
@@ -269,8 +270,26 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         "seconds": round(time.time() - t0, 2),
         "geca_version": geca.__version__,
     }
+    earlier = _grids_of(out)
+    # drawn once every set is scored, so that a failure above leaves an earlier report and its grids as they were
+    for (name, _, g), r in zip(inputs.generated, results, strict=True):
+        real_vs_generated_grid(inputs.real, g, out.with_name(r["grid"]), seed=s.seed,
+                               title=f"{':'.join(inputs.real_name)} vs {name}")
     atomic_write_json(out, report)
+    for stale in earlier - {r["grid"] for r in results}:
+        out.with_name(stale).unlink(missing_ok=True)
     return report
+
+
+def _grids_of(out: Path) -> set[str]:
+    """The grid PNGs an earlier report at `out` wrote beside it (none if it is unreadable)."""
+    try:
+        results = json.loads(out.read_text())["results"]
+        names = {r["grid"] for r in results if isinstance(r, dict) and isinstance(r.get("grid"), str)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    # only names this function writes, so a hand-edited report cannot remove other files
+    return {n for n in names if Path(n).name == n and n.startswith(f"{out.stem}_grid_") and n.endswith(".png")}
 
 
 def _safe(name: str) -> str:
