@@ -222,6 +222,33 @@ def test_domain_features_trained_once_cached_or_from_a_file(data: dict[str, Path
     assert json.loads((tmp_path / "c.json").read_text())["features"]["source"] == str(tmp_path / "dom.safetensors")
 
 
+def test_features_trained_on_the_held_out_images_are_flagged(data: dict[str, Path], tmp_path: Path) -> None:
+    npz = str(data["npz"])
+    files = {}
+    for split in ("train", "test"):  # an npz has no split `all`
+        files[split] = tmp_path / f"{split}.safetensors"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = runner.invoke(app, ["features", "train", "--data", npz, "--split", split, "--out",
+                                      str(files[split]), "--epochs", "1"])
+        assert res.exit_code == 0, res.output
+        held_out = [w for w in caught if "held-out images" in str(w.message)]
+        assert bool(held_out) == (split != "train"), (split, [str(w.message) for w in caught])
+    for split, shared in (("train", 0), ("test", 120)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test",
+                                      "--train", f"{npz}:train", "--no-lpips", "--protocol", "standard",
+                                      "--features", "domain", "--features-file", str(files[split]),
+                                      "--out", str(tmp_path / f"{split}.json")])
+        assert res.exit_code == 0, res.output
+        flagged = [str(w.message) for w in caught if "were trained on" in str(w.message)]
+        assert flagged == ([f"{files[split]}: the domain features were trained on {shared} of the 120 --real "
+                            f"images ({npz}:test); KID, FLD/GG and class-faithfulness against them are "
+                            "optimistic. Train them on the generator's training split (`geca features train "
+                            "--split train`)"] if shared else []), split
+
+
 def test_evaluate_takes_its_splits_from_a_folds_file(tmp_path: Path) -> None:
     from geca.cli.folds import folds
     from geca.data.registry import load_split

@@ -10,11 +10,14 @@ import pytest
 import torch
 import torchvision
 from conftest import blob_images
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from geca.data.imageset import image_hashes
 from geca.errors import DataError, MissingWeightsError
 from geca.metrics import diversity, features
 from geca.metrics.diversity import load_lpips, lpips_diversity, lpips_pairs
-from geca.metrics.domain import load_domain_net, save_domain_net, train_domain_net
+from geca.metrics.domain import TRAINED_ON, load_domain_net, save_domain_net, train_domain_net
 from geca.metrics.features import DinoV2Features, build_extractor
 from geca.metrics.fld import fld
 from geca.metrics.kid import kid, kid_standard_error, kid_subset_size, poly_mmd2
@@ -283,6 +286,13 @@ def test_domain_network_trains_saves_and_reloads(tmp_path: Path) -> None:
     save_domain_net(net, tmp_path / "domain.safetensors")
     loaded = load_domain_net(tmp_path / "domain.safetensors")
     assert loaded.meta.class_names == data.class_names and loaded.meta.val_accuracy is not None
+    assert np.array_equal(loaded.trained_on, image_hashes(data.images)) and len(set(loaded.trained_on)) == 32
+    assert not np.isin(image_hashes(data.images[:, ::-1]), loaded.trained_on).any()  # a flipped image is another
+    tensors = load_file(tmp_path / "domain.safetensors")
+    save_file({**tensors, TRAINED_ON: tensors[TRAINED_ON].float()}, tmp_path / "odd.safetensors",
+              metadata={"geca_domain": safe_open(str(tmp_path / "domain.safetensors"), "pt").metadata()["geca_domain"]})
+    with pytest.raises(DataError, match="must be a 1-D int64 tensor"):
+        load_domain_net(tmp_path / "odd.safetensors")
     ex = build_extractor("domain", tmp_path / "domain.safetensors")
     feats = ex.extract(data.images)
     assert feats.shape == (32, 128)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import typer
@@ -106,6 +107,10 @@ def features_train(
 
     fold, cv_val = split_flags(folds_file, fold, cv_val)
     output_file(out, "--out", ".safetensors", overwrite)
+    if split in ("test", "all"):
+        warnings.warn(f"--split {split}: features trained on held-out images make KID, FLD/GG and "
+                      "class-faithfulness against them optimistic; `geca evaluate` warns when its --real images "
+                      "are among them. Train on the generator's training split", stacklevel=2)
     splits = dict(image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
     train_set = load_split(data, split, **splits)
     try:

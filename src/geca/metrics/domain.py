@@ -18,12 +18,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from geca.data.imageset import ImageSet
+from geca.data.imageset import ImageSet, image_hashes
 from geca.errors import DataError
 from geca.utils.io import atomic_write
 
 ARCH = "geca-domain-cnn-v1"
 MAX_INPUT = 64  # larger images are downsampled: domain features need shape and texture, not fine detail
+TRAINED_ON = "trained_on.image_hashes"  # not a weight: what the network saw, to tell held-out data from it
 TRAINING = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "width": 32}
 
 
@@ -54,9 +55,10 @@ class DomainNet(nn.Module):
     a second or two on a CPU.
     """
 
-    def __init__(self, meta: DomainMeta) -> None:
+    def __init__(self, meta: DomainMeta, trained_on: np.ndarray | None = None) -> None:
         super().__init__()
         self.meta = meta
+        self.trained_on = trained_on  # image_hashes of its training images (None in older files)
         w = meta.width
         self.body = nn.Sequential(_block(meta.in_channels, w, 2), _block(w, 2 * w, 2), _block(2 * w, 4 * w))
         self.head = nn.Linear(4 * w, meta.num_classes)
@@ -108,7 +110,7 @@ def train_domain_net(data: ImageSet, seed: int = 0, epochs: int = TRAINING["epoc
                       num_classes=data.num_classes, width=width, class_names=list(data.class_names),
                       multilabel=data.multilabel, data=source or data.source, seed=seed, epochs=epochs)
     torch.manual_seed(seed)
-    net = DomainNet(meta).to(device)
+    net = DomainNet(meta, image_hashes(data.images)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(data) // batch_size))
     g = torch.Generator().manual_seed(seed)
@@ -136,6 +138,8 @@ def train_domain_net(data: ImageSet, seed: int = 0, epochs: int = TRAINING["epoc
 
 def save_domain_net(net: DomainNet, path: Path) -> None:
     tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if net.trained_on is not None:
+        tensors[TRAINED_ON] = torch.from_numpy(net.trained_on)
     metadata = {"geca_domain": json.dumps(asdict(net.meta))}
     atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
 
@@ -149,6 +153,7 @@ def load_domain_net(path: Path) -> DomainNet:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("geca_domain")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        trained_on = tensors.pop(TRAINED_ON, None)
     except (SafetensorError, OSError) as e:
         raise DataError(f"{path}: not a readable safetensors file ({e})") from None
     if raw is None:
@@ -159,7 +164,10 @@ def load_domain_net(path: Path) -> DomainNet:
         raise DataError(f"{path}: corrupt geca_domain metadata ({e})") from None
     if meta.arch != ARCH:
         raise DataError(f"{path}: architecture {meta.arch!r}, this version reads {ARCH!r}")
-    net = DomainNet(meta)
+    if trained_on is not None and (trained_on.dtype != torch.int64 or trained_on.ndim != 1):
+        raise DataError(f"{path}: {TRAINED_ON} must be a 1-D int64 tensor, got {trained_on.dtype} "
+                        f"{tuple(trained_on.shape)}")
+    net = DomainNet(meta, None if trained_on is None else trained_on.numpy())
     try:
         net.load_state_dict(tensors)
     except RuntimeError as e:

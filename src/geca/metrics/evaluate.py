@@ -16,7 +16,7 @@ import torch
 
 import geca
 from geca.data.folder_csv import load_folder_csv
-from geca.data.imageset import ImageSet
+from geca.data.imageset import ImageSet, image_hashes
 from geca.data.registry import load_split
 from geca.errors import DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
@@ -218,6 +218,9 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     gg_extractor = extractor if same else build_extractor(gg_name, gg_file, seed=s.seed, train=inputs.train,
                                                           log=log, device=s.device, flag="--gg-features-file")
 
+    for net in {id(n): n for n in (extractor, gg_extractor)}.values():
+        _warn_if_trained_on(net, inputs.real, ":".join(inputs.real_name))
+
     def features(net: FeatureExtractor, images: np.ndarray) -> np.ndarray:
         return net.extract(images, s.batch_size, s.device, s.progress)
 
@@ -279,6 +282,18 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     for stale in earlier - {r["grid"] for r in results}:
         out.with_name(stale).unlink(missing_ok=True)
     return report
+
+
+def _warn_if_trained_on(net: FeatureExtractor, real: ImageSet, name: str) -> None:
+    """A domain network trained on the held-out images makes them look closer to any set than they are."""
+    seen = getattr(getattr(net, "net", None), "trained_on", None)
+    if seen is None or not len(real):
+        return
+    shared = int(np.isin(image_hashes(real.images), seen).sum())
+    if shared:
+        warnings.warn(f"{net.source}: the {net.name} features were trained on {shared} of the {len(real)} --real "
+                      f"images ({name}); KID, FLD/GG and class-faithfulness against them are optimistic. Train "
+                      "them on the generator's training split (`geca features train --split train`)", stacklevel=2)
 
 
 def _grids_of(out: Path) -> set[str]:
