@@ -531,6 +531,31 @@ def test_folds_cli_falls_back_to_eye_id_with_a_warning(tmp_path):
         assert [r["patient_id"] for r in csv.DictReader(f)] == [f"e{i}" for i in range(6)]
 
 
+def test_an_eye_id_belongs_to_one_patient_unless_it_is_a_laterality(tmp_path):
+    csv_path = _folder(tmp_path, n=12)
+    rows = _rows(csv_path)
+    out = tmp_path / "folds.csv"
+
+    def run() -> object:
+        return CliRunner().invoke(_cli(), ["folds", "--data", str(csv_path), "--k", "3", "--out", str(out)])
+
+    rows[2]["eye_id"] = "e0"  # p1's image under p0's eye: its patients could land in two folds
+    _csv(csv_path, rows)
+    result = run()
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert f"error: {csv_path}: eye_id 'e0' is listed under patient_ids 'p0', 'p1'" in result.output
+    # OD/OS repeat across patients by design; the patients group the images
+    _csv(csv_path, [{**r, "eye_id": "OD" if i % 2 else "os"} for i, r in enumerate(rows)])
+    result = run()
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+    # without patient_id a laterality cannot group a patient's images
+    out.unlink()
+    _csv(csv_path, [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(csv_path)])
+    result = run()
+    assert result.exit_code == 2 and "eye_id holds laterality (OD, os)" in result.output and "patient_id" in \
+        result.output, result.output
+
+
 def test_folds_cli_missing_csv_exits_2_without_traceback(tmp_path):
     missing = tmp_path / "nope.csv"
     result = CliRunner().invoke(_cli(), ["folds", "--data", str(missing), "--out", str(tmp_path / "f.csv")])
