@@ -317,3 +317,25 @@ def test_tensorboard_logger_mirrors_log_csv_and_peak_memory_is_logged(blobs_npz:
     logged = [(e.step, e.value) for e in acc.Scalars("loss")]
     assert logged == [(int(r["step"]), pytest.approx(float(r["loss"]), rel=1e-6)) for r in rows]
     assert {"lr", "images_per_s", "peak_mem_mib"} <= set(acc.Tags()["scalars"])
+
+
+def test_ctrl_c_says_what_to_do_next(custom_run: Path, blobs_npz: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import geca.training.trainer
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geca.training.trainer, "train", interrupted)
+    res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--max-steps", "4", "--no-progress"])
+    assert res.exit_code == 130 and "Traceback" not in res.output, res.output
+    assert res.output.strip() == f"interrupted: `geca train --out {custom_run} --resume` continues from the last " \
+                                 "checkpoint"
+    res = runner.invoke(app, ["train", "--data", str(blobs_npz), "--out", str(tmp_path / "new"), *TINY])
+    assert (res.exit_code, res.output.strip()) == (130, "interrupted: before the first checkpoint; there is nothing "
+                                                        "to resume")
+    import geca.sampling.generate
+
+    monkeypatch.setattr(geca.sampling.generate, "write_sample_dir", interrupted)
+    res = runner.invoke(app, ["sample", "--run", str(custom_run), "--out", str(tmp_path / "s"), "--per-class", "1"])
+    assert (res.exit_code, res.output.strip()) == (130, "interrupted")

@@ -56,7 +56,8 @@ def at_home(value: Any) -> Any:
 
 def guarded(fn: F) -> F:
     """Every command's flags with `~` expanded (`at_home`); known user errors, and the machine's (a full disk, a
-    missing folder), print one `error:` line on stderr and exit 2 instead of a traceback."""
+    missing folder), print one `error:` line on stderr and exit 2 instead of a traceback; Ctrl-C prints one
+    `interrupted` line (with what to do next, where a command raises KeyboardInterrupt(hint)) and exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -65,6 +66,9 @@ def guarded(fn: F) -> F:
         except (*USER_ERRORS, OSError) as e:
             print(f"error: {describe(e)}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as e:  # files are written under temporary names, so nothing half-written stays
+            print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 

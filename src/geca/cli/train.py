@@ -120,6 +120,7 @@ def train(
     from geca.config import load_config
     from geca.models.config import named_model
     from geca.presets import resolve_config
+    from geca.run import checkpoint_dir, read_spec
     from geca.training.trainer import train as run_training
     from geca.utils.schema import apply_set, get_field
 
@@ -132,8 +133,6 @@ def train(
                               "with its own config (give the config it was trained with as -c CONFIG)")
     run_config = load_config(config)
     if resume and config == out / "config.yaml" and hasattr(run_config.model, "heredity"):
-        from geca.run import read_spec
-
         # a config.yaml written before model.heredity existed: the run's model.json says how it was trained
         run_config.model.heredity = getattr(read_spec(out).model, "heredity", run_config.model.heredity)
     before = copy.deepcopy(run_config) if resume else None
@@ -157,8 +156,13 @@ def train(
     changes = [] if before is None else [
         f"resume: {key} {get_field(before, key)!r} → {get_field(run_config, key)!r} ({flag})"
         for key, flag in names.items() if get_field(before, key) != get_field(run_config, key)]
-    summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), cpu=cpu,
-                           changes=changes)
+    try:
+        summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), cpu=cpu,
+                               changes=changes)
+    except KeyboardInterrupt:
+        saved = (checkpoint_dir(out) / "latest.json").is_file()
+        raise KeyboardInterrupt(f"`geca train --out {out} --resume` continues from the last checkpoint" if saved
+                                else "before the first checkpoint; there is nothing to resume") from None
     if summary["parameter_checksum"] is not None:
         typer.echo(f"parameters identical across {summary['processes']} processes "
                    f"(checksum {summary['parameter_checksum']:.10g})")
