@@ -125,3 +125,12 @@ def test_values_that_would_break_sampling_or_gated_training_are_refused() -> Non
     cfg.preview.sampler.steps = 10
     with pytest.raises(ConfigError, match=r"validation.sampler.steps must be ≤ diffusion.timesteps"):
         cfg.validate()
+
+
+def test_a_rule_on_two_keys_names_the_flag_that_set_either() -> None:
+    cfg = RunConfig()
+    cfg.diffusion.beta_end = 5.0
+    with pytest.raises(ConfigError, match=r"^--set diffusion.beta_end must be 0 < beta_start < beta_end < 1"):
+        cfg.validate({"diffusion.beta_end": "--set diffusion.beta_end"}, where="preset.yaml")
+    with pytest.raises(ConfigError, match=r"^preset.yaml: diffusion.beta_start/beta_end must be"):
+        cfg.validate({"train.lr": "--lr"}, where="preset.yaml")

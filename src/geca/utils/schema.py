@@ -198,8 +198,11 @@ class Checks:
         self.where = where
 
     def __call__(self, ok: bool, key: str, rule: str, value: Any) -> None:
+        """`key` may name several fields of one section (`diffusion.beta_start/beta_end`) that hold together."""
         if not ok:
-            name = self.names.get(key) or (f"{self.where}: {key}" if self.where else key)
+            section, _, fields = key.rpartition(".")
+            given = [self.names[k] for k in (key, *(f"{section}.{f}" for f in fields.split("/"))) if k in self.names]
+            name = " and ".join(dict.fromkeys(given)) or (f"{self.where}: {key}" if self.where else key)
             raise ConfigError(f"{name} must be {rule}, got {value!r}")
 
     def choice(self, value: Any, key: str, valid: tuple[str, ...]) -> None:
