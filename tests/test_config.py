@@ -134,3 +134,23 @@ def test_a_rule_on_two_keys_names_the_flag_that_set_either() -> None:
         cfg.validate({"diffusion.beta_end": "--set diffusion.beta_end"}, where="preset.yaml")
     with pytest.raises(ConfigError, match=r"^preset.yaml: diffusion.beta_start/beta_end must be"):
         cfg.validate({"train.lr": "--lr"}, where="preset.yaml")
+
+
+def test_a_preset_is_described_by_its_first_whole_sentence(tmp_path: Path) -> None:
+    from geca.presets import describe, presets
+
+    cases = {
+        "# GeCA-T on data (see: method.md §5), sized for 2 cores\n# (about an hour). More: here.\n": "GeCA-T on data "
+        "(see: method.md §5), sized for 2 cores (about an hour).",
+        "# The study on fundus images, the paper's settings:\n#   geca experiment x.yaml\n": "The study on fundus "
+        "images, the paper's settings",
+        "# Multi-label path, offline: GeCA-T at 32×32 (v0.5 layout).\ndata: {}\n": "Multi-label path, offline: "
+        "GeCA-T at 32×32 (v0.5 layout).",
+        "data: {}\n": "",
+    }
+    for i, (text, first) in enumerate(cases.items()):
+        (tmp_path / f"{i}.yaml").write_text(text)
+        assert describe(tmp_path / f"{i}.yaml") == first
+    for kind in ("run", "experiment"):
+        for path in presets(kind).values():
+            assert 20 < len(describe(path)) < 400, path

@@ -20,11 +20,20 @@ def presets(kind: str) -> dict[str, Path]:
 
 
 def describe(path: Path) -> str:
-    """A preset's first comment line."""
+    """A preset's first sentence: its leading comment up to the first '.' outside brackets, or a ':' that ends a
+    line (what follows it is a list or a command); its first line alone was often cut mid-sentence."""
+    lines = []
     for line in path.read_text().splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#") or line.startswith("#   "):  # an indented line is an example command
+            break
+        lines.append(line[1:].strip())
+    text, depth = "\n".join(lines) + "\n", 0
+    for i, ch in enumerate(text):
+        depth += (ch in "([{") - (ch in ")]}")
+        if depth == 0 and (ch == "." and text[i + 1].isspace() or ch == ":" and text[i + 1] == "\n"):
+            text = text[:i + (ch == ".")]
+            break
+    return " ".join(text.split())
 
 
 def resolve_config(value: str | Path, kind: str) -> Path:
