@@ -113,6 +113,12 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
         "expected SPEC:SPLIT": ["--generated", str(data["good"]), "--real", npz, "--no-lpips"],
         "not found": ["--generated", str(tmp_path / "missing"), "--real", f"{npz}:test", "--no-lpips"],
         "alexnet-owt-7be5be79.pth": ["--generated", str(data["good"]), "--real", f"{npz}:test"],
+        f"{tmp_path}: a folder; give the .safetensors file": ["--generated", str(data["good"]), "--real",
+                                                              f"{npz}:test", "--features", "domain",
+                                                              "--features-file", str(tmp_path)],
+        f"--features-file {tmp_path}: a folder; give the Inception-v3 (FID) weights file itself": [
+            "--generated", str(data["good"]), "--real", f"{npz}:test", "--features", "inception", "--features-file",
+            str(tmp_path)],
     }
     monkeypatch.delenv("GECA_WEIGHTS_DIR", raising=False)
     for message, args in cases.items():

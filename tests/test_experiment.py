@@ -246,6 +246,7 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
      "generator 'A' (its GHG twin, heredity gated): train.heredity_prob must be > 0"),
     ({"classification": {"epochs": 0}}, "bad.yaml: classification.epochs must be ≥ 1, got 0"),
     ({"classification": {"p_metric": "auroc"}}, "bad.yaml: classification.p_metric must be one of"),
+    ({"name": ""}, "bad.yaml: name is required"),
 ])
 def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
@@ -254,6 +255,12 @@ def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path:
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_experiment(path)
+
+
+def test_an_empty_study_file_says_what_a_study_needs(tmp_path: Path) -> None:
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty.yaml: empty; a study needs name, data.spec and generators"):
+        load_experiment(tmp_path / "empty.yaml")
 
 
 def test_missing_feature_weights_are_refused_before_any_stage_runs(tmp_path: Path,

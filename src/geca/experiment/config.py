@@ -264,6 +264,8 @@ def _check_choice(value: str, valid: tuple[str, ...], where: str) -> None:
 
 
 def _validate(exp: Experiment, path: Path) -> None:
+    if not exp.name:
+        raise ConfigError(f"{path}: name is required (letters, digits, '-' or '_'; it names runs/NAME)")
     if not NAME.match(exp.name):
         raise ConfigError(f"{path}: name {exp.name!r} must be letters, digits, '-' or '_' (it names runs/NAME)")
     if not exp.data.spec:
@@ -326,6 +328,9 @@ def load_experiment(path: str | Path) -> LoadedExperiment:
     path = Path(path)
     text = read_text(path, "experiment config")
     raw = parse_yaml(text, path)
+    if not raw:
+        raise ConfigError(f"{path}: empty; a study needs name, data.spec and generators (`geca configs` lists the "
+                          "shipped studies to start from)")
     exp = from_dict(Experiment, raw, str(path))
     _validate(exp, path)
     loaded = LoadedExperiment(exp=exp, path=path, text=text, cellular=None)

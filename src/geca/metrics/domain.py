@@ -146,6 +146,8 @@ def save_domain_net(net: DomainNet, path: Path) -> None:
 
 def load_domain_net(path: Path) -> DomainNet:
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder; give the .safetensors file that `geca features train` wrote")
     if not path.is_file():
         raise DataError(f"{path}: domain feature weights not found; create them with "
                         f"`geca features train --data SPEC --out {path}`")

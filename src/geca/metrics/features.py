@@ -169,6 +169,8 @@ def weights_path(name: str, file: str | Path | None, flag: str = "--features-fil
         return resolve_weights(file, INCEPTION_FILE, "Inception-v3 (FID)", INCEPTION_URL, flag)
     if name == "dinov2":
         return resolve_weights(file, DINOV2_FILE, "DINOv2 ViT-B/14", DINOV2_URL, flag)
+    if name == "domain" and file is not None and not Path(file).is_file():
+        load_domain_net(Path(file))  # says what is wrong with it, before any slow work
     return None
 
 

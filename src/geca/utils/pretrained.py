@@ -29,6 +29,9 @@ def resolve_weights(explicit: str | Path | None, filename: str, what: str, url: 
     (where torchvision puts it); it must exist."""
     if explicit is not None:
         candidates = [Path(explicit).expanduser()]
+        if candidates[0].is_dir():
+            raise MissingWeightsError(f"{flag} {explicit}: a folder; give the {what} weights file itself "
+                                      f"({filename}), or name the folder with ${WEIGHTS_DIR_ENV}")
     else:
         candidates = [Path(os.environ[WEIGHTS_DIR_ENV]).expanduser() / filename] if os.environ.get(WEIGHTS_DIR_ENV) \
             else []
