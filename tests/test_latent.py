@@ -213,3 +213,31 @@ def test_train_and_sample_through_a_vae_write_decoded_images(blobs_npz: Path, tm
     res = runner.invoke(app, ["sample", "--run", str(run), "--out", str(tmp_path / "s2"), "--per-class", "1",
                               "--sampler", "ddim", "--steps", "2", "--no-progress"])
     assert res.exit_code == 2 and "differ from those the run was trained with" in res.output
+
+
+def test_a_bin_vae_loads_as_plain_tensors_without_diffusers_warning(tmp_path: Path,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    import pickle
+
+    from geca.errors import LatentError
+    from geca.latent.vae import load_vae
+
+    safe = make_vae(tmp_path / "safe")
+    root = make_vae(tmp_path / "bin")
+    (root / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(load_vae(safe).state_dict(), root / "diffusion_pytorch_model.bin")
+    capfd.readouterr()
+    vae = load_vae(root)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), load_vae(safe).state_dict().values(),
+                                                 strict=True))
+    assert "unsafe" not in "".join(capfd.readouterr())
+    marker = tmp_path / "pwned"
+
+    class Touch:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (marker,))
+
+    (root / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"encoder.conv_in.weight": Touch()}))
+    with pytest.raises(LatentError, match="diffusion_pytorch_model.bin: holds objects other than tensors"):
+        load_vae(root)
+    assert not marker.exists()

@@ -77,9 +77,17 @@ def load_vae(root: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """AutoencoderKL.from_pretrained on a resolved local directory, frozen, in eval mode."""
     from diffusers import AutoencoderKL  # lazily: importing diffusers takes seconds
 
-    weights_file(root)
+    weights = weights_file(root)
+    if weights.suffix == ".bin":
+        from geca.utils.pretrained import load_torch_file
+
+        try:  # a file that passes torch's weights-only reader holds nothing that runs, whoever reads it next
+            load_torch_file(weights)
+        except (ValueError, RuntimeError, OSError, EOFError) as e:
+            raise LatentError(f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     try:
-        vae = AutoencoderKL.from_pretrained(root)
+        # named, so that a .bin is read without diffusers' "defaulting to unsafe serialization" (it is not)
+        vae = AutoencoderKL.from_pretrained(root, use_safetensors=weights.suffix == ".safetensors")
     except (OSError, ValueError, RuntimeError) as e:
         raise LatentError(f"{root}: cannot load the VAE ({str(e).splitlines()[0]})") from None
     return vae.to(device).eval().requires_grad_(False)
