@@ -21,7 +21,7 @@ from geca.data.registry import load_split
 from geca.errors import DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
-from geca.metrics.features import FeatureExtractor, build_extractor, weights_path
+from geca.metrics.features import DomainFeatures, FeatureExtractor, build_extractor, weights_path
 from geca.metrics.fld import fld
 from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_standard_error, kid_subset_size, min_generated
 from geca.metrics.report import real_vs_generated_grid
@@ -286,10 +286,9 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
 
 def _warn_if_trained_on(net: FeatureExtractor, real: ImageSet, name: str) -> None:
     """A domain network trained on the held-out images makes them look closer to any set than they are."""
-    seen = getattr(getattr(net, "net", None), "trained_on", None)
-    if seen is None or not len(real):
+    if not isinstance(net, DomainFeatures) or net.net.trained_on is None:
         return
-    shared = int(np.isin(image_hashes(real.images), seen).sum())
+    shared = int(np.isin(image_hashes(real.images), net.net.trained_on).sum())
     if shared:
         warnings.warn(f"{net.source}: the {net.name} features were trained on {shared} of the {len(real)} --real "
                       f"images ({name}); KID, FLD/GG and class-faithfulness against them are optimistic. Train "
