@@ -205,6 +205,27 @@ def test_paired_bootstrap_over_test_cases() -> None:
     assert slightly.p > 0.05
 
 
+def test_the_bootstrap_resamples_a_patient_whole() -> None:
+    """40 eyes of 10 identical scans each: as scans the bootstrap sees 400 independent cases and finds a difference
+    that 40 eyes do not support; resampled by eye it gives the p of the 40 eyes themselves."""
+    rng = np.random.default_rng(5)
+    y = np.eye(2)[rng.integers(0, 2, 40)]
+    a, b = (np.clip(y * s + rng.random(y.shape) * (1 - s), 0, 1) for s in (0.15, 0.1))
+
+    def auc(labels: np.ndarray, probs: np.ndarray) -> float:
+        return macro_metric(labels, probs, True, "auc")
+
+    eyes = paired_bootstrap(auc, [y], [a], [b], n_boot=300)
+    copies = np.repeat(np.arange(40), 10)
+    scans = paired_bootstrap(auc, [y[copies]], [a[copies]], [b[copies]], n_boot=300)
+    whole = paired_bootstrap(auc, [y[copies]], [a[copies]], [b[copies]], n_boot=300, groups=[copies.astype(str)])
+    assert scans.mean_diff == pytest.approx(eyes.mean_diff) == pytest.approx(whole.mean_diff)
+    assert eyes.p > 0.3 and scans.p < 0.01 and (eyes.n, scans.n, whole.n) == (40, 400, 40)
+    assert whole.p == pytest.approx(eyes.p, rel=0.35)
+    with pytest.raises(ValueError, match="one group id per test case"):
+        paired_bootstrap(auc, [y], [a], [b], groups=[copies])
+
+
 def _unit(arm: str, fold: int, seed: int, labels: np.ndarray, probs: np.ndarray) -> UnitResult:
     return UnitResult(arm, fold, seed, 1, 0.5, 0.0, len(labels), 0, labels, probs, None)
 
@@ -559,11 +580,18 @@ def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Pat
     assert [u["fold"] for u in summary["arms"]["+oct"]["units"]] == [0, 1]
     from geca.data.registry import load_split
 
+    patients = eyes = 0
     for s in summary["splits"]:  # test = fold k, val = fold k+1, train = the third fold
         test, val = (load_split(data, split, folds_file=tmp_path / "folds.csv", fold=s["fold"]) for split in
                      ("test", "val"))
         assert (s["test"], s["val"]) == (len(test), len(val))
         assert not set(test.patient_ids) & set(val.patient_ids)
+        patients, eyes = patients + len(set(test.patient_ids)), eyes + len(set(test.eye_ids))
+    # the bootstrap resamples the test patients, at scan and at eye level
+    assert summary["bootstrap_resamples"] == "patients" and patients < eyes < sum(s["test"] for s in summary["splits"])
+    for level in ("scan", "eye"):
+        assert summary["arms"]["+oct"]["significance"][level]["cases"]["map"]["n"] == patients
+    assert "resampling patients whole" in (tmp_path / "cv" / "table.md").read_text()
     eye_table = (tmp_path / "cv" / "table.md").read_text().split("## Eye level")[1]
     assert "| +oct |" in eye_table and "acc" not in summary["metrics"]
     significance = summary["arms"]["+oct"]["significance"]["eye"]["folds"]

@@ -272,6 +272,7 @@ class UnitResult:
     probs: np.ndarray
     eyes: np.ndarray | None
     history: list[dict[str, float]] = field(default_factory=list)
+    patients: np.ndarray | None = None  # the test cases' patients: the bootstrap resamples them whole
 
 
 @dataclass
@@ -352,7 +353,7 @@ def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> Protoc
                 probs = predict(trained.model, test_x, multilabel, trained.normalise, device)
                 results.append(UnitResult(arm.name, fold, seed, trained.best_epoch, trained.best_val_auc,
                                           round(time.time() - t0, 2), len(real_x), n_syn, split.test.labels,
-                                          probs, split.test.eye_ids, trained.history))
+                                          probs, split.test.eye_ids, trained.history, split.test.patient_ids))
                 outer.update()
     outer.close()
     return ProtocolResult(protocol.data, results, list(data.reference.class_names), multilabel, data.protocol, sizes)

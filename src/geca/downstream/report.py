@@ -60,10 +60,21 @@ def _stat(values: list[float]) -> dict[str, Any]:
             float("nan"), "n": len(v)}
 
 
-def _ensemble(units: list[UnitResult], fold: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """One fold's test labels and scores averaged over its seeds (one score per test case)."""
+def _ensemble(units: list[UnitResult], fold: int | None) -> tuple[np.ndarray, np.ndarray, UnitResult]:
+    """One fold's test labels, scores averaged over its seeds (one score per test case), and one of its units."""
     mine = [u for u in units if u.fold == fold]
-    return mine[0].labels, np.mean([u.probs for u in mine], axis=0), mine[0].eyes
+    return mine[0].labels, np.mean([u.probs for u in mine], axis=0), mine[0]
+
+
+def _clusters(unit: UnitResult, level: str) -> np.ndarray | None:
+    """What the bootstrap resamples whole at `level`: each scan's patient (else its eye), or each eye's patient (in
+    eye_level's sorted order); None where every case stands alone."""
+    if level == "scan":
+        return unit.patients if unit.patients is not None else unit.eyes
+    if unit.patients is None or unit.eyes is None:
+        return None
+    _, first = np.unique(np.asarray(unit.eyes).astype(str), return_index=True)
+    return np.asarray(unit.patients)[first]
 
 
 def summarise(protocol: ProtocolResult, arms: list[str], seeds: int, eye_agg: str, test: str, p_metric: str,
@@ -90,6 +101,8 @@ def summarise(protocol: ProtocolResult, arms: list[str], seeds: int, eye_agg: st
                                                                           else fold_test],
         "tests": {"cases": TEST_NAMES["bootstrap"], "folds": TEST_NAMES[fold_test] if len(folds) > 1 else None},
         "bootstrap": n_boot, "spread_over": "folds" if len(folds) > 1 else "seeds",
+        "bootstrap_resamples": "patients" if all(r.patients is not None for r in protocol.results) else
+        "eyes" if has_eyes else "cases",
         "baseline": BASELINE if BASELINE in arms else None, "config": config, "arms": {},
     }
     for arm, units in by_arm.items():
@@ -127,12 +140,13 @@ def _significance(arm: list[UnitResult], base: list[UnitResult], arm_entry: dict
     for level in levels:
         inputs = []
         for f in folds:
-            (y, a, eyes), (_, b, _) = _ensemble(arm, f), _ensemble(base, f)
+            (y, a, unit), (_, b, _) = _ensemble(arm, f), _ensemble(base, f)
             if level == "eye":
-                (a, y), (b, _) = eye_level(a, y, eyes, ml, eye_agg), eye_level(b, y, eyes, ml, eye_agg)
-            inputs.append((y, a, b))
+                (a, y), (b, _) = eye_level(a, y, unit.eyes, ml, eye_agg), eye_level(b, y, unit.eyes, ml, eye_agg)
+            inputs.append((y, a, b, _clusters(unit, level)))
         cases = paired_bootstrap(lambda y, p: macro_metric(y, p, ml, p_metric), [i[0] for i in inputs],
-                                 [i[1] for i in inputs], [i[2] for i in inputs], n_boot=n_boot)
+                                 [i[1] for i in inputs], [i[2] for i in inputs], n_boot=n_boot,
+                                 groups=[i[3] for i in inputs])
         out[level] = {"cases": {p_metric: cases.to_dict()}}
         if len(folds) > 1:
             out[level]["folds"] = {m: paired_test([x[level][m] for x in arm_entry["folds"]],
@@ -186,9 +200,11 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {arm} | " + " | ".join(cells) + " | "
                          + " | ".join(_p_cell(summary, arm, level, c) for c in columns) + " |")
     if summary["baseline"] is not None and len(summary["arms"]) > 1:
-        cases = sum(s["test"] for s in summary["splits"])
-        notes = {"cases": f"paired bootstrap of {COLUMNS[summary['p_metric']]} over the {cases} test cases (scans, or "
-                          f"eyes at eye level; {summary['bootstrap']} replicates, seeds' scores averaged per case), "
+        whole = {"patients": "resampling patients whole (all their scans, or eyes at eye level)",
+                 "eyes": "resampling eyes whole (all their scans)",
+                 "cases": "resampling single cases"}[summary.get("bootstrap_resamples", "cases")]
+        notes = {"cases": f"paired bootstrap of {COLUMNS[summary['p_metric']]} over the test cases, {whole} "
+                          f"({summary['bootstrap']} replicates, seeds' scores averaged per case), "
                           "p from D = Δ/sd(Δ*) as pROC's bootstrap test",
                  "folds": f"{summary['tests']['folds']} of {COLUMNS[summary['p_metric']]} over the {folds} folds "
                           "(each the mean of its seeds)"}
