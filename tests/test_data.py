@@ -544,10 +544,12 @@ def test_an_eye_id_belongs_to_one_patient_unless_it_is_a_laterality(tmp_path):
     result = run()
     assert result.exit_code == 2 and not out.exists(), result.output
     assert f"error: {csv_path}: eye_id 'e0' is listed under patient_ids 'p0', 'p1'" in result.output
-    # OD/OS repeat across patients by design; the patients group the images
+    # OD/OS repeat across patients by design; the patients group the images, and each patient's OD is an eye
     _csv(csv_path, [{**r, "eye_id": "OD" if i % 2 else "os"} for i, r in enumerate(rows)])
     result = run()
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+    eyes = load_folder_csv(csv_path, "all").eye_ids
+    assert eyes.tolist()[:4] == ["p0-os", "p0-OD", "p1-os", "p1-OD"] and len(set(eyes)) == 12
     # without patient_id a laterality cannot group a patient's images
     out.unlink()
     _csv(csv_path, [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(csv_path)])

@@ -104,7 +104,7 @@ def read_table(csv_path: str | Path, root: str | Path | None = None) -> CsvTable
     patient_ids = _id_column(rows, "patient_id", csv_path) if "patient_id" in header else None
     eye_ids = _id_column(rows, "eye_id", csv_path) if "eye_id" in header else None
     if eye_ids is not None:
-        _check_eyes(csv_path, eye_ids, patient_ids)
+        eye_ids = _own_eye_ids(csv_path, eye_ids, patient_ids)
     return CsvTable(csv_path=csv_path, root=root, filenames=filenames, paths=paths, labels=labels,
                     class_names=class_names, patient_ids=patient_ids, eye_ids=eye_ids)
 
@@ -112,17 +112,18 @@ def read_table(csv_path: str | Path, root: str | Path | None = None) -> CsvTable
 LATERALITY = {"od", "os", "ou", "l", "r", "le", "re", "left", "right"}
 
 
-def _check_eyes(csv_path: Path, eye_ids: np.ndarray, patient_ids: np.ndarray | None) -> None:
-    """An eye_id is either a laterality (OD/OS, shared by every patient) or one eye's own id; as its own id it
-    belongs to one patient, else that eye's images could land in two folds under two patient ids."""
+def _own_eye_ids(csv_path: Path, eye_ids: np.ndarray, patient_ids: np.ndarray | None) -> np.ndarray:
+    """One id per eye. An eye_id is either a laterality (OD/OS, shared by every patient), which becomes
+    PATIENT-OD so that eye-level scores do not merge every patient's right eyes into one, or one eye's own id, which
+    must belong to one patient, else that eye's images could land in two folds under two patient ids."""
     laterality = {str(e).lower() for e in eye_ids} <= LATERALITY
     if patient_ids is None:
         if laterality:
             raise DataError(f"{csv_path}: eye_id holds laterality ({', '.join(sorted(set(eye_ids.tolist())))}), "
                             "which cannot group a patient's images into one fold; add a patient_id column")
-        return
+        return eye_ids
     if laterality:
-        return
+        return np.array([f"{p}-{e}" for p, e in zip(patient_ids.tolist(), eye_ids.tolist(), strict=True)])
     owners: dict[str, set[str]] = {}
     for eye, patient in zip(eye_ids.tolist(), patient_ids.tolist(), strict=True):
         owners.setdefault(eye, set()).add(patient)
@@ -132,6 +133,7 @@ def _check_eyes(csv_path: Path, eye_ids: np.ndarray, patient_ids: np.ndarray | N
         more = f" (and {len(shared) - 1} more eye_ids)" if len(shared) > 1 else ""
         raise DataError(f"{csv_path}: eye_id {eye!r} is listed under patient_ids {', '.join(map(repr, patients))}"
                         f"{more}; one eye belongs to one patient (an eye_id of OD/OS laterality may repeat)")
+    return eye_ids
 
 
 def _open(path: Path) -> Image.Image:
