@@ -108,7 +108,16 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
             "--gg-features", "random"]
     other = blob_images(n=4, size=12, classes=3)
     wrong = write_sample_dir(tmp_path / "wrong", other.images, other.labels, [*NAMES, "class 2"])
+    like = blob_images(n=100, size=12, seed=7)
+    like.labels[3] = 0  # an image of no class
+    unlabelled = write_sample_dir(tmp_path / "unlabelled", like.images, like.labels, NAMES)
     cases = {
+        "every one of its 80 images is in --train": ["--generated", str(data["good"]), "--real",
+                                                     f"{tmp_path}/../{tmp_path.name}/blobs.npz:train", "--no-lpips"],
+        "give the same grid file name": ["--generated", f"x y={data['good']}", f"x_y={data['noise']}", "--real",
+                                         f"{npz}:test", "--no-lpips"],
+        "image images/000003.png has 0 labels; the real data is multi-class": [
+            "--generated", str(unlabelled), "--real", f"{npz}:test", "--no-lpips"],
         "differ from real classes": ["--generated", str(wrong), "--real", f"{npz}:test", "--no-lpips"],
         "expected SPEC:SPLIT": ["--generated", str(data["good"]), "--real", npz, "--no-lpips"],
         "not found": ["--generated", str(tmp_path / "missing"), "--real", f"{npz}:test", "--no-lpips"],
@@ -231,16 +240,18 @@ def test_domain_features_trained_once_cached_or_from_a_file(data: dict[str, Path
 def test_features_trained_on_the_held_out_images_are_flagged(data: dict[str, Path], tmp_path: Path) -> None:
     npz = str(data["npz"])
     files = {}
-    for split in ("train", "test"):  # an npz has no split `all`
-        files[split] = tmp_path / f"{split}.safetensors"
+    for split, size in (("train", None), ("test", None), ("test", 16)):  # an npz has no split `all`
+        key = split if size is None else f"{split}{size}"
+        files[key] = tmp_path / f"{key}.safetensors"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = runner.invoke(app, ["features", "train", "--data", npz, "--split", split, "--out",
-                                      str(files[split]), "--epochs", "1"])
+            res = runner.invoke(app, ["features", "train", "--data", npz, "--split", split, "--out", str(files[key]),
+                                      "--epochs", "1", *([] if size is None else ["--image-size", str(size)])])
         assert res.exit_code == 0, res.output
         held_out = [w for w in caught if "held-out images" in str(w.message)]
         assert bool(held_out) == (split != "train"), (split, [str(w.message) for w in caught])
-    for split, shared in (("train", 0), ("test", 120)):
+    # test16 saw the test images at 16 px: they are compared at that size, not at the generated 12 px
+    for split, shared in (("train", 0), ("test", 120), ("test16", 120)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test",

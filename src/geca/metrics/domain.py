@@ -41,6 +41,7 @@ class DomainMeta:
     seed: int = 0
     epochs: int = 0
     val_accuracy: float | None = None
+    data_size: int | None = None  # the training images' size, at which `trained_on` fingerprints them
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -108,7 +109,8 @@ def train_domain_net(data: ImageSet, seed: int = 0, epochs: int = TRAINING["epoc
         raise DataError(f"{data.source}: at least 2 images are needed to train domain features, got {len(data)}")
     meta = DomainMeta(in_channels=data.channels, input_size=min(data.resolution, MAX_INPUT),
                       num_classes=data.num_classes, width=width, class_names=list(data.class_names),
-                      multilabel=data.multilabel, data=source or data.source, seed=seed, epochs=epochs)
+                      multilabel=data.multilabel, data=source or data.source, seed=seed, epochs=epochs,
+                      data_size=data.resolution)
     torch.manual_seed(seed)
     net = DomainNet(meta, image_hashes(data.images)).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)

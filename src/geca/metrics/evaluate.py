@@ -125,6 +125,11 @@ def _check_compatible(name: str, gen: ImageSet, real: ImageSet, what: str) -> No
         raise DataError(f"{name}: generated classes {gen.class_names} differ from {what} classes {real.class_names}")
     if gen.channels != real.channels:
         raise DataError(f"{name}: generated images have {gen.channels} channel(s), {what} images {real.channels}")
+    # a row with no class or several would be read as its argmax by per-class KID and faithfulness
+    bad = np.flatnonzero(gen.labels.sum(1) != 1) if not real.multilabel else []
+    if len(bad):
+        raise DataError(f"{name}: image {gen.ids[bad[0]]} has {int(gen.labels[bad[0]].sum())} labels; the {what} "
+                        "data is multi-class (one label per image)")
 
 
 def score_set(gen: ImageSet, real: ImageSet, feats: SetFeatures, protocol: str, seed: int,
@@ -168,6 +173,9 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     names = [n for n, _, _ in gens]
     if len(set(names)) != len(names):
         raise DataError(f"generated sets need distinct names, got {names}; name them NAME=DIR")
+    if len({_safe(n) for n in names}) != len(names):  # one grid file would replace another
+        raise DataError(f"generated set names {names} give the same grid file name; name them NAME=DIR with "
+                        "names that differ in letters or digits")
     sizes = {g.resolution for _, _, g in gens}
     if len(sizes) > 1:
         raise DataError(f"generated sets have different resolutions {sorted(sizes)}; evaluate them separately")
@@ -181,8 +189,22 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")
     _check_compatible(":".join(train_name), train, real, "real")
+    _check_held_out(real, train, s.real, s.train)
     _check_sizes(gens, real, train, s.protocol)
     return EvalInputs(gens, real, train, real_name, train_name, size)
+
+
+def _check_held_out(real: ImageSet, train: ImageSet, real_flag: str, train_flag: str) -> None:
+    """--real must be held out from --train, however the two are spelt: compared image by image."""
+    shared = int(np.isin(image_hashes(real.images), image_hashes(train.images)).sum())
+    if shared == len(real):
+        raise DataError(f"--real {real_flag}: every one of its {len(real)} images is in --train {train_flag}; the "
+                        "generator's training images would be scored as held-out data (FLD and GG compare the two). "
+                        "Give --real a held-out split, e.g. SPEC:test")
+    if shared:
+        warnings.warn(f"--real {real_flag}: {shared} of its {len(real)} images are also in --train {train_flag} "
+                      "(duplicates across the splits?); they count as held-out in KID, FLD/GG and faithfulness",
+                      stacklevel=2)
 
 
 def _check_sizes(gens: list[tuple[str, Path, ImageSet]], real: ImageSet, train: ImageSet, protocol: str) -> None:
@@ -219,7 +241,7 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
                                                           log=log, device=s.device, flag="--gg-features-file")
 
     for net in {id(n): n for n in (extractor, gg_extractor)}.values():
-        _warn_if_trained_on(net, inputs.real, ":".join(inputs.real_name))
+        _warn_if_trained_on(net, inputs, s)
 
     def features(net: FeatureExtractor, images: np.ndarray) -> np.ndarray:
         return net.extract(images, s.batch_size, s.device, s.progress)
@@ -284,15 +306,20 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     return report
 
 
-def _warn_if_trained_on(net: FeatureExtractor, real: ImageSet, name: str) -> None:
-    """A domain network trained on the held-out images makes them look closer to any set than they are."""
+def _warn_if_trained_on(net: FeatureExtractor, inputs: EvalInputs, s: EvalSettings) -> None:
+    """A domain network trained on the held-out images makes them look closer to any set than they are. Its
+    fingerprints are of its training images at their size: --real is compared at that size."""
     if not isinstance(net, DomainFeatures) or net.net.trained_on is None:
         return
+    size = net.net.meta.data_size
+    real = inputs.real if size in (None, inputs.size) else load_split(
+        *inputs.real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     shared = int(np.isin(image_hashes(real.images), net.net.trained_on).sum())
     if shared:
         warnings.warn(f"{net.source}: the {net.name} features were trained on {shared} of the {len(real)} --real "
-                      f"images ({name}); KID, FLD/GG and class-faithfulness against them are optimistic. Train "
-                      "them on the generator's training split (`geca features train --split train`)", stacklevel=2)
+                      f"images ({':'.join(inputs.real_name)}); KID, FLD/GG and class-faithfulness against them are "
+                      "optimistic. Train them on the generator's training split (`geca features train --split "
+                      "train`)", stacklevel=2)
 
 
 def _grids_of(out: Path) -> set[str]:
