@@ -455,3 +455,21 @@ def test_report_caveat_names_near_chance_generators_only() -> None:
     assert _untrained(Reader(0.84), ["DiT", "LDM"]) == []  # only the generators a table shows
     (line, _) = _untrained(Reader(0.25), ["DiT"])  # a judge near chance on real images cannot rank anything
     assert "judge scores real images 0.25 (chance 0.20)" in line
+
+
+def test_the_real_stage_follows_cv_val(tmp_path: Path) -> None:
+    """Its training split feeds FLD/GG and the domain features: another cv_val is another split."""
+    def real_params(cv_val: str | None) -> dict:
+        raw = yaml.safe_load((PRESETS / "synthetic-oct-cpu.yaml").read_text())
+        if cv_val is not None:
+            raw["data"]["cv_val"] = cv_val
+        for g in raw["generators"]:  # relative to the preset's folder
+            g["config"] = str((PRESETS / g["config"]).resolve())
+        path = tmp_path / "edited.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        stages = build_stages(Context(load_experiment(path), tmp_path, torch.device("cpu"), log=lambda s: None))
+        return next(s.params for s in stages if s.id == "real")
+
+    default = real_params(None)
+    assert real_params("slice") == default and "cv_val" not in default  # finished studies keep their key
+    assert real_params("next-fold") == {**default, "cv_val": "next-fold"}

@@ -252,7 +252,9 @@ def build_stages(ctx: Context) -> list[Stage]:
                 name=name, fold=fold)
     real = []
     if exp.data.cv:
-        add("real", real_stage, base, {"fold": ctx.eval_fold, "image_size": exp.data.image_size})
+        # its training split follows cv_val; keyed only when not the default, so finished studies stay done
+        cv_val = {} if exp.data.cv_val == "slice" else {"cv_val": exp.data.cv_val}
+        add("real", real_stage, base, {"fold": ctx.eval_fold, "image_size": exp.data.image_size, **cv_val})
         real = ["real"]
     ev = exp.evaluation
     sampling = {"seed": exp.seed, "batch": exp.sample_batch_size}
