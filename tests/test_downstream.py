@@ -164,6 +164,18 @@ def test_eye_level_multiclass_needs_one_class_per_eye() -> None:
     np.testing.assert_allclose(agg, [[.55, .45], [.2, .8]])
     with pytest.raises(DataError, match="eye 'a' has scans of different classes"):
         eye_level(probs, np.eye(2)[[0, 1, 1]], np.array(["a", "a", "b"]), multilabel=False)
+    # after training, such an eye drops the eye level with a warning: the scan-level scores are kept
+    rng = np.random.default_rng(0)
+    y = np.eye(2)[rng.integers(0, 2, 40)]
+    eyes = np.repeat(np.arange(20).astype(str), 2)
+    units = [UnitResult(arm, None, 0, 1, 0.5, 0.0, 40, 0, y, rng.random(y.shape), eyes)
+             for arm in ("geometric", "+syn")]
+    with pytest.warns(UserWarning, match="eye '.*' has scans of different classes.*only scan level is reported"):
+        summary = summarise(ProtocolResult("toy", units, ["a", "b"], False, "fixed split",
+                                           [{"fold": None, "train": 10, "val": 5, "test": 40}]),
+                            ["geometric", "+syn"], 1, "max", "auto", "auc", 50, {})
+    assert summary["levels"] == ["scan"] and summary["bootstrap_resamples"] == "eyes"
+    assert "Eye level" not in markdown(summary)
 
 
 # ----------------------------------------------------------------------------------------------- significance

@@ -160,9 +160,14 @@ def eye_level(probs: np.ndarray, labels: np.ndarray, eyes: np.ndarray, multilabe
               ) -> tuple[np.ndarray, np.ndarray]:
     """Aggregated (probs, labels) per eye; multi-class data must have one class per eye to stay multi-class."""
     agg, agg_labels, keys = aggregate_groups(probs, labels, eyes, how)
-    if not multilabel:
-        mixed = np.flatnonzero(agg_labels.sum(1) != 1)
-        if len(mixed):
-            raise DataError(f"eye {str(keys[mixed[0]])!r} has scans of different classes; eye-level scoring of "
-                            "multi-class data needs one class per eye")
+    if not multilabel and (mixed := mixed_eye(labels, eyes)) is not None:
+        raise DataError(f"eye {mixed!r} has scans of different classes; eye-level scoring of multi-class data needs "
+                        "one class per eye")
     return agg, agg_labels
+
+
+def mixed_eye(labels: np.ndarray, eyes: np.ndarray) -> str | None:
+    """The first eye (in sorted order) whose scans carry different one-hot classes, or None."""
+    _, agg_labels, keys = aggregate_groups(np.asarray(labels, dtype=np.float64), labels, eyes)
+    mixed = np.flatnonzero(agg_labels.sum(1) != 1)
+    return str(keys[mixed[0]]) if len(mixed) else None

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from geca.downstream.metrics import binary_auc, eye_level, macro_metric, score
+from geca.downstream.metrics import binary_auc, eye_level, macro_metric, mixed_eye, score
 from geca.downstream.protocol import BASELINE, ProtocolResult, UnitResult
 from geca.downstream.significance import FOLD_TESTS, TEST_NAMES, paired_bootstrap, paired_test
 from geca.errors import ConfigError
@@ -89,7 +90,12 @@ def summarise(protocol: ProtocolResult, arms: list[str], seeds: int, eye_agg: st
     if p_metric not in metrics:
         raise ValueError(f"--p-metric {p_metric!r} is not reported for this data; valid: {', '.join(metrics)}")
     has_eyes = all(r.eyes is not None for r in protocol.results)
-    levels = ["scan", "eye"] if has_eyes else ["scan"]
+    mixed = None if ml or not has_eyes else next(
+        (m for r in protocol.results if (m := mixed_eye(r.labels, r.eyes)) is not None), None)
+    if mixed is not None:  # scan level still holds: report it rather than lose every trained classifier's scores
+        warnings.warn(f"eye {mixed!r} has scans of different classes; eye-level scores of multi-class data need one "
+                      "class per eye, so only scan level is reported", stacklevel=2)
+    levels = ["scan", "eye"] if has_eyes and mixed is None else ["scan"]
     folds = [s["fold"] for s in protocol.sizes]
     stars_from = _stars_from(test, len(folds))
     fold_test = test if test in FOLD_TESTS else "ttest"
