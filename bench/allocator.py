@@ -46,15 +46,17 @@ def child(args: argparse.Namespace) -> list[dict]:
     for name in args.configs.split(","):
         torch.manual_seed(0)
         model = build_model(model_config(name, args), args.channels, args.classes, args.resolution).to(device).eval()
-        sc = SamplerConfig(sampler="ddim", steps=args.steps, ghg="hidden" if model.has_cell_state else "none")
+        sc = SamplerConfig(sampler="ddim", steps=args.steps, ghg="hidden" if model.has_cell_state else "none",
+                           clip_x0=True)
         sampling_seconds(model, diffusion, sc, args.batch, shape, args.classes, device)  # warm-up
         s = _counted(lambda: sampling_seconds(model, diffusion, sc, args.batch, shape, args.classes, device), 1)  # noqa: B023
         rows.append({"config": name, "work": "sample", "ms_per_image_step": 1e3 * s["seconds"] / args.batch
                      / args.steps, "minor_faults": s["minor_faults"], "kernel_fraction": s["kernel_fraction"]})
         attention = "fast" if model.has_cell_state else "-"
         # step_time runs one untimed step, then `repeats` timed ones, and returns their median.
-        s = _counted(lambda: step_time(name, attention, "fp32", args.train_batch, args.channels,  # noqa: B023
-                                       args.resolution, args.classes, args.repeats, device), args.repeats + 1)
+        s = _counted(lambda: step_time(model_config(name, args), attention, "fp32", args.train_batch,  # noqa: B023
+                                       args.channels, args.resolution, args.classes, args.repeats, device)[0],
+                     args.repeats + 1)
         rows.append({"config": name, "work": "train", "ms_per_image_step": 1e3 * s["seconds"] / args.train_batch,
                      "minor_faults": s["minor_faults"], "kernel_fraction": s["kernel_fraction"]})
     return rows

@@ -53,3 +53,29 @@ def test_train_step_variants_say_what_they_run() -> None:
     for bad in ("cpu+jit", "cpu:sparse"):
         with pytest.raises(SystemExit, match="unknown variant"):
             variant_config(named_model("GeCA-T"), bad)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "bench").glob("*.py")
+                                          if p.name != "common.py"))
+def test_every_benchmark_starts(script: str) -> None:
+    """`make bench` runs each script: one that cannot import its helpers fails there, after the others ran."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    res = subprocess.run([sys.executable, script, "--help"], cwd=bench, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "usage:" in res.stdout, res.stderr[-2000:]
+
+
+def test_the_allocator_benchmark_runs_its_rows() -> None:
+    """It calls the sampling and training timers of bench/sample.py and bench/train_step.py in child processes."""
+    import json
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    res = subprocess.run([sys.executable, "allocator.py", "--configs", "GeCA-T", "--steps", "1", "--repeats", "1",
+                          "--batch", "2", "--train-batch", "2", "--resolution", "8", "--channels", "1", "--classes",
+                          "2", "--json"], cwd=bench, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])["rows"]
+    assert [(r["config"], r["work"]) for r in rows] == [("GeCA-T", "sample"), ("GeCA-T", "train")]
+    assert all(r["default_ms_per_image_step"] > 0 and r["tuned_ms_per_image_step"] > 0 for r in rows)
