@@ -189,7 +189,10 @@ def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.
     monkeypatch.setattr(c, "cpp_compiler", lambda: "g++")
     cpu, plain = torch.device("cpu"), TrainConfig()
     assert named_model("GeCA-T").attention == "auto"
-    assert c.compile_for_run(_spec(named_model("GeCA-T")), plain, cpu, 3000, 32) == (False, "")
+    assert c.compile_for_run(_spec(named_model("GeCA-T")), plain, cpu, 3000, 32) == (
+        False, "attention not compiled (model.compile: auto)")
+    assert c.compile_for_run(_spec(named_model("DiT-T")), TrainConfig(), cpu, 3, 1) == (
+        False, "blocks not compiled (model.compile: auto)")
     geca = dataclasses.replace(named_model("GeCA-T"), attention="fast")
     assert geca.compile == "auto" and plain.max_minutes is None
     assert c.compile_for_run(_spec(geca), plain, cpu, 3000, 32) == (
@@ -215,7 +218,8 @@ def test_compile_auto_compiles_geca_attention_where_it_pays(monkeypatch: pytest.
     monkeypatch.setattr(c, "cpp_compiler", lambda: None)
     compiled, note = c.compile_for_run(_spec(geca), plain, cpu, 3000, 32)
     assert not compiled and "no C++ compiler" in note
-    assert c.compile_for_run(_spec(geca), plain, cpu, 100, 32) == (False, "")  # would not have compiled anyway
+    assert c.compile_for_run(_spec(geca), plain, cpu, 100, 32) == (  # would not have compiled anyway
+        False, "attention not compiled (model.compile: auto)")
     # the budget is counted on the meta device: the same multiply-accumulates as a real model's
     assert c.dense_macs(_spec(geca)) == count_macs(_spec(geca).build(), 3, 5, 28)
 

@@ -38,21 +38,21 @@ def compile_for_run(spec: ModelSpec, train: TrainConfig, device: torch.device, s
     config = spec.model
     geca = isinstance(config, GeCAConfig)
     what = "blocks" if not geca else "attention" if config.skip_idle else "NCA step"
+    eager = False, f"{what} not compiled (model.compile: {config.compile})"  # the start-up line always says which
     if config.compile != "auto":
-        compiled = config.compile == "true"
-        return compiled, f"{what} compiled (model.compile: true)" if compiled else ""
+        return (True, f"{what} compiled (model.compile: true)") if config.compile == "true" else eager
     if not geca or config.attention not in ("fast", "sliced") or not config.skip_idle:
         # GeCA's default attention `auto` is the C kernels on a CPU, faster than the compiled attention with no
         # compile to wait for. DiT's and the UNet's blocks, reference and triton: not measured to win. The whole dense
         # NCA step (skip_idle off) compiled was 1.27× eager for GeCA-T at 28×28, batch 32, on a CPU, but its cold
         # compile takes ≈ 75 s (the attention's ≈ 35 s) and skipping idle cells is faster still: left to --compile.
-        return False, ""
+        return eager
     if device.type != "cpu":
-        return False, ""  # unmeasured on GPUs (bench/gpu.sh compares compiled, fast and triton)
+        return eager  # unmeasured on GPUs (bench/gpu.sh compares compiled, fast and triton)
     if train.max_minutes is not None and train.max_minutes < AUTO_MIN_MINUTES:
-        return False, ""
+        return eager
     if 6 * dense_macs(spec) * batch * steps_left < AUTO_MIN_TFLOP * 1e12:
-        return False, ""
+        return eager
     if cpp_compiler() is None:
         return False, "attention not compiled (model.compile: auto, but no C++ compiler or Python headers here)"
     return True, "attention compiled (model.compile: auto; the first run on this machine compiles for about a minute)"

@@ -560,7 +560,7 @@ class Trainer:
                 f" (asked: {self.config.train.precision}); {self.config.data.spec}: {len(d)} training images, {shape},"
                 f" {s.num_classes} classes; from step {self.step_count} to {self.config.train.max_steps}"
                 + (f", at most {self.config.train.max_minutes:g} min" if self.config.train.max_minutes else "")
-                + (f"; {self.compile_note}" if self.compile_note else ""))
+                + f"; {self.compile_note}")
 
     def _bar(self) -> tqdm:
         """Steps, or, under a time budget, the budget's seconds: its ETA is when the run ends at the latest (steps
