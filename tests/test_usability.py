@@ -338,4 +338,19 @@ def test_ctrl_c_says_what_to_do_next(custom_run: Path, blobs_npz: Path, tmp_path
 
     monkeypatch.setattr(geca.sampling.generate, "write_sample_dir", interrupted)
     res = runner.invoke(app, ["sample", "--run", str(custom_run), "--out", str(tmp_path / "s"), "--per-class", "1"])
+    assert (res.exit_code, res.output.strip()) == (130, "interrupted: the same command with --resume continues from "
+                                                        "the batches already written")
+    import geca.data.groups
+
+    monkeypatch.setattr(geca.data.groups, "make_folds", interrupted)  # a command with nothing to resume
+    res = runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(tmp_path / "f.csv")])
     assert (res.exit_code, res.output.strip()) == (130, "interrupted")
+
+
+def test_sample_says_which_label_flag_is_missing(custom_run: Path, tmp_path: Path) -> None:
+    base = ["sample", "--run", str(custom_run), "--out", str(tmp_path / "s")]
+    res = runner.invoke(app, [*base, "--ratio", "5"])
+    assert res.exit_code == 2 and "--ratio replicates the label vectors of --labels-from SPLIT" in res.output
+    res = runner.invoke(app, base)
+    assert res.exit_code == 2 and "give exactly one of --per-class N or --labels-from SPLIT" in res.output
+    assert not (tmp_path / "s").exists()

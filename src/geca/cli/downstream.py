@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, guarded, pick_device
+from geca.cli.common import CV_VAL_HELP, RESUME_BATCHES, guarded, on_interrupt, pick_device
 from geca.cli.options import SamplingFlags, sampling_flags
 from geca.errors import ConfigError
 
@@ -42,8 +42,9 @@ def expand(
     device = pick_device(flags.device)
     loaded = load_run(run, flags.checkpoint, flags.weights, device)
     sampler = run_sampler(loaded, flags.sampling, strict=True)
-    manifest = expand_set(loaded, out, ratio, sampler, flags.seed, flags.batch_size, device, data, folds_file, fold,
-                          flags.overwrite, flags.progress, limit=limit, resume=flags.resume)
+    with on_interrupt(lambda: RESUME_BATCHES):
+        manifest = expand_set(loaded, out, ratio, sampler, flags.seed, flags.batch_size, device, data, folds_file,
+                              fold, flags.overwrite, flags.progress, limit=limit, resume=flags.resume)
     typer.echo(f"wrote {manifest['num_images']} images ({ratio} per training image of "
                f"{manifest['expansion']['data']}) to {out} in {manifest['seconds']} s")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import guarded, pick_device
+from geca.cli.common import RESUME_BATCHES, guarded, on_interrupt, pick_device
 from geca.cli.options import GROW, SamplingFlags, sampling_flags
 from geca.errors import ConfigError
 from geca.utils.io import output_file
@@ -34,10 +34,10 @@ def sample(
     from geca.sampling.labels import per_class_labels, replicate_labels
     from geca.sampling.trace import write_trace
 
-    if (per_class is None) == (labels_from is None):
-        raise ConfigError("give exactly one of --per-class N or --labels-from SPLIT")
     if ratio is not None and labels_from is None:
         raise ConfigError("--ratio replicates the label vectors of --labels-from SPLIT; with --per-class, raise N")
+    if (per_class is None) == (labels_from is None):
+        raise ConfigError("give exactly one of --per-class N or --labels-from SPLIT")
     ratio = ratio or 1
     if trace is not None:
         output_file(trace, "--trace", ".csv")
@@ -54,8 +54,9 @@ def sample(
         split = run_split(loaded, d.spec, labels_from, run_folds(loaded.spec), d.fold)
         labels = replicate_labels(split.labels, ratio)
         source = {"labels": f"{d.spec}:{labels_from} x{ratio}"}
-    manifest, _ = write_sample_dir(out, loaded, labels, sampler, flags.seed, flags.batch_size, device, source,
-                                   flags.overwrite, flags.progress, flags.resume)
+    with on_interrupt(lambda: RESUME_BATCHES):
+        manifest, _ = write_sample_dir(out, loaded, labels, sampler, flags.seed, flags.batch_size, device, source,
+                                       flags.overwrite, flags.progress, flags.resume)
     typer.echo(f"wrote {manifest['num_images']} images to {out} in {manifest['seconds']} s")
     if trace is not None:
         write_trace(loaded, sampler, flags.seed, device, trace)

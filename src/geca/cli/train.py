@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, PROGRESS_HELP, guarded, pick_device, set_threads, show_progress
+from geca.cli.common import CV_VAL_HELP, PROGRESS_HELP, guarded, on_interrupt, pick_device, set_threads, show_progress
 from geca.errors import ConfigError
 from geca.models.config import NAMED_MODELS
 
@@ -156,13 +156,11 @@ def train(
     changes = [] if before is None else [
         f"resume: {key} {get_field(before, key)!r} → {get_field(run_config, key)!r} ({flag})"
         for key, flag in names.items() if get_field(before, key) != get_field(run_config, key)]
-    try:
+    with on_interrupt(lambda: f"`geca train --out {out} --resume` continues from the last checkpoint"
+                      if (checkpoint_dir(out) / "latest.json").is_file()
+                      else "before the first checkpoint; there is nothing to resume"):
         summary = run_training(run_config, out, resume=resume, progress=show_progress(progress), cpu=cpu,
                                changes=changes)
-    except KeyboardInterrupt:
-        saved = (checkpoint_dir(out) / "latest.json").is_file()
-        raise KeyboardInterrupt(f"`geca train --out {out} --resume` continues from the last checkpoint" if saved
-                                else "before the first checkpoint; there is nothing to resume") from None
     if summary["parameter_checksum"] is not None:
         typer.echo(f"parameters identical across {summary['processes']} processes "
                    f"(checksum {summary['parameter_checksum']:.10g})")
