@@ -429,3 +429,12 @@ def test_triton_beyond_cudas_second_grid_axis() -> None:
     grad = torch.randn(70_000, 1, 1, 2, 4, generator=gen).cuda()
     for a, e in zip(_run("triton", q, k, v, grad), _run("fast", q, k, v, grad), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cc_that_is_not_there_is_said(monkeypatch: pytest.MonkeyPatch) -> None:
+    from geca.utils.hardware import c_compiler
+
+    monkeypatch.setenv("CC", "/nonexistent/gcc")
+    with pytest.warns(UserWarning, match=r"\$CC=/nonexistent/gcc is not found"):
+        found = c_compiler()
+    assert found != "/nonexistent/gcc"

@@ -46,7 +46,11 @@ def cpp_compiler() -> str | None:
 
 def c_compiler() -> str | None:
     """The C compiler the CPU attention kernels are built with: $CC, else cc, gcc or clang on the PATH."""
-    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    chosen = os.environ.get("CC")
+    if chosen and not shutil.which(chosen):
+        warnings.warn(f"$CC={chosen} is not found; building the CPU attention kernels with the first of cc, gcc, "
+                      "clang on the PATH", stacklevel=2)
+    return next((c for c in (chosen, "cc", "gcc", "clang") if c and shutil.which(c)), None)
 
 
 def can_compile(device: torch.device) -> bool:
