@@ -13,6 +13,7 @@ from PIL import Image
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator  # noqa: E402
 
 from geca.utils.io import atomic_write  # noqa: E402
 
@@ -94,6 +95,9 @@ def plot_ghg_trace(rows: list[dict[str, Any]], out: Path, title: str = "") -> Pa
         ax.set_xlabel("reverse step")
         if log:
             ax.set_yscale("symlog", linthresh=1e-2)
+            # 1-2-5 ticks, labelled: decades alone leave a panel spanning less than one decade unlabelled
+            ax.yaxis.set_major_locator(SymmetricalLogLocator(linthresh=1e-2, base=10, subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(alpha=0.3)
     axes[0].legend(title="GHG", fontsize=8)
     if title:
