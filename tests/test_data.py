@@ -549,10 +549,15 @@ def test_an_eye_id_belongs_to_one_patient_unless_it_is_a_laterality(tmp_path):
     result = run()
     assert result.exit_code == 0 and "warning" not in result.output, result.output
     eyes = load_folder_csv(csv_path, "all").eye_ids
-    assert eyes.tolist()[:4] == ["p0-os", "p0-OD", "p1-os", "p1-OD"] and len(set(eyes)) == 12
+    assert eyes.tolist()[:4] == ["p0-OS", "p0-OD", "p1-OS", "p1-OD"] and len(set(eyes)) == 12
+    # one eye however its laterality is spelt; eyes numbered within each patient are that patient's too
+    _csv(csv_path, [{**r, "eye_id": ("R", "right", "1", "2")[i % 2 + 2 * (i >= 6)]} for i, r in enumerate(rows)])
+    eyes = load_folder_csv(csv_path, "all").eye_ids.tolist()
+    assert eyes[:2] == ["p0-OD", "p0-OD"] and eyes[6:8] == ["p3-1", "p3-2"] and len(set(eyes)) == 9
     # without patient_id a laterality cannot group a patient's images
     out.unlink()
-    _csv(csv_path, [{k: v for k, v in r.items() if k != "patient_id"} for r in _rows(csv_path)])
+    _csv(csv_path, [{**{k: v for k, v in r.items() if k != "patient_id"}, "eye_id": "OD" if i % 2 else "os"}
+                    for i, r in enumerate(rows)])
     result = run()
     assert result.exit_code == 2 and "eye_id holds laterality (OD, os)" in result.output and "patient_id" in \
         result.output, result.output

@@ -116,6 +116,9 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
                                                      f"{tmp_path}/../{tmp_path.name}/blobs.npz:train", "--no-lpips"],
         "give the same grid file name": ["--generated", f"x y={data['good']}", f"x_y={data['noise']}", "--real",
                                          f"{npz}:test", "--no-lpips"],
+        "['Like', 'like'] give the same grid file name": ["--generated", f"Like={data['good']}",
+                                                          f"like={data['noise']}", "--real", f"{npz}:test",
+                                                          "--no-lpips"],
         "image images/000003.png has 0 labels; the real data is multi-class": [
             "--generated", str(unlabelled), "--real", f"{npz}:test", "--no-lpips"],
         "differ from real classes": ["--generated", str(wrong), "--real", f"{npz}:test", "--no-lpips"],
@@ -264,6 +267,49 @@ def test_features_trained_on_the_held_out_images_are_flagged(data: dict[str, Pat
                             f"images ({npz}:test); KID, FLD/GG and class-faithfulness against them are "
                             "optimistic. Train them on the generator's training split (`geca features train "
                             "--split train`)"] if shared else []), split
+
+
+def test_the_held_out_check_never_stops_an_evaluation(data: dict[str, Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from geca.data.registry import load_split
+    from geca.metrics.domain import load_domain_net, save_domain_net
+
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "cache"))
+    # features that saw the test images at 20 px, a spec that fixes its own size of 16: not comparable, a warning
+    spec = "synthetic-fundus@n=40,size=16"
+    res = runner.invoke(app, ["features", "train", "--data", "synthetic-fundus@n=40", "--split", "test",
+                              "--image-size", "20", "--epochs", "1", "--out", str(tmp_path / "f20.safetensors")])
+    assert res.exit_code == 0, res.output
+    val = load_split(spec, "val")
+    gen = write_sample_dir(tmp_path / "gen", val.images, val.labels, val.class_names)
+    args = ["evaluate", "--generated", str(gen), "--real", f"{spec}:test", "--train", f"{spec}:train", "--no-lpips",
+            "--protocol", "standard", "--gg-features", "random", "--features", "domain"]
+    with pytest.warns(UserWarning, match="its training images were 20 px; --real could not be loaded at that size"):
+        res = runner.invoke(app, [*args, "--features-file", str(tmp_path / "f20.safetensors"), "--out",
+                                  str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    # a file from before fingerprints says it cannot be checked
+    old = load_domain_net(tmp_path / "f20.safetensors")
+    old.trained_on = None
+    save_domain_net(old, tmp_path / "old.safetensors")
+    res = runner.invoke(app, [*args, "--features-file", str(tmp_path / "old.safetensors"), "--out",
+                              str(tmp_path / "b.json")])
+    assert res.exit_code == 0 and "written before domain features recorded their training images" in \
+        " ".join(res.output.split()), res.output
+    # images shared by --real and --train are said once: the network trained here on --train is not asked again
+    parts = dict(np.load(data["npz"]))
+    parts["test_images"][:5] = parts["train_images"][:5]
+    np.savez(tmp_path / "dup.npz", **parts)
+    dup = str(tmp_path / "dup.npz")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = runner.invoke(app, ["evaluate", "--generated", str(data["good"]), "--real", f"{dup}:test", "--train",
+                                  f"{dup}:train", "--no-lpips", "--protocol", "standard", "--features", "domain",
+                                  "--gg-features", "random", "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    said = [str(w.message) for w in caught if "images are also in --train" in str(w.message)
+            or "were trained on" in str(w.message)]
+    assert len(said) == 1 and "5 of its 120 images are also in --train" in said[0], said
 
 
 def test_evaluate_takes_its_splits_from_a_folds_file(tmp_path: Path) -> None:

@@ -109,21 +109,24 @@ def read_table(csv_path: str | Path, root: str | Path | None = None) -> CsvTable
                     class_names=class_names, patient_ids=patient_ids, eye_ids=eye_ids)
 
 
-LATERALITY = {"od", "os", "ou", "l", "r", "le", "re", "left", "right"}
+LATERALITY = {"od": "OD", "r": "OD", "re": "OD", "right": "OD", "os": "OS", "l": "OS", "le": "OS", "left": "OS",
+              "ou": "OU"}
 
 
 def _own_eye_ids(csv_path: Path, eye_ids: np.ndarray, patient_ids: np.ndarray | None) -> np.ndarray:
-    """One id per eye. An eye_id is either a laterality (OD/OS, shared by every patient), which becomes
-    PATIENT-OD so that eye-level scores do not merge every patient's right eyes into one, or one eye's own id, which
-    must belong to one patient, else that eye's images could land in two folds under two patient ids."""
-    laterality = {str(e).lower() for e in eye_ids} <= LATERALITY
+    """One id per eye. An eye_id is either numbered within its patient (a laterality, OD/OS, R/L, or 1/2: fewer
+    distinct ids than patients), which becomes PATIENT-ID (lateralities spelt OD/OS) so that eye-level scores do not
+    merge every patient's right eyes into one, or one eye's own id, which must belong to one patient, else that
+    eye's images could land in two folds under two patient ids."""
+    laterality = {str(e).lower() for e in eye_ids} <= LATERALITY.keys()
     if patient_ids is None:
         if laterality:
             raise DataError(f"{csv_path}: eye_id holds laterality ({', '.join(sorted(set(eye_ids.tolist())))}), "
                             "which cannot group a patient's images into one fold; add a patient_id column")
         return eye_ids
-    if laterality:
-        return np.array([f"{p}-{e}" for p, e in zip(patient_ids.tolist(), eye_ids.tolist(), strict=True)])
+    if laterality or len(set(eye_ids.tolist())) < len(set(patient_ids.tolist())):
+        return np.array([f"{p}-{LATERALITY.get(str(e).lower(), e)}"
+                         for p, e in zip(patient_ids.tolist(), eye_ids.tolist(), strict=True)])
     owners: dict[str, set[str]] = {}
     for eye, patient in zip(eye_ids.tolist(), patient_ids.tolist(), strict=True):
         owners.setdefault(eye, set()).add(patient)
@@ -132,7 +135,8 @@ def _own_eye_ids(csv_path: Path, eye_ids: np.ndarray, patient_ids: np.ndarray | 
         eye, patients = next(iter(shared.items()))
         more = f" (and {len(shared) - 1} more eye_ids)" if len(shared) > 1 else ""
         raise DataError(f"{csv_path}: eye_id {eye!r} is listed under patient_ids {', '.join(map(repr, patients))}"
-                        f"{more}; one eye belongs to one patient (an eye_id of OD/OS laterality may repeat)")
+                        f"{more}; one eye belongs to one patient (ids numbered within each patient, such as OD/OS or "
+                        "1/2, may repeat: then there are fewer distinct eye_ids than patients)")
     return eye_ids
 
 

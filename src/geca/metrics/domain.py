@@ -25,6 +25,9 @@ from geca.utils.io import atomic_write
 ARCH = "geca-domain-cnn-v1"
 MAX_INPUT = 64  # larger images are downsampled: domain features need shape and texture, not fine detail
 TRAINED_ON = "trained_on.image_hashes"  # not a weight: what the network saw, to tell held-out data from it
+# In the cache key: an older geca sharing the cache cannot read files with `trained_on` and `data_size`, and must
+# not find them under its own key.
+FILE_FORMAT = "trained_on-v1"
 TRAINING = {"epochs": 10, "batch_size": 64, "lr": 2e-3, "width": 32}
 
 
@@ -183,8 +186,8 @@ def data_digest(data: ImageSet, seed: int, device: torch.device | str = "cpu") -
     """A key for the cached network: the training images and labels, the seed, the training settings and the kind
     of device (from the same seed, a GPU trains a different network from a CPU)."""
     h = hashlib.sha256()
-    for part in (ARCH, str(data.images.shape), json.dumps(TRAINING, sort_keys=True), str(seed), str(data.class_names),
-                 torch.device(device).type):
+    for part in (ARCH, FILE_FORMAT, str(data.images.shape), json.dumps(TRAINING, sort_keys=True), str(seed),
+                 str(data.class_names), torch.device(device).type):
         h.update(part.encode())
     h.update(np.ascontiguousarray(data.images).tobytes())
     h.update(np.ascontiguousarray(data.labels).tobytes())

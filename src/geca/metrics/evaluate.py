@@ -173,7 +173,8 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     names = [n for n, _, _ in gens]
     if len(set(names)) != len(names):
         raise DataError(f"generated sets need distinct names, got {names}; name them NAME=DIR")
-    if len({_safe(n) for n in names}) != len(names):  # one grid file would replace another
+    # one grid file would replace another (also where the file system ignores case)
+    if len({_safe(n).casefold() for n in names}) != len(names):
         raise DataError(f"generated set names {names} give the same grid file name; name them NAME=DIR with "
                         "names that differ in letters or digits")
     sizes = {g.resolution for _, _, g in gens}
@@ -240,8 +241,9 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     gg_extractor = extractor if same else build_extractor(gg_name, gg_file, seed=s.seed, train=inputs.train,
                                                           log=log, device=s.device, flag="--gg-features-file")
 
-    for net in {id(n): n for n in (extractor, gg_extractor)}.values():
-        _warn_if_trained_on(net, inputs, s)
+    # a network trained here was trained on --train, which _check_held_out compared with --real already
+    for net in {id(n): n for n, f in ((extractor, s.features_file), (gg_extractor, gg_file)) if f}.values():
+        _warn_if_trained_on(net, inputs, s, log)
 
     def features(net: FeatureExtractor, images: np.ndarray) -> np.ndarray:
         return net.extract(images, s.batch_size, s.device, s.progress)
@@ -301,19 +303,32 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         real_vs_generated_grid(inputs.real, g, out.with_name(r["grid"]), seed=s.seed,
                                title=f"{':'.join(inputs.real_name)} vs {name}")
     atomic_write_json(out, report)
-    for stale in earlier - {r["grid"] for r in results}:
-        out.with_name(stale).unlink(missing_ok=True)
+    written = {r["grid"].casefold() for r in results}  # casefolded: on macOS `x_grid_Like.png` is `x_grid_like.png`
+    for stale in earlier:
+        if stale.casefold() not in written:
+            out.with_name(stale).unlink(missing_ok=True)
     return report
 
 
-def _warn_if_trained_on(net: FeatureExtractor, inputs: EvalInputs, s: EvalSettings) -> None:
+def _warn_if_trained_on(net: FeatureExtractor, inputs: EvalInputs, s: EvalSettings,
+                        log: Callable[[str], None]) -> None:
     """A domain network trained on the held-out images makes them look closer to any set than they are. Its
     fingerprints are of its training images at their size: --real is compared at that size."""
-    if not isinstance(net, DomainFeatures) or net.net.trained_on is None:
+    if not isinstance(net, DomainFeatures):
+        return
+    if net.net.trained_on is None:
+        log(f"{net.source}: written before domain features recorded their training images; whether they saw the "
+            f"--real images is not checked (they were trained on {net.net.meta.data or 'an unrecorded split'})")
         return
     size = net.net.meta.data_size
-    real = inputs.real if size in (None, inputs.size) else load_split(
-        *inputs.real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
+    try:
+        real = inputs.real if size in (None, inputs.size) else load_split(
+            *inputs.real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
+    except DataError as e:  # e.g. a procedural spec that fixes its own size: a check must not stop the evaluation
+        warnings.warn(f"{net.source}: its training images were {size} px; --real could not be loaded at that size "
+                      f"to compare with them ({e}), so whether they include the --real images is not checked",
+                      stacklevel=2)
+        return
     shared = int(np.isin(image_hashes(real.images), net.net.trained_on).sum())
     if shared:
         warnings.warn(f"{net.source}: the {net.name} features were trained on {shared} of the {len(real)} --real "
