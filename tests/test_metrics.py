@@ -271,6 +271,9 @@ def test_fld_flags_memorisation_and_accepts_fresh_samples() -> None:
     assert shifted.fld > 15 + fresh.fld
     assert fresh.components == 100
     assert fld(train, test, train[:100]) == copies  # deterministic under a seed
+    # but not a number to rank by: noise of 1e-7 on the copies (another batch size) moves it by a factor of two
+    nudged = fld(train, test, train[:100] + 1e-7 * rng.normal(size=(100, 8)))
+    assert copies.fld > 2 * nudged.fld > 2e10 and copies.gg < 2 * nudged.gg < -2e10
     with pytest.raises(ValueError, match="widths differ"):
         fld(train, test, rng.normal(size=(10, 4)))
 
