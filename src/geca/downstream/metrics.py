@@ -160,7 +160,7 @@ def eye_level(probs: np.ndarray, labels: np.ndarray, eyes: np.ndarray, multilabe
               ) -> tuple[np.ndarray, np.ndarray]:
     """Aggregated (probs, labels) per eye; multi-class data must have one class per eye to stay multi-class."""
     agg, agg_labels, keys = aggregate_groups(probs, labels, eyes, how)
-    if not multilabel and (mixed := mixed_eye(labels, eyes)) is not None:
+    if not multilabel and (mixed := _first_mixed(agg_labels, keys)) is not None:
         raise DataError(f"eye {mixed!r} has scans of different classes; eye-level scoring of multi-class data needs "
                         "one class per eye")
     return agg, agg_labels
@@ -169,5 +169,10 @@ def eye_level(probs: np.ndarray, labels: np.ndarray, eyes: np.ndarray, multilabe
 def mixed_eye(labels: np.ndarray, eyes: np.ndarray) -> str | None:
     """The first eye (in sorted order) whose scans carry different one-hot classes, or None."""
     _, agg_labels, keys = aggregate_groups(np.asarray(labels, dtype=np.float64), labels, eyes)
+    return _first_mixed(agg_labels, keys)
+
+
+def _first_mixed(agg_labels: np.ndarray, keys: np.ndarray) -> str | None:
+    """Of eyes' OR-ed one-hot labels, the first eye holding other than one class."""
     mixed = np.flatnonzero(agg_labels.sum(1) != 1)
     return str(keys[mixed[0]]) if len(mixed) else None
