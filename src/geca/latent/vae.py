@@ -11,6 +11,7 @@ import torch
 
 from geca.errors import LatentError
 from geca.utils.io import file_sha256
+from geca.utils.pretrained import load_state_dict_file
 
 HOW_TO_GET = ("get it on a networked machine with `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir "
               "DIR`, copy DIR here and pass --vae DIR")
@@ -78,13 +79,8 @@ def load_vae(root: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     from diffusers import AutoencoderKL  # lazily: importing diffusers takes seconds
 
     weights = weights_file(root)
-    if weights.suffix == ".bin":
-        from geca.utils.pretrained import load_torch_file
-
-        try:  # a file that passes torch's weights-only reader holds nothing that runs, whoever reads it next
-            load_torch_file(weights)
-        except (ValueError, RuntimeError, OSError, EOFError) as e:
-            raise LatentError(f"{weights}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if weights.suffix == ".bin":  # passing torch's weights-only reader, it holds nothing that runs, whoever reads it
+        load_state_dict_file(weights, "VAE")
     try:
         # named, so that a .bin is read without diffusers' "defaulting to unsafe serialization" (it is not)
         vae = AutoencoderKL.from_pretrained(root, use_safetensors=weights.suffix == ".safetensors")
