@@ -229,9 +229,10 @@ def test_cpu_kernel_gradcheck() -> None:
 def test_cpu_kernel_operators_pass_torch_opcheck() -> None:
     """Registered as torch operators: schema, fake (meta) shapes and the autograd formula agree with the kernels."""
     gen = torch.Generator().manual_seed(10)
-    qkv = torch.randn(2, 3, 4, 3 * 2 * 4, generator=gen, dtype=torch.float64, requires_grad=True)
-    for cells in (torch.arange(24), torch.tensor([0, 5, 17, 23])):
-        torch.library.opcheck(attention_cpu._attend, (qkv, cells, 2, 4))
+    qkv = torch.randn(2, 3, 4, 3 * 2 * 4, generator=gen, dtype=torch.float64)
+    for dtype in (torch.float64, torch.bfloat16):  # bf16: softmax weights in float32
+        for cells in (torch.arange(24), torch.tensor([0, 5, 17, 23])):
+            torch.library.opcheck(attention_cpu._attend, (qkv.to(dtype).requires_grad_(), cells, 2, 4))
 
 
 @needs_cc
@@ -336,6 +337,35 @@ def test_bfloat16_close_to_float32(impl: str) -> None:
         assert a.dtype == torch.bfloat16, name
         scale = e.abs().max().item()
         _assert_close_by_region(a.float(), e, 0.03 * scale, f"{impl} bf16 {name}")
+
+
+@needs_cc
+@pytest.mark.parametrize("head_dim, value_dim", [(16, 16), (12, 10)])  # whole vectors; scalar tails too
+def test_bfloat16_kernels_are_the_float32_kernels_rounded(head_dim: int, value_dim: int) -> None:
+    """bf16 is converted to float32 in registers: outputs and qkv's gradient are the float32 kernels' on the same
+    values rounded to nearest even, bit for bit (what a copy to float32 and back gave), a NaN stays a NaN, and what
+    autograd keeps for the backward is the bf16 projection itself, not a float32 copy of it."""
+    heads, b, h, w = 2, 2, 5, 7
+    torch.manual_seed(0)
+    qkv = torch.randn(b, h, w, heads * (2 * head_dim + value_dim)).bfloat16()
+    cells = torch.randperm(b * h * w)[:40]
+    grad = torch.randn(40, heads * value_dim).bfloat16()
+    low, high = qkv.clone().requires_grad_(), qkv.float().requires_grad_()
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out_low = attention_cpu.packed_cpu_attention(low, heads, value_dim, cells)
+    out_high = attention_cpu.packed_cpu_attention(high, heads, value_dim, cells)
+    (out_low * grad).sum().backward()
+    (out_high * grad.float()).sum().backward()
+    assert out_low.dtype == low.grad.dtype == torch.bfloat16
+    assert torch.equal(out_low, out_high.bfloat16())
+    assert torch.equal(low.grad, high.grad.bfloat16())
+    assert [t.dtype for t in saved if t.shape == qkv.shape] == [torch.bfloat16]
+
+    qkv[0, 1, 1, -1] = float("nan")  # a value of cell (1, 1): every window around it mixes it in
+    nan = attention_cpu.packed_cpu_attention(qkv, heads, value_dim)
+    assert torch.equal(nan.isnan(), attention_cpu.packed_cpu_attention(qkv.float(), heads, value_dim).isnan())
+    assert nan.isnan().any() and not nan.isinf().any()
 
 
 def test_unknown_impl_raises() -> None:

@@ -5,7 +5,8 @@ code for the same maths (a horizontal reduction per neighbour, a permuted copy o
 the arithmetic needs. These kernels read the qkv projection where it lies, keep a window's nine dot products in
 vector registers, compute only the cells asked for (GeCA's firing cells), and write each gradient in its input's
 layout; the backward gathers keys' and values' gradients rather than scattering them, so threads never race and the
-result does not depend on their number. Float32 and float64 run natively; other dtypes are computed in float32.
+result does not depend on their number. Float32 and float64 run natively, bfloat16 is stored as it is and computed in
+float32 (rounded as torch rounds); float16 is copied to float32.
 
 The shared library is built once per (head dim, value dim) with ``-O3 -march=native`` into the geca cache
 ($GECA_CACHE_DIR, else ~/.cache/geca), keyed by the source, the compiler and the CPU; ``$CC`` picks the compiler.
@@ -38,7 +39,10 @@ _SOURCE = Path(__file__).with_suffix(".c")
 # Tried in order: without OpenMP the kernels run single-threaded, without -march=native they are portable.
 _FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-march=native"), ("-O3",))
 _P, _I = ctypes.c_void_p, ctypes.c_int64
-_NATIVE = {torch.float32: ("f32", ctypes.c_float), torch.float64: ("f64", ctypes.c_double)}
+# dtype → the kernels' suffix, their compute type, and its torch dtype (the softmax weights' and scratch's)
+_NATIVE = {torch.float32: ("f32", ctypes.c_float, torch.float32),
+           torch.float64: ("f64", ctypes.c_double, torch.float64),
+           torch.bfloat16: ("bf16", ctypes.c_float, torch.float32)}
 
 
 def _machine() -> str:
@@ -108,7 +112,7 @@ def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
     except OSError as e:
         warnings.warn(f"the CPU attention kernels are not available ({e}); using 'fast' instead", stacklevel=2)
         return None
-    for suffix, scalar in _NATIVE.values():
+    for suffix, scalar, _ in _NATIVE.values():
         getattr(lib, f"na_forward_{suffix}").argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I,
                                                          scalar, ctypes.c_int]
         getattr(lib, f"na_backward_{suffix}").argtypes = [_P, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _P,
@@ -127,10 +131,10 @@ def _attend(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Ten
     b, h, w, width = qkv.shape
     head_dim = _head_dim(width, heads, value_dim)
     lib = _loaded(head_dim, value_dim)
-    suffix, _ = _NATIVE[qkv.dtype]
+    suffix, _, compute = _NATIVE[qkv.dtype]
     dead = qkv.new_zeros(heads * max(head_dim, value_dim))
     out = qkv.new_empty(cells.numel(), heads * value_dim)
-    attn = qkv.new_empty(cells.numel(), heads, 9)
+    attn = qkv.new_empty(cells.numel(), heads, 9, dtype=compute)
     getattr(lib, f"na_forward_{suffix}")(*_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(),
                                          cells.data_ptr(), cells.numel(), out.data_ptr(), attn.data_ptr(), h, w,
                                          heads, head_dim ** -0.5, torch.get_num_threads())
@@ -139,7 +143,8 @@ def _attend(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Ten
 
 @_attend.register_fake
 def _(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
-    return qkv.new_empty(cells.shape[0], heads * value_dim), qkv.new_empty(cells.shape[0], heads, 9)
+    return (qkv.new_empty(cells.shape[0], heads * value_dim),
+            qkv.new_empty(cells.shape[0], heads, 9, dtype=_NATIVE[qkv.dtype][2]))
 
 
 @torch.library.custom_op("geca::cpu_neighbourhood_attention_backward", mutates_args=())
@@ -152,9 +157,9 @@ def _attend_backward(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor,
     row_of = torch.full((b * h * w,), -1, dtype=torch.int64)
     row_of[cells] = torch.arange(cells.numel())
     # Every buffer the kernel touches is held by a name until it returns: a pointer outlives no tensor.
-    grad_out, grad, scratch = grad_out.contiguous(), torch.empty_like(qkv), torch.empty_like(attn)
+    grad_out, grad, scratch = grad_out.to(qkv.dtype).contiguous(), torch.empty_like(qkv), torch.empty_like(attn)
     dead = qkv.new_zeros(heads * max(head_dim, value_dim))
-    suffix, _ = _NATIVE[qkv.dtype]
+    suffix, _, _ = _NATIVE[qkv.dtype]
     getattr(lib, f"na_backward_{suffix}")(
         *_split(qkv, heads * head_dim), width, width, width, dead.data_ptr(), cells.data_ptr(), row_of.data_ptr(),
         cells.numel(), attn.data_ptr(), grad_out.data_ptr(), scratch.data_ptr(), *_split(grad, heads * head_dim),
