@@ -276,7 +276,7 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         here = out.parent.resolve()
         shown = path.resolve().relative_to(here) if path.resolve().is_relative_to(here) else path
         results.append({"name": name, "dir": str(shown), **r, "faithfulness": faithful(g),
-                        "grid": f"{out.stem}_grid_{_safe(name)}.png"})
+                        "grid": _grid_file(out, name)})
     report = {
         "protocol": s.protocol,
         "seed": s.seed,
@@ -345,7 +345,13 @@ def _grids_of(out: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return set()
     # only names this function writes, so a hand-edited report cannot remove other files
-    return {n for n in names if Path(n).name == n and n.startswith(f"{out.stem}_grid_") and n.endswith(".png")}
+    prefix = _grid_file(out, "").removesuffix(".png")
+    return {n for n in names if Path(n).name == n and n.startswith(prefix) and n.endswith(".png")}
+
+
+def _grid_file(out: Path, name: str) -> str:
+    """The name of set `name`'s grid beside the report `out`."""
+    return f"{out.stem}_grid_{_safe(name)}.png"
 
 
 def _safe(name: str) -> str:
