@@ -5,7 +5,7 @@
  * value at h·DV; HD and DV are compile-time constants, so each head is whole vector registers. A neighbour outside
  * the grid is a dead cell: the `dead` row of zeros (a zero key gives logit 0, a zero value adds nothing).
  * Each kernel stores tensors in S and computes in T: float and double natively, bfloat16 stored and float computed
- * (converted in registers, so a bf16 model's attention reads and saves half the bytes and rounds as torch does). */
+ * (converted in registers, so a bf16 model's attention reads and saves half the bytes; stores round as torch does). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -19,7 +19,6 @@
 typedef uint16_t bf16;
 typedef float vec_float __attribute__((vector_size(VBYTES)));
 typedef double vec_double __attribute__((vector_size(VBYTES)));
-typedef uint16_t bf16_lanes __attribute__((vector_size(VBYTES / 2)));  /* the bf16 halves of a vec_float */
 typedef uint32_t u32_lanes __attribute__((vector_size(VBYTES)));
 
 /* Loads and stores of VBYTES of compute type, and their scalar forms, per storage type. */
@@ -31,22 +30,21 @@ static inline T put_##T(T x) { return x; }
 PLAIN(float)
 PLAIN(double)
 
+/* Lane by lane (GCC vectorises the loops): __builtin_convertvector would need GCC 9, and every kernel with it. */
 static inline vec_float load_bf16(const bf16 *p) {
-    bf16_lanes h;
-    memcpy(&h, p, sizeof h);
-    u32_lanes u = __builtin_convertvector(h, u32_lanes) << 16;  /* a bf16 is the high half of its float */
+    u32_lanes u;
+    for (int l = 0; l < (int)(VBYTES / sizeof(float)); l++) u[l] = (uint32_t)p[l] << 16;  /* a bf16: a float's top */
     vec_float v;
     memcpy(&v, &u, sizeof v);
     return v;
 }
 
-/* Round to nearest, ties to even, as torch converts; a NaN stays a (quiet) NaN. */
+/* Round to nearest, ties to even, as torch converts; a NaN stays a NaN (its sign and payload are not kept). */
 static inline void store_bf16(bf16 *p, vec_float v) {
     u32_lanes u, nan = (u32_lanes)(v != v);
     memcpy(&u, &v, sizeof u);
     u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 & ~nan) | (0x7FC0 & nan);
-    bf16_lanes h = __builtin_convertvector(u, bf16_lanes);
-    memcpy(p, &h, sizeof h);
+    for (int l = 0; l < (int)(VBYTES / sizeof(float)); l++) p[l] = (bf16)u[l];
 }
 
 static inline float get_bf16(bf16 x) {

@@ -55,9 +55,10 @@ def _machine() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str, head_dim: int, value_dim: int) -> Path:
-    """The shared library for these dimensions, compiled into the cache unless it is there already. Each flag set
-    is its own cache entry, so a library built without OpenMP (say) is not reused once the full flags build."""
+def _build(cc: str, head_dim: int, value_dim: int) -> ctypes.CDLL:
+    """The shared library for these dimensions, compiled into the cache unless it is there already, and loaded. Each
+    flag set is its own cache entry, so a library built without OpenMP (say) is not reused once the full flags build;
+    the next set is tried where one does not build or does not load (zig cc builds -fopenmp without its runtime)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     common = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
                                        (_SOURCE.read_bytes(), Path(__file__).read_bytes(), cc, version, _machine(),
@@ -69,20 +70,23 @@ def _build(cc: str, head_dim: int, value_dim: int) -> Path:
         entry = common.copy()  # the flags join the key: each flag set is its own cache entry
         entry.update(b"\0" + " ".join(flags).encode())
         target = folder / f"attention_cpu-{head_dim}-{value_dim}-{entry.hexdigest()[:16]}.so"
-        if target.is_file():
-            return target
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{target.name}.{host}-*.tmp"):
-            if not _alive(stale.suffixes[-2].rpartition("-")[2]):  # a build killed half-way, not one still running
-                stale.unlink(missing_ok=True)
-        tmp = folder / f"{target.name}.{host}-{os.getpid()}.tmp"
-        done = subprocess.run([cc, *flags, "-shared", "-fPIC", f"-DHD={head_dim}", f"-DDV={value_dim}",
-                               "-o", str(tmp), str(_SOURCE), "-lm"], capture_output=True, text=True, check=False)
-        if done.returncode == 0:
+        if not target.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(f"{target.name}.{host}-*.tmp"):
+                if not _alive(stale.suffixes[-2].rpartition("-")[2]):  # a build killed half-way, not one running
+                    stale.unlink(missing_ok=True)
+            tmp = folder / f"{target.name}.{host}-{os.getpid()}.tmp"
+            done = subprocess.run([cc, *flags, "-shared", "-fPIC", f"-DHD={head_dim}", f"-DDV={value_dim}",
+                                   "-o", str(tmp), str(_SOURCE), "-lm"], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                errors = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+                continue
             os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
-            return target
-        tmp.unlink(missing_ok=True)
-        errors = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as e:
+            errors = f"{target.name} does not load ({e})"
     raise OSError(f"{cc} could not build {_SOURCE.name}: {errors}")
 
 
@@ -107,8 +111,7 @@ def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
         if cc is None:
             raise OSError("no C compiler found (set CC, or install gcc or clang)")
         with _BUILDING:
-            built = _build(cc, head_dim, value_dim)
-        lib = ctypes.CDLL(str(built))
+            lib = _build(cc, head_dim, value_dim)
     except OSError as e:
         warnings.warn(f"the CPU attention kernels are not available ({e}); using 'fast' instead", stacklevel=2)
         return None
