@@ -216,7 +216,12 @@ def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
                  "generated/labels.csv"):
         assert (out / name).exists(), name
         assert str(out / name) in res.output.replace("\n", "") or name.startswith("generated")
+    assert json.loads((out / "generated/manifest.json").read_text())["sampling"]["sampler"] == "dpm++sde"
     rerun = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.01",
-                                "--per-class", "1", "--steps", "2"])
+                                "--per-class", "1", "--steps", "2", "--sampler", "ddim"])
     assert rerun.exit_code == 0, rerun.output
     assert len(list((out / "generated/images").iterdir())) == 2
+    assert json.loads((out / "generated/manifest.json").read_text())["sampling"]["sampler"] == "ddim"
+    bad = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--sampler", "euler"])
+    assert bad.exit_code == 2 and "--sampler must be one of" in bad.output
+    assert (out / "generated/manifest.json").exists()  # refused before the earlier demo was replaced
