@@ -222,6 +222,9 @@ def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
     assert rerun.exit_code == 0, rerun.output
     assert len(list((out / "generated/images").iterdir())) == 2
     assert json.loads((out / "generated/manifest.json").read_text())["sampling"]["sampler"] == "ddim"
-    bad = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--sampler", "euler"])
-    assert bad.exit_code == 2 and "--sampler must be one of" in bad.output
-    assert (out / "generated/manifest.json").exists()  # refused before the earlier demo was replaced
+    for flags, message in ((["--sampler", "euler"], "--sampler must be one of"),
+                           (["--steps", "1001"], "--steps must be at most the 1000"),
+                           (["--schedule", "karras"], "--schedule must be uniform for ddpm and ddim")):
+        bad = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--sampler", "ddim", *flags])
+        assert bad.exit_code == 2 and message in bad.output, flags
+        assert (out / "generated/manifest.json").exists()  # refused before the earlier demo was replaced

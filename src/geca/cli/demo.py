@@ -34,6 +34,8 @@ def demo(
                                      "SDE; on a minutes-old model it leaves less speckle than ddim at the same "
                                      "calls), dpm++, ddim or ddpm. The growth GIFs replay a DDIM chain."),
     steps: int = typer.Option(25, "--steps", min=1, help="Denoiser calls for the samples and the growth GIFs."),
+    schedule: str | None = typer.Option(None, "--schedule", help="Where DPM-Solver++ puts its steps: lambda (its "
+                                        "default: evenly in log-SNR), uniform or karras."),
     ghg: str = typer.Option("none", "--ghg", help="Gene Heredity Guidance for the demo samples (none: a "
                             "minutes-old model has barely trained its heredity gate; hidden suits trained models)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
@@ -42,6 +44,7 @@ def demo(
     from importlib import resources
 
     from geca.config import load_config
+    from geca.errors import ConfigError
     from geca.run import load_run
     from geca.sampling.config import SamplerConfig
     from geca.sampling.generate import write_sample_dir
@@ -61,9 +64,12 @@ def demo(
     config.validate({"train.max_minutes": "--minutes", "data.spec": "--data"})
     # GHG inherits C_h across reverse steps; after minutes of training the heredity gate has barely learnt what to
     # take from it, so the demo shows the model's plain output (--ghg hidden to compare).
-    sampler = SamplerConfig(sampler=sampler_name, steps=steps, guidance_scale=1.5, ghg=ghg)
+    sampler = SamplerConfig(sampler=sampler_name, steps=steps, guidance_scale=1.5, ghg=ghg, schedule=schedule)
     sampler.validate()
-    growth = replace(sampler, sampler="ddim", schedule=None)  # growth replays a respaced chain, which DPM++ is not
+    if steps > config.diffusion.timesteps:  # found before the earlier demo is removed and a model trained
+        raise ConfigError(f"--steps must be at most the {config.diffusion.timesteps} diffusion steps, got {steps}")
+    # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not
+    growth = replace(sampler, sampler="ddim", schedule=None) if sampler_name.startswith("dpm++") else sampler
     if out.exists():
         if not (out / "model.json").exists():
             raise FileExistsError(f"{out} exists and is not a demo run; choose another --out")
