@@ -79,7 +79,7 @@ def load_vae(root: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     from diffusers import AutoencoderKL  # lazily: importing diffusers takes seconds
 
     weights = weights_file(root)
-    if weights.suffix == ".bin":  # passing torch's weights-only reader, it holds nothing that runs, whoever reads it
+    if weights.suffix == ".bin":  # one that passes the weights-only reader holds nothing that runs in diffusers
         load_state_dict_file(weights, "VAE")
     try:
         # named, so that a .bin is read without diffusers' "defaulting to unsafe serialization" (it is not)

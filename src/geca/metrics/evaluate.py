@@ -345,13 +345,16 @@ def _grids_of(out: Path) -> set[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return set()
     # only names this function writes, so a hand-edited report cannot remove other files
-    prefix = _grid_file(out, "").removesuffix(".png")
-    return {n for n in names if Path(n).name == n and n.startswith(prefix) and n.endswith(".png")}
+    return {n for n in names if Path(n).name == n and n.startswith(_grid_prefix(out)) and n.endswith(".png")}
+
+
+def _grid_prefix(out: Path) -> str:
+    return f"{out.stem}_grid_"
 
 
 def _grid_file(out: Path, name: str) -> str:
     """The name of set `name`'s grid beside the report `out`."""
-    return f"{out.stem}_grid_{_safe(name)}.png"
+    return f"{_grid_prefix(out)}{_safe(name)}.png"
 
 
 def _safe(name: str) -> str:

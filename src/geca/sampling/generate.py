@@ -96,7 +96,7 @@ def run_sampler(run: LoadedRun, sampler: SamplerConfig, strict: bool = False) ->
     if strict and resolved.ghg in ("out", "both"):
         warnings.warn(f"--ghg {resolved.ghg}: no training geca offers hands C_out from one call to the next "
                       "(heredity-aware training carries C_h only), and inheriting it gave noise after either training "
-                      "(KID×10³ ≈ 220,000 in the synthetic-OCT study); use --ghg hidden or none", stacklevel=2)
+                      "(KID×10³ above 200,000 in the synthetic-OCT study); use --ghg hidden or none", stacklevel=2)
     return resolved
 
 

@@ -20,7 +20,7 @@ from geca.utils.io import atomic_write  # noqa: E402
 
 def plot_loss_curve(log_csv: Path, out: Path) -> Path | None:
     """Loss (and its ε-MSE and VLB parts) against step, from a run's log.csv."""
-    rows = list(csv.DictReader(open(log_csv))) if Path(log_csv).exists() else []
+    rows = list(csv.DictReader(Path(log_csv).read_text().splitlines())) if Path(log_csv).exists() else []
     if not rows:
         return None
     steps = [int(r["step"]) for r in rows]
