@@ -32,7 +32,8 @@ def demo(
     per_class: int = typer.Option(6, "--per-class", min=1, help="Samples per grade in the grid."),
     sampler_name: str = typer.Option("dpm++sde", "--sampler", help="Sampler of the grid: dpm++sde (DPM-Solver++ "
                                      "SDE; on a minutes-old model it leaves less speckle than ddim at the same "
-                                     "calls), dpm++, ddim or ddpm. The growth GIFs replay a DDIM chain."),
+                                     "calls), dpm++, ddim or ddpm. The growth GIFs replay DDIM in place of "
+                                     "DPM-Solver++."),
     steps: int = typer.Option(25, "--steps", min=1, help="Denoiser calls for the samples and the growth GIFs."),
     schedule: str | None = typer.Option(None, "--schedule", help="Where DPM-Solver++ puts its steps: lambda (its "
                                         "default: evenly in log-SNR), uniform or karras."),
