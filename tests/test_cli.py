@@ -72,8 +72,25 @@ def test_sample_per_class_writes_images_labels_and_manifest(trained_run: Path, t
         assert img.size == (8, 8) and img.mode == "RGB"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampling"] == {"sampler": "ddim", "steps": 3, "guidance_scale": 2.0, "ghg": "both",
-                                    "nca_steps": 3, "eta": 0.0, "clip_x0": True, "schedule": "uniform"}
+                                    "nca_steps": 3, "eta": 0.0, "clip_x0": True, "schedule": "uniform",
+                                    "precision": "fp32"}
     assert manifest["seed"] == 5 and len(manifest["weights_sha256"]) == 64 and manifest["checkpoint_step"] == 2
+
+
+def test_sample_precision_is_recorded_as_it_ran_and_checked_first(trained_run: Path, tmp_path: Path) -> None:
+    from geca.utils.hardware import resolve_precision
+
+    out = tmp_path / "auto"
+    res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(out), "--per-class", "1",
+                              "--precision", "auto", *FAST_SAMPLING])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "manifest.json").read_text())["sampling"]["precision"] == resolve_precision(
+        "auto", cuda=False)
+    for value, message in (("half", "--precision must be one of fp32, bf16, fp16, auto"),
+                           ("fp16", "--precision: fp16 mixed precision needs a CUDA GPU")):
+        res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(tmp_path / value),
+                                  "--per-class", "1", "--precision", value, "--device", "cpu", *FAST_SAMPLING])
+        assert res.exit_code == 2 and message in res.output and not (tmp_path / value).exists(), res.output
 
 
 def test_sampling_is_reproducible_under_a_seed(trained_run: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
+from geca.errors import ConfigError
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.build import build_model
 from geca.sampling.config import GHG_MODES, SamplerConfig, settings_key
@@ -267,10 +268,11 @@ def test_dpm_solver_steps_in_log_snr_unless_told_otherwise(diffusion) -> None:
 
 
 def test_keys_made_before_schedules_existed_stay_valid() -> None:
-    """Stage and resume keys: a uniform schedule (DDPM/DDIM's, and DPM-Solver++'s before `lambda`) adds nothing,
-    so finished work stays done; DPM-Solver++ by default now draws other images, so its keys change."""
+    """Stage and resume keys: a uniform schedule (DDPM/DDIM's, and DPM-Solver++'s before `lambda`) and fp32 add
+    nothing, so finished work stays done; DPM-Solver++ by default now draws other images, so its keys change, as
+    do those of bf16 sampling."""
     def before(config: SamplerConfig) -> dict:
-        return {k: v for k, v in asdict(config).items() if k != "schedule"}
+        return {k: v for k, v in asdict(config).items() if k not in ("schedule", "precision")}
 
     ddim, dpm = SamplerConfig(sampler="ddim", steps=50), SamplerConfig(sampler="dpm++", steps=20)
     study = {"preview": {"per_class": 4, "sampler": asdict(ddim)}, "samplers": [asdict(ddim), asdict(dpm)]}
@@ -278,6 +280,36 @@ def test_keys_made_before_schedules_existed_stay_valid() -> None:
                                    "samplers": [before(ddim), {**before(dpm), "schedule": "lambda"}]}
     assert settings_key(asdict(SamplerConfig(sampler="dpm++", schedule="uniform"))) == before(dpm) | {"steps": 250}
     assert settings_key(asdict(ddim.for_model(True, False))) == before(ddim.for_model(True, False))
+    assert settings_key(asdict(SamplerConfig(sampler="ddim", steps=50, precision="bf16"))) == before(ddim) | {
+        "precision": "bf16"}
+
+
+def test_bf16_sampling_runs_the_denoiser_under_autocast_and_the_sampler_in_float32(diffusion) -> None:
+    """`precision: bf16` runs each denoiser call under bf16 autocast (its linear layers see bf16) and hands back
+    float32 output and cell state, so guidance, heredity and the sampler's steps stay float32: the samples differ
+    from fp32's by what bf16 rounding makes of the chain."""
+    model, labels, noise = _geca(), per_class_labels(4, 1), torch.randn(4, 3, 6, 6)
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype)) for m in model.modules()
+             if isinstance(m, nn.Linear)]
+    states: list[CellState | None] = []
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        seen.clear()
+        torch.manual_seed(0)
+        runs[precision] = sample(model, diffusion, labels, (3, 6, 6), SamplerConfig(
+            sampler="ddim", steps=5, ghg="hidden", clip_x0=True, precision=precision), noise=noise,
+            callback=lambda t, x, p, state: states.append(state))
+        assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    for hook in hooks:
+        hook.remove()
+    assert runs["bf16"].dtype == torch.float32 and {s.hidden.dtype for s in states} == {torch.float32}
+    assert not torch.equal(runs["bf16"], runs["fp32"])
+    # a few pixels of this random-weight model's chaotic chain move far (0.47 seen); on average 0.004 of 0.9
+    assert (runs["bf16"] - runs["fp32"]).abs().mean() < 0.02 * runs["fp32"].abs().mean()
+    with pytest.raises(ConfigError, match="--precision: fp16 mixed precision needs a CUDA GPU"):
+        sample(model, diffusion, labels, (3, 6, 6), SamplerConfig(sampler="ddim", steps=2, clip_x0=True,
+                                                                 precision="fp16"))
 
 
 def test_dpm_solver_sde_draws_fresh_noise_each_run(diffusion) -> None:

@@ -65,7 +65,8 @@ def demo(
     config.validate({"train.max_minutes": "--minutes", "data.spec": "--data"})
     # GHG inherits C_h across reverse steps; after minutes of training the heredity gate has barely learnt what to
     # take from it, so the demo shows the model's plain output (--ghg hidden to compare).
-    sampler = SamplerConfig(sampler=sampler_name, steps=steps, guidance_scale=1.5, ghg=ghg, schedule=schedule)
+    sampler = SamplerConfig(sampler=sampler_name, steps=steps, guidance_scale=1.5, ghg=ghg, schedule=schedule,
+                            precision="auto")  # as the demo trains: bf16 where native
     sampler.validate()
     if steps > config.diffusion.timesteps:  # found before the earlier demo is removed and a model trained
         raise ConfigError(f"--steps must be at most the {config.diffusion.timesteps} diffusion steps, got {steps}")

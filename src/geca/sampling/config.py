@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from geca.errors import ConfigError
+from geca.utils.hardware import PRECISIONS
 from geca.utils.schema import Checks
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # DPM-Solver++(2M), ODE and SDE: diffusers' scheduler
@@ -16,7 +17,7 @@ SCHEDULES = ("uniform", "lambda", "karras")
 # How the sampling commands spell each setting.
 FLAGS = {"sampler.sampler": "--sampler", "sampler.steps": "--steps", "sampler.guidance_scale": "--cfg",
          "sampler.ghg": "--ghg", "sampler.nca_steps": "--m", "sampler.eta": "eta",
-         "sampler.schedule": "--schedule"}
+         "sampler.schedule": "--schedule", "sampler.precision": "--precision"}
 GHG_MODES = ("hidden", "none", "out", "both")
 
 
@@ -26,7 +27,9 @@ class SamplerConfig:
     `none` for one trained as published (whose samples `hidden` turns to noise) and for models without cell state;
     `nca_steps` None means the trained M; `clip_x0` None means clipping x̂₀ to [−1, 1] in pixel space and not for
     latent runs (ours: the authors never clip, and sample in latent space); `schedule` None means `lambda` for the
-    DPM-Solver++ samplers (ours: with evenly spaced t they lose the subtlest class) and `uniform` for DDPM/DDIM."""
+    DPM-Solver++ samplers (ours: with evenly spaced t they lose the subtlest class) and `uniform` for DDPM/DDIM;
+    `precision` is the denoiser calls' autocast (`auto`: bf16 where the device runs it natively), the sampler's own
+    arithmetic staying float32."""
 
     sampler: str = "ddpm"
     steps: int = 250
@@ -36,6 +39,7 @@ class SamplerConfig:
     eta: float = 0.0
     clip_x0: bool | None = None
     schedule: str | None = None
+    precision: str = "fp32"
 
     def validate(self, checks: Checks | None = None, prefix: str = "sampler") -> None:
         check = checks or Checks(FLAGS)
@@ -48,6 +52,7 @@ class SamplerConfig:
         check(self.nca_steps is None or self.nca_steps >= 1, f"{prefix}.nca_steps", "≥ 1", self.nca_steps)
         # above 1 DDIM's noise outgrows 1 − ᾱ_prev and the direction term's square root is of a negative number
         check(math.isfinite(self.eta) and 0 <= self.eta <= 1, f"{prefix}.eta", "in [0, 1]", self.eta)
+        check.choice(self.precision, f"{prefix}.precision", PRECISIONS)
         if self.schedule is not None:
             check.choice(self.schedule, f"{prefix}.schedule", SCHEDULES)
             check(self.schedule == "uniform" or self.sampler.startswith("dpm++"), f"{prefix}.schedule",
@@ -81,12 +86,15 @@ def default_schedule(sampler: str, schedule: str | None = None) -> str:
 def settings_key(value: Any) -> Any:
     """`value` (what `asdict` makes of a config) as stage and resume keys see it: every sampler's schedule resolved
     and left out where it is `uniform`, the only one before schedules existed, so that DDPM/DDIM work finished then
-    stays done while DPM-Solver++ work, whose default moved to `lambda`, is redone."""
+    stays done while DPM-Solver++ work, whose default moved to `lambda`, is redone; precision left out where it is
+    fp32, the only one before."""
     if isinstance(value, list):
         return [settings_key(v) for v in value]
     if not isinstance(value, dict):
         return value
     out = {k: settings_key(v) for k, v in value.items()}
+    if out.get("precision") == "fp32" and isinstance(out.get("sampler"), str):
+        del out["precision"]
     if "schedule" in out and isinstance(out.get("sampler"), str):
         schedule = default_schedule(out["sampler"], out.pop("schedule"))
         if schedule != "uniform":

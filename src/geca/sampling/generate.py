@@ -11,7 +11,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from geca.latent.codec import LatentCodec
 from geca.models.base import Denoiser
 from geca.run import LoadedRun
 from geca.sampling.config import SamplerConfig, settings_key
-from geca.sampling.samplers import sample
+from geca.sampling.samplers import resolved_precision, sample
 from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, output_dir, replace_dir
 from geca.utils.seeding import derive_seed, kept_random_state
@@ -176,6 +176,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
     if len(labels) == 0:
         raise ConfigError("no label vectors to sample")
     sampler = run_sampler(run, sampler)  # so that the manifest records what sampling used
+    sampler = replace(sampler, precision=resolved_precision(sampler.precision, device))
     work = out.with_name(f".{out.name}.unfinished")  # one per target, found again by --resume
     weights_sha256 = file_sha256(run.weights_file)
     done: set[int] = set()  # filled below; the batches read it only once iterated

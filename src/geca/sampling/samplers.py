@@ -10,8 +10,10 @@ import torch
 from tqdm.auto import tqdm
 
 from geca.diffusion.gaussian import GaussianDiffusion
+from geca.errors import ConfigError
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.sampling.config import SamplerConfig
+from geca.utils.hardware import resolve_precision
 
 
 def inherit(state: CellState | None, mode: str) -> CellState | None:
@@ -23,25 +25,32 @@ def inherit(state: CellState | None, mode: str) -> CellState | None:
 
 
 def guided_output(model: Denoiser, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, scale: float,
-                  carry: CellState | None = None, nca_steps: int | None = None, double: bool | None = None
-                  ) -> DenoiserOutput:
+                  carry: CellState | None = None, nca_steps: int | None = None, double: bool | None = None,
+                  dtype: torch.dtype | None = None) -> DenoiserOutput:
     """Classifier-free guidance on ε only: uncond + s·(cond − uncond); variance channels from the conditional half.
 
     With `double` (default: scale ≠ 1) the conditional and null-label passes run as one doubled batch, and the
-    returned state covers both halves so that heredity keeps each half's own lineage.
+    returned state covers both halves so that heredity keeps each half's own lineage. With `dtype` the model runs
+    under autocast to it; its output, its cell state and the guidance are float32.
     """
     kwargs = {"nca_steps": nca_steps} if model.has_cell_state else {}
     if double is None:
         double = scale != 1.0
-    if not double:
-        return model(x, t, y, carry=carry, **kwargs)
     b = x.shape[0]
-    null = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-    res = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), null=null, carry=carry, **kwargs)
-    cond, uncond = res.output.chunk(2)
+    if double:
+        null = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+        x, t, y, kwargs = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), {**kwargs, "null": null}
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        res = model(x, t, y, carry=carry, **kwargs)
+    output, state = res.output.float(), res.state
+    if state is not None and dtype is not None:  # what a trace or a fp32 call downstream reads
+        state = CellState(*(None if s is None else s.float() for s in (state.out, state.hidden)))
+    if not double:
+        return DenoiserOutput(output=output, state=state)
+    cond, uncond = output.chunk(2)
     c = model.in_channels
     eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])
-    return DenoiserOutput(output=torch.cat([eps, cond[:, c:]], dim=1), state=res.state)
+    return DenoiserOutput(output=torch.cat([eps, cond[:, c:]], dim=1), state=state)
 
 
 StepCallback = Callable[[int, torch.Tensor, dict[str, torch.Tensor], CellState | None], None]
@@ -64,17 +73,18 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
         sampler = sampler.for_model(model.has_cell_state, latent=False, ghg_default=model.ghg_default)
     sampler.validate()
     device = labels.device
+    dtype = autocast_dtype(sampler.precision, device)
     b = labels.shape[0]
     x = torch.randn(b, *shape, device=device) if noise is None else noise.to(device)
     if sampler.sampler.startswith("dpm++"):
-        return _dpm_solver(model, diffusion, labels, x, sampler, callback, progress)
+        return _dpm_solver(model, diffusion, labels, x, sampler, callback, progress, dtype)
     spaced = diffusion.respaced(sampler.steps)
     state: CellState | None = None
     for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
         t = torch.full((b,), i, device=device, dtype=torch.long)
         carry = inherit(state, sampler.ghg) if model.has_cell_state else None
         res = guided_output(model, x, spaced.model_timesteps(t), labels, sampler.guidance_scale, carry,
-                            sampler.nca_steps)
+                            sampler.nca_steps, dtype=dtype)
         state = res.state
         p = spaced.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
         if callback is not None:
@@ -83,8 +93,22 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
     return x
 
 
+def resolved_precision(precision: str, device: torch.device | str) -> str:
+    """A sampler's `precision` as it runs on `device` (`auto`: bf16 where native, else fp32)."""
+    try:
+        return resolve_precision(precision, cuda=torch.device(device).type == "cuda")
+    except ValueError as e:
+        raise ConfigError(f"--precision: {e}") from None
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The denoiser calls' autocast dtype for a sampler's `precision` on `device`; None for float32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved_precision(precision, device))
+
+
 def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, x: torch.Tensor,
-                sampler: SamplerConfig, callback: StepCallback | None, progress: bool) -> torch.Tensor:
+                sampler: SamplerConfig, callback: StepCallback | None, progress: bool,
+                dtype: torch.dtype | None) -> torch.Tensor:
     """DPM-Solver++(2M) through diffusers' scheduler; the loop stays ours so that each call inherits the previous
     call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `dpm++sde` is its SDE form, which adds
     fresh noise each step as DDPM does."""
@@ -111,7 +135,7 @@ def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Ten
     for step_t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         t = torch.full((b,), int(step_t), device=x.device, dtype=torch.long)
         carry = inherit(state, sampler.ghg) if model.has_cell_state else None
-        res = guided_output(model, x, t, labels, sampler.guidance_scale, carry, sampler.nca_steps)
+        res = guided_output(model, x, t, labels, sampler.guidance_scale, carry, sampler.nca_steps, dtype=dtype)
         state = res.state
         p = diffusion.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
         if callback is not None:
