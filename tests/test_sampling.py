@@ -19,6 +19,7 @@ from geca.models.build import build_model
 from geca.sampling.config import GHG_MODES, SamplerConfig, settings_key
 from geca.sampling.labels import per_class_labels, replicate_labels
 from geca.sampling.samplers import guided_output, sample
+from geca.utils.hardware import resolve_precision
 
 
 class Spy(Denoiser):
@@ -282,6 +283,10 @@ def test_keys_made_before_schedules_existed_stay_valid() -> None:
     assert settings_key(asdict(ddim.for_model(True, False))) == before(ddim.for_model(True, False))
     assert settings_key(asdict(SamplerConfig(sampler="ddim", steps=50, precision="bf16"))) == before(ddim) | {
         "precision": "bf16"}
+    # `auto` keyed as it resolves here: a study resumed on a machine where it means another precision redoes the work
+    here = resolve_precision("auto")
+    assert settings_key(asdict(SamplerConfig(sampler="ddim", steps=50, precision="auto"))) == before(ddim) | (
+        {"precision": here} if here != "fp32" else {})
 
 
 def test_bf16_sampling_runs_the_denoiser_under_autocast_and_the_sampler_in_float32(diffusion) -> None:
@@ -307,9 +312,34 @@ def test_bf16_sampling_runs_the_denoiser_under_autocast_and_the_sampler_in_float
     assert not torch.equal(runs["bf16"], runs["fp32"])
     # a few pixels of this random-weight model's chaotic chain move far (0.47 seen); on average 0.004 of 0.9
     assert (runs["bf16"] - runs["fp32"]).abs().mean() < 0.02 * runs["fp32"].abs().mean()
-    with pytest.raises(ConfigError, match="--precision: fp16 mixed precision needs a CUDA GPU"):
-        sample(model, diffusion, labels, (3, 6, 6), SamplerConfig(sampler="ddim", steps=2, clip_x0=True,
-                                                                 precision="fp16"))
+    if not torch.cuda.is_available():  # refused when the settings are checked, before any sampling
+        with pytest.raises(ConfigError, match="--precision must be fp32, bf16 or auto without a CUDA GPU"):
+            SamplerConfig(sampler="ddim", precision="fp16").validate()
+
+
+class HalfDenoiser(Denoiser):
+    """Answers in bf16, output and cell state, as a model whose last ops autocast to bf16 would."""
+
+    has_cell_state = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_channels, self.num_classes, self.learn_sigma = 3, 4, True
+
+    def forward(self, x, t, y, null=None, carry=None, nca_steps=None) -> DenoiserOutput:
+        b, _, h, w = x.shape
+        half = torch.bfloat16
+        return DenoiserOutput(output=torch.ones(b, 6, h, w, dtype=half),
+                              state=CellState(out=torch.ones(b, h, w, 6, dtype=half),
+                                              hidden=torch.ones(b, h, w, 2, dtype=half)))
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.5])
+def test_guided_output_under_autocast_hands_back_float32(scale: float) -> None:
+    """Whatever dtype the denoiser answers in under autocast, guidance, heredity and the sampler get float32."""
+    res = guided_output(HalfDenoiser(), torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long), torch.eye(4)[:2],
+                        scale, dtype=torch.bfloat16)
+    assert res.output.dtype == res.state.out.dtype == res.state.hidden.dtype == torch.float32
 
 
 def test_dpm_solver_sde_draws_fresh_noise_each_run(diffusion) -> None:

@@ -66,8 +66,8 @@ class Run:
                batch_size: int = 64, pil: bool = False, progress: bool = False, **sampling: Any
                ) -> np.ndarray | list[Image.Image]:
         """One image per label; `sampling` takes SamplerConfig's fields (sampler, steps, guidance_scale, ghg,
-        nca_steps, eta, clip_x0, schedule), defaulting as `geca sample` does. Returns uint8 (N, H, W, C) or PIL
-        images."""
+        nca_steps, eta, clip_x0, schedule, precision), defaulting as `geca sample` does. Returns uint8 (N, H, W, C)
+        or PIL images."""
         images = generate(self.loaded, self.labels(labels), sampler_config(**sampling), seed, batch_size,
                           self.device, progress)
         return [pil_image(im) for im in images] if pil else images

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from geca.errors import ConfigError
-from geca.utils.hardware import PRECISIONS
+from geca.utils.hardware import PRECISIONS, resolve_precision
 from geca.utils.schema import Checks
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # DPM-Solver++(2M), ODE and SDE: diffusers' scheduler
@@ -53,6 +53,11 @@ class SamplerConfig:
         # above 1 DDIM's noise outgrows 1 − ᾱ_prev and the direction term's square root is of a negative number
         check(math.isfinite(self.eta) and 0 <= self.eta <= 1, f"{prefix}.eta", "in [0, 1]", self.eta)
         check.choice(self.precision, f"{prefix}.precision", PRECISIONS)
+        if self.precision == "fp16":  # refused here rather than at the first sample, after training or a study
+            import torch
+
+            check(torch.cuda.is_available(), f"{prefix}.precision", "fp32, bf16 or auto without a CUDA GPU (fp16 "
+                  "mixed precision needs one)", self.precision)
         if self.schedule is not None:
             check.choice(self.schedule, f"{prefix}.schedule", SCHEDULES)
             check(self.schedule == "uniform" or self.sampler.startswith("dpm++"), f"{prefix}.schedule",
@@ -86,15 +91,18 @@ def default_schedule(sampler: str, schedule: str | None = None) -> str:
 def settings_key(value: Any) -> Any:
     """`value` (what `asdict` makes of a config) as stage and resume keys see it: every sampler's schedule resolved
     and left out where it is `uniform`, the only one before schedules existed, so that DDPM/DDIM work finished then
-    stays done while DPM-Solver++ work, whose default moved to `lambda`, is redone; precision left out where it is
-    fp32, the only one before."""
+    stays done while DPM-Solver++ work, whose default moved to `lambda`, is redone; precision resolved on this
+    machine and left out where it is fp32, the only one before."""
     if isinstance(value, list):
         return [settings_key(v) for v in value]
     if not isinstance(value, dict):
         return value
     out = {k: settings_key(v) for k, v in value.items()}
-    if out.get("precision") == "fp32" and isinstance(out.get("sampler"), str):
-        del out["precision"]
+    if isinstance(out.get("sampler"), str) and "precision" in out:
+        if out["precision"] == "auto":  # what it means here: work resumed on another machine is redone, not mixed
+            out["precision"] = resolve_precision("auto")
+        if out["precision"] == "fp32":
+            del out["precision"]
     if "schedule" in out and isinstance(out.get("sampler"), str):
         schedule = default_schedule(out["sampler"], out.pop("schedule"))
         if schedule != "uniform":

@@ -76,7 +76,7 @@ def resolve_precision(name: str, cuda: bool | None = None) -> str:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if name == "auto":
-        native = torch.cuda.is_bf16_supported() if cuda else cpu_has_native_bf16()
+        native = torch.cuda.is_bf16_supported(including_emulation=False) if cuda else cpu_has_native_bf16()
         return "bf16" if native else "fp32"
     if name == "fp16" and not cuda:
         raise ValueError("fp16 mixed precision needs a CUDA GPU; on a CPU use bf16, fp32 or auto")
