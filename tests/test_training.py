@@ -454,8 +454,12 @@ def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
         hardware.resolve_precision("fp8")
     # on a GPU machine told to train on its CPU (--device cpu), the CPU decides
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert hardware.resolve_precision("auto") == "bf16" and hardware.resolve_precision("fp16") == "fp16"
+    # a GPU that only emulates bf16 (a V100, a T4): auto is fp32 there
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert hardware.resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert hardware.resolve_precision("auto", cuda=False) == "fp32"
     with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU"):
         hardware.resolve_precision("fp16", cuda=False)
