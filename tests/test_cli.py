@@ -77,6 +77,13 @@ def test_sample_per_class_writes_images_labels_and_manifest(trained_run: Path, t
     assert manifest["seed"] == 5 and len(manifest["weights_sha256"]) == 64 and manifest["checkpoint_step"] == 2
 
 
+def test_sample_steps_beyond_the_runs_diffusion_are_refused(trained_run: Path, tmp_path: Path) -> None:
+    res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(tmp_path / "s"), "--per-class", "1",
+                              "--sampler", "ddim", "--steps", "1001", "--no-progress"])
+    assert res.exit_code == 2 and "--steps must be at most the 1000 diffusion steps, got 1001" in res.output
+    assert not (tmp_path / "s").exists()
+
+
 def test_sample_precision_is_recorded_as_it_ran_and_checked_first(trained_run: Path, tmp_path: Path) -> None:
     from geca.utils.hardware import resolve_precision
 

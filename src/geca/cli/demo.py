@@ -45,7 +45,6 @@ def demo(
     from importlib import resources
 
     from geca.config import load_config
-    from geca.errors import ConfigError
     from geca.run import load_run
     from geca.sampling.config import SamplerConfig
     from geca.sampling.generate import write_sample_dir
@@ -68,8 +67,7 @@ def demo(
     sampler = SamplerConfig(sampler=sampler_name, steps=steps, guidance_scale=1.5, ghg=ghg, schedule=schedule,
                             precision="auto")  # as the demo trains: bf16 where native
     sampler.validate()
-    if steps > config.diffusion.timesteps:  # found before the earlier demo is removed and a model trained
-        raise ConfigError(f"--steps must be at most the {config.diffusion.timesteps} diffusion steps, got {steps}")
+    sampler.check_steps(config.diffusion.timesteps)  # before the earlier demo is removed and a model trained
     # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not
     growth = replace(sampler, sampler="ddim", schedule=None) if sampler_name.startswith("dpm++") else sampler
     if out.exists():

@@ -63,6 +63,11 @@ class SamplerConfig:
             check(self.schedule == "uniform" or self.sampler.startswith("dpm++"), f"{prefix}.schedule",
                   "uniform for ddpm and ddim (lambda and karras are DPM-Solver++ schedules)", self.schedule)
 
+    def check_steps(self, timesteps: int) -> None:
+        """A sampler takes at most the diffusion's own `timesteps` steps."""
+        if self.steps > timesteps:
+            raise ConfigError(f"--steps must be at most the {timesteps} diffusion steps, got {self.steps}")
+
     def for_model(self, cellular: bool, latent: bool, strict: bool = False, ghg_default: str | None = None
                   ) -> SamplerConfig:
         """The settings a model samples with: the GHG default resolved (the model's `ghg_default`, else `hidden`; a

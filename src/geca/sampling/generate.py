@@ -86,9 +86,7 @@ def run_sampler(run: LoadedRun, sampler: SamplerConfig, strict: bool = False) ->
     GeCA is asked to inherit what its training never handed over: C_h after published training, C_out after any."""
     resolved = sampler.for_model(run.model.has_cell_state, run.spec.latent is not None, strict,
                                  ghg_default=run.model.ghg_default)
-    if resolved.steps > run.diffusion.num_timesteps:
-        raise ConfigError(f"--steps {resolved.steps}: the run was trained with {run.diffusion.num_timesteps} "
-                          "diffusion steps, the most a sampler can take")
+    resolved.check_steps(run.diffusion.num_timesteps)
     if strict and resolved.ghg in ("hidden", "both") and run.model.ghg_default == "none":
         warnings.warn(f"--ghg {resolved.ghg}: {run.run_dir} was trained without heredity (model.heredity: off), and "
                       "inheriting C_h turns such a model's samples to noise; use --ghg none, or train with --heredity",
