@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from geca.cli.main import app
+from geca.utils.hardware import resolve_precision
 
 runner = CliRunner()
 TINY = ["--model", "GeCA-T", "--nca-steps", "2", "--batch-size", "4", "--sample-every", "0", "--log-every", "1",
@@ -85,8 +88,6 @@ def test_sample_steps_beyond_the_runs_diffusion_are_refused(trained_run: Path, t
 
 
 def test_sample_precision_is_recorded_as_it_ran_and_checked_first(trained_run: Path, tmp_path: Path) -> None:
-    from geca.utils.hardware import resolve_precision
-
     out = tmp_path / "auto"
     res = runner.invoke(app, ["sample", "--run", str(trained_run), "--out", str(out), "--per-class", "1",
                               "--precision", "auto", "--device", "cpu", *FAST_SAMPLING])
@@ -241,15 +242,22 @@ def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
                  "generated/labels.csv"):
         assert (out / name).exists(), name
         assert str(out / name) in res.output.replace("\n", "") or name.startswith("generated")
-    assert json.loads((out / "generated/manifest.json").read_text())["sampling"]["sampler"] == "dpm++sde"
+    sampling = json.loads((out / "generated/manifest.json").read_text())["sampling"]
+    assert sampling["sampler"] == "dpm++sde" and sampling["precision"] == resolve_precision("auto", cuda=False)
     rerun = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.01",
-                                "--per-class", "1", "--steps", "2", "--sampler", "ddim"])
+                                "--per-class", "1", "--steps", "2", "--sampler", "ddim", "--precision", "fp32"])
     assert rerun.exit_code == 0, rerun.output
     assert len(list((out / "generated/images").iterdir())) == 2
-    assert json.loads((out / "generated/manifest.json").read_text())["sampling"]["sampler"] == "ddim"
-    for flags, message in ((["--sampler", "euler"], "--sampler must be one of"),
-                           (["--steps", "1001"], "--steps must be at most the 1000"),
-                           (["--schedule", "karras"], "--schedule must be uniform for ddpm and ddim")):
+    sampling = json.loads((out / "generated/manifest.json").read_text())["sampling"]
+    assert sampling["sampler"] == "ddim" and sampling["precision"] == "fp32"
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "fp32"
+    refusals = [(["--sampler", "euler"], "--sampler must be one of"),
+                (["--steps", "1001"], "--steps must be at most the 1000"),
+                (["--schedule", "karras"], "--schedule must be uniform for ddpm and ddim"),
+                (["--precision", "half"], "--precision must be one of")]
+    if not torch.cuda.is_available():
+        refusals.append((["--precision", "fp16"], "--precision must be fp32, bf16 or auto without a CUDA GPU"))
+    for flags, message in refusals:
         bad = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--sampler", "ddim", *flags])
         assert bad.exit_code == 2 and message in bad.output, flags
         assert (out / "generated/manifest.json").exists()  # refused before the earlier demo was replaced

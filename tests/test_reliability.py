@@ -243,6 +243,7 @@ def test_sample_and_grow_refuse_bad_values(run: Path, tmp_path: Path) -> None:
     refused(runner.invoke(app, [*grow, "--t", "5000"]), "--t")
     refused(runner.invoke(app, [*grow, "--t", "-1"]), "--t")
     refused(runner.invoke(app, [*grow, "--frames", "0"]), "--frames")
+    refused(runner.invoke(app, [*grow, "--precision", "half"]), "--precision")
     assert not (tmp_path / "g").exists()
 
 

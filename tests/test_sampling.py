@@ -17,6 +17,7 @@ from geca.errors import ConfigError
 from geca.models.base import CellState, Denoiser, DenoiserOutput
 from geca.models.build import build_model
 from geca.sampling.config import GHG_MODES, SamplerConfig, settings_key
+from geca.sampling.growth import grow
 from geca.sampling.labels import per_class_labels, replicate_labels
 from geca.sampling.samplers import guided_output, sample
 from geca.utils.hardware import resolve_precision
@@ -306,6 +307,10 @@ def test_bf16_sampling_runs_the_denoiser_under_autocast_and_the_sampler_in_float
             sampler="ddim", steps=5, ghg="hidden", clip_x0=True, precision=precision), noise=noise,
             callback=lambda t, x, p, state: states.append(state))
         assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    seen.clear()  # `geca grow` replays its M updates as it sampled
+    grow(model, diffusion, labels[:1], (3, 6, 6), SamplerConfig(sampler="ddim", steps=3, ghg="hidden", clip_x0=True,
+                                                              precision="bf16"), at_t=500, frames=2)
+    assert set(seen) == {torch.bfloat16}
     for hook in hooks:
         hook.remove()
     assert runs["bf16"].dtype == torch.float32 and {s.hidden.dtype for s in states} == {torch.float32}

@@ -39,6 +39,8 @@ def demo(
                                         "default: evenly in log-SNR), uniform or karras."),
     ghg: str = typer.Option("none", "--ghg", help="Gene Heredity Guidance for the demo samples (none: a "
                             "minutes-old model has barely trained its heredity gate; hidden suits trained models)."),
+    precision: str = typer.Option("auto", "--precision", help="Training's and sampling's precision: auto (bf16 "
+                                  "where the device runs it natively, else fp32), fp32, bf16 or fp16 (GPU only)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Train GeCA-T briefly, then write a sample grid per grade, a growth GIF and a loss curve."""
@@ -61,11 +63,12 @@ def demo(
     config.data.spec = data
     if minutes is not None:
         config.train.max_minutes = minutes
-    config.validate({"train.max_minutes": "--minutes", "data.spec": "--data"})
+    config.train.precision = precision
+    config.validate({"train.max_minutes": "--minutes", "data.spec": "--data", "train.precision": "--precision"})
     # GHG inherits C_h across reverse steps; after minutes of training the heredity gate has barely learnt what to
     # take from it, so the demo shows the model's plain output (--ghg hidden to compare).
     sampler = SamplerConfig(sampler=sampler_name, steps=steps, guidance_scale=1.5, ghg=ghg, schedule=schedule,
-                            precision="auto")  # as the demo trains: bf16 where native
+                            precision=precision)
     sampler.validate()
     sampler.check_steps(config.diffusion.timesteps)  # before the earlier demo is removed and a model trained
     # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not

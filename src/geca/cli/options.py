@@ -52,8 +52,8 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
     "progress": (bool | None, None, ("--progress/--no-progress",), "Progress bars (default: on a terminal; not in "
                  "a log file)."),
 }
-GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "seed", "checkpoint", "device",
-        "threads", "overwrite")
+GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "precision", "seed", "checkpoint",
+        "device", "threads", "overwrite")
 
 
 SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "schedule", "precision")

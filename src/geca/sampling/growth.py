@@ -16,7 +16,7 @@ from geca.run import LoadedRun
 from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import Decoder, decoder, run_sampler
 from geca.sampling.labels import one_hot, resolve_class
-from geca.sampling.samplers import inherit, sample
+from geca.sampling.samplers import autocast_dtype, inherit, sample
 from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import atomic_write, output_dir
 from geca.utils.plots import plot_image_rows
@@ -67,8 +67,11 @@ def grow(model: Denoiser, diffusion: GaussianDiffusion, label: torch.Tensor, sha
     t = spaced.model_timesteps(torch.tensor([pick], device=xt.device))
     eps_frames, x0_frames = [], []
     step = torch.tensor([pick], device=xt.device)
-    for state in model.grow(xt, t, label, carry=carry, nca_steps=sampler.nca_steps):
-        p = spaced.p_mean_variance(state.out.permute(0, 3, 1, 2), xt, step, clip_x0=sampler.clip_x0)
+    dtype = autocast_dtype(sampler.precision, xt.device)  # the replay runs as the sampling did
+    with torch.autocast(xt.device.type, dtype=dtype, enabled=dtype is not None):
+        states = list(model.grow(xt, t, label, carry=carry, nca_steps=sampler.nca_steps))
+    for state in states:
+        p = spaced.p_mean_variance(state.out.float().permute(0, 3, 1, 2), xt, step, clip_x0=sampler.clip_x0)
         eps_frames.append(p["eps"])
         x0_frames.append(p["pred_x0"])
     keep_idx = np.unique(np.linspace(0, len(order) - 1, min(frames, len(order))).round().astype(int))
