@@ -2,7 +2,7 @@
 # The GPU checks of issue 15 as one prepared call of a lent machine (its image has torch, triton, numpy, pyyaml,
 # pillow and pytest; nothing else of ours is needed): the Triton kernels against the other implementations on CUDA,
 # then a training step per config and attention implementation (img/s, peak memory, MFU; `compiled:dense` is the whole
-# NCA step under torch.compile). Files land in $OUT.
+# NCA step under torch.compile), and sampling in fp32 and bf16. Files land in $OUT.
 #     bash bench/gpu.sh                      # on the GPU machine, from the repository root
 #     DEVICE=cpu CONFIGS=GeCA-T BATCH=2 RESOLUTION=8 BATCH_1M=2 RESOLUTION_1M=4 PRECISIONS=fp32 REPEATS=2 OUT=/tmp/g \
 #         bash bench/gpu.sh                  # dry run here
@@ -27,3 +27,9 @@ if [ "${DEVICE:-cuda}" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,d
     --batch "${BATCH:-32}" --resolution "${RESOLUTION:-32}" --channels 4 --classes 11 \
     --precisions "${PRECISIONS:-bf16}" --repeats "${REPEATS:-20}" 2>&1 | tee "$OUT/train_step.txt" \
     || echo "published-size table failed" | tee -a "$OUT/failed.txt"
+# Sampling in fp32 and bf16 (`geca sample --precision`): seconds per image, peak memory, MFU, bf16's speed-up.
+# DDIM: a call costs what it costs under any sampler, and DPM-Solver++ needs diffusers, which that image lacks.
+"$PY" bench/sample.py --device "${DEVICE:-cuda}" --configs "${CONFIGS:-GeCA-S,DiT-S/2,LDM-B}" \
+    --batch "${BATCH:-32}" --resolution "${RESOLUTION:-32}" --channels 4 --classes 11 \
+    --settings "${SAMPLE_SETTINGS:-ddim:25}" --precisions "${SAMPLE_PRECISIONS:-fp32,bf16}" 2>&1 \
+    | tee "$OUT/sample.txt" || echo "sampling table failed" | tee -a "$OUT/failed.txt"

@@ -3,18 +3,20 @@
 Speed (default): named configs of every family with fresh weights (speed does not depend on them), each sampler
 setting in a fresh process, one batch through `geca.sampling.samplers.sample` (the path `geca sample` takes) with
 classifier-free guidance 1.5, so every step is one doubled-batch denoiser call; GeCA uses Gene Heredity Guidance
-(hidden), the baselines none. Per setting: seconds per image, peak memory above what was held before sampling
-(CUDA: `max_memory_allocated`; CPU: Linux VmHWM), GMACs per image (attention's score and value products not
-counted, as `geca models` does) and the model-FLOP utilisation against the matmul throughput measured in this run.
+(hidden), the baselines none; `--precisions fp32,bf16` runs every setting in each (the denoiser calls under
+autocast, as `geca sample --precision` does). Per setting: seconds per image, peak memory above what was held before
+sampling (CUDA: `max_memory_allocated`; CPU: Linux VmHWM), GMACs per image (attention's score and value products not
+counted, as `geca models` does), the model-FLOP utilisation against the matmul throughput measured in this run in
+the row's precision, and its speed against fp32's.
 
 Quality (--run RUN --real SPEC:SPLIT): the trained run samples the same labels with the same seed under every
 setting (`geca sample`), then `geca evaluate` scores all sets together (standard protocol; domain features unless
 --features says otherwise): KID (± its standard error over generated sets) and class-faithfulness against denoiser
 calls (one call per step, its CFG halves batched together, as the study's sampler-cost table counts them), each as
-a ratio to the first setting (DDPM 250).
+a ratio to the first setting (DDPM 250); with `--precisions` each setting is sampled in each precision.
 
     .venv/bin/python bench/sample.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 4] [--resolution 32] [--channels 4]
-                                     [--classes 11] [--device cpu] [--quick] [--json]
+                                     [--classes 11] [--precisions fp32,bf16] [--device cpu] [--quick] [--json]
     .venv/bin/python bench/sample.py --run runs/fundus --real synthetic-fundus:test --train synthetic-fundus:train
                                      --per-class 40 --out runs/fundus/sampler-bench [--settings ddpm:250,ddpm:25]
                                      [--checkpoint STEP --reuse] [--split-check]
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import platform
@@ -57,6 +60,8 @@ GECA = [sys.executable, "-m", "geca"]  # every quality setting runs through the 
 SETTINGS = ("ddpm:250,ddim:50,ddim:25,ddpm:25,dpm++sde:25,dpm++sde:25:uniform,dpm++:25,dpm++:20,dpm++sde:20,dpm++:10,"
             "dpm++sde:10")
 QUICK = "ddpm:5,ddim:2,dpm++:2,dpm++sde:2"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SETTING = ("config", "sampler", "steps", "schedule")  # what a row's fp32 twin shares with it
 
 
 def parse_settings(text: str) -> list[tuple[str, int, str | None]]:
@@ -73,7 +78,8 @@ def parse_settings(text: str) -> list[tuple[str, int, str | None]]:
     return settings
 
 
-def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int, schedule: str | None) -> bool:
+def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int, schedule: str | None,
+             precision: str) -> bool:
     """Whether `directory` already holds this setting's set from this run, checkpoint, seed and labels."""
     try:
         m = json.loads((directory / "manifest.json").read_text())
@@ -83,14 +89,15 @@ def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int
                 and m["labels"] == f"per-class {args.per_class}"
                 and (m["sampling"]["sampler"], m["sampling"]["steps"], m["sampling"]["guidance_scale"])
                 == (sampler, steps, args.cfg)
-                # Sets sampled before schedules existed were spaced evenly.
-                and m["sampling"].get("schedule", "uniform") == default_schedule(sampler, schedule))
+                # Sets sampled before schedules and precisions existed were spaced evenly, in fp32.
+                and m["sampling"].get("schedule", "uniform") == default_schedule(sampler, schedule)
+                and m["sampling"].get("precision", "fp32") == precision)
     except (OSError, json.JSONDecodeError, KeyError, TypeError):  # no set there, or not one of ours
         return False
 
 
-def sampling_cost(config: ModelConfig, sampler: str, steps: int, schedule: str, cfg: float, batch: int,
-                  shape: tuple[int, int, int], classes: int, device: torch.device) -> tuple[float, float]:
+def sampling_cost(config: ModelConfig, sampler: str, steps: int, schedule: str, precision: str, cfg: float,
+                  batch: int, shape: tuple[int, int, int], classes: int, device: torch.device) -> tuple[float, float]:
     """Seconds of sampling one batch, after an untimed two-step run of the same sampler (one-off set-up), and the
     peak memory (MiB) of both above what the model and inputs hold (the first run's allocations count: on a CPU
     the tuned allocator keeps them for the second)."""
@@ -101,7 +108,8 @@ def sampling_cost(config: ModelConfig, sampler: str, steps: int, schedule: str, 
     if sampler.startswith("dpm++"):
         from diffusers import DPMSolverMultistepScheduler  # noqa: F401  -- the library is not sampling's memory
     held = reset_peak_memory(device)
-    setting = SamplerConfig(sampler=sampler, steps=steps, guidance_scale=cfg, ghg=ghg, schedule=schedule, clip_x0=True)
+    setting = SamplerConfig(sampler=sampler, steps=steps, guidance_scale=cfg, ghg=ghg, schedule=schedule, clip_x0=True,
+                            precision=precision)
     sampling_seconds(model, diffusion, replace(setting, steps=2), batch, shape, classes, device)
     return sampling_seconds(model, diffusion, setting, batch, shape, classes, device), peak_memory(device) - held
 
@@ -119,36 +127,41 @@ def sampling_seconds(model: torch.nn.Module, diffusion: GaussianDiffusion, setti
 
 def speed(args: argparse.Namespace, device: torch.device) -> dict:
     shape = (args.channels, args.resolution, args.resolution)
-    peak = matmul_peak_tflops(device, torch.float32)
+    peaks = {p: matmul_peak_tflops(device, DTYPES[p]) for p in args.precisions}
     rows = []
     for name in args.configs.split(","):
         config = model_config(name, args)
         model = build_model(config, args.channels, args.classes, args.resolution)
         gmacs = count_macs(model, args.channels, args.classes, args.resolution, executed=True) / 1e9
-        for sampler, steps, schedule in args.settings:
+        for (sampler, steps, schedule), precision in itertools.product(args.settings, args.precisions):
             schedule = default_schedule(sampler, schedule)
-            s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule])
+            s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule, precision])
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch
-            rows.append({"config": name, "family": config.family, "parameters": count_parameters(model),
-                         "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps, "schedule": schedule,
-                         "seconds_per_image": round(s / args.batch, 4), "gmacs_per_image": round(gmacs * calls, 3),
-                         "peak_mib": round(mib, 1), "mfu": round(flops / s / 1e12 / peak, 4)})
+            row = {"config": name, "family": config.family, "parameters": count_parameters(model),
+                   "gmacs_per_call": round(gmacs, 3), "sampler": sampler, "steps": steps, "schedule": schedule,
+                   "precision": precision, "seconds_per_image": round(s / args.batch, 4),
+                   "gmacs_per_image": round(gmacs * calls, 3), "peak_mib": round(mib, 1),
+                   "mfu": round(flops / s / 1e12 / peaks[precision], 4)}
+            fp32 = [r for r in rows if r["precision"] == "fp32" and all(r[k] == row[k] for k in SETTING)]
+            if fp32:
+                row["speed_vs_fp32"] = round(fp32[0]["seconds_per_image"] / max(row["seconds_per_image"], 1e-9), 2)
+            rows.append(row)
             if not args.json:
-                print(f"{name:8s} {sampler:8s} {steps:4d} steps {schedule:7s} {s / args.batch:9.3f} s/image "
-                      f"{mib:8.1f} MiB", flush=True)
+                print(f"{name:8s} {sampler:8s} {steps:4d} steps {schedule:7s} {precision:5s} {s / args.batch:9.3f} "
+                      f"s/image {mib:8.1f} MiB", flush=True)
     return {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
-            "matmul_peak_tflops_fp32": round(peak, 4), "rows": rows}
+            "matmul_peak_tflops": {p: round(v, 4) for p, v in peaks.items()}, "rows": rows}
 
 
 def quality(args: argparse.Namespace) -> dict:
     """Every setting through the geca command itself, so the numbers are what a user gets."""
     out = Path(args.out)
     sets, reused = [], set()
-    for sampler, steps, schedule in args.settings:
-        name = f"{sampler}{steps}{f'-{schedule}' if schedule else ''}"
+    for (sampler, steps, schedule), precision in itertools.product(args.settings, args.precisions):
+        name = f"{sampler}{steps}{f'-{schedule}' if schedule else ''}{f'-{precision}' if precision != 'fp32' else ''}"
         sets.append(name)
-        if args.reuse and finished(out / name, args, sampler, steps, schedule):
+        if args.reuse and finished(out / name, args, sampler, steps, schedule, precision):
             print(f"reusing {out / name}", flush=True)
             reused.add(name)
             continue
@@ -156,7 +169,8 @@ def quality(args: argparse.Namespace) -> dict:
         chosen += ["--schedule", schedule] if schedule else []
         subprocess.run([*GECA, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
                         str(args.per_class), "--sampler", sampler, "--steps", str(steps), "--cfg", str(args.cfg),
-                        "--seed", "0", "--overwrite", "--no-progress", "--threads", str(args.threads)], check=True)
+                        "--precision", precision, "--seed", "0", "--overwrite", "--no-progress", "--threads",
+                        str(args.threads)], check=True)
     results = evaluate(args, {n: out / n for n in sets}, out / "metrics.json")
     rows = []
     for name in sets:
@@ -165,7 +179,7 @@ def quality(args: argparse.Namespace) -> dict:
         faithful = r["faithfulness"]["value"]
         if faithful is None:
             raise SystemExit(f"{name}: class-faithfulness is undefined for these labels")
-        rows.append({"setting": name, "calls": sc["steps"],
+        rows.append({"setting": name, "calls": sc["steps"], "precision": sc.get("precision", "fp32"),
                      "seconds_per_image": round(manifest["seconds"] / manifest["num_images"], 4),
                      "kid": r["kid"]["mean"], "kid_std": r["kid"]["std"], "kid_se": r["kid"]["se"],
                      "faithfulness": faithful, "chance": r["faithfulness"]["chance"],
@@ -228,6 +242,8 @@ def main() -> None:
     ap.add_argument("--settings", help="SAMPLER:STEPS[:SCHEDULE],… to compare; the first is the reference (default "
                     f"{SETTINGS}; dpm++ and dpm++sde default to the lambda schedule).")
     ap.add_argument("--quick", action="store_true", help=f"Smoke run: {QUICK}.")
+    ap.add_argument("--precisions", default="fp32", help="The denoiser calls' precisions, each setting in every one: "
+                    "fp32, bf16 and/or fp16 (fp16: GPU only).")
     ap.add_argument("--run", help="A trained run: measure quality against calls instead of speed.")
     ap.add_argument("--real", help="SPEC:SPLIT of the real images KID compares with (with --run).")
     ap.add_argument("--train", help="SPEC:SPLIT the domain classifier trains on (with --run).")
@@ -239,7 +255,8 @@ def main() -> None:
                     help="Keep a set already in --out from the same run, --checkpoint, setting and labels.")
     ap.add_argument("--split-check", action="store_true",
                     help="Also score two same-label halves of each set: does KID's standard error match their gap?")
-    ap.add_argument("--worker", nargs=4, metavar=("CONFIG", "SAMPLER", "STEPS", "SCHEDULE"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=5, metavar=("CONFIG", "SAMPLER", "STEPS", "SCHEDULE", "PRECISION"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick and args.settings:
         ap.error("--quick and --settings both choose the settings; give one")
@@ -247,11 +264,17 @@ def main() -> None:
         args.settings = parse_settings(QUICK if args.quick else args.settings or SETTINGS)
     except ValueError as e:
         ap.error(f"--settings: {e}")
+    args.precisions = args.precisions.split(",")
+    if unknown := [p for p in args.precisions if p not in DTYPES]:
+        ap.error(f"--precisions: {', '.join(unknown)} is not one of {', '.join(DTYPES)}")
     device = device_of(args)
+    if "fp16" in args.precisions and device.type != "cuda":
+        ap.error("--precisions: fp16 needs a CUDA device")
     if args.worker:
-        name, sampler, steps, schedule = args.worker
-        print(json.dumps(sampling_cost(model_config(name, args), sampler, int(steps), schedule, args.cfg, args.batch,
-                                       (args.channels, args.resolution, args.resolution), args.classes, device)))
+        name, sampler, steps, schedule, precision = args.worker
+        print(json.dumps(sampling_cost(model_config(name, args), sampler, int(steps), schedule, precision, args.cfg,
+                                       args.batch, (args.channels, args.resolution, args.resolution), args.classes,
+                                       device)))
         return
     if args.run and not (args.real and args.train):
         ap.error("--run needs --real and --train")
@@ -267,10 +290,10 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     if args.run:
-        print(f"\n{'setting':18s} {'calls':>5s} {'× fewer':>7s} {'s/image':>8s} {'KID×10³ ± s.e.':>16s} "
+        print(f"\n{'setting':23s} {'calls':>5s} {'× fewer':>7s} {'s/image':>8s} {'KID×10³ ± s.e.':>16s} "
               f"{'× first':>7s} {'faithful':>8s} {'× first':>7s}")
         for r in result["rows"]:
-            print(f"{r['setting']:18s} {r['calls']:5d} {r['calls_vs_first']:7.2f} {r['seconds_per_image']:8.3f} "
+            print(f"{r['setting']:23s} {r['calls']:5d} {r['calls_vs_first']:7.2f} {r['seconds_per_image']:8.3f} "
                   f"{r['kid'] * 1e3:8.1f} ± {r['kid_se'] * 1e3:5.1f} {r['kid_vs_first']:7.2f} "
                   f"{r['faithfulness']:8.2f} {r['faithfulness_vs_first']:7.2f}")
         if "split_check" in result:
@@ -278,12 +301,14 @@ def main() -> None:
             print(f"split check over {c['sets']} sets: KID gap between same-label halves {c['rms_gap'] * 1e3:.1f}×10⁻³ "
                   f"(root mean square), predicted by their standard errors {c['rms_predicted'] * 1e3:.1f}")
     else:
-        print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':18s} {'s/image':>9s} "
-              f"{'GMAC/image':>10s} {'peak MiB':>9s} {'MFU':>6s}")
+        print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':18s} {'prec':5s} "
+              f"{'s/image':>9s} {'× fp32':>6s} {'GMAC/image':>10s} {'peak MiB':>9s} {'MFU':>6s}")
         for r in result["rows"]:
+            vs = f"{r['speed_vs_fp32']:6.2f}" if "speed_vs_fp32" in r else f"{'':6s}"
             print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['gmacs_per_call']:9.3f} "
-                  f"{r['sampler'] + ' ' + str(r['steps']) + ' ' + r['schedule']:18s} {r['seconds_per_image']:9.3f} "
-                  f"{r['gmacs_per_image']:10.4g} {r['peak_mib']:9.1f} {r['mfu']:6.1%}")
+                  f"{r['sampler'] + ' ' + str(r['steps']) + ' ' + r['schedule']:18s} {r['precision']:5s} "
+                  f"{r['seconds_per_image']:9.3f} {vs} {r['gmacs_per_image']:10.4g} {r['peak_mib']:9.1f} "
+                  f"{r['mfu']:6.1%}")
     print(json.dumps(result))
 
 

@@ -385,9 +385,13 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
         rows, scores = md_rows(md, heading), kid_by_name(root, stage)
         assert len(rows) == len(scores) > 0
         for first, *cells in rows:
-            name = key.format(first) if key else f"{first}-{cells[0].replace(' ', '').lower()}"
+            # a sampler-cost set is named by generator, sampler and steps, and by a precision other than fp32
+            name = key.format(first) if key else (f"{first}-{cells[0].replace(' ', '').lower()}"
+                                                  f"{'' if cells[2] == 'fp32' else '-' + cells[2]}")
             k = scores[name]["kid"]
             assert pm(cells[-1]) == pytest.approx((k["mean"] * 1e3, k["std"] * 1e3), abs=0.006)
+    cost = md_rows(md, "## Sampler cost")  # the preset's bf16 set says so, once per generator
+    assert [r[3] for r in cost].count("bf16") == len({r[0] for r in cost}) > 0
     # Table 2 is the classify stage's results.json (mAP ×100), with a p column against the baseline.
     results = json.loads((root / "classify" / "results.json").read_text())
     table2 = md_table(md, "### Scan level")
