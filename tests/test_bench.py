@@ -79,3 +79,25 @@ def test_the_allocator_benchmark_runs_its_rows() -> None:
     rows = json.loads(res.stdout.strip().splitlines()[-1])["rows"]
     assert [(r["config"], r["work"]) for r in rows] == [("GeCA-T", "sample"), ("GeCA-T", "train")]
     assert all(r["default_ms_per_image_step"] > 0 and r["tuned_ms_per_image_step"] > 0 for r in rows)
+
+
+def test_a_reused_sample_set_must_match_the_setting_and_precision(tmp_path: Path) -> None:
+    """bench/sample.py --reuse keeps a set only if it was sampled as asked; sets from before precisions were fp32."""
+    import json
+
+    from sample import finished
+
+    run = tmp_path / "run"
+    args = argparse.Namespace(run=str(run), checkpoint="300", per_class=4, cfg=1.5)
+    sampling = {"sampler": "ddim", "steps": 25, "guidance_scale": 1.5, "schedule": "uniform"}
+    manifest = {"run": str(run), "seed": 0, "checkpoint_step": 300, "labels": "per-class 4", "sampling": sampling}
+    (tmp_path / "set").mkdir()
+    for precision, kept in ((None, "fp32"), ("fp32", "fp32"), ("bf16", "bf16")):
+        if precision is None:
+            sampling.pop("precision", None)
+        else:
+            sampling["precision"] = precision
+        (tmp_path / "set" / "manifest.json").write_text(json.dumps(manifest))
+        for asked in ("fp32", "bf16"):
+            assert finished(tmp_path / "set", args, "ddim", 25, None, asked) == (asked == kept)
+    assert not finished(tmp_path / "set", args, "ddim", 50, None, "bf16")
