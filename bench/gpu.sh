@@ -4,7 +4,8 @@
 # then a training step per config and attention implementation (img/s, peak memory, MFU; `compiled:dense` is the whole
 # NCA step under torch.compile), and sampling in fp32 and bf16. Files land in $OUT.
 #     bash bench/gpu.sh                      # on the GPU machine, from the repository root
-#     DEVICE=cpu CONFIGS=GeCA-T BATCH=2 RESOLUTION=8 BATCH_1M=2 RESOLUTION_1M=4 PRECISIONS=fp32 REPEATS=2 OUT=/tmp/g \
+#     DEVICE=cpu CONFIGS=GeCA-T BATCH=2 RESOLUTION=8 BATCH_1M=2 RESOLUTION_1M=4 PRECISIONS=fp32 REPEATS=2 \
+#         SAMPLE_SETTINGS=ddim:2 SAMPLE_PRECISIONS=fp32 OUT=/tmp/g \
 #         bash bench/gpu.sh                  # dry run here
 set -euo pipefail
 OUT=${OUT:-gpu-out}

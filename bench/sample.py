@@ -10,16 +10,18 @@ counted, as `geca models` does), the model-FLOP utilisation against the matmul t
 the row's precision, and its speed against fp32's.
 
 Quality (--run RUN --real SPEC:SPLIT): the trained run samples the same labels with the same seed under every
-setting (`geca sample`), then `geca evaluate` scores all sets together (standard protocol; domain features unless
---features says otherwise): KID (± its standard error over generated sets) and class-faithfulness against denoiser
-calls (one call per step, its CFG halves batched together, as the study's sampler-cost table counts them), each as
-a ratio to the first setting (DDPM 250); with `--precisions` each setting is sampled in each precision.
+setting (`geca sample` on --device), then `geca evaluate` scores all sets together (standard protocol; domain
+features unless --features says otherwise): KID (± its standard error over generated sets) and class-faithfulness
+against denoiser calls (one call per step, its CFG halves batched together, as the study's sampler-cost table counts
+them), each as a ratio to the first setting (DDPM 250); with `--precisions` each setting is sampled in each
+precision.
 
     .venv/bin/python bench/sample.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 4] [--resolution 32] [--channels 4]
                                      [--classes 11] [--precisions fp32,bf16] [--device cpu] [--quick] [--json]
     .venv/bin/python bench/sample.py --run runs/fundus --real synthetic-fundus:test --train synthetic-fundus:train
                                      --per-class 40 --out runs/fundus/sampler-bench [--settings ddpm:250,ddpm:25]
-                                     [--checkpoint STEP --reuse] [--split-check]
+                                     [--checkpoint STEP --reuse] [--split-check] [--precisions fp32,bf16]
+                                     [--device cuda]
 """
 
 from __future__ import annotations
@@ -143,13 +145,14 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
                    "precision": precision, "seconds_per_image": round(s / args.batch, 4),
                    "gmacs_per_image": round(gmacs * calls, 3), "peak_mib": round(mib, 1),
                    "mfu": round(flops / s / 1e12 / peaks[precision], 4)}
-            fp32 = [r for r in rows if r["precision"] == "fp32" and all(r[k] == row[k] for k in SETTING)]
-            if fp32:
-                row["speed_vs_fp32"] = round(fp32[0]["seconds_per_image"] / max(row["seconds_per_image"], 1e-9), 2)
             rows.append(row)
             if not args.json:
                 print(f"{name:8s} {sampler:8s} {steps:4d} steps {schedule:7s} {precision:5s} {s / args.batch:9.3f} "
                       f"s/image {mib:8.1f} MiB", flush=True)
+    fp32 = {tuple(r[k] for k in SETTING): r["seconds_per_image"] for r in rows if r["precision"] == "fp32"}
+    for r in rows:
+        if (base := fp32.get(tuple(r[k] for k in SETTING))) is not None:
+            r["speed_vs_fp32"] = round(base / max(r["seconds_per_image"], 1e-9), 2)
     return {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
             "matmul_peak_tflops": {p: round(v, 4) for p, v in peaks.items()}, "rows": rows}
 
@@ -169,8 +172,8 @@ def quality(args: argparse.Namespace) -> dict:
         chosen += ["--schedule", schedule] if schedule else []
         subprocess.run([*GECA, "sample", "--run", args.run, *chosen, "--out", str(out / name), "--per-class",
                         str(args.per_class), "--sampler", sampler, "--steps", str(steps), "--cfg", str(args.cfg),
-                        "--precision", precision, "--seed", "0", "--overwrite", "--no-progress", "--threads",
-                        str(args.threads)], check=True)
+                        "--precision", precision, "--device", args.device, "--seed", "0", "--overwrite",
+                        "--no-progress", "--threads", str(args.threads)], check=True)
     results = evaluate(args, {n: out / n for n in sets}, out / "metrics.json")
     rows = []
     for name in sets:
@@ -264,9 +267,11 @@ def main() -> None:
         args.settings = parse_settings(QUICK if args.quick else args.settings or SETTINGS)
     except ValueError as e:
         ap.error(f"--settings: {e}")
-    args.precisions = args.precisions.split(",")
+    args.precisions = [p.strip() for p in args.precisions.split(",")]
     if unknown := [p for p in args.precisions if p not in DTYPES]:
-        ap.error(f"--precisions: {', '.join(unknown)} is not one of {', '.join(DTYPES)}")
+        ap.error(f"--precisions: {', '.join(map(repr, unknown))} is not one of {', '.join(DTYPES)}")
+    if len(set(args.precisions)) < len(args.precisions):
+        ap.error(f"--precisions: each precision once, got {','.join(args.precisions)}")
     device = device_of(args)
     if "fp16" in args.precisions and device.type != "cuda":
         ap.error("--precisions: fp16 needs a CUDA device")

@@ -233,10 +233,22 @@ def test_models_json_reports_published_sizes() -> None:
     assert rows["GeCA-S"]["input"] == [4, 32, 32] and rows["GeCA-S"]["classes"] == 11
 
 
+def test_demo_refuses_fp16_on_a_cpu_before_replacing_the_last_demo(tmp_path: Path, monkeypatch) -> None:
+    """On a machine with a GPU, fp16 passes the settings' check; `--device cpu` must still refuse it up front."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "model.json").write_text("{}")
+    res = runner.invoke(app, ["demo", "--out", str(out), "--data", "synthetic-fundus@n=20", "--precision", "fp16",
+                              "--device", "cpu"])
+    assert res.exit_code == 2 and "--precision: fp16 mixed precision needs a CUDA GPU" in res.output, res.output
+    assert (out / "model.json").read_text() == "{}"
+
+
 def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
     out = tmp_path / "demo"
     res = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.02",
-                              "--per-class", "2", "--steps", "4"])
+                              "--per-class", "2", "--steps", "4", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     for name in ("samples_per_grade.png", "growth/growth.gif", "growth/denoise.gif", "loss.png", "log.csv",
                  "generated/labels.csv"):

@@ -52,10 +52,11 @@ def demo(
     from geca.sampling.generate import write_sample_dir
     from geca.sampling.growth import grow_organism
     from geca.sampling.labels import per_class_labels
+    from geca.sampling.samplers import resolved_precision
     from geca.training.trainer import train
-    from geca.utils.hardware import resolve_precision
     from geca.utils.plots import plot_class_grid
 
+    dev = pick_device(device)
     config = load_config(resources.files("geca") / "configs" / "demo.yaml")
     if data is None:
         data, why = demo_dataset()
@@ -71,15 +72,15 @@ def demo(
                             precision=precision)
     sampler.validate()
     sampler.check_steps(config.diffusion.timesteps)  # before the earlier demo is removed and a model trained
+    chosen = resolved_precision(precision, dev)  # refuses fp16 on a CPU, even on a machine with a GPU
     # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not
     growth = replace(sampler, sampler="ddim", schedule=None) if sampler_name.startswith("dpm++") else sampler
     if out.exists():
         if not (out / "model.json").exists():
             raise FileExistsError(f"{out} exists and is not a demo run; choose another --out")
         shutil.rmtree(out)
-    dev = pick_device(device)
     typer.echo(f"training GeCA-T on {data} for {config.train.max_minutes} min "
-               f"({resolve_precision(config.train.precision, cuda=dev.type == 'cuda')}) …")
+               f"({chosen}) …")
     train(config, out, progress=show_progress(None), cpu=dev.type == "cpu")
     run = load_run(out, device=dev)
     labels = per_class_labels(run.spec.num_classes, per_class)

@@ -209,19 +209,22 @@ def _nca_steps(r: _Reader, figures: Path) -> list[str]:
 def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
     results = {x["name"]: x for x in r.metrics("sampler_cost")["results"]}
     rows, curves = [], {}
-    for s in r.ctx.outputs("sampler_cost")["sets"]:
+    sets = r.ctx.outputs("sampler_cost")["sets"]
+    for s in sets:
         sc, train = s["sampling"], r.train(s["generator"])
+        precision = sc.get("precision", "fp32")
         calls = sc["steps"]
         # CFG doubles each call's batch
         gmac = calls * train["macs_per_call"] * (2 if sc["guidance_scale"] != 1 else 1) / 1e9
         k, f = results[s["name"]]["kid"], results[s["name"]].get("faithfulness") or {}
         # Studies run before schedules and precisions existed spaced every sampler evenly and sampled in fp32.
         rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}", sc.get("schedule", "uniform"),
-                     sc.get("precision", "fp32"), calls, f"{gmac:.2f}", f"{s['seconds'] / max(s['images'], 1):.3f}",
+                     precision, calls, f"{gmac:.2f}", f"{s['seconds'] / max(s['images'], 1):.3f}",
                      faithful(f), pm(k, 1e3)])
         # Error bars: KID's standard error over generated sets (studies run before it existed: the subsets' spread).
         err = k.get("se", k["std"])
-        curves.setdefault(s["generator"], []).append((calls, k["mean"] * 1e3, err * 1e3, f.get("value")))
+        curve = s["generator"] if precision == "fp32" else f"{s['generator']} ({precision})"
+        curves.setdefault(curve, []).append((calls, k["mean"] * 1e3, err * 1e3, f.get("value")))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120)
     calls = sorted({p[0] for pts in curves.values() for p in pts})
     for name, pts in curves.items():
@@ -244,7 +247,8 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
             "DDIM η = 0, DPM-Solver++(2M) and its SDE form; the schedule says where the steps lie: evenly in t, in "
             "log-SNR (lambda) or as Karras et al.'s); error bars are KID's standard error over generated sets; GMAC "
             "counts matmuls and convolutions of every call (both CFG halves); seconds are wall time on the device of "
-            "the sampler-cost stage, in the precision its denoiser calls ran in.", "", *_untrained(r, list(curves)),
+            "the sampler-cost stage, in the precision its denoiser calls ran in.", "",
+            *_untrained(r, list(dict.fromkeys(s["generator"] for s in sets))),
             f"![sampler cost]({_save(fig, figures / 'sampler_cost.png')})", "",
             *_table(["Generator", "Sampler", "Schedule", "Precision", "Calls", "GMAC / image", "s / image",
                      "faithful ↑ (chance)", "KID×10³ ↓"], rows)]
