@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -145,20 +146,29 @@ def test_a_resume_that_moves_the_learning_rate_says_so(tmp_path: Path, capsys: p
 
 
 def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_path: Path) -> None:
-    """Before the first preview the budget keeps back an estimate of one (the fastest step after the first is about
-    three forward passes of its batch; the preview makes `steps` calls, twice under CFG) and of a checkpoint (its
-    bytes at a slow disk's speed); then what each kind of work took."""
+    """Before the first preview the budget keeps back an estimate of one (the mean step after the first is about
+    three forward passes of its batch; the preview makes `steps` calls, twice under CFG, and an fp32 preview after
+    bf16 steps costs twice theirs) and of a checkpoint (its bytes at a slow disk's speed); then what each kind of
+    work took."""
     from geca.training.trainer import Trainer
 
     cfg = tiny_config(5, sample_every=100, max_minutes=10)
     trainer = Trainer(cfg, tmp_path / "run", resume=False, progress=False, train_set=blob_images(n=8, size=8))
-    trainer.fastest_step_s, trainer.work_s = 1.2, {}
+    trainer.steps_s, trainer.steps_timed, trainer.work_s = 3.6, 3, {}  # steps of 1.2 s on average
     shown, sampler = trainer.spec.num_classes * cfg.preview.per_class, cfg.preview.sampler
-    assert sampler.guidance_scale != 1
+    assert sampler.guidance_scale != 1 and sampler.precision == "fp32"
     params = sum(p.numel() for p in trainer.ema.model.parameters())
     assert trainer.checkpoint_guess_s == pytest.approx(16 * params / 100e6)  # fp32 weights, EMA, AdamW's 2 moments
-    assert trainer.final_work_s() == pytest.approx(1.2 / (3 * 4) * shown * sampler.steps * 2 +
-                                                   trainer.checkpoint_guess_s)
+    preview = 1.2 / (3 * 4) * shown * sampler.steps * 2
+    assert trainer.final_work_s() == pytest.approx(preview + trainer.checkpoint_guess_s)
+    with warnings.catch_warnings():  # a CPU without native bf16 is warned about it
+        warnings.simplefilter("ignore")
+        mixed = Trainer(tiny_config(5, sample_every=100, max_minutes=10, precision="bf16"), tmp_path / "bf16",
+                        resume=False, progress=False, train_set=blob_images(n=8, size=8))
+    mixed.steps_s, mixed.steps_timed, mixed.work_s = 3.6, 3, {}
+    assert mixed.final_work_s() == pytest.approx(2 * preview + trainer.checkpoint_guess_s)
+    mixed.config.preview.sampler.precision = "bf16"
+    assert mixed.final_work_s() == pytest.approx(preview + trainer.checkpoint_guess_s)
     trainer.work_s = {"checkpoint": 2.0, "preview": 7.0}
     assert trainer.final_work_s() == pytest.approx(9.0)
     cfg.train.sample_every = 0

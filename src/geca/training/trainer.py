@@ -33,6 +33,7 @@ from geca.models.build import count_parameters
 from geca.run import ModelSpec, find_checkpoint, load_state_dict_into, read_spec, read_state, save_checkpoint, verify
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
+from geca.sampling.samplers import resolved_precision
 from geca.training.compile import check_toolchain, compile_for_run
 from geca.training.ema import EMA
 from geca.training.heredity import handed_over
@@ -510,13 +511,17 @@ class Trainer:
 
     def final_work_s(self) -> float:
         """What the final checkpoint, preview and validation will take: the longest of each seen so far or, before
-        the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling from the fastest step after the
-        first (which compiles and warms up): a training step costs about three forward passes of its batch, a sampler
-        makes `steps` calls on twice the images under CFG."""
-        per_image = self.fastest_step_s / (3 * self.local_batch) if math.isfinite(self.fastest_step_s) else 0.0
+        the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling from the mean step after the
+        first (which compiles and warms up; the mean, as a machine under load is slower than its fastest step): a
+        training step costs about three forward passes of its batch, a sampler makes `steps` calls on twice the images
+        under CFG, and calls in fp32 after bf16 or fp16 training steps cost about twice theirs (1.4-2x measured on an
+        AVX512-BF16 CPU; more on a GPU, where the preview is short anyway)."""
+        per_image = self.steps_s / self.steps_timed / (3 * self.local_batch) if self.steps_timed else 0.0
+        mixed = self.accelerator.mixed_precision != "no"
 
         def sampling_s(images: int, sampler: Any) -> float:
-            return per_image * images * sampler.steps * (1 if sampler.guidance_scale == 1 else 2)
+            slower = 2 if mixed and resolved_precision(sampler.precision, self.device) == "fp32" else 1
+            return per_image * slower * images * sampler.steps * (1 if sampler.guidance_scale == 1 else 2)
 
         need = self.work_s.get("checkpoint", self.checkpoint_guess_s)
         if self.main and self.config.train.sample_every:
@@ -596,7 +601,7 @@ class Trainer:
             self.accelerator.end_training()
             return self._summary(None)
         self.t_start, self.step_s, self._last_plain = time.time(), 0.0, 0.0
-        self.fastest_step_s, first = math.inf, self.step_count
+        self.steps_s, self.steps_timed, first = 0.0, 0, self.step_count  # the steps after the first, for final_work_s
         self.work_s: dict[str, float] = {}
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
@@ -607,7 +612,7 @@ class Trainer:
             self.step()
             self.step_s = time.time() - started
             if self.step_count > first + 1:
-                self.fastest_step_s = min(self.fastest_step_s, self.step_s)
+                self.steps_s, self.steps_timed = self.steps_s + self.step_s, self.steps_timed + 1
             self.periodic()
             self._advance()
         self.finish()
