@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -238,11 +239,26 @@ def test_demo_refuses_fp16_on_a_cpu_before_replacing_the_last_demo(tmp_path: Pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     out = tmp_path / "demo"
     out.mkdir()
+    (out / ".geca-demo").write_text("")
     (out / "model.json").write_text("{}")
     res = runner.invoke(app, ["demo", "--out", str(out), "--data", "synthetic-fundus@n=20", "--precision", "fp16",
                               "--device", "cpu"])
     assert res.exit_code == 2 and "--precision: fp16 mixed precision needs a CUDA GPU" in res.output, res.output
     assert (out / "model.json").read_text() == "{}"
+
+
+def test_demo_replaces_an_earlier_demo_only(trained_run: Path, tmp_path: Path) -> None:
+    """A training run has a model.json as a demo does; the demo must not take it for its own and delete it."""
+    run = tmp_path / "victim"
+    shutil.copytree(trained_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    res = runner.invoke(app, ["demo", "--out", str(run), "--data", "synthetic-fundus@n=20", "--minutes", "0.01"])
+    assert res.exit_code == 2 and f"--out {run}: exists and is not a demo" in res.output, res.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    res = runner.invoke(app, ["demo", "--out", str(a_file), "--data", "synthetic-fundus@n=20", "--minutes", "0.01"])
+    assert res.exit_code == 2 and "is a file" in res.output and a_file.read_text() == "x", res.output
 
 
 def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
@@ -254,6 +270,7 @@ def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
                  "generated/labels.csv"):
         assert (out / name).exists(), name
         assert str(out / name) in res.output.replace("\n", "") or name.startswith("generated")
+    assert (out / ".geca-demo").is_file()  # what lets the next demo replace this folder
     sampling = json.loads((out / "generated/manifest.json").read_text())["sampling"]
     assert sampling["sampler"] == "dpm++sde" and sampling["precision"] == resolve_precision("auto", cuda=False)
     rerun = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.01",

@@ -10,6 +10,15 @@ import typer
 
 from geca.cli.common import guarded, pick_device, show_progress
 
+DEMO_MARKER = ".geca-demo"  # hidden: a new run's folder may hold it
+
+
+def is_demo(out: Path) -> bool:
+    """Whether `out` is a folder `geca demo` wrote (demos from before the marker: a run with the demo's grid), which
+    the next demo may replace; a training run, whose model.json a demo's shares, is not."""
+    legacy = (out / "model.json").is_file() and (out / "samples_per_grade.png").is_file()
+    return (out / DEMO_MARKER).is_file() or legacy
+
 
 def demo_dataset() -> tuple[str, str]:
     """RetinaMNIST when its file can be found, else the procedural fundus set (and why)."""
@@ -25,7 +34,8 @@ def demo_dataset() -> tuple[str, str]:
 
 @guarded
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo writes (replaced on each run)."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo writes: a new or empty folder, or one "
+                             "an earlier demo wrote, which is replaced (any other folder is refused)."),
     minutes: float | None = typer.Option(None, "--minutes", help="Training time budget (default: the preset's)."),
     data: str | None = typer.Option(None, "--data", help="Dataset spec (default: retinamnist if found, else "
                                     "synthetic-fundus)."),
@@ -54,6 +64,7 @@ def demo(
     from geca.sampling.labels import per_class_labels
     from geca.sampling.samplers import resolved_precision
     from geca.training.trainer import train
+    from geca.utils.io import output_dir
     from geca.utils.plots import plot_class_grid
 
     dev = pick_device(device)
@@ -75,10 +86,14 @@ def demo(
     chosen = resolved_precision(precision, dev)  # refuses fp16 on a CPU, even on a machine with a GPU
     # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not
     growth = replace(sampler, sampler="ddim", schedule=None) if sampler_name.startswith("dpm++") else sampler
-    if out.exists():
-        if not (out / "model.json").exists():
-            raise FileExistsError(f"{out} exists and is not a demo run; choose another --out")
+    output_dir(out)
+    if out.exists() and any(out.iterdir()):
+        if not is_demo(out):
+            raise FileExistsError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces "
+                                  "its own folder only, choose another --out")
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("Written by `geca demo`: the next demo with this --out replaces this folder.\n")
     typer.echo(f"training GeCA-T on {data} for {config.train.max_minutes} min "
                f"({chosen}) …")
     train(config, out, progress=show_progress(None), cpu=dev.type == "cpu")
