@@ -49,6 +49,12 @@ def test_every_command_and_flag_has_help() -> None:
             assert getattr(param.default, "help", None), f"geca {cmd}: option {name} has no help text"
 
 
+def test_grow_offers_only_the_samplers_it_can_replay() -> None:
+    """grow shares sample's flags but refuses DPM-Solver++; its help must not offer it."""
+    assert "dpm++" in runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "200"}).output
+    assert "dpm++" not in runner.invoke(app, ["grow", "--help"], env={"COLUMNS": "200"}).output
+
+
 def test_help_labels_value_options_only() -> None:
     out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
     assert re.search(r"--max-steps\s+<int>", out) and re.search(r"--no-flip\s+Random", out)

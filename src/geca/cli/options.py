@@ -34,8 +34,9 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
     "nca_steps": (int | None, None, ("--m", "--nca-steps"), SAMPLER_HELP["nca_steps"]),
     "schedule": (str | None, None, ("--schedule",), SAMPLER_HELP["schedule"]),
     "precision": (str, "fp32", ("--precision",), "The denoiser calls' precision: fp32, bf16, fp16 (GPU only) or auto "
-                  "(bf16 on GPUs and bf16-capable CPUs, else fp32); the sampler's own arithmetic stays fp32. "
-                  "bf16 was 1.5x as fast on an AVX512-BF16 CPU, pixels within 3/255 of fp32's."),
+                  "(bf16 where the device runs it natively: GPUs with native bf16, AVX512-BF16/AMX CPUs; else "
+                  "fp32); the sampler's own arithmetic stays fp32. On the trained demo model bf16 was 1.5x as fast "
+                  "on an AVX512-BF16 CPU, pixels within 3/255 of fp32's and KID within 2 %."),
     "clip_x0": (bool | None, None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
                 "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
     "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images).", {"min": 0}),
@@ -75,8 +76,10 @@ class SamplingFlags:
     progress: bool | None = None
 
 
-def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), **defaults: Any) -> Callable[[Callable], Callable]:
-    """Give a command the shared flags `names` (with other `defaults` where given); it receives them as `flags`."""
+def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), helps: dict[str, str] | None = None,
+                   **defaults: Any) -> Callable[[Callable], Callable]:
+    """Give a command the shared flags `names` (with other `defaults` and `helps` where given); it receives them as
+    `flags`."""
 
     def decorate(fn: Callable) -> Callable:
         signature = inspect.signature(fn)
@@ -84,7 +87,8 @@ def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), **defaults: Any) ->
         added = []
         for name in names:
             annotation, default, flags, help_text, *settings = _OPTIONS[name]
-            option = typer.Option(defaults.get(name, default), *flags, help=help_text, **(settings or [{}])[0])
+            option = typer.Option(defaults.get(name, default), *flags, help=(helps or {}).get(name, help_text),
+                                  **(settings or [{}])[0])
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                            annotation=annotation))
 

@@ -64,14 +64,16 @@ def sample(
 
 
 @guarded
-@sampling_flags(GROW, sampler="ddim", steps=50)
+@sampling_flags(GROW, {"sampler": "ddim (η=0) or ddpm (ancestral): the respaced chain whose M updates grow replays "
+                            "(DPM-Solver++ is not one)."}, sampler="ddim", steps=50)
 def grow(
     run: Path = typer.Option(..., "--run", help="Run directory of a GeCA."),
     out: Path = typer.Option(..., "--out", help="Directory for growth.gif/png and denoise.gif/png."),
     label: str = typer.Option("0", "--label", help="Class name or index of the organism."),
     at_t: int = typer.Option(500, "--t", help="Noise level t (0 to T−1, T the run's diffusion steps: 0…999 by "
                              "default) at which to show the M NCA updates."),
-    frames: int = typer.Option(25, "--frames", min=1, help="Frames of the denoising trajectory."),
+    frames: int = typer.Option(25, "--frames", min=1, help="Frames of the denoising trajectory (at most one per "
+                               "reverse step: --steps)."),
     *,
     flags: SamplingFlags,
 ) -> None:
