@@ -280,6 +280,8 @@ def test_sample_grow_and_resume_refuse_what_they_would_ignore_or_overwrite(run: 
     out = tmp_path / "s"
     base = ["sample", "--run", str(run), "--out", str(out), "--per-class", "1", *FAST]
     refused(runner.invoke(app, [*base, "--ratio", "3"]), "--ratio", "--labels-from")
+    refused(runner.invoke(app, ["sample", "--run", str(run), "--out", str(out), "--labels-from", "tst", *FAST]),
+            "--labels-from must be one of")
     assert not out.exists()
     assert runner.invoke(app, base).exit_code == 0
     refused(runner.invoke(app, [*base, "--resume"]), "--resume", "finished")
@@ -315,6 +317,7 @@ def test_evaluate_refuses_what_it_cannot_score_before_any_network_runs(run: Path
             "random", "--no-lpips"]
     real, train = ["--real", f"{data}:test"], ["--train", f"{data}:train"]
     refused(runner.invoke(app, [*base, *real, "--train", f"{data}:test"]), "--real", "--train")
+    refused(runner.invoke(app, [*base, "--real", f"{data}:tset", *train]), "--real", "unknown split 'tset'")
     refused(runner.invoke(app, [*base, *real, *train, "--fold", "1"]), "--fold", "--folds-file")
     refused(runner.invoke(app, [*base, *real, *train, "--cv-val", "next-fold"]), "--cv-val", "--folds-file")
     # 4 images: KID subsets of 4 // 4 = 1 under the paper's protocol

@@ -29,6 +29,7 @@ def sample(
     flags: SamplingFlags,
 ) -> None:
     """Sample labelled images from a trained run."""
+    from geca.data.registry import SPLITS
     from geca.run import load_run, run_folds, run_split
     from geca.sampling.generate import run_sampler, write_sample_dir
     from geca.sampling.labels import per_class_labels, replicate_labels
@@ -38,6 +39,8 @@ def sample(
         raise ConfigError("--ratio replicates the label vectors of --labels-from SPLIT; with --per-class, raise N")
     if (per_class is None) == (labels_from is None):
         raise ConfigError("give exactly one of --per-class N or --labels-from SPLIT")
+    if labels_from is not None and labels_from not in SPLITS:
+        raise ConfigError(f"--labels-from must be one of {', '.join(SPLITS)}, got {labels_from!r}")
     ratio = ratio or 1
     if trace is not None:
         output_file(trace, "--trace", ".csv")

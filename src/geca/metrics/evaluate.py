@@ -17,7 +17,7 @@ import torch
 import geca
 from geca.data.folder_csv import load_folder_csv
 from geca.data.imageset import ImageSet, image_hashes
-from geca.data.registry import load_split
+from geca.data.registry import SPLITS, load_split
 from geca.errors import DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
@@ -35,6 +35,8 @@ def parse_split(arg: str, flag: str) -> tuple[str, str]:
     spec, colon, split = arg.rpartition(":")
     if not colon or not spec or not split:
         raise DataError(f"{flag} {arg!r}: expected SPEC:SPLIT, e.g. retinamnist:test")
+    if split not in SPLITS:
+        raise DataError(f"{flag} {arg!r}: unknown split {split!r}; valid: {', '.join(SPLITS)}")
     return spec, split
 
 
