@@ -10,11 +10,11 @@ counted, as `geca models` does), the model-FLOP utilisation against the matmul t
 the row's precision, and its speed against fp32's.
 
 Quality (--run RUN --real SPEC:SPLIT): the trained run samples the same labels with the same seed under every
-setting (`geca sample` on --device), then `geca evaluate` scores all sets together (standard protocol; domain
-features unless --features says otherwise): KID (± its standard error over generated sets) and class-faithfulness
-against denoiser calls (one call per step, its CFG halves batched together, as the study's sampler-cost table counts
-them), each as a ratio to the first setting (DDPM 250); with `--precisions` each setting is sampled in each
-precision.
+setting (`geca sample` on --device, whose default here is cpu: give --device cuda on a GPU), then `geca evaluate`
+scores all sets together (standard protocol; domain features unless --features says otherwise): KID (± its standard
+error over generated sets) and class-faithfulness against denoiser calls (one call per step, its CFG halves batched
+together, as the study's sampler-cost table counts them), each as a ratio to the first setting (DDPM 250); with
+`--precisions` each setting is sampled in each precision.
 
     .venv/bin/python bench/sample.py [--configs GeCA-T,DiT-T,LDM-T] [--batch 4] [--resolution 32] [--channels 4]
                                      [--classes 11] [--precisions fp32,bf16] [--device cpu] [--quick] [--json]

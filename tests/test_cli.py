@@ -267,6 +267,27 @@ def test_demo_replaces_an_earlier_demo_only(trained_run: Path, tmp_path: Path) -
     assert res.exit_code == 2 and "is a file" in res.output and a_file.read_text() == "x", res.output
 
 
+def test_an_earlier_demo_is_kept_when_the_demo_cannot_run(blobs_npz: Path, tmp_path: Path, monkeypatch) -> None:
+    """Whatever keeps the demo from running is found before the earlier demo is removed: a dataset that is not there
+    or lies inside --out, an --out holding the current folder; and a demo's folder takes no training run."""
+    demo = tmp_path / "demo"
+    (demo / "data").mkdir(parents=True)
+    (demo / ".geca-demo").write_text("")
+    shutil.copy(blobs_npz, demo / "data" / "blobs.npz")
+    before = sorted(p.relative_to(demo) for p in demo.rglob("*"))
+    for args, message in ((["--data", str(tmp_path / "nowhere.npz")], "nowhere.npz"),
+                          (["--data", str(demo / "data" / "blobs.npz")], "lies inside --out")):
+        res = runner.invoke(app, ["demo", "--out", str(demo), *args, "--minutes", "0.01"])
+        assert res.exit_code == 2 and message in res.output, res.output
+    monkeypatch.chdir(demo / "data")
+    for out in (".", ".."):
+        res = runner.invoke(app, ["demo", "--out", out, "--data", str(blobs_npz), "--minutes", "0.01"])
+        assert res.exit_code == 2 and f"--out {out}: holds the current folder" in res.output, res.output
+    res = runner.invoke(app, ["train", "--out", str(demo), "--data", str(blobs_npz), "--max-steps", "1"])
+    assert res.exit_code == 2 and "a `geca demo` folder" in res.output, res.output
+    assert sorted(p.relative_to(demo) for p in demo.rglob("*")) == before
+
+
 def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
     out = tmp_path / "demo"
     res = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.02",

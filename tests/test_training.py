@@ -175,6 +175,18 @@ def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_
     assert trainer.final_work_s() == pytest.approx(2.0)
 
 
+def test_a_preview_precision_the_device_cannot_run_is_refused_before_the_run_is_written(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """On a GPU machine fp16 passes the settings' check; a run trained on its CPU must refuse it up front, naming the
+    key, not at its first preview."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = tiny_config(2)
+    cfg.preview.sampler.precision = "fp16"
+    with pytest.raises(ConfigError, match="preview.sampler.precision: fp16 mixed precision needs a CUDA GPU"):
+        train(cfg, tmp_path / "run", train_set=blob_images(n=8, size=8), progress=False, cpu=True)
+    assert not (tmp_path / "run").exists()
+
+
 def _spec(model: ModelConfig) -> ModelSpec:
     return ModelSpec(model=model, diffusion=DiffusionConfig(), data=DataConfig(), in_channels=3, num_classes=5,
                      resolution=28, class_names=list("abcde"), multilabel=False)

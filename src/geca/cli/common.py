@@ -93,6 +93,7 @@ def pick_device(name: str) -> torch.device:
 
 
 PROGRESS_HELP = "Progress bars (default: on a terminal; in a log file, periodic plain lines instead)."
+DEMO_MARKER = ".geca-demo"  # in a folder `geca demo` wrote, which the next demo may replace (hidden: a run may hold it)
 
 
 def show_progress(flag: bool | None) -> bool:

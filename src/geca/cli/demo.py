@@ -8,9 +8,8 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import guarded, pick_device, show_progress
-
-DEMO_MARKER = ".geca-demo"  # hidden: a new run's folder may hold it
+from geca.cli.common import DEMO_MARKER, guarded, pick_device, show_progress
+from geca.errors import ConfigError
 
 
 def is_demo(out: Path) -> bool:
@@ -18,6 +17,26 @@ def is_demo(out: Path) -> bool:
     the next demo may replace; a training run, whose model.json a demo's shares, is not."""
     legacy = (out / "model.json").is_file() and (out / "samples_per_grade.png").is_file()
     return (out / DEMO_MARKER).is_file() or legacy
+
+
+def check_replaceable(out: Path, data: str) -> None:
+    """`out` may be written, and replaced where it holds an earlier demo: not a symlink, not the current folder or
+    one above it, not holding the dataset, and if not empty, a demo's."""
+    from geca.utils.io import output_dir
+
+    output_dir(out)
+    if out.is_symlink():
+        raise ConfigError(f"--out {out}: a symbolic link; the demo replaces its --out, give the folder itself")
+    if not out.exists():
+        return
+    here, target = Path.cwd().resolve(), out.resolve()
+    if target == here or target in here.parents:
+        raise ConfigError(f"--out {out}: holds the current folder, which replacing it would delete")
+    if Path(data).exists() and target in Path(data).resolve().parents:
+        raise ConfigError(f"--data {data}: lies inside --out {out}, which the demo replaces")
+    if any(out.iterdir()) and not is_demo(out):
+        raise ConfigError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces its own "
+                          "folder only, choose another --out")
 
 
 def demo_dataset() -> tuple[str, str]:
@@ -57,6 +76,7 @@ def demo(
     from importlib import resources
 
     from geca.config import load_config
+    from geca.data.registry import load_split
     from geca.run import load_run
     from geca.sampling.config import SamplerConfig
     from geca.sampling.generate import write_sample_dir
@@ -64,7 +84,6 @@ def demo(
     from geca.sampling.labels import per_class_labels
     from geca.sampling.samplers import resolved_precision
     from geca.training.trainer import train
-    from geca.utils.io import output_dir
     from geca.utils.plots import plot_class_grid
 
     dev = pick_device(device)
@@ -86,11 +105,9 @@ def demo(
     chosen = resolved_precision(precision, dev)  # refuses fp16 on a CPU, even on a machine with a GPU
     # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not
     growth = replace(sampler, sampler="ddim", schedule=None) if sampler_name.startswith("dpm++") else sampler
-    output_dir(out)
+    check_replaceable(out, data)
+    load_split(data, "train")  # a missing or corrupt dataset fails here, before the earlier demo is removed
     if out.exists() and any(out.iterdir()):
-        if not is_demo(out):
-            raise FileExistsError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces "
-                                  "its own folder only, choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("Written by `geca demo`: the next demo with this --out replaces this folder.\n")

@@ -8,7 +8,16 @@ from typing import Any
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, PROGRESS_HELP, guarded, on_interrupt, pick_device, set_threads, show_progress
+from geca.cli.common import (
+    CV_VAL_HELP,
+    DEMO_MARKER,
+    PROGRESS_HELP,
+    guarded,
+    on_interrupt,
+    pick_device,
+    set_threads,
+    show_progress,
+)
 from geca.errors import ConfigError
 from geca.models.config import NAMED_MODELS
 
@@ -153,6 +162,9 @@ def train(
     set_threads(threads)
     cpu = pick_device(device).type == "cpu"
     run_config.validate(names, where=config)
+    if not resume and (out / DEMO_MARKER).exists():  # the next `geca demo` there would replace this run
+        raise ConfigError(f"--out {out}: a `geca demo` folder (it holds {DEMO_MARKER}), which the next demo replaces; "
+                          "train a new run elsewhere")
     changes = [] if before is None else [
         f"resume: {key} {get_field(before, key)!r} → {get_field(run_config, key)!r} ({flag})"
         for key, flag in names.items() if get_field(before, key) != get_field(run_config, key)]

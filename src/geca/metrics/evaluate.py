@@ -169,6 +169,7 @@ class EvalInputs:
 
 def load_inputs(s: EvalSettings) -> EvalInputs:
     check_protocol(s.protocol)
+    real_name, train_name = parse_split(s.real, "--real"), parse_split(s.train, "--train")
     if not s.generated:
         raise DataError("no generated directories given")
     gens = [(name, path, load_sample_dir(path)) for name, path in s.generated]
@@ -183,7 +184,6 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     if len(sizes) > 1:
         raise DataError(f"generated sets have different resolutions {sorted(sizes)}; evaluate them separately")
     size = sizes.pop()
-    real_name, train_name = parse_split(s.real, "--real"), parse_split(s.train, "--train")
     if real_name == train_name:
         raise DataError(f"--real and --train are both {s.real}: the generator's training images would be scored "
                         "as held-out data (FLD and GG compare the two); give --real a held-out split, e.g. SPEC:test")

@@ -283,6 +283,12 @@ class Trainer:
         tc = config.train
         self.accelerator = acc = _accelerator(config, self.run_dir, cpu)
         check_toolchain(config.model, acc.device)
+        samplers = {"preview.sampler": config.preview.sampler, "validation.sampler": config.validation.sampler}
+        for key, sampler in samplers.items():  # fp16 passes validate() on a GPU machine training on its CPU
+            try:
+                resolve_precision(sampler.precision, cuda=acc.device.type == "cuda")
+            except ValueError as e:
+                raise ConfigError(f"{key}.precision: {e}") from None
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
