@@ -294,6 +294,8 @@ def test_sample_grow_and_resume_refuse_what_they_would_ignore_or_overwrite(run: 
     assert runner.invoke(app, [*grow, "--out", str(g), "--seed", "1", "--overwrite", "--precision", "bf16"]
                          ).exit_code == 0
     refused(runner.invoke(app, [*grow, "--out", str(data)]), str(data))
+    refused(runner.invoke(app, [*grow, "--out", str(out), "--overwrite"]), f"--out {out} holds other files")
+    assert (out / "manifest.json").is_file() and not (out / "growth.gif").exists()
     # A finished run resumed to its own step trains nothing and rewrites nothing (not even the preview).
     copy = copy_run(run, tmp_path)
     stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}

@@ -154,6 +154,12 @@ def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig,
     """Grow one organism of class `label` (name or index) from a loaded GeCA and write its GIFs and strips into
     `out`; files an earlier growth wrote there are replaced only with `overwrite`."""
     out = output_dir(out)
+    own = {p.name for p in growth_paths(out).values()}
+    others = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
+    if others:  # as geca sample: its four files are not mixed into a folder of other things
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise FileExistsError(f"--out {out} holds other files ({shown}); geca grow writes into a new or empty folder, "
+                              "or one an earlier grow wrote")
     earlier = [p.name for p in growth_paths(out).values() if p.exists()]
     if earlier and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(earlier)}; pass --overwrite or choose another --out")
