@@ -283,6 +283,13 @@ def test_an_earlier_demo_is_kept_when_the_demo_cannot_run(blobs_npz: Path, tmp_p
     for out in (".", ".."):
         res = runner.invoke(app, ["demo", "--out", out, "--data", str(blobs_npz), "--minutes", "0.01"])
         assert res.exit_code == 2 and f"--out {out}: holds the current folder" in res.output, res.output
+    empty = demo / "data" / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # an empty current folder is a place to write, with nothing to replace
+    from geca.cli.demo import check_replaceable
+
+    check_replaceable(Path("."), str(blobs_npz))
+    empty.rmdir()
     res = runner.invoke(app, ["train", "--out", str(demo), "--data", str(blobs_npz), "--max-steps", "1"])
     assert res.exit_code == 2 and "a `geca demo` folder" in res.output, res.output
     assert sorted(p.relative_to(demo) for p in demo.rglob("*")) == before

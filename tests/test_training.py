@@ -180,11 +180,19 @@ def test_a_preview_precision_the_device_cannot_run_is_refused_before_the_run_is_
     """On a GPU machine fp16 passes the settings' check; a run trained on its CPU must refuse it up front, naming the
     key, not at its first preview."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cfg = tiny_config(2)
+    cfg = tiny_config(2, sample_every=1)
     cfg.preview.sampler.precision = "fp16"
     with pytest.raises(ConfigError, match="preview.sampler.precision: fp16 mixed precision needs a CUDA GPU"):
         train(cfg, tmp_path / "run", train_set=blob_images(n=8, size=8), progress=False, cpu=True)
     assert not (tmp_path / "run").exists()
+    from geca.training.trainer import check_sampler_precisions
+
+    cfg.train.sample_every = 0  # samplers the run never uses are not its business
+    cfg.validation.sampler.precision = "fp16"
+    check_sampler_precisions(cfg, torch.device("cpu"))
+    cfg.validation.every = 10
+    with pytest.raises(ConfigError, match="validation.sampler.precision: fp16"):
+        check_sampler_precisions(cfg, torch.device("cpu"))
 
 
 def _spec(model: ModelConfig) -> ModelSpec:

@@ -27,14 +27,14 @@ def check_replaceable(out: Path, data: str) -> None:
     output_dir(out)
     if out.is_symlink():
         raise ConfigError(f"--out {out}: a symbolic link; the demo replaces its --out, give the folder itself")
-    if not out.exists():
+    if not out.exists() or not any(out.iterdir()):  # nothing to replace
         return
     here, target = Path.cwd().resolve(), out.resolve()
     if target == here or target in here.parents:
         raise ConfigError(f"--out {out}: holds the current folder, which replacing it would delete")
     if Path(data).exists() and target in Path(data).resolve().parents:
         raise ConfigError(f"--data {data}: lies inside --out {out}, which the demo replaces")
-    if any(out.iterdir()) and not is_demo(out):
+    if not is_demo(out):
         raise ConfigError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces its own "
                           "folder only, choose another --out")
 

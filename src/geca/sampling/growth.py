@@ -155,7 +155,9 @@ def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig,
     `out`; files an earlier growth wrote there are replaced only with `overwrite`."""
     out = output_dir(out)
     own = {p.name for p in growth_paths(out).values()}
-    others = sorted(p.name for p in out.iterdir() if p.name not in own) if out.is_dir() else []
+    # hidden names: a killed write's temporaries (.growth.gif.….tmp), or a folder's own dot-files
+    others = sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith(".")) \
+        if out.is_dir() else []
     if others:  # as geca sample: its four files are not mixed into a folder of other things
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise FileExistsError(f"--out {out} holds other files ({shown}); geca grow writes into a new or empty folder, "

@@ -283,12 +283,7 @@ class Trainer:
         tc = config.train
         self.accelerator = acc = _accelerator(config, self.run_dir, cpu)
         check_toolchain(config.model, acc.device)
-        samplers = {"preview.sampler": config.preview.sampler, "validation.sampler": config.validation.sampler}
-        for key, sampler in samplers.items():  # fp16 passes validate() on a GPU machine training on its CPU
-            try:
-                resolve_precision(sampler.precision, cuda=acc.device.type == "cuda")
-            except ValueError as e:
-                raise ConfigError(f"{key}.precision: {e}") from None
+        check_sampler_precisions(config, acc.device)
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
@@ -645,6 +640,19 @@ class Trainer:
     def _summary(self, checksum: float | None) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "step": self.step_count, "processes": self.world,
                 "parameter_checksum": checksum, "config": asdict(self.config)}
+
+
+def check_sampler_precisions(config: RunConfig, device: torch.device) -> None:
+    """The preview and validation samplers a run uses must run on its device (fp16 passes the settings' check on a
+    GPU machine training on its CPU), found before the run is written rather than at the first preview."""
+    used = {"preview.sampler": config.preview.sampler if config.train.sample_every else None,
+            "validation.sampler": config.validation.sampler if config.validation.every else None}
+    for key, sampler in used.items():
+        try:
+            if sampler is not None:
+                resolve_precision(sampler.precision, cuda=device.type == "cuda")
+        except ValueError as e:
+            raise ConfigError(f"{key}.precision: {e}") from None
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
