@@ -18,6 +18,8 @@ from geca.utils import hardware
 from geca.utils.allocator import keep_freed_memory
 from geca.utils.schema import Checks, apply_set
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precisions' names
+
 
 def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.ArgumentParser:
     """Flags for named configs at an input shape on a device; scripts add their own after these."""

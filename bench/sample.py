@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    DTYPES,
     device_of,
     fresh_process,
     matmul_peak_tflops,
@@ -62,7 +63,6 @@ GECA = [sys.executable, "-m", "geca"]  # every quality setting runs through the 
 SETTINGS = ("ddpm:250,ddim:50,ddim:25,ddpm:25,dpm++sde:25,dpm++sde:25:uniform,dpm++:25,dpm++:20,dpm++sde:20,dpm++:10,"
             "dpm++sde:10")
 QUICK = "ddpm:5,ddim:2,dpm++:2,dpm++sde:2"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTING = ("config", "sampler", "steps", "schedule")  # what a row's fp32 twin shares with it
 
 

@@ -30,6 +30,7 @@ import time
 
 import torch
 from common import (
+    DTYPES,
     device_of,
     fresh_process,
     matmul_peak_tflops,
@@ -128,8 +129,7 @@ def main() -> None:
         print(json.dumps(step_time(model_config(name, args), variant, precision, args.batch, args.channels,
                                    args.resolution, args.classes, args.repeats, device)))
         return
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    peaks = {p: matmul_peak_tflops(device, dtypes[p]) for p in args.precisions.split(",")}
+    peaks = {p: matmul_peak_tflops(device, DTYPES[p]) for p in args.precisions.split(",")}
     rows = []
     for name in args.configs.split(","):
         config = model_config(name, args)
