@@ -93,12 +93,13 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
     return x
 
 
-def resolved_precision(precision: str, device: torch.device | str) -> str:
-    """A sampler's `precision` as it runs on `device` (`auto`: bf16 where native, else fp32)."""
+def resolved_precision(precision: str, device: torch.device | str, name: str = "--precision") -> str:
+    """A sampler's `precision` as it runs on `device` (`auto`: bf16 where native, else fp32); one it cannot run is
+    a ConfigError naming the flag or config key `name`."""
     try:
         return resolve_precision(precision, cuda=torch.device(device).type == "cuda")
     except ValueError as e:
-        raise ConfigError(f"--precision: {e}") from None
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

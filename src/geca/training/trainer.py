@@ -648,11 +648,8 @@ def check_sampler_precisions(config: RunConfig, device: torch.device) -> None:
     used = {"preview.sampler": config.preview.sampler if config.train.sample_every else None,
             "validation.sampler": config.validation.sampler if config.validation.every else None}
     for key, sampler in used.items():
-        try:
-            if sampler is not None:
-                resolve_precision(sampler.precision, cuda=device.type == "cuda")
-        except ValueError as e:
-            raise ConfigError(f"{key}.precision: {e}") from None
+        if sampler is not None:
+            resolved_precision(sampler.precision, device, f"{key}.precision")
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
