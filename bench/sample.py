@@ -162,7 +162,7 @@ def quality(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     sets, reused = [], set()
     for (sampler, steps, schedule), precision in itertools.product(args.settings, args.precisions):
-        name = f"{sampler}{steps}{f'-{schedule}' if schedule else ''}{f'-{precision}' if precision != 'fp32' else ''}"
+        name = SamplerConfig(sampler=sampler, steps=steps, schedule=schedule, precision=precision).label()
         sets.append(name)
         if args.reuse and finished(out / name, args, sampler, steps, schedule, precision):
             print(f"reusing {out / name}", flush=True)

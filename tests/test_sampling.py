@@ -385,3 +385,12 @@ def test_a_set_no_machine_holds_is_refused_before_its_labels_are_allocated() -> 
     with pytest.raises(ConfigError, match="--ratio 5000000 asks for 20,000,000 images"):
         replicate_labels(np.zeros((4, 2)), 5_000_000)
     assert len(replicate_labels(np.zeros((4, 2)), 3)) == 12
+
+
+def test_a_setting_is_labelled_as_sample_sets_have_always_been_named() -> None:
+    """Study stages name their sets by these labels: a changed label would make a resumed study redo finished work."""
+    assert SamplerConfig(sampler="ddim", steps=25).label() == "ddim25"
+    assert SamplerConfig(sampler="dpm++", steps=20, schedule="karras").label() == "dpm++20-karras"
+    assert SamplerConfig(sampler="ddim", steps=2, precision="bf16").label() == "ddim2-bf16"
+    assert SamplerConfig(sampler="dpm++sde", steps=25, schedule="uniform", precision="fp32").label() == (
+        "dpm++sde25-uniform")

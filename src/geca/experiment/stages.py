@@ -162,9 +162,7 @@ def sampler_cost_stage(ctx: Context, out: Path) -> dict[str, Any]:
     """KID against denoiser calls: every chosen generator under every sampler setting."""
     c = ctx.exp.sampler_cost
     names = c.generators or [g.name for g in ctx.exp.generators]
-    generator = {f"{g}-{s.sampler}{s.steps}{f'-{s.schedule}' if s.schedule else ''}"
-                 f"{f'-{s.precision}' if s.precision != 'fp32' else ''}": (g, s)
-                 for g in names for s in c.samplers}
+    generator = {f"{g}-{s.label()}": (g, s) for g in names for s in c.samplers}
     result = _sweep(ctx, out, [(name, train_id(g, ctx.eval_fold), s) for name, (g, s) in generator.items()],
                     c.num_samples)
     for row in result["sets"]:

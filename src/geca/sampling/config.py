@@ -63,6 +63,13 @@ class SamplerConfig:
             check(self.schedule == "uniform" or self.sampler.startswith("dpm++"), f"{prefix}.schedule",
                   "uniform for ddpm and ddim (lambda and karras are DPM-Solver++ schedules)", self.schedule)
 
+    def label(self) -> str:
+        """The setting's short name beside others (sample sets, sweeps): `ddim25`, `dpm++20-karras`, `ddim25-bf16`;
+        a schedule where one is given, a precision other than fp32."""
+        schedule = f"-{self.schedule}" if self.schedule else ""
+        precision = f"-{self.precision}" if self.precision != "fp32" else ""
+        return f"{self.sampler}{self.steps}{schedule}{precision}"
+
     def check_steps(self, timesteps: int) -> None:
         """A sampler takes at most the diffusion's own `timesteps` steps."""
         if self.steps > timesteps:
