@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import geca
 from geca.cli.main import app
+from geca.errors import GecaError
 
 runner = CliRunner()
 TINY = ["--nca-steps", "2", "--batch-size", "4", "--sample-every", "0", "--log-every", "1", "--image-size", "8",
@@ -52,6 +53,24 @@ def test_api_samples_the_same_images_as_the_cli(custom_run: Path, tmp_path: Path
         run.sample([0], cfg=2.0)
     organism = run.grow(1, tmp_path / "grow", t=300, frames=2, steps=3)
     assert organism.label == "class 1" and all(p.is_file() for p in organism.paths.values())
+    with pytest.raises(FileExistsError, match="pass overwrite=True or choose another out"):
+        run.grow(1, tmp_path / "grow", t=300, frames=2, steps=3)
+    assert run.grow(0, tmp_path / "grow", t=300, frames=2, steps=3, overwrite=True).label == "class 0"
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda run: run.sample([0], precision="bf61"), "precision must be one of"),
+    (lambda run: run.sample([0], nca_steps=0), "nca_steps must be ≥ 1"),
+    (lambda run: run.sample([0], guidance_scale=-1.0), "guidance_scale must be ≥ 0"),
+    (lambda run: run.sample([0], steps=10**6), "steps must be at most"),
+    (lambda run: run.grow(0, run.loaded.run_dir / "grow", frames=0), "frames must be ≥ 1"),
+    (lambda run: geca.load_run(run.loaded.run_dir, weights="x"), "weights must be"),
+])
+def test_api_errors_name_the_parameters_not_the_flags(custom_run: Path, call, message: str) -> None:
+    run = geca.load_run(custom_run, device="cpu")
+    with pytest.raises(GecaError, match=f"^{re.escape(message)}") as e:
+        call(run)
+    assert "--" not in str(e.value)
 
 
 def test_resume_keeps_the_runs_own_config_and_logs_overrides(custom_run: Path, blobs_npz: Path) -> None:

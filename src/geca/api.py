@@ -9,7 +9,9 @@ The same settings and seed give the same images as `geca sample`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from geca.errors import GecaError
 from geca.run import LoadedRun
 from geca.run import load_run as _load
 from geca.sampling.config import SamplerConfig
@@ -68,17 +71,20 @@ class Run:
         """One image per label; `sampling` takes SamplerConfig's fields (sampler, steps, guidance_scale, ghg,
         nca_steps, eta, clip_x0, schedule, precision), defaulting as `geca sample` does. Returns uint8 (N, H, W, C)
         or PIL images."""
-        images = generate(self.loaded, self.labels(labels), sampler_config(**sampling), seed, batch_size,
-                          self.device, progress)
+        with _parameter_names():
+            images = generate(self.loaded, self.labels(labels), sampler_config(**sampling), seed, batch_size,
+                              self.device, progress)
         return [pil_image(im) for im in images] if pil else images
 
     def grow(self, label: str | int, out: str | Path, *, t: int = 500, frames: int = 25, seed: int = 0,
-             **sampling: Any) -> Organism:
+             overwrite: bool = False, **sampling: Any) -> Organism:
         """`geca grow`: one organism of `label`, its M updates at noise level t and its denoising, written to `out`
-        (GIFs and strips). Sampling defaults to DDIM 50 as the command does."""
+        (GIFs and strips; an earlier growth's files there are replaced only with `overwrite`). Sampling defaults to
+        DDIM 50 as the command does."""
         sampler = sampler_config(**{"sampler": "ddim", "steps": 50, **sampling})
-        return grow_organism(self.loaded, str(label), t, run_sampler(self.loaded, sampler, strict=True), frames, seed,
-                             self.device, Path(out))
+        with _parameter_names():
+            return grow_organism(self.loaded, str(label), t, run_sampler(self.loaded, sampler, strict=True), frames,
+                                 seed, self.device, Path(out), overwrite)
 
 
 def sampler_config(**sampling: Any) -> SamplerConfig:
@@ -93,5 +99,23 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, weights: 
              device: str = "auto") -> Run:
     """A trained run directory (from `geca train`): its EMA weights of the latest checkpoint by default
     (`checkpoint`: "best", a step number or a directory)."""
-    dev = resolve_device(device)
-    return Run(_load(Path(run_dir), checkpoint, weights, dev), dev)
+    with _parameter_names():
+        dev = resolve_device(device)
+        return Run(_load(Path(run_dir), checkpoint, weights, dev), dev)
+
+
+# the library's checks name the command line's flags; a caller of this API wrote keyword arguments instead
+_PARAMETERS = {"--cfg": "guidance_scale", "--m": "nca_steps", "--overwrite": "overwrite=True"}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+@contextmanager
+def _parameter_names() -> Iterator[None]:
+    """Errors raised inside name this API's parameters (`nca_steps`), not the flags (`--m`)."""
+    try:
+        yield
+    except (GecaError, FileExistsError) as e:
+        message = _FLAG.sub(lambda m: _PARAMETERS.get(m[0], m[0][2:].replace("-", "_")), str(e))
+        if message == str(e):
+            raise
+        raise type(e)(message) from None
