@@ -274,9 +274,15 @@ def test_an_earlier_demo_is_kept_when_the_demo_cannot_run(blobs_npz: Path, tmp_p
     (demo / "data").mkdir(parents=True)
     (demo / ".geca-demo").write_text("")
     shutil.copy(blobs_npz, demo / "data" / "blobs.npz")
+    rows = ["filename,a,b"]  # a CSV outside --out whose images lie inside it
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(demo / "data" / f"{i}.png")
+        rows.append(f"demo/data/{i}.png,{i % 2},{1 - i % 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     before = sorted(p.relative_to(demo) for p in demo.rglob("*"))
     for args, message in ((["--data", str(tmp_path / "nowhere.npz")], "nowhere.npz"),
-                          (["--data", str(demo / "data" / "blobs.npz")], "lies inside --out")):
+                          (["--data", str(demo / "data" / "blobs.npz")], "lies inside --out"),
+                          (["--data", str(tmp_path / "labels.csv")], f"{demo / 'data' / '0.png'} lies inside --out")):
         res = runner.invoke(app, ["demo", "--out", str(demo), *args, "--minutes", "0.01"])
         assert res.exit_code == 2 and message in res.output, res.output
     monkeypatch.chdir(demo / "data")

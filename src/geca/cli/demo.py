@@ -22,6 +22,7 @@ def is_demo(out: Path) -> bool:
 def check_replaceable(out: Path, data: str) -> None:
     """`out` may be written, and replaced where it holds an earlier demo: not a symlink, not the current folder or
     one above it, not holding the dataset, and if not empty, a demo's."""
+    from geca.data.registry import source_files
     from geca.utils.io import output_dir
 
     output_dir(out)
@@ -32,8 +33,9 @@ def check_replaceable(out: Path, data: str) -> None:
     here, target = Path.cwd().resolve(), out.resolve()
     if target == here or target in here.parents:
         raise ConfigError(f"--out {out}: holds the current folder, which replacing it would delete")
-    if Path(data).exists() and target in Path(data).resolve().parents:
-        raise ConfigError(f"--data {data}: lies inside --out {out}, which the demo replaces")
+    inside = [f for f in source_files(data) if target in f.parents]
+    if inside:
+        raise ConfigError(f"--data {data}: {inside[0]} lies inside --out {out}, which the demo replaces")
     if not is_demo(out):
         raise ConfigError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces its own "
                           "folder only, choose another --out")

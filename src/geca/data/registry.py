@@ -149,6 +149,19 @@ def _npz_key(path: Path, mtime_ns: int, size: int) -> str:
     return "npz:" + h.hexdigest()
 
 
+def source_files(spec: str) -> list[Path]:
+    """The files a dataset spec reads, resolved: an npz, or a CSV and the images its rows name; none for a procedural
+    set or an npz name not found here."""
+    kind, name, _ = _source(spec)
+    if kind == "procedural":
+        return []
+    if kind == "csv":
+        table = read_table(name)
+        return [table.csv_path.resolve(), *table.paths]
+    path = _npz_file(name)
+    return [] if path is None else [path]
+
+
 def _npz_file(name: str) -> Path | None:
     """The file an npz name or path stands for here, or None where there is none."""
     path = Path(name).expanduser() if is_path(name) else find_npz(name)
