@@ -377,6 +377,13 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
     assert res.exit_code == 0, res.output
     with pytest.raises(DataError, match="its label vectors replicate the test split of this arm's data"):
         check_lineage(tmp_path / "held", data, folds_csv, 1)
+    written = (tmp_path / "held" / "manifest.json").read_text()
+    for damaged, why in ((written[:300], "corrupt, not JSON"), ("[1]", "corrupt, a JSON list"),
+                         (b"\xff\xfe", "corrupt, not JSON")):  # a damaged manifest would switch the checks off
+        path = tmp_path / "held" / "manifest.json"
+        path.write_bytes(damaged) if isinstance(damaged, bytes) else path.write_text(damaged)
+        with pytest.raises(DataError, match=f"held/manifest.json: {why}"):
+            check_lineage(tmp_path / "held", data, folds_csv, 1)
     # The generator (cv_val slice) trained on some of the patients that next-fold validates on: model selection leaks.
     with pytest.raises(DataError, match="fold 1 of .*folds.csv with cv_val slice .*this arm uses cv_val next-fold"):
         check_lineage(tmp_path / "syn", data, folds_csv, 1, "next-fold")

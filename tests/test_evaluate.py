@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -111,7 +112,11 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
     like = blob_images(n=100, size=12, seed=7)
     like.labels[3] = 0  # an image of no class
     unlabelled = write_sample_dir(tmp_path / "unlabelled", like.images, like.labels, NAMES)
+    listed = shutil.copytree(data["good"], tmp_path / "listed")
+    (listed / "manifest.json").write_text("[1]")
     cases = {
+        "listed/manifest.json: corrupt, a JSON list": ["--generated", str(listed), "--real", f"{npz}:test",
+                                                       "--no-lpips"],
         "every one of its 80 images is in --train": ["--generated", str(data["good"]), "--real",
                                                      f"{tmp_path}/../{tmp_path.name}/blobs.npz:train", "--no-lpips"],
         "give the same grid file name": ["--generated", f"x y={data['good']}", f"x_y={data['noise']}", "--real",

@@ -385,7 +385,7 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     """A damaged or missing weights file, a damaged model.json and a run without a checkpoint are listed as such."""
     root = tmp_path / "all"
     for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state", "bad-best", "new-folds",
-                 "no-folds", "no-state", "emptied"):
+                 "no-folds", "no-state", "emptied", "bad-files"):
         shutil.copytree(run, root / name)
     (root / "emptied/checkpoints/step_0000002/ema.safetensors").write_bytes(b"")
     (root / "no-state/checkpoints/step_0000002/state.json").unlink()
@@ -406,6 +406,7 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     (root / "bad-spec/model.json").write_text("{")
     shutil.rmtree(root / "untrained/checkpoints")
     (root / "bad-state/checkpoints/step_0000002/state.json").write_text("{")
+    (root / "bad-files/checkpoints/step_0000002/state.json").write_text('{"step": 2, "files": "x"}')
     res = runner.invoke(app, ["runs", str(root), "--json"])
     assert res.exit_code == 0, res.output
     rows = {Path(r["run"]).name: r for r in json.loads(res.output)}
@@ -413,7 +414,8 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
         "good": "ok", "flipped": "damaged model.safetensors", "no-ema": "missing ema.safetensors",
         "bad-spec": "damaged model.json", "untrained": "no checkpoint", "bad-state": "damaged state.json",
         "bad-best": "best: damaged ema.safetensors", "new-folds": "folds file changed",
-        "no-folds": "folds file missing", "no-state": "missing state.json", "emptied": "empty ema.safetensors"}
+        "no-folds": "folds file missing", "no-state": "missing state.json", "emptied": "empty ema.safetensors",
+        "bad-files": "damaged state.json"}
     assert isinstance(rows["good"]["loss"], float) and rows["good"]["loss"] > 0
     res = runner.invoke(app, ["runs", str(root), "--json", "--quick"])  # files there, not hashed
     quick = {Path(r["run"]).name: r["status"] for r in json.loads(res.output)}
@@ -465,6 +467,9 @@ def test_integer_weights_are_refused(run: Path, tmp_path: Path) -> None:
     (lambda c: torch.save([1, 2], c / "optimizer.pt"), "optimizer.pt"),
     (lambda c: torch.save({"state": {}, "param_groups": [{"params": [0]}]}, c / "optimizer.pt"), "optimizer.pt"),
     (lambda c: (c / "state.json").write_text("{not json"), "state.json"),
+    (lambda c: (c / "state.json").write_text('{"step": 2, "files": [1, 2]}'), "state.json: corrupt"),
+    (lambda c: (c / "state.json").write_text('{"step": 2, "elapsed_s": 1.0}'), "state.json: missing, or holds no "
+                                                                               "valid images_seen"),
     (lambda c: (c.parent.parent / "log.csv").write_bytes(b"\xff\xfe garbage\n1,2\n"), "log.csv"),
     (lambda c: (c.parent.parent / "config.yaml").unlink(), "config.yaml: missing"),
     (lambda c: (c.parent.parent / "config.yaml").write_text(""), "config.yaml: empty"),
@@ -474,7 +479,7 @@ def test_resume_from_damaged_files_names_the_file(run: Path, data: Path, tmp_pat
     copy = copy_run(run, tmp_path)
     ckpt = copy / "checkpoints" / "step_0000002"
     damage(ckpt)
-    state = json.loads((ckpt / "state.json").read_text()) if name != "state.json" else None
+    state = json.loads((ckpt / "state.json").read_text()) if "state.json" not in name else None
     if state is not None:
         state.pop("files")
         (ckpt / "state.json").write_text(json.dumps(state))
@@ -515,6 +520,21 @@ def test_stale_staging_folders_are_cleaned_on_the_next_write(run: Path, data: Pa
     assert res.exit_code == 0, res.output
     assert not dead.exists() and not old_style.exists() and mine.exists()
     assert (ckpts / "step_0000003" / "model.safetensors").is_file()
+
+
+def test_a_killed_writers_temporaries_are_cleaned_on_the_next_write(tmp_path: Path) -> None:
+    from geca.utils.io import atomic_write_text
+
+    dead = tmp_path / ".ev.json.999999999-k1ll3d00.tmp"  # a pid that cannot be running
+    old_style = tmp_path / ".ev.json.ab_c1234.tmp"  # geca ≤ this version named no pid
+    live = tmp_path / f".ev.json.{os.getpid()}-wr1t1ng0.tmp"
+    other = tmp_path / ".ev.json.old.999999999-k1ll3d00.tmp"  # another file's, ev.json.old
+    for p in (dead, old_style, live, other):
+        p.write_text("half")
+    atomic_write_text(tmp_path / "ev.json", "{}")
+    assert (tmp_path / "ev.json").read_text() == "{}"
+    assert not dead.exists() and not old_style.exists() and live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ev.json", live.name, other.name])
 
 
 def test_divergence_stops_before_a_checkpoint_and_says_where_the_last_good_one_is(data: Path, tmp_path: Path

@@ -30,7 +30,7 @@ from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.hardware import can_compile
-from geca.utils.io import CsvLog, atomic_write_json, file_sha256, same_path, same_source, staged_dir
+from geca.utils.io import CsvLog, atomic_write_json, file_sha256, read_json_object, same_path, same_source, staged_dir
 from geca.utils.schema import Checks, from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
@@ -169,12 +169,10 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     path = Path(checkpoint) / "state.json"
     if not path.exists():
         return {}
-    try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint state ({e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: corrupt checkpoint state (not a mapping)")
+    state = read_json_object(path, CheckpointError)
+    files = state.get("files", {})
+    if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        raise CheckpointError(f"{path}: corrupt checkpoint state (files is not a mapping of names to SHA-256s)")
     return state
 
 

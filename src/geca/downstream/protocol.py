@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from geca.data.registry import SPLITS, load_split, same_data
 from geca.downstream.classifier import ClassifierConfig, predict, to_tensor, train_classifier
 from geca.errors import CheckpointError, ConfigError, DataError
 from geca.run import read_spec
-from geca.utils.io import file_sha256, same_path, unfindable
+from geca.utils.io import file_sha256, read_json_object, same_path, unfindable
 from geca.utils.seeding import derive_seed
 
 BASELINE = "geometric"
@@ -99,13 +98,12 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
     records the split its generator trained on (`trained_on`, in every set `geca sample` and `geca expand` write)
     and, for an expansion, the split whose labels it replicates (`expansion`): on the same data each must be the
     split this arm trains on (under cross-validation with the same `cv_val`), an expansion must be complete, and no
-    set may replicate the label vectors of held-out cases. A set without a manifest (another tool's) is taken as is."""
-    try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-    except (OSError, ValueError):
+    set may replicate the label vectors of held-out cases. A set without a manifest (another tool's) is taken as is;
+    a damaged one is refused, since it would silently turn these checks off."""
+    path = directory / "manifest.json"
+    if not path.exists():
         return
-    if not isinstance(manifest, dict):
-        return
+    manifest = read_json_object(path, DataError)
     trained = manifest.get("trained_on")
     if not isinstance(trained, dict) and isinstance(manifest.get("run"), str):
         trained = _run_split(manifest)

@@ -25,7 +25,7 @@ from geca.metrics.features import DomainFeatures, FeatureExtractor, build_extrac
 from geca.metrics.fld import fld
 from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_standard_error, kid_subset_size, min_generated
 from geca.metrics.report import real_vs_generated_grid
-from geca.utils.io import atomic_write_json, output_file
+from geca.utils.io import atomic_write_json, output_file, read_json_object
 
 PER_CLASS_MIN = 50
 
@@ -59,10 +59,7 @@ def load_sample_dir(path: Path) -> ImageSet:
     data = load_folder_csv(csv_path, "all")
     manifest = path / "manifest.json"
     if manifest.is_file():
-        try:
-            meta = json.loads(manifest.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{manifest}: not valid JSON ({e})") from None
+        meta = read_json_object(manifest, DataError)
         # One-hot per-class samples of a multi-label model would otherwise look multi-class.
         data.multilabel = bool(meta.get("multilabel", data.multilabel))
     data.source = str(path)

@@ -239,8 +239,9 @@ def _latest(run_dir: Path) -> tuple[Path, int, dict[str, Any]]:
     """The latest checkpoint, its step and its state (elapsed time, images seen)."""
     ckpt = find_checkpoint(run_dir)
     state = read_state(ckpt)
-    if not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{ckpt / 'state.json'}: missing or without a step; cannot resume from {ckpt}")
+    for key, kind in (("step", int), ("elapsed_s", (int, float)), ("images_seen", int)):
+        if not isinstance(state.get(key), kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{ckpt / 'state.json'}: missing, or holds no valid {key}; cannot resume from {ckpt}")
     state.pop("files", None)
     state.pop("grad_scaler", None)  # the scaler's own state, read by _resume
     return ckpt, int(state.pop("step")), state

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash never leaves a half-written file or directory under the final name."""
+"""Atomic file writes (a crash never leaves a half-written file or directory under the final name) and strict reads
+of the JSON files they write."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -148,11 +150,27 @@ def _under_no_file(folder: Path, flag: str, path: Path) -> None:
             raise ConfigError(f"{flag} {path}: cannot write in {where} ({e.strerror or e})") from None
 
 
+def clean_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries of `path` that killed writers left (`.NAME.PID-XXXX.tmp` whose pid no longer runs, and
+    the pid-less `.NAME.XXXXXXXX.tmp` of writers before the pid was added)."""
+    path = Path(path)
+    own = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-[a-z0-9_]+|[a-z0-9_]{{8}})\.tmp")
+    removed = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if path.parent.is_dir() else []:
+        m = own.fullmatch(p.name)
+        if m is not None and (m[1] is None or (int(m[1]) != os.getpid() and not _alive(int(m[1])))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary name beside `path`, then rename it into place."""
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it into place; temporaries that killed
+    writers of `path` left are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -169,6 +187,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: Path, error: type[GecaError]) -> dict[str, Any]:
+    """A JSON file that must hold an object; one that does not, or cannot be read, is `error` naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise error(f"{path}: corrupt, not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: corrupt, a JSON {type(obj).__name__} where an object was expected")
+    return obj
 
 
 def replace_dir(tmp_dir: Path, final: Path) -> None:
