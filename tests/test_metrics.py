@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +298,20 @@ def test_domain_network_trains_saves_and_reloads(tmp_path: Path) -> None:
               metadata={"geca_domain": safe_open(str(tmp_path / "domain.safetensors"), "pt").metadata()["geca_domain"]})
     with pytest.raises(DataError, match="must be a 1-D int64 tensor"):
         load_domain_net(tmp_path / "odd.safetensors")
+    meta = json.loads(safe_open(str(tmp_path / "domain.safetensors"), "pt").metadata()["geca_domain"])
+    for change, why in (({"in_channels": "x"}, "in_channels: expected int"), ({"width": -1}, "width -1 out of range"),
+                        ({"input_size": "abc"}, "input_size: expected int"), ({"num_classes": None}, "num_classes"),
+                        ({"width": 10**6}, "width 1000000 out of range"), ({"bogus": 1}, "unknown key(s) bogus"),
+                        ({"class_names": ["a"]}, "class_names out of range")):
+        save_file(tensors, tmp_path / "bad.safetensors", metadata={"geca_domain": json.dumps({**meta, **change})})
+        with pytest.raises(DataError, match=re.escape("bad.safetensors: corrupt geca_domain metadata")) as e:
+            load_domain_net(tmp_path / "bad.safetensors")
+        assert why in str(e.value)
+    nan = {k: v.clone() for k, v in tensors.items()}
+    nan["head.weight"][0, 0] = float("nan")
+    save_file(nan, tmp_path / "nan.safetensors", metadata={"geca_domain": json.dumps(meta)})
+    with pytest.raises(DataError, match=r"nan.safetensors: weights hold NaN or inf \(head.weight\)"):
+        load_domain_net(tmp_path / "nan.safetensors")
     ex = build_extractor("domain", tmp_path / "domain.safetensors")
     feats = ex.extract(data.images)
     assert feats.shape == (32, 128)

@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from geca.data.imageset import ImageSet, image_hashes
-from geca.errors import DataError
+from geca.errors import ConfigError, DataError
 from geca.utils.io import atomic_write
+from geca.utils.schema import from_dict
 
 ARCH = "geca-domain-cnn-v1"
 MAX_INPUT = 64  # larger images are downsampled: domain features need shape and texture, not fine detail
@@ -166,9 +167,15 @@ def load_domain_net(path: Path) -> DomainNet:
     if raw is None:
         raise DataError(f"{path}: not a `geca features train` file (no geca_domain metadata)")
     try:
-        meta = DomainMeta(**json.loads(raw))
-    except (json.JSONDecodeError, TypeError) as e:
+        meta = from_dict(DomainMeta, json.loads(raw), "geca_domain metadata")
+    except (json.JSONDecodeError, ConfigError) as e:
         raise DataError(f"{path}: corrupt geca_domain metadata ({e})") from None
+    # bounds far beyond any trained network's, so that a crafted file cannot make us allocate gigabytes
+    sizes = {"in_channels": (meta.in_channels, 64), "num_classes": (meta.num_classes, 10_000),
+             "width": (meta.width, 1024), "input_size": (1 if meta.input_size is None else meta.input_size, 4096)}
+    wrong = [f"{k} {v}" for k, (v, most) in sizes.items() if not 1 <= v <= most]
+    if wrong or (meta.class_names is not None and len(meta.class_names) != meta.num_classes):
+        raise DataError(f"{path}: corrupt geca_domain metadata ({', '.join(wrong) or 'class_names'} out of range)")
     if meta.arch != ARCH:
         raise DataError(f"{path}: architecture {meta.arch!r}, this version reads {ARCH!r}")
     if trained_on is not None and (trained_on.dtype != torch.int64 or trained_on.ndim != 1):
@@ -179,6 +186,9 @@ def load_domain_net(path: Path) -> DomainNet:
         net.load_state_dict(tensors)
     except RuntimeError as e:
         raise DataError(f"{path}: weights do not fit the domain network ({str(e).splitlines()[0]})") from None
+    broken = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise DataError(f"{path}: weights hold NaN or inf ({broken[0]})")
     return net.eval().requires_grad_(False)
 
 
