@@ -318,6 +318,15 @@ def test_folder_csv_unreadable_image(tmp_path):
     assert str(csv_path.parent / "img/2.png") in str(err.value) and "unreadable" in str(err.value)
 
 
+def test_folder_csv_image_too_large_to_decode(tmp_path, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS (decompression bombs) with an error that is no OSError."""
+    csv_path = _folder(tmp_path)
+    _png(csv_path.parent / "img/2.png", np.zeros((8, 16), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 60)  # the others are 8×8: 64 pixels, a warning only
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(DataError, match="img/2.png: unreadable image"):
+        load_folder_csv(csv_path)
+
+
 def test_folder_csv_truncated_image(tmp_path):
     csv_path = _folder(tmp_path)
     big = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,25 @@ def test_bad_data_files(tmp_path: Path, data: Path) -> None:
     arrays["train_images"], arrays["train_labels"] = arrays["train_images"][:0], arrays["train_labels"][:0]
     np.savez(empty, **arrays)
     refused(runner.invoke(app, ["train", "--data", str(empty), "--out", str(tmp_path / "r"), *TINY]), "empty")
+    huge_label = tmp_path / "huge_label.npz"  # the class count is read as the largest label + 1
+    arrays = dict(np.load(data))
+    arrays["train_labels"] = arrays["train_labels"].astype(np.int64)
+    arrays["train_labels"][0] = 2**40
+    np.savez(huge_label, **arrays)
+    refused(runner.invoke(app, ["train", "--data", str(huge_label), "--out", str(tmp_path / "r"), *TINY]),
+            "huge_label.npz: the largest label, 1099511627776")
+    huge_shape = tmp_path / "huge_shape.npz"  # a member whose header claims petabytes
+    with zipfile.ZipFile(huge_shape, "w") as z:
+        for key, array in np.load(data).items():
+            with z.open(f"{key}.npy", "w") as f:
+                if key == "train_images":
+                    np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                             "shape": (10**12, 8, 8, 3)})
+                    f.write(b"\0" * 64)
+                else:
+                    np.save(f, array)
+    refused(runner.invoke(app, ["train", "--data", str(huge_shape), "--out", str(tmp_path / "r"), *TINY]),
+            "huge_shape.npz: an npz member too large to load")
     assert not (tmp_path / "r").exists()
 
 

@@ -143,8 +143,8 @@ def _own_eye_ids(csv_path: Path, eye_ids: np.ndarray, patient_ids: np.ndarray | 
 def _open(path: Path) -> Image.Image:
     try:
         return Image.open(path)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{path}: unreadable image: {exc}") from exc
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:  # the last is no OSError
+        raise DataError(f"{path}: unreadable image: {exc}") from None
 
 
 def _decode(path: Path, grey: bool, image_size: int | None) -> np.ndarray:

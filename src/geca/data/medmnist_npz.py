@@ -164,6 +164,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in [*keys, *(["class_names"] if "class_names" in npz.files else [])]}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: corrupt npz member: {exc}") from exc
+        except MemoryError as exc:  # a member whose header claims a shape far larger than the file
+            raise DataError(f"{path}: an npz member too large to load ({exc})") from None
 
 
 def _check_images(path: Path, key: str, images: np.ndarray) -> np.ndarray:
@@ -259,6 +261,9 @@ def load_npz(
         all_idx = np.concatenate(list(indices.values()))
         own = _class_names(path, arrays, None if known is None else len(known.class_names))
         k = len(known.class_names) if known is not None else len(own) if own else int(all_idx.max(initial=0)) + 1
+        if known is None and own is None and k > max(len(all_idx), 1000):  # or np.eye(k) takes terabytes
+            raise DataError(f"{path}: the largest label, {k - 1}, would make {k} classes for {len(all_idx)} images; "
+                            "labels are class indices 0..K-1 (give the file class_names to set K)")
         for s, idx in indices.items():  # every split, so that a bad label is found whichever split is loaded first
             bad = np.flatnonzero((idx < 0) | (idx >= k))
             if len(bad):
