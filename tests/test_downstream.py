@@ -649,6 +649,20 @@ def test_classify_refuses_a_non_empty_out_dir(blobs_setup: dict[str, Path], tmp_
     (tmp_path / "out" / "keep.txt").write_text("x")
     res = invoke("classify", "--data", blobs_setup["npz"], "--out", tmp_path / "out", *TINY_CLASSIFY)
     assert res.exit_code == 2 and "--overwrite" in res.output
+    # the report replaces the whole folder: --overwrite takes an earlier report only, not a folder of runs or sets
+    res = invoke("classify", "--data", blobs_setup["npz"], "--out", tmp_path / "out", "--overwrite", *TINY_CLASSIFY)
+    assert res.exit_code == 2 and "holds other files (keep.txt)" in res.output, res.output
+    assert (tmp_path / "out" / "keep.txt").read_text() == "x"
+    from geca.downstream.report import check_report_out
+
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("results.json", "table.md", "table.csv", "units.csv", "roc_none.png", "roc_plus_syn.png"):
+        (report / name).write_text("{}")
+    check_report_out(report, overwrite=True)
+    (report / "results.json").unlink()
+    with pytest.raises(FileExistsError, match="holds no results.json"):
+        check_report_out(report, overwrite=True)
 
 
 def test_every_downstream_option_has_help() -> None:

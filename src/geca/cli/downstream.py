@@ -93,7 +93,8 @@ def classify(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice; "
                                        "1 can be several times faster on a CPU shared with other jobs)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out once the report is done."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out once the new one "
+                                   "is done (a folder holding other files is refused)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train ResNet-34 classifiers per arm and seed (and fold) and write a Table-2-style report."""
@@ -102,11 +103,10 @@ def classify(
     from geca.downstream.classify import TableSettings
     from geca.downstream.classify import classify as run_classification
     from geca.downstream.protocol import parse_synthetic
+    from geca.downstream.report import check_report_out
     from geca.utils.io import output_dir
 
-    output_dir(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    check_report_out(output_dir(out), overwrite)
     settings = TableSettings(seeds, epochs, batch_size, lr, image_size, stem,
                              None if imagenet_weights is None else str(imagenet_weights), equal_steps, eye_agg, test,
                              p_metric, bootstrap)

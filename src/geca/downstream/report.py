@@ -279,6 +279,22 @@ def roc_filename(arm: str) -> str:
     return "roc_" + re.sub(r"[^A-Za-z0-9_-]", "_", arm.replace("+", "plus_")) + ".png"
 
 
+def check_report_out(out: Path, overwrite: bool) -> None:
+    """`out` is new or empty, or (with `overwrite`) an earlier report holding nothing but a report's files, since
+    writing the report replaces the whole folder."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    own = {"table.md", "table.csv", "units.csv", "results.json"}
+    others = sorted(p.name for p in out.iterdir() if p.name not in own and not re.fullmatch(r"roc_[\w-]+\.png", p.name))
+    if others or not (out / "results.json").is_file():
+        shown = f"other files ({', '.join(others[:3])}{', …' if len(others) > 3 else ''})" if others else \
+            "no results.json"
+        raise FileExistsError(f"--out {out}: holds {shown}; --overwrite replaces an earlier `geca classify` report "
+                              "only: choose another --out")
+
+
 def write_report(out: Path, summary: dict[str, Any], protocol: ProtocolResult) -> dict[str, Path]:
     """Write table.md, table.csv, units.csv, results.json and one ROC plot per arm into ``out`` as a whole."""
     out = Path(out)
