@@ -158,6 +158,11 @@ def test_an_existing_report_is_replaced_only_with_overwrite(data: dict[str, Path
     res = runner.invoke(app, [*args, "--generated", f"like={data['good']}"])
     assert res.exit_code == 2 and "exists" in res.output and "--overwrite" in res.output, res.output
     assert out.read_text() == first
+    spec = tmp_path / "model.json"  # --overwrite replaces an earlier report, not any JSON file
+    spec.write_text('{"model": "GeCA-T"}')
+    res = runner.invoke(app, [*args, "--generated", f"like={data['good']}", "--overwrite", "--out", str(spec)])
+    assert res.exit_code == 2 and "exists and is not an earlier `geca evaluate` report" in res.output, res.output
+    assert spec.read_text() == '{"model": "GeCA-T"}'
     # a rerun that fails leaves the earlier report and its grids
     other = blob_images(n=4, size=12, classes=3)
     wrong = write_sample_dir(tmp_path / "wrong", other.images, other.labels, [*NAMES, "class 2"])

@@ -156,6 +156,17 @@ def test_sample_trace_cli_and_the_published_model_warning(blobs_npz: Path, tmp_p
     rows = list(csv.DictReader(trace.open()))
     assert len(rows) == 4 * 2 and {r["ghg"] for r in rows} == {"hidden", "none", "out", "both"}
     assert trace.with_suffix(".png").stat().st_size > 0
+    res = runner.invoke(app, ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s1b"),
+                              "--per-class", "1", "--trace", str(trace), *fast])  # an earlier trace is replaced
+    assert res.exit_code == 0, res.output
+    other = tmp_path / "s1" / "labels.csv"
+    before = other.read_text()
+    (tmp_path / "loss.png").write_bytes(b"mine")  # a PNG where a new trace would put its plot
+    for target, message in ((other, "exists and is not an earlier trace"), (tmp_path / "loss.csv", "its plot")):
+        res = runner.invoke(app, ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s7"),
+                                  "--per-class", "1", "--trace", str(target), *fast])
+        assert res.exit_code == 2 and message in res.output, res.output
+    assert other.read_text() == before and (tmp_path / "loss.png").read_bytes() == b"mine"
     manifest = json.loads((tmp_path / "s1" / "manifest.json").read_text())
     assert manifest["sampling"]["ghg"] == "hidden"  # the default for a model trained with heredity
     with pytest.warns(UserWarning, match="trained without heredity"):

@@ -102,11 +102,11 @@ def features_train(
     """Train the `domain` feature network: a small classifier whose penultimate layer gives the features."""
     from geca.data.registry import load_split
     from geca.errors import DataError
-    from geca.metrics.domain import TRAINING, save_domain_net, train_domain_net
+    from geca.metrics.domain import TRAINING, is_domain_file, save_domain_net, train_domain_net
     from geca.utils.io import output_file
 
     fold, cv_val = split_flags(folds_file, fold, cv_val)
-    output_file(out, "--out", ".safetensors", overwrite)
+    output_file(out, "--out", ".safetensors", overwrite, own=("a `geca features train` file", is_domain_file))
     if split in ("test", "all"):
         warnings.warn(f"--split {split}: features trained on held-out images make KID, FLD/GG and "
                       "class-faithfulness against them optimistic; `geca evaluate` warns when its --real images "

@@ -25,10 +25,12 @@ def folds(
     from rich.markup import escape
     from rich.table import Table
 
+    from geca.data.folds import FOLDS_COLUMNS
     from geca.data.groups import make_folds
-    from geca.utils.io import output_file
+    from geca.utils.io import has_csv_header, output_file
 
-    output_file(out, "--out", ".csv", overwrite)
+    output_file(out, "--out", ".csv", overwrite, own=(f"a folds file (columns {','.join(FOLDS_COLUMNS)})",
+                                                      lambda p: has_csv_header(p, FOLDS_COLUMNS)))
     groups, fold_of = make_folds(data, k, seed, out)
     if groups.warning:
         Console(stderr=True).print(f"warning: {groups.warning}", style="yellow", markup=False, highlight=False)

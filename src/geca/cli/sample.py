@@ -9,7 +9,7 @@ import typer
 from geca.cli.common import RESUME_BATCHES, guarded, on_interrupt, pick_device
 from geca.cli.options import GROW, SamplingFlags, sampling_flags
 from geca.errors import ConfigError
-from geca.utils.io import output_file
+from geca.utils.io import has_csv_header, output_file
 
 
 @guarded
@@ -33,6 +33,7 @@ def sample(
     from geca.run import load_run, run_folds, run_split
     from geca.sampling.generate import run_sampler, write_sample_dir
     from geca.sampling.labels import per_class_labels, replicate_labels
+    from geca.sampling.trace import FIELDS as TRACE_FIELDS
     from geca.sampling.trace import write_trace
 
     if ratio is not None and labels_from is None:
@@ -43,7 +44,11 @@ def sample(
         raise ConfigError(f"--labels-from must be one of {', '.join(SPLITS)}, got {labels_from!r}")
     ratio = ratio or 1
     if trace is not None:
-        output_file(trace, "--trace", ".csv")
+        output_file(trace, "--trace", ".csv", own=("an earlier trace (its CSV columns)",
+                                                   lambda p: has_csv_header(p, TRACE_FIELDS)))
+        if trace.with_suffix(".png").exists() and not trace.exists():
+            raise ConfigError(f"--trace {trace}: its plot would replace {trace.with_suffix('.png')}, which no trace "
+                              "wrote; choose another --trace")
     device = pick_device(flags.device)
     loaded = load_run(run, flags.checkpoint, flags.weights, device)
     if trace is not None and not loaded.model.has_cell_state:

@@ -150,6 +150,15 @@ def save_domain_net(net: DomainNet, path: Path) -> None:
     atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
 
 
+def is_domain_file(path: Path) -> bool:
+    """Whether `path` is a safetensors file with `geca features train`'s metadata (not, say, a run's weights)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "geca_domain" in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
+
+
 def load_domain_net(path: Path) -> DomainNet:
     path = Path(path)
     if path.is_dir():

@@ -225,12 +225,19 @@ def _network(extractor: FeatureExtractor) -> dict[str, Any]:
     return {"name": extractor.name, "source": extractor.source, "dim": extractor.dim}
 
 
+def _is_report(path: Path) -> bool:
+    try:
+        return isinstance(read_json_object(path, DataError).get("results"), list)
+    except DataError:
+        return False
+
+
 def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = print,
                    overwrite: bool = False) -> dict[str, Any]:
     """Score every generated directory; writes `out` (JSON) and one real-vs-generated grid PNG per set beside it.
     Replacing an earlier report also removes the grids it listed that this one does not."""
     t0 = time.time()
-    out = output_file(out, "--out", ".json", overwrite)
+    out = output_file(out, "--out", ".json", overwrite, own=("an earlier `geca evaluate` report", _is_report))
     gg_name, gg_file = s.gg_network()
     alexnet = s.find_weights()  # before any slow work (loading images, training domain features)
     inputs = load_inputs(s)

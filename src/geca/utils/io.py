@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +113,12 @@ def staged_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def output_file(path: Path, flag: str, suffix: str, overwrite: bool = True) -> Path:
+def output_file(path: Path, flag: str, suffix: str, overwrite: bool = True,
+                own: tuple[str, Callable[[Path], bool]] | None = None) -> Path:
     """`path` checked as a file to write, before any work: not a folder, named `suffix`, under no file, in a
-    folder that takes files, and (unless `overwrite`) not there yet."""
+    folder that takes files, (unless `overwrite`) not there yet, and where it is there, the command's own kind of file
+    by `own` = (what it is, a test of it): a dataset's CSV or a run's weights are never replaced by a folds file or
+    a report."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: a folder; give a {suffix} file name (e.g. {path / ('out' + suffix)})")
@@ -123,8 +126,20 @@ def output_file(path: Path, flag: str, suffix: str, overwrite: bool = True) -> P
         raise ConfigError(f"{flag} {path}: expected a {suffix} file name")
     if not overwrite and path.exists():
         raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it or choose another {flag}")
+    if own is not None and path.exists() and not own[1](path):
+        raise ConfigError(f"{flag} {path}: exists and is not {own[0]}, the only file this replaces; choose another "
+                          f"{flag}")
     _under_no_file(path.parent, flag, path)
     return path
+
+
+def has_csv_header(path: Path, columns: Sequence[str]) -> bool:
+    """Whether the CSV at `path` starts with exactly these column names (what a command's own CSV is known by)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), None) == list(columns)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def output_dir(path: Path, flag: str = "--out") -> Path:
