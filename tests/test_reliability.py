@@ -65,6 +65,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("flags, flag", [
     (["--max-steps", "0"], "--max-steps"), (["--max-steps", "-5"], "--max-steps"),
     (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-4"], "--batch-size"),
+    (["--batch-size", str(10**20)], "--batch-size"), (["--set", "train.batch_size=1e20"], "--set train.batch_size"),
     (["--log-every", "0"], "--log-every"), (["--ema-decay", "2"], "--ema-decay"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--lr", "-1"], "--lr"),
     (["--precision", "fp64"], "--precision"), (["--seed", "-1"], "--seed"), (["--batch-size", "abc"], "--batch-size"),
@@ -100,6 +101,10 @@ def test_a_config_file_value_is_named_with_its_file(data: Path, tmp_path: Path) 
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(bytes(range(256)))
     refused(runner.invoke(app, ["train", "-c", str(binary), "--out", str(tmp_path / "r")]), str(binary))
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("model:\n  name: [1]\n")
+    refused(runner.invoke(app, ["train", "-c", str(listed), "--data", str(data), "--out", str(tmp_path / "r")]),
+            f"{listed}: model.name: expected a model name, got [1]")
     assert not (tmp_path / "r").exists()
 
 
@@ -281,6 +286,8 @@ def test_sample_and_grow_refuse_bad_values(run: Path, tmp_path: Path) -> None:
     (["classify", "--data", "x.npz", "--out", "OUT", "--image-size", "0"], "--image-size"),
     (["classify", "--data", "x.npz", "--out", "OUT", "--epochs", "0"], "--epochs"),
     (["classify", "--data", "x.npz", "--out", "OUT", "--bootstrap", "10"], "--bootstrap"),
+    (["classify", "--data", "x.npz", "--out", "OUT", "--batch-size", str(10**20)], "--batch-size"),
+    (["sample", "--run", "RUN", "--out", "OUT", "--per-class", "1", "--batch-size", str(10**20)], "--batch-size"),
     (["evaluate", "--generated", "g", "--real", "x:test", "--train", "x:train", "--out", "OUT/m.json",
       "--batch-size", "0"], "--batch-size"),
     (["runs", "NOWHERE"], "NOWHERE"),

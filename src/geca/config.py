@@ -18,7 +18,7 @@ from geca.models.config import GeCAConfig, ModelConfig, with_named_defaults
 from geca.sampling.config import SamplerConfig
 from geca.utils.hardware import PRECISIONS
 from geca.utils.io import atomic_write_text
-from geca.utils.schema import Checks, from_dict, read_yaml
+from geca.utils.schema import MAX_BATCH, Checks, from_dict, read_yaml
 
 LOGGERS = ("csv", "tensorboard")
 
@@ -55,7 +55,7 @@ class TrainConfig:
         check(0 <= self.heredity_prob <= 1, "train.heredity_prob", "in [0, 1]", self.heredity_prob)
         check(self.heredity_offset >= 0, "train.heredity_offset", "≥ 0", self.heredity_offset)
         check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "> 0", self.max_minutes)
-        check(self.batch_size >= 1, "train.batch_size", "≥ 1", self.batch_size)
+        check(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", f"in [1, {MAX_BATCH}]", self.batch_size)
         check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "> 0", self.lr)
         check(self.warmup_steps >= 0, "train.warmup_steps", "≥ 0", self.warmup_steps)
         check.choice(self.lr_schedule, "train.lr_schedule", ("constant", "cosine"))
@@ -100,7 +100,7 @@ class ValidationConfig:
     def validate(self, check: Checks) -> None:
         check(self.every >= 0, "validation.every", "≥ 0 (0: off)", self.every)
         check(self.num_samples >= 2, "validation.num_samples", "≥ 2", self.num_samples)
-        check(self.batch_size >= 1, "validation.batch_size", "≥ 1", self.batch_size)
+        check(1 <= self.batch_size <= MAX_BATCH, "validation.batch_size", f"in [1, {MAX_BATCH}]", self.batch_size)
         check(0 <= self.seed < 2**32, "validation.seed", "in [0, 2³²)", self.seed)
         check(self.split != "test", "validation.split", "val (or train), never 'test': selecting checkpoints on "
               "the split you report would bias the final evaluation", self.split)

@@ -9,6 +9,7 @@ import typer
 
 from geca.cli.common import CV_VAL_HELP, guarded, pick_device, split_flags
 from geca.errors import ConfigError
+from geca.utils.schema import MAX_BATCH
 
 
 @guarded
@@ -21,7 +22,7 @@ def encode(
     size: int = typer.Option(256, "--size", min=8, help="Centre-crop and resize images to this side before "
                              "encoding."),
     mean: bool = typer.Option(False, "--mean", help="Cache the posterior means instead of posterior samples."),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Images per VAE forward pass."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, max=MAX_BATCH, help="Images per VAE forward pass."),
     splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to encode."),
     image_size: int | None = typer.Option(None, "--image-size", min=2, help="Resize at load time, as `geca train "
                                           "--image-size` does (so that training finds this cache)."),

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from geca.cli.common import CV_VAL_HELP, guarded, pick_device, split_flags
+from geca.utils.schema import MAX_BATCH
 
 features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
                            add_completion=False, pretty_exceptions_enable=False)
@@ -47,7 +48,7 @@ def evaluate(
     lpips_weights: str | None = typer.Option(None, "--lpips-weights", help="torchvision AlexNet weights "
                                              "alexnet-owt-7be5be79.pth (default: in $GECA_WEIGHTS_DIR); 'random' "
                                              "for a seeded random backbone (tests only)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per feature-network batch."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, max=MAX_BATCH, help="Images per feature-network batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV (`geca folds`) that defines the "

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from geca.sampling.config import SamplerConfig
+from geca.utils.schema import MAX_BATCH
 
 SAMPLER_HELP = {
     "sampler": "ddpm (ancestral, respaced), ddim (η=0), dpm++ (DPM-Solver++(2M)) or dpm++sde (its stochastic "
@@ -40,7 +41,7 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
     "clip_x0": (bool | None, None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
                 "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
     "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images).", {"min": 0}),
-    "batch_size": (int, 64, ("--batch-size",), "Images per sampling batch.", {"min": 1}),
+    "batch_size": (int, 64, ("--batch-size",), "Images per sampling batch.", {"min": 1, "max": MAX_BATCH}),
     "checkpoint": (str | None, None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, "
                    "or a directory."),
     "weights": (str, "ema", ("--weights",), "ema (default) or model (raw) weights."),

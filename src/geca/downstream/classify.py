@@ -17,6 +17,7 @@ from geca.downstream.protocol import ProtocolConfig, Splits, parse_arms, run_pro
 from geca.downstream.report import summarise, write_report
 from geca.downstream.significance import FOLD_TESTS, TESTS
 from geca.errors import ConfigError
+from geca.utils.schema import MAX_BATCH
 
 MIN_IMAGE_SIZE = 8
 
@@ -48,6 +49,8 @@ class TableSettings:
         for key in ("seeds", "epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name(key)} must be ≥ 1, got {getattr(self, key)}")
+        if self.batch_size > MAX_BATCH:
+            raise ConfigError(f"{name('batch_size')} must be at most {MAX_BATCH}, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{name('lr')} must be > 0, got {self.lr}")
         if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:

@@ -164,6 +164,8 @@ def with_named_defaults(raw: dict[str, Any], where: str) -> dict[str, Any]:
     """A model mapping whose `name` is a named config: that config's fields first, then the mapping's own keys."""
     if "name" not in raw:
         return raw
+    if not isinstance(raw["name"], str):
+        raise ConfigError(f"{where}: model.name: expected a model name, got {raw['name']!r}")
     try:
         base = dataclasses.asdict(named_model(raw["name"]))
     except ConfigError as e:

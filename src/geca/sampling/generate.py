@@ -30,6 +30,7 @@ from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.samplers import resolved_precision, sample
 from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, output_dir, replace_dir
+from geca.utils.schema import MAX_BATCH
 from geca.utils.seeding import derive_seed, kept_random_state
 
 Decoder = Callable[[torch.Tensor], np.ndarray]
@@ -42,8 +43,8 @@ def sample_batches(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.
     """(b, uint8 images (n, H, W, C)) for each batch b of `batch_size` label vectors not in `skip`. Batch b draws
     from seed (seed, b), so the same seed gives the same images whatever came before (or was skipped); the global
     random state is left as it was. A bad batch size is refused here, before the first batch is asked for."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ConfigError(f"--batch-size must be in [1, {MAX_BATCH}], got {batch_size}")
     return _batches(model, diffusion, labels, shape, sampler, seed, batch_size, device, decode, progress, skip)
 
 

@@ -14,6 +14,10 @@ import yaml
 
 from geca.errors import ConfigError
 
+# far beyond any device's memory, and far below the sizes that overflow torch's int64 shapes: a typo is refused
+# up front instead of failing after the output folder was made
+MAX_BATCH = 2**20
+
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
