@@ -589,9 +589,17 @@ def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Pat
     assert res.exit_code == 0, res.output
     for k in range(3):
         _write_synthetic(tmp_path / f"syn-{k}", OCT_CLASSES)
-    res = invoke("classify", "--data", data, "--folds-file", tmp_path / "folds.csv", "--folds", 2, "--synthetic",
-                 f"oct={tmp_path}/syn-{{fold}}", "--arms", "geometric,+oct", "--seeds", 1, "--test", "ttest",
-                 "--out", tmp_path / "cv", *TINY_CLASSIFY)
+    cv = ["classify", "--data", data, "--folds-file", tmp_path / "folds.csv", "--folds", 2, "--synthetic",
+          f"oct={tmp_path}/syn-{{fold}}", "--arms", "geometric,+oct", "--seeds", 1, "--test", "ttest"]
+    damaged = tmp_path / "syn-1" / "images" / "2.png"
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[:40])  # a later fold's set is decoded before the first fold trains
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("geca.downstream.protocol.train_classifier", lambda *a, **k: pytest.fail("trained"))
+        res = invoke(*cv, "--out", tmp_path / "cv", *TINY_CLASSIFY)
+    assert res.exit_code == 2 and f"{damaged}: unreadable image" in res.output, res.output
+    damaged.write_bytes(whole)
+    res = invoke(*cv, "--out", tmp_path / "cv", *TINY_CLASSIFY)
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "cv" / "results.json").read_text())
     assert summary["protocol"] == "patient-level 2-fold CV (validation: a 15 % patient slice of the other folds)"

@@ -296,8 +296,10 @@ class ProtocolResult:
     sizes: list[dict[str, int | None]]
 
 
-def check_inputs(protocol: ProtocolConfig, class_names: list[str], folds: list[int | None]) -> None:
-    """Fail before any training if a synthetic set an arm needs is missing or does not fit."""
+def check_inputs(protocol: ProtocolConfig, reference: ImageSet, folds: list[int | None]) -> None:
+    """Fail before any training if a synthetic set an arm needs is missing or does not fit. The sets of the first
+    fold are loaded before it trains; those of later folds are decoded here too (and again at their fold, so that
+    only one fold's sets are in memory), or a damaged image would be found only after the earlier folds trained."""
     if protocol.seeds < 1:
         raise ConfigError(f"--seeds must be ≥ 1, got {protocol.seeds}")
     used = {a.synthetic for a in protocol.arms if a.synthetic}
@@ -308,8 +310,11 @@ def check_inputs(protocol: ProtocolConfig, class_names: list[str], folds: list[i
     for name in sorted(used):
         for fold in folds:
             directory = synthetic_dir(protocol.synthetic[name], fold)
-            check_synthetic(directory, class_names)
+            check_synthetic(directory, reference.class_names)
             check_lineage(directory, protocol.data, protocol.folds_file, fold, protocol.cv_val)
+    for name in sorted(used):
+        for fold in folds[1:]:
+            load_synthetic(synthetic_dir(protocol.synthetic[name], fold), reference)
 
 
 def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> ProtocolResult:
@@ -321,7 +326,7 @@ def run_protocol(protocol: ProtocolConfig, data: Splits | None = None) -> Protoc
     protocol.classifier.validate()
     if data is None:
         data = Splits(protocol.data, protocol.image_size, protocol.folds_file, protocol.folds, protocol.cv_val)
-    check_inputs(protocol, data.reference.class_names, data.folds)
+    check_inputs(protocol, data.reference, data.folds)
     multilabel = data.reference.multilabel
     device = torch.device(protocol.classifier.device)
     results: list[UnitResult] = []
