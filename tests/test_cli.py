@@ -330,3 +330,30 @@ def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
         bad = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--sampler", "ddim", *flags])
         assert bad.exit_code == 2 and message in bad.output, flags
         assert (out / "generated/manifest.json").exists()  # refused before the earlier demo was replaced
+
+
+def test_an_error_starts_its_own_line_after_a_progress_bar() -> None:
+    """An error raised while a bar is open (tqdm ends its line only when closed) must not be glued to the bar."""
+    import sys
+
+    import typer
+    from tqdm import tqdm
+
+    from geca.cli.common import guarded
+    from geca.errors import ConfigError
+
+    def fails(bar: bool = typer.Option(True, "--bar/--no-bar")) -> None:
+        progress = tqdm(total=3, desc="classifiers", file=sys.stderr, disable=not bar)
+        progress.update()
+        raise ConfigError("--thing is wrong")
+
+    one = typer.Typer()
+    one.command()(guarded(fails))
+    for left in list(tqdm._instances):  # bars earlier tests left open in this process
+        left.close()
+    for flag in ("--no-bar", "--bar"):
+        res = runner.invoke(one, [flag])
+        assert res.exit_code == 2
+        lines = res.output.splitlines()
+        assert "error: --thing is wrong" in lines and sum("error:" in line for line in lines) == 1, res.output
+        assert res.output.startswith("error:") == (flag == "--no-bar")  # no blank line without a bar

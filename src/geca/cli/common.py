@@ -55,6 +55,14 @@ def at_home(value: Any) -> Any:
     return [at_home(v) for v in value] if isinstance(value, list) else value
 
 
+def _line_start() -> str:
+    """A newline where a progress bar the error interrupted holds the line (tqdm ends it only when closed), so that
+    the message starts a line of its own."""
+    from tqdm import tqdm
+
+    return "\n" if any(not bar.disable for bar in list(getattr(tqdm, "_instances", ()))) else ""
+
+
 def guarded(fn: F) -> F:
     """Every command's flags with `~` expanded (`at_home`); known user errors, and the machine's (a full disk, a
     missing folder), print one `error:` line on stderr and exit 2 instead of a traceback; Ctrl-C prints one
@@ -65,10 +73,10 @@ def guarded(fn: F) -> F:
         try:
             return fn(*args, **{name: at_home(value) for name, value in kwargs.items()})
         except (*USER_ERRORS, OSError) as e:
-            print(f"error: {describe(e)}", file=sys.stderr)
+            print(f"{_line_start()}error: {describe(e)}", file=sys.stderr)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:  # files are written under temporary names, so nothing half-written stays
-            print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+            print(f"{_line_start()}interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -93,6 +101,7 @@ def pick_device(name: str) -> torch.device:
 
 
 PROGRESS_HELP = "Progress bars (default: on a terminal; in a log file, periodic plain lines instead)."
+BARS_HELP = "Progress bars (default: on a terminal; not in a log file)."
 DEMO_MARKER = ".geca-demo"  # in a folder `geca demo` wrote, which the next demo may replace (hidden: a run may hold it)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, RESUME_BATCHES, guarded, on_interrupt, pick_device
+from geca.cli.common import BARS_HELP, CV_VAL_HELP, RESUME_BATCHES, guarded, on_interrupt, pick_device, show_progress
 from geca.cli.options import SamplingFlags, sampling_flags
 from geca.errors import ConfigError
 
@@ -95,7 +95,7 @@ def classify(
                                        "1 can be several times faster on a CPU shared with other jobs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier report in --out once the new one "
                                    "is done (a folder holding other files is refused)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help=BARS_HELP),
 ) -> None:
     """Train ResNet-34 classifiers per arm and seed (and fold) and write a Table-2-style report."""
     import torch
@@ -116,6 +116,6 @@ def classify(
             raise ConfigError(f"--threads must be ≥ 1, got {threads}")
         torch.set_num_threads(threads)
     run_classification(data, parse_synthetic(synthetic or []), arms, settings, out, folds_file, folds, cv_val,
-                       str(pick_device(device)), progress)
+                       str(pick_device(device)), show_progress(progress))
     typer.echo((out / "table.md").read_text())
     typer.echo(f"report written to {out}")

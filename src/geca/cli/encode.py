@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, guarded, pick_device, split_flags
+from geca.cli.common import BARS_HELP, CV_VAL_HELP, guarded, pick_device, show_progress, split_flags
 from geca.errors import ConfigError
 from geca.utils.schema import MAX_BATCH
 
@@ -31,7 +31,7 @@ def encode(
                                     "(default 0)."),
     cv_val: str | None = typer.Option(None, "--cv-val", help=CV_VAL_HELP + " Default: slice."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help=BARS_HELP),
 ) -> None:
     """Encode images to scaled VAE latents and cache them; reused while data, VAE and settings are unchanged."""
     from geca.data.registry import SPLITS, load_split
@@ -52,6 +52,6 @@ def encode(
     for split in names:
         images = load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
         latents, status = ensure_latents(vae, images, split, out, size=size, mean=mean, get_codec=codec,
-                                         progress=progress)
+                                         progress=show_progress(progress))
         shape = "×".join(str(n) for n in latents.latents.shape[1:])
         typer.echo(f"{split}: {status}: {len(latents.latents)} latents of {shape} (+ mirrored) in {out / split}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import CV_VAL_HELP, guarded, pick_device, split_flags
+from geca.cli.common import BARS_HELP, CV_VAL_HELP, guarded, pick_device, show_progress, split_flags
 from geca.utils.schema import MAX_BATCH
 
 features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
@@ -50,7 +50,7 @@ def evaluate(
                                              "for a seeded random backbone (tests only)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, max=MAX_BATCH, help="Images per feature-network batch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
-    progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help=BARS_HELP),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV (`geca folds`) that defines the "
                                           "splits of --real and --train for folder+CSV data."),
     fold: int | None = typer.Option(None, "--fold", min=0, help="With --folds-file: the test fold (default 0)."),
@@ -68,8 +68,8 @@ def evaluate(
     settings = EvalSettings(
         generated=[parse_generated(a) for a in [*generated, *(more or [])]], real=real, train=train,
         features=features, features_file=features_file, protocol=protocol, seed=seed, lpips=lpips,
-        gg_features=gg_features, gg_features_file=gg_features_file,
-        lpips_weights=lpips_weights, batch_size=batch_size, device=str(pick_device(device)), progress=progress,
+        gg_features=gg_features, gg_features_file=gg_features_file, lpips_weights=lpips_weights,
+        batch_size=batch_size, device=str(pick_device(device)), progress=show_progress(progress),
         folds_file=folds_file, fold=fold, cv_val=cv_val)
     report = run_evaluation(settings, out, log=typer.echo, overwrite=overwrite)
     console = Console()

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from geca.cli.common import BARS_HELP
 from geca.sampling.config import SamplerConfig
 from geca.utils.schema import MAX_BATCH
 
@@ -51,8 +52,7 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
     "resume": (bool, False, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
                "finished (same run, settings and seed give the same images)."),
     "threads": (int | None, None, ("--threads",), "CPU threads (default: one per core)."),
-    "progress": (bool | None, None, ("--progress/--no-progress",), "Progress bars (default: on a terminal; not in "
-                 "a log file)."),
+    "progress": (bool | None, None, ("--progress/--no-progress",), BARS_HELP),
 }
 GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "precision", "seed", "checkpoint",
         "device", "threads", "overwrite")
