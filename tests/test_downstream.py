@@ -680,3 +680,17 @@ def test_every_downstream_option_has_help() -> None:
         for name, param in inspect.signature(fn).parameters.items():
             assert getattr(param.default, "help", None), f"{fn.__name__}: option {name} has no help text"
     assert re.search(r"--ratio", runner.invoke(app, ["expand", "--help"]).output)
+
+
+def test_a_synthetic_set_cut_short_is_refused(tmp_path: Path) -> None:
+    """A labels.csv cut at a line boundary parses; the image count its manifest recorded shows the loss."""
+    from geca.downstream.protocol import check_synthetic
+    from geca.errors import DataError
+
+    _write_synthetic(tmp_path / "syn", ["a", "b"], n=6)
+    (tmp_path / "syn" / "manifest.json").write_text(json.dumps({"num_images": 6}))
+    assert check_synthetic(tmp_path / "syn", ["a", "b"]) == tmp_path / "syn" / "labels.csv"
+    rows = (tmp_path / "syn" / "labels.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "syn" / "labels.csv").write_text("".join(rows[:4]))
+    with pytest.raises(DataError, match="labels.csv: 3 rows, but its manifest.json records 6 images"):
+        check_synthetic(tmp_path / "syn", ["a", "b"])

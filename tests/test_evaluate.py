@@ -114,7 +114,13 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
     unlabelled = write_sample_dir(tmp_path / "unlabelled", like.images, like.labels, NAMES)
     listed = shutil.copytree(data["good"], tmp_path / "listed")
     (listed / "manifest.json").write_text("[1]")
+    cut = shutil.copytree(data["good"], tmp_path / "cut")  # a labels.csv cut at a line boundary still parses
+    rows = (cut / "labels.csv").read_text().splitlines(keepends=True)
+    (cut / "labels.csv").write_text("".join(rows[:51]))
+    (cut / "manifest.json").write_text(json.dumps({"class_names": NAMES, "num_images": len(rows) - 1}))
     cases = {
+        "cut/labels.csv: 50 rows, but its manifest.json records 100 images": [
+            "--generated", str(cut), "--real", f"{npz}:test", "--no-lpips"],
         "listed/manifest.json: corrupt, a JSON list": ["--generated", str(listed), "--real", f"{npz}:test",
                                                        "--no-lpips"],
         "every one of its 80 images is in --train": ["--generated", str(data["good"]), "--real",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -12,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
+from geca.utils.io import read_json_object
 
 ID_COLUMNS = ("filename", "patient_id", "eye_id")
 SPLITS_WITH_FOLDS = ("train", "val", "test", "all")
@@ -35,6 +37,20 @@ class CsvTable:
     def multilabel(self) -> bool:
         """Multi-label unless every row has exactly one positive label (then it is multi-class)."""
         return not bool(np.all(self.labels.sum(1) == 1))
+
+
+def read_manifest(directory: Path, rows: int) -> dict[str, Any] | None:
+    """A sample set's manifest.json (None where there is none: another tool's set), checked against the `rows` of its
+    labels.csv: a CSV cut at a line boundary still parses, and only the count recorded at writing shows it."""
+    path = Path(directory) / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = read_json_object(path, DataError)
+    recorded = manifest.get("num_images")
+    if isinstance(recorded, int) and recorded != rows:
+        raise DataError(f"{Path(directory) / 'labels.csv'}: {rows} rows, but its manifest.json records {recorded} "
+                        "images: the set was cut short or edited since it was written")
+    return manifest
 
 
 def _safe_path(csv_path: Path, root: Path, line: int, name: str) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from geca.data.folder_csv import load_folder_csv, read_table
+from geca.data.folder_csv import load_folder_csv, read_manifest, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds, same_split, split_name
 from geca.data.imageset import ImageSet
 from geca.data.registry import SPLITS, load_split, same_data
@@ -86,6 +86,7 @@ def check_synthetic(directory: Path, class_names: list[str]) -> Path:
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: missing; {directory} is not a `geca sample`/`geca expand` directory")
     table = read_table(csv_path)
+    read_manifest(directory, len(table.filenames))
     if table.class_names != list(class_names):
         raise DataError(f"{csv_path}: class columns {table.class_names} do not match the data's classes "
                         f"{list(class_names)}")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import geca
-from geca.data.folder_csv import load_folder_csv
+from geca.data.folder_csv import load_folder_csv, read_manifest
 from geca.data.imageset import ImageSet, image_hashes
 from geca.data.registry import SPLITS, load_split
 from geca.errors import DataError
@@ -57,9 +57,8 @@ def load_sample_dir(path: Path) -> ImageSet:
     if not csv_path.is_file():
         raise DataError(f"{path}: no labels.csv; expected a `geca sample` output directory")
     data = load_folder_csv(csv_path, "all")
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        meta = read_json_object(manifest, DataError)
+    meta = read_manifest(path, len(data))
+    if meta is not None:
         # One-hot per-class samples of a multi-label model would otherwise look multi-class.
         data.multilabel = bool(meta.get("multilabel", data.multilabel))
     data.source = str(path)
