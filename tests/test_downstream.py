@@ -638,6 +638,8 @@ def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Pat
         (["--synthetic", "syn={tmp}/right-{fold}"], "no --folds-file"),
         (["--imagenet-weights", "{tmp}/w.pth"], "w.pth: ImageNet weights file not found"),
         (["--eye-agg", "median"], "--eye-agg"),
+        (["--stem", "foo"], "--stem must be one of imagenet, cifar, got 'foo'"),
+        (["--imagenet-weights", "{tmp}"], "a folder; give the ImageNet weights file itself"),
         (["--p-metric", "kappa"], "--p-metric"),
     ],
 )

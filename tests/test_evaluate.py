@@ -135,6 +135,12 @@ def test_evaluate_errors(data: dict[str, Path], tmp_path: Path, monkeypatch: pyt
         "differ from real classes": ["--generated", str(wrong), "--real", f"{npz}:test", "--no-lpips"],
         "expected SPEC:SPLIT": ["--generated", str(data["good"]), "--real", npz, "--no-lpips"],
         "not found": ["--generated", str(tmp_path / "missing"), "--real", f"{npz}:test", "--no-lpips"],
+        "--protocol must be one of paper, standard, got 'foo'": ["--generated", str(data["good"]), "--real",
+                                                                 f"{npz}:test", "--protocol", "foo"],
+        "--gg-features must be one of domain, inception, dinov2, random, got 'foo'": [
+            "--generated", str(data["good"]), "--real", f"{npz}:test", "--gg-features", "foo"],
+        "--train is the split the generator trained on": ["--generated", str(data["good"]), "--real", f"{npz}:train",
+                                                          "--no-lpips"],
         "alexnet-owt-7be5be79.pth": ["--generated", str(data["good"]), "--real", f"{npz}:test"],
         f"{tmp_path}: a folder; give the .safetensors file": ["--generated", str(data["good"]), "--real",
                                                               f"{npz}:test", "--features", "domain",
@@ -349,3 +355,15 @@ def test_evaluate_takes_its_splits_from_a_folds_file(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["real"]["n"] == len(test) and report["train"]["n"] == len(train)
     assert len(test) < len(load_split(spec, "all"))
+
+
+def test_features_train_names_a_bad_split_and_warns_only_of_one_it_trains_on(data: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    out = str(tmp_path / "f.safetensors")
+    res = runner.invoke(app, ["features", "train", "--data", str(data["npz"]), "--split", "foo", "--out", out])
+    assert res.exit_code == 2 and "error: --split must be one of train, val, test, all, got 'foo'" in res.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an npz has no split `all`: refused, with no warning about training on it
+        res = runner.invoke(app, ["features", "train", "--data", str(data["npz"]), "--split", "all", "--out", out])
+    assert res.exit_code == 2 and "has no split 'all'" in res.output, res.output
+    assert not Path(out).exists()

@@ -71,6 +71,7 @@ def evaluate(
         gg_features=gg_features, gg_features_file=gg_features_file, lpips_weights=lpips_weights,
         batch_size=batch_size, device=str(pick_device(device)), progress=show_progress(progress),
         folds_file=folds_file, fold=fold, cv_val=cv_val)
+    settings.validate()
     report = run_evaluation(settings, out, log=typer.echo, overwrite=overwrite)
     console = Console()
     console.print(comparison_table(report))
@@ -101,19 +102,21 @@ def features_train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Train the `domain` feature network: a small classifier whose penultimate layer gives the features."""
-    from geca.data.registry import load_split
-    from geca.errors import DataError
+    from geca.data.registry import SPLITS, load_split
+    from geca.errors import ConfigError, DataError
     from geca.metrics.domain import TRAINING, is_domain_file, save_domain_net, train_domain_net
     from geca.utils.io import output_file
 
     fold, cv_val = split_flags(folds_file, fold, cv_val)
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     output_file(out, "--out", ".safetensors", overwrite, own=("a `geca features train` file", is_domain_file))
-    if split in ("test", "all"):
+    splits = dict(image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
+    train_set = load_split(data, split, **splits)
+    if split in ("test", "all"):  # once the split is known to exist
         warnings.warn(f"--split {split}: features trained on held-out images make KID, FLD/GG and "
                       "class-faithfulness against them optimistic; `geca evaluate` warns when its --real images "
                       "are among them. Train on the generator's training split", stacklevel=2)
-    splits = dict(image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
-    train_set = load_split(data, split, **splits)
     try:
         val = load_split(data, "val", **splits) if split != "val" else None
     except DataError:

@@ -58,6 +58,8 @@ def _missing_weights(path: Path) -> ConfigError:
 def load_imagenet_weights(path: Path, in_channels: int) -> dict[str, torch.Tensor]:
     """A torchvision ResNet-34 ImageNet state dict from a local file, its head dropped and conv1 fitted to grey."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder; give the ImageNet weights file itself (resnet34-b627a593.pth)")
     if not path.is_file():
         raise _missing_weights(path)
     state = load_state_dict_file(path, "torchvision ResNet-34")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from geca.data.folds import CV_VAL
-from geca.downstream.classifier import ClassifierConfig
+from geca.downstream.classifier import STEMS, ClassifierConfig
 from geca.downstream.metrics import AGGREGATIONS, MACRO
 from geca.downstream.protocol import ProtocolConfig, Splits, parse_arms, run_protocol
 from geca.downstream.report import summarise, write_report
@@ -41,7 +41,7 @@ class TableSettings:
 
     def validate(self, name: Callable[[str], str] = lambda key: "--" + key.replace("_", "-")) -> None:
         """Refuse values out of range; `name(field)` is how the user gave that field (a flag, or a YAML key)."""
-        for key, valid in (("eye_agg", AGGREGATIONS), ("test", TESTS), ("p_metric", MACRO)):
+        for key, valid in (("stem", STEMS), ("eye_agg", AGGREGATIONS), ("test", TESTS), ("p_metric", MACRO)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{name(key)} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
         if self.bootstrap < 100:

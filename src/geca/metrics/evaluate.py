@@ -18,12 +18,20 @@ import geca
 from geca.data.folder_csv import load_folder_csv, read_manifest
 from geca.data.imageset import ImageSet, image_hashes
 from geca.data.registry import SPLITS, load_split
-from geca.errors import DataError
+from geca.errors import ConfigError, DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
-from geca.metrics.features import DomainFeatures, FeatureExtractor, build_extractor, weights_path
+from geca.metrics.features import FEATURES, DomainFeatures, FeatureExtractor, build_extractor, weights_path
 from geca.metrics.fld import fld
-from geca.metrics.kid import NOISY_SUBSET, check_protocol, kid, kid_standard_error, kid_subset_size, min_generated
+from geca.metrics.kid import (
+    NOISY_SUBSET,
+    PROTOCOLS,
+    check_protocol,
+    kid,
+    kid_standard_error,
+    kid_subset_size,
+    min_generated,
+)
 from geca.metrics.report import real_vs_generated_grid
 from geca.utils.io import atomic_write_json, output_file, read_json_object
 
@@ -88,6 +96,13 @@ class EvalSettings:
     fold: int = 0
     cv_val: str = "slice"
 
+
+    def validate(self, name: Callable[[str], str] = lambda key: "--" + key.replace("_", "-")) -> None:
+        """Refuse an unknown choice, naming it as the user gave it (`name(field)`: a flag, or a YAML key)."""
+        for key, valid in (("protocol", PROTOCOLS), ("features", FEATURES), ("gg_features", FEATURES)):
+            value = getattr(self, key)
+            if value not in valid and not (key == "gg_features" and value is None):
+                raise ConfigError(f"{name(key)} must be one of {', '.join(valid)}, got {value!r}")
 
     def gg_network(self) -> tuple[str, str | None]:
         """(name, weights file) of the FLD/GG network."""
@@ -182,7 +197,8 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     size = sizes.pop()
     if real_name == train_name:
         raise DataError(f"--real and --train are both {s.real}: the generator's training images would be scored "
-                        "as held-out data (FLD and GG compare the two); give --real a held-out split, e.g. SPEC:test")
+                        "as held-out data (FLD and GG compare the two); --train is the split the generator trained "
+                        "on (e.g. SPEC:train), --real a held-out one (e.g. SPEC:test)")
     real = load_split(*real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     for name, _, g in gens:
@@ -199,7 +215,8 @@ def _check_held_out(real: ImageSet, train: ImageSet, real_flag: str, train_flag:
     if shared == len(real):
         raise DataError(f"--real {real_flag}: every one of its {len(real)} images is in --train {train_flag}; the "
                         "generator's training images would be scored as held-out data (FLD and GG compare the two). "
-                        "Give --real a held-out split, e.g. SPEC:test")
+                        "--train is the split the generator trained on (e.g. SPEC:train), --real a held-out one "
+                        "(e.g. SPEC:test)")
     if shared:
         warnings.warn(f"--real {real_flag}: {shared} of its {len(real)} images are also in --train {train_flag} "
                       "(duplicates across the splits?); they count as held-out in KID, FLD/GG and faithfulness",
