@@ -420,9 +420,11 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     """A damaged or missing weights file, a damaged model.json and a run without a checkpoint are listed as such."""
     root = tmp_path / "all"
     for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state", "bad-best", "new-folds",
-                 "no-folds", "no-state", "emptied", "bad-files"):
+                 "no-folds", "no-state", "emptied", "bad-files", "cut"):
         shutil.copytree(run, root / name)
     (root / "emptied/checkpoints/step_0000002/ema.safetensors").write_bytes(b"")
+    cut = root / "cut/checkpoints/step_0000002/ema.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-100])
     (root / "no-state/checkpoints/step_0000002/state.json").unlink()
     shutil.copytree(root / "bad-best/checkpoints/step_0000002", root / "bad-best/checkpoints/best")
     (root / "bad-best/checkpoints/best/ema.safetensors").write_bytes(b"not the saved weights")
@@ -450,12 +452,12 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
         "bad-spec": "damaged model.json", "untrained": "no checkpoint", "bad-state": "damaged state.json",
         "bad-best": "best: damaged ema.safetensors", "new-folds": "folds file changed",
         "no-folds": "folds file missing", "no-state": "missing state.json", "emptied": "empty ema.safetensors",
-        "bad-files": "damaged state.json"}
+        "bad-files": "damaged state.json", "cut": "truncated ema.safetensors"}
     assert isinstance(rows["good"]["loss"], float) and rows["good"]["loss"] > 0
     res = runner.invoke(app, ["runs", str(root), "--json", "--quick"])  # files there, not hashed
     quick = {Path(r["run"]).name: r["status"] for r in json.loads(res.output)}
     assert quick["flipped"] == quick["good"] == "ok" and quick["no-ema"] == "missing ema.safetensors"
-    assert quick["emptied"] == "empty ema.safetensors"
+    assert quick["emptied"] == "empty ema.safetensors" and quick["cut"] == "truncated ema.safetensors"
     assert (rows["new-folds"]["folds_file"], rows["new-folds"]["fold"]) == (str(folds), 3)
     assert rows["good"]["folds_file"] is None
     res = runner.invoke(app, ["runs", str(root)])

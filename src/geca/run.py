@@ -350,6 +350,19 @@ def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None
     return images
 
 
+def _safetensors_damage(path: Path) -> str | None:
+    """'damaged' (no safetensors header) or 'truncated' (shorter or longer than its header says), found without
+    hashing the file; None where it looks whole."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if n <= 100 * 2**20 else None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "damaged"
+    return None if path.stat().st_size == 8 + n + end else "truncated"
+
+
 def checkpoint_health(checkpoint: Path, hashes: bool = True, state_expected: bool = True) -> str:
     """'ok', or what keeps the checkpoint from loading: a missing file, or (with `hashes`) a file whose SHA-256
     differs from the one recorded at save time (read, not loaded). geca 0.1 wrote no state.json
@@ -359,6 +372,9 @@ def checkpoint_health(checkpoint: Path, hashes: bool = True, state_expected: boo
             return f"missing {name}"
         if (checkpoint / name).stat().st_size == 0:  # found without hashing (--quick): no weights file is empty
             return f"empty {name}"
+        cut = _safetensors_damage(checkpoint / name)
+        if cut:
+            return f"{cut} {name}"
     if state_expected and not (checkpoint / "state.json").is_file():
         return "missing state.json"
     try:

@@ -108,9 +108,9 @@ def configs(
 def runs(
     root: Path = typer.Argument(Path("runs"), help="Folder to search (recursively) for run directories."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    quick: bool = typer.Option(False, "--quick", help="Check that each checkpoint's files are there without hashing "
-                               "them (fast over many large runs; a changed weights file is not found; the small "
-                               "folds file is still hashed)."),
+    quick: bool = typer.Option(False, "--quick", help="Check that each checkpoint's files are there, and the weights "
+                               "as long as their headers say, without hashing them (fast over many large runs; a "
+                               "weights file changed in place is not found; the small folds file is still hashed)."),
 ) -> None:
     """List the training runs under a folder: status (the latest and best checkpoints and the folds file checked
     against their recorded hashes), step, model, data (and fold), heredity, last loss and best validation KID."""
