@@ -523,6 +523,10 @@ def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tm
     res = invoke("expand", "--run", blobs_setup["run"], "--data", "synthetic-fundus@n=8,size=8",
                  "--out", tmp_path / "x", *FAST_SAMPLING)
     assert res.exit_code == 2 and "the run was trained on" in res.output
+    # a folder + CSV set has no fixed split to leak into: it needs a folds file
+    res = invoke("expand", "--run", blobs_setup["run"], "--data", tmp_path / "labels.csv", "--out", tmp_path / "x",
+                 *FAST_SAMPLING)
+    assert res.exit_code == 2 and "a folder + CSV set has no fixed split" in res.output, res.output
     assert not (tmp_path / "x").exists()
 
 

@@ -26,7 +26,9 @@ def expand(
     fold: int | None = typer.Option(None, "--fold", min=0, help="Test fold whose training split to replicate (default: "
                                     "the run's)."),
     limit: int | None = typer.Option(None, "--limit", help="Sample only the first N images of the expansion (a "
-                                     "quick look, or a budget; --resume with the same N continues it)."),
+                                     "quick look, or a budget; --resume with the same N continues an interrupted "
+                                     "one; the whole expansion is sampled afresh, and classify takes only a whole "
+                                     "one)."),
     *,
     flags: SamplingFlags,
 ) -> None:

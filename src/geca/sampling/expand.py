@@ -46,6 +46,9 @@ def expand(run: LoadedRun, out: Path, ratio: int, sampler: SamplerConfig, seed: 
         run_folds(run.spec)  # the run's own file, which must still hold the folds it trained on
     if folds is None and fold is not None:
         raise ConfigError("--fold needs a folds file (--folds-file, or a run trained with one)")
+    if folds is None and parse_spec(spec)[0].lower().endswith(".csv"):  # else called a leak of the fixed split
+        raise ConfigError(f"--data {spec}: a folder + CSV set has no fixed split; its training split comes from a "
+                          "folds file: pass --folds-file (and --fold)")
     k = fold if fold is not None else (own.fold if data_spec is None else 0)
     if run.spec.data_key is None and is_path(parse_spec(own.spec)[0]):  # a name is found from anywhere
         _check_comparable(own.spec, spec, "data")
