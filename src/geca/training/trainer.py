@@ -675,7 +675,14 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool
           train_set: ImageSet | None = None, cpu: bool = False, changes: list[str] | None = None) -> dict[str, Any]:
     """Train a denoiser into `run_dir`; returns a summary. Launch under torchrun for several processes.
     `cpu` keeps a GPU machine's GPU idle; `changes` are lines saying what a resume changed."""
-    return Trainer(config, run_dir, resume, progress, train_set, cpu).run(changes)
+    try:
+        return Trainer(config, run_dir, resume, progress, train_set, cpu).run(changes)
+    except BaseException:
+        # a process group still alive at interpreter exit can abort the process ("terminate called without an
+        # active exception", status -6) after the error was printed, instead of exiting with status 2
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
 
 
 def _max_over_processes(t: torch.Tensor) -> torch.Tensor:
