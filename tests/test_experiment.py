@@ -477,3 +477,16 @@ def test_the_real_stage_follows_cv_val(tmp_path: Path) -> None:
     default = real_params(None)
     assert real_params("slice") == default and "cv_val" not in default  # finished studies keep their key
     assert real_params("next-fold") == {**default, "cv_val": "next-fold"}
+
+
+def test_a_stage_folder_the_study_did_not_write_is_never_replaced(tmp_path: Path) -> None:
+    calls: list[str] = []
+    notes = stage_dir(tmp_path, "b.x") / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("precious")
+    with pytest.raises(StageError, match=r"b/x: holds files this study did not write .* stage b.x would replace"):
+        execute(toy(calls), tmp_path, log=lambda s: None)
+    assert calls == [] and notes.read_text() == "precious"  # refused before any stage ran
+    notes.unlink()  # an empty folder is a place to write
+    execute(toy(calls), tmp_path, log=lambda s: None)
+    assert calls == ["a", "b.x", "b.y", "c"]

@@ -147,6 +147,12 @@ def execute(stages: list[Stage], root: Path, force: list[str] | None = None, onl
     forced = {step.stage.id for step in steps if step.reason == "forced"}
     for step in steps:
         log(f"{step.action:4s} {step.stage.id:24s} {step.reason}")
+    for step in steps:  # a stage replaces its folder: never one the study did not write
+        d = stage_dir(root, step.stage.id)
+        if step.action != "skip" and (d.is_file() or (d.is_dir() and any(d.iterdir()) and
+                                                      not (d / MARKER).exists() and not (d / PENDING).exists())):
+            raise StageError(f"{d}: holds files this study did not write (no {MARKER} or {PENDING}), which stage "
+                             f"{step.stage.id} would replace; move them, or choose another --out")
     markers = {s.id: m for s in stages if (m := read_marker(root, s.id)) is not None}
     for step in steps:
         if step.action == "skip":
