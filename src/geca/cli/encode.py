@@ -35,7 +35,7 @@ def encode(
 ) -> None:
     """Encode images to scaled VAE latents and cache them; reused while data, VAE and settings are unchanged."""
     from geca.data.registry import SPLITS, load_split
-    from geca.latent.cache import ensure_latents
+    from geca.latent.cache import check_cache_dir, ensure_latents
     from geca.latent.codec import LatentCodec
     from geca.utils.io import output_dir
 
@@ -47,6 +47,8 @@ def encode(
         raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
     fold, cv_val = split_flags(folds_file, fold, cv_val)
     output_dir(out)
+    for split in names:  # before the first split is encoded
+        check_cache_dir(out / split)
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
     for split in names:

@@ -87,6 +87,18 @@ def _read(split_dir: Path, components: dict[str, Any], spec: LatentSpec, num: in
     return LatentSet(lat, flipped, labels, spec, meta), ""
 
 
+CACHE_FILES = ("latents.safetensors", "meta.json")
+
+
+def check_cache_dir(split_dir: Path) -> None:
+    """A cache folder is replaced whole when (re)built: refuse one that holds anything else."""
+    others = sorted(p.name for p in split_dir.iterdir() if p.name not in CACHE_FILES) if split_dir.is_dir() else []
+    if others or split_dir.is_file():
+        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
+        raise LatentError(f"{split_dir}: {'a file' if split_dir.is_file() else f'holds other files ({shown})'}; "
+                          "a latent cache replaces this folder when it builds: choose another --out")
+
+
 def _write(split_dir: Path, latents: LatentSet) -> None:
     with staged_dir(split_dir) as tmp:
         save_file({"latents": latents.latents.contiguous(), "latents_flipped": latents.flipped.contiguous(),
@@ -116,6 +128,7 @@ def ensure_latents(vae: str, data: ImageSet, split: str, cache_dir: Path, *, siz
         return found, "reused"
     if not build:
         raise LatentError(f"{split_dir}: latent cache not usable ({why})")
+    check_cache_dir(split_dir)
     codec = get_codec()
     if (codec.size, codec.scale, codec.shift) != (size, scale, shift):
         raise LatentError(f"{root}: codec (size {codec.size}, scale {codec.scale}) does not match the cache "
