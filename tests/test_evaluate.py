@@ -170,6 +170,12 @@ def test_an_existing_report_is_replaced_only_with_overwrite(data: dict[str, Path
     res = runner.invoke(app, [*args, "--generated", f"like={data['good']}"])
     assert res.exit_code == 2 and "exists" in res.output and "--overwrite" in res.output, res.output
     assert out.read_text() == first
+    photo = tmp_path / "r_grid_like.png"  # where a new report r.json would draw the grid of `like`
+    photo.write_bytes(b"mine")
+    res = runner.invoke(app, [str(tmp_path / "r.json") if a == str(out) else a for a in args] +
+                        ["--generated", f"like={data['good']}"])
+    assert res.exit_code == 2 and f"the grid of like would replace {photo}" in res.output, res.output
+    assert photo.read_bytes() == b"mine" and not (tmp_path / "r.json").exists()
     spec = tmp_path / "model.json"  # --overwrite replaces an earlier report, not any JSON file
     spec.write_text('{"model": "GeCA-T"}')
     res = runner.invoke(app, [*args, "--generated", f"like={data['good']}", "--overwrite", "--out", str(spec)])

@@ -3,7 +3,6 @@ class-faithfulness."""
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable
@@ -254,6 +253,12 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     Replacing an earlier report also removes the grids it listed that this one does not."""
     t0 = time.time()
     out = output_file(out, "--out", ".json", overwrite, own=("an earlier `geca evaluate` report", _is_report))
+    ours = {g.casefold() for g in _grids_of(out)}
+    for name, _ in s.generated:
+        grid = out.with_name(_grid_file(out, name))
+        if grid.exists() and grid.name.casefold() not in ours:
+            raise ConfigError(f"--out {out}: the grid of {name} would replace {grid}, which no earlier report there "
+                              "wrote; choose another --out")
     gg_name, gg_file = s.gg_network()
     alexnet = s.find_weights()  # before any slow work (loading images, training domain features)
     inputs = load_inputs(s)
@@ -362,9 +367,9 @@ def _warn_if_trained_on(net: FeatureExtractor, inputs: EvalInputs, s: EvalSettin
 def _grids_of(out: Path) -> set[str]:
     """The grid PNGs an earlier report at `out` wrote beside it (none if it is unreadable)."""
     try:
-        results = json.loads(out.read_text())["results"]
+        results = read_json_object(out, DataError)["results"]
         names = {r["grid"] for r in results if isinstance(r, dict) and isinstance(r.get("grid"), str)}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (DataError, KeyError, TypeError):
         return set()
     # only names this function writes, so a hand-edited report cannot remove other files
     return {n for n in names if Path(n).name == n and n.startswith(_grid_prefix(out)) and n.endswith(".png")}
