@@ -247,6 +247,11 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     ({"classification": {"epochs": 0}}, "bad.yaml: classification.epochs must be ≥ 1, got 0"),
     ({"classification": {"p_metric": "auroc"}}, "bad.yaml: classification.p_metric must be one of"),
     ({"name": ""}, "bad.yaml: name is required"),
+    ({"evaluation": {"batch_size": 0}}, "bad.yaml: evaluation.batch_size must be in [1, 1048576], got 0"),
+    ({"evaluation": {"protocol": "papr"}}, "bad.yaml: evaluation.protocol must be one of paper, standard"),
+    ({"evaluation": {"gg_features": "dino"}}, "bad.yaml: evaluation.gg_features must be one of"),
+    ({"sample_batch_size": 10**20}, "bad.yaml: sample_batch_size must be in [1, 1048576]"),
+    ({"classification": {"stem": "vgg"}}, "bad.yaml: classification.stem must be one of imagenet, cifar"),
 ])
 def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())

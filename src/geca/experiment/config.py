@@ -12,15 +12,13 @@ from typing import Any
 from geca.config import RunConfig, resolve_run_config
 from geca.data.folds import CV_VAL, read_folds
 from geca.data.registry import check_spec
-from geca.downstream.classifier import STEMS
 from geca.downstream.classify import TableSettings
 from geca.errors import ConfigError, DataError
 from geca.metrics.evaluate import EvalSettings
-from geca.metrics.features import FEATURES
-from geca.metrics.kid import PROTOCOLS, min_generated
+from geca.metrics.kid import min_generated
 from geca.presets import presets
 from geca.sampling.config import GHG_MODES, SamplerConfig
-from geca.utils.schema import from_dict, merge, nest, parse_yaml, read_text, read_yaml
+from geca.utils.schema import MAX_BATCH, from_dict, merge, nest, parse_yaml, read_text, read_yaml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Where the folds stage writes its folds CSV, relative to the experiment directory (so that the stage hashes
@@ -301,7 +299,6 @@ def _validate(exp: Experiment, path: Path) -> None:
         _check_choice(mode, GHG_MODES, f"{path}: ghg.modes")
     if any(m < 1 for m in exp.nca_steps.values):
         raise ConfigError(f"{path}: nca_steps.values must be ≥ 1, got {exp.nca_steps.values}")
-    _check_choice(exp.evaluation.protocol, PROTOCOLS, f"{path}: evaluation.protocol")
     least = min_generated(exp.evaluation.protocol)  # every stage's KID follows evaluation.protocol
     for where, n, used in (("evaluation", exp.evaluation.num_samples, True),
                            ("ghg", exp.ghg.num_samples, exp.ghg.enabled),
@@ -313,12 +310,9 @@ def _validate(exp: Experiment, path: Path) -> None:
     unknown = sorted(set(exp.sampler_cost.generators or []) - set(names))
     if unknown:
         raise ConfigError(f"{path}: sampler_cost.generators: unknown generator(s) {unknown}; have {names}")
-    ev, cl = exp.evaluation, exp.classification
-    _check_choice(ev.features, FEATURES, f"{path}: evaluation.features")
-    if ev.gg_features is not None:
-        _check_choice(ev.gg_features, FEATURES, f"{path}: evaluation.gg_features")
-    _check_choice(cl.stem, STEMS, f"{path}: classification.stem")
-    cl.validate(lambda key: f"{path}: classification.{key}")
+    exp.classification.validate(lambda key: f"{path}: classification.{key}")
+    if not 1 <= exp.sample_batch_size <= MAX_BATCH:
+        raise ConfigError(f"{path}: sample_batch_size must be in [1, {MAX_BATCH}], got {exp.sample_batch_size}")
     if exp.expansion.ratio < 1:
         raise ConfigError(f"{path}: expansion.ratio must be ≥ 1, got {exp.expansion.ratio}")
 
@@ -332,8 +326,9 @@ def load_experiment(path: str | Path) -> LoadedExperiment:
         raise ConfigError(f"{path}: empty; a study needs name, data.spec and generators (`geca configs` lists the "
                           "shipped studies to start from)")
     exp = from_dict(Experiment, raw, str(path))
-    _validate(exp, path)
     loaded = LoadedExperiment(exp=exp, path=path, text=text, cellular=None)
+    loaded.eval_settings([], "", "").validate(lambda key: f"{path}: evaluation.{key}")  # before min_generated(protocol)
+    _validate(exp, path)
     configs = {(g.name, fold): loaded.run_config(g.name, fold) for g in exp.generators for fold in loaded.folds}
     for (name, _), config in configs.items():
         config.validate(where=f"{path}: generator {name!r}")

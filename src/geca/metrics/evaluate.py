@@ -33,6 +33,7 @@ from geca.metrics.kid import (
 )
 from geca.metrics.report import real_vs_generated_grid
 from geca.utils.io import atomic_write_json, output_file, read_json_object
+from geca.utils.schema import MAX_BATCH
 
 PER_CLASS_MIN = 50
 
@@ -102,6 +103,8 @@ class EvalSettings:
             value = getattr(self, key)
             if value not in valid and not (key == "gg_features" and value is None):
                 raise ConfigError(f"{name(key)} must be one of {', '.join(valid)}, got {value!r}")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ConfigError(f"{name('batch_size')} must be in [1, {MAX_BATCH}], got {self.batch_size}")
 
     def gg_network(self) -> tuple[str, str | None]:
         """(name, weights file) of the FLD/GG network."""
