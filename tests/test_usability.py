@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,24 @@ def test_sampling_resumes_to_identical_images_after_sigterm(custom_run: Path, tm
     assert np.array_equal(_images(out), _images(whole))
     assert (out / "labels.csv").read_text() == (whole / "labels.csv").read_text()
     assert not list(tmp_path.glob(".*unfinished*"))
+
+
+def test_a_damaged_progress_file_starts_the_set_afresh(custom_run: Path, tmp_path: Path) -> None:
+    args = ["sample", "--run", str(custom_run), "--per-class", "1", "--sampler", "ddim", "--steps", "2",
+            "--no-progress", "--out", str(tmp_path / "s"), "--resume"]
+    work = tmp_path / ".s.unfinished"
+    work.mkdir()
+    (work / "images").mkdir()
+    (work / "images" / "000000.png").write_bytes(b"half")
+    for damaged in ("[]", '{"batches": "x"}', "\xff"):
+        (work / "progress.json").write_text(damaged)
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert len(_images(tmp_path / "s")) == 2
+        shutil.rmtree(tmp_path / "s")
+        work.mkdir()
+        (work / "images").mkdir()
+        (work / "images" / "000000.png").write_bytes(b"half")
 
 
 def test_overwrite_replaces_a_sample_set_never_the_run_or_other_files(custom_run: Path, tmp_path: Path) -> None:

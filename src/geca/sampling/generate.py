@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 
 import geca
 from geca.diffusion.gaussian import GaussianDiffusion
-from geca.errors import ConfigError
+from geca.errors import ConfigError, DataError
 from geca.latent.codec import LatentCodec
 from geca.models.base import Denoiser
 from geca.run import LoadedRun
 from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.samplers import resolved_precision, sample
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, output_dir, replace_dir
+from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, output_dir, read_json_object, replace_dir
 from geca.utils.schema import MAX_BATCH
 from geca.utils.seeding import derive_seed, kept_random_state
 
@@ -120,11 +120,12 @@ def _unfinished(work: Path, key: str, resume: bool) -> set[int]:
     progress = work / "progress.json"
     if work.is_dir() and resume and progress.is_file():
         try:
-            state = json.loads(progress.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            state = read_json_object(progress, DataError)
+        except DataError:  # damaged by the interruption: its batches cannot be trusted, so they are sampled again
             state = {}
-        if state.get("key") == key:
-            return set(state.get("batches", []))
+        batches = state.get("batches", [])
+        if state.get("key") == key and isinstance(batches, list) and all(type(b) is int for b in batches):
+            return set(batches)
         if state.get("key") is not None:
             raise ConfigError(f"--resume: {work} holds an unfinished set sampled with other settings, seed or "
                               "weights; rerun with those, or without --resume to start afresh")
