@@ -661,19 +661,22 @@ def test_classify_bad_input_exits_2_before_training(blobs_setup: dict[str, Path]
 def test_classify_refuses_a_non_empty_out_dir(blobs_setup: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    res = invoke("classify", "--data", blobs_setup["npz"], "--out", tmp_path / "out", *TINY_CLASSIFY)
-    assert res.exit_code == 2 and "--overwrite" in res.output
-    # the report replaces the whole folder: --overwrite takes an earlier report only, not a folder of runs or sets
-    res = invoke("classify", "--data", blobs_setup["npz"], "--out", tmp_path / "out", "--overwrite", *TINY_CLASSIFY)
-    assert res.exit_code == 2 and "holds other files (keep.txt)" in res.output, res.output
+    # the report replaces the whole folder: never one of runs or sets, with or without --overwrite
+    for flags in ([], ["--overwrite"]):
+        res = invoke("classify", "--data", blobs_setup["npz"], "--out", tmp_path / "out", *flags, *TINY_CLASSIFY)
+        assert res.exit_code == 2 and "holds other files (keep.txt)" in res.output, res.output
+        assert "--overwrite" not in res.output.replace("--out", "")  # which would not help
     assert (tmp_path / "out" / "keep.txt").read_text() == "x"
     from geca.downstream.report import check_report_out
 
     report = tmp_path / "report"
     report.mkdir()
-    for name in ("results.json", "table.md", "table.csv", "units.csv", "roc_none.png", "roc_plus_syn.png"):
+    for name in ("results.json", "table.md", "table.csv", "units.csv", "roc_none.png", "roc_plus_syn.png",
+                 ".DS_Store"):
         (report / name).write_text("{}")
     check_report_out(report, overwrite=True)
+    with pytest.raises(FileExistsError, match="holds an earlier report; pass --overwrite"):
+        check_report_out(report, overwrite=False)
     (report / "results.json").unlink()
     with pytest.raises(FileExistsError, match="holds no results.json"):
         check_report_out(report, overwrite=True)

@@ -190,23 +190,25 @@ def test_files_are_not_replaced_unasked_and_fold_flags_need_a_folds_file(data: P
     file, or a --cv-val that is none, are refused before the work; a folder that takes no files is found first."""
     out = tmp_path / "folds.csv"
     out.write_text("mine")
-    refused(runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(out)]),
-            "--out", "exists; pass --overwrite")
     weights = tmp_path / "w.safetensors"
     save_file({"w": torch.zeros(2)}, weights)  # a run's weights, say
     mine = weights.read_bytes()
-    refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", str(weights)]), "--overwrite")
-    # --overwrite replaces the command's own kind of file only: not a dataset's CSV, a run's weights
-    refused(runner.invoke(app, ["features", "train", "--data", str(data), "--out", str(weights), "--overwrite"]),
-            "exists and is not a `geca features train` file")
-    refused(runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(out),
-                                "--overwrite"]), "exists and is not a folds file")
+    # the command's own kind of file only, not a dataset's CSV or a run's weights: --overwrite is not offered
+    for again in ([], ["--overwrite"]):
+        res = runner.invoke(app, ["features", "train", "--data", str(data), "--out", str(weights), *again])
+        refused(res, "exists and is not a `geca features train` file")
+        assert "pass --overwrite" not in res.output
+        res = runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(out), *again])
+        refused(res, "exists and is not a folds file")
+        assert "pass --overwrite" not in res.output
     assert out.read_text() == "mine" and weights.read_bytes() == mine
     out.unlink()
     for again in ([], ["--overwrite"]):
         res = runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(out), "--k",
                                   "3", *again])
         assert res.exit_code == 0 and out.read_text().startswith("filename"), res.output
+    refused(runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--out", str(out)]),
+            "--out", "exists; pass --overwrite")  # an earlier folds file
     new = str(tmp_path / "new.safetensors")
     res = runner.invoke(app, ["features", "train", "--data", "synthetic-oct@patients=9,size=8", "--folds-file",
                               str(out), "--fold", "1", "--epochs", "1", "--out", str(tmp_path / "fold1.safetensors")])

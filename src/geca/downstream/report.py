@@ -275,6 +275,10 @@ def plot_roc(units: list[UnitResult], class_names: list[str], title: str, path: 
     plt.close(fig)
 
 
+REPORT_FILES = ("table.md", "table.csv", "units.csv", "results.json")  # and a ROC_FILE per arm
+ROC_FILE = re.compile(r"roc_[\w-]+\.png")
+
+
 def roc_filename(arm: str) -> str:
     return "roc_" + re.sub(r"[^A-Za-z0-9_-]", "_", arm.replace("+", "plus_")) + ".png"
 
@@ -284,15 +288,16 @@ def check_report_out(out: Path, overwrite: bool) -> None:
     writing the report replaces the whole folder."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    own = {"table.md", "table.csv", "units.csv", "results.json"}
-    others = sorted(p.name for p in out.iterdir() if p.name not in own and not re.fullmatch(r"roc_[\w-]+\.png", p.name))
+    # a hidden file (a file browser's .DS_Store) goes with the folder; anything else marks another's folder
+    others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES and not ROC_FILE.fullmatch(p.name)
+                    and not (p.name.startswith(".") and p.is_file()))
     if others or not (out / "results.json").is_file():
         shown = f"other files ({', '.join(others[:3])}{', …' if len(others) > 3 else ''})" if others else \
             "no results.json"
-        raise FileExistsError(f"--out {out}: holds {shown}; --overwrite replaces an earlier `geca classify` report "
-                              "only: choose another --out")
+        raise FileExistsError(f"--out {out}: holds {shown}; classify replaces an earlier report only: choose another "
+                              "--out")
+    if not overwrite:
+        raise FileExistsError(f"{out} holds an earlier report; pass --overwrite to replace it or choose another --out")
 
 
 def write_report(out: Path, summary: dict[str, Any], protocol: ProtocolResult) -> dict[str, Path]:
@@ -307,4 +312,4 @@ def write_report(out: Path, summary: dict[str, Any], protocol: ProtocolResult) -
             units = [r for r in protocol.results if r.arm == arm]
             plot_roc(units, protocol.class_names, f"{arm}: test ROC, pooled over {len(units)} unit(s)",
                      tmp / roc_filename(arm))
-    return {name: out / name for name in ("table.md", "table.csv", "units.csv", "results.json")}
+    return {name: out / name for name in REPORT_FILES}

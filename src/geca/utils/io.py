@@ -124,11 +124,11 @@ def output_file(path: Path, flag: str, suffix: str, overwrite: bool = True,
         raise ConfigError(f"{flag} {path}: a folder; give a {suffix} file name (e.g. {path / ('out' + suffix)})")
     if path.suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: expected a {suffix} file name")
-    if not overwrite and path.exists():
-        raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it or choose another {flag}")
-    if own is not None and path.exists() and not own[1](path):
+    if own is not None and path.exists() and not own[1](path):  # first: --overwrite would not help
         raise ConfigError(f"{flag} {path}: exists and is not {own[0]}, the only file this replaces; choose another "
                           f"{flag}")
+    if not overwrite and path.exists():
+        raise ConfigError(f"{flag} {path}: exists; pass --overwrite to replace it or choose another {flag}")
     _under_no_file(path.parent, flag, path)
     return path
 
