@@ -523,9 +523,18 @@ def test_expand_refuses_data_with_other_classes(blobs_setup: dict[str, Path], tm
     res = invoke("expand", "--run", blobs_setup["run"], "--data", "synthetic-fundus@n=8,size=8",
                  "--out", tmp_path / "x", *FAST_SAMPLING)
     assert res.exit_code == 2 and "the run was trained on" in res.output
-    # a folder + CSV set has no fixed split to leak into: it needs a folds file
-    res = invoke("expand", "--run", blobs_setup["run"], "--data", tmp_path / "labels.csv", "--out", tmp_path / "x",
-                 *FAST_SAMPLING)
+    assert not (tmp_path / "x").exists()
+
+
+def test_expanding_the_runs_own_csv_set_without_its_folds_file_asks_for_one(tmp_path: Path) -> None:
+    """Not that the run's images would leak into 'the fixed split', which a folder + CSV set does not have."""
+    _write_synthetic(tmp_path / "csv", ["a", "b"], n=12, mode="RGB")
+    data = tmp_path / "csv" / "labels.csv"
+    assert invoke("folds", "--data", data, "--k", 3, "--out", tmp_path / "folds.csv").exit_code == 0
+    res = invoke("train", "--data", data, "--folds-file", tmp_path / "folds.csv", "--fold", 0, "--out",
+                 tmp_path / "run", *TINY_TRAIN)
+    assert res.exit_code == 0, res.output
+    res = invoke("expand", "--run", tmp_path / "run", "--data", data, "--out", tmp_path / "x", *FAST_SAMPLING)
     assert res.exit_code == 2 and "a folder + CSV set has no fixed split" in res.output, res.output
     assert not (tmp_path / "x").exists()
 

@@ -104,8 +104,13 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, weights: 
         return Run(_load(Path(run_dir), checkpoint, weights, dev), dev)
 
 
-# the library's checks name the command line's flags; a caller of this API wrote keyword arguments instead
-_PARAMETERS = {"--cfg": "guidance_scale", "--m": "nca_steps", "--overwrite": "overwrite=True"}
+# the library's checks name the command line's flags; a caller of this API wrote these keyword arguments instead
+# (a flag of another command, such as geca train --validate-every, stays as it is)
+_PARAMETERS = {"--run": "run_dir", "--checkpoint": "checkpoint", "--weights": "weights", "--device": "device",
+               "--seed": "seed", "--batch-size": "batch_size", "--sampler": "sampler", "--steps": "steps",
+               "--cfg": "guidance_scale", "--ghg": "ghg", "--m": "nca_steps", "--schedule": "schedule",
+               "--precision": "precision", "--clip-x0": "clip_x0", "--t": "t", "--frames": "frames", "--out": "out",
+               "--overwrite": "overwrite=True"}
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
@@ -115,7 +120,7 @@ def _parameter_names() -> Iterator[None]:
     try:
         yield
     except (GecaError, FileExistsError) as e:
-        message = _FLAG.sub(lambda m: _PARAMETERS.get(m[0], m[0][2:].replace("-", "_")), str(e))
+        message = _FLAG.sub(lambda m: _PARAMETERS.get(m[0], m[0]), str(e))
         if message == str(e):
             raise
         raise type(e)(message) from None

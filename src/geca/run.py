@@ -381,7 +381,7 @@ def checkpoint_health(checkpoint: Path, hashes: bool = True, state_expected: boo
         recorded = read_state(checkpoint).get("files", {})
     except CheckpointError:
         return "damaged state.json"
-    for name in recorded if isinstance(recorded, dict) else ():
+    for name in recorded:
         if not (checkpoint / name).is_file():
             return f"missing {name}"
         if hashes:
