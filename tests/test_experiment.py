@@ -16,7 +16,7 @@ from geca.cli.experiment import experiment
 from geca.errors import ConfigError, StageError
 from geca.experiment.config import load_experiment
 from geca.experiment.context import Context
-from geca.experiment.graph import MARKER, Stage, execute, plan, read_marker, stage_dir
+from geca.experiment.graph import MARKER, PENDING, Stage, execute, plan, read_marker, stage_dir
 from geca.experiment.stages import build_stages
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "experiments"
@@ -116,6 +116,17 @@ def test_interrupted_resumable_stage_keeps_its_work_and_a_corrupt_marker_is_redo
     execute(toy(calls), tmp_path, log=lambda s: None)
     assert calls == ["a", "b.x", "b.y", "c"]
     assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is False  # new key: started afresh
+    for damaged in (b"[1]", b"\xff\xfe"):  # markers that parse to no mapping, or are no text: redone too
+        (stage_dir(tmp_path, "c") / MARKER).write_bytes(damaged)
+        calls.clear()
+        execute(toy(calls), tmp_path, log=lambda s: None)
+        assert calls == ["c"]
+    with pytest.raises(RuntimeError, match="interrupted"):
+        execute(toy(calls, {"b.x": {"lr": 3}}, fail={"b.x"}), tmp_path, log=lambda s: None)
+    (stage_dir(tmp_path, "b.x") / PENDING).write_text("[]")  # a damaged pending file: the work is started afresh
+    (stage_dir(tmp_path, "b.x") / "kept.txt").write_text("checkpoint")
+    execute(toy(calls, {"b.x": {"lr": 3}}), tmp_path, log=lambda s: None)
+    assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is False
 
 
 def test_a_failed_redo_keeps_the_old_results_and_a_changed_recorded_output_stops_the_plan(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from geca.errors import StageError
-from geca.utils.io import atomic_write_json, file_sha256, staged_dir
+from geca.utils.io import atomic_write_json, file_sha256, read_json_object, staged_dir
 
 MARKER = "done.json"
 PENDING = ".pending.json"  # hidden: a training run may start in the folder
@@ -48,14 +48,16 @@ def stage_dir(root: Path, stage_id: str) -> Path:
     return Path(root) / group / "-".join(rest) if rest else Path(root) / group
 
 
-def read_marker(root: Path, stage_id: str) -> dict[str, Any] | None:
-    path = stage_dir(root, stage_id) / MARKER
+def _read_own(path: Path) -> dict[str, Any] | None:
+    """A marker this module wrote; None where it is missing or damaged (its stage is then not done, and redone)."""
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+        return read_json_object(path, StageError)
+    except StageError:
         return None
-    except json.JSONDecodeError:
-        return None  # a corrupt marker means "not done": the stage is redone
+
+
+def read_marker(root: Path, stage_id: str) -> dict[str, Any] | None:
+    return _read_own(stage_dir(root, stage_id) / MARKER)
 
 
 def stage_key(stage: Stage, markers: dict[str, dict[str, Any]]) -> str:
@@ -191,7 +193,7 @@ def _prepare_resumable(d: Path, key: str) -> None:
     """Empty the stage's directory, unless it left work there under the same key (then it goes on)."""
     (d / MARKER).unlink(missing_ok=True)
     pending = d / PENDING
-    if d.exists() and not (pending.exists() and json.loads(pending.read_text()).get("key") == key):
+    if d.exists() and (_read_own(pending) or {}).get("key") != key:
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_json(pending, {"key": key})
