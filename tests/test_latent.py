@@ -144,6 +144,10 @@ def test_missing_vae_fails_fast_naming_it(tmp_path: Path, blobs_npz: Path) -> No
     empty.mkdir()
     with pytest.raises(LatentError, match="config.json not found"):
         LatentCodec.load(str(empty))
+    for damaged, why in ((b"\xff\xfe", "corrupt, not JSON"), (b"[]", "corrupt, a JSON list")):
+        (empty / "config.json").write_bytes(damaged)
+        with pytest.raises(LatentError, match=f"config.json: {why}"):
+            LatentCodec.load(str(empty))
 
 
 def test_encode_command_caches_every_split_and_reuses_it(tiny_vae: Path, blobs_npz: Path, tmp_path: Path) -> None:

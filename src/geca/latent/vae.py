@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from geca.errors import LatentError
-from geca.utils.io import file_sha256
+from geca.utils.io import file_sha256, read_json_object
 from geca.utils.pretrained import load_state_dict_file
 
 HOW_TO_GET = ("get it on a networked machine with `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir "
@@ -46,11 +45,8 @@ def resolve_vae(name: str) -> Path:
 
 def read_config(root: Path) -> dict[str, Any]:
     path = root / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LatentError(f"{path}: unreadable VAE config ({e})") from None
-    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+    config = read_json_object(path, LatentError)
+    if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
         raise LatentError(f"{path}: not an AutoencoderKL config")
     return config
 
