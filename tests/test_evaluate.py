@@ -373,3 +373,25 @@ def test_features_train_names_a_bad_split_and_warns_only_of_one_it_trains_on(dat
         res = runner.invoke(app, ["features", "train", "--data", str(data["npz"]), "--split", "all", "--out", out])
     assert res.exit_code == 2 and "has no split 'all'" in res.output, res.output
     assert not Path(out).exists()
+
+
+def test_an_interrupted_evaluation_leaves_no_grid_and_can_be_rerun(data: dict[str, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grids are put in place with the report: one drawn before an interruption would later be taken for a file
+    no report wrote, and block the rerun."""
+    out = tmp_path / "m.json"
+    npz = str(data["npz"])
+    args = ["evaluate", "--real", f"{npz}:test", "--train", f"{npz}:train", "--out", str(out), "--no-lpips",
+            "--protocol", "standard", "--features", "random", "--gg-features", "random", "--generated",
+            f"like={data['good']}"]
+
+    def interrupted(path: Path, obj: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("geca.metrics.evaluate.atomic_write_json", interrupted)
+        assert runner.invoke(app, args).exit_code == 130
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".json", ".tmp")) == []
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "m_grid_like.png").is_file() and not list(tmp_path.glob(".*.tmp"))

@@ -3,6 +3,7 @@ class-faithfulness."""
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from geca.metrics.kid import (
     min_generated,
 )
 from geca.metrics.report import real_vs_generated_grid
-from geca.utils.io import atomic_write_json, output_file, read_json_object
+from geca.utils.io import atomic_write_json, clean_stale_temporaries, output_file, read_json_object
 from geca.utils.schema import MAX_BATCH
 
 PER_CLASS_MIN = 50
@@ -261,7 +262,8 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         grid = out.with_name(_grid_file(out, name))
         if grid.exists() and grid.name.casefold() not in ours:
             raise ConfigError(f"--out {out}: the grid of {name} would replace {grid}, which no earlier report there "
-                              "wrote; choose another --out")
+                              "lists; choose another --out (or delete it, if an interrupted evaluate of an older geca "
+                              "left it)")
     gg_name, gg_file = s.gg_network()
     alexnet = s.find_weights()  # before any slow work (loading images, training domain features)
     inputs = load_inputs(s)
@@ -328,11 +330,23 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         "geca_version": geca.__version__,
     }
     earlier = _grids_of(out)
-    # drawn once every set is scored, so that a failure above leaves an earlier report and its grids as they were
-    for (name, _, g), r in zip(inputs.generated, results, strict=True):
-        real_vs_generated_grid(inputs.real, g, out.with_name(r["grid"]), seed=s.seed,
-                               title=f"{':'.join(inputs.real_name)} vs {name}")
-    atomic_write_json(out, report)
+    # drawn once every set is scored, under temporary names put in place with the report: a failure before it is
+    # written leaves an earlier report and its grids as they were, and no grid that no report lists
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for (name, _, g), r in zip(inputs.generated, results, strict=True):
+            final = out.with_name(r["grid"])
+            clean_stale_temporaries(final)
+            staged.append((final.with_name(f".{final.name}.{os.getpid()}-grid.tmp"), final))
+            real_vs_generated_grid(inputs.real, g, staged[-1][0], seed=s.seed,
+                                   title=f"{':'.join(inputs.real_name)} vs {name}")
+        atomic_write_json(out, report)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
     written = {r["grid"].casefold() for r in results}  # casefolded: on macOS `x_grid_Like.png` is `x_grid_like.png`
     for stale in earlier:
         if stale.casefold() not in written:
