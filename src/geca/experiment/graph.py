@@ -25,6 +25,7 @@ from geca.utils.io import atomic_write_json, file_sha256, read_json_object, stag
 
 MARKER = "done.json"
 PENDING = ".pending.json"  # hidden: a training run may start in the folder
+OLD_PENDING = "pending.json"  # its name before geca 2026-11-27: such a folder is the study's too
 
 
 @dataclass
@@ -151,10 +152,11 @@ def execute(stages: list[Stage], root: Path, force: list[str] | None = None, onl
         log(f"{step.action:4s} {step.stage.id:24s} {step.reason}")
     for step in steps:  # a stage replaces its folder: never one the study did not write
         d = stage_dir(root, step.stage.id)
-        if step.action != "skip" and (d.is_file() or (d.is_dir() and any(d.iterdir()) and
-                                                      not (d / MARKER).exists() and not (d / PENDING).exists())):
+        ours = any((d / name).exists() for name in (MARKER, PENDING, OLD_PENDING))
+        if step.action != "skip" and (d.is_file() or (d.is_dir() and any(d.iterdir()) and not ours)):
             raise StageError(f"{d}: holds files this study did not write (no {MARKER} or {PENDING}), which stage "
-                             f"{step.stage.id} would replace; move them, or choose another --out")
+                             f"{step.stage.id} would replace; move them, or choose another --out (a stage an "
+                             "older geca left unfinished may have no marker either: delete its folder to redo it)")
     markers = {s.id: m for s in stages if (m := read_marker(root, s.id)) is not None}
     for step in steps:
         if step.action == "skip":
