@@ -91,8 +91,10 @@ CACHE_FILES = ("latents.safetensors", "meta.json")
 
 
 def check_cache_dir(split_dir: Path) -> None:
-    """A cache folder is replaced whole when (re)built: refuse one that holds anything else."""
-    others = sorted(p.name for p in split_dir.iterdir() if p.name not in CACHE_FILES) if split_dir.is_dir() else []
+    """A cache folder is replaced whole when (re)built: refuse one that holds anything else (a hidden file, such as
+    a file browser's .DS_Store, goes with it)."""
+    others = sorted(p.name for p in split_dir.iterdir() if p.name not in CACHE_FILES and
+                    not (p.name.startswith(".") and p.is_file())) if split_dir.is_dir() else []
     if others or split_dir.is_file():
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise LatentError(f"{split_dir}: {'a file' if split_dir.is_file() else f'holds other files ({shown})'}; "
