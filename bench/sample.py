@@ -94,7 +94,7 @@ def finished(directory: Path, args: argparse.Namespace, sampler: str, steps: int
                 # Sets sampled before schedules and precisions existed were spaced evenly, in fp32.
                 and m["sampling"].get("schedule", "uniform") == default_schedule(sampler, schedule)
                 and m["sampling"].get("precision", "fp32") == precision)
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):  # no set there, or not one of ours
+    except (OSError, ValueError, KeyError, TypeError):  # no set there, or not one of ours (or not JSON, not UTF-8)
         return False
 
 
@@ -203,7 +203,8 @@ def quality(args: argparse.Namespace) -> dict:
 def evaluate(args: argparse.Namespace, sets: dict[str, Path], metrics: Path) -> dict[str, dict]:
     subprocess.run([*GECA, "evaluate", "--generated", *(f"{n}={d}" for n, d in sets.items()),
                     "--real", args.real, "--train", args.train, "--features", args.features, "--gg-features",
-                    args.features, "--protocol", "standard", "--no-lpips", "--out", str(metrics), "--no-progress"],
+                    args.features, "--protocol", "standard", "--no-lpips", "--out", str(metrics), "--no-progress",
+                    "--overwrite"],  # an earlier run's report (evaluate replaces nothing else)
                    check=True)
     return {r["name"]: r for r in json.loads(metrics.read_text())["results"]}
 

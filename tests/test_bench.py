@@ -101,3 +101,6 @@ def test_a_reused_sample_set_must_match_the_setting_and_precision(tmp_path: Path
         for asked in ("fp32", "bf16"):
             assert finished(tmp_path / "set", args, "ddim", 25, None, asked) == (asked == kept)
     assert not finished(tmp_path / "set", args, "ddim", 50, None, "bf16")
+    for damaged in (b"\xff\xfe", b"[1]"):  # a damaged manifest is no set to reuse, not a traceback
+        (tmp_path / "set" / "manifest.json").write_bytes(damaged)
+        assert not finished(tmp_path / "set", args, "ddim", 25, None, "fp32")
