@@ -200,6 +200,27 @@ def test_a_damaged_progress_file_starts_the_set_afresh(custom_run: Path, tmp_pat
         (work / "images" / "000000.png").write_bytes(b"half")
 
 
+def test_a_symlinked_out_is_replaced_where_it_points(custom_run: Path, tmp_path: Path) -> None:
+    """A set or report replaced through a link (to a bigger disk, say) lands in the linked folder; the link stays."""
+    from geca.utils.io import staged_dir
+
+    args = ["sample", "--run", str(custom_run), "--per-class", "1", "--sampler", "ddim", "--steps", "2",
+            "--no-progress", "--overwrite"]
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "s", target_is_directory=True)
+    for _ in range(2):  # the first writes through the link, the second replaces that set
+        res = runner.invoke(app, [*args, "--out", str(tmp_path / "link")])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "link").is_symlink() and len(_images(tmp_path / "disk" / "s")) == 2
+    (tmp_path / "report").symlink_to(tmp_path / "disk" / "r", target_is_directory=True)
+    for text in ("first", "second"):
+        with staged_dir(tmp_path / "report") as tmp:
+            (tmp / "table.md").write_text(text)
+        assert (tmp_path / "report").is_symlink() and (tmp_path / "disk" / "r" / "table.md").read_text() == text
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or work folder left
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["r", "s"]
+
+
 def test_overwrite_replaces_a_sample_set_never_the_run_or_other_files(custom_run: Path, tmp_path: Path) -> None:
     base = ["sample", "--run", str(custom_run), "--per-class", "1", "--sampler", "ddim", "--steps", "2",
             "--no-progress", "--overwrite"]

@@ -29,7 +29,15 @@ from geca.run import LoadedRun
 from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.samplers import resolved_precision, sample
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write_json, atomic_write_text, file_sha256, output_dir, read_json_object, replace_dir
+from geca.utils.io import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    output_dir,
+    read_json_object,
+    real_dir,
+    replace_dir,
+)
 from geca.utils.schema import MAX_BATCH
 from geca.utils.seeding import derive_seed, kept_random_state
 
@@ -159,7 +167,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
                      ) -> tuple[dict[str, Any], np.ndarray]:
     """Sample into a hidden sibling directory, one batch of PNGs at a time, and move it into place only when whole;
     returns (manifest, images). An interrupted run leaves its finished batches there for `resume`."""
-    out = output_dir(out)
+    out = real_dir(output_dir(out))
     run_dir = run.run_dir.resolve()
     if out.resolve() == run_dir or out.resolve() in run_dir.parents:
         raise ConfigError(f"--out {out}: holds the run {run.run_dir}, which writing the set there would delete; "

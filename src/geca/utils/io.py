@@ -84,6 +84,13 @@ def clean_stale_staging(final: Path) -> list[Path]:
     return removed
 
 
+def real_dir(path: Path) -> Path:
+    """The folder a symbolic link names (a link to a bigger disk, say): replacing the link itself would leave the
+    new folder where the link was, and the link's own folder untouched."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def staging_dir(final: Path) -> Path:
     """A fresh directory beside `final` to build it in, with the permissions a plain `mkdir` would give; stale
     staging folders of the same target (from killed runs) are removed first.
@@ -102,6 +109,7 @@ def staging_dir(final: Path) -> Path:
 def staged_dir(final: Path) -> Iterator[Path]:
     """Build a directory in a staging folder and swap it in for `final` only when the block ends without error;
     on any error (or interruption) the staging folder is deleted and `final` is left as it was."""
+    final = real_dir(final)
     tmp = staging_dir(final)
     try:
         yield tmp
