@@ -314,7 +314,7 @@ def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) 
     name = raw["generators"][0]["name"]
     for dry in ([], ["--dry-run"]):
         res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), *dry])
-        assert res.exit_code == 2 and "patients must be at least 5" in res.output, res.output
+        assert res.exit_code == 2 and "patients must be in [5, 1000000]" in res.output, res.output
         assert not (tmp_path / "study").exists()
     raw["data"]["spec"] = "synthetic-oct@patients=9,size=8"
     raw["generators"][0].setdefault("overrides", {})["data.download"] = True

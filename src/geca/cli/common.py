@@ -114,8 +114,8 @@ def set_threads(threads: int | None) -> None:
     """--threads: intra-op CPU threads (default: torch's, one per core)."""
     if threads is None:
         return
-    if threads < 1:
-        raise ConfigError(f"--threads must be ≥ 1, got {threads}")
+    if not 1 <= threads <= 4096:
+        raise ConfigError(f"--threads must be in [1, 4096], got {threads}")
     import torch
 
     torch.set_num_threads(threads)

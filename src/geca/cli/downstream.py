@@ -6,7 +6,16 @@ from pathlib import Path
 
 import typer
 
-from geca.cli.common import BARS_HELP, CV_VAL_HELP, RESUME_BATCHES, guarded, on_interrupt, pick_device, show_progress
+from geca.cli.common import (
+    BARS_HELP,
+    CV_VAL_HELP,
+    RESUME_BATCHES,
+    guarded,
+    on_interrupt,
+    pick_device,
+    set_threads,
+    show_progress,
+)
 from geca.cli.options import SamplingFlags, sampling_flags
 from geca.errors import ConfigError
 
@@ -100,7 +109,6 @@ def classify(
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help=BARS_HELP),
 ) -> None:
     """Train ResNet-34 classifiers per arm and seed (and fold) and write a Table-2-style report."""
-    import torch
 
     from geca.downstream.classify import TableSettings
     from geca.downstream.classify import classify as run_classification
@@ -113,10 +121,7 @@ def classify(
                              None if imagenet_weights is None else str(imagenet_weights), equal_steps, eye_agg, test,
                              p_metric, bootstrap)
     settings.validate()
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be ≥ 1, got {threads}")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     run_classification(data, parse_synthetic(synthetic or []), arms, settings, out, folds_file, folds, cv_val,
                        str(pick_device(device)), show_progress(progress))
     typer.echo((out / "table.md").read_text())

@@ -9,7 +9,7 @@ import typer
 
 from geca.cli.common import BARS_HELP, CV_VAL_HELP, guarded, pick_device, show_progress, split_flags
 from geca.errors import ConfigError
-from geca.utils.schema import MAX_BATCH
+from geca.utils.schema import MAX_BATCH, MAX_IMAGE_SIZE
 
 
 @guarded
@@ -19,13 +19,14 @@ def encode(
     data: str = typer.Option(..., "--data", help="Dataset: an .npz/.csv path, a MedMNIST name, or "
                              "synthetic-fundus / synthetic-oct[@key=value,...]."),
     out: Path = typer.Option(..., "--out", help="Cache directory (one subdirectory per split)."),
-    size: int = typer.Option(256, "--size", min=8, help="Centre-crop and resize images to this side before "
-                             "encoding."),
+    size: int = typer.Option(256, "--size", min=8, max=MAX_IMAGE_SIZE, help="Centre-crop and resize images to this "
+                             "side before encoding."),
     mean: bool = typer.Option(False, "--mean", help="Cache the posterior means instead of posterior samples."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, max=MAX_BATCH, help="Images per VAE forward pass."),
     splits: str = typer.Option("train,val,test", "--splits", help="Comma-separated splits to encode."),
-    image_size: int | None = typer.Option(None, "--image-size", min=2, help="Resize at load time, as `geca train "
-                                          "--image-size` does (so that training finds this cache)."),
+    image_size: int | None = typer.Option(None, "--image-size", min=2, max=MAX_IMAGE_SIZE, help="Resize at load "
+                                          "time, as `geca train --image-size` does (so that training finds this "
+                                          "cache)."),
     folds_file: str | None = typer.Option(None, "--folds-file", help="Folds CSV from `geca folds`."),
     fold: int | None = typer.Option(None, "--fold", min=0, help="With --folds-file: which fold is the test fold "
                                     "(default 0)."),

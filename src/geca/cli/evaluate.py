@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from geca.cli.common import BARS_HELP, CV_VAL_HELP, guarded, pick_device, show_progress, split_flags
-from geca.utils.schema import MAX_BATCH
+from geca.utils.schema import MAX_BATCH, MAX_IMAGE_SIZE
 
 features_app = typer.Typer(help="Feature networks for the evaluation metrics.", no_args_is_help=True,
                            add_completion=False, pretty_exceptions_enable=False)
@@ -88,8 +88,8 @@ def features_train(
                              "synthetic-fundus / synthetic-oct[@key=value,...])."),
     out: Path = typer.Option(..., "--out", help="Weights file to write (.safetensors)."),
     split: str = typer.Option("train", "--split", help="Split to train on (never the test split you evaluate on)."),
-    image_size: int | None = typer.Option(None, "--image-size", min=2, help="Resize images to this size (use the size "
-                                          "of the generated images)."),
+    image_size: int | None = typer.Option(None, "--image-size", min=2, max=MAX_IMAGE_SIZE, help="Resize images to "
+                                          "this size (use the size of the generated images)."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed for initialisation and batch order."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Training epochs (default: the domain network's "
                                       "own, 10)."),

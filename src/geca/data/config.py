@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from geca.utils.schema import Checks
+from geca.utils.schema import MAX_IMAGE_SIZE, Checks
 
 CV_VAL = ("slice", "next-fold")
 
@@ -27,7 +27,8 @@ class DataConfig:
 
     def validate(self, check: Checks) -> None:
         check(bool(self.spec.strip()), "data.spec", "a dataset spec", self.spec)
-        check(self.image_size is None or self.image_size >= 2, "data.image_size", "≥ 2", self.image_size)
+        check(self.image_size is None or 2 <= self.image_size <= MAX_IMAGE_SIZE, "data.image_size",
+              f"in [2, {MAX_IMAGE_SIZE}]", self.image_size)
         check(self.fold >= 0, "data.fold", "≥ 0", self.fold)
         check.choice(self.cv_val, "data.cv_val", CV_VAL)
         # without a folds file the data's fixed split is used: a fold would be ignored, silently

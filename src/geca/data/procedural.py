@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
+from geca.utils.schema import MAX_IMAGE_SIZE
 
 FUNDUS_CLASSES = [f"grade {g}" for g in range(5)]
 OCT_CLASSES = ["Normal", "dAMD", "wAMD", "DR", "CSC", "PED", "MEM", "FLD", "EXU", "CNV", "RVO"]
@@ -27,6 +28,7 @@ _FUNDUS_SPLITS = {"train": 1080, "val": 120, "test": 400}
 # exact apportioned counts while making the grade order look random.
 _GRADE_WINDOW = 40
 _OCT_SPLITS = ("train", "val", "test", "all")
+MAX_DRAWN = 10**6  # images or patients drawn: a typo beyond it would fill memory before failing
 
 # Separate seed streams per dataset and purpose, so that changing one never shifts another.
 _TAG_FUNDUS, _TAG_OCT_POOL, _TAG_OCT_SPLIT, _TAG_OCT_EYE, _TAG_OCT_SCAN = 101, 202, 203, 204, 205
@@ -49,23 +51,23 @@ def _box_down(img: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _check_common(name: str, size: int, seed: int) -> None:
-    if size < 8:
-        raise DataError(f"{name}: size must be at least 8, got {size}")
-    if seed < 0:
-        raise DataError(f"{name}: seed must be non-negative, got {seed}")
+    if not 8 <= size <= MAX_IMAGE_SIZE:
+        raise DataError(f"{name}: size must be in [8, {MAX_IMAGE_SIZE}], got {size}")
+    if not 0 <= seed < 2**32:
+        raise DataError(f"{name}: seed must be in [0, 2³²), got {seed}")
 
 
 def _check_fundus(size: int, n: int | None, seed: int) -> None:
     _check_common("synthetic-fundus", size, seed)
-    if n is not None and n < 1:
-        raise DataError(f"synthetic-fundus: n must be at least 1, got {n}")
+    if n is not None and not 1 <= n <= MAX_DRAWN:
+        raise DataError(f"synthetic-fundus: n must be in [1, {MAX_DRAWN}], got {n}")
 
 
 def _check_oct(size: int, patients: int, seed: int) -> None:
     _check_common("synthetic-oct", size, seed)
-    if patients < 5:
-        raise DataError(f"synthetic-oct: patients must be at least 5 (one per split and more for training), "
-                        f"got {patients}")
+    if not 5 <= patients <= MAX_DRAWN:
+        raise DataError(f"synthetic-oct: patients must be in [5, {MAX_DRAWN}] (at least one per split and more "
+                        f"for training), got {patients}")
 
 
 # --------------------------------------------------------------------------------------------------------

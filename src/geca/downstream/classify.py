@@ -17,7 +17,7 @@ from geca.downstream.protocol import ProtocolConfig, Splits, parse_arms, run_pro
 from geca.downstream.report import summarise, write_report
 from geca.downstream.significance import FOLD_TESTS, TESTS
 from geca.errors import ConfigError
-from geca.utils.schema import MAX_BATCH
+from geca.utils.schema import MAX_BATCH, MAX_IMAGE_SIZE
 
 MIN_IMAGE_SIZE = 8
 
@@ -44,8 +44,8 @@ class TableSettings:
         for key, valid in (("stem", STEMS), ("eye_agg", AGGREGATIONS), ("test", TESTS), ("p_metric", MACRO)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{name(key)} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
-        if self.bootstrap < 100:
-            raise ConfigError(f"{name('bootstrap')} needs at least 100 replicates, got {self.bootstrap}")
+        if not 100 <= self.bootstrap <= 10**6:
+            raise ConfigError(f"{name('bootstrap')} needs 100 to 1,000,000 replicates, got {self.bootstrap}")
         for key in ("seeds", "epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name(key)} must be ≥ 1, got {getattr(self, key)}")
@@ -53,9 +53,10 @@ class TableSettings:
             raise ConfigError(f"{name('batch_size')} must be at most {MAX_BATCH}, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"{name('lr')} must be > 0, got {self.lr}")
-        if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
+        if self.image_size is not None and not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
             # ResNet-34 halves an ImageNet-stem input five times: below 8 pixels nothing is left to classify.
-            raise ConfigError(f"{name('image_size')} must be ≥ {MIN_IMAGE_SIZE}, got {self.image_size}")
+            raise ConfigError(f"{name('image_size')} must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got "
+                              f"{self.image_size}")
 
 
 def classify(data: str, synthetic: dict[str, str], arms: str | None, settings: TableSettings, out: Path,

@@ -17,6 +17,7 @@ HEREDITY = ("off", "gated")
 # true/false as set (GeCA: the attention where idle cells are skipped, else the whole NCA step); auto: training
 # compiles GeCA's attention where that was measured to win (geca.training.compile).
 COMPILE = ("auto", "true", "false")
+MAX_WIDTH = 2**16  # channels, heads, steps: far beyond any model here, far below what overflows torch
 
 
 @dataclass
@@ -32,6 +33,11 @@ class ModelConfig:
     def validate(self, check: Checks) -> None:
         """Every value of the config in range; the family's own checks extend these."""
         check(0 <= self.label_dropout < 1, "model.label_dropout", "in [0, 1)", self.label_dropout)
+        for f in dataclasses.fields(self):  # a typo's width would overflow torch's sizes rather than fail clearly
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, list) else [value]:
+                check(not isinstance(v, int) or isinstance(v, bool) or v <= MAX_WIDTH, f"model.{f.name}",
+                      f"at most {MAX_WIDTH}", value)
         check.choice(self.compile, "model.compile", COMPILE)
 
     @classmethod

@@ -17,6 +17,7 @@ from geca.errors import ConfigError
 # far beyond any device's memory, and far below the sizes that overflow torch's int64 shapes: a typo is refused
 # up front instead of failing after the output folder was made
 MAX_BATCH = 2**20
+MAX_IMAGE_SIZE = 8192  # a side beyond any scan's; resizing to more would allocate gigabytes per image
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
