@@ -447,6 +447,12 @@ def test_smoke_experiment_end_to_end(tmp_path: Path) -> None:
     redo = {line.split()[1] for line in res.output.splitlines() if line.startswith("run ")}
     assert redo == {"train.DiT", "sample.DiT", "evaluate", "sampler_cost", "expand.DiT", "classify", "report"}
 
+    # A stage output damaged after the stage was done is named, with the stage to redo.
+    results = root / "classify" / "results.json"
+    results.write_text("[]")
+    res = runner.invoke(app, [config, "--out", str(root), "--force", "report"])
+    assert res.exit_code == 2 and f"{results}: corrupt" in res.output and "--force classify" in res.output
+
     # --only with an input that is not done fails with exit 2.
     res = runner.invoke(app, [config, "--out", str(tmp_path / "fresh"), "--only", "evaluate"])
     assert res.exit_code == 2 and "not done" in res.output and "sample.GeCA" in res.output

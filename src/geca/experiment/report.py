@@ -20,10 +20,11 @@ import yaml
 
 import geca
 from geca.downstream.report import markdown
+from geca.errors import StageError
 from geca.experiment.context import Context, train_id
 from geca.experiment.graph import read_marker, stage_dir
 from geca.metrics.report import faithful, pm
-from geca.utils.io import atomic_write, atomic_write_text
+from geca.utils.io import atomic_write, atomic_write_text, read_json_object
 from geca.utils.plots import plt
 
 PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "accelerate", "safetensors", "scikit-learn", "scipy",
@@ -66,7 +67,7 @@ class _Reader:
         """A stage's metrics.json, read once (Table 1's is consulted by every section's caveat)."""
         if stage_id not in self._metrics:
             path = stage_dir(self.root, stage_id) / self.ctx.outputs(stage_id)["metrics"]
-            self._metrics[stage_id] = json.loads(path.read_text())
+            self._metrics[stage_id] = _stage_output(path, stage_id)
         return self._metrics[stage_id]
 
     def kid(self, stage_id: str) -> dict[str, dict[str, float]]:
@@ -254,8 +255,15 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
                      "faithful ↑ (chance)", "KID×10³ ↓"], rows)]
 
 
+def _stage_output(path: Path, stage_id: str) -> dict[str, Any]:
+    try:
+        return read_json_object(path, StageError)
+    except StageError as e:
+        raise StageError(f"{e}; redo the stage with --force {stage_id}") from None
+
+
 def _classification(r: _Reader) -> list[str]:
-    summary = json.loads((stage_dir(r.root, "classify") / r.ctx.outputs("classify")["results"]).read_text())
+    summary = _stage_output(stage_dir(r.root, "classify") / r.ctx.outputs("classify")["results"], "classify")
     text = markdown(summary).split("\n", 1)[1].strip("\n")  # its own title gives way to ours
     body = [re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + 1) + " ", line) for line in text.splitlines()]
     return ["## Table 2 — downstream classification", "", *_untrained(r, [g.name for g in r.ctx.exp.generators]),
