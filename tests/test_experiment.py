@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -509,6 +510,27 @@ def test_a_stage_folder_the_study_did_not_write_is_never_replaced(tmp_path: Path
     with pytest.raises(StageError, match=r"b/x: holds files this study did not write .* stage b.x would replace"):
         execute(toy(calls), tmp_path, log=lambda s: None)
     assert calls == [] and notes.read_text() == "precious"  # refused before any stage ran
-    (notes.parent / "pending.json").write_text("{}")  # what a study of geca before 2026-11-27 left unfinished
+    notes.unlink()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        execute(toy(calls, fail={"b.x"}), tmp_path, log=lambda s: None)
+    (notes.parent / "kept.txt").write_text("checkpoint")  # what an interrupted training leaves
+    os.replace(notes.parent / PENDING, notes.parent / "pending.json")  # as a geca before 2026-11-27 named it
+    calls.clear()
     execute(toy(calls), tmp_path, log=lambda s: None)
-    assert calls == ["a", "b.x", "b.y", "c"] and not notes.exists()
+    assert calls == ["b.x", "b.y", "c"]
+    assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is True  # resumed, not wiped
+
+
+def test_a_linked_stage_folder_stays_a_link(tmp_path: Path) -> None:
+    """Resumable (b.x) and staged (b.y) stages write where the link points, also when redone."""
+    calls: list[str] = []
+    (tmp_path / "disk" / "x").mkdir(parents=True)
+    (tmp_path / "disk" / "y").mkdir()
+    (tmp_path / "root" / "b").mkdir(parents=True)
+    for name in ("x", "y"):
+        (tmp_path / "root" / "b" / name).symlink_to(tmp_path / "disk" / name, target_is_directory=True)
+    for force in (None, ["b"]):
+        execute(toy(calls), tmp_path / "root", force=force, log=lambda s: None)
+        for name in ("x", "y"):
+            assert (tmp_path / "root" / "b" / name).is_symlink()
+            assert (tmp_path / "disk" / name / MARKER).is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -179,3 +180,16 @@ def test_oct_scans_show_layers(oct_small: dict[str, ImageSet]) -> None:
 def test_bad_arguments(call: Callable[[], object], message: str) -> None:
     with pytest.raises(DataError, match=message):
         call()
+
+
+def test_a_large_seed_is_a_seed_and_absurd_sizes_are_refused() -> None:
+    """Any non-negative seed draws a set (runs trained on one must load it again); sizes and counts have bounds."""
+    from geca.data.registry import load_split
+    from geca.errors import DataError
+
+    assert len(load_split("synthetic-fundus@n=8,size=8,seed=4294967296", "train")) > 0
+    for spec, message in (("synthetic-fundus@size=100000000", "size must be in [8, 8192]"),
+                          ("synthetic-oct@patients=100000000", "patients must be in [5, 1000000]"),
+                          ("synthetic-fundus@seed=-1", "seed must be non-negative")):
+        with pytest.raises(DataError, match=re.escape(message)):
+            load_split(spec, "train")

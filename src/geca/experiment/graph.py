@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from geca.errors import StageError
-from geca.utils.io import atomic_write_json, file_sha256, read_json_object, staged_dir
+from geca.utils.io import atomic_write_json, file_sha256, read_json_object, real_dir, staged_dir
 
 MARKER = "done.json"
 PENDING = ".pending.json"  # hidden: a training run may start in the folder
@@ -167,6 +168,7 @@ def execute(stages: list[Stage], root: Path, force: list[str] | None = None, onl
         log(f"── {s.id} ({step.reason})")
         started = time.time()
         if s.resumable:  # works in place, so that an interrupted training resumes
+            d = real_dir(d)  # a link to another disk stays a link
             if s.id in forced and d.exists():
                 shutil.rmtree(d)  # forced: start afresh
             _prepare_resumable(d, key)
@@ -195,6 +197,8 @@ def _prepare_resumable(d: Path, key: str) -> None:
     """Empty the stage's directory, unless it left work there under the same key (then it goes on)."""
     (d / MARKER).unlink(missing_ok=True)
     pending = d / PENDING
+    if (d / OLD_PENDING).exists() and not pending.exists():  # a study begun before the marker was hidden
+        os.replace(d / OLD_PENDING, pending)
     if d.exists() and (_read_own(pending) or {}).get("key") != key:
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
