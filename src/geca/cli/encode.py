@@ -48,9 +48,8 @@ def encode(
         raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
     fold, cv_val = split_flags(folds_file, fold, cv_val)
     output_dir(out)
-    for split in names:  # before the first split is encoded; a cache that may be reused is checked if it is rebuilt
-        if not (out / split / "meta.json").is_file():
-            check_cache_dir(out / split)
+    for split in names:  # before the first split is encoded (whether a cache is reused is known only then)
+        check_cache_dir(out / split)
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
     for split in names:
