@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,15 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
                      "faithful ↑ (chance)", "KID×10³ ↓"], rows)]
 
 
+def _section(stage_id: str, build: Callable[..., list[str]], *args: Any) -> list[str]:
+    """A report section from its stage's outputs; outputs without what it reads name the stage to redo."""
+    try:
+        return build(*args)
+    except (KeyError, TypeError, IndexError) as e:
+        raise StageError(f"the outputs of stage {stage_id} lack what the report reads ({type(e).__name__}: {e}); "
+                         f"redo it with --force {stage_id}") from None
+
+
 def _stage_output(path: Path, stage_id: str) -> dict[str, Any]:
     try:
         return read_json_object(path, StageError)
@@ -374,15 +384,15 @@ def write_report(ctx: Context, out: Path, stage_ids: list[str]) -> dict[str, Any
              f"Data: `{d.spec}`" + (f" at {d.image_size} px" if d.image_size else "") +
              (f", latent (VAE `{d.vae}`)" if d.vae else "") + f"; {split}. Generators: " +
              ", ".join(f"{g.name} ({r.train(g.name)['model']})" for g in exp.generators) + ".", ""]
-    lines += _quality(r, figures)
+    lines += _section("evaluate", _quality, r, figures)
     for stage_id, section in (("ghg", _ghg), ("nca_steps", _nca_steps), ("sampler_cost", _sampler_cost)):
         if r.done(stage_id):
-            lines += section(r, figures)
+            lines += _section(stage_id, section, r, figures)
     if r.done("classify"):
-        lines += _classification(r)
+        lines += _section("classify", _classification, r)
     if r.done("growth"):
-        lines += _growth(r, figures)
-    lines += _training(r, figures, train_ids)
+        lines += _section("growth", _growth, r, figures)
+    lines += _section("train", _training, r, figures, train_ids)
     lines += _reproducibility(r, markers)
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", text)
