@@ -256,13 +256,17 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
                      "faithful ↑ (chance)", "KID×10³ ↓"], rows)]
 
 
-def _section(stage_id: str, build: Callable[..., list[str]], *args: Any) -> list[str]:
-    """A report section from its stage's outputs; outputs without what it reads name the stage to redo."""
+def _section(stages: tuple[str, ...], build: Callable[..., Any], *args: Any) -> Any:
+    """A report section from the outputs of `stages` (every section also reads train and evaluate's, for its
+    caveat); outputs without what it reads, or of another kind, name the stages to look at."""
     try:
         return build(*args)
-    except (KeyError, TypeError, IndexError) as e:
-        raise StageError(f"the outputs of stage {stage_id} lack what the report reads ({type(e).__name__}: {e}); "
-                         f"redo it with --force {stage_id}") from None
+    except StageError:  # a ValueError too, already naming its file and stage
+        raise
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
+        named = ", ".join(dict.fromkeys((*stages, "train", "evaluate")))
+        raise StageError(f"an output of stage {named} lacks what the report reads ({type(e).__name__}: {e}); "
+                         "redo the stage that wrote it with --force STAGE") from None
 
 
 def _stage_output(path: Path, stage_id: str) -> dict[str, Any]:
@@ -383,16 +387,17 @@ def write_report(ctx: Context, out: Path, stage_ids: list[str]) -> dict[str, Any
              f"Written {time.strftime('%Y-%m-%d %H:%M')} by geca {geca.__version__} from `{ctx.loaded.path}`. "
              f"Data: `{d.spec}`" + (f" at {d.image_size} px" if d.image_size else "") +
              (f", latent (VAE `{d.vae}`)" if d.vae else "") + f"; {split}. Generators: " +
-             ", ".join(f"{g.name} ({r.train(g.name)['model']})" for g in exp.generators) + ".", ""]
-    lines += _section("evaluate", _quality, r, figures)
+             _section(("train",), lambda: ", ".join(f"{g.name} ({r.train(g.name)['model']})"
+                                                    for g in exp.generators)) + ".", ""]
+    lines += _section(("evaluate",), _quality, r, figures)
     for stage_id, section in (("ghg", _ghg), ("nca_steps", _nca_steps), ("sampler_cost", _sampler_cost)):
         if r.done(stage_id):
-            lines += _section(stage_id, section, r, figures)
+            lines += _section((stage_id,), section, r, figures)
     if r.done("classify"):
-        lines += _section("classify", _classification, r)
+        lines += _section(("classify",), _classification, r)
     if r.done("growth"):
-        lines += _section("growth", _growth, r, figures)
-    lines += _section("train", _training, r, figures, train_ids)
+        lines += _section(("growth",), _growth, r, figures)
+    lines += _section(("train", "sample"), _training, r, figures, train_ids)
     lines += _reproducibility(r, markers)
     text = "\n".join(lines) + "\n"
     atomic_write_text(out / "report.md", text)
