@@ -163,11 +163,18 @@ def test_encode_command_caches_every_split_and_reuses_it(tiny_vae: Path, blobs_n
     (tmp_path / "cache" / "train" / ".DS_Store").write_bytes(b"")  # a hidden file is no other's folder
     res = runner.invoke(encode_app, [*args, "--splits", "train"])
     assert res.output.startswith("train: reused"), res.output
+    (tmp_path / "cache" / "train" / "notes.txt").write_text("mine")  # a usable cache is reused as it is
+    res = runner.invoke(encode_app, [*args, "--splits", "train"])
+    assert res.output.startswith("train: reused"), res.output
+    res = runner.invoke(encode_app, [*args, "--mean", "--splits", "train"])  # not rebuilt over notes.txt
+    assert res.exit_code == 2 and "train: holds other files (notes.txt)" in res.output, res.output
     photo = tmp_path / "cache" / "test" / "photo.png"  # a cache folder is replaced whole when rebuilt
     photo.write_bytes(b"mine")
-    res = runner.invoke(encode_app, [*args, "--mean", "--splits", "val,test"])
+    val_meta = (tmp_path / "cache" / "val" / "meta.json").read_bytes()
+    res = runner.invoke(encode_app, [*args, "--splits", "val,test", "--size", "16"])  # both would be rebuilt
     assert res.exit_code == 2 and "test: holds other files (photo.png)" in res.output, res.output
     assert photo.read_bytes() == b"mine" and "val:" not in res.output  # refused before val was encoded
+    assert (tmp_path / "cache" / "val" / "meta.json").read_bytes() == val_meta
 
 
 def test_training_picks_the_cached_flipped_latent(tiny_vae: Path, tmp_path: Path,

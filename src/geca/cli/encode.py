@@ -36,7 +36,7 @@ def encode(
 ) -> None:
     """Encode images to scaled VAE latents and cache them; reused while data, VAE and settings are unchanged."""
     from geca.data.registry import SPLITS, load_split
-    from geca.latent.cache import check_cache_dir, ensure_latents
+    from geca.latent.cache import check_cache_dir, ensure_latents, reusable
     from geca.latent.codec import LatentCodec
     from geca.utils.io import output_dir
 
@@ -48,12 +48,14 @@ def encode(
         raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
     fold, cv_val = split_flags(folds_file, fold, cv_val)
     output_dir(out)
-    for split in names:  # before the first split is encoded (whether a cache is reused is known only then)
-        check_cache_dir(out / split)
+    loaded = {split: load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
+              for split in names}
+    for split, images in loaded.items():  # a cache that is rebuilt replaces its folder: checked before any encoding
+        if not reusable(vae, images, split, out, size=size, mean=mean):
+            check_cache_dir(out / split)
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
-    for split in names:
-        images = load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
+    for split, images in loaded.items():
         latents, status = ensure_latents(vae, images, split, out, size=size, mean=mean, get_codec=codec,
                                          progress=show_progress(progress))
         shape = "×".join(str(n) for n in latents.latents.shape[1:])

@@ -197,8 +197,11 @@ def _prepare_resumable(d: Path, key: str) -> None:
     """Empty the stage's directory, unless it left work there under the same key (then it goes on)."""
     (d / MARKER).unlink(missing_ok=True)
     pending = d / PENDING
-    if (d / OLD_PENDING).exists() and not pending.exists():  # a study begun before the marker was hidden
-        os.replace(d / OLD_PENDING, pending)
+    old = d / OLD_PENDING  # of a study begun before the marker was hidden
+    if old.exists() and pending.exists():  # a stray visible file would stop the training starting in the folder
+        old.unlink()
+    elif old.exists():
+        os.replace(old, pending)
     if d.exists() and (_read_own(pending) or {}).get("key") != key:
         shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)

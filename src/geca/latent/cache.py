@@ -108,6 +108,24 @@ def _write(split_dir: Path, latents: LatentSet) -> None:
         atomic_write_json(tmp / "meta.json", latents.meta)
 
 
+def _request(vae: str, data: ImageSet, size: int, mean: bool) -> tuple[Path, dict[str, Any], LatentSpec]:
+    """The VAE's folder, the cache key's components and the latent spec of encoding `data` with it."""
+    root = resolve_vae(vae)
+    identity = vae_identity(root)
+    scale, shift = latent_affine(read_config(root))
+    # a local directory is recorded absolute, so that sampling works from any working directory; a hub id as given
+    spec = LatentSpec(vae=str(root) if Path(vae).expanduser().is_dir() else vae,
+                      vae_sha256=identity["weights_sha256"], scale=scale, shift=shift, image_size=size,
+                      image_channels=data.channels)
+    return root, key_components(identity, data, size, mean, scale, shift), spec
+
+
+def reusable(vae: str, data: ImageSet, split: str, cache_dir: Path, *, size: int = 256, mean: bool = False) -> bool:
+    """Whether `ensure_latents` would reuse the cache of `split` as it is (known without encoding anything)."""
+    _, components, spec = _request(vae, data, size, mean)
+    return _read(Path(cache_dir).expanduser() / split, components, spec, len(data))[0] is not None
+
+
 def ensure_latents(vae: str, data: ImageSet, split: str, cache_dir: Path, *, size: int = 256, mean: bool = False,
                    get_codec: Callable[[], LatentCodec], build: bool = True, progress: bool = False
                    ) -> tuple[LatentSet, str]:
@@ -116,14 +134,7 @@ def ensure_latents(vae: str, data: ImageSet, split: str, cache_dir: Path, *, siz
     Returns the set and what happened: 'reused', 'built' or 'rebuilt (why)'. With ``build=False`` (non-main
     processes) a missing or stale cache is an error.
     """
-    root = resolve_vae(vae)
-    identity = vae_identity(root)
-    scale, shift = latent_affine(read_config(root))
-    components = key_components(identity, data, size, mean, scale, shift)
-    # a local directory is recorded absolute, so that sampling works from any working directory; a hub id as given
-    spec = LatentSpec(vae=str(root) if Path(vae).expanduser().is_dir() else vae,
-                      vae_sha256=identity["weights_sha256"], scale=scale, shift=shift, image_size=size,
-                      image_channels=data.channels)
+    root, components, spec = _request(vae, data, size, mean)
     split_dir = Path(cache_dir).expanduser() / split
     found, why = _read(split_dir, components, spec, len(data))
     if found is not None:
@@ -132,9 +143,9 @@ def ensure_latents(vae: str, data: ImageSet, split: str, cache_dir: Path, *, siz
         raise LatentError(f"{split_dir}: latent cache not usable ({why})")
     check_cache_dir(split_dir)
     codec = get_codec()
-    if (codec.size, codec.scale, codec.shift) != (size, scale, shift):
+    if (codec.size, codec.scale, codec.shift) != (size, spec.scale, spec.shift):
         raise LatentError(f"{root}: codec (size {codec.size}, scale {codec.scale}) does not match the cache "
-                          f"request (size {size}, scale {scale})")
+                          f"request (size {size}, scale {spec.scale})")
     kw = dict(mean=mean, seed=ENCODE_SEED, progress=progress)
     lat = codec.encode(data.images, **kw, desc=f"encoding {split}")
     flipped = codec.encode(data.images, flip=True, **kw, desc=f"encoding {split} (flipped)")
