@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -521,6 +522,13 @@ def test_a_stage_folder_the_study_did_not_write_is_never_replaced(tmp_path: Path
     execute(toy(calls), tmp_path, log=lambda s: None)
     assert calls == ["b.x", "b.y", "c"]
     assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is True  # resumed, not wiped
+    with pytest.raises(RuntimeError, match="interrupted"):  # both names (copied by hand): the old one goes
+        execute(toy(calls, {"b.x": {"lr": 4}}, fail={"b.x"}), tmp_path, log=lambda s: None)
+    shutil.copy(notes.parent / PENDING, notes.parent / "pending.json")
+    (notes.parent / "kept.txt").write_text("checkpoint")
+    execute(toy(calls, {"b.x": {"lr": 4}}), tmp_path, log=lambda s: None)
+    assert read_marker(tmp_path, "b.x")["outputs"]["saw_partial_from_before"] is True
+    assert not (notes.parent / "pending.json").exists()
 
 
 def test_a_linked_stage_folder_stays_a_link(tmp_path: Path) -> None:
