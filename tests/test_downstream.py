@@ -712,3 +712,21 @@ def test_a_synthetic_set_cut_short_is_refused(tmp_path: Path) -> None:
     (tmp_path / "syn" / "labels.csv").write_text("".join(rows[:4]))
     with pytest.raises(DataError, match="labels.csv: 3 rows, but its manifest.json records 6 images"):
         check_synthetic(tmp_path / "syn", ["a", "b"])
+
+
+def test_a_synthetic_set_of_another_size_is_resized_with_a_warning(tmp_path: Path) -> None:
+    """A generator trained at another size (or on other data with the same class names) is easy to pick by mistake."""
+    import warnings
+
+    from conftest import blob_images
+
+    from geca.downstream.protocol import load_synthetic
+
+    real = blob_images(n=4, size=12)
+    _write_synthetic(tmp_path / "small", real.class_names, size=8, mode="RGB")
+    with pytest.warns(UserWarning, match=r"small: its images are 8×8 px and are resized to the real images' 12 px"):
+        assert load_synthetic(tmp_path / "small", real).resolution == 12
+    _write_synthetic(tmp_path / "same", real.class_names, size=12, mode="RGB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_synthetic(tmp_path / "same", real)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from geca.data.folder_csv import load_folder_csv, read_manifest, read_table
@@ -184,6 +185,13 @@ def _check_split(directory: Path, what: str, record: dict[str, Any], folds_file:
 def load_synthetic(directory: Path, real: ImageSet) -> ImageSet:
     """A synthetic set resized to the real set's resolution, with its labels checked against the real data's."""
     csv_path = check_synthetic(directory, real.class_names)
+    paths = read_table(csv_path).paths
+    with Image.open(paths[0]) as first:  # the header only (read_table refuses a set without rows)
+        width, height = first.size
+    if (width, height) != (real.resolution, real.resolution):
+        warnings.warn(f"{directory}: its images are {width}×{height} px and are resized to the real images' "
+                      f"{real.resolution} px; a generator trained at another size, or on other data with the same "
+                      "class names?", stacklevel=2)
     syn = load_folder_csv(csv_path, "all", image_size=real.resolution)
     if syn.channels != real.channels:
         raise DataError(f"{directory}: images have {syn.channels} channel(s), the real data {real.channels}")
