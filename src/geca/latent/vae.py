@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,17 @@ def latent_affine(config: dict[str, Any]) -> tuple[float, float]:
 def vae_identity(root: Path) -> dict[str, Any]:
     """The VAE's config (without diffusers' bookkeeping keys, which change with the path) and weights hash."""
     config = read_config(root)
+    weights = weights_file(root)
+    stat = weights.stat()
     return {"config": {k: v for k, v in config.items() if not k.startswith("_")},
-            "weights_sha256": file_sha256(weights_file(root))}
+            "weights_sha256": _weights_sha256(weights.resolve(), stat.st_mtime_ns, stat.st_size)}
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_sha256(path: Path, mtime_ns: int, size: int) -> str:
+    """Hashed once per version of the file: encode asks for it twice per split (reuse, then encoding), training once
+    per split, and an SD-VAE's weights take a second or so to hash."""
+    return file_sha256(path)
 
 
 def load_vae(root: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
