@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from geca.data.folder_csv import load_folder_csv, read_manifest, read_table
+from geca.data.folder_csv import CsvTable, load_folder_csv, read_manifest, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds, same_split, split_name
 from geca.data.imageset import ImageSet
 from geca.data.registry import SPLITS, load_split, same_data
@@ -80,6 +80,10 @@ def synthetic_dir(template: str, fold: int | None) -> Path:
 
 def check_synthetic(directory: Path, class_names: list[str]) -> Path:
     """Validate a `geca sample`-format directory without decoding images; returns its labels.csv."""
+    return _synthetic_table(directory, class_names).csv_path
+
+
+def _synthetic_table(directory: Path, class_names: list[str]) -> CsvTable:
     if not directory.is_dir():
         raise DataError(f"{directory}: synthetic set not found (expected a `geca sample`/`geca expand` directory "
                         "with images/ and labels.csv)")
@@ -91,7 +95,7 @@ def check_synthetic(directory: Path, class_names: list[str]) -> Path:
     if table.class_names != list(class_names):
         raise DataError(f"{csv_path}: class columns {table.class_names} do not match the data's classes "
                         f"{list(class_names)}")
-    return csv_path
+    return table
 
 
 def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int | None,
@@ -184,9 +188,9 @@ def _check_split(directory: Path, what: str, record: dict[str, Any], folds_file:
 
 def load_synthetic(directory: Path, real: ImageSet) -> ImageSet:
     """A synthetic set resized to the real set's resolution, with its labels checked against the real data's."""
-    csv_path = check_synthetic(directory, real.class_names)
-    paths = read_table(csv_path).paths
-    with Image.open(paths[0]) as first:  # the header only (read_table refuses a set without rows)
+    table = _synthetic_table(directory, real.class_names)
+    csv_path = table.csv_path
+    with Image.open(table.paths[0]) as first:  # the header only (read_table refuses a set without rows)
         width, height = first.size
     if (width, height) != (real.resolution, real.resolution):
         warnings.warn(f"{directory}: its images are {width}×{height} px and are resized to the real images' "
