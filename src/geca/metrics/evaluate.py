@@ -257,7 +257,8 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     Replacing an earlier report also removes the grids it listed that this one does not."""
     t0 = time.time()
     out = output_file(out, "--out", ".json", overwrite, own=("an earlier `geca evaluate` report", _is_report))
-    ours = {g.casefold() for g in _grids_of(out)}
+    earlier = _grids_of(out)
+    ours = {g.casefold() for g in earlier}
     for name, _ in s.generated:
         grid = out.with_name(_grid_file(out, name))
         if grid.exists() and grid.name.casefold() not in ours:
@@ -329,7 +330,6 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         "seconds": round(time.time() - t0, 2),
         "geca_version": geca.__version__,
     }
-    earlier = _grids_of(out)
     # drawn once every set is scored, under temporary names put in place with the report: a failure before it is
     # written leaves an earlier report and its grids as they were, and no grid that no report lists
     staged: list[tuple[Path, Path]] = []
