@@ -16,7 +16,7 @@ from geca.downstream.metrics import binary_auc, eye_level, macro_metric, mixed_e
 from geca.downstream.protocol import BASELINE, ProtocolResult, UnitResult
 from geca.downstream.significance import FOLD_TESTS, TEST_NAMES, paired_bootstrap, paired_test
 from geca.errors import ConfigError
-from geca.utils.io import atomic_write_json, atomic_write_text, staged_dir
+from geca.utils.io import atomic_write_json, atomic_write_text, few, other_files, staged_dir
 from geca.utils.plots import plt
 
 COLUMNS = {"sen": "Sen", "spe": "Spe", "auc": "AUC", "f1": "F1", "f1_sen_spe": "F1_sen/spe", "map": "mAP",
@@ -288,12 +288,9 @@ def check_report_out(out: Path, overwrite: bool) -> None:
     writing the report replaces the whole folder."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    # a hidden file (a file browser's .DS_Store) goes with the folder; anything else marks another's folder
-    others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES and not ROC_FILE.fullmatch(p.name)
-                    and not (p.name.startswith(".") and p.is_file()))
+    others = other_files(out, lambda p: p.name in REPORT_FILES or ROC_FILE.fullmatch(p.name) is not None)
     if others or not (out / "results.json").is_file():
-        shown = f"other files ({', '.join(others[:3])}{', …' if len(others) > 3 else ''})" if others else \
-            "no results.json"
+        shown = f"other files ({few(others)})" if others else "no results.json"
         raise FileExistsError(f"--out {out}: holds {shown}; classify replaces an earlier report only: choose another "
                               "--out")
     if not overwrite:

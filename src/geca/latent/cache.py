@@ -25,7 +25,7 @@ from geca.errors import LatentError
 from geca.latent.codec import LatentCodec
 from geca.latent.spec import LatentSpec
 from geca.latent.vae import latent_affine, read_config, resolve_vae, vae_identity
-from geca.utils.io import atomic_write_json, staged_dir
+from geca.utils.io import atomic_write_json, few, other_files, staged_dir
 
 CACHE_FORMAT = 1
 ENCODE_SEED = 0
@@ -93,11 +93,9 @@ CACHE_FILES = ("latents.safetensors", "meta.json")
 def check_cache_dir(split_dir: Path) -> None:
     """A cache folder is replaced whole when (re)built: refuse one that holds anything else (a hidden file, such as
     a file browser's .DS_Store, goes with it)."""
-    others = sorted(p.name for p in split_dir.iterdir() if p.name not in CACHE_FILES and
-                    not (p.name.startswith(".") and p.is_file())) if split_dir.is_dir() else []
+    others = other_files(split_dir, lambda p: p.name in CACHE_FILES)
     if others or split_dir.is_file():
-        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
-        raise LatentError(f"{split_dir}: {'a file' if split_dir.is_file() else f'holds other files ({shown})'}; "
+        raise LatentError(f"{split_dir}: {'a file' if split_dir.is_file() else f'holds other files ({few(others)})'}; "
                           "a latent cache replaces this folder when it builds: choose another --out")
 
 

@@ -18,7 +18,7 @@ from geca.sampling.generate import Decoder, decoder, run_sampler
 from geca.sampling.labels import one_hot, resolve_class
 from geca.sampling.samplers import autocast_dtype, inherit, sample
 from geca.utils.images import pil_image, to_uint8
-from geca.utils.io import atomic_write, output_dir
+from geca.utils.io import atomic_write, few, other_files, output_dir
 from geca.utils.plots import plot_image_rows
 
 
@@ -155,13 +155,11 @@ def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig,
     `out`; files an earlier growth wrote there are replaced only with `overwrite`."""
     out = output_dir(out)
     own = {p.name for p in growth_paths(out).values()}
-    # hidden names: a killed write's temporaries (.growth.gif.….tmp), or a folder's own dot-files
-    others = sorted(p.name for p in out.iterdir() if p.name not in own and not p.name.startswith(".")) \
-        if out.is_dir() else []
+    # grow replaces only its four files, so no hidden name (a folder's own dot-folders too) is another's
+    others = other_files(out, lambda p: p.name in own or p.name.startswith("."))
     if others:  # as geca sample: its four files are not mixed into a folder of other things
-        shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
-        raise FileExistsError(f"--out {out} holds other files ({shown}); geca grow writes into a new or empty folder, "
-                              "or one an earlier grow wrote")
+        raise FileExistsError(f"--out {out} holds other files ({few(others)}); geca grow writes into a new or empty "
+                              "folder, or one an earlier grow wrote")
     earlier = [p.name for p in growth_paths(out).values() if p.exists()]
     if earlier and not overwrite:
         raise FileExistsError(f"{out} already holds {', '.join(earlier)}; pass --overwrite or choose another --out")

@@ -150,6 +150,19 @@ def has_csv_header(path: Path, columns: Sequence[str]) -> bool:
         return False
 
 
+def other_files(folder: Path, own: Callable[[Path], bool]) -> list[str]:
+    """The names in `folder` that are not its writer's own (`own`), hidden files aside (a file browser's .DS_Store, a
+    killed write's temporary); none where there is no folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not own(p) and not (p.name.startswith(".") and p.is_file()))
+
+
+def few(names: list[str]) -> str:
+    """The first names of a list, for a message."""
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+
 def output_dir(path: Path, flag: str = "--out") -> Path:
     """`path` checked as a folder to write into, before any work: neither it nor a folder above it is a file."""
     path = Path(path)
