@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +177,30 @@ def test_encode_command_caches_every_split_and_reuses_it(tiny_vae: Path, blobs_n
     assert res.exit_code == 2 and "test: holds other files (photo.png)" in res.output, res.output
     assert photo.read_bytes() == b"mine" and "val:" not in res.output  # refused before val was encoded
     assert (tmp_path / "cache" / "val" / "meta.json").read_bytes() == val_meta
+
+
+def test_encode_holds_one_split_in_memory_at_a_time(tiny_vae: Path, blobs_npz: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import geca.data.registry as registry
+
+    original, alive = registry.load_split, []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+        images = original(*args, **kwargs)
+        loaded.append(weakref.ref(images))
+        return images
+
+    loaded: list[weakref.ref] = []
+    monkeypatch.setattr(registry, "load_split", spy)
+    args = ["--vae", str(tiny_vae), "--data", str(blobs_npz), "--out", str(tmp_path / "cache"), "--size", "8",
+            "--no-progress"]
+    assert runner.invoke(encode_app, args).exit_code == 0
+    assert len(alive) == 6 and max(alive) == 0  # each split loaded to check its cache, then again to encode it
+    alive.clear()
+    res = runner.invoke(encode_app, args)
+    assert res.output.count(": reused:") == 3 and len(alive) == 3 and max(alive) == 0
 
 
 def test_training_picks_the_cached_flipped_latent(tiny_vae: Path, tmp_path: Path,

@@ -35,8 +35,9 @@ def encode(
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help=BARS_HELP),
 ) -> None:
     """Encode images to scaled VAE latents and cache them; reused while data, VAE and settings are unchanged."""
+    from geca.data.imageset import ImageSet
     from geca.data.registry import SPLITS, load_split
-    from geca.latent.cache import check_cache_dir, ensure_latents, reusable
+    from geca.latent.cache import LatentSet, cached, check_cache_dir, ensure_latents
     from geca.latent.codec import LatentCodec
     from geca.utils.io import output_dir
 
@@ -48,15 +49,28 @@ def encode(
         raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
     fold, cv_val = split_flags(folds_file, fold, cv_val)
     output_dir(out)
-    loaded = {split: load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
-              for split in names}
-    for split, images in loaded.items():  # a cache that is rebuilt replaces its folder: checked before any encoding
-        if not reusable(vae, images, split, out, size=size, mean=mean):
+    def load(split: str) -> ImageSet:
+        return load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
+
+    def line(split: str, latents: LatentSet, status: str) -> str:
+        shape = "×".join(str(n) for n in latents.latents.shape[1:])
+        return f"{split}: {status}: {len(latents.latents)} latents of {shape} (+ mirrored) in {out / split}"
+
+    # One split in memory at a time (a 256² set can be many GB), and every cache that is rebuilt, which replaces its
+    # folder, is checked before any split is encoded; a split to encode is loaded again then.
+    reused, pending = [], []
+    for split in names:
+        found = cached(vae, load(split), split, out, size=size, mean=mean)
+        if found is None:
             check_cache_dir(out / split)
+            pending.append(split)
+        else:
+            reused.append(line(split, found, "reused"))
+    for message in reused:
+        typer.echo(message)
     dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
-    for split, images in loaded.items():
-        latents, status = ensure_latents(vae, images, split, out, size=size, mean=mean, get_codec=codec,
+    for split in pending:
+        latents, status = ensure_latents(vae, load(split), split, out, size=size, mean=mean, get_codec=codec,
                                          progress=show_progress(progress))
-        shape = "×".join(str(n) for n in latents.latents.shape[1:])
-        typer.echo(f"{split}: {status}: {len(latents.latents)} latents of {shape} (+ mirrored) in {out / split}")
+        typer.echo(line(split, latents, status))

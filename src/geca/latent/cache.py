@@ -118,10 +118,11 @@ def _request(vae: str, data: ImageSet, size: int, mean: bool) -> tuple[Path, dic
     return root, key_components(identity, data, size, mean, scale, shift), spec
 
 
-def reusable(vae: str, data: ImageSet, split: str, cache_dir: Path, *, size: int = 256, mean: bool = False) -> bool:
-    """Whether `ensure_latents` would reuse the cache of `split` as it is (known without encoding anything)."""
+def cached(vae: str, data: ImageSet, split: str, cache_dir: Path, *, size: int = 256, mean: bool = False
+           ) -> LatentSet | None:
+    """The cache of `split` if `ensure_latents` would reuse it as it is, else None (known without encoding)."""
     _, components, spec = _request(vae, data, size, mean)
-    return _read(Path(cache_dir).expanduser() / split, components, spec, len(data))[0] is not None
+    return _read(Path(cache_dir).expanduser() / split, components, spec, len(data))[0]
 
 
 def ensure_latents(vae: str, data: ImageSet, split: str, cache_dir: Path, *, size: int = 256, mean: bool = False,
