@@ -78,6 +78,23 @@ def test_train_refuses_bad_values_before_creating_anything(data: Path, tmp_path:
     assert not out.exists()
 
 
+def test_train_refuses_a_folder_of_other_files_and_a_trained_run_without_resume(run: Path, data: Path,
+                                                                               tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in ("notes.txt", "scan.png", "b.csv", "c.csv"):
+        (out / name).write_text("mine")
+    refused(runner.invoke(app, ["train", "--data", str(data), "--out", str(out), *TINY]),
+            f"--out {out}", "holds other files (b.csv, c.csv, notes.txt, …)")
+    assert sorted(p.name for p in out.iterdir()) == ["b.csv", "c.csv", "notes.txt", "scan.png"]
+    refused(runner.invoke(app, ["train", "--data", str(data), "--out", str(run), *TINY]), "pass --resume")
+    hidden = tmp_path / "hidden"  # a notebook's or a file browser's hidden files are no other's run
+    (hidden / ".ipynb_checkpoints").mkdir(parents=True)
+    (hidden / ".DS_Store").write_bytes(b"")
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(hidden), "--max-steps", "1", *TINY])
+    assert res.exit_code == 0 and (hidden / "checkpoints" / "latest.json").exists(), res.output
+
+
 def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpoint(
         run: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = copy_run(run, tmp_path)

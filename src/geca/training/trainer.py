@@ -39,7 +39,7 @@ from geca.training.ema import EMA
 from geca.training.heredity import handed_over
 from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
 from geca.utils.images import to_uint8
-from geca.utils.io import CsvLog, atomic_write_json, output_dir
+from geca.utils.io import CsvLog, atomic_write_json, few, other_files, output_dir
 from geca.utils.plots import plot_class_grid, plot_loss_curve
 from geca.utils.pretrained import load_torch_file
 from geca.utils.seeding import derive_seed
@@ -664,10 +664,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise CheckpointError(f"{run_dir}: nothing to resume (no checkpoints/latest.json)")
     own = {"model.json", "config.yaml", "samples", "log.csv", "checkpoints", "latents", "validation.csv", "loss.png",
            "tensorboard"}
-    others = [p for p in run_dir.iterdir() if not p.name.startswith(".") and p.name not in own] \
-        if run_dir.is_dir() else []
+    # a run is never replaced whole, so a hidden folder (.ipynb_checkpoints) may stay beside it too
+    others = other_files(run_dir, lambda p: p.name in own or p.name.startswith("."))
     if not resume and others:
-        raise ConfigError(f"--out {run_dir}: exists and holds other files ({others[0].name}, …); a new run needs a new "
+        raise ConfigError(f"--out {run_dir}: exists and holds other files ({few(others)}); a new run needs a new "
                           "or empty folder")
 
 
