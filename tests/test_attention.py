@@ -25,7 +25,7 @@ from geca.models.attention import (
 )
 from geca.models.attention_cpu import kernels
 from geca.utils.hardware import c_compiler
-from geca.utils.pretrained import cache_dir
+from geca.utils.paths import cache_dir
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # "compiled" is "sliced" under torch.compile (a compile per shape and dtype): one test of its own below.

@@ -117,9 +117,14 @@ def test_compile_cache_persists_unless_the_user_chose_one(monkeypatch: pytest.Mo
     from geca.cli.main import keep_compiled_kernels
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("GECA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     keep_compiled_kernels()
     assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "geca" / "torchinductor"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "mine"))  # with geca's other caches
+    keep_compiled_kernels()
+    assert Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "mine" / "torchinductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     keep_compiled_kernels()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"

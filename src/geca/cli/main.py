@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -22,6 +21,7 @@ from geca.cli.models import configs, models, runs
 from geca.cli.sample import grow, sample
 from geca.cli.train import train
 from geca.utils.allocator import keep_freed_memory
+from geca.utils.paths import cache_dir
 
 try:  # typer ≥ 0.24 raises the errors of its own copy of click
     from typer._click import exceptions as click_errors
@@ -105,11 +105,10 @@ def _one_line(message: Warning | str, category: type[Warning], *args: object, **
 
 
 def keep_compiled_kernels() -> None:
-    """Point torch.compile's cache at ~/.cache/geca/torchinductor unless the user chose one: its default under /tmp
-    is wiped between cluster jobs and reboots, and a cold compile of the GeCA block costs a minute on a CPU (a warm
-    one 5 s)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "geca" / "torchinductor"
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    """Point torch.compile's cache at geca's cache folder (~/.cache/geca/torchinductor) unless the user chose one:
+    its default under /tmp is wiped between cluster jobs and reboots, and a cold compile of the GeCA block costs a
+    minute on a CPU (a warm one 5 s)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
 
 
 def main() -> None:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
 from geca.metrics.domain import DomainMeta, DomainNet, data_digest, load_domain_net, save_domain_net, train_domain_net
-from geca.utils.pretrained import cache_dir, check_published, load_state_dict_file, resolve_weights
+from geca.utils.paths import cache_dir
+from geca.utils.pretrained import check_published, load_state_dict_file, resolve_weights
 
 FEATURES = ("domain", "inception", "dinov2", "random")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"

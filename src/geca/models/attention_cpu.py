@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from geca.utils.hardware import c_compiler
-from geca.utils.pretrained import cache_dir
+from geca.utils.paths import cache_dir
 
 __all__ = ["available", "cpu_attention", "kernels", "packed_cpu_attention"]
 

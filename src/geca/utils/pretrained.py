@@ -13,7 +13,6 @@ from geca.errors import DataError, MissingWeightsError
 from geca.utils.io import file_sha256
 
 WEIGHTS_DIR_ENV = "GECA_WEIGHTS_DIR"
-CACHE_DIR_ENV = "GECA_CACHE_DIR"
 # Accept a pretrained file whose SHA-256 is not the published one (a re-saved copy, say): it is still read without
 # running pickle code, but its numbers may not be the paper's.
 UNVERIFIED_ENV = "GECA_UNVERIFIED_WEIGHTS"
@@ -99,10 +98,3 @@ def load_state_dict_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and type(v) is torch.Tensor for k, v in state.items()):
         raise DataError(f"{path}: not a {what} state dict (expected a mapping of names to tensors)")
     return dict(state)
-
-
-def cache_dir() -> Path:
-    """$GECA_CACHE_DIR, else $XDG_CACHE_HOME/geca, else ~/.cache/geca."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "geca"
