@@ -30,7 +30,7 @@ from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.hardware import can_compile
-from geca.utils.io import CsvLog, atomic_write_json, file_sha256, read_json_object, same_path, same_source, staged_dir
+from geca.utils.io import atomic_write_json, csv_rows, file_sha256, read_json_object, same_path, same_source, staged_dir
 from geca.utils.schema import Checks, from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
@@ -428,7 +428,7 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
         except CheckpointError:
             pass
     try:
-        rows = CsvLog(run_dir / "log.csv", []).rows()
+        rows = csv_rows(run_dir / "log.csv")
     except (csv.Error, UnicodeDecodeError):
         rows = []
     try:

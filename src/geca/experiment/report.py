@@ -6,7 +6,6 @@ Every number is read from what the stages wrote (their done-markers, metrics.jso
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import re
@@ -25,7 +24,7 @@ from geca.errors import StageError
 from geca.experiment.context import Context, train_id
 from geca.experiment.graph import read_marker, stage_dir
 from geca.metrics.report import faithful, pm
-from geca.utils.io import atomic_write, atomic_write_text, read_json_object
+from geca.utils.io import atomic_write, atomic_write_text, csv_rows, read_json_object
 from geca.utils.plots import plt
 
 PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "accelerate", "safetensors", "scikit-learn", "scipy",
@@ -300,7 +299,7 @@ def _training(r: _Reader, figures: Path, train_ids: list[str]) -> list[str]:
     rows = []
     for sid in train_ids:
         o = r.ctx.outputs(sid)
-        log = list(csv.DictReader(open(stage_dir(r.root, sid) / o["log"])))
+        log = csv_rows(stage_dir(r.root, sid) / o["log"])
         if log:
             ax.plot([int(x["step"]) for x in log], [float(x["loss"]) for x in log], lw=1, label=sid[6:])
         sample = r.ctx.outputs(f"sample.{o['generator']}") if r.done(f"sample.{o['generator']}") else None

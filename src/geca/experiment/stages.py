@@ -3,7 +3,6 @@ the GeCA ablations (GHG, M, growth), the sampler cost, expansion → classificat
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -26,7 +25,7 @@ from geca.sampling.expand import expand
 from geca.sampling.generate import run_sampler, write_images, write_sample_dir
 from geca.sampling.growth import grow_organism
 from geca.sampling.trace import write_trace
-from geca.utils.io import file_sha256
+from geca.utils.io import csv_rows, file_sha256
 
 # ── stages ────────────────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -57,7 +56,7 @@ def train_stage(ctx: Context, out: Path, name: str, fold: int | None, heredity: 
     summary = train(config, out, resume=resume, progress=ctx.progress)
     run = load_run(out, device="cpu")
     s = run.spec
-    rows = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
+    rows = csv_rows(out / "log.csv")
     return {"generator": name, "fold": fold, "model": config.model.name, "family": config.model.family,
             "heredity": getattr(config.model, "heredity", None),
             "steps": summary["step"], "parameters": count_parameters(run.model),

@@ -269,6 +269,14 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
 
 
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    """A CSV file's rows by column name; none where there is no file."""
+    if not Path(path).exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 class CsvLog:
     """A CSV file with fixed columns, one row per step: appended as work goes on, cut back on resume."""
 
@@ -277,10 +285,7 @@ class CsvLog:
         self.fields = fields
 
     def rows(self) -> list[dict[str, str]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
+        return csv_rows(self.path)
 
     def append(self, row: dict[str, object]) -> None:
         new = not self.path.exists()

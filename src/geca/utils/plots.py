@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, SymmetricalLogLocator  # noqa: E402
 
-from geca.utils.io import atomic_write  # noqa: E402
+from geca.utils.io import atomic_write, csv_rows  # noqa: E402
 
 
 def plot_loss_curve(log_csv: Path, out: Path) -> Path | None:
     """Loss (and its ε-MSE and VLB parts) against step, from a run's log.csv."""
-    rows = list(csv.DictReader(Path(log_csv).read_text().splitlines())) if Path(log_csv).exists() else []
+    rows = csv_rows(log_csv)
     if not rows:
         return None
     steps = [int(r["step"]) for r in rows]
