@@ -19,6 +19,10 @@ class CheckpointError(GecaError, RuntimeError):
     """A run directory or checkpoint that is missing, corrupt or does not fit."""
 
 
+class MissingCheckpointError(CheckpointError):
+    """The checkpoint folder a run's latest.json names is not there."""
+
+
 class TrainingError(GecaError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN); the message says what to try."""
 

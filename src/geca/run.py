@@ -24,7 +24,7 @@ from geca.data.imageset import ImageSet
 from geca.data.registry import canonical_spec, load_split
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
-from geca.errors import CheckpointError, ConfigError
+from geca.errors import CheckpointError, ConfigError, MissingCheckpointError
 from geca.latent.spec import LatentSpec
 from geca.models.base import Denoiser
 from geca.models.build import build_model
@@ -218,7 +218,7 @@ def find_checkpoint(run_dir: Path, which: str | int | Path | None = None) -> Pat
     else:
         raise CheckpointError(f"--checkpoint {which!r}: neither 'latest', 'best', a step number nor a directory")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: checkpoint directory missing")
+        raise MissingCheckpointError(f"{path}: checkpoint directory missing")
     return path
 
 
@@ -419,7 +419,7 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
     except CheckpointError as e:
         ckpt = None
         row["status"] = "no checkpoint" if not (checkpoint_dir(run_dir) / "latest.json").exists() else \
-            "missing checkpoint folder" if "checkpoint directory missing" in str(e) else "damaged latest.json"
+            "missing checkpoint folder" if isinstance(e, MissingCheckpointError) else "damaged latest.json"
     if ckpt is not None:
         if row["status"] == "ok":
             row["status"] = checkpoint_health(ckpt, hashes, state_expected)
