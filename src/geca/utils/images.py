@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
-
-from geca.utils.io import atomic_write
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -19,10 +15,6 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def pil_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-
-
-def save_png(arr: np.ndarray, path: Path) -> None:
-    atomic_write(Path(path), lambda p: pil_image(arr).save(p, format="PNG"))
 
 
 def grid(images: np.ndarray, nrow: int, pad: int = 2, upscale: int = 1) -> np.ndarray:
