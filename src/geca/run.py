@@ -8,6 +8,7 @@ A run directory holds `config.yaml`, `model.json` (a ModelSpec: enough to rebuil
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -16,7 +17,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from geca.data.config import DataConfig
 from geca.data.folds import folds_status
@@ -176,10 +178,11 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def verify(path: Path) -> None:
-    """Refuse a checkpoint file whose SHA-256 differs from the one its state.json recorded at save time."""
+def verify(path: Path, sha256: str | None = None) -> None:
+    """Refuse a checkpoint file whose SHA-256 (`sha256` if already known) differs from the one its state.json
+    recorded at save time."""
     expected = read_state(path.parent).get("files", {}).get(path.name)
-    if expected is not None and path.exists() and file_sha256(path) != expected:
+    if expected is not None and path.exists() and (sha256 or file_sha256(path)) != expected:
         raise CheckpointError(f"{path}: corrupt (its SHA-256 differs from the one recorded when it was saved)")
 
 
@@ -222,20 +225,23 @@ def find_checkpoint(run_dir: Path, which: str | int | Path | None = None) -> Pat
     return path
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's weights: verified against its recorded SHA-256, and finite (a diverged run is refused)."""
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """A checkpoint's weights, verified against its recorded SHA-256 and finite (a diverged run is refused), and
+    the SHA-256 of the very bytes they were read from (what a sample set's manifest records)."""
     if not path.exists():
         raise CheckpointError(f"{path}: weights file missing")
-    verify(path)
+    raw = path.read_bytes()
+    sha256 = hashlib.sha256(raw).hexdigest()
+    verify(path, sha256)
     try:
-        weights = load_file(path)
+        weights = load_safetensors(raw)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{path}: {bad[0]} holds NaN or infinite values (the run diverged); use an earlier "
                               "checkpoint (--checkpoint STEP)")
-    return weights
+    return weights, sha256
 
 
 def _upgrade_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -250,9 +256,10 @@ def _upgrade_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def load_state_dict_into(model: torch.nn.Module, path: Path) -> None:
-    """Load the safetensors file `path` into `model`, strictly: every key, every shape."""
-    weights = _upgrade_keys(load_weights(path))  # its own errors (missing, corrupt, diverged) say so themselves
+def load_state_dict_into(model: torch.nn.Module, path: Path) -> str:
+    """Load the safetensors file `path` into `model`, strictly: every key, every shape; returns the file's SHA-256."""
+    weights, sha256 = load_weights(path)  # its own errors (missing, corrupt, diverged) say so themselves
+    weights = _upgrade_keys(weights)
     own = model.state_dict()
     for key, tensor in weights.items():  # load_state_dict would cast integers into float weights without a word
         if key in own and tensor.dtype.is_floating_point != own[key].dtype.is_floating_point:
@@ -266,6 +273,7 @@ def load_state_dict_into(model: torch.nn.Module, path: Path) -> None:
         reason = lines[1] if len(lines) > 1 else lines[0] if lines else "no reason given"
         reason = reason if len(reason) <= 300 else reason[:300] + " …"
         raise CheckpointError(f"{path}: weights do not fit the model ({reason})") from None
+    return sha256
 
 
 def read_spec(run_dir: Path) -> ModelSpec:
@@ -297,6 +305,7 @@ class LoadedRun:
     diffusion: GaussianDiffusion
     checkpoint: Path
     weights_file: Path
+    weights_sha256: str
     step: int
 
     @property
@@ -318,9 +327,9 @@ def load_run(run_dir: Path, checkpoint: str | int | None = None, weights: str = 
     wfile = ckpt / f"{weights}.safetensors"
     # Sampling compiles only when the run asked for it (model.compile true) and it can here; eager is the same maths.
     model = spec.build(compile=spec.model.compile == "true" and can_compile(torch.device(device)))
-    load_state_dict_into(model, wfile)
+    sha256 = load_state_dict_into(model, wfile)
     return LoadedRun(model=model.to(device).eval(), spec=spec, diffusion=spec.diffusion_process(), checkpoint=ckpt,
-                     weights_file=wfile, step=int(read_state(ckpt).get("step", -1)))
+                     weights_file=wfile, weights_sha256=sha256, step=int(read_state(ckpt).get("step", -1)))
 
 
 def run_folds(spec: ModelSpec) -> str | None:

@@ -32,7 +32,6 @@ from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import (
     atomic_write_json,
     atomic_write_text,
-    file_sha256,
     output_dir,
     read_json_object,
     real_dir,
@@ -186,11 +185,10 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
     sampler = run_sampler(run, sampler)  # so that the manifest records what sampling used
     sampler = replace(sampler, precision=resolved_precision(sampler.precision, device))
     work = out.with_name(f".{out.name}.unfinished")  # one per target, found again by --resume
-    weights_sha256 = file_sha256(run.weights_file)
     done: set[int] = set()  # filled below; the batches read it only once iterated
     batches = sample_batches(run.model, run.diffusion, labels, run.spec.shape, sampler, seed, batch_size, device,
                              decoder(run, device, batch_size), progress, skip=done)  # checks the batch size first
-    key = _work_key(weights_sha256, labels, sampler, seed, batch_size)
+    key = _work_key(run.weights_sha256, labels, sampler, seed, batch_size)
     done |= _unfinished(work, key, resume)
     (work / "images").mkdir(parents=True, exist_ok=True)
     names = [f"images/{i:06d}.png" for i in range(len(labels))]
@@ -210,7 +208,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
         "checkpoint": str(run.checkpoint.resolve()),
         "checkpoint_step": run.step,
         "weights_file": run.weights_file.name,
-        "weights_sha256": weights_sha256,
+        "weights_sha256": run.weights_sha256,
         "model": run.spec.model.name,
         "trained_on": run.spec.training_split(),  # classify refuses a set whose generator saw its test patients
         "sampling": asdict(sampler),
