@@ -193,7 +193,7 @@ def test_wrong_label_width_is_a_clear_error() -> None:
 
 
 def test_published_parameter_counts_exactly() -> None:
-    """The published counts (method.md §2) plus what we add: 16 C_γ cell channels × D into the cell embedding, and
+    """The published counts (paper, Appendix) plus what we add: 16 C_γ cell channels × D into the cell embedding, and
     the learned null label embedding (D); heredity-aware models (the default) add the gate, LayerNorm weight C_h and
     Linear C_h × C_h."""
     for name, published, d, ch in (("GeCA-S", 13_312_584, 768, 64), ("GeCA-XS", 2_255_720, 384, 32)):

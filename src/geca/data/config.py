@@ -18,7 +18,7 @@ class DataConfig:
     cv_val: str = "slice"  # with a folds file: how the validation split is made (geca.data.folds.fold_split_rows)
     flip: bool = True
     download: bool = False
-    # Latent diffusion (method.md §1): a diffusers AutoencoderKL directory (or a hub id in the local HF cache);
+    # Latent diffusion (paper §3, as LDM): a diffusers AutoencoderKL directory (or a hub id in the local HF cache);
     # None trains in pixel space. Images are cropped/resized to latent_size; the cache defaults to RUN/latents.
     vae: str | None = None
     latent_size: int = 256

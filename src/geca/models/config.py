@@ -22,7 +22,7 @@ MAX_WIDTH = 2**16  # channels, heads, steps: far beyond any model here, far belo
 
 @dataclass
 class ModelConfig:
-    """What every family shares; input channels, classes and resolution come from the data (method.md §2)."""
+    """What every family shares; input channels, classes and resolution come from the data (paper §2.1)."""
 
     name: str = ""
     family: str = ""

@@ -53,7 +53,7 @@ BLOCKS = {"published": GECA_STYLE, "v0.1": DIT_STYLE}
 
 
 class GeCA(Denoiser):
-    """Cell state per pix-cell, channel order C_in | C_γ | C_out | C_h (method.md §2)."""
+    """Cell state per pix-cell, channel order C_in | C_γ | C_out | C_h (paper §2.1)."""
 
     has_cell_state = True
 

@@ -17,7 +17,7 @@ from geca.utils.hardware import resolve_precision
 
 
 def inherit(state: CellState | None, mode: str) -> CellState | None:
-    """What step t takes from step t+1 (method.md §4); None means a fresh training seed."""
+    """What step t takes from step t+1 (paper §2.3); None means a fresh training seed."""
     if state is None or mode == "none":
         return None
     return CellState(out=state.out if mode in ("out", "both") else None,

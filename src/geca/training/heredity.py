@@ -1,5 +1,6 @@
-"""Heredity-aware training (ours, method.md §4): a training call starts, as a `--ghg hidden` sampling call does, from
-the C_h that a previous call handed over, so the sampler never feeds the model a state it has not learnt from."""
+"""Heredity-aware training (ours; README, "Gene Heredity Guidance that helps"): a training call starts, as a
+`--ghg hidden` sampling call does, from the C_h that a previous call handed over, so the sampler never feeds the
+model a state it has not learnt from."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Training-time validation: KID of EMA, conditional, CFG samples against a held-out split; keeps the best checkpoint.
 
-Fixes the published selection (method.md §5): EMA weights rather than raw, conditional samples with CFG rather
-than unconditional, a metric computed afresh at every validation rather than an accumulator never reset, and a
+Fixes the checkpoint selection of the authors' code: EMA weights rather than raw, conditional samples with CFG
+rather than unconditional, a metric computed afresh at every validation rather than an accumulator never reset, and a
 selection split (`val` by default) that is never the final evaluation split (`test` is refused).
 """
 
