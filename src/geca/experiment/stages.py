@@ -70,7 +70,9 @@ def train_stage(ctx: Context, out: Path, name: str, fold: int | None, heredity: 
 def real_stage(ctx: Context, out: Path) -> dict[str, Any]:
     """Under CV: the evaluation fold's test and training splits as folder + CSV sets that `run_evaluation` reads.
 
-    A stop-gap: `EvalSettings` takes `SPEC:SPLIT` without a folds file, which cannot name a fold's split.
+    Written when `EvalSettings` could not name a fold's split; it now can (its folds_file and fold), but each
+    evaluation stage's key holds this stage's run id, so dropping it would re-run every finished CV study's
+    evaluation, GHG, M and sampler-cost stages.
     """
     counts = {}
     for split in ("test", "train"):
