@@ -23,7 +23,7 @@ from PIL import Image
 from geca.errors import GecaError
 from geca.run import LoadedRun
 from geca.run import load_run as _load
-from geca.sampling.config import SamplerConfig
+from geca.sampling.config import GROWTH_FRAMES, GROWTH_T, SamplerConfig, growth_sampler
 from geca.sampling.generate import generate, run_sampler
 from geca.sampling.growth import Organism, grow_organism
 from geca.sampling.labels import resolve_class
@@ -76,12 +76,13 @@ class Run:
                               self.device, progress)
         return [pil_image(im) for im in images] if pil else images
 
-    def grow(self, label: str | int, out: str | Path, *, t: int = 500, frames: int = 25, seed: int = 0,
+    def grow(self, label: str | int, out: str | Path, *, t: int = GROWTH_T, frames: int = GROWTH_FRAMES, seed: int = 0,
              overwrite: bool = False, **sampling: Any) -> Organism:
         """`geca grow`: one organism of `label`, its M updates at noise level t and its denoising, written to `out`
         (GIFs and strips; an earlier growth's files there are replaced only with `overwrite`). Sampling defaults to
         DDIM 50 as the command does."""
-        sampler = sampler_config(**{"sampler": "ddim", "steps": 50, **sampling})
+        default = growth_sampler()
+        sampler = sampler_config(**{"sampler": default.sampler, "steps": default.steps, **sampling})
         with _parameter_names():
             return grow_organism(self.loaded, str(label), t, run_sampler(self.loaded, sampler, strict=True), frames,
                                  seed, self.device, Path(out), overwrite)

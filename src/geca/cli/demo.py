@@ -80,7 +80,7 @@ def demo(
     from geca.config import load_config
     from geca.data.registry import load_split
     from geca.run import load_run
-    from geca.sampling.config import SamplerConfig
+    from geca.sampling.config import GROWTH_FRAMES, GROWTH_T, SamplerConfig
     from geca.sampling.generate import write_sample_dir
     from geca.sampling.growth import grow_organism
     from geca.sampling.labels import per_class_labels
@@ -123,7 +123,8 @@ def demo(
                                         progress=show_progress(None))
     grid_png = plot_class_grid(images, run.spec.class_names, per_class, out / "samples_per_grade.png",
                                title=f"GeCA-T, step {run.step}, {data}")
-    paths = grow_organism(run, str(run.spec.num_classes - 1), 500, growth, 25, 0, dev, out / "growth").paths
+    paths = grow_organism(run, str(run.spec.num_classes - 1), GROWTH_T, growth, GROWTH_FRAMES, 0, dev,
+                          out / "growth").paths
     typer.echo("\ndemo outputs:")
     for name, p in [("sample grid per grade", grid_png), ("samples (geca sample format)", out / "generated"),
                     ("growth GIF (NCA steps)", paths["growth_gif"]), ("denoising GIF", paths["denoise_gif"]),

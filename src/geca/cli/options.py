@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import typer
@@ -27,37 +27,6 @@ SAMPLER_HELP = {
                 "diffusion (more repeat integer timesteps). DDPM and DDIM respace evenly (uniform).",
 }
 
-# name: (annotation, default, flag names, help[, typer.Option's other settings])
-_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "sampler": (str, "ddpm", ("--sampler",), SAMPLER_HELP["sampler"]),
-    "steps": (int, 250, ("--steps",), SAMPLER_HELP["steps"]),
-    "guidance_scale": (float, 1.5, ("--cfg", "--guidance-scale"), SAMPLER_HELP["guidance_scale"]),
-    "ghg": (str | None, None, ("--ghg",), SAMPLER_HELP["ghg"]),
-    "nca_steps": (int | None, None, ("--m", "--nca-steps"), SAMPLER_HELP["nca_steps"]),
-    "schedule": (str | None, None, ("--schedule",), SAMPLER_HELP["schedule"]),
-    "precision": (str, "fp32", ("--precision",), "The denoiser calls' precision: fp32, bf16, fp16 (GPU only) or auto "
-                  "(bf16 where the device runs it natively: GPUs with native bf16, AVX512-BF16/AMX CPUs; else "
-                  "fp32); the sampler's own arithmetic stays fp32. On the trained demo model bf16 was 1.5x as fast "
-                  "on an AVX512-BF16 CPU, pixels within 3/255 of fp32's and KID within 2 %."),
-    "clip_x0": (bool | None, None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
-                "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
-    "seed": (int, 0, ("--seed",), "Sampling seed (same seed, same images).", {"min": 0}),
-    "batch_size": (int, 64, ("--batch-size",), "Images per sampling batch.", {"min": 1, "max": MAX_BATCH}),
-    "checkpoint": (str | None, None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, "
-                   "or a directory."),
-    "weights": (str, "ema", ("--weights",), "ema (default) or model (raw) weights."),
-    "device": (str, "auto", ("--device",), "auto, cpu or cuda[:N]."),
-    "overwrite": (bool, False, ("--overwrite",), "Replace what an earlier run of this command wrote in --out once "
-                  "sampling is done (sample and expand: only a sample set, a folder with manifest.json)."),
-    "resume": (bool, False, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
-               "finished (same run, settings and seed give the same images)."),
-    "threads": (int | None, None, ("--threads",), "CPU threads (default: one per core)."),
-    "progress": (bool | None, None, ("--progress/--no-progress",), BARS_HELP),
-}
-GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "precision", "seed", "checkpoint",
-        "device", "threads", "overwrite")
-
-
 SAMPLER_FIELDS = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "schedule", "precision")
 
 
@@ -77,6 +46,39 @@ class SamplingFlags:
     progress: bool | None = None
 
 
+# Defaults are the dataclasses' own (one home), so only the flags' spelling and help live here.
+_DEFAULTS = {**asdict(SamplerConfig()), **{f.name: f.default for f in fields(SamplingFlags) if f.name != "sampling"}}
+# name: (annotation, flag names, help[, typer.Option's other settings])
+_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "sampler": (str, ("--sampler",), SAMPLER_HELP["sampler"]),
+    "steps": (int, ("--steps",), SAMPLER_HELP["steps"]),
+    "guidance_scale": (float, ("--cfg", "--guidance-scale"), SAMPLER_HELP["guidance_scale"]),
+    "ghg": (str | None, ("--ghg",), SAMPLER_HELP["ghg"]),
+    "nca_steps": (int | None, ("--m", "--nca-steps"), SAMPLER_HELP["nca_steps"]),
+    "schedule": (str | None, ("--schedule",), SAMPLER_HELP["schedule"]),
+    "precision": (str, ("--precision",), "The denoiser calls' precision: fp32, bf16, fp16 (GPU only) or auto "
+                  "(bf16 where the device runs it natively: GPUs with native bf16, AVX512-BF16/AMX CPUs; else "
+                  "fp32); the sampler's own arithmetic stays fp32. On the trained demo model bf16 was 1.5x as fast "
+                  "on an AVX512-BF16 CPU, pixels within 3/255 of fp32's and KID within 2 %."),
+    "clip_x0": (bool | None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
+                "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
+    "seed": (int, ("--seed",), "Sampling seed (same seed, same images).", {"min": 0}),
+    "batch_size": (int, ("--batch-size",), "Images per sampling batch.", {"min": 1, "max": MAX_BATCH}),
+    "checkpoint": (str | None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, "
+                   "or a directory."),
+    "weights": (str, ("--weights",), "ema (default) or model (raw) weights."),
+    "device": (str, ("--device",), "auto, cpu or cuda[:N]."),
+    "overwrite": (bool, ("--overwrite",), "Replace what an earlier run of this command wrote in --out once "
+                  "sampling is done (sample and expand: only a sample set, a folder with manifest.json)."),
+    "resume": (bool, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
+               "finished (same run, settings and seed give the same images)."),
+    "threads": (int | None, ("--threads",), "CPU threads (default: one per core)."),
+    "progress": (bool | None, ("--progress/--no-progress",), BARS_HELP),
+}
+GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "precision", "seed", "checkpoint",
+        "device", "threads", "overwrite")
+
+
 def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), helps: dict[str, str] | None = None,
                    **defaults: Any) -> Callable[[Callable], Callable]:
     """Give a command the shared flags `names` (with other `defaults` and `helps` where given); it receives them as
@@ -87,8 +89,8 @@ def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), helps: dict[str, st
         own = [p for p in signature.parameters.values() if p.name != "flags"]
         added = []
         for name in names:
-            annotation, default, flags, help_text, *settings = _OPTIONS[name]
-            option = typer.Option(defaults.get(name, default), *flags, help=(helps or {}).get(name, help_text),
+            annotation, flags, help_text, *settings = _OPTIONS[name]
+            option = typer.Option(defaults.get(name, _DEFAULTS[name]), *flags, help=(helps or {}).get(name, help_text),
                                   **(settings or [{}])[0])
             added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                            annotation=annotation))

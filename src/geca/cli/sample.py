@@ -9,6 +9,7 @@ import typer
 from geca.cli.common import RESUME_BATCHES, guarded, on_interrupt, pick_device
 from geca.cli.options import GROW, SamplingFlags, sampling_flags
 from geca.errors import ConfigError
+from geca.sampling.config import GROWTH_FRAMES, GROWTH_T, growth_sampler
 from geca.utils.io import has_csv_header, output_file
 
 
@@ -73,15 +74,16 @@ def sample(
 
 @guarded
 @sampling_flags(GROW, {"sampler": "ddim (η=0) or ddpm (ancestral): the respaced chain whose M updates grow replays "
-                            "(DPM-Solver++ is not one)."}, sampler="ddim", steps=50)
+                            "(DPM-Solver++ is not one)."},
+                **{k: getattr(growth_sampler(), k) for k in ("sampler", "steps")})
 def grow(
     run: Path = typer.Option(..., "--run", help="Run directory of a GeCA."),
     out: Path = typer.Option(..., "--out", help="Directory for growth.gif/png and denoise.gif/png."),
     label: str = typer.Option("0", "--label", help="Class name or index of the organism."),
-    at_t: int = typer.Option(500, "--t", help="Noise level t (0 to T−1, T the run's diffusion steps: 0…999 by "
+    at_t: int = typer.Option(GROWTH_T, "--t", help="Noise level t (0 to T−1, T the run's diffusion steps: 0…999 by "
                              "default) at which to show the M NCA updates."),
-    frames: int = typer.Option(25, "--frames", min=1, help="Frames of the denoising trajectory (at most one per "
-                               "reverse step: --steps)."),
+    frames: int = typer.Option(GROWTH_FRAMES, "--frames", min=1, help="Frames of the denoising trajectory (at "
+                               "most one per reverse step: --steps)."),
     *,
     flags: SamplingFlags,
 ) -> None:

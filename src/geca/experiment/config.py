@@ -17,7 +17,7 @@ from geca.errors import ConfigError, DataError
 from geca.metrics.evaluate import EvalSettings
 from geca.metrics.kid import min_generated
 from geca.presets import presets
-from geca.sampling.config import GHG_MODES, SamplerConfig
+from geca.sampling.config import GHG_MODES, GROWTH_FRAMES, GROWTH_T, SamplerConfig, growth_sampler
 from geca.utils.schema import MAX_BATCH, from_dict, merge, nest, parse_yaml, read_text, read_yaml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -118,9 +118,9 @@ class GrowthSettings:
 
     enabled: bool = True
     label: str = "0"  # class name or index
-    t: int = 500
-    frames: int = 25
-    sampler: SamplerConfig = field(default_factory=lambda: _ddim(50))
+    t: int = GROWTH_T
+    frames: int = GROWTH_FRAMES
+    sampler: SamplerConfig = field(default_factory=growth_sampler)
 
 
 @dataclass

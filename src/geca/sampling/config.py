@@ -120,3 +120,13 @@ def settings_key(value: Any) -> Any:
         if schedule != "uniform":
             out["schedule"] = schedule
     return out
+
+
+# `geca grow`'s defaults (the command, the API and the study's growth stage): the noise level whose M updates are
+# shown, the trajectory's frames, and a respaced chain (DPM-Solver++ is none) short enough for a CPU.
+GROWTH_T = 500
+GROWTH_FRAMES = 25
+
+
+def growth_sampler() -> SamplerConfig:
+    return SamplerConfig(sampler="ddim", steps=50)
