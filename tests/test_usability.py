@@ -419,3 +419,14 @@ def test_sample_says_which_label_flag_is_missing(custom_run: Path, tmp_path: Pat
     res = runner.invoke(app, base)
     assert res.exit_code == 2 and "give exactly one of --per-class N or --labels-from SPLIT" in res.output
     assert not (tmp_path / "s").exists()
+
+
+def test_every_train_flag_that_sets_a_config_field_is_a_parameter_of_the_command() -> None:
+    """`geca train` collects the flags that set a field from its own parameters by FLAG_FIELDS' names: a name that
+    is no parameter would be dropped without a word."""
+    import inspect
+
+    from geca.cli.train import FLAG_FIELDS, train
+
+    parameters = set(inspect.signature(train).parameters)
+    assert set(FLAG_FIELDS) <= parameters, set(FLAG_FIELDS) - parameters

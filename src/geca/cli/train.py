@@ -126,6 +126,7 @@ def train(
     progress: bool | None = typer.Option(None, "--progress/--no-progress", help=PROGRESS_HELP),
 ) -> None:
     """Train a GeCA (launch with `torchrun --nproc_per_node N` for several processes)."""
+    given = {key: value for key, value in locals().items() if key in FLAG_FIELDS}  # the flags that set a field
     from geca.config import load_config
     from geca.models.config import named_model
     from geca.presets import resolve_config
@@ -147,13 +148,7 @@ def train(
     before = copy.deepcopy(run_config) if resume else None
     if model is not None:
         run_config.model = named_model(model)
-    overrides = dict(data=data, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val, vae=vae,
-                     latent_size=latent_size, download=download, max_steps=max_steps, max_minutes=max_minutes,
-                     batch_size=batch_size, lr=lr, seed=seed, precision=precision, ema_decay=ema_decay,
-                     log_every=log_every, sample_every=sample_every, checkpoint_every=checkpoint_every,
-                     validate_every=validate_every, nca_steps=nca_steps, attention=attention, compile=compile,
-                     checkpointing=checkpointing, flip=flip, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-                     logger=logger, heredity=None if heredity is None else ("gated" if heredity else "off"))
+    overrides = {**given, "heredity": None if heredity is None else ("gated" if heredity else "off")}
     apply_overrides(run_config, **overrides)
     # A bad value is named as the user wrote it: its flag, or its key in the config file.
     names = {FLAG_FIELDS[k]: flag_name(k, heredity if k == "heredity" else v)
