@@ -1,5 +1,6 @@
 """Run configuration: plain YAML files mirrored by dataclasses (data, model, diffusion, training, preview,
-validation). Each package owns its own section's dataclass; this module puts them together."""
+validation). The data, model and diffusion packages own their sections' dataclasses; training's three live here,
+since the trainer imports the run config this module assembles (a unit below training, which imports it)."""
 
 from __future__ import annotations
 
