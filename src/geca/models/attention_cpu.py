@@ -58,7 +58,9 @@ def _machine() -> str:
 def _build(cc: str, head_dim: int, value_dim: int) -> ctypes.CDLL:
     """The shared library for these dimensions, compiled into the cache unless it is there already, and loaded. Each
     flag set is its own cache entry, so a library built without OpenMP (say) is not reused once the full flags build;
-    the next set is tried where one does not build or does not load (zig cc builds -fopenmp without its runtime)."""
+    the next set is tried where one does not build or does not load (zig cc builds -fopenmp without its runtime).
+    Not torch.utils.cpp_extension.load: it builds a Python extension against torch's headers with ninja, where this
+    is a plain C library that needs only a C compiler."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     common = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
                                        (_SOURCE.read_bytes(), Path(__file__).read_bytes(), cc, version, _machine(),
