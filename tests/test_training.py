@@ -443,16 +443,16 @@ UNREADABLE_ON_RANK_0 = """
 import os, sys
 from geca.cli.main import main
 from geca.errors import DataError
-from geca.training import trainer
+from geca.training import data
 
-load_split = trainer.load_split
+load_split = data.load_split
 
 def unreadable(*args, **kwargs):
     if os.environ["RANK"] == "0":
         raise DataError("blobs.npz: unreadable on rank 0")
     return load_split(*args, **kwargs)
 
-trainer.load_split = unreadable
+data.load_split = unreadable
 sys.argv = ["geca", *sys.argv[1:]]
 main()
 """

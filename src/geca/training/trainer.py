@@ -1,80 +1,46 @@
 """The training loop: accelerate for devices, processes and mixed precision; exact resume.
 
-`train()` reads top to bottom: set up (data, model, optimizer, resume), then the loop of `Trainer.step` and
-`Trainer.periodic`, then the final checkpoint, preview and validation.
+`Trainer.__init__` sets up (data, model, optimizer, resume); `Trainer.run` reads top to bottom: the loop of
+`Trainer.step` and `Trainer.periodic`, then the final checkpoint, preview and validation. What the run trains on is
+in `data.py`, the processes' collectives in `distributed.py`, loading a checkpoint to resume in `resume.py`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from datetime import timedelta
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import InitProcessGroupKwargs, broadcast
 from tqdm.auto import tqdm
 
 from geca.config import RunConfig, save_config
-from geca.data.folds import folds_digest, stable_folds
 from geca.data.imageset import ImageSet
-from geca.data.registry import load_split, located_spec, source_key
-from geca.errors import CheckpointError, ConfigError, DataError, TrainingError
-from geca.latent.cache import LatentSet, ensure_latents
-from geca.latent.codec import LatentCodec
+from geca.errors import CheckpointError, ConfigError, TrainingError
 from geca.models.build import count_parameters
-from geca.run import ModelSpec, find_checkpoint, load_state_dict_into, read_spec, read_state, save_checkpoint, verify
+from geca.run import find_checkpoint, read_spec, save_checkpoint
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import resolved_precision
 from geca.training.compile import check_toolchain, compile_for_run
+from geca.training.data import BatchStream, training_data
+from geca.training.distributed import make_accelerator, max_over_processes, parameters_identical
 from geca.training.ema import EMA
 from geca.training.heredity import handed_over
-from geca.utils.hardware import peak_memory_mib, reset_peak_memory, resolve_precision
-from geca.utils.images import to_uint8
+from geca.training.resume import latest_checkpoint, resume_from
+from geca.utils.hardware import peak_memory_mib, reset_peak_memory
 from geca.utils.io import CsvLog, atomic_write_json, few, other_files, output_dir
 from geca.utils.plots import plot_class_grid, plot_loss_curve
-from geca.utils.pretrained import load_torch_file
 from geca.utils.seeding import derive_seed
 
-ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 DIVERGED = 1e3  # the diffusion loss of a sane model is O(1); above this it has blown up
-# While the main process alone builds the latent cache, validates or draws the final preview, the others wait in a
-# collective; NCCL's default 10 minutes is shorter than that work on a large dataset.
-COLLECTIVE_TIMEOUT = timedelta(hours=2)
-T = TypeVar("T")
 # Until a checkpoint has been timed, writing one (fp32 weights, their EMA and AdamW's two moments, then hashing them)
 # is guessed at a slow disk's speed.
 CHECKPOINT_BYTES_PER_PARAMETER, SLOW_DISK_BYTES_PER_S = 16, 100e6
 LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "peak_mem_mib", "elapsed_min"]
-
-
-class BatchStream:
-    """Batch indices as a pure function of the step: epochs are seeded permutations of the dataset."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n = n
-        self.seed = seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:
-                self._perms.pop(min(self._perms))
-            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 0xDA7A))
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
-        return self._perms[epoch]
-
-    def indices(self, start: int, count: int) -> torch.Tensor:
-        pos = torch.arange(start, start + count)
-        return torch.stack([self._perm(int(p) // self.n)[int(p) % self.n] for p in pos])
 
 
 class LossWindow:
@@ -105,31 +71,6 @@ class LossWindow:
         return row
 
 
-@dataclass
-class TrainingData:
-    """What the denoiser trains on, on the device: images (or latents), their mirrored twins where the mirror is not
-    a flip of the tensor (latents), label vectors, and how model-space tensors become uint8 images."""
-
-    data: ImageSet
-    images: torch.Tensor
-    flipped: torch.Tensor | None
-    labels: torch.Tensor
-    latent: LatentSet | None
-    to_images: Callable[[torch.Tensor], np.ndarray]
-    folds_sha256: str | None  # of the folds file the split was read from
-    data_key: str | None  # geca.data.registry.source_key of the data spec
-
-    def spec(self, config: RunConfig) -> ModelSpec:
-        d, folds = self.data, config.data.folds_file
-        where = None if folds is None else str(Path(folds).expanduser().resolve())
-        return ModelSpec(model=config.model, diffusion=config.diffusion,
-                         data=replace(config.data, spec=located_spec(config.data.spec), folds_file=where),
-                         folds_sha256=self.folds_sha256, data_key=self.data_key,
-                         in_channels=self.images.shape[1], num_classes=d.num_classes, resolution=self.images.shape[-1],
-                         class_names=d.class_names, multilabel=d.multilabel,
-                         latent=None if self.latent is None else self.latent.spec)
-
-
 def learning_rate(tc: Any, step: int) -> float:
     """The lr of optimizer step `step` (0-based): a pure function of the step, so resume needs no scheduler state."""
     if step < tc.warmup_steps:
@@ -138,139 +79,6 @@ def learning_rate(tc: Any, step: int) -> float:
         span = max(tc.max_steps - tc.warmup_steps, 1)
         return tc.lr * 0.5 * (1 + math.cos(math.pi * min(step - tc.warmup_steps, span) / span))
     return tc.lr
-
-
-def _accelerator(config: RunConfig, run_dir: Path, cpu: bool = False) -> Accelerator:
-    on_gpu = not cpu and torch.cuda.is_available()
-    try:
-        precision = ACCELERATE_PRECISION[resolve_precision(config.train.precision, cuda=on_gpu)]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    # Accelerate keeps mixed precision in a process-wide singleton; reset it (not the process group) so that
-    # several runs with different precisions can share one Python process.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    tensorboard = config.train.logger == "tensorboard"
-    return Accelerator(mixed_precision=precision, cpu=not on_gpu,
-                       log_with="tensorboard" if tensorboard else None, project_dir=run_dir if tensorboard else None,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
-
-
-def _latents(config: RunConfig, data: ImageSet, run_dir: Path, accelerator: Accelerator,
-             codec: Callable[[], LatentCodec], progress: bool) -> LatentSet:
-    """The main process builds (or reuses) the latent cache of the training split; the others read it after."""
-    d = config.data
-    cache = Path(d.latent_cache).expanduser() if d.latent_cache else run_dir / "latents"
-    kwargs: dict[str, Any] = dict(size=d.latent_size, mean=d.latent_mean, get_codec=codec)
-
-    def build(main: bool) -> LatentSet:
-        result, status = ensure_latents(d.vae, data, "train", cache, progress=progress and main, build=main, **kwargs)
-        if main:
-            tqdm.write(f"latents of the training images: {status} ({cache / 'train'})")
-        return result
-
-    return _main_first(accelerator, build, "building the latent cache")
-
-
-def training_data(config: RunConfig, run_dir: Path, accelerator: Accelerator, progress: bool,
-                  train_set: ImageSet | None = None) -> TrainingData:
-    """The training split, as pixels or (with a VAE) as cached latents."""
-    d = config.data
-    if train_set is not None:
-        data, digest = train_set, None if d.folds_file is None else folds_digest(d.folds_file)
-    else:
-        def load(main: bool) -> tuple[ImageSet, str | None]:
-            with stable_folds(d.folds_file) as digest:  # the others read what the main process downloaded
-                return load_split(d.spec, "train", image_size=d.image_size, folds_file=d.folds_file, fold=d.fold,
-                                  cv_val=d.cv_val, download=d.download and main), digest
-
-        data, digest = _main_first(accelerator, load, "loading the training data")
-        _same_folds_everywhere(accelerator, d.folds_file, digest)
-    try:
-        key = source_key(d.spec)
-    except DataError:  # a split handed in by a caller, under a spec that names nothing loadable
-        key = None
-    if not d.vae:
-        images, labels = data.tensors()
-        return TrainingData(data, images, None, labels, None, to_uint8, digest, key)
-    codec = functools.cache(lambda: LatentCodec.load(d.vae, d.latent_size, accelerator.device))
-    latent = _latents(config, data, run_dir, accelerator, codec, progress)
-    return TrainingData(data, latent.latents, latent.flipped.to(accelerator.device), latent.labels, latent,
-                        lambda x: codec().decode(x, latent.spec.image_channels), digest, key)
-
-
-def _main_first(accelerator: Accelerator, work: Callable[[bool], T], what: str) -> T:
-    """`work(True)` on the main process, then `work(False)` on the others (which read what it downloaded or built).
-    Unlike accelerate's main_process_first, a failure on any process stops them all: without torchrun's agent the
-    others would wait at the next collective until its timeout."""
-    result = None
-    for main in (True, False):
-        error = None
-        if accelerator.is_main_process == main:
-            try:
-                result = work(main)
-            except Exception as e:
-                error = e
-        _fail_together(accelerator, error is not None, what)
-        if error is not None:
-            raise error
-    return result  # type: ignore[return-value]
-
-
-def _same_folds_everywhere(accelerator: Accelerator, folds_file: str | None, digest: str | None) -> None:
-    """Every process must have read the main process's folds (a file rewritten between their reads is refused)."""
-    if digest is None or accelerator.num_processes == 1:
-        return
-    mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8, device=accelerator.device)
-    other = mine.ne(broadcast(mine.clone(), from_process=0)).any().item()
-    _fail_together(accelerator, other, "reading the folds file")
-    if other:
-        raise DataError(f"{folds_file}: this process read other folds than the main process (the file changed while "
-                        "the processes started); rerun")
-
-
-def _fail_together(accelerator: Accelerator, failed: bool, what: str) -> None:
-    """A collective every process reaches: where any process failed, the others raise too."""
-    flag = _max_over_processes(torch.tensor([float(failed)], device=accelerator.device))
-    if flag.item() and not failed:
-        raise TrainingError(f"another process failed {what}; see its error")
-
-
-def _latest(run_dir: Path) -> tuple[Path, int, dict[str, Any]]:
-    """The latest checkpoint, its step and its state (elapsed time, images seen)."""
-    ckpt = find_checkpoint(run_dir)
-    state = read_state(ckpt)
-    for key, kind in (("step", int), ("elapsed_s", (int, float)), ("images_seen", int)):
-        if not isinstance(state.get(key), kind) or isinstance(state[key], bool):
-            raise CheckpointError(f"{ckpt / 'state.json'}: missing, or holds no valid {key}; cannot resume from {ckpt}")
-    state.pop("files", None)
-    state.pop("grad_scaler", None)  # the scaler's own state, read by _resume
-    return ckpt, int(state.pop("step")), state
-
-
-def _resume(ckpt: Path, model: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None) -> None:
-    """Load checkpoint `ckpt` into the model, its EMA, the optimizer and fp16's loss scaler."""
-    load_state_dict_into(model, ckpt / "model.safetensors")
-    load_state_dict_into(ema.model, ckpt / "ema.safetensors")
-    opt_file = ckpt / "optimizer.pt"
-    verify(opt_file)
-    corrupt = f"{opt_file}: corrupt or not an optimizer state written by geca"
-    try:
-        saved = load_torch_file(opt_file)  # on the CPU first: a run trained on a GPU resumes on one without
-    except ValueError as e:
-        raise CheckpointError(f"{corrupt} ({e})") from None
-    except Exception as e:  # torch's reader raises whatever its parser hits in truncated or foreign bytes
-        raise CheckpointError(f"{corrupt} (torch.load: {type(e).__name__})") from None
-    if not (isinstance(saved, dict) and {"state", "param_groups"} <= saved.keys()):
-        raise CheckpointError(f"{corrupt} (a {type(saved).__name__} without state and param_groups)")
-    try:
-        optimizer.load_state_dict(saved)
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        raise CheckpointError(f"{opt_file}: does not fit this model's optimizer ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    scale = read_state(ckpt).get("grad_scaler")
-    if scaler is not None and isinstance(scale, dict):
-        scaler.load_state_dict(scale)
 
 
 class Trainer:
@@ -282,7 +90,7 @@ class Trainer:
         config.validate()
         check_run_dir(self.run_dir, resume)
         tc = config.train
-        self.accelerator = acc = _accelerator(config, self.run_dir, cpu)
+        self.accelerator = acc = make_accelerator(config, self.run_dir, cpu)
         check_toolchain(config.model, acc.device)
         check_sampler_precisions(config, acc.device)
         self.world, self.rank, self.main = acc.num_processes, acc.process_index, acc.is_main_process
@@ -303,7 +111,7 @@ class Trainer:
         if changed:
             raise CheckpointError(f"{run_dir}/model.json differs from this config at {'; '.join(changed)}; resume "
                                   "needs the same model, diffusion and data")
-        ckpt, self.step_count, self.state = (_latest(self.run_dir) if resume else
+        ckpt, self.step_count, self.state = (latest_checkpoint(self.run_dir) if resume else
                                              (None, 0, {"elapsed_s": 0.0, "images_seen": 0}))
         self.saved_lr = self.state.pop("lr", None)  # the last step's, as checkpointed
         compiled, self.compile_note = compile_for_run(self.spec, tc, acc.device, tc.max_steps - self.step_count,
@@ -317,7 +125,7 @@ class Trainer:
         # is launch-bound
         optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
         if ckpt is not None:
-            _resume(ckpt, model, self.ema, optimizer, acc.scaler)
+            resume_from(ckpt, model, self.ema, optimizer, acc.scaler)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.device = acc.device
         self.ema.model.to(self.device)
@@ -394,7 +202,7 @@ class Trainer:
         if self.world == 1:
             return loss.item()
         v = loss.detach().float().reshape(1)
-        worst = _max_over_processes(torch.cat([v.isnan().float(), v.masked_fill(v.isnan(), 0)]))  # (2,)
+        worst = max_over_processes(torch.cat([v.isnan().float(), v.masked_fill(v.isnan(), 0)]))  # (2,)
         return math.nan if worst[0] > 0 else worst[1].item()
 
     def _denoiser(self, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor
@@ -556,7 +364,7 @@ class Trainer:
             return False
         need = time.time() - self.t_start + self.step_s + self.final_work_s()  # one more step, then the final work
         over = torch.tensor([float(need > budget * 60)], device=self.device)
-        return _max_over_processes(over).item() > 0
+        return max_over_processes(over).item() > 0
 
     def describe(self) -> str:
         """The start-up line: what trains, on what, from where."""
@@ -618,7 +426,7 @@ class Trainer:
             self.periodic()
             self._advance()
         self.finish()
-        checksum = _parameters_identical(self.accelerator, self.model) if self.world > 1 else None
+        checksum = parameters_identical(self.accelerator, self.model) if self.world > 1 else None
         if self.main:
             plot_loss_curve(self.log.path, self.run_dir / "loss.png")
         self.accelerator.wait_for_everyone()
@@ -685,20 +493,3 @@ def train(config: RunConfig, run_dir: Path, resume: bool = False, progress: bool
         raise
 
 
-def _max_over_processes(t: torch.Tensor) -> torch.Tensor:
-    """The elementwise max over processes, in place. torch.distributed itself: accelerate's reduce does a max only
-    since 2026 (older releases, which pyproject allows, sum anything but "mean")."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return t
-
-
-def _parameters_identical(accelerator: Accelerator, model: torch.nn.Module) -> float:
-    """Check that data-parallel ranks ended with the same weights; a mismatch means broken gradient sync."""
-    flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(model).parameters()])
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64) % 9973 + 1
-    checksum = (flat.double() * weights).sum().reshape(1)
-    sums = accelerator.gather(checksum)
-    if not torch.all(sums == sums[0]):
-        raise TrainingError(f"parameters differ between processes after training: checksums {sums.tolist()}")
-    return checksum.item()
