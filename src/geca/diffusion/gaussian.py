@@ -7,6 +7,7 @@ posterior against diffusers' DDPMScheduler.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -34,11 +35,6 @@ def spaced_timesteps(timesteps: int, steps: int) -> list[int]:
         taken.append(round(position))
         position += stride
     return sorted(set(taken))
-
-
-def _extract(arr: np.ndarray, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    out = torch.from_numpy(arr).to(device=t.device)[t].float()
-    return out.view(-1, *([1] * (ndim - 1)))
 
 
 def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
@@ -85,6 +81,27 @@ class GaussianDiffusion:
             else self.betas)
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    @functools.cached_property
+    def log_betas(self) -> np.ndarray:
+        return np.log(self.betas)
+
+    @functools.cached_property
+    def fixed_log_variance(self) -> np.ndarray:
+        """log of the fixed ("large") variance of a model that does not learn it: β_t, β̃_1 at t=0."""
+        return np.log(np.append(self.posterior_variance[1], self.betas[1:]))
+
+    def _table(self, name: str, device: torch.device) -> torch.Tensor:
+        """Schedule array `name` on `device`, copied there once: a copy per use stalls a GPU a dozen times a step."""
+        key = (name, device)
+        if key not in self._tables:
+            self._tables[key] = torch.as_tensor(np.asarray(getattr(self, name))).to(device)
+        return self._tables[key]
+
+    def _at(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Schedule array `name` at timesteps t in float32, shaped (B, 1, …) to broadcast over `ndim` dimensions."""
+        return self._table(name, t.device)[t].float().view(-1, *([1] * (ndim - 1)))
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> GaussianDiffusion:
@@ -103,25 +120,25 @@ class GaussianDiffusion:
         return GaussianDiffusion(np.array(betas), self.learn_sigma, tmap)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.timestep_map, device=t.device, dtype=torch.long)[t]
+        return self._table("timestep_map", t.device)[t]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (_extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
-                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+        return (self._at("sqrt_alphas_cumprod", t, x0.ndim) * x0
+                + self._at("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise)
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (_extract(self.posterior_mean_coef1, t, xt.ndim) * x0
-                + _extract(self.posterior_mean_coef2, t, xt.ndim) * xt)
-        return mean, _extract(self.posterior_log_variance_clipped, t, xt.ndim)
+        mean = (self._at("posterior_mean_coef1", t, xt.ndim) * x0
+                + self._at("posterior_mean_coef2", t, xt.ndim) * xt)
+        return mean, self._at("posterior_log_variance_clipped", t, xt.ndim)
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
-                - _extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+        return (self._at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt
+                - self._at("sqrt_recipm1_alphas_cumprod", t, xt.ndim) * eps)
 
     def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return ((_extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
-                / _extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
+        return ((self._at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt - x0)
+                / self._at("sqrt_recipm1_alphas_cumprod", t, xt.ndim))
 
     def split_output(self, output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ε, variance values or None) of a model output for `channels`-channel images."""
@@ -138,10 +155,10 @@ class GaussianDiffusion:
         """p(x_{t-1} | x_t) from a model output; the learned variance interpolates log β_t and log β̃_t."""
         eps, var_values = self.split_output(output.float(), xt.shape[1])
         if var_values is None:
-            log_var = _extract(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, xt.ndim)
+            log_var = self._at("fixed_log_variance", t, xt.ndim)
         else:
-            min_log = _extract(self.posterior_log_variance_clipped, t, xt.ndim)
-            max_log = _extract(np.log(self.betas), t, xt.ndim)
+            min_log = self._at("posterior_log_variance_clipped", t, xt.ndim)
+            max_log = self._at("log_betas", t, xt.ndim)
             frac = (var_values + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         raw = self.predict_x0(xt, t, eps)
