@@ -484,8 +484,8 @@ def test_fused_kernels_are_not_compiled_twice() -> None:
 def test_triton_beyond_cudas_second_grid_axis() -> None:
     """B·heads > 65,535 programs along one axis: the 1-D launch grid takes them."""
     gen = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(70_000, 1, 1, 2, 4, generator=gen).cuda().requires_grad_() for _ in range(3))
-    grad = torch.randn(70_000, 1, 1, 2, 4, generator=gen).cuda()
+    q, k, v = (torch.randn(70_000, 1, 1, 2, 4, generator=gen).requires_grad_() for _ in range(3))  # _attend moves them
+    grad = torch.randn(70_000, 1, 1, 2, 4, generator=gen)
     for a, e in zip(_run("triton", q, k, v, grad), _run("fast", q, k, v, grad), strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
@@ -497,3 +497,25 @@ def test_a_cc_that_is_not_there_is_said(monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.warns(UserWarning, match=r"\$CC=/nonexistent/gcc is not found"):
         found = c_compiler()
     assert found != "/nonexistent/gcc"
+
+
+def test_the_fast_attention_compiles_to_one_graph() -> None:
+    """Under torch.compile (CUDA graphs included) the fast attention is one graph: a break would run it eagerly,
+    piece by piece, between graphs."""
+    qkv = torch.randn(2, 5, 6, 3, 2, 4, requires_grad=True)  # (B, H, W, q|k|v, heads, d): q, k, v are views
+
+    def attend(qkv: Tensor) -> Tensor:
+        q, k, v = (qkv[..., i, :, :].permute(0, 3, 1, 2, 4) for i in range(3))
+        return neighbourhood_attention(q, k, v, impl="fast")
+
+    explained = torch._dynamo.explain(attend)(qkv)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_only_a_cpu_works_through_the_batch_in_chunks() -> None:
+    """Chunks keep a CPU's nine passes in cache; on a GPU each chunk would only add kernel launches."""
+    from geca.models.attention import _chunks
+
+    for device in ("cpu", "meta"):
+        q = torch.empty(64, 6, 32, 32, 64, device=device)  # GeCA-S's q at 32×32
+        assert len(list(_chunks(q))) == (64 if device == "cpu" else 1)
