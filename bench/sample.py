@@ -132,12 +132,24 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     peaks = {p: matmul_peak_tflops(device, DTYPES[p]) for p in args.precisions}
     rows = []
     for name in args.configs.split(","):
-        config = model_config(name, args)
-        model = build_model(config, args.channels, args.classes, args.resolution)
-        gmacs = count_macs(model, args.channels, args.classes, args.resolution, executed=True) / 1e9
+        try:  # a config that cannot be built here (LDM-B without diffusers) must not cost the others (GPU time)
+            config = model_config(name, args)
+            model = build_model(config, args.channels, args.classes, args.resolution)
+            gmacs = count_macs(model, args.channels, args.classes, args.resolution, executed=True) / 1e9
+        except Exception as e:
+            rows.append({"config": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"{name:8s} cannot be built here: {type(e).__name__}: {e}", flush=True)
+            continue
         for (sampler, steps, schedule), precision in itertools.product(args.settings, args.precisions):
             schedule = default_schedule(sampler, schedule)
-            s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule, precision])
+            try:
+                s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule, precision])
+            except subprocess.CalledProcessError as e:  # one failing setting must not cost the others
+                why = (e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"]
+                rows.append({"config": name, "sampler": sampler, "steps": steps, "schedule": schedule,
+                             "precision": precision, "error": why[0]})
+                print(f"{name:8s} {sampler:8s} {steps:4d} steps {precision:5s} failed: {why[0]}", flush=True)
+                continue
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch
             row = {"config": name, "family": config.family, "parameters": count_parameters(model),
@@ -149,8 +161,9 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
             if not args.json:
                 print(f"{name:8s} {sampler:8s} {steps:4d} steps {schedule:7s} {precision:5s} {s / args.batch:9.3f} "
                       f"s/image {mib:8.1f} MiB", flush=True)
-    fp32 = {tuple(r[k] for k in SETTING): r["seconds_per_image"] for r in rows if r["precision"] == "fp32"}
-    for r in rows:
+    timed = [r for r in rows if "error" not in r]
+    fp32 = {tuple(r[k] for k in SETTING): r["seconds_per_image"] for r in timed if r["precision"] == "fp32"}
+    for r in timed:
         if (base := fp32.get(tuple(r[k] for k in SETTING))) is not None:
             r["speed_vs_fp32"] = round(base / max(r["seconds_per_image"], 1e-9), 2)
     return {"batch": args.batch, "input": list(shape), "classes": args.classes, "cfg": args.cfg,
@@ -310,6 +323,10 @@ def main() -> None:
         print(f"\n{'config':8s} {'family':6s} {'params':>11s} {'GMAC/call':>9s} {'sampler':18s} {'prec':5s} "
               f"{'s/image':>9s} {'× fp32':>6s} {'GMAC/image':>10s} {'peak MiB':>9s} {'MFU':>6s}")
         for r in result["rows"]:
+            if "error" in r:
+                print(f"{r['config']:8s} {'':6s} {'':11s} {'':9s} {r.get('sampler', ''):18s} "
+                      f"{r.get('precision', ''):5s} failed: {r['error']}")
+                continue
             vs = f"{r['speed_vs_fp32']:6.2f}" if "speed_vs_fp32" in r else f"{'':6s}"
             print(f"{r['config']:8s} {r['family']:6s} {r['parameters']:11,d} {r['gmacs_per_call']:9.3f} "
                   f"{r['sampler'] + ' ' + str(r['steps']) + ' ' + r['schedule']:18s} {r['precision']:5s} "

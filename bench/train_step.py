@@ -132,16 +132,21 @@ def main() -> None:
     peaks = {p: matmul_peak_tflops(device, DTYPES[p]) for p in args.precisions.split(",")}
     rows = []
     for name in args.configs.split(","):
-        config = model_config(name, args)
-        attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
-        flops = {}
-        for attention in attentions:
-            # The same maths compiled or not: counting need not compile.
-            counted, _, _ = variant_config(model_config(name, args), attention)
-            model = build_model(counted, args.channels, args.classes, args.resolution)
-            params = count_parameters(model)
-            macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)
-            flops[attention] = 6 * macs * args.batch
+        try:  # a config that cannot be built here (LDM-B without diffusers) must not cost the others (GPU time)
+            config = model_config(name, args)
+            attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
+            flops = {}
+            for attention in attentions:
+                # The same maths compiled or not: counting need not compile.
+                counted, _, _ = variant_config(model_config(name, args), attention)
+                model = build_model(counted, args.channels, args.classes, args.resolution)
+                params = count_parameters(model)
+                macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)
+                flops[attention] = 6 * macs * args.batch
+        except Exception as e:
+            rows.append({"config": name, "error": f"{type(e).__name__}: {e}"})
+            print(f"{name:8s} cannot be built here: {type(e).__name__}: {e}", flush=True)
+            continue
         for precision in args.precisions.split(","):
             base = None
             for attention in attentions:
@@ -180,7 +185,8 @@ def main() -> None:
           f"{'peak MiB':>9s} {'mem × ref':>9s} {'MFU':>6s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['config']:8s} {'':6s} {'':11s} {r['precision']:5s} {r['attention']:16s} failed: {r['error']}")
+            print(f"{r['config']:8s} {'':6s} {'':11s} {r.get('precision', ''):5s} {r.get('attention', ''):16s} "
+                  f"failed: {r['error']}")
             continue
         ref = f"{r['speedup_vs_reference']:6.2f}" if "speedup_vs_reference" in r else f"{'':6s}"
         mem = f"{r['memory_vs_reference']:9.2f}" if "memory_vs_reference" in r else f"{'':9s}"
