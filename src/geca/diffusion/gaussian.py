@@ -99,7 +99,7 @@ class GaussianDiffusion:
             self._tables[key] = torch.as_tensor(np.asarray(getattr(self, name))).to(device)
         return self._tables[key]
 
-    def _at(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    def at(self, name: str, t: torch.Tensor, ndim: int) -> torch.Tensor:
         """Schedule array `name` at timesteps t in float32, shaped (B, 1, …) to broadcast over `ndim` dimensions."""
         return self._table(name, t.device)[t].float().view(-1, *([1] * (ndim - 1)))
 
@@ -123,22 +123,22 @@ class GaussianDiffusion:
         return self._table("timestep_map", t.device)[t]
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return (self._at("sqrt_alphas_cumprod", t, x0.ndim) * x0
-                + self._at("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise)
+        return (self.at("sqrt_alphas_cumprod", t, x0.ndim) * x0
+                + self.at("sqrt_one_minus_alphas_cumprod", t, x0.ndim) * noise)
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (self._at("posterior_mean_coef1", t, xt.ndim) * x0
-                + self._at("posterior_mean_coef2", t, xt.ndim) * xt)
-        return mean, self._at("posterior_log_variance_clipped", t, xt.ndim)
+        mean = (self.at("posterior_mean_coef1", t, xt.ndim) * x0
+                + self.at("posterior_mean_coef2", t, xt.ndim) * xt)
+        return mean, self.at("posterior_log_variance_clipped", t, xt.ndim)
 
     def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (self._at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt
-                - self._at("sqrt_recipm1_alphas_cumprod", t, xt.ndim) * eps)
+        return (self.at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt
+                - self.at("sqrt_recipm1_alphas_cumprod", t, xt.ndim) * eps)
 
     def predict_eps(self, xt: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return ((self._at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt - x0)
-                / self._at("sqrt_recipm1_alphas_cumprod", t, xt.ndim))
+        return ((self.at("sqrt_recip_alphas_cumprod", t, xt.ndim) * xt - x0)
+                / self.at("sqrt_recipm1_alphas_cumprod", t, xt.ndim))
 
     def split_output(self, output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ε, variance values or None) of a model output for `channels`-channel images."""
@@ -155,10 +155,10 @@ class GaussianDiffusion:
         """p(x_{t-1} | x_t) from a model output; the learned variance interpolates log β_t and log β̃_t."""
         eps, var_values = self.split_output(output.float(), xt.shape[1])
         if var_values is None:
-            log_var = self._at("fixed_log_variance", t, xt.ndim)
+            log_var = self.at("fixed_log_variance", t, xt.ndim)
         else:
-            min_log = self._at("posterior_log_variance_clipped", t, xt.ndim)
-            max_log = self._at("log_betas", t, xt.ndim)
+            min_log = self.at("posterior_log_variance_clipped", t, xt.ndim)
+            max_log = self.at("log_betas", t, xt.ndim)
             frac = (var_values + 1) / 2
             log_var = frac * max_log + (1 - frac) * min_log
         raw = self.predict_x0(xt, t, eps)

@@ -76,20 +76,18 @@ def sample(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, 
     dtype = autocast_dtype(sampler.precision, device)
     b = labels.shape[0]
     x = torch.randn(b, *shape, device=device) if noise is None else noise.to(device)
-    if sampler.sampler.startswith("dpm++"):
-        return _dpm_solver(model, diffusion, labels, x, sampler, callback, progress, dtype)
-    spaced = diffusion.respaced(sampler.steps)
-    state: CellState | None = None
-    for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress, leave=False):
-        t = torch.full((b,), i, device=device, dtype=torch.long)
+    stepper = _stepper(diffusion, sampler, device)
+    process, state = stepper.process, None
+    for i in tqdm(stepper.indices, desc="sampling", disable=not progress, leave=False):
+        t = torch.full((b,), i, device=device, dtype=torch.long)  # an index into `process`
         carry = inherit(state, sampler.ghg) if model.has_cell_state else None
-        res = guided_output(model, x, spaced.model_timesteps(t), labels, sampler.guidance_scale, carry,
+        res = guided_output(model, x, process.model_timesteps(t), labels, sampler.guidance_scale, carry,
                             sampler.nca_steps, dtype=dtype)
         state = res.state
-        p = spaced.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
+        p = process.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
         if callback is not None:
-            callback(spaced.timestep_map[i], x, p, state)
-        x = _ddpm_step(x, t, p) if sampler.sampler == "ddpm" else _ddim_step(spaced, x, t, p, sampler.eta)
+            callback(process.timestep_map[i], x, p, state)
+        x = stepper.step(x, i, t, p)
     return x
 
 
@@ -107,59 +105,72 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved_precision(precision, device))
 
 
-def _dpm_solver(model: Denoiser, diffusion: GaussianDiffusion, labels: torch.Tensor, x: torch.Tensor,
-                sampler: SamplerConfig, callback: StepCallback | None, progress: bool,
-                dtype: torch.dtype | None) -> torch.Tensor:
-    """DPM-Solver++(2M) through diffusers' scheduler; the loop stays ours so that each call inherits the previous
-    call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `dpm++sde` is its SDE form, which adds
-    fresh noise each step as DDPM does."""
-    from diffusers import DPMSolverMultistepScheduler
+class _DDPM:
+    """Ancestral sampling on the process respaced to `steps`: x_{t-1} ~ p(x_{t-1} | x_t)."""
 
-    if diffusion.timestep_map != list(range(diffusion.num_timesteps)):
-        raise ValueError("dpm++ needs the full (unrespaced) diffusion process")
-    algorithm = "sde-dpmsolver++" if sampler.sampler == "dpm++sde" else "dpmsolver++"
-    # DPM-Solver++ steps on x̂0 alone, so it takes ours ("sample"): clipped or not, exactly what the other samplers
-    # use. Given ε it would re-derive x̂0 at its own σ, which for λ or Karras steps is not the σ of the integer t the
-    # model was called at.
-    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=diffusion.num_timesteps,
-                                            trained_betas=diffusion.betas.tolist(), algorithm_type=algorithm,
-                                            solver_order=2, prediction_type="sample", lower_order_final=True,
-                                            use_lu_lambdas=sampler.schedule == "lambda",
-                                            use_karras_sigmas=sampler.schedule == "karras")
-    scheduler.set_timesteps(sampler.steps, device=x.device)
-    repeated = sampler.steps - len(set(scheduler.timesteps.tolist()))
-    if repeated:  # diffusers rounds λ- or Karras-spaced steps to integer t: dense steps at low noise share one
-        warnings.warn(f"--steps {sampler.steps} on the {sampler.schedule} schedule: {repeated} of the steps repeat "
-                      "an integer timestep, where the model is told another noise level than its input has; "
-                      "DPM-Solver++ needs 10-25 steps (for more, --schedule uniform)", stacklevel=2)
-    b, state = labels.shape[0], None
-    for step_t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        t = torch.full((b,), int(step_t), device=x.device, dtype=torch.long)
-        carry = inherit(state, sampler.ghg) if model.has_cell_state else None
-        res = guided_output(model, x, t, labels, sampler.guidance_scale, carry, sampler.nca_steps, dtype=dtype)
-        state = res.state
-        p = diffusion.p_mean_variance(res.output, x, t, clip_x0=sampler.clip_x0)
-        if callback is not None:
-            callback(int(step_t), x, p, state)
+    def __init__(self, diffusion: GaussianDiffusion, sampler: SamplerConfig) -> None:
+        self.process = diffusion.respaced(sampler.steps)
+        self.indices = list(range(self.process.num_timesteps - 1, -1, -1))
+
+    def step(self, x: torch.Tensor, i: int, t: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        nonzero = (t > 0).float().view(-1, *([1] * (x.ndim - 1)))
+        return p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * torch.randn_like(x)
+
+
+class _DDIM(_DDPM):
+    """DDIM with η on the respaced process; η = 0 is deterministic."""
+
+    def __init__(self, diffusion: GaussianDiffusion, sampler: SamplerConfig) -> None:
+        super().__init__(diffusion, sampler)
+        self.eta = sampler.eta
+
+    def step(self, x: torch.Tensor, i: int, t: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        d = self.process
+        eps = d.predict_eps(x, t, p["pred_x0"])  # ε re-derived from the (possibly clipped) x0, as IDDPM's DDIM does
+        ac, ac_prev = d.at("alphas_cumprod", t, x.ndim), d.at("alphas_cumprod_prev", t, x.ndim)
+        sigma = self.eta * torch.sqrt((1 - ac_prev) / (1 - ac)) * torch.sqrt(1 - ac / ac_prev)
+        mean = p["pred_x0"] * torch.sqrt(ac_prev) + torch.sqrt(1 - ac_prev - sigma**2) * eps
+        nonzero = (t > 0).float().view(-1, *([1] * (x.ndim - 1)))
+        return mean + nonzero * sigma * torch.randn_like(x)
+
+
+class _DPMSolver:
+    """DPM-Solver++(2M) through diffusers' scheduler on the full process; the loop stays ours (`sample`), so that
+    each call inherits the previous call's cell state (GHG) and CFG and x̂0 clipping act as in DDPM/DDIM. `dpm++sde`
+    is its SDE form, which adds fresh noise each step as DDPM does."""
+
+    def __init__(self, diffusion: GaussianDiffusion, sampler: SamplerConfig, device: torch.device) -> None:
+        from diffusers import DPMSolverMultistepScheduler
+
+        if diffusion.timestep_map != list(range(diffusion.num_timesteps)):
+            raise ValueError("dpm++ needs the full (unrespaced) diffusion process")
+        self.process, self.sde = diffusion, sampler.sampler == "dpm++sde"
+        # DPM-Solver++ steps on x̂0 alone, so it takes ours ("sample"): clipped or not, exactly what the other
+        # samplers use. Given ε it would re-derive x̂0 at its own σ, which for λ or Karras steps is not the σ of the
+        # integer t the model was called at.
+        self.scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas.tolist(),
+            algorithm_type="sde-dpmsolver++" if self.sde else "dpmsolver++", solver_order=2,
+            prediction_type="sample", lower_order_final=True, use_lu_lambdas=sampler.schedule == "lambda",
+            use_karras_sigmas=sampler.schedule == "karras")
+        self.scheduler.set_timesteps(sampler.steps, device=device)
+        self.indices = [int(step_t) for step_t in self.scheduler.timesteps]
+        repeated = sampler.steps - len(set(self.indices))
+        if repeated:  # diffusers rounds λ- or Karras-spaced steps to integer t: dense steps at low noise share one
+            warnings.warn(f"--steps {sampler.steps} on the {sampler.schedule} schedule: {repeated} of the steps "
+                          "repeat an integer timestep, where the model is told another noise level than its input "
+                          "has; DPM-Solver++ needs 10-25 steps (for more, --schedule uniform)", stacklevel=4)
+
+    def step(self, x: torch.Tensor, i: int, t: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         # The SDE's noise from torch's global generator, so that `--seed` fixes it as it fixes DDPM's.
-        noise = torch.randn_like(x) if algorithm == "sde-dpmsolver++" else None
-        x = scheduler.step(p["pred_x0"], step_t, x, variance_noise=noise).prev_sample
-    return x
+        noise = torch.randn_like(x) if self.sde else None
+        return self.scheduler.step(p["pred_x0"], i, x, variance_noise=noise).prev_sample
 
 
-def _ddpm_step(x: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    nonzero = (t > 0).float().view(-1, *([1] * (x.ndim - 1)))
-    return p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * torch.randn_like(x)
-
-
-def _ddim_step(d: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor, p: dict[str, torch.Tensor],
-               eta: float) -> torch.Tensor:
-    # ε re-derived from the (possibly clipped) x0, as IDDPM's DDIM does.
-    eps = d.predict_eps(x, t, p["pred_x0"])
-    view = (-1, *([1] * (x.ndim - 1)))
-    ac = torch.as_tensor(d.alphas_cumprod, device=x.device)[t].float().view(view)
-    ac_prev = torch.as_tensor(d.alphas_cumprod_prev, device=x.device)[t].float().view(view)
-    sigma = eta * torch.sqrt((1 - ac_prev) / (1 - ac)) * torch.sqrt(1 - ac / ac_prev)
-    mean = p["pred_x0"] * torch.sqrt(ac_prev) + torch.sqrt(1 - ac_prev - sigma**2) * eps
-    nonzero = (t > 0).float().view(view)
-    return mean + nonzero * sigma * torch.randn_like(x)
+def _stepper(diffusion: GaussianDiffusion, sampler: SamplerConfig, device: torch.device
+             ) -> _DDPM | _DDIM | _DPMSolver:
+    """The sampler as a small object: the process it steps on (whose `p_mean_variance` reads the model's output),
+    the indices into that process it visits, and its update x_t → x_{t-1}."""
+    if sampler.sampler.startswith("dpm++"):
+        return _DPMSolver(diffusion, sampler, device)
+    return _DDIM(diffusion, sampler) if sampler.sampler == "ddim" else _DDPM(diffusion, sampler)
