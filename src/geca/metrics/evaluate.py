@@ -257,6 +257,15 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     Replacing an earlier report also removes the grids it listed that this one does not."""
     t0 = time.time()
     out = output_file(out, "--out", ".json", overwrite, own=("an earlier `geca evaluate` report", _is_report))
+    earlier = _replaceable_grids(out, s)
+    report, inputs = _scored(s, out, log, t0)
+    _write(out, report, inputs, earlier, s.seed)
+    return report
+
+
+def _replaceable_grids(out: Path, s: EvalSettings) -> set[str]:
+    """The grids the earlier report at `out` lists (this run may replace or remove them); a grid this run would
+    draw over a PNG that no report lists is refused, before any work."""
     earlier = _grids_of(out)
     ours = {g.casefold() for g in earlier}
     for name, _ in s.generated:
@@ -265,6 +274,11 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
             raise ConfigError(f"--out {out}: the grid of {name} would replace {grid}, which no earlier report there "
                               "lists; choose another --out (or delete it, if an interrupted evaluate of an older geca "
                               "left it)")
+    return earlier
+
+
+def _scored(s: EvalSettings, out: Path, log: Callable[[str], None], t0: float) -> tuple[dict[str, Any], EvalInputs]:
+    """The report of every generated set scored against the real one, and the images it read."""
     gg_name, gg_file = s.gg_network()
     alexnet = s.find_weights()  # before any slow work (loading images, training domain features)
     inputs = load_inputs(s)
@@ -330,6 +344,12 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
         "seconds": round(time.time() - t0, 2),
         "geca_version": geca.__version__,
     }
+    return report, inputs
+
+
+def _write(out: Path, report: dict[str, Any], inputs: EvalInputs, earlier: set[str], seed: int) -> None:
+    """The report and its grids, put in place together; the earlier report's grids this one does not list go."""
+    results = report["results"]
     # drawn once every set is scored, under temporary names put in place with the report: a failure before it is
     # written leaves an earlier report and its grids as they were, and no grid that no report lists
     staged: list[tuple[Path, Path]] = []
@@ -338,7 +358,7 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
             final = out.with_name(r["grid"])
             clean_stale_temporaries(final)
             staged.append((final.with_name(f".{final.name}.{os.getpid()}-grid.tmp"), final))
-            real_vs_generated_grid(inputs.real, g, staged[-1][0], seed=s.seed,
+            real_vs_generated_grid(inputs.real, g, staged[-1][0], seed=seed,
                                    title=f"{':'.join(inputs.real_name)} vs {name}")
         atomic_write_json(out, report)
     except BaseException:
@@ -351,7 +371,6 @@ def run_evaluation(s: EvalSettings, out: Path, log: Callable[[str], None] = prin
     for stale in earlier:
         if stale.casefold() not in written:
             out.with_name(stale).unlink(missing_ok=True)
-    return report
 
 
 def _warn_if_trained_on(net: FeatureExtractor, inputs: EvalInputs, s: EvalSettings,
