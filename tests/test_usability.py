@@ -90,6 +90,21 @@ def test_resume_keeps_the_runs_own_config_and_logs_overrides(custom_run: Path, b
     assert f"resume: model.compile {before['model']['compile']!r} → 'false' (--no-compile)" in res.output
 
 
+def test_resume_with_a_config_file_says_every_value_it_changes(custom_run: Path, tmp_path: Path) -> None:
+    """-c with --resume replaces the run's own config: each value that differs from what the run trained with is
+    said, against the run's config.yaml (not against the file given)."""
+    other = tmp_path / "other.yaml"
+    trained = yaml.safe_load((custom_run / "config.yaml").read_text())
+    other.write_text(yaml.safe_dump({**trained, "train": {**trained["train"], "lr": 1e-4, "batch_size": 2}}))
+    res = runner.invoke(app, ["train", "-c", str(other), "--out", str(custom_run), "--resume", "--max-steps", "3",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"resume: train.lr 0.0003 → 0.0001 (-c {other})" in res.output
+    assert f"resume: train.batch_size 4 → 2 (-c {other})" in res.output
+    assert "resume: train.max_steps 2 → 3 (--max-steps)" in res.output
+    assert "data.spec" not in res.output and "ema_decay" not in res.output  # unchanged values are not listed
+
+
 def test_max_minutes_is_a_budget_per_invocation(custom_run: Path) -> None:
     """A resumed run whose earlier sittings took longer than the budget still trains in this one."""
     import json

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from geca.errors import ConfigError
 from geca.models.config import GeCAConfig, ModelConfig, with_named_defaults
 from geca.sampling.config import SamplerConfig
 from geca.utils.hardware import PRECISIONS
-from geca.utils.io import atomic_write_text
+from geca.utils.io import atomic_write_text, same_path
 from geca.utils.schema import MAX_BATCH, Checks, from_dict, read_yaml
 
 LOGGERS = ("csv", "tensorboard")
@@ -161,3 +162,29 @@ def load_config(path: str | Path | None) -> RunConfig:
 
 def save_config(config: RunConfig, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_changes(before: RunConfig, after: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every setting that differs; a data or folds file named by another
+    spelling of its path is the same file."""
+
+    def leaves(section: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+        for name, value in section.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", value
+
+    old, new = dict(leaves(asdict(before))), dict(leaves(asdict(after)))
+
+    def same(key: str, a: Any, b: Any) -> bool:
+        if a == b:
+            return True
+        if key == "data.spec" and isinstance(a, str) and isinstance(b, str):
+            from geca.data.registry import located_spec  # torch: not for every reader of a config
+
+            return located_spec(a) == located_spec(b)
+        return key == "data.folds_file" and isinstance(a, str) and isinstance(b, str) and same_path(a, b)
+
+    return [(key, old.get(key), new.get(key)) for key in dict.fromkeys([*old, *new])
+            if not same(key, old.get(key), new.get(key))]

@@ -127,12 +127,12 @@ def train(
 ) -> None:
     """Train a GeCA (launch with `torchrun --nproc_per_node N` for several processes)."""
     given = {key: value for key, value in locals().items() if key in FLAG_FIELDS}  # the flags that set a field
-    from geca.config import load_config
+    from geca.config import config_changes, load_config
     from geca.models.config import named_model
     from geca.presets import resolve_config
     from geca.run import checkpoint_dir, read_spec
     from geca.training.trainer import train as run_training
-    from geca.utils.schema import apply_set, get_field
+    from geca.utils.schema import apply_set
 
     if config is not None:
         config = resolve_config(config, "run")
@@ -142,10 +142,15 @@ def train(
             raise ConfigError(f"{config}: {'empty' if config.is_file() else 'missing'}; --resume continues a run "
                               "with its own config (give the config it was trained with as -c CONFIG)")
     run_config = load_config(config)
-    if resume and config == out / "config.yaml" and hasattr(run_config.model, "heredity"):
-        # a config.yaml written before model.heredity existed: the run's model.json says how it was trained
-        run_config.model.heredity = getattr(read_spec(out).model, "heredity", run_config.model.heredity)
-    before = copy.deepcopy(run_config) if resume else None
+    own = out / "config.yaml"
+    before = None  # with --resume: what the run trained with, which each change is said against (-c's and flags')
+    if resume:
+        before = load_config(own) if own.is_file() and config != own else copy.deepcopy(run_config)
+        if hasattr(before.model, "heredity"):
+            # a config.yaml written before model.heredity existed: the run's model.json says how it was trained
+            before.model.heredity = getattr(read_spec(out).model, "heredity", before.model.heredity)
+            if config == own:
+                run_config.model.heredity = before.model.heredity
     if model is not None:
         run_config.model = named_model(model)
     overrides = {**given, "heredity": None if heredity is None else ("gated" if heredity else "off")}
@@ -160,9 +165,11 @@ def train(
     if not resume and (out / DEMO_MARKER).exists():  # the next `geca demo` there would replace this run
         raise ConfigError(f"--out {out}: a `geca demo` folder (it holds {DEMO_MARKER}), which the next demo replaces; "
                           "train a new run elsewhere")
-    changes = [] if before is None else [
-        f"resume: {key} {get_field(before, key)!r} → {get_field(run_config, key)!r} ({flag})"
-        for key, flag in names.items() if get_field(before, key) != get_field(run_config, key)]
+    def source(key: str) -> str:
+        return names.get(key, "--model" if model and key.startswith("model.") else f"-c {config}")
+
+    changes = [] if before is None else [f"resume: {key} {old!r} → {new!r} ({source(key)})"
+                                         for key, old, new in config_changes(before, run_config)]
     with on_interrupt(lambda: f"`geca train --out {out} --resume` continues from the last checkpoint"
                       if (checkpoint_dir(out) / "latest.json").is_file()
                       else "before the first checkpoint; there is nothing to resume"):
