@@ -283,8 +283,13 @@ def test_an_earlier_demo_is_kept_when_the_demo_cannot_run(blobs_npz: Path, tmp_p
         rows.append(f"demo/data/{i}.png,{i % 2},{1 - i % 2}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     before = sorted(p.relative_to(demo) for p in demo.rglob("*"))
-    for args, message in ((["--data", str(tmp_path / "nowhere.npz")], "nowhere.npz"),
-                          (["--data", str(demo / "data" / "blobs.npz")], "lies inside --out"),
+    clean = tmp_path / "clean"  # an earlier demo and nothing else
+    clean.mkdir()
+    (clean / ".geca-demo").write_text("")
+    res = runner.invoke(app, ["demo", "--out", str(clean), "--data", str(tmp_path / "nowhere.npz"), "--minutes",
+                              "0.01"])
+    assert res.exit_code == 2 and "nowhere.npz" in res.output and (clean / ".geca-demo").exists(), res.output
+    for args, message in ((["--data", str(demo / "data" / "blobs.npz")], "lies inside --out"),
                           (["--data", str(tmp_path / "labels.csv")], f"{demo / 'data' / '0.png'} lies inside --out")):
         res = runner.invoke(app, ["demo", "--out", str(demo), *args, "--minutes", "0.01"])
         assert res.exit_code == 2 and message in res.output, res.output
@@ -302,6 +307,39 @@ def test_an_earlier_demo_is_kept_when_the_demo_cannot_run(blobs_npz: Path, tmp_p
     res = runner.invoke(app, ["train", "--out", str(demo), "--data", str(blobs_npz), "--max-steps", "1"])
     assert res.exit_code == 2 and "a `geca demo` folder" in res.output, res.output
     assert sorted(p.relative_to(demo) for p in demo.rglob("*")) == before
+
+
+def test_an_earlier_demo_comes_back_when_the_next_is_interrupted(blobs_npz: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The earlier demo waits beside --out while the new one trains: Ctrl-C (or a failure) brings it back, as does
+    the next demo after a killed one; other files in a demo's folder are refused, not deleted."""
+    import geca.training.trainer as trainer
+
+    demo = tmp_path / "demo"
+    (demo / "generated").mkdir(parents=True)
+    for name in (".geca-demo", "model.json", "samples_per_grade.png", "generated/labels.csv"):
+        (demo / name).write_text("earlier")
+    before = sorted(p.relative_to(demo) for p in demo.rglob("*"))
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        assert not (demo / "samples_per_grade.png").exists()  # the new demo trains in a fresh folder
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
+    assert res.exit_code == 130, res.output
+    assert sorted(p.relative_to(demo) for p in demo.rglob("*")) == before
+    assert (demo / "samples_per_grade.png").read_text() == "earlier" and not list(tmp_path.glob(".demo.*"))
+    killed = tmp_path / ".demo.earlier-demo"  # a demo killed while training: its folder unfinished, the earlier aside
+    demo.rename(killed)
+    (demo / "checkpoints").mkdir(parents=True)
+    (demo / ".geca-demo").write_text("")
+    res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
+    assert res.exit_code == 130 and (demo / "samples_per_grade.png").read_text() == "earlier", res.output
+    (demo / "my-notes.txt").write_text("mine")
+    res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
+    assert res.exit_code == 2 and "also holds my-notes.txt" in res.output, res.output
+    assert (demo / "my-notes.txt").read_text() == "mine"
 
 
 def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:

@@ -68,7 +68,9 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (["--batch-size", str(10**20)], "--batch-size"), (["--set", "train.batch_size=1e20"], "--set train.batch_size"),
     (["--log-every", "0"], "--log-every"), (["--ema-decay", "2"], "--ema-decay"),
     (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--lr", "-1"], "--lr"),
-    (["--precision", "fp64"], "--precision"), (["--seed", "-1"], "--seed"), (["--batch-size", "abc"], "--batch-size"),
+    (["--precision", "fp64"], "--precision"), (["--max-minutes", "inf"], "--max-minutes"),
+    (["--set", "train.max_minutes=.inf"], "--set train.max_minutes"), (["--seed", "-1"], "--seed"),
+    (["--batch-size", "abc"], "--batch-size"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_train_refuses_bad_values_before_creating_anything(data: Path, tmp_path: Path, flags: list[str],

@@ -56,7 +56,8 @@ class TrainConfig:
               "csv, or tensorboard once its package is installed (pip install 'geca[tensorboard]')", self.logger)
         check(0 <= self.heredity_prob <= 1, "train.heredity_prob", "in [0, 1]", self.heredity_prob)
         check(self.heredity_offset >= 0, "train.heredity_offset", "≥ 0", self.heredity_offset)
-        check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "> 0", self.max_minutes)
+        check(self.max_minutes is None or 0 < self.max_minutes < math.inf, "train.max_minutes",
+              "> 0 and finite (for no limit leave it unset: max_minutes: null)", self.max_minutes)
         check(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", f"in [1, {MAX_BATCH}]", self.batch_size)
         check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "> 0", self.lr)
         check(self.warmup_steps >= 0, "train.warmup_steps", "≥ 0", self.warmup_steps)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from geca.cli.common import DEMO_MARKER, guarded, pick_device, show_progress
 from geca.errors import ConfigError
+
+if TYPE_CHECKING:  # the command imports the library inside, so that `geca --help` needs no torch
+    import torch
+
+    from geca.config import RunConfig
+    from geca.sampling.config import SamplerConfig
 
 
 def is_demo(out: Path) -> bool:
@@ -19,11 +29,17 @@ def is_demo(out: Path) -> bool:
     return (out / DEMO_MARKER).is_file() or legacy
 
 
+# What a demo writes into its folder (a training run's files, then its samples and GIFs): an earlier demo's folder
+# holding anything else holds the user's files, which replacing it would delete.
+DEMO_FILES = {DEMO_MARKER, "config.yaml", "model.json", "log.csv", "loss.png", "validation.csv", "samples",
+              "checkpoints", "latents", "tensorboard", "generated", "growth", "samples_per_grade.png"}
+
+
 def check_replaceable(out: Path, data: str) -> None:
     """`out` may be written, and replaced where it holds an earlier demo: not a symlink, not the current folder or
-    one above it, not holding the dataset, and if not empty, a demo's."""
+    one above it, not holding the dataset, and if not empty, a demo's with nothing else in it."""
     from geca.data.registry import source_files
-    from geca.utils.io import output_dir
+    from geca.utils.io import few, other_files, output_dir
 
     output_dir(out)
     if out.is_symlink():
@@ -39,6 +55,33 @@ def check_replaceable(out: Path, data: str) -> None:
     if not is_demo(out):
         raise ConfigError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces its own "
                           "folder only, choose another --out")
+    others = other_files(out, lambda p: p.name in DEMO_FILES)
+    if others:
+        raise ConfigError(f"--out {out}: an earlier demo, which the demo replaces, but it also holds {few(others)}; "
+                          "move them out or choose another --out")
+
+
+@contextmanager
+def replacing(out: Path) -> Iterator[None]:
+    """The earlier demo in `out` waits beside it while the new one is made, and comes back if that fails or is
+    interrupted; one a killed demo left waiting comes back unless `out` holds a finished demo."""
+    earlier = out.with_name(f".{out.name}.earlier-demo")
+    if earlier.is_dir():
+        if (out / "samples_per_grade.png").is_file():
+            shutil.rmtree(earlier)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(earlier, out)
+    if out.exists() and any(out.iterdir()):
+        os.replace(out, earlier)
+    try:
+        yield
+    except BaseException:
+        if earlier.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(earlier, out)
+        raise
+    shutil.rmtree(earlier, ignore_errors=True)
 
 
 def demo_dataset() -> tuple[str, str]:
@@ -56,7 +99,8 @@ def demo_dataset() -> tuple[str, str]:
 @guarded
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Where the demo writes: a new or empty folder, or one "
-                             "an earlier demo wrote, which is replaced (any other folder is refused)."),
+                             "an earlier demo wrote, which is replaced once the new demo is done (kept if it fails "
+                             "or is interrupted; any other folder, or other files in it, are refused)."),
     minutes: float | None = typer.Option(None, "--minutes", help="Training time budget (default: the preset's)."),
     data: str | None = typer.Option(None, "--data", help="Dataset spec (default: retinamnist if found, else "
                                     "synthetic-fundus)."),
@@ -79,20 +123,14 @@ def demo(
 
     from geca.config import load_config
     from geca.data.registry import load_split
-    from geca.run import load_run
-    from geca.sampling.config import GROWTH_FRAMES, GROWTH_T, SamplerConfig
-    from geca.sampling.generate import write_sample_dir
-    from geca.sampling.growth import grow_organism
-    from geca.sampling.labels import per_class_labels
+    from geca.sampling.config import SamplerConfig
     from geca.sampling.samplers import resolved_precision
-    from geca.training.trainer import train
-    from geca.utils.plots import plot_class_grid
 
     dev = pick_device(device)
     config = load_config(resources.files("geca") / "configs" / "demo.yaml")
+    why = None
     if data is None:
         data, why = demo_dataset()
-        typer.echo(why)
     config.data.spec = data
     if minutes is not None:
         config.train.max_minutes = minutes
@@ -103,22 +141,36 @@ def demo(
     sampler = SamplerConfig(sampler=sampler_name, steps=steps, guidance_scale=1.5, ghg=ghg, schedule=schedule,
                             precision=precision)
     sampler.validate()
-    sampler.check_steps(config.diffusion.timesteps)  # before the earlier demo is removed and a model trained
+    sampler.check_steps(config.diffusion.timesteps)  # before the earlier demo is moved aside and a model trained
     chosen = resolved_precision(precision, dev)  # refuses fp16 on a CPU, even on a machine with a GPU
     # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not
     growth = replace(sampler, sampler="ddim", schedule=None) if sampler_name.startswith("dpm++") else sampler
     check_replaceable(out, data)
-    load_split(data, "train")  # a missing or corrupt dataset fails here, before the earlier demo is removed
-    if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
+    load_split(data, "train")  # a missing or corrupt dataset fails here, before the earlier demo is moved aside
+    if why:
+        typer.echo(why)
+    with replacing(out):
+        _make(out, config, data, chosen, dev, sampler, growth, per_class, f"{sampler_name} {steps}, CFG 1.5, GHG {ghg}")
+
+
+def _make(out: Path, config: RunConfig, data: str, chosen: str, dev: torch.device, sampler: SamplerConfig,
+          growth: SamplerConfig, per_class: int, how: str) -> None:
+    """Train the demo's GeCA into `out`, then draw its samples, grid and growth GIFs there."""
+    from geca.run import load_run
+    from geca.sampling.config import GROWTH_FRAMES, GROWTH_T
+    from geca.sampling.generate import write_sample_dir
+    from geca.sampling.growth import grow_organism
+    from geca.sampling.labels import per_class_labels
+    from geca.training.trainer import train
+    from geca.utils.plots import plot_class_grid
+
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("Written by `geca demo`: the next demo with this --out replaces this folder.\n")
-    typer.echo(f"training GeCA-T on {data} for {config.train.max_minutes} min "
-               f"({chosen}) …")
+    typer.echo(f"training GeCA-T on {data} for {config.train.max_minutes} min ({chosen}) …")
     train(config, out, progress=show_progress(None), cpu=dev.type == "cpu")
     run = load_run(out, device=dev)
     labels = per_class_labels(run.spec.num_classes, per_class)
-    typer.echo(f"sampling {len(labels)} images ({sampler_name} {steps}, CFG 1.5, GHG {ghg}) …")
+    typer.echo(f"sampling {len(labels)} images ({how}) …")
     manifest, images = write_sample_dir(out / "generated", run, labels, sampler, seed=0, batch_size=64, device=dev,
                                         progress=show_progress(None))
     grid_png = plot_class_grid(images, run.spec.class_names, per_class, out / "samples_per_grade.png",
