@@ -3,6 +3,7 @@ created or lost, no stale leftovers (the reliability sweep's cases)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -95,6 +96,14 @@ def test_train_refuses_a_folder_of_other_files_and_a_trained_run_without_resume(
     (hidden / ".DS_Store").write_bytes(b"")
     res = runner.invoke(app, ["train", "--data", str(data), "--out", str(hidden), "--max-steps", "1", *TINY])
     assert res.exit_code == 0 and (hidden / "checkpoints" / "latest.json").exists(), res.output
+    left = tmp_path / "left"  # a run interrupted before its first checkpoint: nothing to resume, its log starts over
+    (left / "samples").mkdir(parents=True)
+    (left / "samples" / "step_0000060.png").write_bytes(b"")
+    (left / "log.csv").write_text("step,loss\n20,1.0\n40,0.9\n60,0.8\n")
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(left), "--max-steps", "1", *TINY])
+    assert res.exit_code == 0, res.output
+    assert [r["step"] for r in csv.DictReader(open(left / "log.csv"))] == ["1"]
+    assert not (left / "samples" / "step_0000060.png").exists()
 
 
 def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpoint(

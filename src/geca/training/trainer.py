@@ -8,6 +8,7 @@ in `data.py`, the processes' collectives in `distributed.py`, loading a checkpoi
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -144,6 +145,11 @@ class Trainer:
 
     def _write_run_files(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # what a run interrupted before its first checkpoint left (check_run_dir allows only that)
+            for name in ("log.csv", "validation.csv", "loss.png"):
+                (self.run_dir / name).unlink(missing_ok=True)
+            for name in ("samples", "tensorboard"):
+                shutil.rmtree(self.run_dir / name, ignore_errors=True)
         # files by their absolute paths (as model.json has them): a resume from another folder finds the data and folds
         save_config(replace(self.config, data=self.spec.data), self.run_dir / "config.yaml")
         atomic_write_json(self.run_dir / "model.json", self.spec.to_dict())
