@@ -8,8 +8,10 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+import typer
 from conftest import tiny_model_config
 from torch import nn
+from typer.testing import CliRunner
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
@@ -154,6 +156,21 @@ def test_bad_sampler_settings_are_rejected() -> None:
                 SamplerConfig(sampler="ddpm", schedule="karras")):
         with pytest.raises(ValueError):
             bad.validate()
+
+
+def test_each_sampler_gets_its_default_step_count() -> None:
+    """250 (the paper's DDPM) where no steps are given, 25 for DPM-Solver++, which needs 10-25; given steps stay."""
+    from geca.cli.options import SamplingFlags, sampling_flags
+
+    assert [SamplerConfig(sampler=s).steps for s in ("ddpm", "ddim", "dpm++", "dpm++sde")] == [250, 250, 25, 25]
+    assert SamplerConfig(sampler="dpm++", steps=10).steps == 10
+    seen: list[SamplingFlags] = []
+    command = typer.Typer()
+    command.command()(sampling_flags(("sampler", "steps"))(lambda *, flags: seen.append(flags)))
+    for args, steps in ((["--sampler", "dpm++sde"], 25), (["--sampler", "ddim"], 250), ([], 250),
+                        (["--sampler", "dpm++", "--steps", "12"], 12)):
+        assert CliRunner().invoke(command, args).exit_code == 0
+        assert seen[-1].sampling.steps == steps, args
 
 
 def test_each_sampler_gets_its_default_schedule() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import typer
@@ -17,7 +17,8 @@ from geca.utils.schema import MAX_BATCH
 SAMPLER_HELP = {
     "sampler": "ddpm (ancestral, respaced), ddim (η=0), dpm++ (DPM-Solver++(2M)) or dpm++sde (its stochastic "
                "form; at --steps 25 it matched ddpm 250 on the model we measured).",
-    "steps": "Reverse steps (respaced from the trained T).",
+    "steps": "Reverse steps, respaced from the trained T (default: 250 for ddpm and ddim, 25 for dpm++ and "
+             "dpm++sde).",
     "guidance_scale": "Classifier-free guidance scale on ε (1 = conditional only).",
     "ghg": "Gene Heredity Guidance: hidden (the paper's), none, out or both (default: hidden for a GeCA trained "
            "with --heredity, none for one trained as published and for models without cell state).",
@@ -47,11 +48,11 @@ class SamplingFlags:
 
 
 # Defaults are the dataclasses' own (one home), so only the flags' spelling and help live here.
-_DEFAULTS = {**asdict(SamplerConfig()), **{f.name: f.default for f in fields(SamplingFlags) if f.name != "sampling"}}
+_DEFAULTS = {f.name: f.default for f in (*fields(SamplerConfig), *fields(SamplingFlags)) if f.name != "sampling"}
 # name: (annotation, flag names, help[, typer.Option's other settings])
 _OPTIONS: dict[str, tuple[Any, ...]] = {
     "sampler": (str, ("--sampler",), SAMPLER_HELP["sampler"]),
-    "steps": (int, ("--steps",), SAMPLER_HELP["steps"]),
+    "steps": (int | None, ("--steps",), SAMPLER_HELP["steps"]),
     "guidance_scale": (float, ("--cfg", "--guidance-scale"), SAMPLER_HELP["guidance_scale"]),
     "ghg": (str | None, ("--ghg",), SAMPLER_HELP["ghg"]),
     "nca_steps": (int | None, ("--m", "--nca-steps"), SAMPLER_HELP["nca_steps"]),

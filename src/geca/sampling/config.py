@@ -19,6 +19,9 @@ FLAGS = {"sampler.sampler": "--sampler", "sampler.steps": "--steps", "sampler.gu
          "sampler.ghg": "--ghg", "sampler.nca_steps": "--m", "sampler.eta": "eta",
          "sampler.schedule": "--schedule", "sampler.precision": "--precision"}
 GHG_MODES = ("hidden", "none", "out", "both")
+# Reverse steps where none are given: the paper's 250 for DDPM (and DDIM); DPM-Solver++ needs 10-25, and beyond
+# about 30 its λ-spaced steps repeat integer timesteps.
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 250, "dpm++": 25, "dpm++sde": 25}
 
 
 @dataclass
@@ -28,11 +31,11 @@ class SamplerConfig:
     `nca_steps` None means the trained M; `clip_x0` None means clipping x̂₀ to [−1, 1] in pixel space and not for
     latent runs (ours: the authors never clip, and sample in latent space); `schedule` None means `lambda` for the
     DPM-Solver++ samplers (ours: with evenly spaced t they lose the subtlest class) and `uniform` for DDPM/DDIM;
-    `precision` is the denoiser calls' autocast (`auto`: bf16 where the device runs it natively), the sampler's own
-    arithmetic staying float32."""
+    `steps` None means the sampler's DEFAULT_STEPS; `precision` is the denoiser calls' autocast (`auto`: bf16 where
+    the device runs it natively), the sampler's own arithmetic staying float32."""
 
     sampler: str = "ddpm"
-    steps: int = 250
+    steps: int | None = None
     guidance_scale: float = 1.5
     ghg: str | None = None
     nca_steps: int | None = None
@@ -40,6 +43,10 @@ class SamplerConfig:
     clip_x0: bool | None = None
     schedule: str | None = None
     precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS.get(self.sampler, DEFAULT_STEPS["ddpm"])
 
     def validate(self, checks: Checks | None = None, prefix: str = "sampler") -> None:
         check = checks or Checks(FLAGS)
