@@ -204,6 +204,14 @@ def test_outputs_and_inputs_of_the_other_commands_are_checked_before_any_work(da
     res = runner.invoke(app, ["features", "train", "--data", str(text), "--out", str(tmp_path / "w.safetensors")])
     refused(res, str(text), "not an npz file")
     assert "allow_pickle" not in res.output  # numpy's advice to unpickle is never passed on
+    mixed = tmp_path / "mixed.npz"  # grey training images, colour validation images
+    rng = np.random.default_rng(0)
+    np.savez(mixed, **{f"{s}_images": rng.integers(0, 255, (8, 8, 8, 3) if s != "train" else (8, 8, 8), np.uint8)
+                       for s in ("train", "val", "test")}, **{f"{s}_labels": np.arange(8)[:, None] % 2
+                                                              for s in ("train", "val", "test")})
+    res = runner.invoke(app, ["features", "train", "--data", str(mixed), "--out", str(tmp_path / "w.safetensors")])
+    refused(res, str(mixed), "validation images (3-channel", "training images (1-channel")
+    mixed.unlink()
     refused(runner.invoke(app, ["encode", "--vae", str(a_file), "--data", str(data), "--out", str(tmp_path / "e")]),
             str(a_file), "a file, not a VAE directory")
     refused(runner.invoke(app, ["folds", "--data", "synthetic-oct@patients=9,size=8", "--k", "10", "--out",

@@ -111,6 +111,9 @@ def train_domain_net(data: ImageSet, seed: int = 0, epochs: int = TRAINING["epoc
     eval mode."""
     if len(data) < 2:
         raise DataError(f"{data.source}: at least 2 images are needed to train domain features, got {len(data)}")
+    if val is not None and (val.channels, val.class_names) != (data.channels, data.class_names):
+        raise DataError(f"{val.source}: its validation images ({val.channels}-channel, classes {val.class_names}) "
+                        f"do not match its training images ({data.channels}-channel, classes {data.class_names})")
     meta = DomainMeta(in_channels=data.channels, input_size=min(data.resolution, MAX_INPUT),
                       num_classes=data.num_classes, width=width, class_names=list(data.class_names),
                       multilabel=data.multilabel, data=source or data.source, seed=seed, epochs=epochs,
