@@ -126,6 +126,11 @@ def test_a_config_file_value_is_named_with_its_file(data: Path, tmp_path: Path) 
     cfg.write_text("train:\n  lr: -1\n")
     refused(runner.invoke(app, ["train", "-c", str(cfg), "--data", str(data), "--out", str(tmp_path / "r"), *TINY]),
             str(cfg), "train.lr")
+    for text, words in (("model:\n  nmae: GeCA-T\n", f"{cfg}: model: unknown key(s) nmae"),
+                        ("model:\n  heads: x\n", f"{cfg}: model.heads: expected int"),
+                        ("model:\n  family: foo\n", f"{cfg}: model.family: unknown model family")):
+        cfg.write_text(text)  # the file, then the key's path in it
+        refused(runner.invoke(app, ["train", "-c", str(cfg), "--out", str(tmp_path / "r")]), words)
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(bytes(range(256)))
     refused(runner.invoke(app, ["train", "-c", str(binary), "--out", str(tmp_path / "r")]), str(binary))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geca.errors import ConfigError
-from geca.utils.schema import Checks
+from geca.utils.schema import Checks, key_in
 
 # geca.models.attention.IMPLEMENTATIONS (no torch here) but `compiled`, which model.compile selects, and `auto`: the
 # C kernels on a CPU, `fast` elsewhere (geca.models.attention.runnable).
@@ -49,7 +49,8 @@ class ModelConfig:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         family = value.get("family", "geca")
         if family not in FAMILIES:
-            raise ConfigError(f"{where}.family: unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+            raise ConfigError(f"{key_in(where, 'family')}: unknown model family {family!r}; available: "
+                              f"{', '.join(FAMILIES)}")
         return from_dict(FAMILIES[family], {**value, "family": family}, where)
 
 

@@ -60,6 +60,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def key_in(where: str, key: str) -> str:
+    """`key` inside `where`, as errors name it: `run.yaml: model`, then `run.yaml: model.heads`."""
+    return f"{where}.{key}" if ": " in where else f"{where}: {key}"
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     """Build dataclass `cls` from a nested mapping; unknown keys and wrong types are errors naming `where`."""
     if not isinstance(data, dict):
@@ -75,7 +80,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
     if missing:
         raise ConfigError(f"{where}: missing key(s) {', '.join(missing)}")
     try:
-        return cls(**{k: _coerce(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+        return cls(**{k: _coerce(hints[k], v, key_in(where, k)) for k, v in data.items()})
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
 
