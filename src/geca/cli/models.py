@@ -112,8 +112,7 @@ def runs(
                                "as long as their headers say, without hashing them (fast over many large runs; a "
                                "weights file changed in place is not found; the small folds file is still hashed)."),
 ) -> None:
-    """List the training runs under a folder: status (the latest and best checkpoints and the folds file checked
-    against their recorded hashes), step, model, data (and fold), heredity, last loss and best validation KID."""
+    """List the training runs under a folder: status, step, model, data, heredity, last loss and best KID."""
     from rich.console import Console
     from rich.table import Table
 

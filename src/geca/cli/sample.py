@@ -23,9 +23,10 @@ def sample(
                                            "split of the run's dataset: train, val or test."),
     ratio: int | None = typer.Option(None, "--ratio", min=1, help="With --labels-from: each label vector exactly "
                                      "this many times (default 1)."),
-    trace: Path | None = typer.Option(None, "--trace", help="GeCA: also write PATH.csv (PATH.png beside it) "
-                                      "tracing, per reverse step and GHG mode, mean/max |C_h| and |C_out|, the "
-                                      "predicted-ε std and the x̂0 range, on one image per class from the same noise."),
+    trace: Path | None = typer.Option(None, "--trace", help="GeCA: also write a trace to PATH, a .csv file (its "
+                                      "plot beside it as .png): per reverse step and GHG mode, mean/max |C_h| and "
+                                      "|C_out|, the predicted-ε std and the x̂0 range, on one image per class from "
+                                      "the same noise."),
     *,
     flags: SamplingFlags,
 ) -> None:

@@ -80,8 +80,8 @@ def train(
     precision: str | None = typer.Option(None, "--precision", help="fp32, bf16, fp16 (GPU only) or auto (bf16 "
                                          "where the hardware runs it natively, else fp32)."),
     ema_decay: float | None = typer.Option(None, "--ema-decay", help="EMA decay of the weights."),
-    nca_steps: int | None = typer.Option(None, "--nca-steps", help="NCA steps M per denoiser call (named so that "
-                                         "torchrun does not take it for its own --m… options)."),
+    # not --m as in `geca sample`: torchrun would take that for one of its own --m… options
+    nca_steps: int | None = typer.Option(None, "--nca-steps", help="NCA steps M per denoiser call."),
     attention: str | None = typer.Option(None, "--attention", help="Neighbourhood attention: auto (the default: "
                                          "cpu on a CPU, fast elsewhere), cpu (C kernels, built once with the "
                                          "system C compiler), fast, sliced, reference (the published 9×-copy "
@@ -97,12 +97,12 @@ def train(
                                               help="Recompute each NCA step in backward to save memory."),
     heredity: bool | None = typer.Option(None, "--heredity/--no-heredity", help="GeCA: heredity-aware training "
                                          "(ours: a gated entry for the inherited C_h, trained on what GHG hands "
-                                         "over; model.heredity gated) or the paper's (off)."),
+                                         "over; model.heredity gated, a GeCA's default) or the paper's (off)."),
     log_every: int | None = typer.Option(None, "--log-every", help="Steps between log.csv rows."),
     sample_every: int | None = typer.Option(None, "--sample-every", help="Steps between EMA sample grids "
                                             "(0: never)."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints "
-                                                "(a final one is always written)."),
+                                                "(0: only the final one, which is always written)."),
     validate_every: int | None = typer.Option(None, "--validate-every", help="Steps between validation KIDs of "
                                               "EMA samples against the val split (0: off); keeps checkpoints/best."),
     download: bool | None = typer.Option(None, "--download", help="Fetch a named MedMNIST file if missing "
