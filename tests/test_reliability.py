@@ -475,7 +475,7 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     """A damaged or missing weights file, a damaged model.json and a run without a checkpoint are listed as such."""
     root = tmp_path / "all"
     for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state", "bad-best", "new-folds",
-                 "no-folds", "no-state", "emptied", "bad-files", "cut", "gone", "bad-latest"):
+                 "no-folds", "no-state", "emptied", "bad-files", "cut", "gone", "bad-latest", "other-model"):
         shutil.copytree(run, root / name)
     (root / "emptied/checkpoints/step_0000002/ema.safetensors").write_bytes(b"")
     cut = root / "cut/checkpoints/step_0000002/ema.safetensors"
@@ -501,6 +501,9 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     (root / "bad-files/checkpoints/step_0000002/state.json").write_text('{"step": 2, "files": "x"}')
     shutil.rmtree(root / "gone/checkpoints/step_0000002")
     (root / "bad-latest/checkpoints/latest.json").write_text("{")
+    other = json.loads((root / "other-model/model.json").read_text())  # another run's model.json, as it were
+    other["model"]["hidden_size"] *= 2
+    (root / "other-model/model.json").write_text(json.dumps(other))
     res = runner.invoke(app, ["runs", str(root), "--json"])
     assert res.exit_code == 0, res.output
     rows = {Path(r["run"]).name: r for r in json.loads(res.output)}
@@ -510,7 +513,7 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
         "bad-best": "best: damaged ema.safetensors", "new-folds": "folds file changed",
         "no-folds": "folds file missing", "no-state": "missing state.json", "emptied": "empty ema.safetensors",
         "bad-files": "damaged state.json", "cut": "truncated ema.safetensors", "gone": "missing checkpoint folder",
-        "bad-latest": "damaged latest.json"}
+        "bad-latest": "damaged latest.json", "other-model": "model.safetensors does not fit model.json"}
     assert isinstance(rows["good"]["loss"], float) and rows["good"]["loss"] > 0
     res = runner.invoke(app, ["runs", str(root), "--json", "--quick"])  # files there, not hashed
     quick = {Path(r["run"]).name: r["status"] for r in json.loads(res.output)}

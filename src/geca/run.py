@@ -244,7 +244,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return weights, sha256
 
 
-def _upgrade_keys(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _upgrade_keys(weights: dict[str, Any]) -> dict[str, Any]:
     """geca 0.1 named the final layer's parts final_ada / final; they now live in one FinalLayer."""
     renamed = {}
     for k, v in weights.items():
@@ -359,17 +359,42 @@ def run_split(run: LoadedRun, data_spec: str, split: str, folds_file: str | None
     return images
 
 
-def _safetensors_damage(path: Path) -> str | None:
-    """'damaged' (no safetensors header) or 'truncated' (shorter or longer than its header says), found without
-    hashing the file; None where it looks whole."""
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int] | None:
+    """A safetensors file's header (tensor name → dtype, shape, offsets) and its length; None without one."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n)) if n <= 100 * 2**20 else None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        if not isinstance(header, dict):
+            return None
+        header.pop("__metadata__", None)
+        return header, n
+    except (OSError, ValueError):
+        return None
+
+
+def _safetensors_damage(path: Path) -> str | None:
+    """'damaged' (no safetensors header) or 'truncated' (shorter or longer than its header says), found without
+    hashing the file; None where it looks whole."""
+    found = _safetensors_header(path)
+    try:
+        header, n = found  # type: ignore[misc]
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, AttributeError):
         return "damaged"
     return None if path.stat().st_size == 8 + n + end else "truncated"
+
+
+def _misfit(spec: ModelSpec, checkpoint: Path) -> str | None:
+    """Which weights file holds other tensors (names or shapes) than the model model.json describes, read from the
+    files' headers (a run's folder given another run's checkpoint or model.json); None where both fit."""
+    with torch.device("meta"):  # shapes without memory or initialisation
+        own = {k: list(v.shape) for k, v in spec.build().state_dict().items()}
+    for name in ("model.safetensors", "ema.safetensors"):
+        header, _ = _safetensors_header(checkpoint / name) or ({}, 0)
+        if _upgrade_keys({k: v.get("shape") for k, v in header.items()}) != own:
+            return name
+    return None
 
 
 def checkpoint_health(checkpoint: Path, hashes: bool = True, state_expected: bool = True) -> str:
@@ -432,6 +457,8 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
     if ckpt is not None:
         if row["status"] == "ok":
             row["status"] = checkpoint_health(ckpt, hashes, state_expected)
+        if row["status"] == "ok" and spec is not None and (misfit := _misfit(spec, ckpt)):
+            row["status"] = f"{misfit} does not fit model.json"
         try:
             row["step"] = read_state(ckpt).get("step")
         except CheckpointError:
