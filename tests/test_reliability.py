@@ -106,6 +106,31 @@ def test_train_refuses_a_folder_of_other_files_and_a_trained_run_without_resume(
     assert not (left / "samples" / "step_0000060.png").exists()
 
 
+def test_ctrl_c_in_training_checkpoints_the_step_it_ends(data: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first Ctrl-C stops training after the step it came in, which is checkpointed: --resume loses nothing."""
+    import os
+    import signal
+
+    from geca.training.trainer import Trainer
+
+    step = Trainer.step
+
+    def interrupted_in_step_3(self: Trainer) -> dict:
+        terms = step(self)
+        if self.step_count == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, in the middle of the work
+        return terms
+
+    monkeypatch.setattr(Trainer, "step", interrupted_in_step_3)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--max-steps", "9",
+                              "--checkpoint-every", "100", *TINY])
+    assert res.exit_code == 130 and "stopped after step 3, checkpointed" in res.output, res.output
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["path"] == "step_0000003"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again
+
+
 def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpoint(
         run: Path, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = copy_run(run, tmp_path)

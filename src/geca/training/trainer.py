@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -423,14 +426,17 @@ class Trainer:
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
         self.bar = self._bar()
         self.model.train()
-        while self.step_count < tc.max_steps and not self.out_of_time():
-            started = time.time()
-            self.step()
-            self.step_s = time.time() - started
-            if self.step_count > first + 1:
-                self.steps_s, self.steps_timed = self.steps_s + self.step_s, self.steps_timed + 1
-            self.periodic()
-            self._advance()
+        with stop_between_steps(self.world == 1) as stop_asked:
+            while self.step_count < tc.max_steps and not self.out_of_time():
+                started = time.time()
+                self.step()
+                self.step_s = time.time() - started
+                if self.step_count > first + 1:
+                    self.steps_s, self.steps_timed = self.steps_s + self.step_s, self.steps_timed + 1
+                self.periodic()
+                self._advance()
+                if stop_asked():
+                    self._stop()
         self.finish()
         checksum = parameters_identical(self.accelerator, self.model) if self.world > 1 else None
         if self.main:
@@ -438,6 +444,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         return self._summary(checksum)
+
+    def _stop(self) -> None:
+        """Ctrl-C came during a step: checkpoint the step just finished (unless done already), then stop."""
+        tc = self.config.train
+        if not (tc.checkpoint_every and self.step_count % tc.checkpoint_every == 0):
+            self.checkpoint()
+        self.bar.close()
+        tqdm.write(f"stopped after step {self.step_count}, checkpointed")
+        raise KeyboardInterrupt
 
     def _schedule_change(self) -> list[str]:
         """A resume that changes max_steps under a cosine schedule (or the lr, warm-up or schedule) moves the lr of
@@ -455,6 +470,27 @@ class Trainer:
     def _summary(self, checksum: float | None) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "step": self.step_count, "processes": self.world,
                 "parameter_checksum": checksum, "config": asdict(self.config)}
+
+
+@contextmanager
+def stop_between_steps(enabled: bool) -> Iterator[Callable[[], bool]]:
+    """The first Ctrl-C asks the loop to stop after the step it is in, whose checkpoint then loses nothing; a second
+    stops at once. A single process only: torchrun's processes would each see it after another step."""
+    previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler  # None: set outside Python
+    if not enabled or threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
+        yield lambda: False
+        return
+    asked: list[bool] = []
+
+    def ask(signum: int, frame: object) -> None:
+        asked.append(True)
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, ask)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_sampler_precisions(config: RunConfig, device: torch.device) -> None:
