@@ -485,6 +485,7 @@ def stop_between_steps(enabled: bool) -> Iterator[Callable[[], bool]]:
     def ask(signum: int, frame: object) -> None:
         asked.append(True)
         signal.signal(signal.SIGINT, previous)
+        tqdm.write("Ctrl-C: stopping after this step, which is checkpointed (Ctrl-C again stops at once)")
 
     signal.signal(signal.SIGINT, ask)
     try:
