@@ -106,6 +106,25 @@ def test_train_refuses_a_folder_of_other_files_and_a_trained_run_without_resume(
     assert not (left / "samples" / "step_0000060.png").exists()
 
 
+def test_a_run_resumes_from_its_npz_moved_elsewhere_but_not_from_other_data(run: Path, data: Path,
+                                                                          tmp_path: Path) -> None:
+    import shutil
+
+    copy = copy_run(run, tmp_path)
+    moved = tmp_path / "moved.npz"
+    shutil.copy(data, moved)  # the same arrays at another path
+    res = runner.invoke(app, ["train", "--out", str(copy), "--resume", "--data", str(moved), "--max-steps", "3",
+                              "--no-progress"])
+    assert res.exit_code == 0 and f"resume: data.spec {str(data)!r} → {str(moved)!r} (--data)" in res.output, \
+        res.output
+    assert json.loads((copy / "model.json").read_text())["data"]["spec"] == str(moved)
+    other = dict(np.load(moved))
+    other["train_images"] = other["train_images"][::-1].copy()  # the same shapes, other images, another file
+    np.savez(tmp_path / "other.npz", **other)
+    refused(runner.invoke(app, ["train", "--out", str(copy), "--resume", "--data", str(tmp_path / "other.npz"),
+                                "--max-steps", "4", "--no-progress"]), "model.json differs", "data.spec")
+
+
 def test_ctrl_c_in_training_checkpoints_the_step_it_ends(data: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The first Ctrl-C stops training after the step it came in, which is checkpointed: --resume loses nothing."""

@@ -97,6 +97,9 @@ class ModelSpec:
             pairs = ({f"{key}.{k}": (a.get(k), b.get(k)) for k in a.keys() | b.keys()}
                      if isinstance(a, dict) and isinstance(b, dict) else {key: (a, b)})
             found += [f"{k}: {x!r} → {y!r}" for k, (x, y) in pairs.items() if x != y]
+        if self.data_key == other.data_key and str(self.data_key).startswith("npz:"):
+            # the same arrays under another path: an npz moved or copied since the run began
+            found = [line for line in found if not line.startswith("data.spec:")]
         a, b = self.data.folds_file, other.data.folds_file
         if not self._same_folds(other):
             found.append(f"data.folds_file: {a} has changed since the run was trained (its SHA-256 differs from "
