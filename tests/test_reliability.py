@@ -175,6 +175,10 @@ def test_a_config_file_value_is_named_with_its_file(data: Path, tmp_path: Path) 
                         ("model:\n  family: foo\n", f"{cfg}: model.family: unknown model family")):
         cfg.write_text(text)  # the file, then the key's path in it
         refused(runner.invoke(app, ["train", "-c", str(cfg), "--out", str(tmp_path / "r")]), words)
+    # a preset's folds file is its dataset's: --data alone leaves a placeholder path, said as such
+    refused(runner.invoke(app, ["train", "-c", "deepdrid-256-geca-s", "--data", str(data), "--out",
+                                str(tmp_path / "r")]), "deepdrid-256-geca-s.yaml: data.folds_file", "--folds-file")
+    assert not (tmp_path / "r").exists()
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(bytes(range(256)))
     refused(runner.invoke(app, ["train", "-c", str(binary), "--out", str(tmp_path / "r")]), str(binary))

@@ -162,6 +162,12 @@ def train(
     set_threads(threads)
     cpu = pick_device(device).type == "cpu"
     run_config.validate(names, where=config)
+    folds = run_config.data.folds_file
+    if folds is not None and folds_file is None and not Path(folds).expanduser().is_file():
+        # a preset's placeholder, or the folds of the dataset that --data replaced, named where they came from
+        raise ConfigError(f"{config}: data.folds_file {folds}: not found" + (
+            f"; --data {data} replaces the config's dataset but not its folds file: pass --folds-file for it, or "
+            "--set data.folds_file=null" if data is not None else ""))
     if not resume and (out / DEMO_MARKER).exists():  # the next `geca demo` there would replace this run
         raise ConfigError(f"--out {out}: a `geca demo` folder (it holds {DEMO_MARKER}), which the next demo replaces; "
                           "train a new run elsewhere")
