@@ -98,12 +98,18 @@ def test_train_refuses_a_folder_of_other_files_and_a_trained_run_without_resume(
     assert res.exit_code == 0 and (hidden / "checkpoints" / "latest.json").exists(), res.output
     left = tmp_path / "left"  # a run interrupted before its first checkpoint: nothing to resume, its log starts over
     (left / "samples").mkdir(parents=True)
-    (left / "samples" / "step_0000060.png").write_bytes(b"")
+    for name in ("samples/step_0000060.png", "samples/mine.png", "model.json"):
+        (left / name).write_bytes(b"")
     (left / "log.csv").write_text("step,loss\n20,1.0\n40,0.9\n60,0.8\n")
     res = runner.invoke(app, ["train", "--data", str(data), "--out", str(left), "--max-steps", "1", *TINY])
     assert res.exit_code == 0, res.output
     assert [r["step"] for r in csv.DictReader(open(left / "log.csv"))] == ["1"]
-    assert not (left / "samples" / "step_0000060.png").exists()
+    assert sorted(p.name for p in (left / "samples").iterdir()) == ["mine.png"]  # only what that run drew goes
+    fresh = tmp_path / "fresh"  # no run began here: a folder named samples/ is the user's
+    (fresh / "samples").mkdir(parents=True)
+    (fresh / "samples" / "step_0000001.png").write_bytes(b"mine")
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(fresh), "--max-steps", "1", *TINY])
+    assert res.exit_code == 0 and (fresh / "samples" / "step_0000001.png").read_bytes() == b"mine", res.output
 
 
 def test_a_run_resumes_from_its_npz_moved_elsewhere_but_not_from_other_data(run: Path, data: Path,
@@ -148,6 +154,9 @@ def test_ctrl_c_in_training_checkpoints_the_step_it_ends(data: Path, tmp_path: P
     assert res.exit_code == 130 and "stopped after step 3, checkpointed" in res.output, res.output
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["path"] == "step_0000003"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again
+    last = tmp_path / "last"  # in the last step: the run ends as it would have, its final work done
+    res = runner.invoke(app, ["train", "--data", str(data), "--out", str(last), "--max-steps", "3", *TINY])
+    assert res.exit_code == 0 and (last / "loss.png").is_file() and "trained to step 3" in res.output, res.output
 
 
 def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_last_checkpoint(

@@ -297,7 +297,8 @@ def test_keys_made_before_schedules_existed_stay_valid() -> None:
     study = {"preview": {"per_class": 4, "sampler": asdict(ddim)}, "samplers": [asdict(ddim), asdict(dpm)]}
     assert settings_key(study) == {"preview": {"per_class": 4, "sampler": before(ddim)},
                                    "samplers": [before(ddim), {**before(dpm), "schedule": "lambda"}]}
-    assert settings_key(asdict(SamplerConfig(sampler="dpm++", schedule="uniform"))) == before(dpm) | {"steps": 250}
+    assert settings_key(asdict(SamplerConfig(sampler="dpm++", steps=250, schedule="uniform"))) == \
+        before(dpm) | {"steps": 250}
     assert settings_key(asdict(ddim.for_model(True, False))) == before(ddim.for_model(True, False))
     assert settings_key(asdict(SamplerConfig(sampler="ddim", steps=50, precision="bf16"))) == before(ddim) | {
         "precision": "bf16"}

@@ -75,7 +75,7 @@ def sample(
 
 @guarded
 @sampling_flags(GROW, {"sampler": "ddim (η=0) or ddpm (ancestral): the respaced chain whose M updates grow replays "
-                            "(DPM-Solver++ is not one)."},
+                            "(DPM-Solver++ is not one).", "steps": "Reverse steps, respaced from the trained T."},
                 **{k: getattr(growth_sampler(), k) for k in ("sampler", "steps")})
 def grow(
     run: Path = typer.Option(..., "--run", help="Run directory of a GeCA."),

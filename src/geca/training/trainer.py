@@ -8,7 +8,6 @@ in `data.py`, the processes' collectives in `distributed.py`, loading a checkpoi
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import threading
 import time
@@ -148,11 +147,13 @@ class Trainer:
 
     def _write_run_files(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # what a run interrupted before its first checkpoint left (check_run_dir allows only that)
+        if not resume and (self.run_dir / "model.json").is_file():
+            # a run interrupted before its first checkpoint began here: what it wrote goes, nothing else
             for name in ("log.csv", "validation.csv", "loss.png"):
                 (self.run_dir / name).unlink(missing_ok=True)
-            for name in ("samples", "tensorboard"):
-                shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            for pattern in ("samples/step_*.png", "tensorboard/**/events.out.tfevents.*"):
+                for stale in self.run_dir.glob(pattern):
+                    stale.unlink()
         # files by their absolute paths (as model.json has them): a resume from another folder finds the data and folds
         save_config(replace(self.config, data=self.spec.data), self.run_dir / "config.yaml")
         atomic_write_json(self.run_dir / "model.json", self.spec.to_dict())
@@ -435,7 +436,7 @@ class Trainer:
                     self.steps_s, self.steps_timed = self.steps_s + self.step_s, self.steps_timed + 1
                 self.periodic()
                 self._advance()
-                if stop_asked():
+                if stop_asked() and self.step_count < tc.max_steps:  # at the last step, the final work still runs
                     self._stop()
         self.finish()
         checksum = parameters_identical(self.accelerator, self.model) if self.world > 1 else None
