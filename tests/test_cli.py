@@ -311,35 +311,44 @@ def test_an_earlier_demo_is_kept_when_the_demo_cannot_run(blobs_npz: Path, tmp_p
 
 def test_an_earlier_demo_comes_back_when_the_next_is_interrupted(blobs_npz: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The earlier demo waits beside --out while the new one trains: Ctrl-C (or a failure) brings it back, as does
-    the next demo after a killed one; other files in a demo's folder are refused, not deleted."""
+    """The earlier demo waits in --out/.earlier-demo while the next trains: Ctrl-C (or a failure) brings it back, as
+    does the next demo after a killed one, unless that one was whole; other files in a demo's folder are refused,
+    not deleted."""
     import geca.training.trainer as trainer
 
     demo = tmp_path / "demo"
     (demo / "generated").mkdir(parents=True)
-    for name in (".geca-demo", "model.json", "samples_per_grade.png", "generated/labels.csv"):
+    for name in (".geca-demo", ".geca-demo-done", "model.json", "samples_per_grade.png", "generated/labels.csv"):
         (demo / name).write_text("earlier")
+    (demo / ".generated.unfinished").mkdir()  # what an interrupted demo's sampling leaves is the demo's own
     before = sorted(p.relative_to(demo) for p in demo.rglob("*"))
 
-    def interrupted(*args: object, **kwargs: object) -> None:
-        assert not (demo / "samples_per_grade.png").exists()  # the new demo trains in a fresh folder
+    def interrupted(config: object, out: Path, **kwargs: object) -> None:
+        assert not (out / "samples_per_grade.png").exists()  # the next demo trains in an emptied folder
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer, "train", interrupted)
     res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
     assert res.exit_code == 130, res.output
     assert sorted(p.relative_to(demo) for p in demo.rglob("*")) == before
-    assert (demo / "samples_per_grade.png").read_text() == "earlier" and not list(tmp_path.glob(".demo.*"))
-    killed = tmp_path / ".demo.earlier-demo"  # a demo killed while training: its folder unfinished, the earlier aside
-    demo.rename(killed)
-    (demo / "checkpoints").mkdir(parents=True)
-    (demo / ".geca-demo").write_text("")
+    # killed in its growth GIFs: its grid drawn, but not whole; the earlier demo still waiting
+    (demo / ".earlier-demo").mkdir()
+    for entry in [p for p in demo.iterdir() if p.name != ".earlier-demo"]:
+        entry.rename(demo / ".earlier-demo" / entry.name)
+    for name in (".geca-demo", "samples_per_grade.png"):
+        (demo / name).write_text("killed")
     res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
-    assert res.exit_code == 130 and (demo / "samples_per_grade.png").read_text() == "earlier", res.output
+    assert res.exit_code == 130 and sorted(p.relative_to(demo) for p in demo.rglob("*")) == before, res.output
+    assert (demo / "samples_per_grade.png").read_text() == "earlier"
     (demo / "my-notes.txt").write_text("mine")
     res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
     assert res.exit_code == 2 and "also holds my-notes.txt" in res.output, res.output
     assert (demo / "my-notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # an empty current folder takes a demo
+    res = runner.invoke(app, ["demo", "--out", ".", "--data", str(blobs_npz), "--minutes", "0.01"])
+    assert res.exit_code == 130, res.output
 
 
 def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
@@ -351,13 +360,13 @@ def test_demo_writes_every_output(tmp_path: Path, blobs_npz: Path) -> None:
                  "generated/labels.csv"):
         assert (out / name).exists(), name
         assert str(out / name) in res.output.replace("\n", "") or name.startswith("generated")
-    assert (out / ".geca-demo").is_file()  # what lets the next demo replace this folder
+    assert (out / ".geca-demo").is_file() and (out / ".geca-demo-done").is_file()  # the next demo may replace it
     sampling = json.loads((out / "generated/manifest.json").read_text())["sampling"]
     assert sampling["sampler"] == "dpm++sde" and sampling["precision"] == resolve_precision("auto", cuda=False)
     rerun = runner.invoke(app, ["demo", "--out", str(out), "--data", str(blobs_npz), "--minutes", "0.01",
                                 "--per-class", "1", "--steps", "2", "--sampler", "ddim", "--precision", "fp32"])
     assert rerun.exit_code == 0, rerun.output
-    assert len(list((out / "generated/images").iterdir())) == 2
+    assert len(list((out / "generated/images").iterdir())) == 2 and not (out / ".earlier-demo").exists()
     sampling = json.loads((out / "generated/manifest.json").read_text())["sampling"]
     assert sampling["sampler"] == "ddim" and sampling["precision"] == "fp32"
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["precision"] == "fp32"

@@ -31,8 +31,12 @@ def is_demo(out: Path) -> bool:
 
 # What a demo writes into its folder (a training run's files, then its samples and GIFs): an earlier demo's folder
 # holding anything else holds the user's files, which replacing it would delete.
-DEMO_FILES = {DEMO_MARKER, "config.yaml", "model.json", "log.csv", "loss.png", "validation.csv", "samples",
+DEMO_DONE = ".geca-demo-done"  # written last: a demo with it is whole
+DEMO_FILES = {DEMO_MARKER, DEMO_DONE, "config.yaml", "model.json", "log.csv", "loss.png", "validation.csv", "samples",
               "checkpoints", "latents", "tensorboard", "generated", "growth", "samples_per_grade.png"}
+# Inside --out, where the earlier demo waits while the next is made: a rename within one folder works on any file
+# system, also where --out is a mount point or the current folder.
+EARLIER = ".earlier-demo"
 
 
 def check_replaceable(out: Path, data: str) -> None:
@@ -55,31 +59,46 @@ def check_replaceable(out: Path, data: str) -> None:
     if not is_demo(out):
         raise ConfigError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces its own "
                           "folder only, choose another --out")
-    others = other_files(out, lambda p: p.name in DEMO_FILES)
+    # hidden entries go with the demo (its own unfinished sample sets and GIFs are hidden folders)
+    others = other_files(out, lambda p: p.name in DEMO_FILES or p.name.startswith("."))
     if others:
         raise ConfigError(f"--out {out}: an earlier demo, which the demo replaces, but it also holds {few(others)}; "
                           "move them out or choose another --out")
 
 
+def _move_all(source: Path, target: Path, skip: Path | None = None) -> None:
+    for entry in list(source.iterdir()):
+        if entry != skip:
+            os.replace(entry, target / entry.name)
+
+
+def _bring_back(out: Path, earlier: Path) -> None:
+    """The earlier demo in place of whatever the next one left."""
+    for entry in list(out.iterdir()):
+        if entry != earlier:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    _move_all(earlier, out)
+    earlier.rmdir()
+
+
 @contextmanager
 def replacing(out: Path) -> Iterator[None]:
-    """The earlier demo in `out` waits beside it while the new one is made, and comes back if that fails or is
-    interrupted; one a killed demo left waiting comes back unless `out` holds a finished demo."""
-    earlier = out.with_name(f".{out.name}.earlier-demo")
+    """The earlier demo in `out` waits in `out/.earlier-demo` while the next is made, and comes back if that fails
+    or is interrupted; one that a killed demo left waiting comes back unless `out` holds a whole demo."""
+    earlier = out / EARLIER
     if earlier.is_dir():
-        if (out / "samples_per_grade.png").is_file():
+        if (out / DEMO_DONE).is_file():
             shutil.rmtree(earlier)
         else:
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(earlier, out)
-    if out.exists() and any(out.iterdir()):
-        os.replace(out, earlier)
+            _bring_back(out, earlier)
+    if out.is_dir() and any(out.iterdir()):
+        earlier.mkdir()
+        _move_all(out, earlier, skip=earlier)
     try:
         yield
     except BaseException:
         if earlier.is_dir():
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(earlier, out)
+            _bring_back(out, earlier)
         raise
     shutil.rmtree(earlier, ignore_errors=True)
 
@@ -183,3 +202,4 @@ def _make(out: Path, config: RunConfig, data: str, chosen: str, dev: torch.devic
                     ("loss curve", out / "loss.png"), ("training log", out / "log.csv")]:
         typer.echo(f"  {name:30s} {p}")
     typer.echo(f"({manifest['num_images']} samples in {manifest['seconds']} s)")
+    (out / DEMO_DONE).write_text("")
