@@ -71,6 +71,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (["--checkpoint-every", "-1"], "--checkpoint-every"), (["--lr", "-1"], "--lr"),
     (["--precision", "fp64"], "--precision"), (["--max-minutes", "inf"], "--max-minutes"),
     (["--set", "train.max_minutes=.inf"], "--set train.max_minutes"), (["--seed", "-1"], "--seed"),
+    (["--set", "preview.sampler.steps=0"], "--set preview.sampler.steps"),
     (["--batch-size", "abc"], "--batch-size"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
@@ -184,6 +185,8 @@ def test_a_config_file_value_is_named_with_its_file(data: Path, tmp_path: Path) 
                         ("model:\n  family: foo\n", f"{cfg}: model.family: unknown model family")):
         cfg.write_text(text)  # the file, then the key's path in it
         refused(runner.invoke(app, ["train", "-c", str(cfg), "--out", str(tmp_path / "r")]), words)
+    refused(runner.invoke(app, ["train", "--data", str(data), "--set", "data.folds_file=gone.csv", "--out",
+                                str(tmp_path / "r"), *TINY]), "--set data.folds_file gone.csv: not found")
     # a preset's folds file is its dataset's: --data alone leaves a placeholder path, said as such
     refused(runner.invoke(app, ["train", "-c", "deepdrid-256-geca-s", "--data", str(data), "--out",
                                 str(tmp_path / "r")]), "deepdrid-256-geca-s.yaml: data.folds_file", "--folds-file")
@@ -532,7 +535,8 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     """A damaged or missing weights file, a damaged model.json and a run without a checkpoint are listed as such."""
     root = tmp_path / "all"
     for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state", "bad-best", "new-folds",
-                 "no-folds", "no-state", "emptied", "bad-files", "cut", "gone", "bad-latest", "other-model"):
+                 "no-folds", "no-state", "emptied", "bad-files", "cut", "gone", "bad-latest", "other-model",
+                 "no-model"):
         shutil.copytree(run, root / name)
     (root / "emptied/checkpoints/step_0000002/ema.safetensors").write_bytes(b"")
     cut = root / "cut/checkpoints/step_0000002/ema.safetensors"
@@ -561,6 +565,12 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     other = json.loads((root / "other-model/model.json").read_text())  # another run's model.json, as it were
     other["model"]["hidden_size"] *= 2
     (root / "other-model/model.json").write_text(json.dumps(other))
+    from dataclasses import asdict
+
+    from geca.models.config import named_model
+
+    other.update(model=asdict(named_model("DiT-T")), resolution=7)  # patches of 2 do not tile 7: no model is built
+    (root / "no-model/model.json").write_text(json.dumps(other))
     res = runner.invoke(app, ["runs", str(root), "--json"])
     assert res.exit_code == 0, res.output
     rows = {Path(r["run"]).name: r for r in json.loads(res.output)}
@@ -570,7 +580,9 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
         "bad-best": "best: damaged ema.safetensors", "new-folds": "folds file changed",
         "no-folds": "folds file missing", "no-state": "missing state.json", "emptied": "empty ema.safetensors",
         "bad-files": "damaged state.json", "cut": "truncated ema.safetensors", "gone": "missing checkpoint folder",
-        "bad-latest": "damaged latest.json", "other-model": "model.safetensors does not fit model.json"}
+        "bad-latest": "damaged latest.json", "other-model": "model.safetensors does not fit model.json",
+        "no-model": rows["no-model"]["status"]}
+    assert rows["no-model"]["status"].startswith("model.json describes no model"), rows["no-model"]
     assert isinstance(rows["good"]["loss"], float) and rows["good"]["loss"] > 0
     res = runner.invoke(app, ["runs", str(root), "--json", "--quick"])  # files there, not hashed
     quick = {Path(r["run"]).name: r["status"] for r in json.loads(res.output)}

@@ -13,6 +13,7 @@ from conftest import tiny_model_config
 from torch import nn
 from typer.testing import CliRunner
 
+from geca.config import RunConfig
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
 from geca.errors import ConfigError
@@ -23,6 +24,7 @@ from geca.sampling.growth import grow
 from geca.sampling.labels import per_class_labels, replicate_labels
 from geca.sampling.samplers import guided_output, sample
 from geca.utils.hardware import resolve_precision
+from geca.utils.schema import apply_set
 
 
 class Spy(Denoiser):
@@ -164,6 +166,10 @@ def test_each_sampler_gets_its_default_step_count() -> None:
 
     assert [SamplerConfig(sampler=s).steps for s in ("ddpm", "ddim", "dpm++", "dpm++sde")] == [250, 250, 25, 25]
     assert SamplerConfig(sampler="dpm++", steps=10).steps == 10
+    config = RunConfig()
+    apply_set(config, ["preview.sampler.steps=null", "preview.sampler.sampler=dpm++"])  # null: the default
+    config.validate()
+    assert config.preview.sampler.steps == 25
     seen: list[SamplingFlags] = []
     command = typer.Typer()
     command.command()(sampling_flags(("sampler", "steps"))(lambda *, flags: seen.append(flags)))

@@ -103,6 +103,10 @@ def test_resume_with_a_config_file_says_every_value_it_changes(custom_run: Path,
     assert f"resume: train.batch_size 4 → 2 (-c {other})" in res.output
     assert "resume: train.max_steps 2 → 3 (--max-steps)" in res.output
     assert "data.spec" not in res.output and "ema_decay" not in res.output  # unchanged values are not listed
+    (custom_run / "config.yaml").write_text("train: [\n")  # damaged: -c CONFIG is how such a run resumes
+    res = runner.invoke(app, ["train", "-c", str(other), "--out", str(custom_run), "--resume", "--max-steps", "4",
+                              "--no-progress"])
+    assert res.exit_code == 0 and "resume: train.max_steps 2 → 4 (--max-steps)" in res.output, res.output
 
 
 def test_max_minutes_is_a_budget_per_invocation(custom_run: Path) -> None:

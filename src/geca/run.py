@@ -391,8 +391,11 @@ def _safetensors_damage(path: Path) -> str | None:
 def _misfit(spec: ModelSpec, checkpoint: Path) -> str | None:
     """Which weights file holds other tensors (names or shapes) than the model model.json describes, read from the
     files' headers (a run's folder given another run's checkpoint or model.json); None where both fit."""
-    with torch.device("meta"):  # shapes without memory or initialisation
-        own = {k: list(v.shape) for k, v in spec.build().state_dict().items()}
+    try:
+        with torch.device("meta"):  # shapes without memory or initialisation
+            own = {k: list(v.shape) for k, v in spec.build().state_dict().items()}
+    except Exception as e:  # a model.json edited into settings no model has (the builders raise many kinds)
+        return f"model.json describes no model ({type(e).__name__}: {e})"
     for name in ("model.safetensors", "ema.safetensors"):
         header, _ = _safetensors_header(checkpoint / name) or ({}, 0)
         if _upgrade_keys({k: v.get("shape") for k, v in header.items()}) != own:
@@ -461,7 +464,7 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
         if row["status"] == "ok":
             row["status"] = checkpoint_health(ckpt, hashes, state_expected)
         if row["status"] == "ok" and spec is not None and (misfit := _misfit(spec, ckpt)):
-            row["status"] = f"{misfit} does not fit model.json"
+            row["status"] = misfit if misfit.startswith("model.json") else f"{misfit} does not fit model.json"
         try:
             row["step"] = read_state(ckpt).get("step")
         except CheckpointError:

@@ -145,7 +145,12 @@ def train(
     own = out / "config.yaml"
     before = None  # with --resume: what the run trained with, which each change is said against (-c's and flags')
     if resume:
-        before = load_config(own) if own.is_file() and config != own else copy.deepcopy(run_config)
+        before = copy.deepcopy(run_config)
+        if config != own and own.is_file():
+            try:
+                before = load_config(own)
+            except ConfigError:  # damaged, or empty: -c CONFIG is how such a run resumes; only flags are compared
+                pass
         if hasattr(before.model, "heredity"):
             # a config.yaml written before model.heredity existed: the run's model.json says how it was trained
             before.model.heredity = getattr(read_spec(out).model, "heredity", before.model.heredity)
@@ -165,9 +170,10 @@ def train(
     folds = run_config.data.folds_file
     if folds is not None and folds_file is None and not Path(folds).expanduser().is_file():
         # a preset's placeholder, or the folds of the dataset that --data replaced, named where they came from
-        raise ConfigError(f"{config}: data.folds_file {folds}: not found" + (
+        given = names.get("data.folds_file")
+        raise ConfigError(f"{given or f'{config}: data.folds_file'} {folds}: not found" + (
             f"; --data {data} replaces the config's dataset but not its folds file: pass --folds-file for it, or "
-            "--set data.folds_file=null" if data is not None else ""))
+            "--set data.folds_file=null" if data is not None and given is None else ""))
     if not resume and (out / DEMO_MARKER).exists():  # the next `geca demo` there would replace this run
         raise ConfigError(f"--out {out}: a `geca demo` folder (it holds {DEMO_MARKER}), which the next demo replaces; "
                           "train a new run elsewhere")

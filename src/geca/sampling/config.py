@@ -49,6 +49,7 @@ class SamplerConfig:
             self.steps = DEFAULT_STEPS.get(self.sampler, DEFAULT_STEPS["ddpm"])
 
     def validate(self, checks: Checks | None = None, prefix: str = "sampler") -> None:
+        self.__post_init__()  # a `--set …steps=null` after construction means the default too
         check = checks or Checks(FLAGS)
         check.choice(self.sampler, f"{prefix}.sampler", SAMPLERS)
         if self.ghg is not None:
