@@ -335,11 +335,35 @@ def test_an_earlier_demo_comes_back_when_the_next_is_interrupted(blobs_npz: Path
     (demo / ".earlier-demo").mkdir()
     for entry in [p for p in demo.iterdir() if p.name != ".earlier-demo"]:
         entry.rename(demo / ".earlier-demo" / entry.name)
+    (demo / ".earlier-demo" / ".complete").write_text("")
     for name in (".geca-demo", "samples_per_grade.png"):
         (demo / name).write_text("killed")
     res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
     assert res.exit_code == 130 and sorted(p.relative_to(demo) for p in demo.rglob("*")) == before, res.output
     assert (demo / "samples_per_grade.png").read_text() == "earlier"
+    # stopped while moving the earlier demo aside, two entries moved: it all comes back
+    import geca.cli.demo as demo_cli
+
+    replace, moved = os.replace, []
+
+    def stopped_after_two(src: object, dst: object) -> None:
+        if len(moved) == 2:
+            raise KeyboardInterrupt
+        moved.append(src)
+        replace(src, dst)
+
+    monkeypatch.setattr(demo_cli.os, "replace", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        with demo_cli.replacing(demo):
+            pass
+    monkeypatch.setattr(demo_cli.os, "replace", replace)
+    assert (demo / ".earlier-demo").is_dir()  # half moved: put right by the next demo
+    res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
+    assert res.exit_code == 130 and sorted(p.relative_to(demo) for p in demo.rglob("*")) == before, res.output
+    (demo / ".notes").mkdir()  # hidden, but the user's
+    res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
+    assert res.exit_code == 2 and "also holds .notes" in res.output and (demo / ".notes").is_dir(), res.output
+    (demo / ".notes").rmdir()
     (demo / "my-notes.txt").write_text("mine")
     res = runner.invoke(app, ["demo", "--out", str(demo), "--data", str(blobs_npz), "--minutes", "0.01"])
     assert res.exit_code == 2 and "also holds my-notes.txt" in res.output, res.output

@@ -35,15 +35,23 @@ DEMO_DONE = ".geca-demo-done"  # written last: a demo with it is whole
 DEMO_FILES = {DEMO_MARKER, DEMO_DONE, "config.yaml", "model.json", "log.csv", "loss.png", "validation.csv", "samples",
               "checkpoints", "latents", "tensorboard", "generated", "growth", "samples_per_grade.png"}
 # Inside --out, where the earlier demo waits while the next is made: a rename within one folder works on any file
-# system, also where --out is a mount point or the current folder.
-EARLIER = ".earlier-demo"
+# system, also where --out is a mount point or the current folder. COMPLETE in it: every entry was moved there.
+EARLIER, COMPLETE = ".earlier-demo", ".complete"
+
+
+def _demos_own(entry: Path) -> bool:
+    """A name the demo writes, or its temporaries and staging folders (`.generated.unfinished`, …); a file browser's
+    .DS_Store goes with it. Any other name, hidden or not, is the user's."""
+    name = entry.name
+    return (name in DEMO_FILES or name in (EARLIER, ".DS_Store") or name.startswith(f"{EARLIER}.")
+            or any(name.startswith(f".{own}.") for own in DEMO_FILES))
 
 
 def check_replaceable(out: Path, data: str) -> None:
     """`out` may be written, and replaced where it holds an earlier demo: not a symlink, not the current folder or
     one above it, not holding the dataset, and if not empty, a demo's with nothing else in it."""
     from geca.data.registry import source_files
-    from geca.utils.io import few, other_files, output_dir
+    from geca.utils.io import few, output_dir
 
     output_dir(out)
     if out.is_symlink():
@@ -59,48 +67,63 @@ def check_replaceable(out: Path, data: str) -> None:
     if not is_demo(out):
         raise ConfigError(f"--out {out}: exists and is not a demo (no {DEMO_MARKER} in it); the demo replaces its own "
                           "folder only, choose another --out")
-    # hidden entries go with the demo (its own unfinished sample sets and GIFs are hidden folders)
-    others = other_files(out, lambda p: p.name in DEMO_FILES or p.name.startswith("."))
+    others = sorted(p.name for p in out.iterdir() if not _demos_own(p))
     if others:
         raise ConfigError(f"--out {out}: an earlier demo, which the demo replaces, but it also holds {few(others)}; "
                           "move them out or choose another --out")
 
 
-def _move_all(source: Path, target: Path, skip: Path | None = None) -> None:
-    for entry in list(source.iterdir()):
-        if entry != skip:
-            os.replace(entry, target / entry.name)
+def _remove(entry: Path) -> None:
+    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
-def _bring_back(out: Path, earlier: Path) -> None:
-    """The earlier demo in place of whatever the next one left."""
-    for entry in list(out.iterdir()):
-        if entry != earlier:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    _move_all(earlier, out)
+def recover(out: Path) -> None:
+    """Put right what a demo stopped while replacing `out` left: the earlier demo back in place, unless the new one
+    is whole. Safe to stop at any point itself: what is left is put right the next time."""
+    for trash in out.glob(f"{EARLIER}.*"):  # an earlier demo a finished one was deleting
+        shutil.rmtree(trash, ignore_errors=True)
+    earlier = out / EARLIER
+    if not earlier.is_dir():
+        return
+    if (earlier / COMPLETE).is_file():  # all of it was moved aside: the new demo was being made
+        if (out / DEMO_DONE).is_file():
+            _drop(earlier)
+            return
+        for entry in list(out.iterdir()):
+            if entry != earlier:
+                _remove(entry)
+        (earlier / COMPLETE).unlink()
+    for entry in list(earlier.iterdir()):  # without COMPLETE, `out` holds only what was never moved
+        os.replace(entry, out / entry.name)
     earlier.rmdir()
+
+
+def _drop(earlier: Path) -> None:
+    """Delete the earlier demo, renamed first: one half-deleted is never taken for one waiting."""
+    trash = earlier.with_name(f"{EARLIER}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(earlier, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextmanager
 def replacing(out: Path) -> Iterator[None]:
     """The earlier demo in `out` waits in `out/.earlier-demo` while the next is made, and comes back if that fails
-    or is interrupted; one that a killed demo left waiting comes back unless `out` holds a whole demo."""
+    or is stopped, whenever it stops (`recover`)."""
     earlier = out / EARLIER
-    if earlier.is_dir():
-        if (out / DEMO_DONE).is_file():
-            shutil.rmtree(earlier)
-        else:
-            _bring_back(out, earlier)
-    if out.is_dir() and any(out.iterdir()):
-        earlier.mkdir()
-        _move_all(out, earlier, skip=earlier)
     try:
+        if out.is_dir() and any(out.iterdir()):
+            earlier.mkdir()
+            for entry in list(out.iterdir()):
+                if entry != earlier:
+                    os.replace(entry, earlier / entry.name)
+            (earlier / COMPLETE).write_text("")
         yield
     except BaseException:
-        if earlier.is_dir():
-            _bring_back(out, earlier)
+        recover(out)
         raise
-    shutil.rmtree(earlier, ignore_errors=True)
+    if earlier.is_dir():
+        _drop(earlier)
 
 
 def demo_dataset() -> tuple[str, str]:
@@ -164,6 +187,8 @@ def demo(
     chosen = resolved_precision(precision, dev)  # refuses fp16 on a CPU, even on a machine with a GPU
     # growth replays a respaced DDPM/DDIM chain, which DPM-Solver++ is not
     growth = replace(sampler, sampler="ddim", schedule=None) if sampler_name.startswith("dpm++") else sampler
+    if out.is_dir() and not out.is_symlink():
+        recover(out)  # a demo stopped while it replaced this folder: its earlier demo first comes back
     check_replaceable(out, data)
     load_split(data, "train")  # a missing or corrupt dataset fails here, before the earlier demo is moved aside
     if why:
