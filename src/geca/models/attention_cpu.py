@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from geca.utils.hardware import c_compiler
+from geca.utils.io import process_alive
 from geca.utils.paths import cache_dir
 
 __all__ = ["available", "cpu_attention", "kernels", "packed_cpu_attention"]
@@ -75,7 +76,8 @@ def _build(cc: str, head_dim: int, value_dim: int) -> ctypes.CDLL:
         if not target.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             for stale in folder.glob(f"{target.name}.{host}-*.tmp"):
-                if not _alive(stale.suffixes[-2].rpartition("-")[2]):  # a build killed half-way, not one running
+                pid = stale.suffixes[-2].rpartition("-")[2]
+                if not (pid.isdigit() and process_alive(int(pid))):  # a build killed half-way, not one running
                     stale.unlink(missing_ok=True)
             tmp = folder / f"{target.name}.{host}-{os.getpid()}.tmp"
             done = subprocess.run([cc, *flags, "-shared", "-fPIC", f"-DHD={head_dim}", f"-DDV={value_dim}",
@@ -90,16 +92,6 @@ def _build(cc: str, head_dim: int, value_dim: int) -> ctypes.CDLL:
         except OSError as e:
             errors = f"{target.name} does not load ({e})"
     raise OSError(f"{cc} could not build {_SOURCE.name}: {errors}")
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 _BUILDING = threading.Lock()  # threads of one process would share a temporary file name

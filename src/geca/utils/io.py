@@ -60,7 +60,8 @@ def unfindable(recorded: str | Path | None, given: str | Path | None) -> bool:
         not Path(recorded).expanduser().exists()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (what tells a killed writer's leftovers from a running writer's work)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -78,7 +79,7 @@ def clean_stale_staging(final: Path) -> list[Path]:
     for prefix in (f".{final.name}.partial-", f"..{final.name}.partial-"):
         for p in final.parent.glob(f"{glob.escape(prefix)}*") if final.parent.is_dir() else []:
             pid = p.name[len(prefix):].split("-", 1)[0]
-            if not pid.isdigit() or (int(pid) != os.getpid() and not _alive(int(pid))):
+            if not pid.isdigit() or (int(pid) != os.getpid() and not process_alive(int(pid))):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -194,7 +195,7 @@ def clean_stale_temporaries(path: Path) -> list[Path]:
     removed = []
     for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if path.parent.is_dir() else []:
         m = own.fullmatch(p.name)
-        if m is not None and (m[1] is None or (int(m[1]) != os.getpid() and not _alive(int(m[1])))):
+        if m is not None and (m[1] is None or (int(m[1]) != os.getpid() and not process_alive(int(m[1])))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
