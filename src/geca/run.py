@@ -380,8 +380,10 @@ def _safetensors_damage(path: Path) -> str | None:
     """'damaged' (no safetensors header) or 'truncated' (shorter or longer than its header says), found without
     hashing the file; None where it looks whole."""
     found = _safetensors_header(path)
+    if found is None:
+        return "damaged"
+    header, n = found
     try:
-        header, n = found  # type: ignore[misc]
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
     except (TypeError, KeyError, IndexError, AttributeError):
         return "damaged"
@@ -389,8 +391,8 @@ def _safetensors_damage(path: Path) -> str | None:
 
 
 def _misfit(spec: ModelSpec, checkpoint: Path) -> str | None:
-    """Which weights file holds other tensors (names or shapes) than the model model.json describes, read from the
-    files' headers (a run's folder given another run's checkpoint or model.json); None where both fit."""
+    """What keeps the weights from fitting the model model.json describes, read from the files' headers (a run's
+    folder given another run's checkpoint or model.json); None where they fit."""
     try:
         with torch.device("meta"):  # shapes without memory or initialisation
             own = {k: list(v.shape) for k, v in spec.build().state_dict().items()}
@@ -399,7 +401,7 @@ def _misfit(spec: ModelSpec, checkpoint: Path) -> str | None:
     for name in ("model.safetensors", "ema.safetensors"):
         header, _ = _safetensors_header(checkpoint / name) or ({}, 0)
         if _upgrade_keys({k: v.get("shape") for k, v in header.items()}) != own:
-            return name
+            return f"{name} does not fit model.json"
     return None
 
 
@@ -464,7 +466,7 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
         if row["status"] == "ok":
             row["status"] = checkpoint_health(ckpt, hashes, state_expected)
         if row["status"] == "ok" and spec is not None and (misfit := _misfit(spec, ckpt)):
-            row["status"] = misfit if misfit.startswith("model.json") else f"{misfit} does not fit model.json"
+            row["status"] = misfit
         try:
             row["step"] = read_state(ckpt).get("step")
         except CheckpointError:

@@ -170,10 +170,10 @@ def train(
     folds = run_config.data.folds_file
     if folds is not None and folds_file is None and not Path(folds).expanduser().is_file():
         # a preset's placeholder, or the folds of the dataset that --data replaced, named where they came from
-        given = names.get("data.folds_file")
-        raise ConfigError(f"{given or f'{config}: data.folds_file'} {folds}: not found" + (
+        flag = names.get("data.folds_file")
+        raise ConfigError(f"{flag or f'{config}: data.folds_file'} {folds}: not found" + (
             f"; --data {data} replaces the config's dataset but not its folds file: pass --folds-file for it, or "
-            "--set data.folds_file=null" if data is not None and given is None else ""))
+            "--set data.folds_file=null" if data is not None and flag is None else ""))
     if not resume and (out / DEMO_MARKER).exists():  # the next `geca demo` there would replace this run
         raise ConfigError(f"--out {out}: a `geca demo` folder (it holds {DEMO_MARKER}), which the next demo replaces; "
                           "train a new run elsewhere")

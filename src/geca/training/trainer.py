@@ -312,12 +312,16 @@ class Trainer:
         tc, step = self.config.train, self.step_count
         if step % tc.log_every == 0:
             self.log_row()
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+        if self._checkpoint_due():
             self._timed("checkpoint", self.checkpoint)
         if self.main and tc.sample_every and step % tc.sample_every == 0:
             self._timed("preview", self.preview)
         if self.validator is not None and step % self.config.validation.every == 0:
             self._timed("validation", self.validate)
+
+    def _checkpoint_due(self) -> bool:
+        every = self.config.train.checkpoint_every
+        return bool(every) and self.step_count % every == 0
 
     def _timed(self, work: str, run: Callable[[], None]) -> None:
         """Run periodic work, keeping the longest time it took: its final turn must fit in the budget too."""
@@ -448,8 +452,7 @@ class Trainer:
 
     def _stop(self) -> None:
         """Ctrl-C came during a step: checkpoint the step just finished (unless done already), then stop."""
-        tc = self.config.train
-        if not (tc.checkpoint_every and self.step_count % tc.checkpoint_every == 0):
+        if not self._checkpoint_due():  # periodic() wrote it already
             self.checkpoint()
         self.bar.close()
         tqdm.write(f"stopped after step {self.step_count}, checkpointed")
