@@ -395,3 +395,53 @@ def test_an_interrupted_evaluation_leaves_no_grid_and_can_be_rerun(data: dict[st
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "m_grid_like.png").is_file() and not list(tmp_path.glob(".*.tmp"))
+
+
+def _warnings_of(settings: object) -> list[str]:
+    from geca.metrics.evaluate import load_inputs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_inputs(settings)  # type: ignore[arg-type]
+    return [str(w.message) for w in caught]
+
+
+def test_unlike_comparisons_are_warned_before_scoring(data: dict[str, Path], tmp_path: Path) -> None:
+    from geca.data.registry import source_key
+    from geca.metrics.evaluate import EvalSettings
+
+    npz = str(data["npz"])
+
+    def settings(*dirs: Path, protocol: str = "paper") -> EvalSettings:
+        return EvalSettings(generated=[(d.name, d) for d in dirs], real=f"{npz}:test", train=f"{npz}:train",
+                            protocol=protocol)
+
+    assert _warnings_of(settings(data["good"], data["noise"])) == []  # like with like: nothing to say
+
+    big = blob_images(n=100, size=16, seed=3)  # another tool's set at 16 px, the real data 12 px
+    big_dir = write_sample_dir(tmp_path / "big", big.images, big.labels, NAMES)
+    upsampled = _warnings_of(settings(big_dir))
+    assert any("--real" in w and "12 px, upsampled to the generated 16 px, and big did not" in w for w in upsampled)
+    assert any("--train" in w and "upsampled" in w for w in upsampled)
+    same = {"data": npz, "data_key": source_key(npz), "folds_file": None, "fold": None}
+    (big_dir / "manifest.json").write_text(json.dumps({"class_names": NAMES, "trained_on": same}))
+    assert _warnings_of(settings(big_dir)) == []  # its generator learned the data upsampled so
+
+    fewer = blob_images(n=80, size=12, seed=4)
+    fewer_dir = write_sample_dir(tmp_path / "fewer", fewer.images, fewer.labels, NAMES)
+    assert any("good: 100, fewer: 80" in w for w in _warnings_of(settings(data["good"], fewer_dir)))
+    assert _warnings_of(settings(data["good"], fewer_dir, protocol="standard")) == []
+
+    manifest = data["good"] / "manifest.json"
+    record = json.loads(manifest.read_text())
+    for trained_on, expected in (
+            (same, None),
+            ({"data": "elsewhere.npz", "data_key": "npz:0123", "folds_file": None, "fold": None},
+             "trained on elsewhere.npz (its manifest.json), not on --train"),
+            ({"data": npz, "data_key": source_key(npz), "folds_file": "folds.csv", "fold": 1},
+             "train split of fold 1 of folds.csv (its manifest.json), but --train")):
+        manifest.write_text(json.dumps({**record, "trained_on": trained_on}))
+        said = _warnings_of(settings(data["good"]))
+        assert said == [] if expected is None else any(expected in w for w in said), said
+    said = _warnings_of(EvalSettings(generated=[("good", data["good"])], real=f"{npz}:test", train=f"{npz}:val"))
+    assert any("--train " + f"{npz}:val is the val split" in w for w in said), said

@@ -544,3 +544,17 @@ def test_a_linked_stage_folder_stays_a_link(tmp_path: Path) -> None:
         for name in ("x", "y"):
             assert (tmp_path / "root" / "b" / name).is_symlink()
             assert (tmp_path / "disk" / name / MARKER).is_file()
+
+
+@pytest.mark.parametrize(("preset", "lineage"), [("smoke.yaml", True), ("synthetic-oct-cpu.yaml", False)])
+def test_evaluation_checks_lineage_unless_the_study_copied_a_folds_split(preset: str, lineage: bool, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CV the study scores against its own copies of a fold's splits, which no generator's manifest names:
+    `geca evaluate`'s check of --train against each manifest would warn of every set."""
+    from geca.experiment import stages
+
+    seen = []
+    monkeypatch.setattr(stages, "run_evaluation", lambda settings, *a, **k: seen.append(settings))
+    ctx = Context(load_experiment(PRESETS / preset), tmp_path, torch.device("cpu"), log=lambda s: None)
+    stages._evaluate(ctx, [], tmp_path)
+    assert seen[0].lineage is lineage

@@ -237,4 +237,5 @@ def load_folder_csv(
         ids=[table.filenames[i] for i in rows],
         patient_ids=None if table.patient_ids is None else table.patient_ids[rows],
         eye_ids=None if table.eye_ids is None else table.eye_ids[rows],
+        native_size=min((min(wh) for wh in sizes), default=None) if image_size is not None else None,
     )

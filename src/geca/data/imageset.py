@@ -26,6 +26,9 @@ class ImageSet:
     ids: list[str] = field(default_factory=list)
     patient_ids: np.ndarray | None = None
     eye_ids: np.ndarray | None = None
+    # the smallest side the images had before a loader resized them (None: never resized); a resize up from it makes
+    # blurrier images than the source holds, which `geca evaluate` warns about
+    native_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] not in (1, 3):
@@ -74,6 +77,7 @@ class ImageSet:
             ids=[self.ids[i] for i in index],
             patient_ids=None if self.patient_ids is None else self.patient_ids[index],
             eye_ids=None if self.eye_ids is None else self.eye_ids[index],
+            native_size=self.native_size,
         )
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -280,13 +280,14 @@ def load_npz(
 
     images = arrays[f"{split}_images"]
     h, w = images.shape[1:3]
+    side = min(h, w)
     if h != w:
         if image_size is None:
             raise DataError(f"{path}: {split}_images are {h}×{w}; geca needs square images (pass --image-size to "
                             "centre-crop and resize them)")
-        side = min(h, w)
         images = images[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    if image_size is not None and images.shape[1:3] != (image_size, image_size):
+    resized = image_size is not None and images.shape[1:3] != (image_size, image_size)
+    if resized:
         images = _resize(np.ascontiguousarray(images), image_size)
     return ImageSet(
         images=images,
@@ -295,4 +296,5 @@ def load_npz(
         multilabel=multilabel,
         source=str(path),
         ids=[f"{split}/{i}" for i in range(len(images))],
+        native_size=side if resized else None,
     )

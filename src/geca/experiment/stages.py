@@ -96,7 +96,7 @@ def sample_stage(ctx: Context, out: Path, name: str) -> dict[str, Any]:
 
 def _evaluate(ctx: Context, sets: list[tuple[str, Path]], out: Path) -> dict[str, Any]:
     settings = ctx.loaded.eval_settings(sets, ctx.real_spec("test"), ctx.real_spec("train"), device=str(ctx.device),
-                                        progress=ctx.progress)
+                                        progress=ctx.progress, lineage=not ctx.exp.data.cv)
     return run_evaluation(settings, out / "metrics.json", log=ctx.log, overwrite=True)
 
 

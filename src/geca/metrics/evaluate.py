@@ -16,8 +16,9 @@ import torch
 
 import geca
 from geca.data.folder_csv import load_folder_csv, read_manifest
+from geca.data.folds import same_split, split_name
 from geca.data.imageset import ImageSet, image_hashes
-from geca.data.registry import SPLITS, load_split
+from geca.data.registry import SPLITS, load_split, same_data
 from geca.errors import ConfigError, DataError
 from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
@@ -96,7 +97,9 @@ class EvalSettings:
     folds_file: str | None = None
     fold: int = 0
     cv_val: str = "slice"
-
+    # whether each set's manifest is checked against --train: `geca experiment` passes its own copies of a fold's
+    # splits, whose lineage it keeps itself
+    lineage: bool = True
 
     def validate(self, name: Callable[[str], str] = lambda key: "--" + key.replace("_", "-")) -> None:
         """Refuse an unknown choice, naming it as the user gave it (`name(field)`: a flag, or a YAML key)."""
@@ -209,6 +212,7 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     _check_compatible(":".join(train_name), train, real, "real")
     _check_held_out(real, train, s.real, s.train)
     _check_sizes(gens, real, train, s.protocol)
+    _check_comparable(gens, real, train, s)
     return EvalInputs(gens, real, train, real_name, train_name, size)
 
 
@@ -238,6 +242,46 @@ def _check_sizes(gens: list[tuple[str, Path, ImageSet]], real: ImageSet, train: 
             hint = " (KID subsets are n//4 under --protocol paper)" if protocol == "paper" else ""
             raise DataError(f"{name}: {len(g)} generated image(s) give KID subsets of {subset}{hint}; sample at "
                             f"least {min_generated(protocol)}")
+
+
+def _check_comparable(gens: list[tuple[str, Path, ImageSet]], real: ImageSet, train: ImageSet,
+                      s: EvalSettings) -> None:
+    """Warnings for scores that run but compare unlike things: KIDs of sets of different sizes under the paper
+    protocol, a --train other than the split a set's generator learned, and real images blown up to the size of sets
+    whose generators are not known to have learned them so."""
+    counts = {name: len(g) for name, _, g in gens}
+    if s.protocol == "paper" and len(set(counts.values())) > 1:
+        warnings.warn(f"the generated sets hold {', '.join(f'{n}: {c}' for n, c in counts.items())} images: under "
+                      "--protocol paper each set's KID subsets hold a quarter of its own images, so their KIDs are "
+                      "not equally noisy, and LPIPS averages different pairs; sample the same number for a fair "
+                      "table (or use --protocol standard)", stacklevel=3)
+    if not s.lineage:
+        return
+    train_spec, train_split = parse_split(s.train, "--train")
+    unrecorded = []
+    for name, path, g in gens:
+        trained = (read_manifest(path, len(g)) or {}).get("trained_on")
+        if not isinstance(trained, dict):
+            unrecorded.append(name)  # another tool's set, or one written before manifests recorded it
+        elif not same_data(train_spec, trained.get("data"), trained.get("data_key")):
+            unrecorded.append(name)
+            warnings.warn(f"{name}: its generator was trained on {trained.get('data')} (its manifest.json), not on "
+                          f"--train {s.train}: FLD and GG then measure nearness to images it never saw, and KID "
+                          "compares it with other data", stacklevel=3)
+        elif train_split != "train" or not same_split(s.folds_file, s.fold, trained.get("folds_file"),
+                                                        trained.get("fold"), trained.get("folds_sha256")):
+            ours = split_name(s.folds_file, s.fold) if train_split == "train" else f"the {train_split} split"
+            warnings.warn(f"{name}: its generator was trained on the train split of "
+                          f"{split_name(trained.get('folds_file'), trained.get('fold'))} (its manifest.json), but "
+                          f"--train {s.train} is {ours}: FLD and GG measure memorisation of the --train images",
+                          stacklevel=3)
+    size = gens[0][2].resolution
+    for flag, data in (("--real", real), ("--train", train)):
+        if unrecorded and data.native_size is not None and data.native_size < size:
+            warnings.warn(f"{flag} {getattr(s, flag[2:])}: its images are {data.native_size} px, upsampled to the "
+                          f"generated {size} px, and {', '.join(unrecorded)} did not learn them so (as far as their "
+                          "manifest.json says): the scores compare generated images with interpolated ones, "
+                          f"blurrier than the data. Compare with real data of at least {size} px", stacklevel=3)
 
 
 def _network(extractor: FeatureExtractor) -> dict[str, Any]:
