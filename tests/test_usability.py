@@ -198,7 +198,10 @@ def test_sampling_resumes_to_identical_images_after_sigterm(custom_run: Path, tm
     finished = json.loads(progress.read_text())["batches"]
     assert proc.returncode != 0 and 1 <= len(finished) < 6 and not out.exists(), (proc.returncode, finished)
     res = runner.invoke(app, [*args, "--out", str(out), "--seed", "3", "--resume"])
-    assert res.exit_code == 2 and "other settings" in res.output  # a different seed would mix two sets
+    assert res.exit_code == 2 and "sampled with seed 2 (now 3);" in res.output  # it would mix two sets
+    fewer = [*args, "--steps", "40", "--per-class", "2"]  # the later flag wins
+    res = runner.invoke(app, [*fewer, "--out", str(out), "--resume"])
+    assert res.exit_code == 2 and "sampled with sampling.steps 80 (now 40), other label vectors;" in res.output
     res = runner.invoke(app, [*args, "--out", str(out), "--resume"])
     assert res.exit_code == 0, res.output
     assert np.array_equal(_images(out), _images(whole))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from geca.models.config import GeCAConfig, ModelConfig, with_named_defaults
 from geca.sampling.config import SamplerConfig
 from geca.utils.hardware import PRECISIONS
 from geca.utils.io import atomic_write_text, same_path
-from geca.utils.schema import MAX_BATCH, Checks, from_dict, read_yaml
+from geca.utils.schema import MAX_BATCH, Checks, changes, from_dict, read_yaml
 
 LOGGERS = ("csv", "tensorboard")
 
@@ -169,23 +168,11 @@ def config_changes(before: RunConfig, after: RunConfig) -> list[tuple[str, Any, 
     """(dotted key, old value, new value) of every setting that differs; a data or folds file named by another
     spelling of its path is the same file."""
 
-    def leaves(section: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-        for name, value in section.items():
-            if isinstance(value, dict):
-                yield from leaves(value, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}", value
-
-    old, new = dict(leaves(asdict(before))), dict(leaves(asdict(after)))
-
     def same(key: str, a: Any, b: Any) -> bool:
-        if a == b:
-            return True
         if key == "data.spec" and isinstance(a, str) and isinstance(b, str):
             from geca.data.registry import located_spec  # torch: not for every reader of a config
 
             return located_spec(a) == located_spec(b)
         return key == "data.folds_file" and isinstance(a, str) and isinstance(b, str) and same_path(a, b)
 
-    return [(key, old.get(key), new.get(key)) for key in dict.fromkeys([*old, *new])
-            if not same(key, old.get(key), new.get(key))]
+    return [(key, a, b) for key, a, b in changes(asdict(before), asdict(after)) if not same(key, a, b)]

@@ -37,7 +37,7 @@ from geca.utils.io import (
     real_dir,
     replace_dir,
 )
-from geca.utils.schema import MAX_BATCH
+from geca.utils.schema import MAX_BATCH, changes
 from geca.utils.seeding import derive_seed, kept_random_state
 
 Decoder = Callable[[torch.Tensor], np.ndarray]
@@ -121,9 +121,17 @@ def _work_key(weights_sha256: str, labels: torch.Tensor, sampler: SamplerConfig,
     return h.hexdigest()[:16]
 
 
-def _unfinished(work: Path, key: str, resume: bool) -> set[int]:
-    """The batches an interrupted run left in `work` (reused by --resume under the same key); anything else there
-    is cleared."""
+def _work_settings(weights_sha256: str, labels: torch.Tensor, sampler: SamplerConfig, seed: int,
+                   batch_size: int) -> dict[str, Any]:
+    """The key's parts, recorded beside it so that --resume can say which one differs."""
+    return {"weights": weights_sha256, "sampling": settings_key(asdict(sampler)), "seed": seed,
+            "batch_size": batch_size,
+            "labels": hashlib.sha256(labels.numpy().astype(np.float32).tobytes()).hexdigest()[:16]}
+
+
+def _unfinished(work: Path, key: str, settings: dict[str, Any], resume: bool) -> set[int]:
+    """The batches an interrupted run left in `work` (reused by --resume under the same settings); anything else
+    there is cleared."""
     progress = work / "progress.json"
     if work.is_dir() and resume and progress.is_file():
         try:
@@ -134,11 +142,20 @@ def _unfinished(work: Path, key: str, resume: bool) -> set[int]:
         if state.get("key") == key and isinstance(batches, list) and all(type(b) is int for b in batches):
             return set(batches)
         if state.get("key") is not None:
-            raise ConfigError(f"--resume: {work} holds an unfinished set sampled with other settings, seed or "
-                              "weights; rerun with those, or without --resume to start afresh")
+            raise ConfigError(f"--resume: {work} holds an unfinished set sampled with {_other(state, settings)}; "
+                              "rerun with those, or without --resume to start afresh")
     if work.exists():
         shutil.rmtree(work)
     return set()
+
+
+def _other(state: dict[str, Any], settings: dict[str, Any]) -> str:
+    """What an unfinished set's recorded settings have that these do not, in words."""
+    recorded = state.get("settings")  # absent where written before the settings were recorded
+    shown = {"weights": "other weights (another run or checkpoint)", "labels": "other label vectors"}
+    return ", ".join(shown.get(key) or f"{key} {was!r} (now {now!r})" for key, was, now in
+                     changes(recorded if isinstance(recorded, dict) else settings, settings)) or \
+        "other settings, seed or weights"
 
 
 def labels_csv(filenames: list[str], labels: np.ndarray, class_names: list[str]) -> str:
@@ -189,7 +206,8 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
     batches = sample_batches(run.model, run.diffusion, labels, run.spec.shape, sampler, seed, batch_size, device,
                              decoder(run, device, batch_size), progress, skip=done)  # checks the batch size first
     key = _work_key(run.weights_sha256, labels, sampler, seed, batch_size)
-    done |= _unfinished(work, key, resume)
+    settings = _work_settings(run.weights_sha256, labels, sampler, seed, batch_size)
+    done |= _unfinished(work, key, settings, resume)
     (work / "images").mkdir(parents=True, exist_ok=True)
     names = [f"images/{i:06d}.png" for i in range(len(labels))]
     t0 = time.time()
@@ -197,7 +215,7 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
         for name, img in zip(names[b * batch_size:], batch, strict=False):
             pil_image(img).save(work / name)
         done.add(b)
-        atomic_write_json(work / "progress.json", {"key": key, "batches": sorted(done)})
+        atomic_write_json(work / "progress.json", {"key": key, "settings": settings, "batches": sorted(done)})
     images = np.stack([np.asarray(Image.open(work / n)) for n in names])
     if images.ndim == 3:  # grey PNGs read back without a channel axis
         images = images[..., None]

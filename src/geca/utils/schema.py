@@ -146,6 +146,23 @@ def nest(mapping: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"train": {"max_steps": 5}}` → `{"train.max_steps": 5}` (the inverse of `nest`)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs between two nested mappings."""
+    old, new = flatten(before), flatten(after)
+    return [(key, old.get(key), new.get(key)) for key in dict.fromkeys([*old, *new]) if old.get(key) != new.get(key)]
+
+
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`over` laid on `base`, mapping by mapping (a copy; neither is changed)."""
     out = copy.deepcopy(base)
