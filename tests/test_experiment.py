@@ -558,3 +558,21 @@ def test_evaluation_checks_lineage_unless_the_study_copied_a_folds_split(preset:
     ctx = Context(load_experiment(PRESETS / preset), tmp_path, torch.device("cpu"), log=lambda s: None)
     stages._evaluate(ctx, [], tmp_path)
     assert seen[0].lineage is lineage
+
+
+def test_the_real_stage_is_redone_for_other_procedural_data_on_the_same_folds(tmp_path: Path) -> None:
+    """With the user's folds file there is no folds stage to carry the spec, and a procedural spec has no file whose
+    SHA-256 would: another `size` kept the real stage's old images, which evaluation then scored new samples against."""
+    from geca.data.groups import make_folds
+
+    folds = tmp_path / "folds.csv"
+    make_folds("synthetic-oct@patients=20,size=16", 5, 0, folds)
+    raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
+
+    def real_params(spec: str) -> dict:
+        path = tmp_path / "edited.yaml"
+        path.write_text(yaml.safe_dump({**raw, "data": {"spec": spec, "folds_file": str(folds), "run_folds": 1}}))
+        stages = build_stages(Context(load_experiment(path), tmp_path, torch.device("cpu"), log=lambda s: None))
+        return next(s.params for s in stages if s.id == "real")
+
+    assert real_params("synthetic-oct@patients=20,size=16") != real_params("synthetic-oct@patients=20,size=32")

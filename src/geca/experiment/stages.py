@@ -254,7 +254,9 @@ def build_stages(ctx: Context) -> list[Stage]:
     if exp.data.cv:
         # its training split follows cv_val; keyed only when not the default, so finished studies stay done
         cv_val = {} if exp.data.cv_val == "slice" else {"cv_val": exp.data.cv_val}
-        add("real", real_stage, base, {"fold": ctx.eval_fold, "image_size": exp.data.image_size, **cv_val})
+        # the folds stage, where there is one, keys the spec; a procedural spec has no file in `data` to key it
+        spec = {"spec": exp.data.spec} if exp.data.folds_file and "spec" not in data else {}
+        add("real", real_stage, base, {"fold": ctx.eval_fold, "image_size": exp.data.image_size, **cv_val, **spec})
         real = ["real"]
     ev = exp.evaluation
     sampling = {"seed": exp.seed, "batch": exp.sample_batch_size}
