@@ -445,3 +445,20 @@ def test_unlike_comparisons_are_warned_before_scoring(data: dict[str, Path], tmp
         assert said == [] if expected is None else any(expected in w for w in said), said
     said = _warnings_of(EvalSettings(generated=[("good", data["good"])], real=f"{npz}:test", train=f"{npz}:val"))
     assert any("--train " + f"{npz}:val is the val split" in w for w in said), said
+
+
+def test_a_domain_file_of_other_classes_is_not_the_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its features may serve KID, but its class head would score each image against another list of classes."""
+    from geca.metrics.domain import train_domain_net
+    from geca.metrics.faithfulness import judge
+    from geca.metrics.features import DomainFeatures
+
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "cache"))
+    train = blob_images(n=24, size=12, classes=2)
+    for classes, reused in ((2, True), (3, False)):
+        net = train_domain_net(blob_images(n=24, size=12, classes=classes), epochs=1)
+        said: list[str] = []
+        chosen = judge(DomainFeatures(net, "domain", "dom.safetensors"), train, 0, said.append, "cpu")
+        assert (chosen is net) is reused
+        assert chosen.meta.class_names == train.class_names
+        assert reused or "dom.safetensors: its classes (['c0', 'c1', 'c2']) are not the data's" in said[0], said

@@ -22,10 +22,18 @@ from geca.metrics.features import DomainFeatures, FeatureExtractor, domain_featu
 
 def judge(extractor: FeatureExtractor, train: ImageSet, seed: int, log: Callable[[str], None],
           device: str | torch.device) -> DomainNet:
-    """The domain classifier: the KID network itself where KID runs on domain features, else one trained (and
-    cached) on the generators' training split."""
+    """The domain classifier: the KID network itself where KID runs on domain features whose classes are the data's,
+    else one trained (and cached) on the generators' training split."""
     if isinstance(extractor, DomainFeatures) and extractor.name == "domain":
-        return extractor.net
+        meta = extractor.net.meta
+        if (meta.num_classes, meta.multilabel) == (train.num_classes, train.multilabel) and \
+                meta.class_names in (None, train.class_names):
+            return extractor.net  # a file written before class names were recorded is known by their count
+        # its features still serve KID; its class head would score images against another list of classes
+        log(f"{extractor.source}: its classes ({meta.class_names or meta.num_classes}"
+            f"{', multi-label' if meta.multilabel else ''}) are not the data's ({train.class_names}"
+            f"{', multi-label' if train.multilabel else ''}); class-faithfulness uses a judge trained on the "
+            "training split")
     return domain_features(None, train, seed, log, device).net
 
 
