@@ -274,6 +274,10 @@ def test_seeds_are_averaged_before_any_test() -> None:
     one = summarise(fixed, ["geometric", "+syn"], 3, "max", "auto", "auc", 200, {})
     assert one["spread_over"] == "seeds" and one["tests"]["folds"] is None
     assert "over 3 seed(s) on the fixed split" in markdown(one)
+    fold_2 = ProtocolResult("toy", [r for r in results if r.fold == 2], ["a", "b"], True, "patient-level 5-fold CV",
+                            [{"fold": 2, "train": 10, "val": 5, "test": 60}])  # cross-validation run on one fold
+    assert "over 3 seed(s) on fold 2" in markdown(summarise(fold_2, ["geometric", "+syn"], 3, "max", "auto", "auc",
+                                                           200, {}))
 
 
 # --------------------------------------------------------------------------------------------------- classifier

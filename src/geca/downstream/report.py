@@ -188,9 +188,10 @@ def _p_columns(summary: dict[str, Any]) -> list[str]:
 def markdown(summary: dict[str, Any]) -> str:
     """Table 2: one table per level, rows = arms, values ×100 as mean ± std over folds (or seeds)."""
     metrics = summary["metrics"]
-    folds, seeds = len(summary["splits"]), summary["seeds"]
-    spread = (f"mean ± std over {folds} folds, each fold's value the mean of its {seeds} seed(s)"
-              if summary["spread_over"] == "folds" else f"mean ± std over {seeds} seed(s) on the fixed split")
+    units, seeds = [s["fold"] for s in summary["splits"]], summary["seeds"]
+    where = "the fixed split" if units == [None] else f"fold {units[0]}"  # cross-validation run on one fold
+    spread = (f"mean ± std over {len(units)} folds, each fold's value the mean of its {seeds} seed(s)"
+              if summary["spread_over"] == "folds" else f"mean ± std over {seeds} seed(s) on {where}")
     lines = [f"# Downstream classification ({summary['data']})", "",
              f"{summary['protocol']}: {spread}, ×100; metrics are macro-averaged over "
              f"{len(summary['class_names'])} classes ({'multi-label' if summary['multilabel'] else 'multi-class'})."]
@@ -212,7 +213,7 @@ def markdown(summary: dict[str, Any]) -> str:
         notes = {"cases": f"paired bootstrap of {COLUMNS[summary['p_metric']]} over the test cases, {whole} "
                           f"({summary['bootstrap']} replicates, seeds' scores averaged per case), "
                           "p from D = Δ/sd(Δ*) as pROC's bootstrap test",
-                 "folds": f"{summary['tests']['folds']} of {COLUMNS[summary['p_metric']]} over the {folds} folds "
+                 "folds": f"{summary['tests']['folds']} of {COLUMNS[summary['p_metric']]} over the {len(units)} folds "
                           "(each the mean of its seeds)"}
         lines += ["", f"Against `{summary['baseline']}`; the stars come from {names[columns[0]]}. "
                       + "; ".join(f"{names[c]}: {notes[c]}" for c in columns)
