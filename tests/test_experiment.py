@@ -215,8 +215,8 @@ def test_run_configs_take_the_study_data_and_dotted_overrides(tmp_path: Path) ->
 
 
 def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
-    """Where training's numbers go (log.csv or TensorBoard) changes no result: only the report (which quotes the
-    config) reruns for it."""
+    """Where training's numbers go (log.csv or TensorBoard) and how many checkpoints stay change no result: only the
+    report (which quotes the config) reruns for them."""
     def params(edit: dict) -> dict[str, dict]:
         raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())
         for g in raw["generators"]:
@@ -228,7 +228,7 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
         return {s.id: s.params for s in stages if s.id != "report"}
 
     plain = params({})
-    assert params({"logger": "tensorboard"}) == plain
+    assert params({"logger": "tensorboard"}) == plain == params({"keep_checkpoints": 1})
     assert params({"max_steps": 7})["train.GeCA"] != plain["train.GeCA"]
     # keys as they were before model.skip_idle, model.compile's `auto` and the C attention kernels (the default
     # attention `auto` keys as `fast`, the old default) existed: finished studies stay done

@@ -493,3 +493,19 @@ def test_auto_precision_follows_the_hardware(monkeypatch) -> None:
     assert hardware.resolve_precision("auto", cuda=False) == "fp32"
     with pytest.raises(ValueError, match="fp16 mixed precision needs a CUDA GPU"):
         hardware.resolve_precision("fp16", cuda=False)
+
+
+def test_keep_checkpoints_deletes_older_step_checkpoints_only(tmp_path: Path) -> None:
+    from geca.run import find_checkpoint, step_checkpoints
+
+    data, run = blob_images(n=8, size=8), tmp_path / "run"
+    train(tiny_config(4, checkpoint_every=1, keep_checkpoints=2), run, train_set=data, progress=False)
+    assert list(step_checkpoints(run)) == [3, 4]
+    (run / "checkpoints" / ".step_0000003.pruned").mkdir()  # what a pruning interrupted mid-delete leaves
+    train(tiny_config(5, checkpoint_every=1, keep_checkpoints=2), run, resume=True, train_set=data, progress=False)
+    assert list(step_checkpoints(run)) == [4, 5] and find_checkpoint(run).name == "step_0000005"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest.json", "step_0000004", "step_0000005"]
+    train(tiny_config(7, checkpoint_every=1), run, resume=True, train_set=data, progress=False)
+    assert list(step_checkpoints(run)) == [4, 5, 6, 7]  # unset: every checkpoint stays
+    with pytest.raises(ConfigError, match="train.keep_checkpoints"):
+        tiny_config(8, keep_checkpoints=0).validate()

@@ -41,6 +41,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 500
+    keep_checkpoints: int | None = None  # the latest N step checkpoints stay, older ones go (None: all); best stays
     # Heredity-aware training (a model with `heredity: gated`): the share of samples whose training call inherits
     # the C_h of a no-grad first call, and how many diffusion timesteps later that call sits (0: at the same t).
     heredity_prob: float = 0.5
@@ -69,6 +70,8 @@ class TrainConfig:
         check(self.sample_every >= 0, "train.sample_every", "≥ 0 (0: never)", self.sample_every)
         check(self.checkpoint_every >= 0, "train.checkpoint_every", "≥ 0 (0: only the final one)",
               self.checkpoint_every)
+        check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "train.keep_checkpoints",
+              "≥ 1 (for every checkpoint leave it unset: keep_checkpoints: null)", self.keep_checkpoints)
 
 
 @dataclass

@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,29 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def step_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """A run's checkpoints/step_NNNNNNN folders by step, in step order."""
+    found = ((re.fullmatch(r"step_(\d{7,})", p.name), p) for p in checkpoint_dir(run_dir).glob("step_*"))
+    return dict(sorted((int(m[1]), p) for m, p in found if m and p.is_dir()))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
+    """Delete all but the `keep` latest step checkpoints (never the one latest.json names; `best` is no step
+    checkpoint); returns the steps deleted. Each is renamed before it is deleted, so an interruption leaves no
+    half-deleted checkpoint, only a hidden folder the next pruning removes."""
+    root = checkpoint_dir(run_dir)
+    for left in root.glob(".step_*.pruned"):
+        shutil.rmtree(left, ignore_errors=True)
+    latest = find_checkpoint(run_dir)
+    steps = step_checkpoints(run_dir)
+    gone = [step for step in list(steps)[:-keep] if steps[step].name != latest.name]
+    for step in gone:
+        trash = root / f".{steps[step].name}.pruned"
+        os.replace(steps[step], trash)
+        shutil.rmtree(trash)
+    return gone
+
+
 def _safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in module.state_dict().items()}
 
@@ -216,7 +241,7 @@ def find_checkpoint(run_dir: Path, which: str | int | Path | None = None) -> Pat
         # a name is a name even where a folder of that name is in the working directory
         path = root / f"step_{int(step[1]):07d}"
         if not path.is_dir():
-            steps = sorted(int(p.name[5:]) for p in root.glob("step_*") if re.fullmatch(r"step_\d{7,}", p.name))
+            steps = list(step_checkpoints(run_dir))
             raise CheckpointError(f"--checkpoint {which}: {run_dir} has no checkpoint of step {int(step[1])}; it has "
                                   f"{', '.join(map(str, steps)) if steps else 'none'}")
     elif Path(which).is_dir():

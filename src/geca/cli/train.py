@@ -29,6 +29,7 @@ FLAG_FIELDS = {
     "max_steps": "train.max_steps", "max_minutes": "train.max_minutes", "batch_size": "train.batch_size",
     "lr": "train.lr", "seed": "train.seed", "precision": "train.precision", "ema_decay": "train.ema_decay",
     "log_every": "train.log_every", "sample_every": "train.sample_every", "checkpoint_every": "train.checkpoint_every",
+    "keep_checkpoints": "train.keep_checkpoints",
     "validate_every": "validation.every", "nca_steps": "model.nca_steps", "attention": "model.attention",
     "compile": "model.compile", "checkpointing": "model.checkpointing", "heredity": "model.heredity",
     "flip": "data.flip", "warmup_steps": "train.warmup_steps", "lr_schedule": "train.lr_schedule",
@@ -103,6 +104,9 @@ def train(
                                             "(0: never)."),
     checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Steps between checkpoints "
                                                 "(0: only the final one, which is always written)."),
+    keep_checkpoints: int | None = typer.Option(None, "--keep-checkpoints", help="Keep only the latest N step "
+                                                "checkpoints, deleting older ones as new ones are written (default: "
+                                                "keep all; checkpoints/best always stays)."),
     validate_every: int | None = typer.Option(None, "--validate-every", help="Steps between validation KIDs of "
                                               "EMA samples against the val split (0: off); keeps checkpoints/best."),
     download: bool | None = typer.Option(None, "--download", help="Fetch a named MedMNIST file if missing "

@@ -208,13 +208,15 @@ def report_stage(ctx: Context, out: Path, stage_ids: list[str]) -> dict[str, Any
 
 
 def _hashed(run_config: Any) -> dict[str, Any]:
-    """A training stage's config as its key sees it: where the numbers go (train.logger) and whether idle cells are
-    skipped (model.skip_idle) change no result, so neither retrains anything and studies finished before the options
-    existed stay done; model.compile keys as the boolean it was before `auto` (keyed as false, the old default), and
-    GeCA's attention `auto` and `cpu` as `fast`, the old default (the same maths). Other attention implementations and
-    checkpointing stay in the key as they always were: changing them retrains."""
+    """A training stage's config as its key sees it: where the numbers go (train.logger), how many checkpoints stay
+    (train.keep_checkpoints) and whether idle cells are skipped (model.skip_idle) change no result, so none retrains
+    anything and studies finished before the options existed stay done; model.compile keys as the boolean it was
+    before `auto` (keyed as false, the old default), and GeCA's attention `auto` and `cpu` as `fast`, the old default
+    (the same maths). Other attention implementations and checkpointing stay in the key as they always were: changing
+    them retrains."""
     run = asdict(run_config)
     run["train"].pop("logger", None)
+    run["train"].pop("keep_checkpoints", None)
     run["model"].pop("skip_idle", None)
     run["model"]["compile"] = run["model"]["compile"] == "true"
     if run["model"].get("attention") in ("auto", "cpu"):

@@ -24,7 +24,7 @@ from geca.config import RunConfig, save_config
 from geca.data.imageset import ImageSet
 from geca.errors import CheckpointError, ConfigError, TrainingError
 from geca.models.build import count_parameters
-from geca.run import find_checkpoint, read_spec, save_checkpoint
+from geca.run import find_checkpoint, prune_checkpoints, read_spec, save_checkpoint
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
 from geca.sampling.samplers import resolved_precision
@@ -283,6 +283,8 @@ class Trainer:
                             self.optimizer, {**self.state, "elapsed_s": self.elapsed_s(),
                                              "lr": learning_rate(self.config.train, self.step_count - 1),
                                              **({"grad_scaler": scaler.state_dict()} if scaler else {})})
+            if self.config.train.keep_checkpoints is not None:
+                prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
 
     def preview(self, final: bool = False) -> None:
         """A grid of EMA samples, per_class per class: what `geca sample --seed <train seed>` would draw now. The
