@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -146,33 +145,43 @@ def test_a_resume_that_moves_the_learning_rate_says_so(tmp_path: Path, capsys: p
 
 
 def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_path: Path) -> None:
-    """Before the first preview the budget keeps back an estimate of one (the mean step after the first is about
-    three forward passes of its batch; the preview makes `steps` calls, twice under CFG, and an fp32 preview after
-    bf16 steps costs twice theirs) and of a checkpoint (its bytes at a slow disk's speed); then what each kind of
-    work took."""
+    """Before the first preview the budget keeps back one timed denoiser call (CFG's doubled batch, in the preview's
+    precision) per sampler step, and a checkpoint's bytes at a slow disk's speed; then what each kind of work took."""
     from geca.training.trainer import Trainer
 
     cfg = tiny_config(5, sample_every=100, max_minutes=10)
     trainer = Trainer(cfg, tmp_path / "run", resume=False, progress=False, train_set=blob_images(n=8, size=8))
-    trainer.steps_s, trainer.steps_timed, trainer.work_s = 3.6, 3, {}  # steps of 1.2 s on average
     shown, sampler = trainer.spec.num_classes * cfg.preview.per_class, cfg.preview.sampler
     assert sampler.guidance_scale != 1 and sampler.precision == "fp32"
     params = sum(p.numel() for p in trainer.ema.model.parameters())
     assert trainer.checkpoint_guess_s == pytest.approx(16 * params / 100e6)  # fp32 weights, EMA, AdamW's 2 moments
-    preview = 1.2 / (3 * 4) * shown * sampler.steps * 2
-    assert trainer.final_work_s() == pytest.approx(preview + trainer.checkpoint_guess_s)
-    with warnings.catch_warnings():  # a CPU without native bf16 is warned about it
-        warnings.simplefilter("ignore")
-        mixed = Trainer(tiny_config(5, sample_every=100, max_minutes=10, precision="bf16"), tmp_path / "bf16",
-                        resume=False, progress=False, train_set=blob_images(n=8, size=8))
-    mixed.steps_s, mixed.steps_timed, mixed.work_s = 3.6, 3, {}
-    assert mixed.final_work_s() == pytest.approx(2 * preview + trainer.checkpoint_guess_s)
-    mixed.config.preview.sampler.precision = "bf16"
-    assert mixed.final_work_s() == pytest.approx(preview + trainer.checkpoint_guess_s)
+    trainer.work_s, trainer.call_s = {}, {}
+    measured = trainer._call_s(shown, sampler)
+    assert measured > 0 and list(trainer.call_s) == [(shown, None, True)]
+    assert trainer._call_s(shown, sampler) == measured  # timed once
+    trainer.call_s[shown, None, True] = 0.25
+    assert trainer.final_work_s() == pytest.approx(0.25 * sampler.steps + trainer.checkpoint_guess_s)
+    cfg.preview.sampler.precision = "bf16"  # another precision is another call
+    trainer.call_s[shown, torch.bfloat16, True] = 0.125
+    assert trainer.final_work_s() == pytest.approx(0.125 * sampler.steps + trainer.checkpoint_guess_s)
     trainer.work_s = {"checkpoint": 2.0, "preview": 7.0}
     assert trainer.final_work_s() == pytest.approx(9.0)
-    cfg.train.sample_every = 0
+    cfg.train.max_minutes = 0.2  # a budget is for training: a preview of more than half of it is skipped
+    assert trainer.final_work_s() == pytest.approx(2.0) and trainer.skip_preview
+    cfg.train.max_minutes, trainer.skip_preview, cfg.train.sample_every = 10, False, 0
     assert trainer.final_work_s() == pytest.approx(2.0)
+
+
+def test_a_final_preview_beyond_half_the_budget_is_skipped_and_said(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from geca.training.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "_call_s", lambda self, images, sampler: 1.0)  # a 50-step preview: 50 s
+    train(tiny_config(10_000, sample_every=10_000, max_minutes=0.1), tmp_path / "run",
+          train_set=blob_images(n=8, size=8), progress=False)
+    out = capsys.readouterr().out
+    assert "final preview skipped: it would take more than half of --max-minutes 0.1" in out
+    assert not (tmp_path / "run" / "samples").exists() or not list((tmp_path / "run" / "samples").iterdir())
 
 
 def test_a_preview_precision_the_device_cannot_run_is_refused_before_the_run_is_written(tmp_path: Path,

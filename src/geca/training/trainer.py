@@ -25,9 +25,10 @@ from geca.data.imageset import ImageSet
 from geca.errors import CheckpointError, ConfigError, TrainingError
 from geca.models.build import count_parameters
 from geca.run import find_checkpoint, prune_checkpoints, read_spec, save_checkpoint
+from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
-from geca.sampling.samplers import resolved_precision
+from geca.sampling.samplers import autocast_dtype, guided_output, resolved_precision
 from geca.training.compile import check_toolchain, compile_for_run
 from geca.training.data import BatchStream, training_data
 from geca.training.distributed import make_accelerator, max_over_processes, parameters_identical
@@ -100,6 +101,8 @@ class Trainer:
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
         self.local_batch = tc.batch_size // self.world
+        self.call_s: dict[tuple[int, torch.dtype | None, bool], float] = {}  # see _call_s
+        self.skip_preview = False  # see final_work_s
         self.heredity_prob = tc.heredity_prob if getattr(config.model, "heredity", "off") == "gated" else 0.0
         self.data = training_data(config, self.run_dir, acc, progress, train_set)
         if len(self.data.data) == 0:
@@ -337,27 +340,45 @@ class Trainer:
 
     def final_work_s(self) -> float:
         """What the final checkpoint, preview and validation will take: the longest of each seen so far or, before
-        the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling from the mean step after the
-        first (which compiles and warms up; the mean, as a machine under load is slower than its fastest step): a
-        training step costs about three forward passes of its batch, a sampler makes `steps` calls on twice the images
-        under CFG, and calls in fp32 after bf16 or fp16 training steps cost about twice theirs (1.4-2x measured on an
-        AVX512-BF16 CPU; more on a GPU, where the preview is short anyway)."""
-        per_image = self.steps_s / self.steps_timed / (3 * self.local_batch) if self.steps_timed else 0.0
-        mixed = self.accelerator.mixed_precision != "no"
-
-        def sampling_s(images: int, sampler: Any) -> float:
-            slower = 2 if mixed and resolved_precision(sampler.precision, self.device) == "fp32" else 1
-            return per_image * slower * images * sampler.steps * (1 if sampler.guidance_scale == 1 else 2)
-
+        the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling as one timed denoiser call per
+        sampler step and batch."""
         need = self.work_s.get("checkpoint", self.checkpoint_guess_s)
-        if self.main and self.config.train.sample_every:
+        if self.main and self.config.train.sample_every and not self.skip_preview:
             pc = self.config.preview
             shown = min(self.spec.num_classes, pc.max_classes) * pc.per_class
-            need += self.work_s.get("preview", sampling_s(shown, pc.sampler))
+            preview = self.work_s["preview"] if "preview" in self.work_s else \
+                self._call_s(shown, pc.sampler) * pc.sampler.steps
+            # a budget is for training: a final preview that would take half of it is skipped (`finish` says so)
+            budget = self.config.train.max_minutes
+            self.skip_preview = budget is not None and preview > budget * 30
+            need += 0.0 if self.skip_preview else preview
         if self.validator is not None:
             v = self.config.validation
-            need += self.work_s.get("validation", sampling_s(v.num_samples, v.sampler))
+            batches, last = divmod(v.num_samples, v.batch_size)
+            need += self.work_s["validation"] if "validation" in self.work_s else v.sampler.steps * (
+                batches * self._call_s(v.batch_size, v.sampler) + (self._call_s(last, v.sampler) if last else 0))
         return need
+
+    @torch.no_grad()
+    def _call_s(self, images: int, sampler: SamplerConfig) -> float:
+        """One guided call of the EMA model on `images` images as `sampler` makes it, timed once per shape and
+        precision. Measured rather than derived from the training step: an fp32 call after bf16 training, CFG's
+        doubled batch and the batch size each change it by more than a rule of thumb could say. The second of two
+        calls counts: the first may set up kernels."""
+        dtype = autocast_dtype(sampler.precision, self.device)
+        key = (images, dtype, sampler.guidance_scale != 1)
+        if key not in self.call_s:
+            x = torch.randn(images, *self.spec.shape, device=self.device)
+            t = torch.full((images,), self.diffusion.num_timesteps - 1, device=self.device)
+            y = torch.zeros(images, self.spec.num_classes, device=self.device)
+            for _ in range(2):
+                started = time.time()
+                guided_output(self.ema.model, x, t, y, sampler.guidance_scale, nca_steps=sampler.nca_steps,
+                              dtype=dtype)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.call_s[key] = time.time() - started
+        return self.call_s[key]
 
     def finish(self) -> None:
         """The last step's log row, checkpoint, preview and validation, where the loop did not just write them."""
@@ -368,7 +389,11 @@ class Trainer:
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
         if self.main and tc.sample_every and step % tc.sample_every:
-            self.preview(final=True)
+            if self.skip_preview:
+                tqdm.write(f"final preview skipped: it would take more than half of --max-minutes {tc.max_minutes:g} "
+                           f"(`geca sample --run {self.run_dir} --per-class 4 --out DIR` draws samples)")
+            else:
+                self.preview(final=True)
         if self.validator is not None and step % self.config.validation.every:
             self.validate()
 
@@ -427,7 +452,6 @@ class Trainer:
             self.accelerator.end_training()
             return self._summary(None)
         self.t_start, self.step_s, self._last_plain = time.time(), 0.0, 0.0
-        self.steps_s, self.steps_timed, first = 0.0, 0, self.step_count  # the steps after the first, for final_work_s
         self.work_s: dict[str, float] = {}
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
@@ -438,8 +462,6 @@ class Trainer:
                 started = time.time()
                 self.step()
                 self.step_s = time.time() - started
-                if self.step_count > first + 1:
-                    self.steps_s, self.steps_timed = self.steps_s + self.step_s, self.steps_timed + 1
                 self.periodic()
                 self._advance()
                 if stop_asked() and self.step_count < tc.max_steps:  # at the last step, the final work still runs
