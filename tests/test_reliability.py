@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -125,6 +126,15 @@ def test_a_run_resumes_from_its_npz_moved_elsewhere_but_not_from_other_data(run:
     assert res.exit_code == 0 and f"resume: data.spec {str(data)!r} → {str(moved)!r} (--data)" in res.output, \
         res.output
     assert json.loads((copy / "model.json").read_text())["data"]["spec"] == str(moved)
+    again = tmp_path / "again.npz"  # moved once more after the run finished: repointed without training a step
+    shutil.copy(data, again)
+    log = (copy / "log.csv").read_text()
+    res = runner.invoke(app, ["train", "--out", str(copy), "--resume", "--data", str(again), "--no-progress"])
+    assert res.exit_code == 0 and "nothing to train" in res.output, res.output
+    assert f"resume: the run's data is recorded as {again} now (it was {moved})" in res.output
+    assert json.loads((copy / "model.json").read_text())["data"]["spec"] == str(again)
+    assert yaml.safe_load((copy / "config.yaml").read_text())["data"]["spec"] == str(again)
+    assert (copy / "log.csv").read_text() == log
     other = dict(np.load(moved))
     other["train_images"] = other["train_images"][::-1].copy()  # the same shapes, other images, another file
     np.savez(tmp_path / "other.npz", **other)

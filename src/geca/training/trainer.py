@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from geca.config import RunConfig, save_config
+from geca.config import RunConfig, load_config, save_config
 from geca.data.imageset import ImageSet
 from geca.errors import CheckpointError, ConfigError, TrainingError
 from geca.models.build import count_parameters
-from geca.run import find_checkpoint, prune_checkpoints, read_spec, save_checkpoint
+from geca.run import ModelSpec, find_checkpoint, prune_checkpoints, read_spec, save_checkpoint
 from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
@@ -120,6 +120,9 @@ class Trainer:
         ckpt, self.step_count, self.state = (latest_checkpoint(self.run_dir) if resume else
                                              (None, 0, {"elapsed_s": 0.0, "images_seen": 0}))
         self.saved_lr = self.state.pop("lr", None)  # the last step's, as checkpointed
+        if before is not None and self.main and self.step_count >= tc.max_steps and \
+                before.data.spec != self.spec.data.spec:
+            self._repoint(before)
         compiled, self.compile_note = compile_for_run(self.spec, tc, acc.device, tc.max_steps - self.step_count,
                                                       self.local_batch)
         torch.manual_seed(tc.seed)
@@ -147,6 +150,19 @@ class Trainer:
             acc.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": self.step_count + 1}})
         acc.wait_for_everyone()
         self.window = LossWindow()
+
+    def _repoint(self, before: ModelSpec) -> None:
+        """A finished run resumed with its npz moved (the same arrays, as `differences` found): only where its data
+        is recorded changes, so that sampling, `geca runs` and later resumes find it there."""
+        data = replace(before.data, spec=self.spec.data.spec)
+        atomic_write_json(self.run_dir / "model.json", replace(before, data=data).to_dict())
+        self.notes.append(f"resume: the run's data is recorded as {data.spec} now (it was {before.data.spec})")
+        try:
+            config = load_config(self.run_dir / "config.yaml")
+        except ConfigError:
+            self.notes.append(f"resume: {self.run_dir / 'config.yaml'} is unreadable and stays as it is")
+            return
+        save_config(replace(config, data=replace(config.data, spec=data.spec)), self.run_dir / "config.yaml")
 
     def _write_run_files(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
