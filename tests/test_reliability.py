@@ -161,9 +161,10 @@ def test_ctrl_c_in_training_checkpoints_the_step_it_ends(data: Path, tmp_path: P
     monkeypatch.setattr(Trainer, "step", interrupted_in_step_3)
     out = tmp_path / "run"
     res = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--max-steps", "9",
-                              "--checkpoint-every", "100", *TINY])
+                              "--checkpoint-every", "100", *TINY, "--log-every", "10"])
     assert res.exit_code == 130 and "stopped after step 3, checkpointed" in res.output, res.output
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["path"] == "step_0000003"
+    assert [r["step"] for r in csv.DictReader(open(out / "log.csv"))][-1] == "3"  # its steps since the last row too
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again
     last = tmp_path / "last"  # in the last step: the run ends as it would have, its final work done
     res = runner.invoke(app, ["train", "--data", str(data), "--out", str(last), "--max-steps", "3", *TINY])

@@ -491,7 +491,10 @@ class Trainer:
         return self._summary(checksum)
 
     def _stop(self) -> None:
-        """Ctrl-C came during a step: checkpoint the step just finished (unless done already), then stop."""
+        """Ctrl-C came during a step: log the steps since the last row and checkpoint the step just finished (unless
+        done already), then stop."""
+        if self.window.steps:
+            self.log_row()
         if not self._checkpoint_due():  # periodic() wrote it already
             self.checkpoint()
         self.bar.close()
