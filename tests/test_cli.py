@@ -134,8 +134,8 @@ def test_labels_from_split_replicates_each_vector(trained_run: Path, tmp_path: P
 def test_failed_sampling_leaves_nothing_half_written(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "samples"
     out.mkdir()
-    (out / "keep.txt").write_text("earlier work")
-    (out / "manifest.json").write_text("{}")  # an earlier sample set: what --overwrite may replace
+    (out / "labels.csv").write_text("earlier work")  # an earlier sample set: what --overwrite may replace
+    (out / "manifest.json").write_text('{"num_images": 0}')
     import geca.sampling.generate as gen
 
     calls = {"n": 0}
@@ -152,7 +152,8 @@ def test_failed_sampling_leaves_nothing_half_written(trained_run: Path, tmp_path
                 *FAST_SAMPLING]
     res = runner.invoke(app, gen_args, catch_exceptions=False)
     assert res.exit_code == 2 and "error: No space left on device" in res.output, res.output
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.csv", "manifest.json"]
+    assert (out / "labels.csv").read_text() == "earlier work"
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
 
 

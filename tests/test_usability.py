@@ -264,6 +264,15 @@ def test_overwrite_replaces_a_sample_set_never_the_run_or_other_files(custom_run
     for _ in range(2):  # a sample set is replaced
         res = runner.invoke(app, [*base, "--out", str(tmp_path / "s")])
         assert res.exit_code == 0, res.output
+    (mine / "manifest.json").write_text('{"dataset": "x"}')  # a manifest of another kind: still the user's folder
+    res = runner.invoke(app, [*base, "--out", str(mine)])
+    assert res.exit_code == 2 and "a folder with geca's manifest.json" in res.output, res.output
+    for extra in ("notes.txt", "images/scan.dcm"):  # a set with files of the user's beside it: not replaced whole
+        (tmp_path / "s" / extra).write_text("keep")
+        res = runner.invoke(app, [*base, "--out", str(tmp_path / "s")])
+        assert res.exit_code == 2 and f"holds files of yours beside the sample set ({extra})" in res.output
+        assert (tmp_path / "s" / extra).read_text() == "keep"
+        (tmp_path / "s" / extra).unlink()
 
 
 def test_expand_limit(custom_run: Path, tmp_path: Path) -> None:

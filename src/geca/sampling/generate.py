@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import shutil
 import time
 import warnings
@@ -32,6 +33,8 @@ from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import (
     atomic_write_json,
     atomic_write_text,
+    few,
+    other_files,
     output_dir,
     read_json_object,
     real_dir,
@@ -158,6 +161,25 @@ def _other(state: dict[str, Any], settings: dict[str, Any]) -> str:
         "other settings, seed or weights"
 
 
+SET_FILES = ("images", "labels.csv", "manifest.json")
+
+
+def _check_replaceable(out: Path) -> None:
+    """--overwrite replaces a folder whole: only an earlier sample set, holding nothing but what geca wrote there."""
+    try:
+        ours = isinstance(read_json_object(out / "manifest.json", DataError).get("num_images"), int)
+    except DataError:
+        ours = False
+    if not ours:
+        raise FileExistsError(f"--overwrite replaces an earlier sample set (a folder with geca's manifest.json); {out} "
+                              "is none: choose another --out")
+    others = other_files(out, lambda p: p.name in SET_FILES) + [
+        f"images/{n}" for n in other_files(out / "images", lambda p: re.fullmatch(r"\d{6,}\.png", p.name) is not None)]
+    if others:
+        raise FileExistsError(f"--overwrite replaces {out} whole, and it holds files of yours beside the sample set "
+                              f"({few(others)}): move them, or choose another --out")
+
+
 def labels_csv(filenames: list[str], labels: np.ndarray, class_names: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -189,9 +211,8 @@ def write_sample_dir(out: Path, run: LoadedRun, labels: torch.Tensor, sampler: S
         raise ConfigError(f"--out {out}: holds the run {run.run_dir}, which writing the set there would delete; "
                           "choose another --out")
     filled = out.is_dir() and any(out.iterdir())
-    if filled and overwrite and not (out / "manifest.json").is_file():
-        raise FileExistsError(f"--overwrite replaces an earlier sample set (a folder with manifest.json); {out} holds "
-                              "other files: choose another --out")
+    if filled and overwrite:
+        _check_replaceable(out)
     if filled and not overwrite:
         if resume and (out / "manifest.json").is_file():
             raise FileExistsError(f"--resume: {out} is a finished sample set already (its manifest.json is written); "
