@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -323,6 +324,17 @@ def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) 
     path.write_text(yaml.safe_dump(raw))
     res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), "--dry-run"])
     assert res.exit_code == 2 and f"generator {name!r} (its run config): --download (data.download)" in res.output
+    # an npz with a label out of range, and a negative seed: found at once, not after training
+    arrays = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in
+              (("images", np.zeros((4, 8, 8, 3), np.uint8)), ("labels", np.array([[0], [1], [1], [0]])))}
+    arrays["test_labels"] = np.array([[0], [1], [-1], [0]])
+    np.savez(tmp_path / "neg.npz", **arrays)
+    for edit, said in (({"data": {"spec": str(tmp_path / "neg.npz")}}, "test_labels[2] = -1 is out of range"),
+                       ({"seed": -5}, "seed must be in [0, 2³²), got -5")):
+        path.write_text(yaml.safe_dump({**yaml.safe_load((PRESETS / "smoke.yaml").read_text()), **edit}))
+        res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), "--dry-run"])
+        assert res.exit_code == 2 and f"error: {path}: " in res.output and said in res.output, res.output
+        assert not (tmp_path / "study").exists()
 
 
 # ── the smoke study, end to end ───────────────────────────────────────────────────────────────────────────────────

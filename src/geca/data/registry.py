@@ -20,7 +20,7 @@ import numpy as np
 from geca.data.folder_csv import load_folder_csv, read_table
 from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
-from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz, resolve_npz
+from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz
 from geca.data.procedural import PROCEDURAL, check_options, resolved_options
 from geca.errors import ConfigError, DataError
 from geca.utils.io import same_source
@@ -221,9 +221,10 @@ def check_download(spec: str) -> None:
                           f"({', '.join(KNOWN_DATASETS)}); {spec!r} is {what}: there is nothing to fetch")
 
 
-def check_spec(spec: str, download: bool = False) -> None:
+def check_spec(spec: str, download: bool = False, image_size: int | None = None) -> None:
     """Refuse a spec that names nothing loadable (an unknown name or option, a missing file, a CSV without its
-    columns) without decoding any image: for commands that check everything before they create anything."""
+    columns, an npz whose arrays or labels are wrong) without decoding a CSV's images or making a procedural set:
+    for commands that check everything before they create anything. An npz is read whole (seconds at most)."""
     kind, name, options = _source(spec)
     if download:
         check_download(spec)
@@ -232,7 +233,7 @@ def check_spec(spec: str, download: bool = False) -> None:
     elif kind == "csv":
         read_table(Path(name).expanduser())
     elif not download:
-        resolve_npz(name)
+        load_npz(name, "val", image_size=image_size)  # checks every split's arrays and labels
 
 
 def load_split(

@@ -196,10 +196,10 @@ class LoadedExperiment:
         return None if not d.cv else d.folds_file or GENERATED_FOLDS
 
     def check_data(self) -> None:
-        """Refuse data that cannot load before any stage folder exists (no image is decoded)."""
+        """Refuse data that cannot load before any stage folder exists (`check_spec`)."""
         download = [g.name for g in self.exp.generators if self.run_config(g.name, self.folds[0]).data.download]
         try:
-            check_spec(self.exp.data.spec, download=bool(download))
+            check_spec(self.exp.data.spec, download=bool(download), image_size=self.exp.data.image_size)
         except DataError as e:
             raise DataError(f"{self.path}: data.spec: {e}") from None
         except ConfigError as e:  # a download of data that is not downloaded: whose config asked for it
@@ -311,6 +311,8 @@ def _validate(exp: Experiment, path: Path) -> None:
     if unknown:
         raise ConfigError(f"{path}: sampler_cost.generators: unknown generator(s) {unknown}; have {names}")
     exp.classification.validate(lambda key: f"{path}: classification.{key}")
+    if not 0 <= exp.seed < 2**32:
+        raise ConfigError(f"{path}: seed must be in [0, 2³²), got {exp.seed}")
     if not 1 <= exp.sample_batch_size <= MAX_BATCH:
         raise ConfigError(f"{path}: sample_batch_size must be in [1, {MAX_BATCH}], got {exp.sample_batch_size}")
     if exp.expansion.ratio < 1:
