@@ -462,3 +462,21 @@ def test_a_domain_file_of_other_classes_is_not_the_judge(tmp_path: Path, monkeyp
         assert (chosen is net) is reused
         assert chosen.meta.class_names == train.class_names
         assert reused or "dom.safetensors: its classes (['c0', 'c1', 'c2']) are not the data's" in said[0], said
+
+
+def test_a_wrong_published_weights_file_is_refused_before_any_training(data: dict[str, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Domain features train for minutes on a large --train split: an AlexNet or Inception file that is not the
+    published one is found first."""
+    monkeypatch.setenv("GECA_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: domain features would train
+    npz = str(data["npz"])
+    base = ["evaluate", "--generated", str(data["good"]), "--real", f"{npz}:test", "--train", f"{npz}:train",
+            "--out", str(tmp_path / "m.json"), "--gg-features", "domain"]
+    for name, flags in (("alexnet-owt-7be5be79.pth", ["--lpips-weights"]),
+                        ("weights-inception-2015-12-05-6726825d.pth", ["--no-lpips", "--gg-features", "inception",
+                                                                       "--gg-features-file"])):
+        junk = tmp_path / name
+        junk.write_bytes(b"not the published file")
+        res = runner.invoke(app, [*base, *flags, str(junk)])
+        assert res.exit_code == 2 and f"error: {junk}: SHA-256" in res.output, res.output
+        assert "training on" not in res.output and not (tmp_path / "cache").exists()

@@ -20,9 +20,17 @@ from geca.data.folds import same_split, split_name
 from geca.data.imageset import ImageSet, image_hashes
 from geca.data.registry import SPLITS, load_split, same_data
 from geca.errors import ConfigError, DataError
-from geca.metrics.diversity import alexnet_weights, load_lpips, lpips_diversity
+from geca.metrics.diversity import ALEXNET_FILE, ALEXNET_SHA256, alexnet_weights, load_lpips, lpips_diversity
 from geca.metrics.faithfulness import faithfulness, judge, predict
-from geca.metrics.features import FEATURES, DomainFeatures, FeatureExtractor, build_extractor, weights_path
+from geca.metrics.features import (
+    FEATURES,
+    INCEPTION_FILE,
+    INCEPTION_SHA256,
+    DomainFeatures,
+    FeatureExtractor,
+    build_extractor,
+    weights_path,
+)
 from geca.metrics.fld import fld
 from geca.metrics.kid import (
     NOISY_SUBSET,
@@ -35,6 +43,7 @@ from geca.metrics.kid import (
 )
 from geca.metrics.report import real_vs_generated_grid
 from geca.utils.io import atomic_write_json, clean_stale_temporaries, output_file, read_json_object
+from geca.utils.pretrained import check_published
 from geca.utils.schema import MAX_BATCH
 
 PER_CLASS_MIN = 50
@@ -123,9 +132,16 @@ class EvalSettings:
         """Look for every pretrained file the scores need (a MissingWeightsError names the first missing one by its
         entry in `flags`); returns LPIPS's AlexNet backbone, None where LPIPS is off or random."""
         gg_name, gg_file = self.gg_network()
-        weights_path(self.features, self.features_file, flags[0])
-        weights_path(gg_name, gg_file, flags[1])
-        return alexnet_weights(self.lpips_weights, flags[2]) if self.lpips else None
+        kid_path = weights_path(self.features, self.features_file, flags[0])
+        gg_path = weights_path(gg_name, gg_file, flags[1])
+        alexnet = alexnet_weights(self.lpips_weights, flags[2]) if self.lpips else None
+        # hashed again where they are read; a wrong file must not wait behind minutes of domain-feature training
+        for path, name in ((kid_path, self.features), (gg_path, gg_name)):
+            if name == "inception" and path is not None:
+                check_published(path, INCEPTION_SHA256, INCEPTION_FILE, "Inception-v3 (FID)")
+        if alexnet is not None:
+            check_published(alexnet, ALEXNET_SHA256, ALEXNET_FILE, "torchvision AlexNet")
+        return alexnet
 
 
 @dataclass
