@@ -671,3 +671,25 @@ def test_an_npz_names_its_own_classes(tmp_path: Path) -> None:
     np.savez(tmp_path / "stray.npz", **arrays)
     with pytest.warns(UserWarning, match="class.es. 3, 4 have no image in any split"):
         assert medmnist_npz.load_npz(tmp_path / "stray.npz", "train").labels.shape == (6, 6)
+
+
+def test_a_published_file_is_known_by_its_contents_under_any_name(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its class names come with it when it is copied or linked under another name (a copy was 'class 0', …, and
+    refused beside a run trained on the original)."""
+    arrays = {f"{s}_{k}": v for s in ("train", "val", "test") for k, v in
+              (("images", np.zeros((2, 4, 4), np.uint8)), ("labels", np.array([[0], [1]])))}
+    np.savez(tmp_path / "tinymnist.npz", **arrays)
+    md5 = hashlib.md5((tmp_path / "tinymnist.npz").read_bytes()).hexdigest()
+    monkeypatch.setitem(medmnist_npz.KNOWN_DATASETS, "tinymnist", medmnist_npz.KnownDataset(("a", "b"), md5, ""))
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "tinymnist.npz", tmp_path / "elsewhere" / "copy.npz")
+    (tmp_path / "link.npz").symlink_to(tmp_path / "tinymnist.npz")
+    for name in ("tinymnist.npz", "elsewhere/copy.npz", "link.npz"):
+        assert medmnist_npz.load_npz(tmp_path / name, "val").class_names == ["a", "b"], name
+    arrays["val_labels"] = np.array([[1], [0]])  # other contents under no known name: its own classes
+    np.savez(tmp_path / "mine.npz", **arrays)
+    assert medmnist_npz.load_npz(tmp_path / "mine.npz", "val").class_names == ["class 0", "class 1"]
+    (tmp_path / "mine.json").write_text('["a", "b"]')  # the sidecar's form is said, not a Python error
+    with pytest.raises(DataError, match=r'mine.json: a JSON list; expected an object, \{"class_names": \["first"'):
+        medmnist_npz.load_npz(tmp_path / "mine.npz", "val")

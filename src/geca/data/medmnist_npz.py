@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,8 @@ class KnownDataset:
     url: str
     multilabel: bool = False
 
+
+KNOWN_MAX_BYTES = 400 * 2**20  # beyond the largest 28-px MedMNIST file
 
 KNOWN_DATASETS: dict[str, KnownDataset] = {
     "retinamnist": KnownDataset(
@@ -140,6 +143,25 @@ def resolve_npz(name_or_path: str | Path, *, download: bool = False) -> Path:
     raise DataError(f"{text}.npz not found in {where}{hint}")
 
 
+def _known(path: Path) -> tuple[str, KnownDataset] | None:
+    """The published MedMNIST file `path` is (name, entry), by its name (a link's target's too) or, under another
+    name, by its MD5 (those files are at most a few hundred MB; a larger file is none of them and is not hashed)."""
+    for name in (path.stem, path.resolve().stem):
+        if name in KNOWN_DATASETS:
+            return name, KNOWN_DATASETS[name]
+    stat = path.stat()
+    if stat.st_size > KNOWN_MAX_BYTES:
+        return None
+    digest = _cached_md5(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    return next(((name, known) for name, known in KNOWN_DATASETS.items() if known.md5 == digest), None)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_md5(path: Path, mtime_ns: int, size: int) -> str:
+    """A file's MD5, hashed once per version of it (each split of it is loaded on its own)."""
+    return _md5(path)
+
+
 def _head(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(6)
@@ -204,10 +226,14 @@ def _class_names(path: Path, arrays: dict[str, np.ndarray], k: int | None) -> li
         names = arrays["class_names"].tolist()
     elif (sidecar := path.with_suffix(".json")).is_file():
         where = sidecar
+        expected = '{"class_names": ["first", "second", …]}'
         try:
-            names = json.loads(sidecar.read_text()).get("class_names")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise DataError(f"{sidecar}: not a JSON object with class_names ({e})") from None
+            names = json.loads(sidecar.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError(f"{sidecar}: not JSON; expected {expected}") from None
+        if not isinstance(names, dict):
+            raise DataError(f"{sidecar}: a JSON {type(names).__name__}; expected an object, {expected}")
+        names = names.get("class_names")
     if names is None:
         return None
     if not isinstance(names, list) or not names or len(names) != (k or len(names)) \
@@ -238,18 +264,19 @@ def load_npz(
     if len(widths) != 1:
         raise DataError(f"{path}: label arrays disagree on their width: {sorted(widths)}")
     width = widths.pop()
-    known = KNOWN_DATASETS.get(path.stem)
+    found = _known(path)
+    known_name, known = found if found is not None else ("", None)
     multilabel = width > 1
     if known is not None and known.multilabel != multilabel:
         expect = f"(N,{len(known.class_names)}) multi-hot" if known.multilabel else "(N,1) class indices"
-        raise DataError(f"{path}: {path.stem} labels must be {expect}, got width {width}")
+        raise DataError(f"{path}: {known_name} labels must be {expect}, got width {width}")
 
     labels = arrays[f"{split}_labels"].astype(np.int64)
     if multilabel:
         k = width
         own = _class_names(path, arrays, k)
         if known is not None and k != len(known.class_names):
-            raise DataError(f"{path}: {path.stem} has {len(known.class_names)} labels, got {k} columns")
+            raise DataError(f"{path}: {known_name} has {len(known.class_names)} labels, got {k} columns")
         bad = np.argwhere((labels != 0) & (labels != 1))
         if len(bad):
             row, col = bad[0]
