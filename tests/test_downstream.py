@@ -388,6 +388,12 @@ def test_expand_multilabel_oct_fold_preserves_the_joint_label_distribution(tmp_p
         path.write_bytes(damaged) if isinstance(damaged, bytes) else path.write_text(damaged)
         with pytest.raises(DataError, match=f"held/manifest.json: {why}"):
             check_lineage(tmp_path / "held", data, folds_csv, 1)
+    whole = json.loads(written)
+    for hollow in ({}, {**whole, "trained_on": "hello"}, {**whole, "num_images": "many"},
+                   {k: v for k, v in whole.items() if k not in ("trained_on", "run")}):  # valid JSON, checks off
+        (tmp_path / "held" / "manifest.json").write_text(json.dumps(hollow))
+        with pytest.raises(DataError, match="held/manifest.json: not a manifest as geca writes it"):
+            check_lineage(tmp_path / "held", data, folds_csv, 1)
     # The generator (cv_val slice) trained on some of the patients that next-fold validates on: model selection leaks.
     with pytest.raises(DataError, match="fold 1 of .*folds.csv with cv_val slice .*this arm uses cv_val next-fold"):
         check_lineage(tmp_path / "syn", data, folds_csv, 1, "next-fold")

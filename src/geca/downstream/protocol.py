@@ -111,7 +111,11 @@ def check_lineage(directory: Path, data: str, folds_file: Path | None, fold: int
         return
     manifest = read_json_object(path, DataError)
     trained = manifest.get("trained_on")
-    if not isinstance(trained, dict) and isinstance(manifest.get("run"), str):
+    if not isinstance(manifest.get("num_images"), int) or not isinstance(trained, dict | None) or \
+            (trained is None and not isinstance(manifest.get("run"), str)):
+        raise DataError(f"{path}: not a manifest as geca writes it (num_images, and trained_on or run); the set's "
+                        "leakage checks cannot run on it. Remove it to use the set unchecked, as another tool's")
+    if trained is None:
         trained = _run_split(manifest)
         if trained is None:
             warnings.warn(f"{directory}: which split its generator trained on is not recorded, and its run "
