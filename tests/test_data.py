@@ -283,6 +283,9 @@ def test_folder_csv_multilabel_rule(tmp_path):
     none = rows + [{"filename": "2.png", "a": 0, "b": 0}]
     ds = load_folder_csv(_csv(root / "none.csv", none))
     assert ds.multilabel and ds.labels.tolist() == [[1, 0], [0, 1], [0, 0]]
+    (root / "long.csv").write_text("filename,a,b\n0.png,1,0,\n1.png,0,1,1\n")  # a label with no column
+    with pytest.raises(DataError, match="long.csv: line 3: 4 fields, the header has 3"):
+        read_table(root / "long.csv")
 
 
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])

@@ -105,6 +105,9 @@ def read_table(csv_path: str | Path, root: str | Path | None = None) -> CsvTable
     seen: dict[str, int] = {}
     for i, row in enumerate(rows):
         line = i + 2  # the header is line 1
+        if any(v.strip() for v in row.get(None) or []):  # csv.DictReader's key for fields beyond the header's
+            raise DataError(f"{csv_path}: line {line}: {len(header) + len(row[None])} fields, the header has "
+                            f"{len(header)}")
         name = (row["filename"] or "").strip()
         if name in seen:
             raise DataError(f"{csv_path}: line {line}: filename {name!r} already on line {seen[name]}")
