@@ -655,6 +655,7 @@ def test_classify_patient_level_cv_with_one_synthetic_set_per_fold(tmp_path: Pat
     [
         (["--arms", "geometric,rotations"], "unknown arm 'rotations'"),
         (["--arms", "geometric,+gan"], "unknown arm '+gan'"),
+        (["--arms", " "], "--arms is empty; give some of none, geometric, or leave it out"),
         (["--synthetic", "syn={tmp}/nowhere", "--arms", "geometric,+syn"], "nowhere: synthetic set not found"),
         (["--synthetic", "syn={tmp}/wrong", "--arms", "geometric,+syn"], "class columns ['a', 'b', 'c']"),
         (["--synthetic", "syn={tmp}/right", "--arms", "geometric"], "no arm uses them"),

@@ -53,8 +53,10 @@ def parse_synthetic(items: list[str]) -> dict[str, str]:
 
 def parse_arms(text: str | None, synthetic: dict[str, str]) -> list[Arm]:
     """Comma-separated arms; the default is none, geometric and one +NAME per synthetic set."""
-    names = [a.strip() for a in text.split(",")] if text else ["none", BASELINE, *(f"+{n}" for n in synthetic)]
     valid = ["none", BASELINE, *(f"+{n}" for n in synthetic)]
+    if text is not None and not text.strip():
+        raise ConfigError(f"--arms is empty; give some of {', '.join(valid)}, or leave it out for all of them")
+    names = valid if text is None else [a.strip() for a in text.split(",")]
     arms = []
     for name in names:
         if name not in valid:
