@@ -156,8 +156,11 @@ def test_sample_trace_cli_and_the_published_model_warning(blobs_npz: Path, tmp_p
     rows = list(csv.DictReader(trace.open()))
     assert len(rows) == 4 * 2 and {r["ghg"] for r in rows} == {"hidden", "none", "out", "both"}
     assert trace.with_suffix(".png").stat().st_size > 0
-    res = runner.invoke(app, ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s1b"),
-                              "--per-class", "1", "--trace", str(trace), *fast])  # an earlier trace is replaced
+    again = ["sample", "--run", str(tmp_path / "--heredity"), "--out", str(tmp_path / "s1b"), "--per-class", "1",
+             "--trace", str(trace), *fast]
+    res = runner.invoke(app, again)
+    assert res.exit_code == 2 and "exists; pass --overwrite" in res.output and not (tmp_path / "s1b").exists()
+    res = runner.invoke(app, [*again, "--overwrite"])  # an earlier trace is replaced when asked
     assert res.exit_code == 0, res.output
     other = tmp_path / "s1" / "labels.csv"
     before = other.read_text()

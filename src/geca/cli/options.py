@@ -70,7 +70,8 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
     "weights": (str, ("--weights",), "ema (default) or model (raw) weights."),
     "device": (str, ("--device",), "auto, cpu or cuda[:N]."),
     "overwrite": (bool, ("--overwrite",), "Replace what an earlier run of this command wrote in --out once "
-                  "sampling is done (sample and expand: only a sample set, a folder with manifest.json)."),
+                  "sampling is done (sample and expand: only a sample set, a folder with geca's manifest.json and "
+                  "nothing else; sample: also an earlier --trace)."),
     "resume": (bool, ("--resume",), "Continue an interrupted run into the same --out from the batches it "
                "finished (same run, settings and seed give the same images)."),
     "threads": (int | None, ("--threads",), "CPU threads (default: one per core)."),

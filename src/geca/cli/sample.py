@@ -46,8 +46,8 @@ def sample(
         raise ConfigError(f"--labels-from must be one of {', '.join(SPLITS)}, got {labels_from!r}")
     ratio = ratio or 1
     if trace is not None:
-        output_file(trace, "--trace", ".csv", own=("an earlier trace (its CSV columns)",
-                                                   lambda p: has_csv_header(p, TRACE_FIELDS)))
+        output_file(trace, "--trace", ".csv", flags.overwrite, own=("an earlier trace (its CSV columns)",
+                                                                    lambda p: has_csv_header(p, TRACE_FIELDS)))
         if trace.with_suffix(".png").exists() and not trace.exists():
             raise ConfigError(f"--trace {trace}: its plot would replace {trace.with_suffix('.png')}, which no trace "
                               "wrote; choose another --trace")
