@@ -66,6 +66,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("flags, flag", [
     (["--max-steps", "0"], "--max-steps"), (["--max-steps", "-5"], "--max-steps"),
+    (["--max-steps", str(10**20)], "--max-steps"), (["--nca-steps", "100000"], "--nca-steps"),
     (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-4"], "--batch-size"),
     (["--batch-size", str(10**20)], "--batch-size"), (["--set", "train.batch_size=1e20"], "--set train.batch_size"),
     (["--log-every", "0"], "--log-every"), (["--ema-decay", "2"], "--ema-decay"),

@@ -19,7 +19,7 @@ from geca.models.config import GeCAConfig, ModelConfig, with_named_defaults
 from geca.sampling.config import SamplerConfig
 from geca.utils.hardware import PRECISIONS
 from geca.utils.io import atomic_write_text, same_path
-from geca.utils.schema import MAX_BATCH, Checks, changes, from_dict, read_yaml
+from geca.utils.schema import MAX_BATCH, MAX_STEPS, Checks, changes, from_dict, read_yaml
 
 LOGGERS = ("csv", "tensorboard")
 
@@ -49,7 +49,7 @@ class TrainConfig:
     logger: str = "csv"  # log.csv always; "tensorboard" also writes TensorBoard events through accelerate
 
     def validate(self, check: Checks) -> None:
-        check(self.max_steps >= 1, "train.max_steps", "≥ 1", self.max_steps)
+        check(1 <= self.max_steps <= MAX_STEPS, "train.max_steps", f"in [1, {MAX_STEPS:,}]", self.max_steps)
         check(0 <= self.seed < 2**32, "train.seed", "in [0, 2³²)", self.seed)
         check.choice(self.logger, "train.logger", LOGGERS)
         check(self.logger != "tensorboard" or importlib.util.find_spec("tensorboard") is not None, "train.logger",
@@ -60,7 +60,7 @@ class TrainConfig:
               "> 0 and finite (for no limit leave it unset: max_minutes: null)", self.max_minutes)
         check(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", f"in [1, {MAX_BATCH}]", self.batch_size)
         check(math.isfinite(self.lr) and self.lr > 0, "train.lr", "> 0", self.lr)
-        check(self.warmup_steps >= 0, "train.warmup_steps", "≥ 0", self.warmup_steps)
+        check(0 <= self.warmup_steps <= MAX_STEPS, "train.warmup_steps", f"in [0, {MAX_STEPS:,}]", self.warmup_steps)
         check.choice(self.lr_schedule, "train.lr_schedule", ("constant", "cosine"))
         check(self.weight_decay >= 0, "train.weight_decay", "≥ 0", self.weight_decay)
         check(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip", "> 0", self.grad_clip)

@@ -18,7 +18,7 @@ from geca.metrics.evaluate import EvalSettings
 from geca.metrics.kid import min_generated
 from geca.presets import presets
 from geca.sampling.config import GHG_MODES, GROWTH_FRAMES, GROWTH_T, SamplerConfig, growth_sampler
-from geca.utils.schema import MAX_BATCH, from_dict, merge, nest, parse_yaml, read_text, read_yaml
+from geca.utils.schema import MAX_BATCH, MAX_NCA_STEPS, from_dict, merge, nest, parse_yaml, read_text, read_yaml
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 # Where the folds stage writes its folds CSV, relative to the experiment directory (so that the stage hashes
@@ -297,8 +297,8 @@ def _validate(exp: Experiment, path: Path) -> None:
             raise ConfigError(f"{path}: {where}: {e}") from None
     for mode in exp.ghg.modes:
         _check_choice(mode, GHG_MODES, f"{path}: ghg.modes")
-    if any(m < 1 for m in exp.nca_steps.values):
-        raise ConfigError(f"{path}: nca_steps.values must be ≥ 1, got {exp.nca_steps.values}")
+    if any(not 1 <= m <= MAX_NCA_STEPS for m in exp.nca_steps.values):
+        raise ConfigError(f"{path}: nca_steps.values must be in [1, {MAX_NCA_STEPS}], got {exp.nca_steps.values}")
     least = min_generated(exp.evaluation.protocol)  # every stage's KID follows evaluation.protocol
     for where, n, used in (("evaluation", exp.evaluation.num_samples, True),
                            ("ghg", exp.ghg.num_samples, exp.ghg.enabled),

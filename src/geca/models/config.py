@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geca.errors import ConfigError
-from geca.utils.schema import Checks, key_in
+from geca.utils.schema import MAX_NCA_STEPS, Checks, key_in
 
 # geca.models.attention.IMPLEMENTATIONS (no torch here) but `compiled`, which model.compile selects, and `auto`: the
 # C kernels on a CPU, `fast` elsewhere (geca.models.attention.runnable).
@@ -94,7 +94,7 @@ class GeCAConfig(TransformerConfig):
     def validate(self, check: Checks) -> None:
         super().validate(check)
         check(self.hidden_channels >= 1, "model.hidden_channels", "≥ 1", self.hidden_channels)
-        check(self.nca_steps >= 1, "model.nca_steps", "≥ 1", self.nca_steps)
+        check(1 <= self.nca_steps <= MAX_NCA_STEPS, "model.nca_steps", f"in [1, {MAX_NCA_STEPS}]", self.nca_steps)
         check(self.pos_channels >= 4 and self.pos_channels % 4 == 0, "model.pos_channels", "a positive multiple of 4",
               self.pos_channels)
         check(0 < self.update_prob <= 1, "model.update_prob", "in (0, 1]", self.update_prob)

@@ -8,7 +8,7 @@ from typing import Any
 
 from geca.errors import ConfigError
 from geca.utils.hardware import PRECISIONS, resolve_precision
-from geca.utils.schema import Checks
+from geca.utils.schema import MAX_NCA_STEPS, Checks
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # DPM-Solver++(2M), ODE and SDE: diffusers' scheduler
 # Where DPM-Solver++ puts its steps: evenly in t, evenly in log-SNR λ (denser at low noise, the DPM-Solver authors'
@@ -57,7 +57,8 @@ class SamplerConfig:
         check(self.steps >= 1, f"{prefix}.steps", "≥ 1", self.steps)
         check(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, f"{prefix}.guidance_scale",
               "≥ 0 (1: conditional only)", self.guidance_scale)
-        check(self.nca_steps is None or self.nca_steps >= 1, f"{prefix}.nca_steps", "≥ 1", self.nca_steps)
+        check(self.nca_steps is None or 1 <= self.nca_steps <= MAX_NCA_STEPS, f"{prefix}.nca_steps",
+              f"in [1, {MAX_NCA_STEPS}]", self.nca_steps)
         # above 1 DDIM's noise outgrows 1 − ᾱ_prev and the direction term's square root is of a negative number
         check(math.isfinite(self.eta) and 0 <= self.eta <= 1, f"{prefix}.eta", "in [0, 1]", self.eta)
         check.choice(self.precision, f"{prefix}.precision", PRECISIONS)

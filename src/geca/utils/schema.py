@@ -17,6 +17,8 @@ from geca.errors import ConfigError
 # far beyond any device's memory, and far below the sizes that overflow torch's int64 shapes: a typo is refused
 # up front instead of failing after the output folder was made
 MAX_BATCH = 2**20
+MAX_STEPS = 10**9  # training steps, and warm-up steps; 1,000× the paper's 118k
+MAX_NCA_STEPS = 1024  # NCA updates per denoiser call (the paper's M is 8–32): a typo, not a setting, beyond it
 MAX_IMAGE_SIZE = 8192  # a side beyond any scan's; resizing to more would allocate gigabytes per image
 
 
