@@ -110,6 +110,10 @@ def test_interrupted_resumable_stage_keeps_its_work_and_a_corrupt_marker_is_redo
         execute(toy(calls, fail={"b.x"}), tmp_path, log=lambda s: None)
     (stage_dir(tmp_path, "b.x") / "kept.txt").write_text("checkpoint")  # what a resumable stage leaves behind
     assert read_marker(tmp_path, "b.x") is None
+    reasons = {step.stage.id: step.reason for step in plan(toy([]), tmp_path)}
+    assert reasons["b.x"] == "interrupted; resumes from its work" and reasons["b.y"] == "not run yet"
+    assert plan(toy([], {"b.x": {"lr": 3}}), tmp_path)[1].reason == "interrupted; starts afresh (config or upstream "\
+        "changed)"
     calls.clear()
     execute(toy(calls), tmp_path, log=lambda s: None)
     assert calls == ["b.x", "b.y", "c"]  # a was done; b.x goes on from its work

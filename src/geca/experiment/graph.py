@@ -120,7 +120,7 @@ def plan(stages: list[Stage], root: Path, force: list[str] | None = None,
         if waiting:
             reason = f"upstream {waiting[0]} runs"
         elif marker is None:
-            reason = "not run yet"
+            reason = _unfinished(root, s, markers)
         elif marker.get("key") != stage_key(s, markers):
             reason = "config or upstream changed"
         elif s.id in forced:
@@ -191,6 +191,18 @@ def _write_marker(directory: Path, s: Stage, key: str, markers: dict[str, dict[s
               "env": environment(), "outputs": outputs}
     atomic_write_json(directory / MARKER, marker)
     return marker
+
+
+def _unfinished(root: Path, s: Stage, markers: dict[str, dict[str, Any]]) -> str:
+    """Why a stage without a marker runs: never begun, or interrupted (a resumable stage's work, which goes on
+    under the same key, as `_prepare_resumable` decides)."""
+    d = stage_dir(root, s.id)
+    pending = next((_read_own(d / name) for name in (PENDING, OLD_PENDING) if (d / name).exists()), None)
+    if pending is None:
+        return "not run yet"
+    if pending.get("key") == stage_key(s, markers):
+        return "interrupted; resumes from its work"
+    return "interrupted; starts afresh (config or upstream changed)"
 
 
 def _prepare_resumable(d: Path, key: str) -> None:
