@@ -334,7 +334,9 @@ def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) 
     arrays["test_labels"] = np.array([[0], [1], [-1], [0]])
     np.savez(tmp_path / "neg.npz", **arrays)
     for edit, said in (({"data": {"spec": str(tmp_path / "neg.npz")}}, "test_labels[2] = -1 is out of range"),
-                       ({"seed": -5}, "seed must be in [0, 2³²), got -5")):
+                       ({"seed": -5}, "seed must be in [0, 2³²), got -5"),
+                       ({"data": {"spec": "synthetic-fundus@n=60", "image_size": 7}},
+                        "generator 'DiT': resolution 7 is not divisible by the patch size 2 (data.image_size)")):
         path.write_text(yaml.safe_dump({**yaml.safe_load((PRESETS / "smoke.yaml").read_text()), **edit}))
         res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), "--dry-run"])
         assert res.exit_code == 2 and f"error: {path}: " in res.output and said in res.output, res.output

@@ -319,6 +319,22 @@ def _validate(exp: Experiment, path: Path) -> None:
         raise ConfigError(f"{path}: expansion.ratio must be ≥ 1, got {exp.expansion.ratio}")
 
 
+def _check_resolution(config: RunConfig, where: str) -> None:
+    """A pixel-space model that cannot take the study's data.image_size is refused now, not when its training stage
+    begins (a DiT's patches and a UNet's levels must divide it)."""
+    if config.data.image_size is None or config.data.vae is not None:
+        return
+    import torch
+
+    from geca.models.build import build_model
+
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            build_model(config.model, 3, 2, config.data.image_size)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e} (data.image_size)") from None
+
+
 def load_experiment(path: str | Path) -> LoadedExperiment:
     """Read and check an experiment file, including every generator's run config (on each fold)."""
     path = Path(path)
@@ -334,6 +350,7 @@ def load_experiment(path: str | Path) -> LoadedExperiment:
     configs = {(g.name, fold): loaded.run_config(g.name, fold) for g in exp.generators for fold in loaded.folds}
     for (name, _), config in configs.items():
         config.validate(where=f"{path}: generator {name!r}")
+        _check_resolution(config, f"{path}: generator {name!r}")
     families = {g.name: configs[g.name, loaded.folds[0]].model.family for g in exp.generators}
     cellular = [n for n, f in families.items() if f == "geca"]
     if exp.geca_generator is not None and exp.geca_generator not in cellular:
