@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -166,21 +167,31 @@ def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_
     assert trainer.final_work_s() == pytest.approx(0.125 * sampler.steps + trainer.checkpoint_guess_s)
     trainer.work_s = {"checkpoint": 2.0, "preview": 7.0}
     assert trainer.final_work_s() == pytest.approx(9.0)
-    cfg.train.max_minutes = 0.2  # a budget is for training: a preview of more than half of it is skipped
-    assert trainer.final_work_s() == pytest.approx(2.0) and trainer.skip_preview
-    cfg.train.max_minutes, trainer.skip_preview, cfg.train.sample_every = 10, False, 0
+    cfg.train.max_minutes = 0.2  # a budget is for training: a preview of more than half of it is not kept back
+    assert trainer.final_work_s() == pytest.approx(2.0)
+    cfg.train.max_minutes = 10  # decided afresh each time
+    assert trainer.final_work_s() == pytest.approx(9.0)
+    cfg.train.sample_every = 0
     assert trainer.final_work_s() == pytest.approx(2.0)
 
 
-def test_a_final_preview_beyond_half_the_budget_is_skipped_and_said(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_final_preview_beyond_half_the_budget_is_skipped_only_where_it_no_longer_fits(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not kept back, the long preview is skipped when the budget ran out; a run that ends by --max-steps long before
+    still draws it."""
     from geca.training.trainer import Trainer
 
     monkeypatch.setattr(Trainer, "_call_s", lambda self, images, sampler: 1.0)  # a 50-step preview: 50 s
+    drawn = []
+    monkeypatch.setattr(Trainer, "preview", lambda self, final=False: drawn.append(final))
+    train(tiny_config(2, sample_every=10_000, max_minutes=1.5), tmp_path / "short", train_set=blob_images(n=8, size=8),
+          progress=False)
+    assert drawn == [True] and "skipped" not in capsys.readouterr().out
     train(tiny_config(10_000, sample_every=10_000, max_minutes=0.1), tmp_path / "run",
           train_set=blob_images(n=8, size=8), progress=False)
     out = capsys.readouterr().out
-    assert "final preview skipped: it would take more than half of --max-minutes 0.1" in out
+    assert drawn == [True] and re.search(r"final preview skipped: it would take about 50 s, more than the \d s "
+                                         "--max-minutes has left", out), out
     assert not (tmp_path / "run" / "samples").exists() or not list((tmp_path / "run" / "samples").iterdir())
 
 

@@ -102,7 +102,6 @@ class Trainer:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
         self.local_batch = tc.batch_size // self.world
         self.call_s: dict[tuple[int, torch.dtype | None, bool], float] = {}  # see _call_s
-        self.skip_preview = False  # see final_work_s
         self.heredity_prob = tc.heredity_prob if getattr(config.model, "heredity", "off") == "gated" else 0.0
         self.data = training_data(config, self.run_dir, acc, progress, train_set)
         if len(self.data.data) == 0:
@@ -359,21 +358,25 @@ class Trainer:
         the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling as one timed denoiser call per
         sampler step and batch."""
         need = self.work_s.get("checkpoint", self.checkpoint_guess_s)
-        if self.main and self.config.train.sample_every and not self.skip_preview:
-            pc = self.config.preview
-            shown = min(self.spec.num_classes, pc.max_classes) * pc.per_class
-            preview = self.work_s["preview"] if "preview" in self.work_s else \
-                self._call_s(shown, pc.sampler) * pc.sampler.steps
-            # a budget is for training: a final preview that would take half of it is skipped (`finish` says so)
-            budget = self.config.train.max_minutes
-            self.skip_preview = budget is not None and preview > budget * 30
-            need += 0.0 if self.skip_preview else preview
+        budget = self.config.train.max_minutes
+        if self.main and self.config.train.sample_every:
+            preview = self._preview_s()
+            # a budget is for training: a preview of more than half of it is not kept back, and `finish` skips it
+            # where it no longer fits
+            need += preview if budget is None or preview <= budget * 30 else 0.0
         if self.validator is not None:
             v = self.config.validation
             batches, last = divmod(v.num_samples, v.batch_size)
             need += self.work_s["validation"] if "validation" in self.work_s else v.sampler.steps * (
                 batches * self._call_s(v.batch_size, v.sampler) + (self._call_s(last, v.sampler) if last else 0))
         return need
+
+    def _preview_s(self) -> float:
+        """What a preview took (the longest so far) or, before the first, will take."""
+        if "preview" in self.work_s:
+            return self.work_s["preview"]
+        pc = self.config.preview
+        return self._call_s(min(self.spec.num_classes, pc.max_classes) * pc.per_class, pc.sampler) * pc.sampler.steps
 
     @torch.no_grad()
     def _call_s(self, images: int, sampler: SamplerConfig) -> float:
@@ -405,9 +408,12 @@ class Trainer:
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
         if self.main and tc.sample_every and step % tc.sample_every:
-            if self.skip_preview:
-                tqdm.write(f"final preview skipped: it would take more than half of --max-minutes {tc.max_minutes:g} "
-                           f"(`geca sample --run {self.run_dir} --per-class 4 --out DIR` draws samples)")
+            preview, budget = self._preview_s(), tc.max_minutes
+            left = math.inf if budget is None else budget * 60 - (time.time() - self.t_start)
+            if preview > left and preview > budget * 30:  # one of at most half the budget was kept back: it runs
+                tqdm.write(f"final preview skipped: it would take about {preview:.0f} s, more than the "
+                           f"{max(left, 0):.0f} s --max-minutes has left (`geca sample --run {self.run_dir} "
+                           "--per-class 4 --out DIR` draws samples)")
             else:
                 self.preview(final=True)
         if self.validator is not None and step % self.config.validation.every:
