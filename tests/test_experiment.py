@@ -114,6 +114,7 @@ def test_interrupted_resumable_stage_keeps_its_work_and_a_corrupt_marker_is_redo
     assert reasons["b.x"] == "interrupted; resumes from its work" and reasons["b.y"] == "not run yet"
     assert plan(toy([], {"b.x": {"lr": 3}}), tmp_path)[1].reason == "interrupted; starts afresh (config or upstream "\
         "changed)"
+    assert plan(toy([]), tmp_path, force=["b.x"])[1].reason == "forced"  # which starts it afresh
     calls.clear()
     execute(toy(calls), tmp_path, log=lambda s: None)
     assert calls == ["b.x", "b.y", "c"]  # a was done; b.x goes on from its work

@@ -418,3 +418,14 @@ def test_a_setting_is_labelled_as_sample_sets_have_always_been_named() -> None:
     assert SamplerConfig(sampler="ddim", steps=2, precision="bf16").label() == "ddim2-bf16"
     assert SamplerConfig(sampler="dpm++sde", steps=25, schedule="uniform", precision="fp32").label() == (
         "dpm++sde25-uniform")
+
+
+def test_an_unfinished_sets_other_settings_are_named_as_given() -> None:
+    """Defaults the resume key leaves out (fp32, the uniform schedule) are named by their values, not as None."""
+    from geca.sampling.generate import _other, _work_settings
+
+    labels = torch.eye(2)
+    was = _work_settings("w", labels, SamplerConfig(sampler="ddpm", schedule="uniform", precision="fp32"), 0, 8)
+    now = _work_settings("w", labels, SamplerConfig(sampler="ddpm", schedule="lambda", precision="bf16"), 0, 8)
+    said = _other({"settings": was}, now)
+    assert said == "sampling.schedule 'uniform' (now 'lambda'), sampling.precision 'fp32' (now 'bf16')", said

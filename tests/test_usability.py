@@ -267,6 +267,12 @@ def test_overwrite_replaces_a_sample_set_never_the_run_or_other_files(custom_run
     (mine / "manifest.json").write_text('{"dataset": "x"}')  # a manifest of another kind: still the user's folder
     res = runner.invoke(app, [*base, "--out", str(mine)])
     assert res.exit_code == 2 and "a folder with geca's manifest.json" in res.output, res.output
+    from geca.sampling.trace import FIELDS
+
+    (tmp_path / "s" / "trace.csv").write_text(",".join(FIELDS) + "\n")  # a --trace written into the set is its own
+    (tmp_path / "s" / "trace.png").write_bytes(b"plot")
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "s")])
+    assert res.exit_code == 0 and not (tmp_path / "s" / "trace.csv").exists(), res.output
     for extra in ("notes.txt", "images/scan.dcm"):  # a set with files of the user's beside it: not replaced whole
         (tmp_path / "s" / extra).write_text("keep")
         res = runner.invoke(app, [*base, "--out", str(tmp_path / "s")])

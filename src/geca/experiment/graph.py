@@ -120,7 +120,7 @@ def plan(stages: list[Stage], root: Path, force: list[str] | None = None,
         if waiting:
             reason = f"upstream {waiting[0]} runs"
         elif marker is None:
-            reason = _unfinished(root, s, markers)
+            reason = "forced" if s.id in forced else _unfinished(root, s, markers)
         elif marker.get("key") != stage_key(s, markers):
             reason = "config or upstream changed"
         elif s.id in forced:

@@ -29,11 +29,13 @@ from geca.models.base import Denoiser
 from geca.run import LoadedRun
 from geca.sampling.config import SamplerConfig, settings_key
 from geca.sampling.samplers import resolved_precision, sample
+from geca.sampling.trace import FIELDS as TRACE_FIELDS
 from geca.utils.images import pil_image, to_uint8
 from geca.utils.io import (
     atomic_write_json,
     atomic_write_text,
     few,
+    has_csv_header,
     other_files,
     output_dir,
     read_json_object,
@@ -126,8 +128,9 @@ def _work_key(weights_sha256: str, labels: torch.Tensor, sampler: SamplerConfig,
 
 def _work_settings(weights_sha256: str, labels: torch.Tensor, sampler: SamplerConfig, seed: int,
                    batch_size: int) -> dict[str, Any]:
-    """The key's parts, recorded beside it so that --resume can say which one differs."""
-    return {"weights": weights_sha256, "sampling": settings_key(asdict(sampler)), "seed": seed,
+    """The key's parts as the user gives them (every setting resolved, none left out as a default), recorded beside
+    the key so that --resume can say which one differs."""
+    return {"weights": weights_sha256, "sampling": asdict(sampler), "seed": seed,
             "batch_size": batch_size,
             "labels": hashlib.sha256(labels.numpy().astype(np.float32).tobytes()).hexdigest()[:16]}
 
@@ -173,7 +176,11 @@ def _check_replaceable(out: Path) -> None:
     if not ours:
         raise FileExistsError(f"--overwrite replaces an earlier sample set (a folder with geca's manifest.json); {out} "
                               "is none: choose another --out")
-    others = other_files(out, lambda p: p.name in SET_FILES) + [
+    def own(p: Path) -> bool:  # the set's files, and a --trace written into the set (its CSV and plot)
+        trace = p.with_suffix(".csv")
+        return p.name in SET_FILES or (p.suffix in (".csv", ".png") and has_csv_header(trace, TRACE_FIELDS))
+
+    others = other_files(out, own) + [
         f"images/{n}" for n in other_files(out / "images", lambda p: re.fullmatch(r"\d{6,}\.png", p.name) is not None)]
     if others:
         raise FileExistsError(f"--overwrite replaces {out} whole, and it holds files of yours beside the sample set "
