@@ -334,10 +334,15 @@ def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) 
               (("images", np.zeros((4, 8, 8, 3), np.uint8)), ("labels", np.array([[0], [1], [1], [0]])))}
     arrays["test_labels"] = np.array([[0], [1], [-1], [0]])
     np.savez(tmp_path / "neg.npz", **arrays)
+    odd = {k: np.zeros((4, 5, 5, 3), np.uint8) if k.endswith("images") else v for k, v in arrays.items()}
+    np.savez(tmp_path / "odd.npz", **{**odd, "test_labels": arrays["val_labels"]})  # 5 px: no DiT patches of 2
     for edit, said in (({"data": {"spec": str(tmp_path / "neg.npz")}}, "test_labels[2] = -1 is out of range"),
                        ({"seed": -5}, "seed must be in [0, 2³²), got -5"),
-                       ({"data": {"spec": "synthetic-fundus@n=60", "image_size": 7}},
-                        "generator 'DiT': resolution 7 is not divisible by the patch size 2 (data.image_size)")):
+                       ({"data": {"spec": "synthetic-fundus@n=60", "image_size": 9}},
+                        "generator 'DiT': resolution 9 is not divisible by the patch size 2 (the data's images are "
+                        "9 px)"),
+                       ({"data": {"spec": "synthetic-fundus@n=60,size=11"}}, "(the data's images are 11 px)"),
+                       ({"data": {"spec": str(tmp_path / "odd.npz")}}, "patch size 2 (the data's images are 5 px)")):
         path.write_text(yaml.safe_dump({**yaml.safe_load((PRESETS / "smoke.yaml").read_text()), **edit}))
         res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), "--dry-run"])
         assert res.exit_code == 2 and f"error: {path}: " in res.output and said in res.output, res.output

@@ -221,19 +221,25 @@ def check_download(spec: str) -> None:
                           f"({', '.join(KNOWN_DATASETS)}); {spec!r} is {what}: there is nothing to fetch")
 
 
-def check_spec(spec: str, download: bool = False, image_size: int | None = None) -> None:
+def check_spec(spec: str, download: bool = False, image_size: int | None = None) -> int | None:
     """Refuse a spec that names nothing loadable (an unknown name or option, a missing file, a CSV without its
     columns, an npz whose arrays or labels are wrong) without decoding a CSV's images or making a procedural set:
-    for commands that check everything before they create anything. An npz is read whole (seconds at most)."""
+    for commands that check everything before they create anything. An npz is read whole (seconds at most).
+    Returns the images' side where it is known without decoding (`image_size`, a procedural size, an npz's)."""
     kind, name, options = _source(spec)
     if download:
         check_download(spec)
     if kind == "procedural":
-        check_options(name, **_procedural_kwargs(name, options, None))
-    elif kind == "csv":
+        kwargs = _procedural_kwargs(name, options, image_size)
+        check_options(name, **kwargs)
+        size = resolved_options(name, **kwargs).get("size")
+        return size if isinstance(size, int) else image_size
+    if kind == "csv":
         read_table(Path(name).expanduser())
-    elif not download:
-        load_npz(name, "val", image_size=image_size)  # checks every split's arrays and labels
+        return image_size
+    if download:
+        return image_size
+    return load_npz(name, "val", image_size=image_size).resolution  # checks every split's arrays and labels
 
 
 def load_split(

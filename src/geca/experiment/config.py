@@ -196,14 +196,17 @@ class LoadedExperiment:
         return None if not d.cv else d.folds_file or GENERATED_FOLDS
 
     def check_data(self) -> None:
-        """Refuse data that cannot load before any stage folder exists (`check_spec`)."""
+        """Refuse data that cannot load (`check_spec`), and a generator that cannot take its images' size, before any
+        stage folder exists."""
         download = [g.name for g in self.exp.generators if self.run_config(g.name, self.folds[0]).data.download]
         try:
-            check_spec(self.exp.data.spec, download=bool(download), image_size=self.exp.data.image_size)
+            side = check_spec(self.exp.data.spec, download=bool(download), image_size=self.exp.data.image_size)
         except DataError as e:
             raise DataError(f"{self.path}: data.spec: {e}") from None
         except ConfigError as e:  # a download of data that is not downloaded: whose config asked for it
             raise ConfigError(f"{self.path}: generator {download[0]!r} (its run config): {e}") from None
+        for g in self.exp.generators:
+            _check_resolution(self.run_config(g.name, self.folds[0]), side, f"{self.path}: generator {g.name!r}")
 
     def check_weights(self) -> None:
         """Refuse a study whose scores need pretrained weights that are not here, before hours of training."""
@@ -319,10 +322,10 @@ def _validate(exp: Experiment, path: Path) -> None:
         raise ConfigError(f"{path}: expansion.ratio must be ≥ 1, got {exp.expansion.ratio}")
 
 
-def _check_resolution(config: RunConfig, where: str) -> None:
-    """A pixel-space model that cannot take the study's data.image_size is refused now, not when its training stage
-    begins (a DiT's patches and a UNet's levels must divide it)."""
-    if config.data.image_size is None or config.data.vae is not None:
+def _check_resolution(config: RunConfig, side: int | None, where: str) -> None:
+    """A pixel-space model that cannot take the study's images (`side` px, where known without decoding them) is
+    refused now, not when its training stage begins (a DiT's patches and a UNet's levels must divide it)."""
+    if side is None or config.data.vae is not None:
         return
     import torch
 
@@ -330,9 +333,9 @@ def _check_resolution(config: RunConfig, where: str) -> None:
 
     try:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            build_model(config.model, 3, 2, config.data.image_size)
+            build_model(config.model, 3, 2, side)
     except ValueError as e:
-        raise ConfigError(f"{where}: {e} (data.image_size)") from None
+        raise ConfigError(f"{where}: {e} (the data's images are {side} px)") from None
 
 
 def load_experiment(path: str | Path) -> LoadedExperiment:
@@ -350,7 +353,6 @@ def load_experiment(path: str | Path) -> LoadedExperiment:
     configs = {(g.name, fold): loaded.run_config(g.name, fold) for g in exp.generators for fold in loaded.folds}
     for (name, _), config in configs.items():
         config.validate(where=f"{path}: generator {name!r}")
-        _check_resolution(config, f"{path}: generator {name!r}")
     families = {g.name: configs[g.name, loaded.folds[0]].model.family for g in exp.generators}
     cellular = [n for n, f in families.items() if f == "geca"]
     if exp.geca_generator is not None and exp.geca_generator not in cellular:
