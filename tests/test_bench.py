@@ -28,7 +28,7 @@ def test_set_changes_the_configs_that_have_the_setting() -> None:
 @pytest.mark.parametrize(("sets", "message"), [
     (["hiden_size=208"], "--set hiden_size: none of GeCA-T,DiT-T has that setting"),
     (["heads=5"], "must be a positive multiple of the 5 heads"),
-    (["nca_steps=-1"], "--set nca_steps must be ≥ 1, got -1"),
+    (["nca_steps=-1"], r"--set nca_steps must be in \[1, 1024\], got -1"),
     (["attention=reference"], "--set attention: chosen by --configs and the variants"),
     (["heads"], "expected KEY=VALUE"),
 ])

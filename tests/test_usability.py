@@ -61,7 +61,7 @@ def test_api_samples_the_same_images_as_the_cli(custom_run: Path, tmp_path: Path
 
 @pytest.mark.parametrize(("call", "message"), [
     (lambda run: run.sample([0], precision="bf61"), "precision must be one of"),
-    (lambda run: run.sample([0], nca_steps=0), "nca_steps must be ≥ 1"),
+    (lambda run: run.sample([0], nca_steps=0), "nca_steps must be in [1, 1024]"),
     (lambda run: run.sample([0], guidance_scale=-1.0), "guidance_scale must be ≥ 0"),
     (lambda run: run.sample([0], steps=10**6), "steps must be at most"),
     (lambda run: run.grow(0, run.loaded.run_dir / "grow", frames=0), "frames must be ≥ 1"),
