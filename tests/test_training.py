@@ -529,3 +529,18 @@ def test_keep_checkpoints_deletes_older_step_checkpoints_only(tmp_path: Path) ->
     assert list(step_checkpoints(run)) == [4, 5, 6, 7]  # unset: every checkpoint stays
     with pytest.raises(ConfigError, match="train.keep_checkpoints"):
         tiny_config(8, keep_checkpoints=0).validate()
+
+
+def test_an_attention_this_device_cannot_run_is_said_to_fall_back(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--attention triton on a CPU trains with `fast` (the same maths, so the run resumes on a GPU with triton): said."""
+    from geca.models import attention
+    from geca.training.trainer import Trainer
+
+    monkeypatch.setattr(attention, "interpreting", lambda: False)  # the tests run triton's kernels interpreted
+    cfg = tiny_config(1)
+    cfg.model.attention = "triton"
+    run = Trainer(cfg, tmp_path / "run", resume=False, progress=False, train_set=blob_images())
+    assert "model.attention triton runs as fast on cpu (the same maths; triton's kernels are for CUDA)" in run.notes
+    cfg.model.attention = "fast"
+    assert not Trainer(cfg, tmp_path / "fast", resume=False, progress=False, train_set=blob_images()).notes

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from geca.config import RunConfig, load_config, save_config
 from geca.data.imageset import ImageSet
 from geca.errors import CheckpointError, ConfigError, TrainingError
+from geca.models.attention import runnable
 from geca.models.build import count_parameters
 from geca.run import ModelSpec, find_checkpoint, prune_checkpoints, read_spec, save_checkpoint
 from geca.sampling.config import SamplerConfig
@@ -136,6 +137,10 @@ class Trainer:
             resume_from(ckpt, model, self.ema, optimizer, acc.scaler)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.device = acc.device
+        asked = getattr(config.model, "attention", "auto")
+        if asked != "auto" and runnable(asked, self.device) != asked:  # a run moved between machines keeps its choice
+            self.notes.append(f"model.attention {asked} runs as {runnable(asked, self.device)} on {self.device} (the "
+                              f"same maths; {asked}'s kernels are for {'CUDA' if asked == 'triton' else 'CPUs'})")
         self.ema.model.to(self.device)
         self.images, self.labels = self.data.images.to(self.device), self.data.labels.to(self.device)
         self.stream = BatchStream(len(self.data.data), tc.seed)
