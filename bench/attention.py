@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON report on stdout (table on stderr)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be ≥ 1, got {args.batch}")
     if args.worker:
         print(json.dumps(worker(**json.loads(args.worker))))
         return

@@ -21,15 +21,49 @@ from geca.utils.schema import Checks, apply_set
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precisions' names
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer ≥ 1 (argparse then names the flag, with exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def configs(text: str) -> str:
+    """An argparse type: comma-separated named configs, each one geca knows."""
+    for name in text.split(","):
+        try:
+            named_model(name.strip())
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def precisions(ap: argparse.ArgumentParser, text: str, device: torch.device) -> list[str]:
+    """--precisions as a list, each known, once, and runnable on `device` (fp16: CUDA only)."""
+    chosen = [p.strip() for p in text.split(",")]
+    if unknown := [p for p in chosen if p not in DTYPES]:
+        ap.error(f"--precisions: {', '.join(map(repr, unknown))} is not one of {', '.join(DTYPES)}")
+    if len(set(chosen)) < len(chosen):
+        ap.error(f"--precisions: each precision once, got {text}")
+    if "fp16" in chosen and device.type != "cuda":
+        ap.error("--precisions: fp16 needs a CUDA device")
+    return chosen
+
+
 def model_parser(doc: str | None, batch: int, batch_help: str) -> argparse.ArgumentParser:
     """Flags for named configs at an input shape on a device; scripts add their own after these."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="GeCA-T,DiT-T,LDM-T", help="Comma-separated named configs (any family).")
-    ap.add_argument("--batch", type=int, default=batch, help=batch_help)
-    ap.add_argument("--resolution", type=int, default=32, help="Grid size (32 = SD-VAE latent of 256² images).")
-    ap.add_argument("--channels", type=int, default=4, help="Input channels (4 = SD-VAE latents).")
-    ap.add_argument("--classes", type=int, default=11, help="Label entries.")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
+    ap.add_argument("--configs", type=configs, default="GeCA-T,DiT-T,LDM-T",
+                    help="Comma-separated named configs (any family).")
+    ap.add_argument("--batch", type=positive, default=batch, help=batch_help)
+    ap.add_argument("--resolution", type=positive, default=32, help="Grid size (32 = SD-VAE latent of 256² images).")
+    ap.add_argument("--channels", type=positive, default=4, help="Input channels (4 = SD-VAE latents).")
+    ap.add_argument("--classes", type=positive, default=11, help="Label entries.")
+    ap.add_argument("--threads", type=positive, default=2, help="torch CPU threads.")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N].")
     ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                     help="tuned: glibc keeps freed memory, as the geca command does; default: glibc as it comes.")

@@ -48,6 +48,7 @@ from common import (
     model_config,
     model_parser,
     peak_memory,
+    precisions,
     reset_peak_memory,
 )
 
@@ -71,9 +72,10 @@ def parse_settings(text: str) -> list[tuple[str, int, str | None]]:
     `geca sample` would."""
     settings = []
     for item in text.split(","):
-        sampler, steps, *rest = item.strip().split(":")
-        if not steps.isdigit() or len(rest) > 1:
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3) or not parts[1].isdigit():
             raise ValueError(f"{item!r} is not SAMPLER:STEPS[:SCHEDULE]")
+        sampler, steps, *rest = parts
         schedule = rest[0] if rest else None
         SamplerConfig(sampler=sampler, steps=int(steps), schedule=schedule).validate()
         settings.append((sampler, int(steps), schedule))
@@ -282,14 +284,8 @@ def main() -> None:
         args.settings = parse_settings(QUICK if args.quick else args.settings or SETTINGS)
     except ValueError as e:
         ap.error(f"--settings: {e}")
-    args.precisions = [p.strip() for p in args.precisions.split(",")]
-    if unknown := [p for p in args.precisions if p not in DTYPES]:
-        ap.error(f"--precisions: {', '.join(map(repr, unknown))} is not one of {', '.join(DTYPES)}")
-    if len(set(args.precisions)) < len(args.precisions):
-        ap.error(f"--precisions: each precision once, got {','.join(args.precisions)}")
     device = device_of(args)
-    if "fp16" in args.precisions and device.type != "cuda":
-        ap.error("--precisions: fp16 needs a CUDA device")
+    args.precisions = precisions(ap, args.precisions, device)
     if args.worker:
         name, sampler, steps, schedule, precision = args.worker
         print(json.dumps(sampling_cost(model_config(name, args), sampler, int(steps), schedule, precision, args.cfg,
@@ -302,7 +298,10 @@ def main() -> None:
         ap.error("--set changes the named configs of the speed table; --run samples a trained run as it is")
     if args.reuse and not (args.run and args.checkpoint):
         ap.error("--reuse needs --run and an explicit --checkpoint")
-    result = quality(args) if args.run else speed(args, device)
+    try:
+        result = quality(args) if args.run else speed(args, device)
+    except subprocess.CalledProcessError as e:  # `geca sample` or `evaluate` said why on its own error line
+        raise SystemExit(e.returncode or 2) from None
     result.update({"set": args.set, "threads": args.threads, "device": str(device), "torch": torch.__version__,
                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
                    platform.processor() or platform.machine()})

@@ -37,13 +37,16 @@ from common import (
     model_config,
     model_parser,
     peak_memory,
+    positive,
+    precisions,
     reset_peak_memory,
 )
 
 from geca.diffusion.config import DiffusionConfig
 from geca.diffusion.gaussian import GaussianDiffusion
+from geca.models.attention import IMPLEMENTATIONS
 from geca.models.build import build_model, count_macs, count_parameters
-from geca.models.config import ModelConfig
+from geca.models.config import ModelConfig, named_model
 
 NO_CHOICE = "-"
 
@@ -117,13 +120,19 @@ def main() -> None:
                     "compiled,fast,fast:dense,reference:dense; on CUDA compiled,compiled:dense,fast,fast:dense,triton,"
                     "reference:dense).")
     ap.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 and/or fp16 (fp16: GPU only).")
-    ap.add_argument("--repeats", type=int, default=3, help="Timed steps per setting (median reported).")
+    ap.add_argument("--repeats", type=positive, default=3, help="Timed steps per setting (median reported).")
     ap.add_argument("--worker", nargs=3, metavar=("CONFIG", "ATTENTION", "PRECISION"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = device_of(args)
+    args.precisions = ",".join(precisions(ap, args.precisions, device))
     args.attention = args.attention or ("compiled,compiled:dense,fast,fast:dense,triton,reference:dense"
                                         if device.type == "cuda" else
                                         "cpu,cpu:dense,compiled,fast,fast:dense,reference:dense")
+    for variant in args.attention.split(","):  # before the matmul peak is measured
+        attention = variant_config(named_model("GeCA-T"), variant)[0].attention
+        if attention not in IMPLEMENTATIONS:
+            ap.error(f"--attention: unknown attention {attention!r} in {variant!r}; valid: "
+                     f"{', '.join(IMPLEMENTATIONS)}")
     if args.worker:
         name, variant, precision = args.worker
         print(json.dumps(step_time(model_config(name, args), variant, precision, args.batch, args.channels,

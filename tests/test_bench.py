@@ -104,3 +104,24 @@ def test_a_reused_sample_set_must_match_the_setting_and_precision(tmp_path: Path
     for damaged in (b"\xff\xfe", b"[1]"):  # a damaged manifest is no set to reuse, not a traceback
         (tmp_path / "set" / "manifest.json").write_bytes(damaged)
         assert not finished(tmp_path / "set", args, "ddim", 25, None, "fp32")
+
+
+def test_nonsense_flags_stop_before_any_measurement(capsys: pytest.CaptureFixture) -> None:
+    """Each an argparse error (exit 2, the flag named), before the matmul peak or a worker runs."""
+    import argparse as ap
+
+    import torch
+    from common import configs, positive, precisions
+
+    for text in ("0", "-3", "x"):
+        with pytest.raises(ap.ArgumentTypeError):
+            positive(text)
+    with pytest.raises(ap.ArgumentTypeError, match="unknown model 'Nope'"):
+        configs("GeCA-T,Nope")
+    parser = ap.ArgumentParser()
+    for text, said in (("fp64", "'fp64' is not one of"), ("fp32,fp32", "each precision once"),
+                       ("fp16", "fp16 needs a CUDA device")):
+        with pytest.raises(SystemExit) as e:
+            precisions(parser, text, torch.device("cpu"))
+        assert e.value.code == 2 and f"error: --precisions: {said}" in capsys.readouterr().err
+    assert precisions(parser, "fp32, bf16", torch.device("cpu")) == ["fp32", "bf16"]

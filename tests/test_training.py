@@ -533,7 +533,7 @@ def test_keep_checkpoints_deletes_older_step_checkpoints_only(tmp_path: Path) ->
 
 def test_an_attention_this_device_cannot_run_is_said_to_fall_back(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """--attention triton on a CPU trains with `fast` (the same maths, so the run resumes on a GPU with triton): said."""
+    """--attention triton on a CPU trains with `fast` (the same maths: the run resumes on a GPU with triton): said."""
     from geca.models import attention
     from geca.training.trainer import Trainer
 
