@@ -244,6 +244,20 @@ def test_models_json_reports_published_sizes() -> None:
     assert rows["GeCA-S"]["input"] == [4, 32, 32] and rows["GeCA-S"]["classes"] == 11
 
 
+def test_models_at_a_size_this_machine_cannot_run_is_a_row_not_a_traceback(monkeypatch) -> None:
+    import geca.models.build as build
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1099511627776 bytes.")
+
+    monkeypatch.setattr(build, "count_macs", out_of_memory)
+    res = runner.invoke(app, ["models", "--json", "--resolution", "8"])
+    assert res.exit_code == 0, res.output
+    assert {r["error"] for r in json.loads(res.output)} == {"cannot run at this size here (RuntimeError)"}
+    res = runner.invoke(app, ["models", "--resolution", "2048"])  # a pixel size for a latent grid: minutes of work
+    assert res.exit_code == 2 and "--resolution" in res.output
+
+
 def test_demo_refuses_fp16_on_a_cpu_before_replacing_the_last_demo(tmp_path: Path, monkeypatch) -> None:
     """On a machine with a GPU, fp16 passes the settings' check; `--device cpu` must still refuse it up front."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

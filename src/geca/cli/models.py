@@ -12,6 +12,8 @@ from geca.cli.common import guarded
 from geca.errors import ConfigError
 from geca.models.config import NAMED_MODELS, DiTConfig, ModelConfig, UNetConfig
 
+MAX_GRID = 512  # a 4k-pixel image's latent; GeCA-S's forward pass there already takes minutes on a CPU
+
 
 def describe(config: ModelConfig) -> str:
     """The hyper-parameters that set a config's size, in one short line."""
@@ -40,19 +42,23 @@ def model_row(name: str, config: ModelConfig, channels: int, classes: int, resol
                            "input": [channels, resolution, resolution], "classes": classes}
     try:
         model = build_model(config, channels, classes, resolution)
-    except ValueError as e:
-        return {**row, "parameters": None, "gmacs": None, "gmacs_executed": None, "tokens": None, "error": str(e)}
-    return {**row, "parameters": count_parameters(model),
-            "gmacs": round(count_macs(model, channels, classes, resolution) / 1e9, 3),
-            "gmacs_executed": round(count_macs(model, channels, classes, resolution, executed=True) / 1e9, 3),
+        # counted on one real forward pass (which cells fire is drawn): a size beyond this machine's memory is a row
+        gmacs = [round(count_macs(model, channels, classes, resolution, executed=executed) / 1e9, 3)
+                 for executed in (False, True)]
+    except (ValueError, RuntimeError, MemoryError) as e:
+        why = str(e).splitlines()[0] if isinstance(e, ValueError) else \
+            f"cannot run at this size here ({type(e).__name__})"
+        return {**row, "parameters": None, "gmacs": None, "gmacs_executed": None, "tokens": None, "error": why}
+    return {**row, "parameters": count_parameters(model), "gmacs": gmacs[0], "gmacs_executed": gmacs[1],
             "tokens": tokens(config, resolution)}
 
 
 @guarded
 def models(
-    resolution: int = typer.Option(32, "--resolution", min=1, help="Grid size (a 256² image's SD-VAE latent is 32)."),
-    channels: int = typer.Option(4, "--channels", min=1, help="Input channels (4 for SD-VAE latents)."),
-    classes: int = typer.Option(11, "--classes", min=1, help="Number of label entries (11 for OCT-ML)."),
+    resolution: int = typer.Option(32, "--resolution", min=1, max=MAX_GRID, help="Grid size (a 256² image's SD-VAE "
+                                   "latent is 32; every config runs one forward pass at it)."),
+    channels: int = typer.Option(4, "--channels", min=1, max=64, help="Input channels (4 for SD-VAE latents)."),
+    classes: int = typer.Option(11, "--classes", min=1, max=10_000, help="Number of label entries (11 for OCT-ML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Parameters, GMACs per denoiser call and cells/tokens of every named config at a given input shape.
