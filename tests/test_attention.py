@@ -519,3 +519,18 @@ def test_only_a_cpu_works_through_the_batch_in_chunks() -> None:
     for device in ("cpu", "meta"):
         q = torch.empty(64, 6, 32, 32, 64, device=device)  # GeCA-S's q at 32×32
         assert len(list(_chunks(q))) == (64 if device == "cpu" else 1)
+
+
+@needs_cc
+def test_eager_cpu_attention_never_imports_the_compiler() -> None:
+    """Outside torch.compile the kernels run through a plain autograd function: an operator's first call (and
+    assume_constant_result) imports torch._dynamo, ≈ 1 s and 150 MiB for every CPU command of a GeCA."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom geca.models.build import build_model\nfrom geca.models.config import named_model\n"
+            "m = build_model(named_model('GeCA-T'), 1, 2, 8)\n"
+            "out = m(torch.randn(2, 1, 8, 8), torch.tensor([3, 7]), torch.eye(2))\n"
+            "out.output.sum().backward()\nprint('torch._dynamo' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout + res.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from geca.errors import LatentError
@@ -55,6 +53,10 @@ class LatentCodec:
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, C) → float (N, C_vae, size, size) in [-1, 1]: centre square crop, antialiased resize."""
+        # here, not at import: importing torchvision imports torch._dynamo (≈ 1.5 s for every command that samples)
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         side = min(x.shape[-2:])
         x = TF.center_crop(x, [side, side])

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,7 @@ def kernels(head_dim: int, value_dim: int) -> ctypes.CDLL | None:
     return lib
 
 
-# Registered as operators rather than an autograd.Function around ctypes calls: torch.compile then keeps them in its
-# graph as opaque calls, where it would otherwise break the graph at every one (once per NCA step).
-@torch.library.custom_op("geca::cpu_neighbourhood_attention", mutates_args=())
-def _attend(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
+def _attend_impl(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
     """Attention at `cells` (N flat indices into B·H·W) from the packed projection qkv (B, H, W, heads·(2·HD + DV)):
     each cell's queries, then keys, then values, head after head. Out (N, heads·DV) and the softmax weights
     (N, heads, 9) that the backward reuses. Called through :func:`packed_cpu_attention`, which checks the cells
@@ -138,16 +136,9 @@ def _attend(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Ten
     return out, attn
 
 
-@_attend.register_fake
-def _(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
-    return (qkv.new_empty(cells.shape[0], heads * value_dim),
-            qkv.new_empty(cells.shape[0], heads, 9, dtype=_NATIVE[qkv.dtype][2]))
-
-
-@torch.library.custom_op("geca::cpu_neighbourhood_attention_backward", mutates_args=())
-def _attend_backward(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor, heads: int, value_dim: int
-                     ) -> Tensor:
-    """The gradient of :func:`_attend`'s output with respect to qkv, in qkv's layout."""
+def _attend_backward_impl(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor, heads: int, value_dim: int
+                          ) -> Tensor:
+    """The gradient of :func:`_attend_impl`'s output with respect to qkv, in qkv's layout."""
     b, h, w, width = qkv.shape
     head_dim = _head_dim(width, heads, value_dim)
     lib = _loaded(head_dim, value_dim)
@@ -164,6 +155,20 @@ def _attend_backward(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor,
     return grad
 
 
+# Under torch.compile the kernels run as operators, which it keeps in its graph as opaque calls (around plain ctypes
+# calls it would break the graph at every one, once per NCA step). Eager calls go through `_Eager`: an operator's
+# first call imports torch._dynamo (≈ 1 s and 150 MiB), which a command that never compiles need not pay.
+_attend = torch.library.custom_op("geca::cpu_neighbourhood_attention", _attend_impl, mutates_args=())
+_attend_backward = torch.library.custom_op("geca::cpu_neighbourhood_attention_backward", _attend_backward_impl,
+                                           mutates_args=())
+
+
+@_attend.register_fake
+def _(qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
+    return (qkv.new_empty(cells.shape[0], heads * value_dim),
+            qkv.new_empty(cells.shape[0], heads, 9, dtype=_NATIVE[qkv.dtype][2]))
+
+
 @_attend_backward.register_fake
 def _(grad_out: Tensor, qkv: Tensor, cells: Tensor, attn: Tensor, heads: int, value_dim: int) -> Tensor:
     return torch.empty_like(qkv)
@@ -175,12 +180,29 @@ def _keep_for_backward(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, 
     ctx.heads, ctx.value_dim = heads, value_dim
 
 
-def _gradient(ctx: Any, grad_out: Tensor, _grad_attn: Tensor | None) -> tuple[Tensor | None, None, None, None]:
-    qkv, cells, attn = ctx.saved_tensors
-    return _attend_backward(grad_out, qkv, cells, attn, ctx.heads, ctx.value_dim), None, None, None
+def _gradient(backward: Callable[..., Tensor]) -> Callable[..., tuple[Tensor | None, None, None, None]]:
+    """The autograd formula with `backward` computing it: the operator where torch traces it, else the kernels."""
+    def gradient(ctx: Any, grad_out: Tensor, _grad_attn: Tensor | None) -> tuple[Tensor | None, None, None, None]:
+        qkv, cells, attn = ctx.saved_tensors
+        return backward(grad_out, qkv, cells, attn, ctx.heads, ctx.value_dim), None, None, None
+
+    return gradient
 
 
-_attend.register_autograd(_gradient, setup_context=_keep_for_backward)
+_attend.register_autograd(_gradient(_attend_backward), setup_context=_keep_for_backward)
+
+
+class _Eager(torch.autograd.Function):
+    """The operators' maths and gradient as a plain autograd function, for calls outside torch.compile."""
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, cells: Tensor, heads: int, value_dim: int) -> tuple[Tensor, Tensor]:
+        out, attn = _attend_impl(qkv, cells, heads, value_dim)
+        ctx.mark_non_differentiable(attn)
+        _keep_for_backward(ctx, (qkv, cells, heads, value_dim), (out, attn))
+        return out, attn
+
+    backward = staticmethod(_gradient(_attend_backward_impl))
 
 
 def _head_dim(width: int, heads: int, value_dim: int) -> int:
@@ -195,10 +217,14 @@ def _loaded(head_dim: int, value_dim: int) -> ctypes.CDLL:
     return lib
 
 
-@torch.compiler.assume_constant_result  # torch.compile asks once, when it traces, instead of breaking its graph
 def available(head_dim: int, value_dim: int) -> bool:
     """Whether the kernels for these dimensions build here (one warning where they do not)."""
     return kernels(head_dim, value_dim) is not None
+
+
+# torch.compile asks once, when it traces, instead of breaking its graph: the mark torch.compiler.assume_constant_result
+# sets, set without it, as it imports torch._dynamo (≈ 1 s) for every command (a test checks the graph stays whole)
+available._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _split(packed: Tensor, qk_width: int) -> tuple[int, int, int]:
@@ -221,7 +247,8 @@ def packed_cpu_attention(qkv: Tensor, heads: int, value_dim: int, cells: Tensor 
                                         or torch.unique(cells).numel() != cells.numel()):
         # The kernels index memory with them unchecked, and the backward keeps one row per cell.
         raise ValueError(f"cells must be distinct flat indices into the {b * h * w} cells of the grid")
-    out = _attend(packed, cells, heads, value_dim)[0].to(dtype)
+    attend = _attend if torch.compiler.is_compiling() else _Eager.apply
+    out = attend(packed, cells, heads, value_dim)[0].to(dtype)
     return out.view(b, h, w, -1) if every else out
 
 
