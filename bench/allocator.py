@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import device_of, model_config, model_parser
+from common import device_of, model_config, model_parser, positive
 from sample import sampling_seconds
 from train_step import step_time
 
@@ -65,9 +65,9 @@ def child(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     ap = model_parser(__doc__, 100, "Images sampled together (CFG doubles the denoiser batch).")
     ap.set_defaults(resolution=28, channels=3, classes=5)
-    ap.add_argument("--train-batch", type=int, default=32, help="Training batch.")
-    ap.add_argument("--steps", type=int, default=3, help="DDIM steps per timed sampling call.")
-    ap.add_argument("--repeats", type=int, default=3, help="Timed calls per setting (median reported).")
+    ap.add_argument("--train-batch", type=positive, default=32, help="Training batch.")
+    ap.add_argument("--steps", type=positive, default=3, help="DDIM steps per timed sampling call.")
+    ap.add_argument("--repeats", type=positive, default=3, help="Timed calls per setting (median reported).")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

@@ -34,12 +34,13 @@ def positive(text: str) -> int:
 
 def configs(text: str) -> str:
     """An argparse type: comma-separated named configs, each one geca knows."""
-    for name in text.split(","):
+    names = [name.strip() for name in text.split(",")]
+    for name in names:
         try:
-            named_model(name.strip())
+            named_model(name)
         except ConfigError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return ",".join(names)
 
 
 def precisions(ap: argparse.ArgumentParser, text: str, device: torch.device) -> list[str]:

@@ -129,10 +129,13 @@ def main() -> None:
                                         if device.type == "cuda" else
                                         "cpu,cpu:dense,compiled,fast,fast:dense,reference:dense")
     for variant in args.attention.split(","):  # before the matmul peak is measured
-        attention = variant_config(named_model("GeCA-T"), variant)[0].attention
-        if attention not in IMPLEMENTATIONS:
+        try:
+            attention = variant_config(named_model("GeCA-T"), variant)[0].attention
+        except SystemExit as e:
+            ap.error(str(e).removeprefix("error: "))
+        if attention not in (*IMPLEMENTATIONS, "auto"):
             ap.error(f"--attention: unknown attention {attention!r} in {variant!r}; valid: "
-                     f"{', '.join(IMPLEMENTATIONS)}")
+                     f"{', '.join(IMPLEMENTATIONS)} or auto")
     if args.worker:
         name, variant, precision = args.worker
         print(json.dumps(step_time(model_config(name, args), variant, precision, args.batch, args.channels,

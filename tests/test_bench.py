@@ -118,6 +118,7 @@ def test_nonsense_flags_stop_before_any_measurement(capsys: pytest.CaptureFixtur
             positive(text)
     with pytest.raises(ap.ArgumentTypeError, match="unknown model 'Nope'"):
         configs("GeCA-T,Nope")
+    assert configs("GeCA-T, DiT-T") == "GeCA-T,DiT-T"  # as every later split of it reads the names
     parser = ap.ArgumentParser()
     for text, said in (("fp64", "'fp64' is not one of"), ("fp32,fp32", "each precision once"),
                        ("fp16", "fp16 needs a CUDA device")):

@@ -347,6 +347,12 @@ def test_missing_data_is_refused_before_any_stage_folder_exists(tmp_path: Path) 
         res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), "--dry-run"])
         assert res.exit_code == 2 and f"error: {path}: " in res.output and said in res.output, res.output
         assert not (tmp_path / "study").exists()
+    raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())  # each generator at its own size: checked at it
+    for g in raw["generators"]:
+        g["overrides"]["data"] = {"image_size": 16}
+    path.write_text(yaml.safe_dump({**raw, "data": {"spec": str(tmp_path / "odd.npz")}}))
+    res = runner.invoke(app, [str(path), "--out", str(tmp_path / "study"), "--dry-run"])
+    assert res.exit_code == 0, res.output
 
 
 # ── the smoke study, end to end ───────────────────────────────────────────────────────────────────────────────────

@@ -206,7 +206,8 @@ class LoadedExperiment:
         except ConfigError as e:  # a download of data that is not downloaded: whose config asked for it
             raise ConfigError(f"{self.path}: generator {download[0]!r} (its run config): {e}") from None
         for g in self.exp.generators:
-            _check_resolution(self.run_config(g.name, self.folds[0]), side, f"{self.path}: generator {g.name!r}")
+            config = self.run_config(g.name, self.folds[0])  # a generator's own data.image_size outranks the data's
+            _check_resolution(config, config.data.image_size or side, f"{self.path}: generator {g.name!r}")
 
     def check_weights(self) -> None:
         """Refuse a study whose scores need pretrained weights that are not here, before hours of training."""

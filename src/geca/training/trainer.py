@@ -369,12 +369,29 @@ class Trainer:
             # a budget is for training: a preview of more than half of it is not kept back, and `finish` skips it
             # where it no longer fits
             need += preview if budget is None or preview <= budget * 30 else 0.0
-        if self.validator is not None:
-            v = self.config.validation
-            batches, last = divmod(v.num_samples, v.batch_size)
-            need += self.work_s["validation"] if "validation" in self.work_s else v.sampler.steps * (
-                batches * self._call_s(v.batch_size, v.sampler) + (self._call_s(last, v.sampler) if last else 0))
-        return need
+        return need + self._validation_s()
+
+    def _validation_s(self) -> float:
+        """What a validation took (the longest so far) or, before the first, will take; 0 where there is none."""
+        if self.validator is None:
+            return 0.0
+        if "validation" in self.work_s:
+            return self.work_s["validation"]
+        v = self.config.validation
+        batches, last = divmod(v.num_samples, v.batch_size)
+        return v.sampler.steps * (batches * self._call_s(v.batch_size, v.sampler) +
+                                  (self._call_s(last, v.sampler) if last else 0.0))
+
+    def _preview_skipped(self) -> bool:
+        """Under a budget, a final preview of more than half of it was not kept back: it runs only where it still fits,
+        the final validation after it included."""
+        budget = self.config.train.max_minutes
+        if budget is None or self._preview_s() <= budget * 30:
+            return False
+        left = budget * 60 - (time.time() - self.t_start)
+        final_validation = self._validation_s() if self.validator is not None and \
+            self.step_count % self.config.validation.every else 0.0
+        return self._preview_s() + final_validation > left
 
     def _preview_s(self) -> float:
         """What a preview took (the longest so far) or, before the first, will take."""
@@ -413,12 +430,11 @@ class Trainer:
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
         if self.main and tc.sample_every and step % tc.sample_every:
-            preview, budget = self._preview_s(), tc.max_minutes
-            left = math.inf if budget is None else budget * 60 - (time.time() - self.t_start)
-            if preview > left and preview > budget * 30:  # one of at most half the budget was kept back: it runs
-                tqdm.write(f"final preview skipped: it would take about {preview:.0f} s, more than the "
-                           f"{max(left, 0):.0f} s --max-minutes has left (`geca sample --run {self.run_dir} "
-                           "--per-class 4 --out DIR` draws samples)")
+            if self._preview_skipped():
+                beside = " beside the final validation" if self.validator is not None else ""
+                tqdm.write(f"final preview skipped: it would take about {self._preview_s():.0f} s, more than "
+                           f"--max-minutes has left{beside} (`geca sample --run {self.run_dir} --per-class 4 --out "
+                           "DIR` draws samples)")
             else:
                 self.preview(final=True)
         if self.validator is not None and step % self.config.validation.every:
