@@ -534,3 +534,15 @@ def test_eager_cpu_attention_never_imports_the_compiler() -> None:
             "out.output.sum().backward()\nprint('torch._dynamo' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stdout + res.stderr
+
+
+@needs_cc
+def test_double_backward_through_the_cpu_kernels_is_refused_not_wrong() -> None:
+    """Their gradient has no gradient: a gradient penalty through them must fail, not drop its second-order term."""
+    from geca.models.attention_cpu import packed_cpu_attention
+
+    x = torch.randn(1, 3, 4, 24, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(packed_cpu_attention(x, 2, 4).pow(2).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(packed_cpu_attention(x, 2, 4).pow(2).sum(), x)  # a first-order gradient as ever
+    assert g.shape == x.shape and not g.requires_grad

@@ -192,6 +192,14 @@ def _gradient(backward: Callable[..., Tensor]) -> Callable[..., tuple[Tensor | N
 _attend.register_autograd(_gradient(_attend_backward), setup_context=_keep_for_backward)
 
 
+def _eager_backward(*args: Any) -> Tensor:
+    if torch.is_grad_enabled():  # create_graph: the kernels' gradient has none of its own (nor has the operator's)
+        raise RuntimeError("double backward (create_graph=True) through the CPU attention kernels is not supported; "
+                           "use attention 'fast'")
+    # compiled autograd traces this backward: the operator keeps its graph whole, the kernels would break it
+    return (_attend_backward if torch.compiler.is_compiling() else _attend_backward_impl)(*args)
+
+
 class _Eager(torch.autograd.Function):
     """The operators' maths and gradient as a plain autograd function, for calls outside torch.compile."""
 
@@ -202,7 +210,7 @@ class _Eager(torch.autograd.Function):
         _keep_for_backward(ctx, (qkv, cells, heads, value_dim), (out, attn))
         return out, attn
 
-    backward = staticmethod(_gradient(_attend_backward_impl))
+    backward = staticmethod(_gradient(_eager_backward))
 
 
 def _head_dim(width: int, heads: int, value_dim: int) -> int:
