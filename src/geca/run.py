@@ -35,7 +35,7 @@ from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.hardware import can_compile
 from geca.utils.io import atomic_write_json, csv_rows, file_sha256, read_json_object, same_path, same_source, staged_dir
-from geca.utils.schema import Checks, from_dict
+from geca.utils.schema import Checks, changes, from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
 EXECUTION = ("compile", "attention", "checkpointing", "skip_idle")
@@ -92,13 +92,7 @@ class ModelSpec:
                     "model": {k: v for k, v in d["model"].items() if k not in EXECUTION},
                     "data": {**data, "spec": canonical_spec(data["spec"])}}
 
-        mine, theirs = setup(self), setup(other)
-        found = []
-        for key in mine.keys() | theirs.keys():
-            a, b = mine.get(key), theirs.get(key)
-            pairs = ({f"{key}.{k}": (a.get(k), b.get(k)) for k in a.keys() | b.keys()}
-                     if isinstance(a, dict) and isinstance(b, dict) else {key: (a, b)})
-            found += [f"{k}: {x!r} → {y!r}" for k, (x, y) in pairs.items() if x != y]
+        found = [f"{k}: {x!r} → {y!r}" for k, x, y in changes(setup(self), setup(other))]
         if self.data_key == other.data_key and str(self.data_key).startswith("npz:"):
             # the same arrays under another path: an npz moved or copied since the run began
             found = [line for line in found if not line.startswith("data.spec:")]
