@@ -138,9 +138,9 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.device = acc.device
         asked = getattr(config.model, "attention", "auto")
-        if asked != "auto" and runnable(asked, self.device) != asked:  # a run moved between machines keeps its choice
-            self.notes.append(f"model.attention {asked} runs as {runnable(asked, self.device)} on {self.device} (the "
-                              f"same maths; {asked}'s kernels are for {'CUDA' if asked == 'triton' else 'CPUs'})")
+        if asked != "auto" and (used := runnable(asked, self.device)) != asked:  # a moved run keeps its choice
+            self.notes.append(f"model.attention {asked} runs as {used} on {self.device} (the same maths; {asked}'s "
+                              f"kernels are for {'CUDA' if asked == 'triton' else 'CPUs'})")
         self.ema.model.to(self.device)
         self.images, self.labels = self.data.images.to(self.device), self.data.labels.to(self.device)
         self.stream = BatchStream(len(self.data.data), tc.seed)
@@ -363,13 +363,15 @@ class Trainer:
         the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling as one timed denoiser call per
         sampler step and batch."""
         need = self.work_s.get("checkpoint", self.checkpoint_guess_s)
-        budget = self.config.train.max_minutes
-        if self.main and self.config.train.sample_every:
-            preview = self._preview_s()
-            # a budget is for training: a preview of more than half of it is not kept back, and `finish` skips it
-            # where it no longer fits
-            need += preview if budget is None or preview <= budget * 30 else 0.0
+        if self.main and self.config.train.sample_every and self._preview_kept_back():
+            need += self._preview_s()
         return need + self._validation_s()
+
+    def _preview_kept_back(self) -> bool:
+        """A budget is for training: a final preview of more than half of it is not kept back in it (`finish` draws it
+        only where it still fits)."""
+        budget = self.config.train.max_minutes
+        return budget is None or self._preview_s() <= budget * 30
 
     def _validation_s(self) -> float:
         """What a validation took (the longest so far) or, before the first, will take; 0 where there is none."""
@@ -383,12 +385,10 @@ class Trainer:
                                   (self._call_s(last, v.sampler) if last else 0.0))
 
     def _preview_skipped(self) -> bool:
-        """Under a budget, a final preview of more than half of it was not kept back: it runs only where it still fits,
-        the final validation after it included."""
-        budget = self.config.train.max_minutes
-        if budget is None or self._preview_s() <= budget * 30:
+        """A final preview not kept back runs only where it still fits, the final validation after it included."""
+        if self._preview_kept_back():
             return False
-        left = budget * 60 - (time.time() - self.t_start)
+        left = self.config.train.max_minutes * 60 - (time.time() - self.t_start)
         final_validation = self._validation_s() if self.validator is not None and \
             self.step_count % self.config.validation.every else 0.0
         return self._preview_s() + final_validation > left
