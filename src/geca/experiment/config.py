@@ -198,16 +198,16 @@ class LoadedExperiment:
     def check_data(self) -> None:
         """Refuse data that cannot load (`check_spec`), and a generator that cannot take its images' size, before any
         stage folder exists."""
-        download = [g.name for g in self.exp.generators if self.run_config(g.name, self.folds[0]).data.download]
+        configs = {g.name: self.run_config(g.name, self.folds[0]) for g in self.exp.generators}
+        download = [name for name, config in configs.items() if config.data.download]
         try:
             side = check_spec(self.exp.data.spec, download=bool(download), image_size=self.exp.data.image_size)
         except DataError as e:
             raise DataError(f"{self.path}: data.spec: {e}") from None
         except ConfigError as e:  # a download of data that is not downloaded: whose config asked for it
             raise ConfigError(f"{self.path}: generator {download[0]!r} (its run config): {e}") from None
-        for g in self.exp.generators:
-            config = self.run_config(g.name, self.folds[0])  # a generator's own data.image_size outranks the data's
-            _check_resolution(config, config.data.image_size or side, f"{self.path}: generator {g.name!r}")
+        for name, config in configs.items():  # a generator's own data.image_size outranks the data's
+            _check_resolution(config, config.data.image_size or side, f"{self.path}: generator {name!r}")
 
     def check_weights(self) -> None:
         """Refuse a study whose scores need pretrained weights that are not here, before hours of training."""

@@ -176,6 +176,7 @@ def _check_replaceable(out: Path) -> None:
     if not ours:
         raise FileExistsError(f"--overwrite replaces an earlier sample set (a folder with geca's manifest.json); {out} "
                               "is none: choose another --out")
+
     def own(p: Path) -> bool:  # the set's files, and a --trace written into the set (its CSV and plot)
         trace = p.with_suffix(".csv")
         return p.name in SET_FILES or (p.suffix in (".csv", ".png") and has_csv_header(trace, TRACE_FIELDS))
