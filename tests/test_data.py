@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -696,3 +697,19 @@ def test_a_published_file_is_known_by_its_contents_under_any_name(tmp_path: Path
     (tmp_path / "mine.json").write_text('["a", "b"]')  # the sidecar's form is said, not a Python error
     with pytest.raises(DataError, match=r'mine.json: a JSON list; expected an object, \{"class_names": \["first"'):
         medmnist_npz.load_npz(tmp_path / "mine.npz", "val")
+
+
+def test_a_labels_csv_is_multilabel_where_its_geca_manifest_says_so(tmp_path):
+    root = tmp_path / "set"
+    for i in range(2):
+        _png(root / f"{i}.png", np.zeros((4, 4), np.uint8))
+    rows = [{"filename": "0.png", "a": 1, "b": 0}, {"filename": "1.png", "a": 0, "b": 1}]
+    other = _csv(root / "other.csv", rows)
+    labels = _csv(root / "labels.csv", rows)
+    assert not load_folder_csv(labels).multilabel
+    (root / "manifest.json").write_text(json.dumps({"num_images": 2, "multilabel": True}))
+    assert load_folder_csv(labels).multilabel
+    assert not load_folder_csv(other).multilabel  # the manifest speaks for labels.csv only
+    (root / "manifest.json").write_text(json.dumps({"num_images": 3, "multilabel": True}))
+    with pytest.raises(DataError, match="2 rows, but its manifest.json records 3"):
+        load_folder_csv(labels)

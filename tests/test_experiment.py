@@ -606,3 +606,22 @@ def test_the_real_stage_is_redone_for_other_procedural_data_on_the_same_folds(tm
         return next(s.params for s in stages if s.id == "real")
 
     assert real_params("synthetic-oct@patients=20,size=16") != real_params("synthetic-oct@patients=20,size=32")
+
+
+def test_the_real_stage_keeps_a_one_hot_split_of_multi_label_data_multi_label(tmp_path: Path) -> None:
+    """Evaluation reads the copies back as folder + CSV sets, which would call all-one-hot rows multi-class."""
+    from types import SimpleNamespace
+
+    from geca.data.imageset import ImageSet
+    from geca.data.registry import load_split
+    from geca.experiment.stages import real_stage
+
+    one_hot = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
+    images = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 1), dtype=np.uint8)
+    data = ImageSet(images, one_hot, ["a", "b"], multilabel=True, source="x")
+    ctx = SimpleNamespace(split=lambda split, fold: data, eval_fold=1,
+                          exp=SimpleNamespace(data=SimpleNamespace(spec="x")))
+    assert real_stage(ctx, tmp_path) == {"fold": 1, "images": {"test": 4, "train": 4}}
+    copy = load_split(str(tmp_path / "test" / "labels.csv"), "all")
+    assert copy.multilabel and copy.labels.tolist() == one_hot.tolist()
+    assert (copy.images == images).all()

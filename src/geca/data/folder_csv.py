@@ -53,6 +53,13 @@ def read_manifest(directory: Path, rows: int) -> dict[str, Any] | None:
     return manifest
 
 
+def _recorded_multilabel(table: CsvTable) -> bool:
+    """Whether geca recorded the set as multi-label: its rows alone cannot show it where each happens to be one-hot."""
+    if table.csv_path.name != "labels.csv":
+        return False
+    return (read_manifest(table.csv_path.parent, len(table.filenames)) or {}).get("multilabel") is True
+
+
 def _safe_path(csv_path: Path, root: Path, line: int, name: str) -> Path:
     """The file a row names, refusing anything that leaves the data root (absolute, ``..``, symlinks)."""
     where = f"{csv_path}: line {line}: filename {name!r}"
@@ -209,7 +216,9 @@ def load_folder_csv(
 
     The CSV has a ``filename`` column (relative to ``root``, default: the CSV's folder), optional
     ``patient_id`` and ``eye_id`` columns, and every other column is a 0/1 label. The set is multi-label
-    unless every row has exactly one positive label, in which case it is multi-class (one-hot).
+    unless every row has exactly one positive label, in which case it is multi-class (one-hot), or unless a
+    ``labels.csv`` has a geca ``manifest.json`` beside it recording ``multilabel: true`` (a one-hot set sampled from,
+    or a split copied from, multi-label data).
     Images are grey (1 channel) when every image in the CSV is grey, else RGB. Without ``image_size`` all
     images must share one square size; with it, each is centre-cropped to a square and resized.
     Splits need a folds file: ``test`` is fold ``fold``, and ``val``/``train`` split the other folds' patients as
@@ -235,7 +244,7 @@ def load_folder_csv(
         images=np.stack(images) if images else np.zeros((0, size, size, channels), dtype=np.uint8),
         labels=table.labels[rows],
         class_names=list(table.class_names),
-        multilabel=table.multilabel,
+        multilabel=table.multilabel or _recorded_multilabel(table),
         source=str(table.csv_path),
         ids=[table.filenames[i] for i in rows],
         patient_ids=None if table.patient_ids is None else table.patient_ids[rows],

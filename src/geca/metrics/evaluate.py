@@ -76,10 +76,6 @@ def load_sample_dir(path: Path) -> ImageSet:
     if not csv_path.is_file():
         raise DataError(f"{path}: no labels.csv; expected a `geca sample` output directory")
     data = load_folder_csv(csv_path, "all")
-    meta = read_manifest(path, len(data))
-    if meta is not None:
-        # One-hot per-class samples of a multi-label model would otherwise look multi-class.
-        data.multilabel = bool(meta.get("multilabel", data.multilabel))
     data.source = str(path)
     return data
 
