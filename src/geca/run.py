@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -34,7 +33,16 @@ from geca.models.base import Denoiser
 from geca.models.build import build_model
 from geca.models.config import ModelConfig, from_geca_0_1
 from geca.utils.hardware import can_compile
-from geca.utils.io import atomic_write_json, csv_rows, file_sha256, read_json_object, same_path, same_source, staged_dir
+from geca.utils.io import (
+    atomic_write_json,
+    csv_rows,
+    delete_dir,
+    file_sha256,
+    read_json_object,
+    same_path,
+    same_source,
+    staged_dir,
+)
 from geca.utils.schema import Checks, changes, from_dict
 
 # Model keys that change how the maths runs, not what it computes (the same weights, the same outputs up to rounding).
@@ -151,9 +159,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> list[int]:
     steps = step_checkpoints(run_dir)
     gone = [step for step in list(steps)[:-keep] if steps[step].name != latest.name]
     for step in gone:
-        trash = root / f".{steps[step].name}.pruned"
-        os.replace(steps[step], trash)
-        shutil.rmtree(trash)
+        delete_dir(steps[step], root / f".{steps[step].name}.pruned")
     return gone
 
 

@@ -14,6 +14,7 @@ import typer
 
 from geca.cli.common import DEMO_MARKER, guarded, pick_device, show_progress
 from geca.errors import ConfigError
+from geca.utils.io import delete_dir
 
 if TYPE_CHECKING:  # the command imports the library inside, so that `geca --help` needs no torch
     import torch
@@ -100,10 +101,7 @@ def recover(out: Path) -> None:
 
 def _drop(earlier: Path) -> None:
     """Delete the earlier demo, renamed first: one half-deleted is never taken for one waiting."""
-    trash = earlier.with_name(f"{EARLIER}.deleting")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(earlier, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    delete_dir(earlier, earlier.with_name(f"{EARLIER}.deleting"))
 
 
 @contextmanager

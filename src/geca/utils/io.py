@@ -201,6 +201,14 @@ def clean_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def delete_dir(path: Path, trash: Path) -> None:
+    """Delete `path` by renaming it to `trash` first: an interruption leaves no half-deleted folder under its name,
+    only `trash`, which the caller's next clean-up removes (as a failed deletion here leaves it)."""
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename it into place; temporaries that killed
     writers of `path` left are removed first."""
