@@ -156,3 +156,15 @@ def fresh_process(script: str, worker: list[str]) -> Any:
     out = subprocess.run([sys.executable, script, *flags, "--worker", *worker], check=True, capture_output=True,
                          text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def worker_error(e: subprocess.CalledProcessError) -> str:
+    """What a `fresh_process` worker said last before it failed."""
+    return ((e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"])[0]
+
+
+def failed(rows: list[dict], label: str, why: str, **fields: Any) -> None:
+    """Record and print why `label` has no timing: one setting that fails, or a config that cannot be built here
+    (LDM-B without diffusers), must not cost the others (GPU time)."""
+    rows.append({**fields, "error": why})
+    print(f"{label} {why}", flush=True)

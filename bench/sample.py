@@ -43,6 +43,7 @@ import torch
 from common import (
     DTYPES,
     device_of,
+    failed,
     fresh_process,
     matmul_peak_tflops,
     model_config,
@@ -50,6 +51,7 @@ from common import (
     peak_memory,
     precisions,
     reset_peak_memory,
+    worker_error,
 )
 
 from geca.diffusion.config import DiffusionConfig
@@ -135,23 +137,20 @@ def speed(args: argparse.Namespace, device: torch.device) -> dict:
     peaks = {p: matmul_peak_tflops(device, DTYPES[p]) for p in args.precisions}
     rows = []
     for name in args.configs.split(","):
-        try:  # a config that cannot be built here (LDM-B without diffusers) must not cost the others (GPU time)
+        try:
             config = model_config(name, args)
             model = build_model(config, args.channels, args.classes, args.resolution)
             gmacs = count_macs(model, args.channels, args.classes, args.resolution, executed=True) / 1e9
         except Exception as e:
-            rows.append({"config": name, "error": f"{type(e).__name__}: {e}"})
-            print(f"{name:8s} cannot be built here: {type(e).__name__}: {e}", flush=True)
+            failed(rows, f"{name:8s} cannot be built here:", f"{type(e).__name__}: {e}", config=name)
             continue
         for (sampler, steps, schedule), precision in itertools.product(args.settings, args.precisions):
             schedule = default_schedule(sampler, schedule)
             try:
                 s, mib = fresh_process(__file__, [name, sampler, str(steps), schedule, precision])
-            except subprocess.CalledProcessError as e:  # one failing setting must not cost the others
-                why = (e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"]
-                rows.append({"config": name, "sampler": sampler, "steps": steps, "schedule": schedule,
-                             "precision": precision, "error": why[0]})
-                print(f"{name:8s} {sampler:8s} {steps:4d} steps {precision:5s} failed: {why[0]}", flush=True)
+            except subprocess.CalledProcessError as e:
+                failed(rows, f"{name:8s} {sampler:8s} {steps:4d} steps {precision:5s} failed:", worker_error(e),
+                       config=name, sampler=sampler, steps=steps, schedule=schedule, precision=precision)
                 continue
             calls = steps * (2 if args.cfg != 1.0 else 1)  # CFG: each step also runs the null label
             flops = 2 * gmacs * 1e9 * calls * args.batch

@@ -32,6 +32,7 @@ import torch
 from common import (
     DTYPES,
     device_of,
+    failed,
     fresh_process,
     matmul_peak_tflops,
     model_config,
@@ -40,6 +41,7 @@ from common import (
     positive,
     precisions,
     reset_peak_memory,
+    worker_error,
 )
 
 from geca.diffusion.config import DiffusionConfig
@@ -144,7 +146,7 @@ def main() -> None:
     peaks = {p: matmul_peak_tflops(device, DTYPES[p]) for p in args.precisions.split(",")}
     rows = []
     for name in args.configs.split(","):
-        try:  # a config that cannot be built here (LDM-B without diffusers) must not cost the others (GPU time)
+        try:
             config = model_config(name, args)
             attentions = args.attention.split(",") if config.family == "geca" else [NO_CHOICE]
             flops = {}
@@ -156,18 +158,16 @@ def main() -> None:
                 macs = count_macs(model, args.channels, args.classes, args.resolution, executed=True)
                 flops[attention] = 6 * macs * args.batch
         except Exception as e:
-            rows.append({"config": name, "error": f"{type(e).__name__}: {e}"})
-            print(f"{name:8s} cannot be built here: {type(e).__name__}: {e}", flush=True)
+            failed(rows, f"{name:8s} cannot be built here:", f"{type(e).__name__}: {e}", config=name)
             continue
         for precision in args.precisions.split(","):
             base = None
             for attention in attentions:
                 try:
                     s, mib = fresh_process(__file__, [name, attention, precision])
-                except subprocess.CalledProcessError as e:  # one failing variant must not cost the others (GPU time)
-                    why = (e.stderr or "").strip().splitlines()[-1:] or [f"exit {e.returncode}"]
-                    rows.append({"config": name, "precision": precision, "attention": attention, "error": why[0]})
-                    print(f"{name:8s} {precision:5s} {attention:16s} failed: {why[0]}", flush=True)
+                except subprocess.CalledProcessError as e:
+                    failed(rows, f"{name:8s} {precision:5s} {attention:16s} failed:", worker_error(e), config=name,
+                           precision=precision, attention=attention)
                     continue
                 row = {"config": name, "family": config.family, "parameters": params, "precision": precision,
                        "attention": attention, "seconds_per_step": round(s, 4),

@@ -126,3 +126,34 @@ def test_nonsense_flags_stop_before_any_measurement(capsys: pytest.CaptureFixtur
             precisions(parser, text, torch.device("cpu"))
         assert e.value.code == 2 and f"error: --precisions: {said}" in capsys.readouterr().err
     assert precisions(parser, "fp32, bf16", torch.device("cpu")) == ["fp32", "bf16"]
+
+
+def test_a_failing_setting_or_config_is_a_row_saying_why_and_the_others_run(monkeypatch, capsys) -> None:
+    import subprocess
+
+    import sample
+    import torch
+
+    def worker(script: str, argv: list[str]) -> tuple[float, float]:
+        if argv[0] == "DiT-T":
+            raise subprocess.CalledProcessError(1, "worker", stderr="loading\nerror: out of memory\n")
+        return 2.0, 100.0
+
+    def config(name: str, args: argparse.Namespace):
+        if name == "LDM-B":
+            raise ImportError("no diffusers")
+        return model_config(name, args)
+
+    monkeypatch.setattr(sample, "fresh_process", worker)
+    monkeypatch.setattr(sample, "model_config", config)
+    monkeypatch.setattr(sample, "matmul_peak_tflops", lambda device, dtype: 1.0)
+    args = argparse.Namespace(configs="LDM-B,DiT-T,GeCA-T", set=[], channels=1, resolution=8, classes=2, batch=4,
+                              cfg=1.0, json=False, precisions=["fp32"], settings=[("ddim", 5, None)])
+    rows = sample.speed(args, torch.device("cpu"))["rows"]
+    assert rows[0] == {"config": "LDM-B", "error": "ImportError: no diffusers"}
+    assert rows[1] == {"config": "DiT-T", "sampler": "ddim", "steps": 5, "schedule": "uniform", "precision": "fp32",
+                       "error": "error: out of memory"}
+    assert rows[2]["config"] == "GeCA-T" and rows[2]["seconds_per_image"] == 0.5
+    printed = capsys.readouterr().out
+    assert "LDM-B    cannot be built here: ImportError: no diffusers" in printed
+    assert "DiT-T    ddim        5 steps fp32  failed: error: out of memory" in printed
