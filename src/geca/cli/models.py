@@ -36,15 +36,15 @@ def tokens(config: ModelConfig, resolution: int) -> int | None:
 
 
 def model_row(name: str, config: ModelConfig, channels: int, classes: int, resolution: int) -> dict[str, Any]:
-    from geca.models.build import build_model, count_macs, count_parameters
+    from geca.models.build import build_model, count_macs, count_parameters, executed_macs
 
     row: dict[str, Any] = {"name": name, "family": config.family, "summary": describe(config),
                            "input": [channels, resolution, resolution], "classes": classes}
     try:
         model = build_model(config, channels, classes, resolution)
         # counted on one real forward pass (which cells fire is drawn): a size beyond this machine's memory is a row
-        gmacs = [round(count_macs(model, channels, classes, resolution, executed=executed) / 1e9, 3)
-                 for executed in (False, True)]
+        dense = count_macs(model, channels, classes, resolution)
+        gmacs = [round(macs / 1e9, 3) for macs in (dense, executed_macs(model, channels, classes, resolution, dense))]
     except (ValueError, RuntimeError, MemoryError) as e:
         why = str(e).splitlines()[0] if isinstance(e, ValueError) else \
             f"cannot run at this size here ({type(e).__name__})"

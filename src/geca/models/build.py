@@ -89,10 +89,16 @@ def count_macs(model: Denoiser, in_channels: int, num_classes: int, resolution: 
     convolutions; on the CPU it does not see attention's score and value products (SDPA's CPU kernel, GeCA's 3×3
     window), which is the convention of the paper's 88 vs 5.4 GMAC.
     """
-    skips = getattr(model, "skip_idle", False)
     with _set(model, skip_idle=False):
         dense = _macs(model, in_channels, num_classes, resolution)
-    if not (executed and skips):
+    return executed_macs(model, in_channels, num_classes, resolution, dense) if executed else dense
+
+
+@torch.no_grad()
+def executed_macs(model: Denoiser, in_channels: int, num_classes: int, resolution: int, dense: int) -> int:
+    """`count_macs(..., executed=True)` given the `dense` count already made (a forward pass under the counter
+    takes seconds for the larger configs)."""
+    if not getattr(model, "skip_idle", False):
         return dense
     with _set(model, update_prob=0.0):  # no cell fires: what every cell computes whether it fires or not
         shared = _macs(model, in_channels, num_classes, resolution)
