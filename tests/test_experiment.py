@@ -271,6 +271,9 @@ def test_the_logger_choice_changes_no_stage_key(tmp_path: Path) -> None:
     ({"evaluation": {"gg_features": "dino"}}, "bad.yaml: evaluation.gg_features must be one of"),
     ({"sample_batch_size": 10**20}, "bad.yaml: sample_batch_size must be in [1, 1048576]"),
     ({"classification": {"stem": "vgg"}}, "bad.yaml: classification.stem must be one of imagenet, cifar"),
+    ({"nca_steps": {"values": [4, 8, 4]}}, "bad.yaml: nca_steps.values: 4 given more than once"),
+    ({"sampler_cost": {"samplers": [{"sampler": "ddim", "steps": 4, "ghg": "none"}] * 2}},
+     "bad.yaml: sampler_cost.samplers: ddim4-ghg_none given more than once"),
 ])
 def test_bad_experiment_configs_fail_clearly(edit: dict, message: str, tmp_path: Path) -> None:
     raw = yaml.safe_load((PRESETS / "smoke.yaml").read_text())

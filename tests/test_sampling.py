@@ -418,6 +418,10 @@ def test_a_setting_is_labelled_as_sample_sets_have_always_been_named() -> None:
     assert SamplerConfig(sampler="ddim", steps=2, precision="bf16").label() == "ddim2-bf16"
     assert SamplerConfig(sampler="dpm++sde", steps=25, schedule="uniform", precision="fp32").label() == (
         "dpm++sde25-uniform")
+    # settings a sampler-cost stage may compare: each named where not at its default, so no two sets share a name
+    assert SamplerConfig(sampler="ddim", steps=25, guidance_scale=3.0, ghg="none", nca_steps=16, eta=0.5,
+                         clip_x0=False).label() == "ddim25-cfg3-ghg_none-M16-eta0.5-noclip"
+    assert SamplerConfig(sampler="ddpm", guidance_scale=1.5, clip_x0=True).label() == "ddpm250-clip"
 
 
 def test_an_unfinished_sets_other_settings_are_named_as_given() -> None:

@@ -229,6 +229,12 @@ class LoadedExperiment:
         return _run_config(g, self.exp.data, self.path, fold, self.folds_file)
 
 
+def _check_distinct(where: str, values: list[Any]) -> None:
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ConfigError(f"{where}: {', '.join(repeated)} given more than once")
+
+
 def _generator_config(value: str, base: Path, where: str) -> Path:
     """A generator's `config`: a YAML path (relative to the experiment file's folder `base`), or a run preset's
     name."""
@@ -303,6 +309,9 @@ def _validate(exp: Experiment, path: Path) -> None:
         _check_choice(mode, GHG_MODES, f"{path}: ghg.modes")
     if any(not 1 <= m <= MAX_NCA_STEPS for m in exp.nca_steps.values):
         raise ConfigError(f"{path}: nca_steps.values must be in [1, {MAX_NCA_STEPS}], got {exp.nca_steps.values}")
+    # each is a sample set named by its value (its label): a repeat would be sampled twice into one folder
+    _check_distinct(f"{path}: nca_steps.values", exp.nca_steps.values)
+    _check_distinct(f"{path}: sampler_cost.samplers", [s.label() for s in exp.sampler_cost.samplers])
     least = min_generated(exp.evaluation.protocol)  # every stage's KID follows evaluation.protocol
     for where, n, used in (("evaluation", exp.evaluation.num_samples, True),
                            ("ghg", exp.ghg.num_samples, exp.ghg.enabled),

@@ -73,11 +73,18 @@ class SamplerConfig:
                   "uniform for ddpm and ddim (lambda and karras are DPM-Solver++ schedules)", self.schedule)
 
     def label(self) -> str:
-        """The setting's short name beside others (sample sets, sweeps): `ddim25`, `dpm++20-karras`, `ddim25-bf16`;
-        a schedule where one is given, a precision other than fp32."""
-        schedule = f"-{self.schedule}" if self.schedule else ""
-        precision = f"-{self.precision}" if self.precision != "fp32" else ""
-        return f"{self.sampler}{self.steps}{schedule}{precision}"
+        """The setting's short name beside others (sample sets, sweeps): `ddim25`, `dpm++20-karras`, `ddim25-bf16`,
+        `ddim25-cfg3-ghg_none-M16`: a schedule where one is given, and each other setting not at its default."""
+        default = SamplerConfig(self.sampler)
+        parts = [f"{self.sampler}{self.steps}"]
+        parts += [self.schedule] if self.schedule else []
+        parts += [self.precision] if self.precision != default.precision else []
+        parts += [f"cfg{self.guidance_scale:g}"] if self.guidance_scale != default.guidance_scale else []
+        parts += [f"ghg_{self.ghg}"] if self.ghg is not None else []
+        parts += [f"M{self.nca_steps}"] if self.nca_steps is not None else []
+        parts += [f"eta{self.eta:g}"] if self.eta != default.eta else []
+        parts += [{True: "clip", False: "noclip"}[self.clip_x0]] if self.clip_x0 is not None else []
+        return "-".join(parts)
 
     def check_steps(self, timesteps: int) -> None:
         """A sampler takes at most the diffusion's own `timesteps` steps."""
