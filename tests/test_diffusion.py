@@ -126,3 +126,12 @@ def test_a_model_output_of_another_width_than_the_diffusion_splits_is_refused() 
     learned = GaussianDiffusion.from_config(DiffusionConfig())
     with pytest.raises(ValueError, match="outputs 1 channels for 1-channel images.*expects 2"):
         learned.p_mean_variance(torch.zeros(2, 1, 4, 4), x0, t)
+
+
+def test_one_sampling_step_works_with_a_fixed_variance() -> None:
+    """A process respaced to one step has no β̃_1 to stand in at t=0; its one step predicts x̂0 all the same."""
+    fixed = GaussianDiffusion.from_config(DiffusionConfig(learn_sigma=False)).respaced(1)
+    xt, t = torch.randn(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
+    out = fixed.p_mean_variance(torch.zeros_like(xt), xt, t)
+    assert torch.isfinite(out["log_variance"]).all()
+    torch.testing.assert_close(out["mean"], xt / float(np.sqrt(fixed.alphas_cumprod[0])))

@@ -89,8 +89,10 @@ class GaussianDiffusion:
 
     @functools.cached_property
     def fixed_log_variance(self) -> np.ndarray:
-        """log of the fixed ("large") variance of a model that does not learn it: β_t, β̃_1 at t=0."""
-        return np.log(np.append(self.posterior_variance[1], self.betas[1:]))
+        """log of the fixed ("large") variance of a model that does not learn it: β_t, β̃_1 at t=0 (β_0 where a
+        one-step process has no β̃_1; no noise is added at t=0 anyway)."""
+        return np.log(np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1
+                      else self.betas)
 
     def _table(self, name: str, device: torch.device) -> torch.Tensor:
         """Schedule array `name` on `device`, copied there once: a copy per use stalls a GPU a dozen times a step."""
