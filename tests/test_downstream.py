@@ -116,8 +116,9 @@ def test_fast_auc_and_ap_equal_sklearn_on_random_tied_scores() -> None:
         y = rng.integers(0, 2, n).astype(bool)
         y[:2] = [True, False]
         p = np.round(rng.random(n), 1)  # many ties
-        assert binary_auc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-        assert binary_ap(y, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+        for labels in (y, y.astype(np.int64), y.astype(np.float32)):  # as labels.csv's 0/1 columns are read
+            assert binary_auc(labels, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+            assert binary_ap(labels, p) == pytest.approx(average_precision_score(y, p), abs=1e-12)
 
 
 def test_f1_sen_spe_is_the_macro_of_per_class_harmonic_means() -> None:

@@ -45,6 +45,7 @@ def binary_auc(y: np.ndarray, p: np.ndarray) -> float:
 
     Hand-written because scikit-learn's input checks cost milliseconds per call and the bootstrap makes ~10^5.
     """
+    y = np.asarray(y, dtype=bool)  # 0/1 integers would index ranks by position
     pos = y.sum()
     neg = len(y) - pos
     if pos == 0 or neg == 0:
@@ -55,6 +56,7 @@ def binary_auc(y: np.ndarray, p: np.ndarray) -> float:
 def binary_ap(y: np.ndarray, p: np.ndarray) -> float:
     """Average precision Σ (R_n − R_{n−1}) P_n over distinct thresholds: scikit-learn's definition, without its
     per-call overhead (see :func:`binary_auc`)."""
+    y = np.asarray(y, dtype=bool)  # float32 0/1 labels would count in float32
     pos = y.sum()
     if pos == 0:
         return float("nan")
