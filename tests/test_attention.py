@@ -28,6 +28,16 @@ from geca.utils.hardware import c_compiler
 from geca.utils.paths import cache_dir
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def test_model_attention_names_every_implementation() -> None:
+    """models.config keeps its own list (it imports no torch): a kernel added here must be a choice there."""
+    from geca.models import attention
+    from geca.models.config import ATTENTIONS
+
+    assert set(ATTENTIONS) == {*attention.IMPLEMENTATIONS, "auto"} - {"compiled"}
+
+
 # "compiled" is "sliced" under torch.compile (a compile per shape and dtype): one test of its own below.
 IMPLEMENTATIONS = tuple(impl for impl in IMPLEMENTATIONS if (impl != "triton" or HAS_TRITON) and impl != "compiled")
 # The Triton kernels compiled where there is a GPU, else interpreted on the CPU (conftest sets TRITON_INTERPRET).

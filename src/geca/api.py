@@ -26,7 +26,7 @@ from geca.run import load_run as _load
 from geca.sampling.config import GROWTH_FRAMES, GROWTH_T, SamplerConfig, growth_sampler
 from geca.sampling.generate import generate, run_sampler
 from geca.sampling.growth import Organism, grow_organism
-from geca.sampling.labels import resolve_class
+from geca.sampling.labels import one_hot, resolve_class
 from geca.utils.hardware import resolve_device
 from geca.utils.images import pil_image
 
@@ -63,7 +63,7 @@ class Run:
                 raise ValueError(f"label vectors have {y.shape[1]} entries, the run has {k} classes")
             return y
         rows = [resolve_class(str(c), self.class_names) for c in labels]
-        return torch.eye(k)[torch.tensor(rows, dtype=torch.long)]
+        return one_hot(rows, k)
 
     def sample(self, labels: Sequence[str | int] | np.ndarray | torch.Tensor, *, seed: int = 0,
                batch_size: int = 64, pil: bool = False, progress: bool = False, **sampling: Any

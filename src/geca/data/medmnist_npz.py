@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import urllib.request
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
+from geca.utils.io import file_digest
 
 SPLITS = ("train", "val", "test")
 _ZENODO = "https://zenodo.org/records/10519652/files/{}.npz?download=1"
@@ -93,11 +93,7 @@ def find_npz(name: str) -> Path | None:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)  # an integrity check, not security; allowed under FIPS
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def download_dataset(name: str) -> Path:

@@ -17,11 +17,11 @@ from tqdm.auto import tqdm
 
 from geca.downstream.metrics import score
 from geca.errors import ConfigError, TrainingError
+from geca.utils.images import IMAGENET_MEAN, IMAGENET_STD
 from geca.utils.pretrained import load_state_dict_file
 
 STEMS = ("imagenet", "cifar")
 IMAGENET_URL = "https://download.pytorch.org/models/resnet34-b627a593.pth"
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Normalise:
     """[0, 1] images → the network's input scale: ImageNet statistics with ImageNet weights, else [-1, 1]."""
 
     def __init__(self, channels: int, imagenet: bool, device: torch.device) -> None:
-        mean, std = (_IMAGENET_MEAN, _IMAGENET_STD) if imagenet else ((0.5,) * 3, (0.5,) * 3)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else ((0.5,) * 3, (0.5,) * 3)
         if channels == 1:
             mean, std = (sum(mean) / 3,), (sum(std) / 3,)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
 from geca.metrics.domain import DomainMeta, DomainNet, data_digest, load_domain_net, save_domain_net, train_domain_net
+from geca.utils.images import IMAGENET_MEAN, IMAGENET_STD
 from geca.utils.paths import cache_dir
 from geca.utils.pretrained import check_published, load_state_dict_file, resolve_weights
 
@@ -34,8 +35,6 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 INCEPTION_SHA256 = "6726825d"  # the prefix its torch.hub-style name publishes
 DINOV2_FILE = "dinov2_vitb14_pretrain.pth"
 DINOV2_URL = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/{DINOV2_FILE}"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FeatureExtractor(nn.Module):

@@ -172,6 +172,6 @@ def grow_organism(run: LoadedRun, label: str, at_t: int, sampler: SamplerConfig,
         raise ConfigError(f"--frames must be ≥ 1, got {frames}")
     cls = resolve_class(label, run.spec.class_names)
     torch.manual_seed(seed)
-    g = grow(run.model, run.diffusion, one_hot(cls, run.spec.num_classes).to(device), run.spec.shape,
+    g = grow(run.model, run.diffusion, one_hot([cls], run.spec.num_classes).to(device), run.spec.shape,
              run_sampler(run, sampler), at_t, frames, decoder(run, device))
     return Organism(run.spec.class_names[cls], g.nca_t, write_growth(g, out))

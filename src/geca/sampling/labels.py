@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -17,8 +19,7 @@ def per_class_labels(num_classes: int, per_class: int, classes: list[int] | None
         if not 0 <= c < num_classes:
             raise ConfigError(f"class {c} out of range for {num_classes} classes")
     _check_count(len(chosen) * per_class, f"--per-class {per_class}")
-    eye = torch.eye(num_classes)
-    return eye[torch.tensor(chosen).repeat_interleave(per_class)]
+    return one_hot(torch.tensor(chosen).repeat_interleave(per_class), num_classes)
 
 
 def replicate_labels(labels: np.ndarray, ratio: int) -> torch.Tensor:
@@ -45,8 +46,6 @@ def resolve_class(name_or_index: str, class_names: list[str]) -> int:
                       f"(or an index 0–{len(class_names) - 1})")
 
 
-def one_hot(index: int, num_classes: int) -> torch.Tensor:
-    """The label vector (1, K) of class `index` alone."""
-    y = torch.zeros(1, num_classes)
-    y[0, index] = 1
-    return y
+def one_hot(indices: Sequence[int] | torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The label vectors (N, K) of classes `indices`, each alone."""
+    return torch.eye(num_classes)[torch.as_tensor(indices, dtype=torch.long)]

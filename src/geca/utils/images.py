@@ -6,6 +6,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+# the per-channel statistics torchvision's ImageNet networks were trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) in [-1, 1] → (B, H, W, C) uint8."""

@@ -211,11 +211,6 @@ def apply_set(config: Any, items: list[str], flags: dict[str, str] | None = None
     return names
 
 
-def get_field(obj: Any, path: str) -> Any:
-    """The value at a dotted path (`train.lr`)."""
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
 
 
 class Checks:
