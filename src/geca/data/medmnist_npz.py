@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import urllib.request
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
-from geca.utils.io import file_digest
+from geca.utils.io import file_digest, per_file_version
 
 SPLITS = ("train", "val", "test")
 _ZENODO = "https://zenodo.org/records/10519652/files/{}.npz?download=1"
@@ -145,16 +144,14 @@ def _known(path: Path) -> tuple[str, KnownDataset] | None:
     for name in (path.stem, path.resolve().stem):
         if name in KNOWN_DATASETS:
             return name, KNOWN_DATASETS[name]
-    stat = path.stat()
-    if stat.st_size > KNOWN_MAX_BYTES:
+    if path.stat().st_size > KNOWN_MAX_BYTES:
         return None
-    digest = _cached_md5(path.resolve(), stat.st_mtime_ns, stat.st_size)
+    digest = _cached_md5(path)
     return next(((name, known) for name, known in KNOWN_DATASETS.items() if known.md5 == digest), None)
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_md5(path: Path, mtime_ns: int, size: int) -> str:
-    """A file's MD5, hashed once per version of it (each split of it is loaded on its own)."""
+@per_file_version  # each split of a file is loaded on its own
+def _cached_md5(path: Path) -> str:
     return _md5(path)
 
 

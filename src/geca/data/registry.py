@@ -8,7 +8,6 @@ A spec is a path to a MedMNIST ``.npz``, a path to a folder + CSV ``.csv``, a Me
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import inspect
 import os
@@ -23,7 +22,7 @@ from geca.data.imageset import ImageSet
 from geca.data.medmnist_npz import KNOWN_DATASETS, data_dirs, find_npz, load_npz
 from geca.data.procedural import PROCEDURAL, check_options, resolved_options
 from geca.errors import ConfigError, DataError
-from geca.utils.io import same_source
+from geca.utils.io import per_file_version, same_source
 
 SPLITS = ("train", "val", "test", "all")
 
@@ -87,10 +86,9 @@ def source_key(spec: str) -> str:
     if path is None:
         return name
     try:
-        stat = path.stat()
-    except OSError as e:
+        return (_csv_key if kind == "csv" else _npz_key)(path)
+    except OSError as e:  # its stat (reading it is the keys' own DataError)
         raise DataError(f"{path}: {kind} file not readable ({e.strerror})") from None
-    return (_csv_key if kind == "csv" else _npz_key)(path, stat.st_mtime_ns, stat.st_size)
 
 
 def canonical_spec(spec: str) -> str:
@@ -115,10 +113,9 @@ def located_spec(spec: str) -> str:
     return str(Path(name).expanduser().resolve())
 
 
-@functools.lru_cache(maxsize=16)
-def _csv_key(path: Path, mtime_ns: int, size: int) -> str:
-    """A folder + CSV set's filenames and patient ids, hashed: its table's rows, not their order or line endings.
-    Cached per file version (classify checks every synthetic set of every fold against the same data)."""
+@per_file_version  # classify checks every synthetic set of every fold against the same data
+def _csv_key(path: Path) -> str:
+    """A folder + CSV set's filenames and patient ids, hashed: its table's rows, not their order or line endings."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -130,10 +127,9 @@ def _csv_key(path: Path, mtime_ns: int, size: int) -> str:
     return "csv:" + hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=16)
-def _npz_key(path: Path, mtime_ns: int, size: int) -> str:
-    """An npz's arrays (names, dtypes, shapes and values) hashed, not its bytes: compression and member order vary.
-    Cached per file version like `_csv_key`."""
+@per_file_version
+def _npz_key(path: Path) -> str:
+    """An npz's arrays (names, dtypes, shapes and values) hashed, not its bytes: compression and member order vary."""
     h = hashlib.sha256()
     try:
         archive = np.load(path, allow_pickle=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from geca.errors import LatentError
-from geca.utils.io import file_sha256, read_json_object
+from geca.utils.io import file_sha256, per_file_version, read_json_object
 from geca.utils.pretrained import load_state_dict_file
 
 HOW_TO_GET = ("get it on a networked machine with `huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir "
@@ -68,16 +67,12 @@ def vae_identity(root: Path) -> dict[str, Any]:
     """The VAE's config (without diffusers' bookkeeping keys, which change with the path) and weights hash."""
     config = read_config(root)
     weights = weights_file(root)
-    stat = weights.stat()
     return {"config": {k: v for k, v in config.items() if not k.startswith("_")},
-            "weights_sha256": _weights_sha256(weights.resolve(), stat.st_mtime_ns, stat.st_size)}
+            "weights_sha256": _weights_sha256(weights)}
 
 
-@functools.lru_cache(maxsize=8)
-def _weights_sha256(path: Path, mtime_ns: int, size: int) -> str:
-    """Hashed once per version of the file: encode asks for it twice per split (reuse, then encoding), training once
-    per split, and an SD-VAE's weights take a second or so to hash."""
-    return file_sha256(path)
+# encode asks for it twice per split (reuse, then encoding), training once per split; an SD-VAE takes a second or so
+_weights_sha256 = per_file_version(file_sha256)
 
 
 def load_vae(root: Path, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import ctypes
+import functools
 import glob
 import hashlib
 import io
@@ -16,15 +17,32 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from geca.errors import ConfigError, GecaError
+
+T = TypeVar("T")
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def per_file_version(fn: Callable[[Path], T]) -> Callable[[Path], T]:
+    """`fn(path)` computed once per version of the file (its resolved path, modification time and size): for
+    hashes that take seconds and are asked for once per split, fold or set."""
+    @functools.lru_cache(maxsize=16)
+    def cached(path: Path, mtime_ns: int, size: int) -> T:
+        return fn(path)
+
+    @functools.wraps(fn)
+    def by_version(path: Path) -> T:
+        stat = Path(path).stat()
+        return cached(Path(path).resolve(), stat.st_mtime_ns, stat.st_size)
+
+    return by_version
 
 
 def file_sha256(path: Path) -> str:
