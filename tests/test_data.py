@@ -713,3 +713,18 @@ def test_a_labels_csv_is_multilabel_where_its_geca_manifest_says_so(tmp_path):
     (root / "manifest.json").write_text(json.dumps({"num_images": 3, "multilabel": True}))
     with pytest.raises(DataError, match="2 rows, but its manifest.json records 3"):
         load_folder_csv(labels)
+
+
+def test_one_dataset_stored_as_npz_or_as_pngs_gives_the_same_pixels_at_another_size(tmp_path):
+    """Both loaders centre-crop and resize alike (the CSV loader used PIL's resampling: up to a grey level apart)."""
+    arrays = _arrays(n=(3, 1, 1), size=9, channels=1)
+    arrays["train_images"] = np.random.default_rng(1).integers(0, 256, (3, 40, 50), dtype=np.uint8)
+    npz = tmp_path / "set.npz"
+    np.savez(npz, **arrays)
+    for i, image in enumerate(arrays["train_images"]):
+        _png(tmp_path / "pngs" / f"{i}.png", image)
+    rows = [{"filename": f"{i}.png", "a": int(i == 0), "b": int(i != 0)} for i in range(3)]
+    from_pngs = load_folder_csv(_csv(tmp_path / "pngs" / "labels.csv", rows), image_size=28)
+    from_npz = load_split(str(npz), "train", image_size=28)
+    assert from_npz.images.shape == (3, 28, 28, 1)
+    assert (from_pngs.images == from_npz.images).all()

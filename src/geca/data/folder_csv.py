@@ -8,11 +8,12 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from geca.data.folds import fold_split_rows, group_ids, read_folds
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
+from geca.utils.images import fit_square
 from geca.utils.io import read_json_object
 
 ID_COLUMNS = ("filename", "patient_id", "eye_id")
@@ -179,14 +180,12 @@ def _decode(path: Path, grey: bool, image_size: int | None) -> np.ndarray:
             if grey and img.mode.startswith("I;16"):
                 # PIL's convert("L") clips 16-bit values at 255 instead of rescaling them.
                 img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8))
-            img = img.convert("L" if grey else "RGB")
-            if image_size is not None and img.size != (image_size, image_size):
-                img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.asarray(img.convert("L" if grey else "RGB"), dtype=np.uint8)
     # Truncated or corrupt pixel data only surfaces on decode, not in Image.open.
     except (OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: unreadable image: {exc}") from exc
-    return array[..., None] if grey else array
+    array = array[..., None] if grey else array
+    return array if image_size is None else fit_square(array[None], image_size)[0]
 
 
 def _split_rows(table: CsvTable, split: str, folds_file: str | Path | None, fold: int, cv_val: str) -> np.ndarray:

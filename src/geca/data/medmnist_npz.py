@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from geca.data.imageset import ImageSet
 from geca.errors import DataError
+from geca.utils.images import fit_square
 from geca.utils.io import file_digest, per_file_version
 
 SPLITS = ("train", "val", "test")
@@ -203,13 +202,6 @@ def _check_labels(path: Path, key: str, labels: np.ndarray, n: int) -> None:
         raise DataError(f"{path}: {key} has {len(labels)} rows but the images have {n}")
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Antialiased bicubic resize of uint8 (N,H,W,C) to (N,size,size,C)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
 def _class_names(path: Path, arrays: dict[str, np.ndarray], k: int | None) -> list[str] | None:
     """The file's own class names: a `class_names` string array in the npz, or a sidecar NAME.json holding
     {"class_names": [...]}; None when it has neither. `k`: how many there must be (None: any number)."""
@@ -301,14 +293,12 @@ def load_npz(
     images = arrays[f"{split}_images"]
     h, w = images.shape[1:3]
     side = min(h, w)
-    if h != w:
-        if image_size is None:
-            raise DataError(f"{path}: {split}_images are {h}×{w}; geca needs square images (pass --image-size to "
-                            "centre-crop and resize them)")
-        images = images[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
-    resized = image_size is not None and images.shape[1:3] != (image_size, image_size)
-    if resized:
-        images = _resize(np.ascontiguousarray(images), image_size)
+    if h != w and image_size is None:
+        raise DataError(f"{path}: {split}_images are {h}×{w}; geca needs square images (pass --image-size to "
+                        "centre-crop and resize them)")
+    resized = image_size is not None and side != image_size
+    if image_size is not None:
+        images = fit_square(images, image_size)
     return ImageSet(
         images=images,
         labels=onehot.astype(np.float32),

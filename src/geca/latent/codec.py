@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 from geca.errors import LatentError
 from geca.latent.spec import LatentSpec
 from geca.latent.vae import latent_affine, load_vae, read_config, resolve_vae, vae_identity
-from geca.utils.images import to_uint8
+from geca.utils.images import fit_square, to_uint8
 from geca.utils.seeding import derive_seed
 
 
@@ -53,15 +53,7 @@ class LatentCodec:
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, C) → float (N, C_vae, size, size) in [-1, 1]: centre square crop, antialiased resize."""
-        # here, not at import: importing torchvision imports torch._dynamo (≈ 1.5 s for every command that samples)
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2 import functional as TF
-
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        side = min(x.shape[-2:])
-        x = TF.center_crop(x, [side, side])
-        if side != self.size:
-            x = TF.resize(x, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x = torch.from_numpy(fit_square(images, self.size)).permute(0, 3, 1, 2)
         want = self.vae.config.in_channels
         if x.shape[1] == 1 and want == 3:
             x = x.expand(-1, 3, -1, -1)
