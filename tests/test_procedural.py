@@ -8,9 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from geca.data import procedural
 from geca.data.imageset import ImageSet
-from geca.data.procedural import OCT_CLASSES, PROCEDURAL, synthetic_fundus, synthetic_oct
+from geca.data.procedural import OCT_CLASSES, PROCEDURAL, fundus, synthetic_fundus, synthetic_oct
 from geca.errors import DataError
 
 
@@ -59,7 +58,7 @@ def test_fundus_image_depends_only_on_seed_split_index() -> None:
 
 def test_fundus_default_class_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     # Rendering is irrelevant to the label allocation, so skip it.
-    monkeypatch.setattr(procedural, "_fundus_image", lambda grade, size, rng: np.zeros((size, size, 3), "u1"))
+    monkeypatch.setattr(fundus, "_fundus_image", lambda grade, size, rng: np.zeros((size, size, 3), "u1"))
     counts = {s: synthetic_fundus(s).labels.sum(0).astype(int).tolist() for s in ("train", "val", "test")}
     assert counts == {
         "train": [486, 128, 206, 194, 66],  # RetinaMNIST's train counts, exactly
