@@ -314,7 +314,7 @@ def test_a_resumed_run_counts_the_steps_it_has_left(monkeypatch: pytest.MonkeyPa
 
 def test_sampling_compiles_only_a_run_that_asks_for_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """load_run: `compile: true` compiles where it can (else eager, the same maths); `auto` samples eager."""
-    from geca import run as run_module
+    from geca.run import loaded as run_module
 
     train(tiny_config(1), tmp_path / "auto", train_set=blob_images(n=8, size=8), progress=False)
     shutil.copytree(tmp_path / "auto", tmp_path / "true")  # as if trained with --compile (which would compile)
