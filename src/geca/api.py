@@ -4,7 +4,7 @@
     run = geca.load_run("runs/rmnist")
     images = run.sample(["grade 0", "grade 4"], steps=50, sampler="ddim", seed=0)  # uint8 (N, H, W, C)
 
-The same settings and seed give the same images as `geca sample`.
+The same settings, seed and batch size give the same images as `geca sample` on the same device.
 """
 
 from __future__ import annotations
