@@ -10,6 +10,7 @@ The same settings, seed and batch size give the same images as `geca sample` on 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import fields
@@ -29,6 +30,7 @@ from geca.sampling.growth import Organism, grow_organism
 from geca.sampling.labels import one_hot, resolve_class
 from geca.utils.hardware import resolve_device
 from geca.utils.images import pil_image
+from geca.utils.schema import from_dict
 
 
 class Run:
@@ -50,20 +52,47 @@ class Run:
         return (f"geca.Run({str(self.loaded.run_dir)!r}, model={s.model.name}, step={self.step}, "
                 f"classes={self.class_names}, shape={s.shape})")
 
-    def labels(self, labels: Sequence[str | int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Label vectors (N, K) from class names or indices (one-hot), or label vectors passed through."""
+    def labels(self, labels: Sequence[str | int] | Sequence[Sequence[float]] | np.ndarray | torch.Tensor
+               ) -> torch.Tensor:
+        """Label vectors (N, K): from class names or indices (each one-hot; a 1-D integer array or tensor too), or
+        label vectors of 0/1 entries passed through (one 1 each for a multi-class run)."""
         k = len(self.class_names)
         if isinstance(labels, (str, int)):
             raise TypeError(f"labels must be a sequence (one image per entry): pass [{labels!r}], not {labels!r}")
+        if isinstance(labels, torch.Tensor):
+            labels = labels.detach().cpu().numpy()
+        if not isinstance(labels, (Sequence, np.ndarray)):
+            raise TypeError(f"labels must be a list, array or tensor (one image per entry), got "
+                            f"{type(labels).__name__}")
         if len(labels) == 0:
             raise ValueError("no labels given: pass one class name, index or label vector per image")
-        if isinstance(labels, (np.ndarray, torch.Tensor)) and np.ndim(labels) == 2:
-            y = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
-            if y.shape[1] != k:
-                raise ValueError(f"label vectors have {y.shape[1]} entries, the run has {k} classes")
-            return y
-        rows = [resolve_class(str(c), self.class_names) for c in labels]
-        return one_hot(rows, k)
+        if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+            labels = labels.tolist()
+        if isinstance(labels, np.ndarray) or all(isinstance(x, (Sequence, np.ndarray)) and not isinstance(x, str)
+                                                 for x in labels):
+            return self._vectors(labels)
+        for x in labels:
+            if not isinstance(x, (str, int, np.integer)) or isinstance(x, bool):
+                raise TypeError(f"labels: {x!r} is neither a class name nor an index; pass names or indices, or label "
+                                f"vectors of {k} entries")
+        return one_hot([resolve_class(str(c), self.class_names) for c in labels], k)
+
+    def _vectors(self, labels: Sequence[Sequence[float]] | np.ndarray) -> torch.Tensor:
+        k = len(self.class_names)
+        try:
+            y = np.asarray(labels, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"labels: label vectors must all have {k} numbers") from None
+        if y.ndim != 2 or y.shape[1] != k:
+            raise ValueError(f"labels: expected label vectors (N, {k}) for the run's {k} classes, or class names or "
+                             f"indices (N,); got shape {y.shape}")
+        bad = np.flatnonzero(~np.isin(y, (0, 1)).all(1))
+        if len(bad):
+            raise ValueError(f"labels: row {bad[0]} is {y[bad[0]].tolist()}; label vectors hold 0 or 1 entries")
+        if not self.loaded.spec.multilabel and len(bad := np.flatnonzero(y.sum(1) != 1)):
+            raise ValueError(f"labels: row {bad[0]} marks {int(y[bad[0]].sum())} classes; the run is multi-class "
+                             "(one 1 per label vector)")
+        return torch.from_numpy(y)
 
     def sample(self, labels: Sequence[str | int] | np.ndarray | torch.Tensor, *, seed: int = 0,
                batch_size: int = 64, pil: bool = False, progress: bool = False, **sampling: Any
@@ -71,9 +100,10 @@ class Run:
         """One image per label; `sampling` takes SamplerConfig's fields (sampler, steps, guidance_scale, ghg,
         nca_steps, eta, clip_x0, schedule, precision), defaulting as `geca sample` does. Returns uint8 (N, H, W, C)
         or PIL images."""
+        _check_seed(seed)
         with _parameter_names():
-            images = generate(self.loaded, self.labels(labels), sampler_config(**sampling), seed, batch_size,
-                              self.device, progress)
+            sampler = run_sampler(self.loaded, sampler_config(**sampling), strict=True)
+            images = generate(self.loaded, self.labels(labels), sampler, seed, batch_size, self.device, progress)
         return [pil_image(im) for im in images] if pil else images
 
     def grow(self, label: str | int, out: str | Path, *, t: int = GROWTH_T, frames: int = GROWTH_FRAMES, seed: int = 0,
@@ -81,6 +111,7 @@ class Run:
         """`geca grow`: one organism of `label`, its M updates at noise level t and its denoising, written to `out`
         (GIFs and strips; an earlier growth's files there are replaced only with `overwrite`). Sampling defaults to
         DDIM 50 as the command does."""
+        _check_seed(seed)
         default = growth_sampler()
         sampler = sampler_config(**{"sampler": default.sampler, "steps": default.steps, **sampling})
         with _parameter_names():
@@ -93,7 +124,12 @@ def sampler_config(**sampling: Any) -> SamplerConfig:
     unknown = sorted(set(sampling) - known)
     if unknown:
         raise TypeError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return SamplerConfig(**sampling)
+    return from_dict(SamplerConfig, sampling, "sampling")  # types checked as a config's are: steps=2.5 is refused
+
+
+def _check_seed(seed: Any) -> None:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2⁶³), got {seed!r}")
 
 
 def load_run(run_dir: str | Path, checkpoint: str | int | None = None, weights: str = "ema",
@@ -118,10 +154,19 @@ _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 @contextmanager
 def _parameter_names() -> Iterator[None]:
     """Errors raised inside name this API's parameters (`nca_steps`), not the flags (`--m`)."""
-    try:
-        yield
-    except (GecaError, FileExistsError) as e:
-        message = _FLAG.sub(lambda m: _PARAMETERS.get(m[0], m[0]), str(e))
-        if message == str(e):
-            raise
-        raise type(e)(message) from None
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except (GecaError, FileExistsError) as e:
+            message = _named(str(e))
+            if message == str(e):
+                raise
+            raise type(e)(message) from None
+        finally:
+            for w in said:  # `ghg="hidden"` on a run trained without heredity, said as `--ghg hidden` inside
+                warnings.warn(_named(str(w.message)), w.category, stacklevel=4)
+
+
+def _named(message: str) -> str:
+    return _FLAG.sub(lambda m: _PARAMETERS.get(m[0], m[0]), message)

@@ -63,8 +63,8 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
                   "on an AVX512-BF16 CPU, pixels within 3/255 of fp32's and KID within 2 %."),
     "clip_x0": (bool | None, ("--clip-x0/--no-clip-x0",), "Clip the x̂₀ estimate to [−1, 1] at every step "
                 "(ours; default: on in pixel space, off for latent runs; the authors never clip)."),
-    "seed": (int, ("--seed",), "Sampling seed: the same seed, --batch-size and device give the same images (each batch draws its noise from the "
-             "seed and its index).", {"min": 0}),
+    "seed": (int, ("--seed",), "Sampling seed: the same seed, --batch-size and device give the same images (each "
+             "batch draws its noise from the seed and its index).", {"min": 0}),
     "batch_size": (int, ("--batch-size",), "Images per sampling batch.", {"min": 1, "max": MAX_BATCH}),
     "checkpoint": (str | None, ("--checkpoint",), "latest (default), best (lowest validation KID), a step, "
                    "or a directory."),
