@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -73,6 +74,33 @@ def test_api_errors_name_the_parameters_not_the_flags(custom_run: Path, call, me
     with pytest.raises(GecaError, match=re.escape(message)) as e:
         call(run)
     assert "--" not in str(e.value).replace("--validate-every", "")  # geca train's flag: no parameter here
+
+
+def test_api_labels_and_seeds_are_checked_before_sampling(custom_run: Path) -> None:
+    """A NaN or 7 in a label vector sampled black images; a float seed sampled as its integer part."""
+    run = geca.load_run(custom_run, device="cpu")
+    assert run.labels(torch.tensor([1, 0])).tolist() == [[0, 1], [1, 0]]  # indices as a tensor or array, too
+    assert run.labels(np.array([1])).tolist() == run.labels([[0, 1]]).tolist() == [[0, 1]]
+    for labels, error, message in [
+        (np.full((2, 2), np.nan), ValueError, "row 0 is [nan, nan]; label vectors hold 0 or 1 entries"),
+        ([[0, 7]], ValueError, "label vectors hold 0 or 1"),
+        ([[1, 1]], ValueError, "row 0 marks 2 classes; the run is multi-class"),
+        (np.zeros((2, 2, 1)), ValueError, "expected label vectors (N, 2)"),
+        (np.array([0.0, 1.0]), ValueError, "got shape (2,)"),
+        ([0.5], TypeError, "0.5 is neither a class name nor an index"),
+        (None, TypeError, "got NoneType"),
+        ((c for c in [0]), TypeError, "got generator"),
+    ]:
+        with pytest.raises(error, match=re.escape(message)):
+            run.sample(labels, sampler="ddim", steps=1)
+    for seed in (-1, 1.5, None):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            run.sample([0], seed=seed, sampler="ddim", steps=1)
+    with pytest.raises(GecaError, match="steps: expected int, got 2.5"):
+        run.sample([0], sampler="ddim", steps=2.5)
+    with pytest.warns(UserWarning, match=r"^ghg out: no training geca offers") as said:
+        run.sample([0], sampler="ddim", steps=1, ghg="out")  # warned as `geca sample --ghg out` warns
+    assert said[0].filename == __file__
 
 
 def test_resume_keeps_the_runs_own_config_and_logs_overrides(custom_run: Path, blobs_npz: Path) -> None:

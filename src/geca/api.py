@@ -154,18 +154,19 @@ _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 @contextmanager
 def _parameter_names() -> Iterator[None]:
     """Errors raised inside name this API's parameters (`nca_steps`), not the flags (`--m`)."""
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        try:
+    said: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
             yield
-        except (GecaError, FileExistsError) as e:
-            message = _named(str(e))
-            if message == str(e):
-                raise
-            raise type(e)(message) from None
-        finally:
-            for w in said:  # `ghg="hidden"` on a run trained without heredity, said as `--ghg hidden` inside
-                warnings.warn(_named(str(w.message)), w.category, stacklevel=4)
+    except (GecaError, FileExistsError) as e:
+        message = _named(str(e))
+        if message == str(e):
+            raise
+        raise type(e)(message) from None
+    finally:
+        for w in said:  # `ghg="hidden"` on a run trained without heredity, said as `--ghg hidden` inside
+            warnings.warn(_named(str(w.message)), w.category, stacklevel=4)
 
 
 def _named(message: str) -> str:
