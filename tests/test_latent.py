@@ -250,9 +250,24 @@ def test_train_and_sample_through_a_vae_write_decoded_images(blobs_npz: Path, tm
     assert len(pngs) == 2 and all(Image.open(p).size == (8, 8) and Image.open(p).mode == "RGB" for p in pngs)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sampling"]["clip_x0"] is False and manifest["latent"]["vae"] == str(tiny_vae.resolve())
+    # a VAE moved since training: sampling, expansion and resumed training are told where it is now
+    moved = tmp_path / "vae-moved"
+    shutil.move(tiny_vae, moved)
+    res = runner.invoke(app, ["sample", "--run", str(run), "--out", str(tmp_path / "s1"), "--per-class", "1",
+                              "--sampler", "ddim", "--steps", "2", "--no-progress"])
+    assert res.exit_code == 2 and "not found" in res.output and "pass --vae DIR" in res.output
+    res = runner.invoke(app, ["sample", "--run", str(run), "--out", str(tmp_path / "s1"), "--per-class", "1",
+                              "--sampler", "ddim", "--steps", "2", "--no-progress", "--vae", str(moved)])
+    assert res.exit_code == 0, res.output
+    assert all(np.array_equal(np.array(Image.open(a)), np.array(Image.open(b)))
+               for a, b in zip(pngs, sorted((tmp_path / "s1" / "images").glob("*.png")), strict=True))
+    res = runner.invoke(app, ["train", "--out", str(run), "--resume", "--vae", str(moved), "--max-steps", "3",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "model.json").read_text())["latent"]["vae"] == str(moved.resolve())
     # sampling with a VAE whose weights changed since training is refused (its latents would decode to noise)
-    shutil.rmtree(tiny_vae)
-    make_vae(tiny_vae, seed=7)
+    shutil.rmtree(moved)
+    make_vae(moved, seed=7)
     res = runner.invoke(app, ["sample", "--run", str(run), "--out", str(tmp_path / "s2"), "--per-class", "1",
                               "--sampler", "ddim", "--steps", "2", "--no-progress"])
     assert res.exit_code == 2 and "differ from those the run was trained with" in res.output

@@ -67,6 +67,7 @@ def test_api_samples_the_same_images_as_the_cli(custom_run: Path, tmp_path: Path
     (lambda run: run.sample([0], steps=10**6), "steps must be at most"),
     (lambda run: run.grow(0, run.loaded.run_dir / "grow", frames=0), "frames must be ≥ 1"),
     (lambda run: geca.load_run(run.loaded.run_dir, weights="x"), "weights must be"),
+    (lambda run: geca.load_run(run.loaded.run_dir, vae="sd-vae"), "vae sd-vae: "),
     (lambda run: geca.load_run(run.loaded.run_dir, checkpoint="best"), "(validation.every > 0 or --validate-every)"),
 ])
 def test_api_errors_name_the_parameters_not_the_flags(custom_run: Path, call, message: str) -> None:

@@ -133,12 +133,12 @@ def _check_seed(seed: Any) -> None:
 
 
 def load_run(run_dir: str | Path, checkpoint: str | int | None = None, weights: str = "ema",
-             device: str = "auto") -> Run:
+             device: str = "auto", vae: str | Path | None = None) -> Run:
     """A trained run directory (from `geca train`): its EMA weights of the latest checkpoint by default
-    (`checkpoint`: "best", a step number or a directory)."""
+    (`checkpoint`: "best", a step number or a directory); `vae`: a latent run's VAE where it is now, if it moved."""
     with _parameter_names():
         dev = resolve_device(device)
-        return Run(_load(Path(run_dir), checkpoint, weights, dev), dev)
+        return Run(_load(Path(run_dir), checkpoint, weights, dev, vae), dev)
 
 
 # the library's checks name the command line's flags; a caller of this API wrote these keyword arguments instead
@@ -147,7 +147,7 @@ _PARAMETERS = {"--run": "run_dir", "--checkpoint": "checkpoint", "--weights": "w
                "--seed": "seed", "--batch-size": "batch_size", "--sampler": "sampler", "--steps": "steps",
                "--cfg": "guidance_scale", "--ghg": "ghg", "--m": "nca_steps", "--schedule": "schedule",
                "--precision": "precision", "--clip-x0": "clip_x0", "--t": "t", "--frames": "frames", "--out": "out",
-               "--overwrite": "overwrite=True"}
+               "--vae": "vae", "--overwrite": "overwrite=True"}
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 

@@ -51,7 +51,7 @@ def expand(
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be ≥ 1, got {limit}")
     device = pick_device(flags.device)
-    loaded = load_run(run, flags.checkpoint, flags.weights, device)
+    loaded = load_run(run, flags.checkpoint, flags.weights, device, flags.vae)
     sampler = run_sampler(loaded, flags.sampling, strict=True)
     with on_interrupt(lambda: RESUME_BATCHES):
         manifest = expand_set(loaded, out, ratio, sampler, flags.seed, flags.batch_size, device, data, folds_file,

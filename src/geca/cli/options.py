@@ -41,6 +41,7 @@ class SamplingFlags:
     checkpoint: str | None = None
     weights: str = "ema"
     device: str = "auto"
+    vae: str | None = None
     overwrite: bool = False
     resume: bool = False
     threads: int | None = None
@@ -70,6 +71,8 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
                    "or a directory."),
     "weights": (str, ("--weights",), "ema (default) or model (raw) weights."),
     "device": (str, ("--device",), "auto, cpu or cuda[:N]."),
+    "vae": (str | None, ("--vae",), "A latent run's VAE directory (or hub id) where it is now, if it moved since "
+            "training (its weights' SHA-256 must be the one the run recorded)."),
     "overwrite": (bool, ("--overwrite",), "Replace what an earlier run of this command wrote in --out once "
                   "sampling is done (sample and expand: only a sample set, a folder with geca's manifest.json and "
                   "nothing else; sample: also an earlier --trace)."),
@@ -79,7 +82,7 @@ _OPTIONS: dict[str, tuple[Any, ...]] = {
     "progress": (bool | None, ("--progress/--no-progress",), BARS_HELP),
 }
 GROW = ("sampler", "steps", "guidance_scale", "ghg", "nca_steps", "clip_x0", "precision", "seed", "checkpoint",
-        "device", "threads", "overwrite")
+        "device", "vae", "threads", "overwrite")
 
 
 def sampling_flags(names: tuple[str, ...] = tuple(_OPTIONS), helps: dict[str, str] | None = None,

@@ -52,7 +52,7 @@ def sample(
             raise ConfigError(f"--trace {trace}: its plot would replace {trace.with_suffix('.png')}, which no trace "
                               "wrote; choose another --trace")
     device = pick_device(flags.device)
-    loaded = load_run(run, flags.checkpoint, flags.weights, device)
+    loaded = load_run(run, flags.checkpoint, flags.weights, device, flags.vae)
     if trace is not None and not loaded.model.has_cell_state:
         raise ConfigError(f"--trace: {run} is not a GeCA (it has no cell state to trace)")
     sampler = run_sampler(loaded, flags.sampling, strict=True)
@@ -94,7 +94,7 @@ def grow(
     from geca.sampling.growth import grow_organism
 
     device = pick_device(flags.device)
-    loaded = load_run(run, flags.checkpoint, "ema", device)
+    loaded = load_run(run, flags.checkpoint, "ema", device, flags.vae)
     sampler = run_sampler(loaded, flags.sampling, strict=True)
     organism = grow_organism(loaded, label, at_t, sampler, frames, flags.seed, device, out, flags.overwrite)
     nearest = "" if organism.t == at_t else f" (the reverse step nearest --t {at_t} with {sampler.steps} steps)"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,11 +36,16 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, checkpoint: str | int | None = None, weights: str = "ema",
-             device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild a run's denoiser from model.json and a checkpoint's EMA (default) or raw weights."""
+             device: str | torch.device = "cpu", vae: str | Path | None = None) -> LoadedRun:
+    """Rebuild a run's denoiser from model.json and a checkpoint's EMA (default) or raw weights; `vae`: where a
+    latent run's VAE is now, if it moved (decoding checks its weights' SHA-256 against the recorded one)."""
     if weights not in ("ema", "model"):
         raise CheckpointError(f"--weights must be 'ema' or 'model', got {weights!r}")
     spec = read_spec(run_dir)
+    if vae is not None:
+        if spec.latent is None:
+            raise ConfigError(f"--vae {vae}: {run_dir} generates pixels; it has no VAE")
+        spec.latent = replace(spec.latent, vae=str(Path(vae).expanduser()))
     ckpt = find_checkpoint(run_dir, checkpoint)
     if ckpt.resolve().parent.parent != Path(run_dir).resolve():
         # model.json and the lineage checks (expand's folds) are the run's: another run's weights would pass as its

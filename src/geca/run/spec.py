@@ -74,6 +74,9 @@ class ModelSpec:
                     "data": {**data, "spec": canonical_spec(data["spec"])}}
 
         found = [f"{k}: {x!r} → {y!r}" for k, x, y in changes(setup(self), setup(other))]
+        if self.latent and other.latent and self.latent.vae_sha256 == other.latent.vae_sha256:
+            # the same VAE weights in another folder: a VAE moved since the run began
+            found = [line for line in found if not line.startswith(("data.vae:", "latent.vae:"))]
         if self.data_key == other.data_key and str(self.data_key).startswith("npz:"):
             # the same arrays under another path: an npz moved or copied since the run began
             found = [line for line in found if not line.startswith("data.spec:")]
