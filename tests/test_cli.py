@@ -212,6 +212,10 @@ def test_grow_writes_gifs_and_strips(trained_run: Path, tmp_path: Path) -> None:
         (["train", "--data", "synthetic-fundus", "--out", "{tmp}/r", "--model", "GeCA-XL"], "GeCA-XL"),
         (["train", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/r"], "missing.yaml"),
         (["sample", "--run", "{tmp}/norun", "--out", "{tmp}/s", "--per-class", "1"], "model.json"),
+        # an empty value was the current folder: `encode --out ""` wrote its caches there
+        (["encode", "--vae", "{tmp}/vae", "--data", "synthetic-fundus", "--out", ""], "error: --out: empty value"),
+        (["train", "--data=", "--out", "{tmp}/r"], "error: --data: empty value"),
+        (["runs", ""], 'error: an empty argument ("")'),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path: Path, args: list[str], message: str) -> None:

@@ -48,6 +48,9 @@ class OneLineErrors(typer.core.TyperGroup):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        if (empty := _empty_value(sys.argv[1:] if args is None else list(args))) is not None:
+            print(f"error: {empty}", file=sys.stderr)
+            sys.exit(2)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except NO_ARGS_IS_HELP as e:  # `geca` alone: its help, which typer printed already
@@ -98,6 +101,18 @@ app.command("evaluate")(evaluate)
 app.add_typer(features_app, name="features")
 app.command("experiment")(experiment)
 app.command("demo")(demo)
+
+
+def _empty_value(args: list[str]) -> str | None:
+    """What says an argument is empty: `--out ""` would be the current folder (Path("") is "."), `--vae ""` a VAE
+    there; no value of ours is meant empty."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if arg.startswith("--") and eq and not value:
+            return f"{flag}: empty value"
+        if arg == "":
+            return f"{args[i - 1]}: empty value" if i and args[i - 1].startswith("-") else "an empty argument (\"\")"
+    return None
 
 
 def _one_line(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
