@@ -548,8 +548,9 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
     root = tmp_path / "all"
     for name in ("good", "flipped", "no-ema", "bad-spec", "untrained", "bad-state", "bad-best", "new-folds",
                  "no-folds", "no-state", "emptied", "bad-files", "cut", "gone", "bad-latest", "other-model",
-                 "no-model"):
+                 "no-model", "lost-spec"):
         shutil.copytree(run, root / name)
+    (root / "lost-spec/model.json").unlink()  # still a run: its checkpoints say so
     (root / "emptied/checkpoints/step_0000002/ema.safetensors").write_bytes(b"")
     cut = root / "cut/checkpoints/step_0000002/ema.safetensors"
     cut.write_bytes(cut.read_bytes()[:-100])
@@ -593,7 +594,7 @@ def test_runs_says_which_runs_would_not_load(run: Path, tmp_path: Path) -> None:
         "no-folds": "folds file missing", "no-state": "missing state.json", "emptied": "empty ema.safetensors",
         "bad-files": "damaged state.json", "cut": "truncated ema.safetensors", "gone": "missing checkpoint folder",
         "bad-latest": "damaged latest.json", "other-model": "model.safetensors does not fit model.json",
-        "no-model": rows["no-model"]["status"]}
+        "no-model": rows["no-model"]["status"], "lost-spec": "missing model.json"}
     assert rows["no-model"]["status"].startswith("model.json describes no model"), rows["no-model"]
     assert isinstance(rows["good"]["loss"], float) and rows["good"]["loss"] > 0
     res = runner.invoke(app, ["runs", str(root), "--json", "--quick"])  # files there, not hashed

@@ -127,7 +127,10 @@ def runs(
     if not root.is_dir():
         what = "a file, not a folder" if root.exists() else "no such folder"
         raise ConfigError(f"{root}: {what} (pass the folder that holds your run directories)")
-    rows = [summarize_run(p.parent, hashes=not quick) for p in sorted(Path(root).rglob("model.json"))]
+    # a run is a folder with model.json, or with checkpoints (its model.json lost: listed as missing)
+    found = {p.parent for p in root.rglob("model.json")} | \
+        {p.parent.parent for p in root.rglob("checkpoints/latest.json")}
+    rows = [summarize_run(p, hashes=not quick) for p in sorted(found)]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

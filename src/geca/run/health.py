@@ -113,7 +113,7 @@ def summarize_run(run_dir: Path, hashes: bool = True) -> dict[str, Any]:
                                                                           spec.folds_sha256)) != "ok":
                 row["status"] = f"folds file {status}"
     except CheckpointError:
-        row["status"] = "damaged model.json"
+        row["status"] = "damaged model.json" if (run_dir / "model.json").exists() else "missing model.json"
     except OSError as e:  # a folds file that cannot be read here
         row["status"] = f"folds file unreadable ({e.strerror})"
     state_expected = spec is not None and spec.format >= 2  # geca 0.1 (format 1) wrote no state.json
