@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from geca.cli.common import guarded
+from geca.cli.common import BARS_HELP, guarded, show_progress
 from geca.errors import ConfigError
 from geca.models.config import NAMED_MODELS, DiTConfig, ModelConfig, UNetConfig
 
@@ -60,6 +60,8 @@ def models(
     channels: int = typer.Option(4, "--channels", min=1, max=64, help="Input channels (4 for SD-VAE latents)."),
     classes: int = typer.Option(11, "--classes", min=1, max=10_000, help="Number of label entries (11 for OCT-ML)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", help=BARS_HELP + " Each config's "
+                                         "forward pass takes seconds at 32², minutes at 256² for GeCA-S."),
 ) -> None:
     """Parameters, GMACs per denoiser call and cells/tokens of every named config at a given input shape.
 
@@ -68,8 +70,11 @@ def models(
     """
     from rich.console import Console
     from rich.table import Table
+    from tqdm.auto import tqdm
 
-    rows = [model_row(name, config, channels, classes, resolution) for name, config in NAMED_MODELS.items()]
+    rows = [model_row(name, config, channels, classes, resolution)
+            for name, config in tqdm(NAMED_MODELS.items(), desc="counting", disable=not show_progress(progress),
+                                     leave=False)]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
