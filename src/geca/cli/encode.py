@@ -48,7 +48,9 @@ def encode(
     if unknown:  # before the first split is encoded, not after
         raise ConfigError(f"--splits: unknown split(s) {', '.join(unknown)}; valid: {', '.join(SPLITS)}")
     fold, cv_val = split_flags(folds_file, fold, cv_val)
+    dev = pick_device(device)
     output_dir(out)
+
     def load(split: str) -> ImageSet:
         return load_split(data, split, image_size=image_size, folds_file=folds_file, fold=fold, cv_val=cv_val)
 
@@ -68,7 +70,6 @@ def encode(
             reused.append(line(split, found, "reused"))
     for message in reused:
         typer.echo(message)
-    dev = pick_device(device)
     codec = functools.cache(lambda: LatentCodec.load(vae, size, dev, batch_size))  # loaded only if needed
     for split in pending:
         latents, status = ensure_latents(vae, load(split), split, out, size=size, mean=mean, get_codec=codec,
