@@ -154,33 +154,35 @@ def test_the_time_budget_keeps_back_the_final_work_before_it_was_ever_timed(tmp_
     shown, sampler = trainer.spec.num_classes * cfg.preview.per_class, cfg.preview.sampler
     assert sampler.guidance_scale != 1 and sampler.precision == "fp32"
     params = sum(p.numel() for p in trainer.ema.model.parameters())
-    assert trainer.checkpoint_guess_s == pytest.approx(16 * params / 100e6)  # fp32 weights, EMA, AdamW's 2 moments
-    trainer.work_s, trainer.call_s = {}, {}
-    measured = trainer._call_s(shown, sampler)
-    assert measured > 0 and list(trainer.call_s) == [(shown, None, True)]
-    assert trainer._call_s(shown, sampler) == measured  # timed once
-    trainer.call_s[shown, None, True] = 0.25
-    assert trainer.final_work_s() == pytest.approx(0.25 * sampler.steps + trainer.checkpoint_guess_s)
+    budget = trainer.budget
+    assert budget.checkpoint_guess_s == pytest.approx(16 * params / 100e6)  # fp32 weights, EMA, AdamW's 2 moments
+    budget.work_s, budget.calls = {}, {}
+    measured = budget.call_s(shown, sampler)
+    assert measured > 0 and list(budget.calls) == [(shown, None, True)]
+    assert budget.call_s(shown, sampler) == measured  # timed once
+    budget.calls[shown, None, True] = 0.25
+    assert budget.final_work_s() == pytest.approx(0.25 * sampler.steps + budget.checkpoint_guess_s)
     cfg.preview.sampler.precision = "bf16"  # another precision is another call
-    trainer.call_s[shown, torch.bfloat16, True] = 0.125
-    assert trainer.final_work_s() == pytest.approx(0.125 * sampler.steps + trainer.checkpoint_guess_s)
-    trainer.work_s = {"checkpoint": 2.0, "preview": 7.0}
-    assert trainer.final_work_s() == pytest.approx(9.0)
+    budget.calls[shown, torch.bfloat16, True] = 0.125
+    assert budget.final_work_s() == pytest.approx(0.125 * sampler.steps + budget.checkpoint_guess_s)
+    budget.work_s = {"checkpoint": 2.0, "preview": 7.0}
+    assert budget.final_work_s() == pytest.approx(9.0)
     cfg.train.max_minutes = 0.2  # a budget is for training: a preview of more than half of it is not kept back
-    assert trainer.final_work_s() == pytest.approx(2.0)
+    assert budget.final_work_s() == pytest.approx(2.0)
     cfg.train.max_minutes = 10  # decided afresh each time
-    assert trainer.final_work_s() == pytest.approx(9.0)
+    assert budget.final_work_s() == pytest.approx(9.0)
     cfg.train.sample_every = 0
-    assert trainer.final_work_s() == pytest.approx(2.0)
+    assert budget.final_work_s() == pytest.approx(2.0)
 
 
 def test_a_final_preview_beyond_half_the_budget_is_skipped_only_where_it_no_longer_fits(
         tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not kept back, the long preview is skipped when the budget ran out; a run that ends by --max-steps long before
     still draws it."""
+    from geca.training.budget import Budget
     from geca.training.trainer import Trainer
 
-    monkeypatch.setattr(Trainer, "_call_s", lambda self, images, sampler: 1.0)  # a 50-step preview: 50 s
+    monkeypatch.setattr(Budget, "call_s", lambda self, images, sampler: 1.0)  # a 50-step preview: 50 s
     drawn = []
     monkeypatch.setattr(Trainer, "preview", lambda self, final=False: drawn.append(final))
     train(tiny_config(2, sample_every=10_000, max_minutes=1.5), tmp_path / "short", train_set=blob_images(n=8, size=8),

@@ -364,6 +364,7 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
     preview inside them: timed at the previews every 25 steps, or, with none before the final one, estimated from one
     timed call (unmoved by a first step that compiles and warms up, 100 s); and the final checkpoint, never timed
     before, from its size (120 s here)."""
+    import geca.training.budget as budget_module
     import geca.training.trainer as trainer_module
     from geca.models.build import count_parameters
     from geca.training.trainer import Trainer
@@ -376,6 +377,7 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
             return Clock.now
 
     monkeypatch.setattr(trainer_module, "time", Clock)
+    monkeypatch.setattr(budget_module, "time", Clock)
     step, preview = Trainer.step, Trainer.preview
 
     def slow_step(self):
@@ -410,7 +412,7 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
         starts.append(Clock.now)
         if checkpoint_s:  # a disk at which this model's checkpoint takes checkpoint_s
             disk = 16 * count_parameters(self.ema.model) / checkpoint_s
-            monkeypatch.setattr(trainer_module, "SLOW_DISK_BYTES_PER_S", disk)
+            monkeypatch.setattr(budget_module, "SLOW_DISK_BYTES_PER_S", disk)
         return run(self, *args)
 
     monkeypatch.setattr(Trainer, "run", timed_run)

@@ -2,7 +2,8 @@
 
 `Trainer.__init__` sets up (data, model, optimizer, resume); `Trainer.run` reads top to bottom: the loop of
 `Trainer.step` and `Trainer.periodic`, then the final checkpoint, preview and validation. What the run trains on is
-in `data.py`, the processes' collectives in `distributed.py`, loading a checkpoint to resume in `resume.py`.
+in `data.py`, the processes' collectives in `distributed.py`, loading a checkpoint to resume in `resume.py`, the time
+budget in `budget.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from geca.run import ModelSpec, find_checkpoint, prune_checkpoints, read_spec, s
 from geca.sampling.config import SamplerConfig
 from geca.sampling.generate import sample_images
 from geca.sampling.labels import per_class_labels
-from geca.sampling.samplers import autocast_dtype, guided_output, resolved_precision
+from geca.sampling.samplers import guided_output, resolved_precision
+from geca.training.budget import Budget
 from geca.training.compile import check_toolchain, compile_for_run
 from geca.training.data import BatchStream, training_data
 from geca.training.distributed import make_accelerator, max_over_processes, parameters_identical
@@ -42,9 +44,6 @@ from geca.utils.plots import plot_class_grid, plot_loss_curve
 from geca.utils.seeding import derive_seed
 
 DIVERGED = 1e3  # the diffusion loss of a sane model is O(1); above this it has blown up
-# Until a checkpoint has been timed, writing one (fp32 weights, their EMA and AdamW's two moments, then hashing them)
-# is guessed at a slow disk's speed.
-CHECKPOINT_BYTES_PER_PARAMETER, SLOW_DISK_BYTES_PER_S = 16, 100e6
 LOG_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s", "peak_mem_mib", "elapsed_min"]
 
 
@@ -102,7 +101,6 @@ class Trainer:
         if tc.batch_size % self.world:
             raise ConfigError(f"batch size {tc.batch_size} is not divisible by {self.world} processes")
         self.local_batch = tc.batch_size // self.world
-        self.call_s: dict[tuple[int, torch.dtype | None, bool], float] = {}  # see _call_s
         self.heredity_prob = tc.heredity_prob if getattr(config.model, "heredity", "off") == "gated" else 0.0
         self.data = training_data(config, self.run_dir, acc, progress, train_set)
         if len(self.data.data) == 0:
@@ -146,6 +144,8 @@ class Trainer:
         self.stream = BatchStream(len(self.data.data), tc.seed)
         self.log = CsvLog(self.run_dir / "log.csv", LOG_FIELDS)
         self.validator = self._validator(resume)  # loads the val split and features: fails before files are written
+        self.budget = Budget(config, self.n_parameters, self.spec.num_classes, self.validator is not None, self.main,
+                             self.device, self._guided_call)
         if self.main and self.step_count < tc.max_steps:  # a finished run resumed to its step is left as it is
             self._write_run_files(resume)
         if tc.logger == "tensorboard":
@@ -273,7 +273,8 @@ class Trainer:
                             f"{tc.precision}): training diverged; {kept}. Try {' or '.join(hints)}.")
 
     def elapsed_s(self) -> float:
-        return self.state["elapsed_s"] + time.time() - self.t_start
+        """Training time over every invocation of the run."""
+        return self.state["elapsed_s"] + self.budget.elapsed_s()
 
     def log_row(self) -> None:
         tc = self.config.train
@@ -338,88 +339,23 @@ class Trainer:
         if step % tc.log_every == 0:
             self.log_row()
         if self._checkpoint_due():
-            self._timed("checkpoint", self.checkpoint)
+            self.budget.timed("checkpoint", self.checkpoint)
         if self.main and tc.sample_every and step % tc.sample_every == 0:
-            self._timed("preview", self.preview)
+            self.budget.timed("preview", self.preview)
         if self.validator is not None and step % self.config.validation.every == 0:
-            self._timed("validation", self.validate)
+            self.budget.timed("validation", self.validate)
 
     def _checkpoint_due(self) -> bool:
         every = self.config.train.checkpoint_every
         return bool(every) and self.step_count % every == 0
 
-    def _timed(self, work: str, run: Callable[[], None]) -> None:
-        """Run periodic work, keeping the longest time it took: its final turn must fit in the budget too."""
-        started = time.time()
-        run()
-        self.work_s[work] = max(self.work_s.get(work, 0.0), time.time() - started)
-
-    @property
-    def checkpoint_guess_s(self) -> float:
-        return CHECKPOINT_BYTES_PER_PARAMETER * self.n_parameters / SLOW_DISK_BYTES_PER_S
-
-    def final_work_s(self) -> float:
-        """What the final checkpoint, preview and validation will take: the longest of each seen so far or, before
-        the first, an estimate: a checkpoint's bytes at a slow disk's speed; sampling as one timed denoiser call per
-        sampler step and batch."""
-        need = self.work_s.get("checkpoint", self.checkpoint_guess_s)
-        if self.main and self.config.train.sample_every and self._preview_kept_back():
-            need += self._preview_s()
-        return need + self._validation_s()
-
-    def _preview_kept_back(self) -> bool:
-        """A budget is for training: a final preview of more than half of it is not kept back in it (`finish` draws it
-        only where it still fits)."""
-        budget = self.config.train.max_minutes
-        return budget is None or self._preview_s() <= budget * 30
-
-    def _validation_s(self) -> float:
-        """What a validation took (the longest so far) or, before the first, will take; 0 where there is none."""
-        if self.validator is None:
-            return 0.0
-        if "validation" in self.work_s:
-            return self.work_s["validation"]
-        v = self.config.validation
-        batches, last = divmod(v.num_samples, v.batch_size)
-        return v.sampler.steps * (batches * self._call_s(v.batch_size, v.sampler) +
-                                  (self._call_s(last, v.sampler) if last else 0.0))
-
-    def _preview_skipped(self) -> bool:
-        """A final preview not kept back runs only where it still fits, the final validation after it included."""
-        if self._preview_kept_back():
-            return False
-        left = self.config.train.max_minutes * 60 - (time.time() - self.t_start)
-        final_validation = self._validation_s() if self.validator is not None and \
-            self.step_count % self.config.validation.every else 0.0
-        return self._preview_s() + final_validation > left
-
-    def _preview_s(self) -> float:
-        """What a preview took (the longest so far) or, before the first, will take."""
-        if "preview" in self.work_s:
-            return self.work_s["preview"]
-        pc = self.config.preview
-        return self._call_s(min(self.spec.num_classes, pc.max_classes) * pc.per_class, pc.sampler) * pc.sampler.steps
-
     @torch.no_grad()
-    def _call_s(self, images: int, sampler: SamplerConfig) -> float:
-        """One guided call of the EMA model on `images` images as `sampler` makes it, timed once per shape and
-        precision. Measured rather than derived from the training step: an fp32 call after bf16 training, CFG's
-        doubled batch and the batch size each change it by more than a rule of thumb could say. The second of two
-        calls counts: the first may set up kernels."""
-        dtype = autocast_dtype(sampler.precision, self.device)
-        key = (images, dtype, sampler.guidance_scale != 1)
-        if key not in self.call_s:
-            x = torch.randn(images, *self.spec.shape, device=self.device)
-            t = torch.full((images,), self.diffusion.num_timesteps - 1, device=self.device)
-            y = torch.zeros(images, self.spec.num_classes, device=self.device)
-            for _ in range(2):
-                started = time.time()
-                guided_output(self.ema.model, x, t, y, sampler.guidance_scale, nca_steps=sampler.nca_steps,
-                              dtype=dtype)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self.call_s[key] = time.time() - started
-        return self.call_s[key]
+    def _guided_call(self, images: int, sampler: SamplerConfig, dtype: torch.dtype | None) -> None:
+        """What the budget times to estimate a preview or validation before the first: one call of the EMA model."""
+        x = torch.randn(images, *self.spec.shape, device=self.device)
+        t = torch.full((images,), self.diffusion.num_timesteps - 1, device=self.device)
+        y = torch.zeros(images, self.spec.num_classes, device=self.device)
+        guided_output(self.ema.model, x, t, y, sampler.guidance_scale, nca_steps=sampler.nca_steps, dtype=dtype)
 
     def finish(self) -> None:
         """The last step's log row, checkpoint, preview and validation, where the loop did not just write them."""
@@ -430,9 +366,9 @@ class Trainer:
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
         if self.main and tc.sample_every and step % tc.sample_every:
-            if self._preview_skipped():
+            if self.budget.preview_skipped(step):
                 beside = " beside the final validation" if self.validator is not None else ""
-                tqdm.write(f"final preview skipped: it would take about {self._preview_s():.0f} s, more than "
+                tqdm.write(f"final preview skipped: it would take about {self.budget.preview_s():.0f} s, more than "
                            f"--max-minutes has left{beside} (`geca sample --run {self.run_dir} --per-class 4 --out "
                            "DIR` draws samples)")
             else:
@@ -441,13 +377,10 @@ class Trainer:
             self.validate()
 
     def out_of_time(self) -> bool:
-        """max_minutes is this invocation's budget (a resumed run gets it afresh), the next step (timed as the last
-        one) and the final work (`final_work_s`) included; all processes stop at once."""
-        budget = self.config.train.max_minutes
-        if budget is None:
+        """The budget is spent (`Budget.over`) in any process: all stop at once."""
+        if self.config.train.max_minutes is None:
             return False
-        need = time.time() - self.t_start + self.step_s + self.final_work_s()  # one more step, then the final work
-        over = torch.tensor([float(need > budget * 60)], device=self.device)
+        over = torch.tensor([float(self.budget.over())], device=self.device)
         return max_over_processes(over).item() > 0
 
     def describe(self) -> str:
@@ -475,7 +408,7 @@ class Trainer:
         if not self.timed:
             self.bar.update(1)
             return
-        self.bar.update(min(time.time() - self.t_start, self.bar.total) - self.bar.n)
+        self.bar.update(min(self.budget.elapsed_s(), self.bar.total) - self.bar.n)
         self.bar.set_postfix_str(self._postfix(), refresh=False)
 
     def _postfix(self) -> str:
@@ -494,8 +427,8 @@ class Trainer:
                            f"{tc.max_steps}")
             self.accelerator.end_training()
             return self._summary(None)
-        self.t_start, self.step_s, self._last_plain = time.time(), 0.0, 0.0
-        self.work_s: dict[str, float] = {}
+        self.budget.start()
+        self._last_plain = 0.0
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
         self.bar = self._bar()
@@ -504,7 +437,7 @@ class Trainer:
             while self.step_count < tc.max_steps and not self.out_of_time():
                 started = time.time()
                 self.step()
-                self.step_s = time.time() - started
+                self.budget.step_s = time.time() - started
                 self.periodic()
                 self._advance()
                 if stop_asked() and self.step_count < tc.max_steps:  # at the last step, the final work still runs
