@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,9 +192,14 @@ def test_a_final_preview_beyond_half_the_budget_is_skipped_only_where_it_no_long
     train(tiny_config(10_000, sample_every=10_000, max_minutes=0.1), tmp_path / "run",
           train_set=blob_images(n=8, size=8), progress=False)
     out = capsys.readouterr().out
-    assert drawn == [True] and "final preview skipped: it would take about 50 s, more than --max-minutes has left " \
-        "(`geca sample" in out, out
+    assert drawn == [True] and re.search(r"final preview skipped at step \d+: it would take about 50 s, more than "
+                                         r"--max-minutes has left \(`geca sample", out), out
     assert not (tmp_path / "run" / "samples").exists() or not list((tmp_path / "run" / "samples").iterdir())
+    # periodic previews too: each would overrun the budget (said once)
+    train(tiny_config(10_000, sample_every=1, max_minutes=0.1), tmp_path / "often", train_set=blob_images(n=8, size=8),
+          progress=False)
+    out = capsys.readouterr().out
+    assert drawn == [True] and out.count("preview skipped") == 1 and "preview skipped at step 1:" in out, out
 
 
 def test_a_preview_precision_the_device_cannot_run_is_refused_before_the_run_is_written(tmp_path: Path,

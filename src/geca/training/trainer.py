@@ -341,7 +341,7 @@ class Trainer:
         if self._checkpoint_due():
             self.budget.timed("checkpoint", self.checkpoint)
         if self.main and tc.sample_every and step % tc.sample_every == 0:
-            self.budget.timed("preview", self.preview)
+            self._preview_if_it_fits()
         if self.validator is not None and step % self.config.validation.every == 0:
             self.budget.timed("validation", self.validate)
 
@@ -366,15 +366,22 @@ class Trainer:
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
         if self.main and tc.sample_every and step % tc.sample_every:
-            if self.budget.preview_skipped(step):
-                beside = " beside the final validation" if self.validator is not None else ""
-                tqdm.write(f"final preview skipped: it would take about {self.budget.preview_s():.0f} s, more than "
-                           f"--max-minutes has left{beside} (`geca sample --run {self.run_dir} --per-class 4 --out "
-                           "DIR` draws samples)")
-            else:
-                self.preview(final=True)
+            self._preview_if_it_fits(final=True)
         if self.validator is not None and step % self.config.validation.every:
             self.validate()
+
+    def _preview_if_it_fits(self, final: bool = False) -> None:
+        """A preview of more than half the budget, which the budget does not keep back, is drawn only where it still
+        fits; skipping one is said once (a later one fits even less)."""
+        if not self.budget.preview_skipped(self.step_count):
+            self.budget.timed("preview", lambda: self.preview(final))
+            return
+        if not self.said_skipped:
+            beside = " beside the final validation" if self.validator is not None else ""
+            tqdm.write(f"{'final ' if final else ''}preview skipped at step {self.step_count}: it would take about "
+                       f"{self.budget.preview_s():.0f} s, more than --max-minutes has left{beside} (`geca sample --run "
+                       f"{self.run_dir} --per-class 4 --out DIR` draws samples)")
+        self.said_skipped = True
 
     def out_of_time(self) -> bool:
         """The budget is spent (`Budget.over`) in any process: all stop at once."""
@@ -428,7 +435,7 @@ class Trainer:
             self.accelerator.end_training()
             return self._summary(None)
         self.budget.start()
-        self._last_plain = 0.0
+        self._last_plain, self.said_skipped = 0.0, False
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
         self.bar = self._bar()
