@@ -119,6 +119,18 @@ def test_resume_keeps_the_runs_own_config_and_logs_overrides(custom_run: Path, b
     assert f"resume: model.compile {before['model']['compile']!r} → 'false' (--no-compile)" in res.output
 
 
+def test_a_resumed_runs_config_value_out_of_bounds_names_the_way_out(custom_run: Path) -> None:
+    """A run begun before a bound existed (max_steps ≤ 10⁹ came later) resumes with the flag that overrides it."""
+    own = yaml.safe_load((custom_run / "config.yaml").read_text())
+    own["train"]["max_steps"] = 2 * 10**9
+    (custom_run / "config.yaml").write_text(yaml.safe_dump(own))
+    res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--no-progress"])
+    assert res.exit_code == 2 and "train.max_steps must be in [1, 1,000,000,000], got 2000000000; --resume reads " \
+        "the run's own config.yaml: override the value with its flag or --set KEY=VALUE" in res.output, res.output
+    res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--max-steps", "3", "--no-progress"])
+    assert res.exit_code == 0, res.output
+
+
 def test_resume_with_a_config_file_says_every_value_it_changes(custom_run: Path, tmp_path: Path) -> None:
     """-c with --resume replaces the run's own config: each value that differs from what the run trained with is
     said, against the run's config.yaml (not against the file given)."""

@@ -170,7 +170,14 @@ def train(
     names.update(apply_set(run_config, set_values or [], names))
     set_threads(threads)
     cpu = pick_device(device).type == "cpu"
-    run_config.validate(names, where=config)
+    try:
+        run_config.validate(names, where=config)
+    except ConfigError as e:
+        if config != own or str(config) not in str(e):
+            raise
+        # a value that was valid when the run began (a bound added since) or an edited file
+        raise ConfigError(f"{e}; --resume reads the run's own config.yaml: override the value with its flag or "
+                          "--set KEY=VALUE") from None
     folds = run_config.data.folds_file
     if folds is not None and folds_file is None and not Path(folds).expanduser().is_file():
         # a preset's placeholder, or the folds of the dataset that --data replaced, named where they came from
