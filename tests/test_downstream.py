@@ -742,3 +742,17 @@ def test_a_synthetic_set_of_another_size_is_resized_with_a_warning(tmp_path: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_synthetic(tmp_path / "same", real)
+
+
+def test_classify_flag_defaults_are_the_settings_defaults() -> None:
+    """The command line and a study's classification section (TableSettings) must not drift apart."""
+    import inspect
+    from dataclasses import fields
+
+    from geca.cli.downstream import classify as command
+    from geca.downstream.classify import TableSettings
+
+    flags = {name: p.default.default for name, p in inspect.signature(command).parameters.items()}
+    shared = [f for f in fields(TableSettings) if f.name in flags]
+    assert len(shared) == len(fields(TableSettings))  # every setting is a flag
+    assert {f.name: flags[f.name] for f in shared} == {f.name: f.default for f in shared}
