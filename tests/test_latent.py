@@ -300,3 +300,20 @@ def test_a_bin_vae_loads_as_plain_tensors_without_diffusers_warning(tmp_path: Pa
                        "other than tensors"):
         load_vae(root)
     assert not marker.exists()
+
+
+def test_the_codec_preprocesses_as_its_cache_key_says() -> None:
+    """Cached latents are keyed by PREPROCESS, not by the code: the crop and resize must stay torchvision's on uint8
+    (half pixels of the crop rounded to even), or caches written before would pass for new ones."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from geca.utils.images import fit_square
+
+    rng = np.random.default_rng(0)
+    for h, w, size in [(28, 28, 64), (40, 51, 28), (51, 40, 16), (33, 47, 33)]:
+        images = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        x = TF.center_crop(torch.from_numpy(images).permute(0, 3, 1, 2), [min(h, w)] * 2)
+        if min(h, w) != size:
+            x = TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        assert np.array_equal(fit_square(images, size), x.permute(0, 2, 3, 1).numpy())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 # the per-channel statistics torchvision's ImageNet networks were trained with
@@ -13,17 +12,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def fit_square(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (N, H, W, C) centre-cropped to a square and resized to (N, size, size, C), bicubic and antialiased: how
-    every loader brings images to a size, so one dataset stored two ways gives the same pixels."""
+    """uint8 (N, H, W, C) centre-cropped to a square and resized to (N, size, size, C), bicubic and antialiased on
+    uint8 (torchvision's): how every loader and the SD-VAE codec bring images to a size, so one dataset stored two
+    ways gives the same pixels."""
     h, w = images.shape[1:3]
     side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
+    top, left = round((h - side) / 2), round((w - side) / 2)  # torchvision's center_crop: half pixels to even
     images = images[:, top:top + side, left:left + side]
     if side == size:
         return np.ascontiguousarray(images)
-    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float()  # a copy: a decoded PIL image is read-only
-    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    # here, not at import: importing torchvision imports torch._dynamo (≈ 1.5 s for every command that samples)
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: a decoded PIL image is read-only
+    x = TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
