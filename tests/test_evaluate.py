@@ -480,3 +480,25 @@ def test_a_wrong_published_weights_file_is_refused_before_any_training(data: dic
         res = runner.invoke(app, [*base, *flags, str(junk)])
         assert res.exit_code == 2 and f"error: {junk}: SHA-256" in res.output, res.output
         assert "training on" not in res.output and not (tmp_path / "cache").exists()
+
+
+def test_copies_of_a_multi_label_split_are_scored_as_multi_label_when_told(tmp_path: Path) -> None:
+    """All-one-hot rows of multi-label data read as multi-class: a multi-hot generated row was then refused."""
+    from geca.errors import DataError
+    from geca.metrics.evaluate import EvalSettings, load_inputs
+    from geca.sampling.generate import write_images
+
+    rng = np.random.default_rng(0)
+    one_hot = np.eye(2, dtype=np.float32)[[0, 1] * 20]
+    for split in ("test", "train"):
+        write_images(tmp_path / split, rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8), one_hot, NAMES)
+    hot = one_hot.copy()
+    hot[0] = 1
+    gen = write_sample_dir(tmp_path / "gen", rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8), hot, NAMES)
+    settings = EvalSettings([("g", gen)], f"{tmp_path / 'test' / 'labels.csv'}:all",
+                            f"{tmp_path / 'train' / 'labels.csv'}:all")
+    with pytest.raises(DataError, match="has 2 labels; the real data is multi-class"):
+        load_inputs(settings)
+    settings.multilabel = True
+    inputs = load_inputs(settings)
+    assert inputs.real.multilabel and inputs.train.multilabel

@@ -611,20 +611,20 @@ def test_the_real_stage_is_redone_for_other_procedural_data_on_the_same_folds(tm
     assert real_params("synthetic-oct@patients=20,size=16") != real_params("synthetic-oct@patients=20,size=32")
 
 
-def test_the_real_stage_keeps_a_one_hot_split_of_multi_label_data_multi_label(tmp_path: Path) -> None:
-    """Evaluation reads the copies back as folder + CSV sets, which would call all-one-hot rows multi-class."""
+def test_a_cv_studys_evaluation_says_whether_the_data_is_multi_label(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """The real stage's copies of a fold's splits are folder + CSV sets, whose all-one-hot rows would be read as
+    multi-class: the evaluation is told what the data is (also for studies whose copies were written before)."""
     from types import SimpleNamespace
 
-    from geca.data.imageset import ImageSet
-    from geca.data.registry import load_split
-    from geca.experiment.stages import real_stage
+    from geca.experiment import stages
 
-    one_hot = np.eye(2, dtype=np.float32)[[0, 1, 0, 1]]
-    images = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 1), dtype=np.uint8)
-    data = ImageSet(images, one_hot, ["a", "b"], multilabel=True, source="x")
-    ctx = SimpleNamespace(split=lambda split, fold: data, eval_fold=1,
-                          exp=SimpleNamespace(data=SimpleNamespace(spec="x")))
-    assert real_stage(ctx, tmp_path) == {"fold": 1, "images": {"test": 4, "train": 4}}
-    copy = load_split(str(tmp_path / "test" / "labels.csv"), "all")
-    assert copy.multilabel and copy.labels.tolist() == one_hot.tolist()
-    assert (copy.images == images).all()
+    seen = {}
+    monkeypatch.setattr(stages, "run_evaluation", lambda settings, *a, **k: seen.update(multilabel=settings))
+    for cv, data_multilabel, told in ((True, True, True), (True, False, False), (False, True, None)):
+        ctx = SimpleNamespace(
+            exp=SimpleNamespace(data=SimpleNamespace(cv=cv)), eval_fold=1, device="cpu", progress=False, log=print,
+            split=lambda split, fold, m=data_multilabel: SimpleNamespace(multilabel=m), real_spec=lambda split: split,
+            loaded=SimpleNamespace(eval_settings=lambda sets, real, train, **more: more["multilabel"]))
+        stages._evaluate(ctx, [], tmp_path)
+        assert seen["multilabel"] is told

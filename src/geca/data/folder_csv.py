@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -55,10 +56,17 @@ def read_manifest(directory: Path, rows: int) -> dict[str, Any] | None:
 
 
 def _recorded_multilabel(table: CsvTable) -> bool:
-    """Whether geca recorded the set as multi-label: its rows alone cannot show it where each happens to be one-hot."""
-    if table.csv_path.name != "labels.csv":
+    """Whether geca's manifest.json beside a labels.csv records the set as multi-label: its rows alone cannot show it
+    where each happens to be one-hot. Another tool's manifest, or none, says nothing; nor is its count checked here:
+    a set cut down by hand is still data (`read_manifest` checks a sample set)."""
+    path = table.csv_path.parent / "manifest.json"
+    if table.csv_path.name != "labels.csv" or not path.is_file():
         return False
-    return (read_manifest(table.csv_path.parent, len(table.filenames)) or {}).get("multilabel") is True
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(meta, dict) and "geca_version" in meta and meta.get("multilabel") is True
 
 
 def _safe_path(csv_path: Path, root: Path, line: int, name: str) -> Path:
@@ -216,8 +224,8 @@ def load_folder_csv(
     The CSV has a ``filename`` column (relative to ``root``, default: the CSV's folder), optional
     ``patient_id`` and ``eye_id`` columns, and every other column is a 0/1 label. The set is multi-label
     unless every row has exactly one positive label, in which case it is multi-class (one-hot), or unless a
-    ``labels.csv`` has a geca ``manifest.json`` beside it recording ``multilabel: true`` (a one-hot set sampled from,
-    or a split copied from, multi-label data).
+    ``labels.csv`` has a geca ``manifest.json`` beside it recording ``multilabel: true`` (a one-hot set sampled from
+    multi-label data).
     Images are grey (1 channel) when every image in the CSV is grey, else RGB. Without ``image_size`` all
     images must share one square size; with it, each is centre-cropped to a square and resized.
     Splits need a folds file: ``test`` is fold ``fold``, and ``val``/``train`` split the other folds' patients as
@@ -243,7 +251,7 @@ def load_folder_csv(
         images=np.stack(images) if images else np.zeros((0, size, size, channels), dtype=np.uint8),
         labels=table.labels[rows],
         class_names=list(table.class_names),
-        multilabel=table.multilabel or _recorded_multilabel(table),
+        multilabel=_recorded_multilabel(table) or table.multilabel,
         source=str(table.csv_path),
         ids=[table.filenames[i] for i in rows],
         patient_ids=None if table.patient_ids is None else table.patient_ids[rows],

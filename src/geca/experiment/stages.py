@@ -25,7 +25,7 @@ from geca.sampling.expand import expand
 from geca.sampling.generate import run_sampler, write_images, write_sample_dir
 from geca.sampling.growth import grow_organism
 from geca.sampling.trace import write_trace
-from geca.utils.io import atomic_write_json, csv_rows, file_sha256
+from geca.utils.io import csv_rows, file_sha256
 
 # ── stages ────────────────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -72,16 +72,12 @@ def real_stage(ctx: Context, out: Path) -> dict[str, Any]:
 
     Written when `EvalSettings` could not name a fold's split; it now can (its folds_file and fold), but each
     evaluation stage's key holds this stage's run id, so dropping it would re-run every finished CV study's
-    evaluation, GHG, M and sampler-cost stages. Each copy's manifest.json records whether the data is multi-label: a
-    split whose rows happen to be one-hot would otherwise be read as multi-class.
+    evaluation, GHG, M and sampler-cost stages.
     """
     counts = {}
     for split in ("test", "train"):
         data = ctx.split(split, ctx.eval_fold)
         write_images(out / split, data.images, data.labels, data.class_names)
-        atomic_write_json(out / split / "manifest.json", {
-            "copy_of": {"data": ctx.exp.data.spec, "split": split, "fold": ctx.eval_fold},
-            "num_images": len(data), "multilabel": data.multilabel})
         counts[split] = len(data)
     return {"fold": ctx.eval_fold, "images": counts}
 
@@ -99,8 +95,10 @@ def sample_stage(ctx: Context, out: Path, name: str) -> dict[str, Any]:
 
 
 def _evaluate(ctx: Context, sets: list[tuple[str, Path]], out: Path) -> dict[str, Any]:
+    # under CV the real stage's copies cannot show that a split of one-hot rows is multi-label data: said here
+    multilabel = ctx.split("test", ctx.eval_fold).multilabel if ctx.exp.data.cv else None
     settings = ctx.loaded.eval_settings(sets, ctx.real_spec("test"), ctx.real_spec("train"), device=str(ctx.device),
-                                        progress=ctx.progress, lineage=not ctx.exp.data.cv)
+                                        progress=ctx.progress, lineage=not ctx.exp.data.cv, multilabel=multilabel)
     return run_evaluation(settings, out / "metrics.json", log=ctx.log, overwrite=True)
 
 

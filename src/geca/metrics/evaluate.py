@@ -76,6 +76,7 @@ def load_sample_dir(path: Path) -> ImageSet:
     if not csv_path.is_file():
         raise DataError(f"{path}: no labels.csv; expected a `geca sample` output directory")
     data = load_folder_csv(csv_path, "all")
+    read_manifest(path, len(data))  # a set cut short
     data.source = str(path)
     return data
 
@@ -105,6 +106,9 @@ class EvalSettings:
     # whether each set's manifest is checked against --train: `geca experiment` passes its own copies of a fold's
     # splits, whose lineage it keeps itself
     lineage: bool = True
+    # whether the real data is multi-label, where --real and --train are copies whose rows cannot show it (all one-hot
+    # rows of multi-label data); None: as their rows say
+    multilabel: bool | None = None
 
     def validate(self, name: Callable[[str], str] = lambda key: "--" + key.replace("_", "-")) -> None:
         """Refuse an unknown choice, naming it as the user gave it (`name(field)`: a flag, or a YAML key)."""
@@ -219,6 +223,8 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
                         "on (e.g. SPEC:train), --real a held-out one (e.g. SPEC:test)")
     real = load_split(*real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
+    if s.multilabel is not None:
+        real.multilabel = train.multilabel = s.multilabel
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")
     _check_compatible(":".join(train_name), train, real, "real")
