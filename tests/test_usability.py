@@ -99,6 +99,13 @@ def test_api_labels_and_seeds_are_checked_before_sampling(custom_run: Path) -> N
             run.sample([0], seed=seed, sampler="ddim", steps=1)
     with pytest.raises(GecaError, match="steps: expected int, got 2.5"):
         run.sample([0], sampler="ddim", steps=2.5)
+    for size in (0, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be an integer in"):
+            run.sample([0], sampler="ddim", steps=1, batch_size=size)
+    # numpy's scalars, as a notebook's loop over np.arange gives them
+    one = run.sample([0], sampler="ddim", steps=np.int64(1), guidance_scale=np.float32(2.0), seed=np.int64(3),
+                     batch_size=np.int64(1))
+    assert np.array_equal(one, run.sample([0], sampler="ddim", steps=1, guidance_scale=2.0, seed=3, batch_size=1))
     with pytest.warns(UserWarning, match=r"^ghg out: no training geca offers") as said:
         run.sample([0], sampler="ddim", steps=1, ghg="out")  # warned as `geca sample --ghg out` warns
     assert said[0].filename == __file__

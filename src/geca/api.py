@@ -30,7 +30,7 @@ from geca.sampling.growth import Organism, grow_organism
 from geca.sampling.labels import one_hot, resolve_class
 from geca.utils.hardware import resolve_device
 from geca.utils.images import pil_image
-from geca.utils.schema import from_dict
+from geca.utils.schema import MAX_BATCH, from_dict
 
 
 class Run:
@@ -100,10 +100,12 @@ class Run:
         """One image per label; `sampling` takes SamplerConfig's fields (sampler, steps, guidance_scale, ghg,
         nca_steps, eta, clip_x0, schedule, precision), defaulting as `geca sample` does. Returns uint8 (N, H, W, C)
         or PIL images."""
-        _check_seed(seed)
+        _check_int("seed", seed, 0, 2**63 - 1, "[0, 2⁶³)")
+        _check_int("batch_size", batch_size, 1, MAX_BATCH, f"[1, {MAX_BATCH:,}]")
         with _parameter_names():
             sampler = run_sampler(self.loaded, sampler_config(**sampling), strict=True)
-            images = generate(self.loaded, self.labels(labels), sampler, seed, batch_size, self.device, progress)
+            images = generate(self.loaded, self.labels(labels), sampler, int(seed), int(batch_size), self.device,
+                              progress)
         return [pil_image(im) for im in images] if pil else images
 
     def grow(self, label: str | int, out: str | Path, *, t: int = GROWTH_T, frames: int = GROWTH_FRAMES, seed: int = 0,
@@ -111,12 +113,12 @@ class Run:
         """`geca grow`: one organism of `label`, its M updates at noise level t and its denoising, written to `out`
         (GIFs and strips; an earlier growth's files there are replaced only with `overwrite`). Sampling defaults to
         DDIM 50 as the command does."""
-        _check_seed(seed)
+        _check_int("seed", seed, 0, 2**63 - 1, "[0, 2⁶³)")
         default = growth_sampler()
         sampler = sampler_config(**{"sampler": default.sampler, "steps": default.steps, **sampling})
         with _parameter_names():
             return grow_organism(self.loaded, str(label), t, run_sampler(self.loaded, sampler, strict=True), frames,
-                                 seed, self.device, Path(out), overwrite)
+                                 int(seed), self.device, Path(out), overwrite)
 
 
 def sampler_config(**sampling: Any) -> SamplerConfig:
@@ -124,12 +126,15 @@ def sampler_config(**sampling: Any) -> SamplerConfig:
     unknown = sorted(set(sampling) - known)
     if unknown:
         raise TypeError(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return from_dict(SamplerConfig, sampling, "sampling")  # types checked as a config's are: steps=2.5 is refused
+    # types checked as a config's are (steps=2.5 is refused); numpy's scalars as the Python numbers they hold
+    plain = {k: v.item() if isinstance(v, np.generic) else v for k, v in sampling.items()}
+    return from_dict(SamplerConfig, plain, "sampling")
 
 
-def _check_seed(seed: Any) -> None:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be an integer in [0, 2⁶³), got {seed!r}")
+def _check_int(name: str, value: Any, low: int, high: int, shown: str) -> None:
+    """An integer (numpy's too) in [low, high]; `shown` is the range as the message gives it."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {shown}, got {value!r}")
 
 
 def load_run(run_dir: str | Path, checkpoint: str | int | None = None, weights: str = "ema",
