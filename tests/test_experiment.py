@@ -628,3 +628,30 @@ def test_a_cv_studys_evaluation_says_whether_the_data_is_multi_label(monkeypatch
             loaded=SimpleNamespace(eval_settings=lambda sets, real, train, **more: more["multilabel"]))
         stages._evaluate(ctx, [], tmp_path)
         assert seen["multilabel"] is told
+
+
+def test_the_sampler_cost_report_tells_apart_settings_beyond_sampler_and_steps(tmp_path: Path) -> None:
+    """Two DDIM 4 sets, one at CFG 3: two rows and two curves, not one curve with two points at 4 calls."""
+    from types import SimpleNamespace
+
+    from geca.experiment.report import _sampler_cost
+
+    kid = {"mean": 0.01, "std": 0.001, "se": 0.001}
+    sampling = {"sampler": "ddim", "steps": 4, "guidance_scale": 1.5, "schedule": "uniform", "precision": "fp32"}
+    sets = [{"name": "G-ddim4", "generator": "G", "variant": "", "sampling": sampling, "seconds": 1, "images": 8},
+            {"name": "G-ddim4-cfg3", "generator": "G", "variant": "cfg3", "seconds": 1, "images": 8,
+             "sampling": {**sampling, "guidance_scale": 3.0}}]
+
+    class Reader:
+        ctx = SimpleNamespace(outputs=lambda stage: {"sets": sets})
+
+        def metrics(self, stage: str) -> dict:
+            if stage == "evaluate":
+                return {"real": {}, "results": []}
+            return {"results": [{"name": s["name"], "kid": kid} for s in sets]}
+
+        def train(self, name: str) -> dict:
+            return {"macs_per_call": 1e9, "steps": 10}
+
+    md = "\n".join(_sampler_cost(Reader(), tmp_path))
+    assert "| G | DDIM 4 | uniform |" in md and "| G | DDIM 4 (cfg3) | uniform |" in md, md

@@ -219,12 +219,14 @@ def _sampler_cost(r: _Reader, figures: Path) -> list[str]:
         gmac = calls * train["macs_per_call"] * (2 if sc["guidance_scale"] != 1 else 1) / 1e9
         k, f = results[s["name"]]["kid"], results[s["name"]].get("faithfulness") or {}
         # Studies run before schedules and precisions existed spaced every sampler evenly and sampled in fp32.
-        rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}", sc.get("schedule", "uniform"),
+        variant = s.get("variant") or ""  # CFG, GHG, M, η or clipping where not at their defaults (studies before: "")
+        rows.append([s["generator"], f"{sc['sampler'].upper()} {sc['steps']}" + (f" ({variant})" if variant else ""),
+                     sc.get("schedule", "uniform"),
                      precision, calls, f"{gmac:.2f}", f"{s['seconds'] / max(s['images'], 1):.3f}",
                      faithful(f), pm(k, 1e3)])
         # Error bars: KID's standard error over generated sets (studies run before it existed: the subsets' spread).
         err = k.get("se", k["std"])
-        curve = s["generator"] if precision == "fp32" else f"{s['generator']} ({precision})"
+        curve = f"{s['generator']} {variant}".strip() + ("" if precision == "fp32" else f" ({precision})")
         curves.setdefault(curve, []).append((calls, k["mean"] * 1e3, err * 1e3, f.get("value")))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=120)
     calls = sorted({p[0] for pts in curves.values() for p in pts})

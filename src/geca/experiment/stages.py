@@ -169,7 +169,7 @@ def sampler_cost_stage(ctx: Context, out: Path) -> dict[str, Any]:
     result = _sweep(ctx, out, [(name, train_id(g, ctx.eval_fold), s) for name, (g, s) in generator.items()],
                     c.num_samples)
     for row in result["sets"]:
-        row["generator"] = generator[row["name"]][0]
+        row["generator"], row["variant"] = generator[row["name"]][0], generator[row["name"]][1].variant()
     return result
 
 

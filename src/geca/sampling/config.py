@@ -75,11 +75,16 @@ class SamplerConfig:
     def label(self) -> str:
         """The setting's short name beside others (sample sets, sweeps): `ddim25`, `dpm++20-karras`, `ddim25-bf16`,
         `ddim25-cfg3-ghg_none-M16`: a schedule where one is given, and each other setting not at its default."""
-        default = SamplerConfig(self.sampler)
         parts = [f"{self.sampler}{self.steps}"]
         parts += [self.schedule] if self.schedule else []
-        parts += [self.precision] if self.precision != default.precision else []
-        parts += [f"cfg{self.guidance_scale:g}"] if self.guidance_scale != default.guidance_scale else []
+        parts += [self.precision] if self.precision != SamplerConfig(self.sampler).precision else []
+        return "-".join([*parts, *filter(None, [self.variant()])])
+
+    def variant(self) -> str:
+        """The settings other than sampler, steps, schedule and precision that are not at their defaults (`cfg3-M16`;
+        "" where none is): what tells apart sets a table shows with the same sampler, steps and precision."""
+        default = SamplerConfig(self.sampler)
+        parts = [f"cfg{self.guidance_scale:g}"] if self.guidance_scale != default.guidance_scale else []
         parts += [f"ghg_{self.ghg}"] if self.ghg is not None else []
         parts += [f"M{self.nca_steps}"] if self.nca_steps is not None else []
         parts += [f"eta{self.eta:g}"] if self.eta != default.eta else []
