@@ -229,7 +229,8 @@ def test_training_picks_the_cached_flipped_latent(tiny_vae: Path, tmp_path: Path
     assert any(plain) and any(mirrored)
 
 
-def test_train_and_sample_through_a_vae_write_decoded_images(blobs_npz: Path, tmp_path: Path) -> None:
+def test_train_and_sample_through_a_vae_write_decoded_images(blobs_npz: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     tiny_vae = make_vae(tmp_path / "vae")  # its own: this test replaces the weights at the end
     run = tmp_path / "run"
     res = runner.invoke(app, ["train", "--data", str(blobs_npz), "--out", str(run), "--vae", str(tiny_vae),
@@ -256,9 +257,11 @@ def test_train_and_sample_through_a_vae_write_decoded_images(blobs_npz: Path, tm
     res = runner.invoke(app, ["sample", "--run", str(run), "--out", str(tmp_path / "s1"), "--per-class", "1",
                               "--sampler", "ddim", "--steps", "2", "--no-progress"])
     assert res.exit_code == 2 and "not found" in res.output and "pass --vae DIR" in res.output
+    monkeypatch.chdir(tmp_path)  # a relative --vae is recorded absolute, as training records it
     res = runner.invoke(app, ["sample", "--run", str(run), "--out", str(tmp_path / "s1"), "--per-class", "1",
-                              "--sampler", "ddim", "--steps", "2", "--no-progress", "--vae", str(moved)])
+                              "--sampler", "ddim", "--steps", "2", "--no-progress", "--vae", moved.name])
     assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "s1" / "manifest.json").read_text())["latent"]["vae"] == str(moved.resolve())
     assert all(np.array_equal(np.array(Image.open(a)), np.array(Image.open(b)))
                for a, b in zip(pngs, sorted((tmp_path / "s1" / "images").glob("*.png")), strict=True))
     res = runner.invoke(app, ["train", "--out", str(run), "--resume", "--vae", str(moved), "--max-steps", "3",

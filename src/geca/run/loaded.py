@@ -45,7 +45,8 @@ def load_run(run_dir: Path, checkpoint: str | int | None = None, weights: str = 
     if vae is not None:
         if spec.latent is None:
             raise ConfigError(f"--vae {vae}: {run_dir} generates pixels; it has no VAE")
-        spec.latent = replace(spec.latent, vae=str(Path(vae).expanduser()))
+        local = Path(vae).expanduser()  # a directory recorded absolute (in a sample set's manifest), a hub id as given
+        spec.latent = replace(spec.latent, vae=str(local.resolve()) if local.is_dir() else str(vae))
     ckpt = find_checkpoint(run_dir, checkpoint)
     if ckpt.resolve().parent.parent != Path(run_dir).resolve():
         # model.json and the lineage checks (expand's folds) are the run's: another run's weights would pass as its
