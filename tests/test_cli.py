@@ -216,6 +216,7 @@ def test_grow_writes_gifs_and_strips(trained_run: Path, tmp_path: Path) -> None:
         (["encode", "--vae", "{tmp}/vae", "--data", "synthetic-fundus", "--out", ""], "error: --out: empty value"),
         (["train", "--data=", "--out", "{tmp}/r"], "error: --data: empty value"),
         (["runs", ""], 'error: an empty argument ("")'),
+        (["runs", "--json", ""], 'error: an empty argument ("")'),  # --json takes no value: "" is the FOLDER
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path: Path, args: list[str], message: str) -> None:

@@ -48,7 +48,7 @@ class OneLineErrors(typer.core.TyperGroup):
              standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        if (empty := _empty_value(sys.argv[1:] if args is None else list(args))) is not None:
+        if (empty := _empty_value(self, sys.argv[1:] if args is None else list(args))) is not None:
             print(f"error: {empty}", file=sys.stderr)
             sys.exit(2)
         try:
@@ -103,15 +103,21 @@ app.command("experiment")(experiment)
 app.command("demo")(demo)
 
 
-def _empty_value(args: list[str]) -> str | None:
+def _empty_value(group: typer.core.TyperGroup, args: list[str]) -> str | None:
     """What says an argument is empty: `--out ""` would be the current folder (Path("") is "."), `--vae ""` a VAE
-    there; no value of ours is meant empty."""
+    there; no value of ours is meant empty. The flag is named where it takes a value (`--json ""` is a FOLDER)."""
+    command: Any = group
+    for arg in args:  # the (sub)command the arguments are for
+        if not hasattr(command, "commands") or arg not in command.commands:
+            break
+        command = command.commands[arg]
+    takes_value = {name for p in command.params if not getattr(p, "is_flag", True) for name in p.opts}
     for i, arg in enumerate(args):
         flag, eq, value = arg.partition("=")
         if arg.startswith("--") and eq and not value:
             return f"{flag}: empty value"
         if arg == "":
-            return f"{args[i - 1]}: empty value" if i and args[i - 1].startswith("-") else "an empty argument (\"\")"
+            return f"{args[i - 1]}: empty value" if i and args[i - 1] in takes_value else 'an empty argument ("")'
     return None
 
 
