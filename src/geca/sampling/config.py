@@ -84,10 +84,10 @@ class SamplerConfig:
         """The settings other than sampler, steps, schedule and precision that are not at their defaults (`cfg3-M16`;
         "" where none is): what tells apart sets a table shows with the same sampler, steps and precision."""
         default = SamplerConfig(self.sampler)
-        parts = [f"cfg{self.guidance_scale:g}"] if self.guidance_scale != default.guidance_scale else []
+        parts = [f"cfg{self.guidance_scale:.15g}"] if self.guidance_scale != default.guidance_scale else []
         parts += [f"ghg_{self.ghg}"] if self.ghg is not None else []
         parts += [f"M{self.nca_steps}"] if self.nca_steps is not None else []
-        parts += [f"eta{self.eta:g}"] if self.eta != default.eta else []
+        parts += [f"eta{self.eta:.15g}"] if self.eta != default.eta else []
         parts += [{True: "clip", False: "noclip"}[self.clip_x0]] if self.clip_x0 is not None else []
         return "-".join(parts)
 

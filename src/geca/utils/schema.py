@@ -211,8 +211,6 @@ def apply_set(config: Any, items: list[str], flags: dict[str, str] | None = None
     return names
 
 
-
-
 class Checks:
     """Checks of config values; a failed one is a ConfigError naming the value as the user wrote it: the flag in
     `names` (config key → flag) where there is one, else the dotted config key."""
