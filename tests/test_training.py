@@ -202,6 +202,37 @@ def test_a_final_preview_beyond_half_the_budget_is_skipped_only_where_it_no_long
     assert drawn == [True] and out.count("preview skipped") == 1 and "preview skipped at step 1:" in out, out
 
 
+def test_a_periodic_preview_must_fit_with_the_validation_and_checkpoint_after_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake clock: 60 s budget, 10 s spent, a 40 s preview, a 15 s validation every 10 steps, a 1 s checkpoint.
+    The final preview at a step that validated has only itself to fit; a periodic one also has the validation due
+    now or at the end, and the final checkpoint."""
+    from geca.training import budget as budget_module
+    from geca.training.budget import Budget
+
+    class Clock:
+        now = 0.0
+
+        @staticmethod
+        def time() -> float:
+            return Clock.now
+
+    monkeypatch.setattr(budget_module, "time", Clock)
+    cfg = tiny_config(100, sample_every=10, max_minutes=1)
+    cfg.validation.every = 10
+    budget = Budget(cfg, 1000, 2, validating=True, previewing=True, device=torch.device("cpu"),
+                    guided_call=lambda *args: None)
+    budget.work_s = {"preview": 40.0, "validation": 15.0, "checkpoint": 1.0}
+    Clock.now = 10.0
+    assert not budget.preview_kept_back()  # more than half the budget
+    assert not budget.preview_skipped(10, final=True)  # 40 s in the 50 s left
+    assert budget.preview_skipped(9, final=True)  # 40 + the final validation
+    for step in (9, 10):  # drawn, each would end past the budget
+        assert budget.preview_skipped(step, final=False)
+    Clock.now = 4.0
+    assert not budget.preview_skipped(10, final=False)  # 40 + 15 + 1 in the 56 s left
+
+
 def test_a_preview_precision_the_device_cannot_run_is_refused_before_the_run_is_written(tmp_path: Path,
                                                                                        monkeypatch) -> None:
     """On a GPU machine fp16 passes the settings' check; a run trained on its CPU must refuse it up front, naming the

@@ -134,6 +134,8 @@ def test_a_resumed_runs_config_value_out_of_bounds_names_the_way_out(custom_run:
     res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--no-progress"])
     assert res.exit_code == 2 and "train.max_steps must be in [1, 1,000,000,000], got 2000000000; --resume reads " \
         "the run's own config.yaml: override the value with its flag or --set KEY=VALUE" in res.output, res.output
+    res = runner.invoke(app, ["train", "-c", str(custom_run / "config.yaml"), "--out", str(custom_run)])  # no resume
+    assert res.exit_code == 2 and "got 2000000000" in res.output and "--resume" not in res.output, res.output
     res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--max-steps", "3", "--no-progress"])
     assert res.exit_code == 0, res.output
 

@@ -173,7 +173,7 @@ def train(
     try:
         run_config.validate(names, where=config)
     except ConfigError as e:
-        if config != own or str(config) not in str(e):
+        if not resume or config != own or str(config) not in str(e):
             raise
         # a value that was valid when the run began (a bound added since) or an edited file
         raise ConfigError(f"{e}; --resume reads the run's own config.yaml: override the value with its flag or "

@@ -67,13 +67,18 @@ class Budget:
         budget = self.config.train.max_minutes
         return budget is None or self.preview_s() <= budget * 30
 
-    def preview_skipped(self, step: int) -> bool:
-        """A final preview not kept back runs only where it still fits, the final validation after it included."""
+    def preview_skipped(self, step: int, final: bool) -> bool:
+        """A preview not kept back runs only where it still fits with the work after it: the final one with the final
+        validation (unless step `step` validated already), a periodic one with a validation and the final
+        checkpoint."""
         if self.preview_kept_back():
             return False
         left = self.config.train.max_minutes * 60 - self.elapsed_s()
-        final_validation = self.validation_s() if self.validating and step % self.config.validation.every else 0.0
-        return self.preview_s() + final_validation > left
+        if final:
+            after = self.validation_s() if self.validating and step % self.config.validation.every else 0.0
+        else:
+            after = self.validation_s() + self.work_s.get("checkpoint", self.checkpoint_guess_s)
+        return self.preview_s() + after > left
 
     def preview_s(self) -> float:
         """What a preview took (the longest so far) or, before the first, will take."""

@@ -373,11 +373,13 @@ class Trainer:
     def _preview_if_it_fits(self, final: bool = False) -> None:
         """A preview of more than half the budget, which the budget does not keep back, is drawn only where it still
         fits; skipping one is said once (a later one fits even less)."""
-        if not self.budget.preview_skipped(self.step_count):
+        if not self.budget.preview_skipped(self.step_count, final):
             self.budget.timed("preview", lambda: self.preview(final))
             return
         if not self.said_skipped:
-            beside = " beside the final validation" if self.validator is not None else ""
+            after = ("the final validation" if final else "a validation and the final checkpoint") \
+                if self.validator is not None else ("" if final else "the final checkpoint")
+            beside = f" beside {after}" if after else ""
             tqdm.write(f"{'final ' if final else ''}preview skipped at step {self.step_count}: it would take about "
                        f"{self.budget.preview_s():.0f} s, more than --max-minutes has left{beside} (`geca sample --run "
                        f"{self.run_dir} --per-class 4 --out DIR` draws samples)")

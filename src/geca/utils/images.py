@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 # the per-channel statistics torchvision's ImageNet networks were trained with
@@ -21,12 +22,9 @@ def fit_square(images: np.ndarray, size: int) -> np.ndarray:
     images = images[:, top:top + side, left:left + side]
     if side == size:
         return np.ascontiguousarray(images)
-    # here, not at import: importing torchvision imports torch._dynamo (≈ 1.5 s for every command that samples)
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
     x = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)  # a copy: a decoded PIL image is read-only
-    x = TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    # on uint8, as torchvision resizes it (the same pixels) without importing it: torchvision imports torch._dynamo
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
