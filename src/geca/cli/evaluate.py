@@ -57,6 +57,10 @@ def evaluate(
     cv_val: str | None = typer.Option(None, "--cv-val", help=CV_VAL_HELP + " Default: slice."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out report (and remove the "
                                    "grids it listed that the new one does not)."),
+    multilabel: bool | None = typer.Option(None, "--multilabel/--multiclass", help="Whether the real data is "
+                                           "multi-label (default: as its rows say). For --real/--train copies whose "
+                                           "rows cannot show it: a split of multi-label data whose rows happen to "
+                                           "be one-hot, such as a study's copies of a fold."),
 ) -> None:
     """Score generated sets against real data: KID, LPIPS diversity, FLD and the generalization gap (GG)."""
     from rich.console import Console
@@ -70,7 +74,7 @@ def evaluate(
         features=features, features_file=features_file, protocol=protocol, seed=seed, lpips=lpips,
         gg_features=gg_features, gg_features_file=gg_features_file, lpips_weights=lpips_weights,
         batch_size=batch_size, device=str(pick_device(device)), progress=show_progress(progress),
-        folds_file=folds_file, fold=fold, cv_val=cv_val)
+        folds_file=folds_file, fold=fold, cv_val=cv_val, multilabel=multilabel)
     settings.validate()
     report = run_evaluation(settings, out, log=typer.echo, overwrite=overwrite)
     console = Console()

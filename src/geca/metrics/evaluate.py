@@ -224,7 +224,10 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     real = load_split(*real_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     if s.multilabel is not None:
-        real.multilabel = train.multilabel = s.multilabel
+        for data, flag in ((real, s.real), (train, s.train)):
+            if not s.multilabel and data.multilabel:
+                raise DataError(f"--multiclass: {flag} has rows with no label or several; multi-class data has one")
+            data.multilabel = s.multilabel
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")
     _check_compatible(":".join(train_name), train, real, "real")
