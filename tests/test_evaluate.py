@@ -506,5 +506,5 @@ def test_copies_of_a_multi_label_split_are_scored_as_multi_label_when_told(tmp_p
     hot[5] = 1  # a multi-hot row in --train
     write_images(tmp_path / "train", rng.integers(0, 256, (40, 12, 12, 1), dtype=np.uint8), hot, NAMES)
     settings.multilabel = False
-    with pytest.raises(DataError, match="--multiclass: .*train/labels.csv:all has rows with no label or several"):
+    with pytest.raises(DataError, match="--multiclass: .*train/labels.csv:all: images/000005.png has 2 labels"):
         load_inputs(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +355,5 @@ def test_the_cached_domain_network_is_keyed_on_data_seed_and_device() -> None:
     assert key == data_digest(blob_images(n=8, size=8), 0, "cpu")
     other = blob_images(n=8, seed=3, size=8)
     assert len({key, data_digest(data, 1), data_digest(data, 0, "cuda"), data_digest(other, 0)}) == 4
+    # the same one-hot rows as multi-label data (evaluate --multilabel) train and judge another network
+    assert data_digest(replace(data, multilabel=True), 0) != key

@@ -225,12 +225,17 @@ def test_a_periodic_preview_must_fit_with_the_validation_and_checkpoint_after_it
     budget.work_s = {"preview": 40.0, "validation": 15.0, "checkpoint": 1.0}
     Clock.now = 10.0
     assert not budget.preview_kept_back()  # more than half the budget
-    assert not budget.preview_skipped(10, final=True)  # 40 s in the 50 s left
-    assert budget.preview_skipped(9, final=True)  # 40 + the final validation
+    assert not budget.preview_skipped(10, final=True, checkpointed=True)  # 40 s in the 50 s left
+    assert budget.preview_skipped(9, final=True, checkpointed=True)  # 40 + the final validation
     for step in (9, 10):  # drawn, each would end past the budget
-        assert budget.preview_skipped(step, final=False)
+        assert budget.preview_skipped(step, final=False, checkpointed=False)
     Clock.now = 4.0
-    assert not budget.preview_skipped(10, final=False)  # 40 + 15 + 1 in the 56 s left
+    assert not budget.preview_skipped(10, final=False, checkpointed=False)  # 40 + 15 + 1 in the 56 s left
+    Clock.now = 5.0
+    assert budget.preview_skipped(10, final=False, checkpointed=False)  # 56 s of work in 55
+    assert not budget.preview_skipped(10, final=False, checkpointed=True)  # a run stopping here writes no checkpoint
+    assert list(budget.after_preview(10, final=False, checkpointed=False)) == ["a validation", "the final checkpoint"]
+    assert budget.after_preview(10, final=True, checkpointed=True) == {}  # step 10 validated: nothing after it
 
 
 def test_a_preview_precision_the_device_cannot_run_is_refused_before_the_run_is_written(tmp_path: Path,

@@ -173,6 +173,13 @@ def test_max_minutes_is_a_budget_per_invocation(custom_run: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "trained to step 3" in res.output
     assert "GeCA-T (" in res.output and "training images" in res.output  # the start-up line
+    # a budget no step fits: the resumed run is left as its checkpoint has it, not checkpointed or previewed again
+    before = {p: p.stat().st_mtime_ns for p in (custom_run / "checkpoints").rglob("*") if p.is_file()}
+    res = runner.invoke(app, ["train", "--out", str(custom_run), "--resume", "--max-steps", "9", "--max-minutes",
+                              "0.00001", "--no-progress"])
+    assert res.exit_code == 0 and "no step fit --max-minutes 1e-05 beside the final work; the run stays at step 3" \
+        in res.output, res.output
+    assert {p: p.stat().st_mtime_ns for p in (custom_run / "checkpoints").rglob("*") if p.is_file()} == before
 
 
 def test_version_and_python_m() -> None:

@@ -58,9 +58,11 @@ def evaluate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out report (and remove the "
                                    "grids it listed that the new one does not)."),
     multilabel: bool | None = typer.Option(None, "--multilabel/--multiclass", help="Whether the real data is "
-                                           "multi-label (default: as its rows say). For --real/--train copies whose "
-                                           "rows cannot show it: a split of multi-label data whose rows happen to "
-                                           "be one-hot, such as a study's copies of a fold."),
+                                           "multi-label (default: as the dataset says: every row of a CSV, a geca "
+                                           "manifest.json beside it, an npz's labels). For copies of a split that "
+                                           "cannot show it: one of multi-label data whose rows happen to be one-hot, "
+                                           "such as a study's copies of a fold. --multiclass refuses rows without "
+                                           "exactly one label."),
 ) -> None:
     """Score generated sets against real data: KID, LPIPS diversity, FLD and the generalization gap (GG)."""
     from rich.console import Console

@@ -213,4 +213,6 @@ def data_digest(data: ImageSet, seed: int, device: torch.device | str = "cpu") -
         h.update(part.encode())
     h.update(np.ascontiguousarray(data.images).tobytes())
     h.update(np.ascontiguousarray(data.labels).tobytes())
+    if data.multilabel:  # its loss and its judging (one-hot rows can be multi-label data: evaluate --multilabel)
+        h.update(b"multilabel")
     return h.hexdigest()[:16]

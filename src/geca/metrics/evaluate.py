@@ -225,8 +225,10 @@ def load_inputs(s: EvalSettings) -> EvalInputs:
     train = load_split(*train_name, image_size=size, folds_file=s.folds_file, fold=s.fold, cv_val=s.cv_val)
     if s.multilabel is not None:
         for data, flag in ((real, s.real), (train, s.train)):
-            if not s.multilabel and data.multilabel:
-                raise DataError(f"--multiclass: {flag} has rows with no label or several; multi-class data has one")
+            bad = np.flatnonzero(data.labels.sum(1) != 1)
+            if not s.multilabel and len(bad):
+                raise DataError(f"--multiclass: {flag}: {data.ids[bad[0]]} has {int(data.labels[bad[0]].sum())} "
+                                "labels; multi-class data has one per image")
             data.multilabel = s.multilabel
     for name, _, g in gens:
         _check_compatible(name, g, real, "real")

@@ -67,18 +67,23 @@ class Budget:
         budget = self.config.train.max_minutes
         return budget is None or self.preview_s() <= budget * 30
 
-    def preview_skipped(self, step: int, final: bool) -> bool:
-        """A preview not kept back runs only where it still fits with the work after it: the final one with the final
-        validation (unless step `step` validated already), a periodic one with a validation and the final
-        checkpoint."""
+    def preview_skipped(self, step: int, final: bool, checkpointed: bool) -> bool:
+        """A preview not kept back runs only where it still fits with the work after it (`after_preview`)."""
         if self.preview_kept_back():
             return False
         left = self.config.train.max_minutes * 60 - self.elapsed_s()
-        if final:
-            after = self.validation_s() if self.validating and step % self.config.validation.every else 0.0
-        else:
-            after = self.validation_s() + self.work_s.get("checkpoint", self.checkpoint_guess_s)
-        return self.preview_s() + after > left
+        return self.preview_s() + sum(self.after_preview(step, final, checkpointed).values()) > left
+
+    def after_preview(self, step: int, final: bool, checkpointed: bool) -> dict[str, float]:
+        """What must still run after a preview at step `step` (what → seconds): after the final one, the final
+        validation unless that step validated; after a periodic one, a validation (due now or at the end) and,
+        unless that step was checkpointed (then a run that stops there writes none), the final checkpoint."""
+        after = {}
+        if self.validating and (not final or step % self.config.validation.every):
+            after["the final validation" if final else "a validation"] = self.validation_s()
+        if not final and not checkpointed:
+            after["the final checkpoint"] = self.work_s.get("checkpoint", self.checkpoint_guess_s)
+        return after
 
     def preview_s(self) -> float:
         """What a preview took (the longest so far) or, before the first, will take."""

@@ -341,7 +341,7 @@ class Trainer:
         if self._checkpoint_due():
             self.budget.timed("checkpoint", self.checkpoint)
         if self.main and tc.sample_every and step % tc.sample_every == 0:
-            self._preview_if_it_fits()
+            self._preview_if_it_fits(checkpointed=self._checkpoint_due())
         if self.validator is not None and step % self.config.validation.every == 0:
             self.budget.timed("validation", self.validate)
 
@@ -363,23 +363,26 @@ class Trainer:
         if self.window.steps:
             self.log_row()
         self.bar.close()
+        if step == self.first_step > 0:  # a resumed run that no step fit: its files stay as its checkpoint left them
+            tqdm.write(f"no step fit --max-minutes {tc.max_minutes:g} beside the final work; the run stays at step "
+                       f"{step}")
+            return
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
         if self.main and tc.sample_every and step % tc.sample_every:
-            self._preview_if_it_fits(final=True)
+            self._preview_if_it_fits(final=True, checkpointed=True)
         if self.validator is not None and step % self.config.validation.every:
             self.validate()
 
-    def _preview_if_it_fits(self, final: bool = False) -> None:
+    def _preview_if_it_fits(self, checkpointed: bool, final: bool = False) -> None:
         """A preview of more than half the budget, which the budget does not keep back, is drawn only where it still
-        fits; skipping one is said once (a later one fits even less)."""
-        if not self.budget.preview_skipped(self.step_count, final):
+        fits with the work after it; skipping one is said once."""
+        if not self.budget.preview_skipped(self.step_count, final, checkpointed):
             self.budget.timed("preview", lambda: self.preview(final))
             return
         if not self.said_skipped:
-            after = ("the final validation" if final else "a validation and the final checkpoint") \
-                if self.validator is not None else ("" if final else "the final checkpoint")
-            beside = f" beside {after}" if after else ""
+            after = self.budget.after_preview(self.step_count, final, checkpointed)
+            beside = f" beside {' and '.join(after)}" if after else ""
             tqdm.write(f"{'final ' if final else ''}preview skipped at step {self.step_count}: it would take about "
                        f"{self.budget.preview_s():.0f} s, more than --max-minutes has left{beside} (`geca sample --run "
                        f"{self.run_dir} --per-class 4 --out DIR` draws samples)")
@@ -437,7 +440,7 @@ class Trainer:
             self.accelerator.end_training()
             return self._summary(None)
         self.budget.start()
-        self._last_plain, self.said_skipped = 0.0, False
+        self.first_step, self._last_plain, self.said_skipped = self.step_count, 0.0, False
         self.timed, self.shown = tc.max_minutes is not None, ""
         reset_peak_memory(self.device)  # log.csv's peak is this run's, not an earlier one's in the same process
         self.bar = self._bar()
