@@ -589,6 +589,9 @@ def test_evaluation_checks_lineage_unless_the_study_copied_a_folds_split(preset:
     seen = []
     monkeypatch.setattr(stages, "run_evaluation", lambda settings, *a, **k: seen.append(settings))
     ctx = Context(load_experiment(PRESETS / preset), tmp_path, torch.device("cpu"), log=lambda s: None)
+    from conftest import blob_images
+
+    monkeypatch.setattr(ctx, "split", lambda split, fold: blob_images(n=4, size=8))  # no folds stage ran here
     stages._evaluate(ctx, [], tmp_path)
     assert seen[0].lineage is lineage
 
