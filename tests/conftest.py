@@ -42,6 +42,16 @@ def tiny_model_config(**overrides: object) -> GeCAConfig:
     return GeCAConfig(**base)
 
 
+class FakeClock:
+    """Stands in for a module's `time` (monkeypatched): `time()` moves only when a test moves `now`."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
 def blob_images(n: int = 8, size: int = 8, channels: int = 3, classes: int = 2, seed: int = 0) -> ImageSet:
     """A tiny, learnable class-conditional set: a bright square whose position depends on the class."""
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import blob_images, tiny_model_config
+from conftest import FakeClock, blob_images, tiny_model_config
 from safetensors.torch import load_file
 
 from geca.config import RunConfig, TrainConfig
@@ -210,28 +210,22 @@ def test_a_periodic_preview_must_fit_with_the_validation_and_checkpoint_after_it
     from geca.training import budget as budget_module
     from geca.training.budget import Budget
 
-    class Clock:
-        now = 0.0
-
-        @staticmethod
-        def time() -> float:
-            return Clock.now
-
-    monkeypatch.setattr(budget_module, "time", Clock)
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", clock)
     cfg = tiny_config(100, sample_every=10, max_minutes=1)
     cfg.validation.every = 10
     budget = Budget(cfg, 1000, 2, validating=True, previewing=True, device=torch.device("cpu"),
                     guided_call=lambda *args: None)
     budget.work_s = {"preview": 40.0, "validation": 15.0, "checkpoint": 1.0}
-    Clock.now = 10.0
+    clock.now = 10.0
     assert not budget.preview_kept_back()  # more than half the budget
     assert not budget.preview_skipped(10, final=True, checkpointed=True)  # 40 s in the 50 s left
     assert budget.preview_skipped(9, final=True, checkpointed=True)  # 40 + the final validation
     for step in (9, 10):  # drawn, each would end past the budget
         assert budget.preview_skipped(step, final=False, checkpointed=False)
-    Clock.now = 4.0
+    clock.now = 4.0
     assert not budget.preview_skipped(10, final=False, checkpointed=False)  # 40 + 15 + 1 in the 56 s left
-    Clock.now = 5.0
+    clock.now = 5.0
     assert budget.preview_skipped(10, final=False, checkpointed=False)  # 56 s of work in 55
     assert not budget.preview_skipped(10, final=False, checkpointed=True)  # a run stopping here writes no checkpoint
     assert list(budget.after_preview(10, final=False, checkpointed=False)) == ["a validation", "the final checkpoint"]

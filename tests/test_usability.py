@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import FakeClock
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -397,29 +398,23 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
     from geca.models.build import count_parameters
     from geca.training.trainer import Trainer
 
-    class Clock:
-        now = 1000.0
-
-        @staticmethod
-        def time() -> float:
-            return Clock.now
-
-    monkeypatch.setattr(trainer_module, "time", Clock)
-    monkeypatch.setattr(budget_module, "time", Clock)
+    clock = FakeClock(1000.0)
+    monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(budget_module, "time", clock)
     step, preview = Trainer.step, Trainer.preview
 
     def slow_step(self):
-        Clock.now += first_step_s if self.step_count == 0 else 2
+        clock.now += first_step_s if self.step_count == 0 else 2
         return step(self)
 
     def slow_preview(self, final=False):
-        Clock.now += 60
+        clock.now += 60
         return preview(self, final)
 
     call = trainer_module.guided_output
 
     def slow_call(*args, **kwargs):  # what the budget times before the first preview
-        Clock.now += 1.2
+        clock.now += 1.2
         return call(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "guided_output", slow_call)
@@ -429,7 +424,7 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
     checkpoint = Trainer.checkpoint
 
     def slow_checkpoint(self):
-        Clock.now += checkpoint_s
+        clock.now += checkpoint_s
         return checkpoint(self)
 
     monkeypatch.setattr(Trainer, "checkpoint", slow_checkpoint)
@@ -437,7 +432,7 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
     run = Trainer.run
 
     def timed_run(self, *args):
-        starts.append(Clock.now)
+        starts.append(clock.now)
         if checkpoint_s:  # a disk at which this model's checkpoint takes checkpoint_s
             disk = 16 * count_parameters(self.ema.model) / checkpoint_s
             monkeypatch.setattr(budget_module, "SLOW_DISK_BYTES_PER_S", disk)
@@ -457,7 +452,7 @@ def test_the_budget_keeps_room_for_the_final_preview(blobs_npz: Path, tmp_path: 
                               "--sample-every", str(sample_every), "--log-every", "5", "--image-size", "8",
                               "--progress"])
     assert res.exit_code == 0, res.output
-    assert Clock.now - starts[0] <= 5 * 60, Clock.now - starts[0]
+    assert clock.now - starts[0] <= 5 * 60, clock.now - starts[0]
     # The bar counts the budget's seconds (its ETA is the end of the run), the steps in its postfix.
     (bar,) = bars
     kept_back = (70 if sample_every == 25 else 65) + checkpoint_s
