@@ -355,5 +355,9 @@ def test_the_cached_domain_network_is_keyed_on_data_seed_and_device() -> None:
     assert key == data_digest(blob_images(n=8, size=8), 0, "cpu")
     other = blob_images(n=8, seed=3, size=8)
     assert len({key, data_digest(data, 1), data_digest(data, 0, "cuda"), data_digest(other, 0)}) == 4
-    # the same one-hot rows as multi-label data (evaluate --multilabel) train and judge another network
+    # the same one-hot rows as multi-label data (evaluate --multilabel) train and judge another network; multi-hot
+    # data keeps the key it always had
     assert data_digest(replace(data, multilabel=True), 0) != key
+    hot = replace(data, labels=data.labels.copy(), multilabel=True)
+    hot.labels[0] = 1
+    assert data_digest(hot, 0) == data_digest(replace(hot, multilabel=False), 0)

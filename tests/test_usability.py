@@ -181,6 +181,17 @@ def test_max_minutes_is_a_budget_per_invocation(custom_run: Path) -> None:
     assert res.exit_code == 0 and "no step fit --max-minutes 1e-05 beside the final work; the run stays at step 3" \
         in res.output, res.output
     assert {p: p.stat().st_mtime_ns for p in (custom_run / "checkpoints").rglob("*") if p.is_file()} == before
+    # a fresh run that no step fits is checkpointed at step 0 (its lr before any step, with no warm-up, divided 0 by
+    # 0); resumed with such a budget again, it stays as it is
+    fresh = custom_run.parent / "fresh"
+    args = ["train", "-c", str(custom_run / "config.yaml"), "--out", str(fresh), "--max-minutes", "0.00001",
+            "--set", "train.warmup_steps=0", "--set", "train.checkpoint_every=0", "--no-progress"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "trained to step 0" in res.output, res.output
+    before = {p: p.stat().st_mtime_ns for p in (fresh / "checkpoints").rglob("*") if p.is_file()}
+    res = runner.invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0 and "the run stays at step 0" in res.output, res.output
+    assert {p: p.stat().st_mtime_ns for p in (fresh / "checkpoints").rglob("*") if p.is_file()} == before
 
 
 def test_version_and_python_m() -> None:

@@ -213,6 +213,7 @@ def data_digest(data: ImageSet, seed: int, device: torch.device | str = "cpu") -
         h.update(part.encode())
     h.update(np.ascontiguousarray(data.images).tobytes())
     h.update(np.ascontiguousarray(data.labels).tobytes())
-    if data.multilabel:  # its loss and its judging (one-hot rows can be multi-label data: evaluate --multilabel)
+    if data.multilabel and (data.labels.sum(1) == 1).all():
+        # one-hot rows said to be multi-label (evaluate --multilabel): another loss and judging than as multi-class
         h.update(b"multilabel")
     return h.hexdigest()[:16]

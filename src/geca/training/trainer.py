@@ -77,7 +77,7 @@ class LossWindow:
 
 def learning_rate(tc: Any, step: int) -> float:
     """The lr of optimizer step `step` (0-based): a pure function of the step, so resume needs no scheduler state."""
-    if step < tc.warmup_steps:
+    if tc.warmup_steps and step < tc.warmup_steps:  # step −1: what a checkpoint before any step records
         return tc.lr * (step + 1) / tc.warmup_steps
     if tc.lr_schedule == "cosine":
         span = max(tc.max_steps - tc.warmup_steps, 1)
@@ -90,7 +90,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig, run_dir: Path, resume: bool, progress: bool,
                  train_set: ImageSet | None, cpu: bool = False) -> None:
-        self.config, self.run_dir, self.progress = config, Path(run_dir), progress
+        self.config, self.run_dir, self.progress, self.resumed = config, Path(run_dir), progress, resume
         config.validate()
         check_run_dir(self.run_dir, resume)
         tc = config.train
@@ -363,9 +363,10 @@ class Trainer:
         if self.window.steps:
             self.log_row()
         self.bar.close()
-        if step == self.first_step > 0:  # a resumed run that no step fit: its files stay as its checkpoint left them
-            tqdm.write(f"no step fit --max-minutes {tc.max_minutes:g} beside the final work; the run stays at step "
-                       f"{step}")
+        if self.resumed and step == self.first_step:  # no step fit: its files stay as its checkpoint left them
+            if self.main:
+                tqdm.write(f"no step fit --max-minutes {tc.max_minutes:g} beside the final work; the run stays at "
+                           f"step {step}")
             return
         if not tc.checkpoint_every or step % tc.checkpoint_every:
             self.checkpoint()
