@@ -149,9 +149,7 @@ def _known(path: Path) -> tuple[str, KnownDataset] | None:
     return next(((name, known) for name, known in KNOWN_DATASETS.items() if known.md5 == digest), None)
 
 
-@per_file_version  # each split of a file is loaded on its own
-def _cached_md5(path: Path) -> str:
-    return _md5(path)
+_cached_md5 = per_file_version(_md5)  # each split of a file is loaded on its own
 
 
 def _head(path: Path) -> bytes:

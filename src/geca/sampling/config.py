@@ -75,10 +75,9 @@ class SamplerConfig:
     def label(self) -> str:
         """The setting's short name beside others (sample sets, sweeps): `ddim25`, `dpm++20-karras`, `ddim25-bf16`,
         `ddim25-cfg3-ghg_none-M16`: a schedule where one is given, and each other setting not at its default."""
-        parts = [f"{self.sampler}{self.steps}"]
-        parts += [self.schedule] if self.schedule else []
-        parts += [self.precision] if self.precision != SamplerConfig(self.sampler).precision else []
-        return "-".join([*parts, *filter(None, [self.variant()])])
+        parts = [f"{self.sampler}{self.steps}", self.schedule or "",
+                 self.precision if self.precision != SamplerConfig(self.sampler).precision else "", self.variant()]
+        return "-".join(p for p in parts if p)
 
     def variant(self) -> str:
         """The settings other than sampler, steps, schedule and precision that are not at their defaults (`cfg3-M16`;
